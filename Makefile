@@ -1,0 +1,66 @@
+# Two commands do all set-up on a fresh Debian 12 machine:
+#   make demo   install what is missing, then run the end-to-end demo
+#   make test   install what is missing, then run the whole test suite
+# Every target checks what is installed each time and installs only what is missing.
+
+PY      ?= python3
+VENV    := .venv
+VPY     := $(VENV)/bin/python
+TORCH   := torch==2.13.0
+DEBS    := orthanc dcmtk dicom3tools
+# executables that tell us each Debian package is present
+DEB_BINS := Orthanc storescu dciodvfy
+PYTEST_ARGS ?=
+
+.PHONY: all install venv system demo test bench lint typecheck gpu clean help
+
+help:
+	@echo "make demo    install everything missing, run the end-to-end demo"
+	@echo "make test    install everything missing, run the test suite"
+	@echo "make bench   run the benchmarks under tests/bench (not part of make test)"
+	@echo "make lint    ruff + mypy"
+
+install: system venv
+
+# --- Debian packages (Orthanc as the test PACS, DCMTK as a real peer, dicom3tools as validator)
+system:
+	@missing=""; for b in $(DEB_BINS); do command -v $$b >/dev/null 2>&1 || missing="yes"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = "0" ]; then \
+	    echo "installing Debian packages: $(DEBS)"; \
+	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(DEBS); \
+	  else \
+	    echo "missing Debian packages; run as root:"; \
+	    echo "  sudo apt-get update && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y $(DEBS)"; \
+	    exit 1; \
+	  fi; \
+	fi
+
+# --- Python environment: torch first and pinned (a CPU wheel), then the project with dev extras
+venv:
+	@test -x $(VPY) || $(PY) -m venv $(VENV)
+	@$(VPY) -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('2.13.0') else 1)" 2>/dev/null || \
+	  { $(VPY) -m pip install -q --upgrade pip && $(VPY) -m pip install -q $(TORCH); }
+	@$(VPY) -c "import agent, model, pynetdicom, highdicom, pytest" 2>/dev/null && \
+	  $(VPY) -m pip check >/dev/null 2>&1 && \
+	  [ ! pyproject.toml -nt $(VENV)/.installed ] || \
+	  { $(VPY) -m pip install -q -e '.[dev]' && touch $(VENV)/.installed; }
+
+demo: install
+	$(VENV)/bin/strnet demo
+
+test: install
+	$(VPY) -m pytest $(PYTEST_ARGS)
+
+bench: install
+	$(VPY) -m pytest tests/bench -s -p no:cacheprovider -o norecursedirs= $(PYTEST_ARGS)
+
+gpu: install
+	$(VPY) tests/gpu/cuda_check.py
+
+lint: install
+	$(VENV)/bin/ruff check agent model tests
+	$(VENV)/bin/mypy agent model
+
+clean:
+	rm -rf var .pytest_cache

@@ -1,0 +1,208 @@
+"""The ``strnet`` command. Every subcommand takes ``--config FILE``.
+
+Exit codes: 0 success, 1 failure of the operation, 2 bad configuration or usage.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from agent.config import Settings, load_settings
+from agent.errors import ConfigError
+
+app = typer.Typer(
+    name="strnet",
+    help="strnet-agent: bone-loss screening of knee radiographs beside PACS. NOT FOR DIAGNOSTIC USE.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+jobs_app = typer.Typer(help="Inspect and replay jobs.", no_args_is_help=True)
+db_app = typer.Typer(help="Database schema and maintenance.", no_args_is_help=True)
+config_app = typer.Typer(help="Show the configuration.", no_args_is_help=True)
+app.add_typer(jobs_app, name="jobs")
+app.add_typer(db_app, name="db")
+app.add_typer(config_app, name="config")
+
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option("--config", help="TOML settings file (default ./agent.toml when present)."),
+]
+
+
+def _settings(config: Path | None, **overrides: Any) -> Settings:
+    from agent.logging import configure_logging
+
+    settings = load_settings(config, **overrides)
+    configure_logging(settings.agent.log_level, settings.agent.log_format, settings.agent.site_salt)
+    return settings
+
+
+@app.command()
+def serve(config: ConfigOpt = None) -> None:
+    """Run the agent until SIGINT or SIGTERM, then stop cleanly."""
+    from agent.app import Agent
+
+    settings = _settings(config)
+    agent = Agent.build(settings)
+    done = threading.Event()
+
+    def _stop(signum: int, _frame: Any) -> None:
+        done.set()
+
+    signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGTERM, _stop)
+    agent.start()
+    typer.echo(f"strnet serving {settings.scp.ae_title} on {settings.scp.bind}:{agent.scp.port}", err=True)
+    done.wait()
+    agent.stop()
+
+
+@app.command()
+def echo(
+    config: ConfigOpt = None,
+    host: Annotated[str | None, typer.Option(help="Peer address (default: the agent itself).")] = None,
+    port: Annotated[int | None, typer.Option(help="Peer port (default: scp.port).")] = None,
+    aet: Annotated[str | None, typer.Option(help="Called AE title (default: scp.ae_title).")] = None,
+    calling_aet: Annotated[str | None, typer.Option(help="Our AE title (default: scp.ae_title).")] = None,
+    timeout_s: Annotated[float, typer.Option(help="Network timeout in seconds.")] = 10.0,
+) -> None:
+    """Send C-ECHO and exit 0 only on success."""
+    from agent.pacs.scu import echo as send_echo
+
+    settings = _settings(config)
+    target_host = host or ("127.0.0.1" if settings.scp.bind in ("0.0.0.0", "::") else settings.scp.bind)
+    ok, detail = send_echo(
+        target_host,
+        port or settings.scp.port,
+        aet or settings.scp.ae_title,
+        calling_aet or settings.scp.ae_title,
+        timeout_s=timeout_s,
+    )
+    typer.echo(f"C-ECHO {target_host}:{port or settings.scp.port}: {detail}")
+    raise typer.Exit(0 if ok else 1)
+
+
+@jobs_app.command("list")
+def jobs_list(
+    config: ConfigOpt = None,
+    state: Annotated[str | None, typer.Option(help="Only jobs in this state.")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="table or json.")] = "table",
+    limit: Annotated[int, typer.Option(help="At most this many jobs.")] = 1000,
+) -> None:
+    """List jobs (no patient data is shown)."""
+    from agent.app import open_database
+    from agent.domain import JobState
+    from agent.queue.store import list_jobs
+
+    settings = _settings(config)
+    wanted = None
+    if state:
+        try:
+            wanted = JobState(state.upper())
+        except ValueError:
+            raise ConfigError("--state", f"one of {', '.join(s.value for s in JobState)}") from None
+    if fmt not in ("table", "json"):
+        raise ConfigError("--format", "table or json")
+    db = open_database(settings)
+    jobs = list_jobs(db, wanted, limit)
+    if fmt == "json":
+        typer.echo(json.dumps([
+            {
+                "job_id": j.job_id, "sop_instance_uid": j.sop_instance_uid,
+                "study_instance_uid": j.study_instance_uid, "state": j.state.value,
+                "reason": j.reason, "received_at": j.received_at.isoformat() + "Z",
+                "calling_ae": j.calling_ae, "attempts": j.attempts,
+            }
+            for j in jobs
+        ], indent=2))
+        return
+    typer.echo(f"{'JOB':>6}  {'STATE':<8}  {'RECEIVED (UTC)':<19}  {'FROM':<16}  SOP INSTANCE UID / REASON")
+    for j in jobs:
+        typer.echo(
+            f"{j.job_id:>6}  {j.state.value:<8}  {j.received_at:%Y-%m-%d %H:%M:%S}  {j.calling_ae:<16}  "
+            f"{j.sop_instance_uid}" + (f"  ({j.reason})" if j.reason else "")
+        )
+    typer.echo(f"{len(jobs)} job(s)")
+
+
+@db_app.command("upgrade")
+def db_upgrade(config: ConfigOpt = None) -> None:
+    """Apply the database migrations (Alembic) up to the newest."""
+    from agent.app import open_database
+    from agent.audit.db import current_revision
+
+    settings = _settings(config)
+    db = open_database(settings, migrate=True)
+    typer.echo(f"database at revision {current_revision(db)}")
+
+
+@db_app.command("verify-audit")
+def db_verify_audit(config: ConfigOpt = None) -> None:
+    """Verify the audit trail's hash chain; exit 1 when it is broken."""
+    from agent.app import open_database
+    from agent.audit import trail
+
+    db = open_database(_settings(config))
+    with db.reading() as s:
+        report = trail.verify(s)
+    if report.ok:
+        typer.echo(f"audit chain OK: {report.events} events")
+        return
+    typer.echo(f"audit chain BROKEN at event {report.first_bad_id}: {report.problem}")
+    raise typer.Exit(1)
+
+
+@config_app.command("show")
+def config_show(config: ConfigOpt = None) -> None:
+    """Print the effective settings as JSON."""
+    settings = _settings(config)
+    typer.echo(settings.model_dump_json(indent=2))
+
+
+@config_app.command("docs")
+def config_docs(out: Annotated[Path | None, typer.Option(help="Write here instead of stdout.")] = None) -> None:
+    """Generate docs/configuration.md from the settings model."""
+    from agent.config_docs import render
+
+    text = render()
+    if out is None:
+        typer.echo(text, nl=False)
+    else:
+        out.write_text(text, encoding="utf-8")
+
+
+@app.command()
+def demo(
+    keep: Annotated[bool, typer.Option(help="Keep the temporary folder for inspection.")] = False,
+) -> None:
+    """Start Orthanc and the agent on free ports, route synthetic knee studies, show the result."""
+    from agent.demo import run_demo
+
+    raise typer.Exit(run_demo(keep=keep))
+
+
+def _mount_model_commands() -> None:
+    try:
+        from model.cli import app as model_app
+    except ImportError:  # model/ not yet present in a partial checkout
+        return
+    app.add_typer(model_app, name="model", help="STR-Net: synthesise, train, evaluate, calibrate, predict.")
+
+
+_mount_model_commands()
+
+
+def main() -> None:
+    try:
+        app()
+    except ConfigError as exc:
+        typer.echo(f"configuration error: {exc}", err=True)
+        sys.exit(2)

@@ -1,0 +1,231 @@
+"""One typed settings tree: TOML file < environment ``STRNET_*`` (``__`` between levels) < CLI.
+
+The keys under ``[agent]``, ``[scp]``, ``[[scp.peers]]``, ``[[pacs]]`` and ``[web]`` are a
+contract (docs, tests and tooling rely on them). ``docs/configuration.md`` is generated from
+this module (``strnet config docs``); a test fails when it is out of date.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from agent.errors import ConfigError
+
+DEFAULT_CONFIG_FILE = Path("agent.toml")
+_AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # default repertoire, no backslash
+
+
+def _check_ae_title(value: str) -> str:
+    stripped = value.strip()
+    if not stripped or not _AE_RE.match(stripped):
+        raise ValueError("an AE title is 1 to 16 printable ASCII characters without backslash")
+    return stripped
+
+
+def _check_host(value: str) -> str:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        if not re.fullmatch(r"[A-Za-z0-9.-]{1,253}", value):
+            raise ValueError(f"not an IP address or host name: {value!r}") from None
+    return value
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class AgentSection(_Section):
+    data_dir: Path = Field(Path("var"), description="Database, spool and everything else the agent writes.")
+    database_url: str | None = Field(
+        None,
+        description="SQLAlchemy URL of the audit database; default: SQLite file in data_dir.",
+    )
+    min_free_disk_mb: int = Field(
+        1024,
+        ge=0,
+        description="Refuse new instances (status 0xA700) when free space in data_dir would drop below this.",
+    )
+    log_format: Literal["auto", "json", "console"] = Field(
+        "auto", description="auto: JSON when stderr is not a terminal, readable text when it is."
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
+    site_salt: str = Field(
+        "strnet",
+        description="Salt for the hashed study identifiers written to logs (set one per site).",
+    )
+
+
+class PeerSection(_Section):
+    ae_title: str = Field(description="Calling AE title allowed to store.")
+    host: str = Field(description="Address that AE title must connect from.")
+
+    _ae = field_validator("ae_title")(_check_ae_title)
+    _host = field_validator("host")(_check_host)
+
+
+class TlsSection(_Section):
+    enabled: bool = Field(False, description="Serve DICOM over TLS (1.2 or later).")
+    cert_file: Path | None = Field(None, description="PEM certificate chain of the agent.")
+    key_file: Path | None = Field(None, description="PEM private key of the agent.")
+    ca_file: Path | None = Field(None, description="PEM CA bundle used to verify peers' certificates.")
+    require_client_cert: bool = Field(False, description="Require and verify a client certificate.")
+
+
+class ScpSection(_Section):
+    ae_title: str = Field("STRNET", description="Called AE title of the agent; other titles are refused.")
+    bind: str = Field("127.0.0.1", description="Address the DICOM listener binds.")
+    port: int = Field(11112, ge=1, le=65535, description="DICOM listener port.")
+    peers: list[PeerSection] = Field(
+        default_factory=lambda: [PeerSection(ae_title="ORTHANC", host="127.0.0.1")],
+        description="Calling AE titles allowed to store, each bound to a host address.",
+    )
+    max_associations: int = Field(16, ge=1, le=1000, description="Concurrent associations accepted.")
+    acse_timeout_s: float = Field(30.0, gt=0, description="Association negotiation timeout.")
+    dimse_timeout_s: float = Field(60.0, gt=0, description="DIMSE message timeout.")
+    network_timeout_s: float = Field(60.0, gt=0, description="Idle network timeout of an association.")
+    max_instance_mb: int = Field(512, ge=1, description="Largest instance accepted (status 0xA700 above).")
+    tls: TlsSection = Field(default_factory=TlsSection, description="DICOM TLS.")
+
+    _ae = field_validator("ae_title")(_check_ae_title)
+    _host = field_validator("bind")(_check_host)
+
+
+class PacsSection(_Section):
+    name: str = Field(description="Name of the destination (used in logs and the database).")
+    ae_title: str = Field(description="Called AE title of the destination.")
+    host: str = Field(description="Address of the destination.")
+    port: int = Field(ge=1, le=65535, description="Port of the destination.")
+    calling_ae_title: str | None = Field(None, description="Our AE title towards it; default scp.ae_title.")
+
+    _ae = field_validator("ae_title")(_check_ae_title)
+    _host = field_validator("host")(_check_host)
+
+
+class EligibilitySection(_Section):
+    modalities: list[str] = Field(["DX", "CR"], description="Modality values screened.")
+    body_parts: list[str] = Field(["KNEE"], description="BodyPartExamined values screened (upper case).")
+    anatomic_region_codes: list[str] = Field(
+        ["72696002", "T-15710"],
+        description="AnatomicRegionSequence code values accepted as knee (SNOMED CT, SRT).",
+    )
+    min_age_years: int = Field(18, ge=0, description="Youngest patient screened; unknown age is allowed.")
+    max_pixels: int = Field(
+        60_000_000, ge=1, description="Largest Rows x Columns decoded (a pixel bomb guard)."
+    )
+
+
+class WebSection(_Section):
+    bind: str = Field("127.0.0.1", description="Address of the admin web.")
+    port: int = Field(8080, ge=1, le=65535, description="Port of the admin web.")
+
+    _host = field_validator("bind")(_check_host)
+
+
+class Settings(BaseSettings):
+    """The whole settings tree."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="STRNET_", env_nested_delimiter="__", extra="forbid", nested_model_default_partial_update=True
+    )
+
+    # load_settings() makes a subclass carrying the file: pydantic-settings builds sources per class
+    toml_path: ClassVar[Path | None] = None
+
+    agent: AgentSection = Field(default_factory=AgentSection)
+    scp: ScpSection = Field(default_factory=ScpSection)
+    pacs: list[PacsSection] = Field(
+        default_factory=lambda: [PacsSection(name="pacs", ae_title="ORTHANC", host="127.0.0.1", port=4242)]
+    )
+    eligibility: EligibilitySection = Field(default_factory=EligibilitySection)
+    web: WebSection = Field(default_factory=WebSection)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        toml_file = cls.toml_path
+        if toml_file is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
+        return tuple(sources)
+
+    # Derived paths -------------------------------------------------------------------------
+    @property
+    def data_dir(self) -> Path:
+        return self.agent.data_dir
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.agent.data_dir / "spool"
+
+    @property
+    def database_url(self) -> str:
+        if self.agent.database_url:
+            return self.agent.database_url
+        return f"sqlite:///{(self.agent.data_dir / 'strnet.db').as_posix()}"
+
+
+def _setting_name(loc: tuple[Any, ...]) -> str:
+    parts: list[str] = []
+    for item in loc:
+        if isinstance(item, int):
+            parts[-1] = f"{parts[-1]}[{item}]" if parts else f"[{item}]"
+        else:
+            parts.append(str(item))
+    return ".".join(parts)
+
+
+def load_settings(
+    config_file: Path | None = None, *, search_default: bool = True, **overrides: Any
+) -> Settings:
+    """Read the settings: TOML file, then ``STRNET_*`` variables, then ``overrides`` (from the CLI).
+
+    ``config_file`` None means ``./agent.toml`` when present, else the built-in defaults.
+    Raises ConfigError naming the first bad setting.
+    """
+    if config_file is None and search_default and DEFAULT_CONFIG_FILE.is_file():
+        config_file = DEFAULT_CONFIG_FILE
+    if config_file is not None:
+        if not config_file.is_file():
+            raise ConfigError("--config", f"no such file: {config_file}")
+        try:
+            tomllib.loads(config_file.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(str(config_file), f"not valid TOML: {exc}") from None
+    cls = type("_LoadedSettings", (Settings,), {"toml_path": config_file})
+    try:
+        settings = cls(**overrides)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise ConfigError(_setting_name(tuple(err["loc"])), err["msg"]) from None
+    _check_consistency(settings)
+    return settings
+
+
+def _check_consistency(settings: Settings) -> None:
+    tls = settings.scp.tls
+    if tls.enabled and (tls.cert_file is None or tls.key_file is None):
+        raise ConfigError("scp.tls.cert_file", "TLS is enabled but cert_file or key_file is missing")
+    if tls.require_client_cert and tls.ca_file is None:
+        raise ConfigError("scp.tls.ca_file", "client certificates are required but no ca_file is set")
+    names = [p.name for p in settings.pacs]
+    if len(names) != len(set(names)):
+        raise ConfigError("pacs.name", "destination names must be unique")

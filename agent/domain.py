@@ -1,0 +1,99 @@
+"""Plain value types shared across the agent. No I/O here."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from datetime import datetime
+
+
+class JobState(str, enum.Enum):
+    """Lifecycle of one received instance (DESIGN.md section 2)."""
+
+    RECEIVED = "RECEIVED"
+    QUEUED = "QUEUED"
+    RUNNING = "RUNNING"
+    DONE = "DONE"
+    SKIPPED = "SKIPPED"
+    FAILED = "FAILED"
+    DEAD = "DEAD"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (JobState.DONE, JobState.SKIPPED, JobState.DEAD)
+
+
+@dataclass(frozen=True)
+class InstanceRef:
+    """Identifiers of one stored instance; never carries PHI."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    transfer_syntax_uid: str
+
+
+@dataclass(frozen=True)
+class Eligibility:
+    """Outcome of the eligibility rules: ``reason`` is set when not eligible."""
+
+    eligible: bool
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class StoreOutcome:
+    """What the ingest did with one C-STORE request."""
+
+    job_id: int
+    duplicate: bool
+    conflict: bool
+    state: JobState
+
+
+@dataclass(frozen=True)
+class JobView:
+    """A job row as the CLI and web read it."""
+
+    job_id: int
+    sop_instance_uid: str
+    study_instance_uid: str
+    state: JobState
+    reason: str | None
+    received_at: datetime
+    calling_ae: str
+    attempts: int
+
+
+@dataclass(frozen=True)
+class IncomingInstance:
+    """Everything the ingest records about one received instance (PHI stays in the database)."""
+
+    ref: InstanceRef
+    spool_path: str
+    sha256: str
+    size_bytes: int
+    calling_ae: str
+    peer_host: str | None
+    eligibility: Eligibility
+    modality: str | None = None
+    body_part: str | None = None
+    laterality: str | None = None
+    view_position: str | None = None
+    patient_id: str | None = None
+    patient_name: str | None = None
+    patient_birth_date: str | None = None
+    patient_sex: str | None = None
+    study_date: str | None = None
+    accession_number: str | None = None
+
+
+@dataclass(frozen=True)
+class LeasedJob:
+    """A job handed to a worker until ``lease_expires_at``."""
+
+    job_id: int
+    attempts: int
+    spool_path: str
+    ref: InstanceRef

@@ -1,0 +1,66 @@
+"""Which received instances are screened. Rules on tags only; no pixel decoding here.
+
+An ineligible instance is still accepted and stored: it becomes a SKIPPED job with the reason
+(refusing it would make PACS resend it forever).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import date
+
+from pydicom.dataset import Dataset
+
+from agent.domain import Eligibility
+
+
+@dataclass(frozen=True)
+class Rules:
+    modalities: frozenset[str]
+    body_parts: frozenset[str]
+    anatomic_region_codes: frozenset[str]
+    min_age_years: int
+    max_pixels: int
+
+
+def _age_years(ds: Dataset) -> float | None:
+    age = str(ds.get("PatientAge", "") or "")
+    m = re.fullmatch(r"(\d{3})([DWMY])", age)
+    if m:
+        n = int(m.group(1))
+        return n / {"D": 365.25, "W": 52.18, "M": 12.0, "Y": 1.0}[m.group(2)]
+    birth, when = str(ds.get("PatientBirthDate", "") or ""), str(ds.get("StudyDate", "") or "")
+    try:
+        b = date(int(birth[:4]), int(birth[4:6]), int(birth[6:8]))
+        s = date(int(when[:4]), int(when[4:6]), int(when[6:8]))
+    except ValueError:
+        return None
+    return (s - b).days / 365.25
+
+
+def _region_codes(ds: Dataset) -> set[str]:
+    return {str(item.get("CodeValue", "")) for item in ds.get("AnatomicRegionSequence", [])}
+
+
+def evaluate(ds: Dataset, rules: Rules) -> Eligibility:
+    """Apply the rules; the first failing rule gives the reason."""
+    modality = str(ds.get("Modality", "") or "").upper()
+    if modality not in rules.modalities:
+        return Eligibility(False, f"modality {modality or 'missing'} is not screened")
+    body_part = str(ds.get("BodyPartExamined", "") or "").strip().upper()
+    codes = _region_codes(ds)
+    if body_part not in rules.body_parts and not (codes & rules.anatomic_region_codes):
+        shown = body_part or "missing"
+        return Eligibility(False, f"body part {shown} is not a knee (no knee anatomic region code)")
+    age = _age_years(ds)
+    if age is not None and age < rules.min_age_years:
+        return Eligibility(False, f"patient younger than {rules.min_age_years} years")
+    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    if rows * cols > rules.max_pixels:
+        return Eligibility(False, f"image of {rows}x{cols} pixels exceeds the decoding limit")
+    if rows < 64 or cols < 64:
+        return Eligibility(False, f"image of {rows}x{cols} pixels is too small to screen")
+    if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
+        return Eligibility(False, "not a grayscale image")
+    return Eligibility(True)

@@ -1,0 +1,153 @@
+"""The C-STORE path: validate, spool durably, record the job, then (and only then) answer Success.
+
+``Ingestor.store`` is a plain function of the request's parts so it can be driven by the SCP
+handler and by start-up reconciliation alike. Failures map to DIMSE statuses by name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+from io import BytesIO
+
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import UID
+
+from agent.audit.db import Database
+from agent.domain import IncomingInstance, InstanceRef, JobState, StoreOutcome
+from agent.errors import StorageError, StoreRefused
+from agent.ingest import validate
+from agent.ingest.eligibility import Rules, evaluate
+from agent.ingest.spool import Spool
+from agent.logging import get_logger
+from agent.pacs import status
+from agent.queue import store
+
+log = get_logger(__name__)
+
+IMPLEMENTATION_CLASS_UID = "2.25.247913405263715651826312403537386934151"
+IMPLEMENTATION_VERSION_NAME = "STRNET_010"
+
+
+@dataclass(frozen=True)
+class StoreRequest:
+    """One C-STORE as received: command identifiers, the raw dataset bytes, who sent it."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax: UID
+    raw: bytes
+    dataset: Dataset
+    calling_ae: str
+    peer_host: str | None
+
+
+def file_meta_bytes(req: StoreRequest) -> bytes:
+    """Our own file meta (zeroed preamble, DICM, group 0002) for the spool file."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = req.sop_class_uid
+    meta.MediaStorageSOPInstanceUID = req.sop_instance_uid
+    meta.TransferSyntaxUID = req.transfer_syntax
+    meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+    meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
+    meta.SourceApplicationEntityTitle = req.calling_ae[:16]
+    buf = BytesIO()
+    buf.write(b"\x00" * 128 + b"DICM")
+    write_file_meta_info(buf, meta, enforce_standard=True)
+    return buf.getvalue()
+
+
+def _text(ds: Dataset, keyword: str, limit: int) -> str | None:
+    value = ds.get(keyword)
+    if value in (None, ""):
+        return None
+    return str(value)[:limit]
+
+
+class Ingestor:
+    """Keeps the durability contract of DESIGN.md section 6 for each incoming instance."""
+
+    def __init__(self, db: Database, spool: Spool, rules: Rules, max_instance_bytes: int) -> None:
+        self.db = db
+        self.spool = spool
+        self.rules = rules
+        self.max_instance_bytes = max_instance_bytes
+
+    def store(self, req: StoreRequest) -> tuple[int, StoreOutcome | None]:
+        """Return (DIMSE status, outcome); Success only once the job row is committed."""
+        t0 = time.perf_counter()
+        try:
+            outcome = self._store(req)
+        except StoreRefused as exc:
+            log.warning(
+                "instance_refused", status=status.name(exc.status), reason=exc.reason,
+                calling_ae=req.calling_ae, bytes=len(req.raw),
+                sop_instance_uid=req.sop_instance_uid if validate.valid_uid(req.sop_instance_uid) else None,
+            )
+            return exc.status, None
+        except StorageError as exc:
+            log.error("instance_not_kept", reason=str(exc), calling_ae=req.calling_ae)
+            return status.OUT_OF_RESOURCES, None
+        log.info(
+            "instance_received", job_id=outcome.job_id, sop_instance_uid=req.sop_instance_uid,
+            study_instance_uid=str(req.dataset.get("StudyInstanceUID", "")),
+            calling_ae=req.calling_ae, bytes=len(req.raw), state=outcome.state.value,
+            duplicate=outcome.duplicate, conflict=outcome.conflict,
+            ms=round((time.perf_counter() - t0) * 1000, 1),
+        )
+        return status.SUCCESS, outcome
+
+    def _store(self, req: StoreRequest) -> StoreOutcome:
+        if len(req.raw) > self.max_instance_bytes:
+            raise StoreRefused(status.OUT_OF_RESOURCES, "instance larger than the configured maximum")
+        ds = req.dataset
+        validate.parse_fully(ds)
+        validate.check_identifiers(ds, req.sop_class_uid, req.sop_instance_uid)
+        validate.check_pixel_data(ds, req.transfer_syntax)
+        sha = hashlib.sha256(req.raw).hexdigest()
+        prior = store.existing_contents(self.db, req.sop_instance_uid)
+        if sha in prior:
+            return StoreOutcome(prior[sha], duplicate=True, conflict=False, state=JobState.QUEUED)
+        head = file_meta_bytes(req)
+        if not self.spool.has_room_for(len(head) + len(req.raw)):
+            raise StoreRefused(status.OUT_OF_RESOURCES, "free disk space below the watermark")
+        rel = self.spool.write([head, req.raw])
+        try:
+            outcome = store.record_instance(self.db, self.incoming(req, rel, sha))
+        except BaseException:
+            self.spool.remove(rel)  # not acknowledged: nothing to keep
+            raise
+        if outcome.duplicate:
+            self.spool.remove(rel)
+        return outcome
+
+    def incoming(self, req: StoreRequest, rel: str, sha: str) -> IncomingInstance:
+        ds = req.dataset
+        ref = InstanceRef(
+            sop_class_uid=req.sop_class_uid,
+            sop_instance_uid=req.sop_instance_uid,
+            study_instance_uid=str(ds.StudyInstanceUID),
+            series_instance_uid=str(ds.SeriesInstanceUID),
+            transfer_syntax_uid=str(req.transfer_syntax),
+        )
+        return IncomingInstance(
+            ref=ref,
+            spool_path=rel,
+            sha256=sha,
+            size_bytes=len(req.raw),
+            calling_ae=req.calling_ae,
+            peer_host=req.peer_host,
+            eligibility=evaluate(ds, self.rules),
+            modality=_text(ds, "Modality", 16),
+            body_part=_text(ds, "BodyPartExamined", 64),
+            laterality=_text(ds, "ImageLaterality", 16) or _text(ds, "Laterality", 16),
+            view_position=_text(ds, "ViewPosition", 16),
+            patient_id=_text(ds, "PatientID", 64),
+            patient_name=_text(ds, "PatientName", 324),
+            patient_birth_date=_text(ds, "PatientBirthDate", 8),
+            patient_sex=_text(ds, "PatientSex", 16),
+            study_date=_text(ds, "StudyDate", 8),
+            accession_number=_text(ds, "AccessionNumber", 16),
+        )

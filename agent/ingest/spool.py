@@ -1,0 +1,99 @@
+"""Durable spool of received instances.
+
+Files are named by us (a random hex name under a date folder), never by a tag value, written
+to a temporary name, fsynced, renamed into place and the directory fsynced, so a file that
+exists under its final name is complete. Only then may the job row be committed.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+from agent.clock import utcnow
+from agent.errors import StorageError
+
+TMP_DIR = "tmp"
+QUARANTINE_DIR = "quarantine"
+SUFFIX = ".dcm"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Spool:
+    """The spool directory. Paths handed out are relative to its root."""
+
+    def __init__(self, root: Path, min_free_bytes: int = 0) -> None:
+        self.root = root
+        self.min_free_bytes = min_free_bytes
+        (root / TMP_DIR).mkdir(parents=True, exist_ok=True)
+
+    def has_room_for(self, size: int) -> bool:
+        return shutil.disk_usage(self.root).free - size >= self.min_free_bytes
+
+    def write(self, chunks: list[bytes]) -> str:
+        """Write ``chunks`` durably; return the relative path. Raises StorageError."""
+        day = utcnow().strftime("%Y%m%d")
+        name = secrets.token_hex(16) + SUFFIX
+        final_dir = self.root / day
+        tmp = self.root / TMP_DIR / (name + ".part")
+        try:
+            final_dir.mkdir(exist_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+            try:
+                for chunk in chunks:
+                    view = memoryview(chunk)
+                    while view:
+                        n = os.write(fd, view)
+                        view = view[n:]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp, final_dir / name)
+            _fsync_dir(final_dir)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise StorageError(f"spool write failed: {exc.strerror}") from exc
+        return f"{day}/{name}"
+
+    def path(self, rel: str) -> Path:
+        """Absolute path of a spool entry; refuses anything that would leave the spool."""
+        p = (self.root / rel).resolve()
+        if self.root.resolve() not in p.parents:
+            raise ValueError("spool path outside the spool")
+        return p
+
+    def remove(self, rel: str) -> None:
+        self.path(rel).unlink(missing_ok=True)
+
+    def entries(self) -> Iterator[str]:
+        """Every complete file in the spool, as relative paths."""
+        for day in sorted(self.root.iterdir()):
+            if not day.is_dir() or day.name in (TMP_DIR, QUARANTINE_DIR):
+                continue
+            for f in sorted(day.glob("*" + SUFFIX)):
+                yield f"{day.name}/{f.name}"
+
+    def quarantine(self, rel: str) -> None:
+        """Move an unreadable file aside for a person to look at."""
+        src = self.path(rel)
+        target = self.root / QUARANTINE_DIR
+        target.mkdir(exist_ok=True)
+        src.rename(target / src.name)
+
+    def clear_partials(self) -> int:
+        """Delete temporary files of writes that never completed (never acknowledged)."""
+        n = 0
+        for f in (self.root / TMP_DIR).glob("*.part"):
+            f.unlink(missing_ok=True)
+            n += 1
+        return n

@@ -1,0 +1,92 @@
+"""structlog set-up: one pipeline for our events and library logs, with a PHI scrubber.
+
+Events are snake_case facts (``instance_received``). Fields carry job ids, SOP Instance UIDs,
+hashed study UIDs, AE titles and timings, never a patient name, ID or birth date. The scrubber is
+the last line of defence: it drops any field whose name denotes PHI, whatever the caller passed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import sys
+from typing import Any
+
+import structlog
+
+# Field names that denote PHI; values under these keys never reach a log line.
+PHI_KEYS = frozenset(
+    {
+        "patient_name", "patientname", "patient_id", "patientid", "patient_birth_date",
+        "patientbirthdate", "birth_date", "patient_address", "accession_number",
+        "accessionnumber", "other_patient_ids", "referring_physician_name", "institution_name",
+        "patient", "dataset", "ds",
+    }
+)
+
+_salt = b"strnet"
+
+
+def hash_uid(uid: str | None) -> str | None:
+    """A short salted hash of a study UID: correlates log lines without revealing the UID."""
+    if not uid:
+        return None
+    return hashlib.sha256(_salt + uid.encode("ascii", "replace")).hexdigest()[:16]
+
+
+def scrub_phi(_logger: Any, _method: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+    """Drop PHI fields; replace a raw study UID by its hash."""
+    for key in list(event_dict):
+        if key.lower() in PHI_KEYS:
+            event_dict[key] = "[redacted]"
+    study = event_dict.pop("study_instance_uid", None)
+    if study is not None:
+        event_dict["study"] = hash_uid(str(study))
+    return event_dict
+
+
+def configure_logging(level: str = "info", fmt: str = "auto", salt: str = "strnet") -> None:
+    """Configure structlog and route the standard library's loggers through it."""
+    global _salt
+    _salt = salt.encode()
+    as_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        scrub_phi,
+    ]
+    renderer: Any = (
+        structlog.processors.JSONRenderer() if as_json else structlog.dev.ConsoleRenderer(colors=False)
+    )
+    structlog.configure(
+        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=False,
+    )
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=shared,
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # pynetdicom's debug output dumps datasets (PHI): keep it at WARNING whatever the level.
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    logging.getLogger("pynetdicom").propagate = True
+    for h in list(logging.getLogger("pynetdicom").handlers):
+        logging.getLogger("pynetdicom").removeHandler(h)
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    logging.getLogger("sqlalchemy").setLevel(logging.WARNING)
+
+
+def get_logger(name: str) -> structlog.stdlib.BoundLogger:
+    return structlog.stdlib.get_logger(name)  # type: ignore[no-any-return]

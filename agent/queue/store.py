@@ -1,0 +1,247 @@
+"""The job queue on the audit database: record, lease, acknowledge, fail, reap.
+
+Workers lease jobs and acknowledge them; a crash leaves a lease that expires and the job is
+handed out again (never dequeue-then-run). Every transition is one committed row change.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
+
+from agent.audit import trail
+from agent.audit.db import Database
+from agent.audit.models import Instance, Job, Study
+from agent.clock import utcnow
+from agent.domain import (
+    IncomingInstance,
+    InstanceRef,
+    JobState,
+    JobView,
+    LeasedJob,
+    StoreOutcome,
+)
+
+CONFLICT_REASON = "conflict: SOP Instance UID already received with different content"
+
+
+def existing_contents(db: Database, sop_instance_uid: str) -> dict[str, int]:
+    """sha256 -> job id of every instance already received under this SOP Instance UID."""
+    with db.reading() as s:
+        rows = s.execute(
+            select(Instance.sha256, Job.id)
+            .join(Job, Job.instance_id == Instance.id)
+            .where(Instance.sop_instance_uid == sop_instance_uid)
+        ).all()
+    return {sha: job_id for sha, job_id in rows}
+
+
+def record_instance(db: Database, inc: IncomingInstance) -> StoreOutcome:
+    """Commit study, instance, job and audit rows for a spooled instance, in one transaction.
+
+    Returns the outcome; a concurrent identical instance (same UID and bytes) reports
+    ``duplicate=True`` and the caller removes its spool file.
+    """
+    now = utcnow()
+    try:
+        with db.transaction() as s:
+            prior = s.execute(
+                select(Instance.id, Instance.sha256, Job.id)
+                .join(Job, Job.instance_id == Instance.id)
+                .where(Instance.sop_instance_uid == inc.ref.sop_instance_uid)
+                .order_by(Instance.id)
+            ).all()
+            for _iid, sha, job_id in prior:
+                if sha == inc.sha256:
+                    return StoreOutcome(job_id, duplicate=True, conflict=False, state=JobState.QUEUED)
+            study = s.execute(
+                select(Study).where(Study.study_instance_uid == inc.ref.study_instance_uid)
+            ).scalar_one_or_none()
+            if study is None:
+                study = Study(
+                    study_instance_uid=inc.ref.study_instance_uid,
+                    first_received_at=now,
+                    last_received_at=now,
+                    last_calling_ae=inc.calling_ae,
+                )
+                s.add(study)
+            study.patient_id = inc.patient_id or study.patient_id
+            study.patient_name = inc.patient_name or study.patient_name
+            study.patient_birth_date = inc.patient_birth_date or study.patient_birth_date
+            study.patient_sex = inc.patient_sex or study.patient_sex
+            study.study_date = inc.study_date or study.study_date
+            study.accession_number = inc.accession_number or study.accession_number
+            study.last_received_at = now
+            study.last_calling_ae = inc.calling_ae
+            s.flush()
+            conflict_of = prior[0][0] if prior else None
+            inst = Instance(
+                study_id=study.id,
+                sop_class_uid=inc.ref.sop_class_uid,
+                sop_instance_uid=inc.ref.sop_instance_uid,
+                series_instance_uid=inc.ref.series_instance_uid,
+                transfer_syntax_uid=inc.ref.transfer_syntax_uid,
+                modality=inc.modality,
+                body_part=inc.body_part,
+                laterality=inc.laterality,
+                view_position=inc.view_position,
+                spool_path=inc.spool_path,
+                sha256=inc.sha256,
+                size_bytes=inc.size_bytes,
+                calling_ae=inc.calling_ae,
+                peer_host=inc.peer_host,
+                received_at=now,
+                conflict_of_id=conflict_of,
+            )
+            s.add(inst)
+            s.flush()
+            if conflict_of is not None:
+                state, reason = JobState.SKIPPED, f"{CONFLICT_REASON} (instance {conflict_of})"
+            elif not inc.eligibility.eligible:
+                state, reason = JobState.SKIPPED, f"not eligible: {inc.eligibility.reason}"
+            else:
+                state, reason = JobState.QUEUED, None
+            job = Job(
+                instance_id=inst.id, state=state.value, reason=reason, attempts=0,
+                created_at=now, updated_at=now,
+            )
+            s.add(job)
+            s.flush()
+            trail.append(
+                s, "instances_transferred", actor=inc.calling_ae, action="C",
+                object_type="instance", object_id=inc.ref.sop_instance_uid,
+                detail={"job_id": job.id, "state": state.value, "peer_host": inc.peer_host},
+            )
+            if conflict_of is not None:
+                trail.append(
+                    s, "security_alert", actor=inc.calling_ae, outcome=4,
+                    object_type="instance", object_id=inc.ref.sop_instance_uid,
+                    detail={"problem": "conflicting duplicate", "kept_instances": [conflict_of, inst.id]},
+                )
+            return StoreOutcome(job.id, duplicate=False, conflict=conflict_of is not None, state=state)
+    except IntegrityError:
+        # the same UID and bytes committed by a concurrent association a moment ago
+        jobs = existing_contents(db, inc.ref.sop_instance_uid)
+        if inc.sha256 in jobs:
+            return StoreOutcome(jobs[inc.sha256], duplicate=True, conflict=False, state=JobState.QUEUED)
+        raise
+
+
+def _view(job: Job, inst: Instance, study_uid: str) -> JobView:
+    return JobView(
+        job_id=job.id,
+        sop_instance_uid=inst.sop_instance_uid,
+        study_instance_uid=study_uid,
+        state=JobState(job.state),
+        reason=job.reason,
+        received_at=inst.received_at,
+        calling_ae=inst.calling_ae,
+        attempts=job.attempts,
+    )
+
+
+def list_jobs(db: Database, state: JobState | None = None, limit: int = 1000) -> list[JobView]:
+    with db.reading() as s:
+        q = (
+            select(Job, Instance, Study.study_instance_uid)
+            .join(Instance, Job.instance_id == Instance.id)
+            .join(Study, Instance.study_id == Study.id)
+            .order_by(Job.id)
+            .limit(limit)
+        )
+        if state is not None:
+            q = q.where(Job.state == state.value)
+        return [_view(j, i, uid) for j, i, uid in s.execute(q).all()]
+
+
+def count_by_state(db: Database) -> dict[str, int]:
+    with db.reading() as s:
+        return dict(s.execute(select(Job.state, func.count()).group_by(Job.state)).all())  # type: ignore[arg-type]
+
+
+def known_spool_paths(db: Database) -> set[str]:
+    with db.reading() as s:
+        return set(s.execute(select(Instance.spool_path)).scalars().all())
+
+
+def lease(db: Database, owner: str, limit: int, lease_s: float) -> list[LeasedJob]:
+    """Hand up to ``limit`` QUEUED jobs to ``owner`` until the lease expires."""
+    now = utcnow()
+    with db.transaction() as s:
+        q = (
+            select(Job, Instance, Study.study_instance_uid)
+            .join(Instance, Job.instance_id == Instance.id)
+            .join(Study, Instance.study_id == Study.id)
+            .where(Job.state == JobState.QUEUED.value)
+            .where((Job.not_before.is_(None)) | (Job.not_before <= now))
+            .order_by(Job.id)
+            .limit(limit)
+        )
+        if db.dialect == "postgresql":
+            q = q.with_for_update(skip_locked=True, of=Job)
+        out: list[LeasedJob] = []
+        for job, inst, study_uid in s.execute(q).all():
+            job.state = JobState.RUNNING.value
+            job.lease_owner = owner
+            job.lease_expires_at = now + timedelta(seconds=lease_s)
+            job.attempts += 1
+            job.updated_at = now
+            ref = InstanceRef(
+                inst.sop_class_uid, inst.sop_instance_uid, study_uid,
+                inst.series_instance_uid, inst.transfer_syntax_uid,
+            )
+            out.append(LeasedJob(job.id, job.attempts, inst.spool_path, ref))
+        return out
+
+
+def finish(db: Database, job_id: int, owner: str, state: JobState, reason: str | None = None) -> bool:
+    """Acknowledge a leased job with its outcome; False when the lease was lost meanwhile."""
+    now = utcnow()
+    with db.transaction() as s:
+        res = s.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.lease_owner == owner, Job.state == JobState.RUNNING.value)
+            .values(state=state.value, reason=reason, lease_owner=None, lease_expires_at=None, updated_at=now)
+        )
+        return res.rowcount == 1  # type: ignore[attr-defined]
+
+
+def retry_later(db: Database, job_id: int, owner: str, delay_s: float, reason: str) -> bool:
+    """Return a leased job to the queue after a transient failure."""
+    now = utcnow()
+    with db.transaction() as s:
+        res = s.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.lease_owner == owner, Job.state == JobState.RUNNING.value)
+            .values(
+                state=JobState.QUEUED.value, reason=reason, lease_owner=None, lease_expires_at=None,
+                not_before=now + timedelta(seconds=delay_s), updated_at=now,
+            )
+        )
+        return res.rowcount == 1  # type: ignore[attr-defined]
+
+
+def reap_expired_leases(db: Database) -> int:
+    """Jobs whose worker vanished go back to QUEUED."""
+    now = utcnow()
+    with db.transaction() as s:
+        res = s.execute(
+            update(Job)
+            .where(Job.state == JobState.RUNNING.value, Job.lease_expires_at < now)
+            .values(state=JobState.QUEUED.value, lease_owner=None, lease_expires_at=None, updated_at=now)
+        )
+        return res.rowcount  # type: ignore[attr-defined,no-any-return]
+
+
+def requeue_running(db: Database) -> int:
+    """At start-up of the only worker: every RUNNING job goes back to QUEUED."""
+    now = utcnow()
+    with db.transaction() as s:
+        res = s.execute(
+            update(Job)
+            .where(Job.state == JobState.RUNNING.value)
+            .values(state=JobState.QUEUED.value, lease_owner=None, lease_expires_at=None, updated_at=now)
+        )
+        return res.rowcount  # type: ignore[attr-defined,no-any-return]

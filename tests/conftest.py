@@ -1,0 +1,79 @@
+"""Shared fixtures: free ports, a running agent on loopback, DICOM test files, DCMTK tools."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))  # tests/dicom_factory.py
+
+from agent.app import Agent  # noqa: E402
+from agent.config import Settings, load_settings  # noqa: E402
+
+TEST_SCU_AET = "TESTSCU"
+AGENT_AET = "STRNET_T"
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (the machine is shared: never a fixed port)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def require_tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:  # `make test` installs the Debian packages; a missing tool is a set-up error
+        pytest.fail(f"{name} not found: run `make test` (it installs orthanc, dcmtk, dicom3tools)")
+    return path
+
+
+def agent_settings(data_dir: Path, **overrides: Any) -> Settings:
+    base: dict[str, Any] = {
+        "agent": {"data_dir": str(data_dir), "min_free_disk_mb": 0, "log_format": "json"},
+        "scp": {
+            "ae_title": AGENT_AET,
+            "port": free_port(),
+            "peers": [
+                {"ae_title": TEST_SCU_AET, "host": "127.0.0.1"},
+                {"ae_title": "ORTHANC", "host": "127.0.0.1"},
+            ],
+            "acse_timeout_s": 5,
+            "dimse_timeout_s": 20,
+            "network_timeout_s": 20,
+        },
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict):
+            base.setdefault(key, {}).update(value)
+        else:
+            base[key] = value
+    return load_settings(None, search_default=False, **base)
+
+
+@pytest.fixture()
+def make_agent(tmp_path: Path) -> Iterator[Any]:
+    """Factory: start an agent (in this process) with overrides; stopped at teardown."""
+    started: list[Agent] = []
+
+    def _make(**overrides: Any) -> Agent:
+        agent = Agent.build(agent_settings(tmp_path / f"agent{len(started)}", **overrides))
+        agent.start()
+        started.append(agent)
+        return agent
+
+    yield _make
+    for agent in started:
+        if not agent.stopped.is_set():
+            agent.stop(grace_s=1)
+
+
+@pytest.fixture()
+def agent(make_agent: Any) -> Agent:
+    return make_agent()
