@@ -60,7 +60,6 @@ def serve(config: ConfigOpt = None) -> None:
     signal.signal(signal.SIGINT, _stop)
     signal.signal(signal.SIGTERM, _stop)
     agent.start()
-    typer.echo(f"strnet serving {settings.scp.ae_title} on {settings.scp.bind}:{agent.scp.port}", err=True)
     done.wait()
     agent.stop()
 
@@ -190,17 +189,16 @@ def demo(
 
 
 def _mount_model_commands() -> None:
-    try:
-        from model.cli import app as model_app
-    except ImportError:  # model/ not yet present in a partial checkout
-        return
+    from model.cli import app as model_app
+
     app.add_typer(model_app, name="model", help="STR-Net: synthesise, train, evaluate, calibrate, predict.")
 
 
-_mount_model_commands()
-
-
 def main() -> None:
+    # model/ imports torch (seconds): mount its commands only when they can be asked for
+    argv = sys.argv[1:]
+    if not argv or argv[0] in ("model", "--help", "-h"):
+        _mount_model_commands()
     try:
         app()
     except ConfigError as exc:

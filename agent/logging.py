@@ -84,6 +84,10 @@ def configure_logging(level: str = "info", fmt: str = "auto", salt: str = "strne
     logging.getLogger("pynetdicom").propagate = True
     for h in list(logging.getLogger("pynetdicom").handlers):
         logging.getLogger("pynetdicom").removeHandler(h)
+    # pydicom's warnings quote element values (a PN value is PHI): errors only
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
+    logging.getLogger("openjpeg").setLevel(logging.WARNING)
+    logging.getLogger("highdicom").setLevel(logging.WARNING)
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
     logging.getLogger("sqlalchemy").setLevel(logging.WARNING)
 

@@ -1,0 +1,5 @@
+"""``python -m agent`` is the ``strnet`` command."""
+
+from agent.cli import main
+
+main()

@@ -1,0 +1,105 @@
+"""Run ``strnet serve`` as a real subprocess for tests that need process boundaries."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import IO
+
+from conftest import AGENT_AET, TEST_SCU_AET, free_port
+
+
+def write_config(path: Path, data_dir: Path, port: int | None = None, extra: str = "", log_level: str = "info") -> Path:
+    port = port or free_port()
+    path.write_text(
+        f"""
+[agent]
+data_dir = "{data_dir}"
+min_free_disk_mb = 0
+log_format = "json"
+log_level = "{log_level}"
+
+[scp]
+ae_title = "{AGENT_AET}"
+bind = "127.0.0.1"
+port = {port}
+acse_timeout_s = 5
+network_timeout_s = 20
+
+[[scp.peers]]
+ae_title = "{TEST_SCU_AET}"
+host = "127.0.0.1"
+
+[[scp.peers]]
+ae_title = "ORTHANC"
+host = "127.0.0.1"
+{extra}
+"""
+    )
+    return path
+
+
+def config_port(config: Path) -> int:
+    for line in config.read_text().splitlines():
+        if line.strip().startswith("port =") and "[web]" not in line:
+            return int(line.split("=")[1])
+    raise ValueError("no port")
+
+
+class ServeProcess:
+    """``strnet serve --config FILE`` with its stderr captured to a file."""
+
+    def __init__(self, config: Path, log_path: Path) -> None:
+        self.config = config
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+
+    def start(self, timeout_s: float = 30.0) -> ServeProcess:
+        self._log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "agent", "serve", "--config", str(self.config)],
+            stdout=self._log, stderr=self._log, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        deadline = time.monotonic() + timeout_s
+        port = config_port(self.config)
+        import socket
+
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"strnet serve exited: {self.log_path.read_text()[-2000:]}")
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    return self
+            time.sleep(0.1)
+        raise RuntimeError("strnet serve did not start listening")
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def terminate(self, timeout_s: float = 30.0) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout_s)
+
+    def close(self) -> None:
+        self.kill()
+        if self._log:
+            self._log.close()
+
+    def __enter__(self) -> ServeProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,44 @@
+"""The hash-chained audit trail detects edits, deletions and reordering."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from sqlalchemy import delete, update
+
+from agent.audit import trail
+from agent.audit.db import Database, upgrade
+from agent.audit.models import AuditEvent
+
+
+@pytest.fixture()
+def db(tmp_path: Path) -> Database:
+    d = Database(f"sqlite:///{tmp_path / 'a.db'}")
+    upgrade(d)
+    with d.transaction() as s:
+        for i in range(5):
+            trail.append(s, "patient_record", actor=f"user{i}", action="R", object_id=str(i), detail={"n": i})
+    return d
+
+
+def test_intact_chain_verifies(db: Database) -> None:
+    with db.reading() as s:
+        report = trail.verify(s)
+    assert report.ok and report.events == 5
+
+
+def test_edited_row_breaks_the_chain(db: Database) -> None:
+    with db.transaction() as s:
+        s.execute(update(AuditEvent).where(AuditEvent.id == 3).values(actor="mallory"))
+    with db.reading() as s:
+        report = trail.verify(s)
+    assert not report.ok and report.first_bad_id == 3
+
+
+def test_deleted_row_breaks_the_chain(db: Database) -> None:
+    with db.transaction() as s:
+        s.execute(delete(AuditEvent).where(AuditEvent.id == 2))
+    with db.reading() as s:
+        report = trail.verify(s)
+    assert not report.ok and report.first_bad_id == 3

@@ -1,0 +1,134 @@
+"""Checkpoint round trip (safetensors + JSON, hash verified, no pickle) and the Predictor."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from model.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    read_metadata,
+    save_checkpoint,
+    update_metadata,
+)
+from model.predict import Predictor
+from model.strnet import strnet_tiny
+
+S = 64
+
+
+def _meta() -> dict:
+    return {
+        "model_version": "tiny-test",
+        "synthetic": True,
+        "preprocess": {"input_size": S},
+        "temperature": 1.5,
+        "thresholds": {
+            "point": {"threshold": 0.6},
+            "conservative": {"threshold": 0.4},
+        },
+        "served_threshold": "conservative",
+        "conformal": {"coverage": 0.9, "quantile": 0.8, "n": 100},
+    }
+
+
+@pytest.fixture()
+def ckpt(tmp_path: Path) -> Path:
+    torch.manual_seed(0)
+    m = strnet_tiny(channels_last=True)
+    with torch.no_grad():  # non-trivial batch-norm statistics
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.BatchNorm2d):
+                mod.running_mean.uniform_(-0.1, 0.1)
+    return save_checkpoint(m, _meta(), tmp_path / "ck" / "tiny.json")
+
+
+def test_round_trip_same_outputs(ckpt: Path) -> None:
+    torch.manual_seed(0)
+    ref = strnet_tiny(channels_last=True)
+    with torch.no_grad():
+        for mod in ref.modules():
+            if isinstance(mod, torch.nn.BatchNorm2d):
+                mod.running_mean.uniform_(-0.1, 0.1)
+    ref.eval()
+    model, meta = load_checkpoint(ckpt)
+    assert meta["model_config"]["channels_last"] is True
+    assert meta["preprocess"] == {"input_size": S}
+    x = torch.randn(2, 1, S, S)
+    with torch.no_grad():
+        a, b = ref(x), model(x)
+    for k in ("screen_logit", "severity_logit", "tscore"):
+        assert torch.equal(a[k], b[k])
+    # loading by the .safetensors path finds the same metadata
+    _, meta2 = load_checkpoint(ckpt.with_suffix(".safetensors"))
+    assert meta2["weights_sha256"] == meta["weights_sha256"]
+
+
+def test_files_are_json_and_safetensors(ckpt: Path) -> None:
+    meta = json.loads(ckpt.read_text())
+    assert meta["format"] == "strnet-checkpoint" and len(meta["weights_sha256"]) == 64
+    raw = ckpt.with_suffix(".safetensors").read_bytes()
+    (header_len,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + header_len])  # a safetensors header, not a pickle
+    assert "screen_head.fc.weight" in header
+
+
+def test_tampered_weights_are_refused(ckpt: Path) -> None:
+    w = ckpt.with_suffix(".safetensors")
+    data = bytearray(w.read_bytes())
+    data[-1] ^= 0xFF
+    w.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="sha256"):
+        load_checkpoint(ckpt)
+
+
+def test_bad_metadata_is_refused(tmp_path: Path) -> None:
+    bad = tmp_path / "x.json"
+    bad.write_text(json.dumps({"format": "something-else"}))
+    with pytest.raises(CheckpointError):
+        read_metadata(bad)
+    with pytest.raises(CheckpointError):
+        load_checkpoint(tmp_path / "missing.json")
+
+
+def test_update_metadata_copies_weights(ckpt: Path, tmp_path: Path) -> None:
+    out = update_metadata(ckpt, {"temperature": 2.0}, tmp_path / "site" / "cal.json")
+    model, meta = load_checkpoint(out)
+    assert meta["temperature"] == 2.0
+    assert meta["weights_sha256"] == read_metadata(ckpt)["weights_sha256"]
+
+
+def test_predictor_outputs(ckpt: Path) -> None:
+    p = Predictor(ckpt, device="cpu")
+    assert p.threshold_name == "conservative" and p.threshold == 0.4
+    x = np.random.default_rng(0).normal(size=(3, 1, S, S)).astype(np.float32)
+    clin = [{"age": 70, "sex": "F", "bmi": 22.0}, None, {"age": None, "sex": "M"}]
+    r1 = p.predict(x, clin)
+    r2 = p.predict(torch.from_numpy(x), clin)
+    assert r1 == r2  # deterministic in eval mode
+    for r in r1:
+        assert 0.0 <= r["p_osteoporosis"] <= r["probability_bone_loss"] <= 1.0
+        assert r["decision"] == ("bone_loss" if r["probability_bone_loss"] >= 0.4 else "normal")
+        if r["decision"] == "normal":
+            assert r["severity"] == "normal"
+        lo, hi = r["t_score_interval"]
+        assert hi - lo == pytest.approx(1.6) and lo < r["t_score"] < hi
+        assert r["trained_on_synthetic_data"] is True
+    assert Predictor(ckpt, device="cpu", threshold="point").threshold == 0.6
+    with pytest.raises(ValueError):
+        p.predict(np.zeros((1, 1, S + 1, S + 1), np.float32))
+
+
+def test_predictor_saliency(ckpt: Path) -> None:
+    p = Predictor(ckpt, device="cpu")
+    x = np.random.default_rng(1).normal(size=(1, 1, S, S)).astype(np.float32)
+    cam = p.saliency(x)
+    assert cam.shape == (S, S) and cam.min() >= 0.0 and cam.max() <= 1.0
+    assert np.array_equal(cam, p.saliency(x))
+    assert p.saliency(np.repeat(x, 2, axis=0)).shape == (2, S, S)

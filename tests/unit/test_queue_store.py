@@ -1,0 +1,99 @@
+"""Queue semantics on a temporary SQLite file: record, lease, finish, reap, requeue."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from agent.audit import trail
+from agent.audit.db import Database, upgrade
+from agent.domain import Eligibility, IncomingInstance, InstanceRef, JobState
+from agent.queue import store
+
+
+@pytest.fixture()
+def db(tmp_path: Path) -> Database:
+    d = Database(f"sqlite:///{tmp_path / 'q.db'}")
+    upgrade(d)
+    return d
+
+
+def incoming(n: int, sha: str | None = None, eligible: bool = True) -> IncomingInstance:
+    ref = InstanceRef("1.2.840.10008.5.1.4.1.1.1.1", f"1.2.3.{n}", "1.2.3.999", "1.2.3.998", "1.2.840.10008.1.2.1")
+    return IncomingInstance(
+        ref=ref, spool_path=f"d/{n}-{sha or 'a'}.dcm", sha256=sha or f"{n:064d}", size_bytes=10,
+        calling_ae="TESTSCU", peer_host="127.0.0.1",
+        eligibility=Eligibility(eligible, None if eligible else "not a knee"),
+        patient_name="Doe^Jane", patient_id="P1",
+    )
+
+
+def test_record_creates_one_queued_job_and_one_study(db: Database) -> None:
+    a = store.record_instance(db, incoming(1))
+    b = store.record_instance(db, incoming(2))
+    assert a.state == b.state == JobState.QUEUED
+    jobs = store.list_jobs(db)
+    assert [j.job_id for j in jobs] == [a.job_id, b.job_id]
+    assert {j.study_instance_uid for j in jobs} == {"1.2.3.999"}
+
+
+def test_same_uid_same_bytes_is_a_duplicate(db: Database) -> None:
+    a = store.record_instance(db, incoming(1))
+    again = store.record_instance(db, incoming(1))
+    assert again.duplicate and again.job_id == a.job_id
+    assert len(store.list_jobs(db)) == 1
+
+
+def test_same_uid_other_bytes_keeps_both_and_flags(db: Database) -> None:
+    store.record_instance(db, incoming(1, sha="a" * 64))
+    other = store.record_instance(db, incoming(1, sha="b" * 64))
+    assert other.conflict and other.state == JobState.SKIPPED
+    jobs = store.list_jobs(db)
+    assert len(jobs) == 2
+    assert "conflict" in (jobs[1].reason or "")
+    with db.reading() as s:
+        assert trail.verify(s).ok
+
+
+def test_ineligible_is_skipped_with_reason(db: Database) -> None:
+    out = store.record_instance(db, incoming(1, eligible=False))
+    assert out.state == JobState.SKIPPED
+    assert store.list_jobs(db)[0].reason == "not eligible: not a knee"
+
+
+def test_lease_finish_and_lost_lease(db: Database) -> None:
+    for n in range(3):
+        store.record_instance(db, incoming(n))
+    leased = store.lease(db, "w1", limit=2, lease_s=60)
+    assert [j.attempts for j in leased] == [1, 1]
+    assert store.lease(db, "w2", limit=5, lease_s=60)[0].job_id == 3  # only the third is free
+    assert store.finish(db, leased[0].job_id, "w1", JobState.DONE)
+    assert not store.finish(db, leased[1].job_id, "someone-else", JobState.DONE)
+    states = {j.job_id: j.state for j in store.list_jobs(db)}
+    assert states == {1: JobState.DONE, 2: JobState.RUNNING, 3: JobState.RUNNING}
+
+
+def test_expired_lease_is_reaped_and_leased_again(db: Database) -> None:
+    store.record_instance(db, incoming(1))
+    first = store.lease(db, "w1", limit=1, lease_s=0.05)
+    time.sleep(0.1)
+    assert store.reap_expired_leases(db) == 1
+    second = store.lease(db, "w2", limit=1, lease_s=60)
+    assert second[0].job_id == first[0].job_id and second[0].attempts == 2
+    assert not store.finish(db, first[0].job_id, "w1", JobState.DONE)  # the old owner lost it
+
+
+def test_retry_later_respects_not_before(db: Database) -> None:
+    store.record_instance(db, incoming(1))
+    job = store.lease(db, "w1", 1, 60)[0]
+    assert store.retry_later(db, job.job_id, "w1", delay_s=30, reason="pacs busy")
+    assert store.lease(db, "w1", 1, 60) == []
+
+
+def test_requeue_running_at_startup(db: Database) -> None:
+    store.record_instance(db, incoming(1))
+    store.lease(db, "w1", 1, 600)
+    assert store.requeue_running(db) == 1
+    assert store.list_jobs(db)[0].state == JobState.QUEUED
