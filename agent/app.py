@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
+from typing import Any
 
 from agent.audit import trail
 from agent.audit.db import Database, upgrade
@@ -17,6 +18,7 @@ from agent.ingest.reconcile import reconcile
 from agent.ingest.scp import AssociationTracker, StorageSCP
 from agent.ingest.spool import Spool
 from agent.logging import get_logger
+from agent.queue import outbox
 
 log = get_logger(__name__)
 
@@ -40,35 +42,75 @@ def open_database(settings: Settings, migrate: bool = True) -> Database:
     return db
 
 
+def load_screener(settings: Settings) -> Any:
+    """The STR-Net screener (imports torch: only when the worker runs)."""
+    from agent.pipeline.infer import Screener
+
+    cfg = settings.worker
+    return Screener(cfg.weights, device=cfg.device, threshold=cfg.threshold, saliency=cfg.saliency)
+
+
 @dataclass
 class Agent:
-    """The running service: ingest now; worker, sender, scheduler and web join here."""
+    """The running service: ingest, worker, sender and scheduler."""
 
     settings: Settings
     db: Database
     spool: Spool
+    results: Spool
     ingestor: Ingestor
     scp: StorageSCP
     tracker: AssociationTracker
+    worker: Any = None
+    sender: Any = None
+    scheduler: Any = None
     stopped: threading.Event = field(default_factory=threading.Event)
 
     @classmethod
-    def build(cls, settings: Settings) -> Agent:
+    def build(cls, settings: Settings, *, worker: bool | None = None) -> Agent:
+        """Build the agent; ``worker=False`` builds ingest only (no model is loaded)."""
+        from agent.pacs.sender import Sender
+        from agent.scheduler import build_scheduler
+
         db = open_database(settings)
         spool = Spool(settings.spool_dir, min_free_bytes=settings.agent.min_free_disk_mb * 1024 * 1024)
+        results = Spool(settings.results_dir)
         ingestor = Ingestor(db, spool, make_rules(settings), settings.scp.max_instance_mb * 1024 * 1024)
         tracker = AssociationTracker()
         scp = StorageSCP(settings.scp, ingestor, tracker)
-        return cls(settings, db, spool, ingestor, scp, tracker)
+        agent = cls(settings, db, spool, results, ingestor, scp, tracker)
+        run_worker = settings.worker.enabled if worker is None else worker
+        if run_worker:
+            from agent.queue.worker import Worker
+
+            agent.worker = Worker(settings, db, spool, results, load_screener(settings), tracker)
+            agent.sender = Sender(db, results, settings.pacs, settings.sender, settings.scp.ae_title)
+        agent.scheduler = build_scheduler(
+            db, spool, settings.retention.spool_days * 86400,
+            report_sweep=agent.worker.report_ready_studies if agent.worker else None,
+            sender_wake=agent.sender.wake.set if agent.sender else None,
+        )
+        return agent
 
     def start(self) -> None:
         reconcile(self.db, self.spool, self.ingestor)
+        resent = outbox.requeue_sending(self.db)
+        if resent:
+            log.warning("outbox_resending", items=resent)
         with self.db.transaction() as s:
             trail.append(s, "application_activity", actor="strnet", detail={"activity": "start"})
         self.scp.start()
+        if self.worker is not None:
+            self.worker.start()
+            self.sender.start()
+        self.scheduler.start()
 
     def stop(self, grace_s: float = 10.0) -> None:
         self.scp.stop(grace_s)
+        self.scheduler.shutdown(wait=False)
+        if self.worker is not None:
+            self.worker.stop()
+            self.sender.stop()
         with self.db.transaction() as s:
             trail.append(s, "application_activity", actor="strnet", detail={"activity": "stop"})
         self.db.dispose()

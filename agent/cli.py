@@ -30,6 +30,8 @@ config_app = typer.Typer(help="Show the configuration.", no_args_is_help=True)
 app.add_typer(jobs_app, name="jobs")
 app.add_typer(db_app, name="db")
 app.add_typer(config_app, name="config")
+flagged_app = typer.Typer(help="The flagged-patient registry.", no_args_is_help=True)
+app.add_typer(flagged_app, name="flagged")
 
 ConfigOpt = Annotated[
     Path | None,
@@ -130,6 +132,86 @@ def jobs_list(
             f"{j.sop_instance_uid}" + (f"  ({j.reason})" if j.reason else "")
         )
     typer.echo(f"{len(jobs)} job(s)")
+
+
+@jobs_app.command("retry")
+def jobs_retry(
+    job_ids: Annotated[list[int] | None, typer.Argument(help="Job ids to replay.")] = None,
+    config: ConfigOpt = None,
+    dead: Annotated[bool, typer.Option("--dead", help="Replay every DEAD job and dead letter.")] = False,
+) -> None:
+    """Replay failed or dead jobs and their undelivered results (the running agent picks them up)."""
+    from agent.app import open_database
+    from agent.audit import trail
+    from agent.queue import outbox, store
+
+    if not job_ids and not dead:
+        raise ConfigError("jobs retry", "give job ids or --dead")
+    db = open_database(_settings(config))
+    if dead:
+        jobs_n = store.replay(db, None)
+        items_n = outbox.replay_dead(db, None)
+    else:
+        ids = list(job_ids or [])
+        jobs_n = store.replay(db, ids)
+        items_n = outbox.replay_dead(db, store.study_ids_of_jobs(db, ids))
+    with db.transaction() as s:
+        trail.append(s, "application_activity", actor="strnet-cli", action="U",
+                     detail={"activity": "replay", "jobs": jobs_n, "results": items_n})
+    typer.echo(f"requeued {jobs_n} job(s) and {items_n} undelivered result(s)")
+
+
+@flagged_app.command("list")
+def flagged_list(
+    config: ConfigOpt = None,
+    status: Annotated[str | None, typer.Option(help="new, reviewed, dxa_ordered, dxa_done or closed.")] = None,
+    since: Annotated[str | None, typer.Option(help="Flagged on or after this date (YYYY-MM-DD).")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="table, csv or json.")] = "table",
+) -> None:
+    """List flagged patients (PHI: every listing is an audit event)."""
+    import csv
+    from datetime import datetime
+
+    from agent.app import open_database
+    from agent.audit import trail
+    from agent.audit.repository import FOLLOW_UP_STATUSES, list_flagged
+
+    if status and status not in FOLLOW_UP_STATUSES:
+        raise ConfigError("--status", f"one of {', '.join(FOLLOW_UP_STATUSES)}")
+    if fmt not in ("table", "csv", "json"):
+        raise ConfigError("--format", "table, csv or json")
+    try:
+        since_dt = datetime.strptime(since, "%Y-%m-%d") if since else None
+    except ValueError:
+        raise ConfigError("--since", "a date as YYYY-MM-DD") from None
+    db = open_database(_settings(config))
+    rows = list_flagged(db, status, since_dt)
+    with db.transaction() as s:
+        trail.append(s, "query", actor="strnet-cli", action="R", object_type="flagged_list",
+                     detail={"rows": len(rows), "format": fmt})
+    records = [
+        {
+            "patient_id": r.patient_id, "patient_name": r.patient_name,
+            "first_flagged_at": r.first_flagged_at.isoformat() + "Z",
+            "last_study_date": r.last_study_date, "probability": round(r.probability, 4),
+            "severity": r.severity, "t_score": round(r.t_score, 2), "status": r.status, "studies": r.studies,
+        }
+        for r in rows
+    ]
+    if fmt == "json":
+        typer.echo(json.dumps(records, indent=2))
+    elif fmt == "csv":
+        writer = csv.DictWriter(sys.stdout, fieldnames=list(records[0]) if records else ["patient_id"])
+        writer.writeheader()
+        writer.writerows(records)
+    else:
+        typer.echo(f"{'PATIENT ID':<16} {'NAME':<24} {'STATUS':<12} {'P(LOSS)':>7} {'SEVERITY':<12} {'T':>5} {'STUDIES':>7}")
+        for r in records:
+            typer.echo(
+                f"{str(r['patient_id'] or '')[:16]:<16} {str(r['patient_name'] or '')[:24]:<24} {r['status']:<12} "
+                f"{r['probability']:>7.3f} {str(r['severity'] or ''):<12} {r['t_score']:>5.1f} {r['studies']:>7}"
+            )
+        typer.echo(f"{len(records)} flagged patient(s)")
 
 
 @db_app.command("upgrade")

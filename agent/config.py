@@ -127,6 +127,42 @@ class EligibilitySection(_Section):
     )
 
 
+class WorkerSection(_Section):
+    enabled: bool = Field(True, description="Screen queued jobs in this process.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available, else CPU.")
+    weights: Path | None = Field(None, description="STR-Net checkpoint metadata JSON; default: the shipped one.")
+    threshold: str = Field(
+        "served", description="Operating point: served (the checkpoint's), point, conservative, or a probability."
+    )
+    max_batch: int = Field(8, ge=1, le=256, description="Images scored together (micro-batch).")
+    max_wait_ms: int = Field(50, ge=0, description="How long a partial batch waits for more images.")
+    lease_s: float = Field(300.0, gt=0, description="A job not acknowledged within this is handed out again.")
+    max_attempts: int = Field(3, ge=1, description="Attempts before a repeatedly failing job is DEAD.")
+    saliency: bool = Field(True, description="Compute the Grad-CAM heat map for the overlay.")
+
+
+class ReportingSection(_Section):
+    quiet_period_s: float = Field(
+        10.0, ge=0, description="A study's SR is written this long after its last instance (extended while the sender's association is open)."
+    )
+    overlay: bool = Field(True, description="Send a secondary-capture overlay per screened image.")
+
+
+class SenderSection(_Section):
+    send: bool = Field(True, description="false = shadow mode: compute and record everything, send nothing.")
+    max_attempts: int = Field(8, ge=1, description="Delivery attempts before an object is DEAD.")
+    backoff_base_s: float = Field(5.0, gt=0, description="First retry delay; doubles each attempt, with jitter.")
+    backoff_max_s: float = Field(600.0, gt=0, description="Longest retry delay.")
+    timeout_s: float = Field(30.0, gt=0, description="Connection, association and DIMSE timeout towards PACS.")
+    poll_s: float = Field(1.0, gt=0, description="How often the sender looks for due objects.")
+
+
+class RetentionSection(_Section):
+    spool_days: float = Field(
+        7.0, ge=0, description="Days a spool file is kept after its job is terminal and its results are delivered."
+    )
+
+
 class WebSection(_Section):
     bind: str = Field("127.0.0.1", description="Address of the admin web.")
     port: int = Field(8080, ge=1, le=65535, description="Port of the admin web.")
@@ -150,6 +186,10 @@ class Settings(BaseSettings):
         default_factory=lambda: [PacsSection(name="pacs", ae_title="ORTHANC", host="127.0.0.1", port=4242)]
     )
     eligibility: EligibilitySection = Field(default_factory=EligibilitySection)
+    worker: WorkerSection = Field(default_factory=WorkerSection)
+    reporting: ReportingSection = Field(default_factory=ReportingSection)
+    sender: SenderSection = Field(default_factory=SenderSection)
+    retention: RetentionSection = Field(default_factory=RetentionSection)
     web: WebSection = Field(default_factory=WebSection)
 
     @classmethod
@@ -175,6 +215,10 @@ class Settings(BaseSettings):
     @property
     def spool_dir(self) -> Path:
         return self.agent.data_dir / "spool"
+
+    @property
+    def results_dir(self) -> Path:
+        return self.agent.data_dir / "results"
 
     @property
     def database_url(self) -> str:

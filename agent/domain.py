@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 
 class JobState(str, enum.Enum):
@@ -97,3 +98,29 @@ class LeasedJob:
     attempts: int
     spool_path: str
     ref: InstanceRef
+
+
+@dataclass(frozen=True)
+class AlgorithmInfo:
+    """What produced a finding (goes into the SR's algorithm identification)."""
+
+    name: str  # "STR-Net"
+    version: str  # the checkpoint's version string
+    checkpoint_sha256: str
+
+
+@dataclass(frozen=True)
+class Findings:
+    """STR-Net's answer for one screened image. ``saliency`` is (H, W) in [0, 1] or None."""
+
+    probability: float  # calibrated P(bone loss)
+    threshold: float  # the served operating threshold
+    bone_loss: bool  # probability >= threshold
+    p_osteoporosis: float  # P(osteoporosis | bone loss)
+    severity: str | None  # "osteopenia" | "osteoporosis" when bone_loss, else None
+    t_score: float  # estimated DXA T-score
+    t_score_low: float  # conformal interval
+    t_score_high: float
+    interval_coverage: float  # nominal coverage of that interval, e.g. 0.9
+    algorithm: AlgorithmInfo
+    saliency: Any = None  # numpy array; Any keeps numpy out of the domain types

@@ -48,6 +48,8 @@ def agent_settings(data_dir: Path, **overrides: Any) -> Settings:
             "dimse_timeout_s": 20,
             "network_timeout_s": 20,
         },
+        # ingest tests run without the model; screening tests turn the worker on
+        "worker": {"enabled": False},
     }
     for key, value in overrides.items():
         if isinstance(value, dict):
@@ -55,6 +57,14 @@ def agent_settings(data_dir: Path, **overrides: Any) -> Settings:
         else:
             base[key] = value
     return load_settings(None, search_default=False, **base)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _logging() -> None:
+    """The production log pipeline (with its PHI scrubber) for every in-process test."""
+    from agent.logging import configure_logging
+
+    configure_logging("info", "console")
 
 
 @pytest.fixture()
@@ -77,3 +87,30 @@ def make_agent(tmp_path: Path) -> Iterator[Any]:
 @pytest.fixture()
 def agent(make_agent: Any) -> Agent:
     return make_agent()
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny STR-Net with random weights, saved as a real checkpoint.
+
+    Used where the worker's plumbing (not the model's accuracy) is under test: it goes through
+    the same checkpoint loading, preprocessing and inference code as the shipped weights.
+    """
+    import torch
+
+    from model.checkpoint import save_checkpoint
+    from model.preprocess import PreprocessSpec
+    from model.strnet import strnet_tiny
+
+    torch.manual_seed(0)
+    net = strnet_tiny()
+    meta = {
+        "model_version": "tiny-test-0",
+        "synthetic": True,
+        "preprocess": PreprocessSpec(input_size=64).to_dict(),
+        "thresholds": {"point": {"threshold": 0.5}, "conservative": {"threshold": 0.45}},
+        "served_threshold": "conservative",
+        "temperature": 1.0,
+        "conformal": {"quantile": 0.8, "coverage": 0.9},
+    }
+    return save_checkpoint(net, meta, tmp_path_factory.mktemp("weights") / "tiny.json")

@@ -13,7 +13,9 @@ from typing import IO
 from conftest import AGENT_AET, TEST_SCU_AET, free_port
 
 
-def write_config(path: Path, data_dir: Path, port: int | None = None, extra: str = "", log_level: str = "info") -> Path:
+def write_config(
+    path: Path, data_dir: Path, port: int | None = None, extra: str = "", log_level: str = "info", worker: bool = False
+) -> Path:
     port = port or free_port()
     path.write_text(
         f"""
@@ -29,6 +31,9 @@ bind = "127.0.0.1"
 port = {port}
 acse_timeout_s = 5
 network_timeout_s = 20
+
+[worker]
+enabled = {"true" if worker else "false"}
 
 [[scp.peers]]
 ae_title = "{TEST_SCU_AET}"

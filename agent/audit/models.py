@@ -9,6 +9,8 @@ from datetime import datetime
 
 from sqlalchemy import (
     JSON,
+    Boolean,
+    Float,
     DateTime,
     ForeignKey,
     Index,
@@ -114,3 +116,104 @@ class AuditEvent(Base):
     detail: Mapped[dict | None] = mapped_column(JSON)  # type: ignore[type-arg]
     prev_hash: Mapped[str] = mapped_column(String(64))
     hash: Mapped[str] = mapped_column(String(64), unique=True)
+
+
+class Result(Base):
+    """STR-Net's findings for one screened instance (one row per job)."""
+
+    __tablename__ = "results"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), unique=True)
+    instance_id: Mapped[int] = mapped_column(ForeignKey("instances.id"))
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    probability: Mapped[float] = mapped_column(Float)
+    threshold: Mapped[float] = mapped_column(Float)
+    bone_loss: Mapped[bool] = mapped_column(Boolean)
+    p_osteoporosis: Mapped[float] = mapped_column(Float)
+    severity: Mapped[str | None] = mapped_column(String(16))
+    t_score: Mapped[float] = mapped_column(Float)
+    t_score_low: Mapped[float] = mapped_column(Float)
+    t_score_high: Mapped[float] = mapped_column(Float)
+    model_version: Mapped[str] = mapped_column(String(64))
+    checkpoint_sha256: Mapped[str] = mapped_column(String(64))
+    overlay_sop_instance_uid: Mapped[str | None] = mapped_column(String(64))
+    timings_ms: Mapped[dict | None] = mapped_column(JSON)  # type: ignore[type-arg]
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class StudyReport(Base):
+    """One Structured Report revision of a study; a later one references its predecessor."""
+
+    __tablename__ = "study_reports"
+    __table_args__ = (UniqueConstraint("study_id", "revision", name="uq_study_report_revision"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    revision: Mapped[int] = mapped_column(Integer)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    series_instance_uid: Mapped[str] = mapped_column(String(64))
+    result_count: Mapped[int] = mapped_column(Integer)
+    predecessor_id: Mapped[int | None] = mapped_column(ForeignKey("study_reports.id"))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class OutboxItem(Base):
+    """A result object waiting for (or done with) delivery to one destination."""
+
+    __tablename__ = "outbox"
+    __table_args__ = (
+        UniqueConstraint("sop_instance_uid", "destination", name="uq_outbox_object_destination"),
+        Index("ix_outbox_state_next", "state", "next_attempt_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(8))  # "sr" | "sc"
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    destination: Mapped[str] = mapped_column(String(64))
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    sop_instance_uid: Mapped[str] = mapped_column(String(64))
+    path: Mapped[str] = mapped_column(String(255))  # relative to data_dir/results
+    state: Mapped[str] = mapped_column(String(16))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_status: Mapped[str | None] = mapped_column(String(64))
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class FlaggedPatient(Base):
+    """One row per screened-positive patient (not per study); keeps the latest figures."""
+
+    __tablename__ = "patients_flagged"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    patient_key: Mapped[str] = mapped_column(String(80), unique=True)  # PatientID, else study:<uid>
+    patient_id: Mapped[str | None] = mapped_column(String(64))
+    patient_name: Mapped[str | None] = mapped_column(String(324))
+    patient_birth_date: Mapped[str | None] = mapped_column(String(8))
+    patient_sex: Mapped[str | None] = mapped_column(String(16))
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    first_flagged_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    last_flagged_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    last_study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"))
+    last_study_date: Mapped[str | None] = mapped_column(String(8))
+    probability: Mapped[float] = mapped_column(Float)
+    severity: Mapped[str | None] = mapped_column(String(16))
+    t_score: Mapped[float] = mapped_column(Float)
+
+
+class FollowUpEvent(Base):
+    """A coordinator's action on a flagged patient (reviewed, DXA ordered/done, closed)."""
+
+    __tablename__ = "follow_up_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    flagged_id: Mapped[int] = mapped_column(ForeignKey("patients_flagged.id"), index=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    actor: Mapped[str] = mapped_column(String(128))
+    action: Mapped[str] = mapped_column(String(16))
+    note: Mapped[str | None] = mapped_column(Text)
+    measured_t_score: Mapped[float | None] = mapped_column(Float)

@@ -15,6 +15,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import UID
 
+from agent import failpoints
 from agent.audit.db import Database
 from agent.domain import IncomingInstance, InstanceRef, JobState, StoreOutcome
 from agent.errors import StorageError, StoreRefused
@@ -113,7 +114,9 @@ class Ingestor:
         head = file_meta_bytes(req)
         if not self.spool.has_room_for(len(head) + len(req.raw)):
             raise StoreRefused(status.OUT_OF_RESOURCES, "free disk space below the watermark")
+        failpoints.hit("before_fsync")
         rel = self.spool.write([head, req.raw])
+        failpoints.hit("after_fsync")
         try:
             outcome = store.record_instance(self.db, self.incoming(req, rel, sha))
         except BaseException:
@@ -121,6 +124,7 @@ class Ingestor:
             raise
         if outcome.duplicate:
             self.spool.remove(rel)
+        failpoints.hit("after_commit")
         return outcome
 
     def incoming(self, req: StoreRequest, rel: str, sha: str) -> IncomingInstance:

@@ -41,11 +41,14 @@ class Spool:
         return shutil.disk_usage(self.root).free - size >= self.min_free_bytes
 
     def write(self, chunks: list[bytes]) -> str:
-        """Write ``chunks`` durably; return the relative path. Raises StorageError."""
-        day = utcnow().strftime("%Y%m%d")
-        name = secrets.token_hex(16) + SUFFIX
-        final_dir = self.root / day
-        tmp = self.root / TMP_DIR / (name + ".part")
+        """Write ``chunks`` durably under a random name; return the relative path."""
+        return self.write_named(f"{utcnow():%Y%m%d}/{secrets.token_hex(16)}{SUFFIX}", chunks)
+
+    def write_named(self, rel: str, chunks: list[bytes]) -> str:
+        """Write ``chunks`` durably to ``rel`` (a name of ours, replaced atomically). Raises StorageError."""
+        day, name = rel.split("/", 1) if "/" in rel else ("", rel)
+        final_dir = self.root / day if day else self.root
+        tmp = self.root / TMP_DIR / (secrets.token_hex(8) + ".part")
         try:
             final_dir.mkdir(exist_ok=True)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
@@ -58,12 +61,12 @@ class Spool:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            os.rename(tmp, final_dir / name)
+            os.replace(tmp, final_dir / name)
             _fsync_dir(final_dir)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             raise StorageError(f"spool write failed: {exc.strerror}") from exc
-        return f"{day}/{name}"
+        return rel
 
     def path(self, rel: str) -> Path:
         """Absolute path of a spool entry; refuses anything that would leave the spool."""

@@ -174,7 +174,7 @@ def lease(db: Database, owner: str, limit: int, lease_s: float) -> list[LeasedJo
             select(Job, Instance, Study.study_instance_uid)
             .join(Instance, Job.instance_id == Instance.id)
             .join(Study, Instance.study_id == Study.id)
-            .where(Job.state == JobState.QUEUED.value)
+            .where(Job.state.in_([JobState.QUEUED.value, JobState.FAILED.value]))
             .where((Job.not_before.is_(None)) | (Job.not_before <= now))
             .order_by(Job.id)
             .limit(limit)
@@ -208,19 +208,39 @@ def finish(db: Database, job_id: int, owner: str, state: JobState, reason: str |
         return res.rowcount == 1  # type: ignore[attr-defined]
 
 
-def retry_later(db: Database, job_id: int, owner: str, delay_s: float, reason: str) -> bool:
-    """Return a leased job to the queue after a transient failure."""
+def fail(db: Database, job_id: int, owner: str, delay_s: float, reason: str) -> bool:
+    """A leased job failed; it is leased again after ``delay_s`` (the worker decides when DEAD)."""
     now = utcnow()
     with db.transaction() as s:
         res = s.execute(
             update(Job)
             .where(Job.id == job_id, Job.lease_owner == owner, Job.state == JobState.RUNNING.value)
             .values(
-                state=JobState.QUEUED.value, reason=reason, lease_owner=None, lease_expires_at=None,
+                state=JobState.FAILED.value, reason=reason, lease_owner=None, lease_expires_at=None,
                 not_before=now + timedelta(seconds=delay_s), updated_at=now,
             )
         )
         return res.rowcount == 1  # type: ignore[attr-defined]
+
+
+def replay(db: Database, job_ids: list[int] | None = None) -> int:
+    """DEAD or FAILED jobs (these, or all DEAD) go back to QUEUED."""
+    now = utcnow()
+    with db.transaction() as s:
+        q = update(Job)
+        if job_ids is None:
+            q = q.where(Job.state == JobState.DEAD.value)
+        else:
+            q = q.where(Job.id.in_(job_ids), Job.state.in_([JobState.DEAD.value, JobState.FAILED.value]))
+        res = s.execute(q.values(state=JobState.QUEUED.value, attempts=0, not_before=None, updated_at=now))
+        return res.rowcount  # type: ignore[attr-defined,no-any-return]
+
+
+def study_ids_of_jobs(db: Database, job_ids: list[int]) -> list[int]:
+    with db.reading() as s:
+        return list(s.execute(
+            select(Instance.study_id).join(Job, Job.instance_id == Instance.id).where(Job.id.in_(job_ids))
+        ).scalars())
 
 
 def reap_expired_leases(db: Database) -> int:
@@ -245,3 +265,30 @@ def requeue_running(db: Database) -> int:
             .values(state=JobState.QUEUED.value, lease_owner=None, lease_expires_at=None, updated_at=now)
         )
         return res.rowcount  # type: ignore[attr-defined,no-any-return]
+
+
+def spool_removable(db: Database, older_than_s: float, limit: int = 500) -> list[tuple[int, str]]:
+    """(instance id, spool path) whose job is terminal, whose study has nothing left to deliver,
+    and which were received more than ``older_than_s`` ago."""
+    from agent.audit.models import OutboxItem
+    from agent.queue.outbox import OutboxState
+
+    cutoff = utcnow() - timedelta(seconds=older_than_s)
+    undelivered = select(OutboxItem.study_id).where(
+        OutboxItem.state.not_in([OutboxState.DELIVERED.value, OutboxState.SHADOW.value])
+    )
+    with db.reading() as s:
+        rows = s.execute(
+            select(Instance.id, Instance.spool_path)
+            .join(Job, Job.instance_id == Instance.id)
+            .where(Instance.spool_removed_at.is_(None), Instance.received_at < cutoff)
+            .where(Job.state.in_([JobState.DONE.value, JobState.SKIPPED.value, JobState.DEAD.value]))
+            .where(Instance.study_id.not_in(undelivered))
+            .limit(limit)
+        ).all()
+        return [(i, p) for i, p in rows]
+
+
+def mark_spool_removed(db: Database, instance_ids: list[int]) -> None:
+    with db.transaction() as s:
+        s.execute(update(Instance).where(Instance.id.in_(instance_ids)).values(spool_removed_at=utcnow()))

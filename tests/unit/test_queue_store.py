@@ -85,11 +85,15 @@ def test_expired_lease_is_reaped_and_leased_again(db: Database) -> None:
     assert not store.finish(db, first[0].job_id, "w1", JobState.DONE)  # the old owner lost it
 
 
-def test_retry_later_respects_not_before(db: Database) -> None:
+def test_failed_job_waits_then_is_leased_again(db: Database) -> None:
     store.record_instance(db, incoming(1))
     job = store.lease(db, "w1", 1, 60)[0]
-    assert store.retry_later(db, job.job_id, "w1", delay_s=30, reason="pacs busy")
-    assert store.lease(db, "w1", 1, 60) == []
+    assert store.fail(db, job.job_id, "w1", delay_s=30, reason="inference failed")
+    assert store.list_jobs(db)[0].state == JobState.FAILED
+    assert store.lease(db, "w1", 1, 60) == []  # not before 30 s
+    assert store.fail(db, job.job_id, "w1", delay_s=0, reason="x") is False  # no lease held
+    assert store.replay(db, [job.job_id]) == 1
+    assert store.lease(db, "w1", 1, 60)[0].job_id == job.job_id
 
 
 def test_requeue_running_at_startup(db: Database) -> None:

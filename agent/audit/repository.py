@@ -1,0 +1,130 @@
+"""Read models and the flagged-patient registry over the audit database.
+
+The CLI and the web read through here; the worker calls ``upsert_flag`` inside its transaction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from agent.audit import trail
+from agent.audit.db import Database
+from agent.audit.models import FlaggedPatient, Instance, Result, Study
+from agent.clock import utcnow
+
+FOLLOW_UP_STATUSES = ("new", "reviewed", "dxa_ordered", "dxa_done", "closed")
+IN_FOLLOW_UP = ("reviewed", "dxa_ordered", "dxa_done")
+
+
+def patient_key(study: Study) -> str:
+    return study.patient_id or f"study:{study.study_instance_uid}"
+
+
+def upsert_flag(session: Session, study: Study, result: Result) -> FlaggedPatient:
+    """Flag the study's patient, or update their row; one row per patient, every change audited."""
+    now = utcnow()
+    key = patient_key(study)
+    row = session.execute(select(FlaggedPatient).where(FlaggedPatient.patient_key == key)).scalar_one_or_none()
+    if row is None:
+        row = FlaggedPatient(
+            patient_key=key, status="new", first_flagged_at=now, last_flagged_at=now,
+            last_study_id=study.id, probability=result.probability, t_score=result.t_score,
+        )
+        session.add(row)
+        change = "flagged"
+    else:
+        change = "updated"
+        if row.status == "closed":  # a new positive film after closure is worth a new look
+            row.status = "new"
+            change = "reopened"
+    row.patient_id = study.patient_id
+    row.patient_name = study.patient_name
+    row.patient_birth_date = study.patient_birth_date
+    row.patient_sex = study.patient_sex
+    row.last_flagged_at = now
+    row.last_study_id = study.id
+    row.last_study_date = study.study_date
+    row.probability = result.probability
+    row.severity = result.severity
+    row.t_score = result.t_score
+    session.flush()
+    trail.append(
+        session, "patient_record", actor="strnet-worker", action="C" if change == "flagged" else "U",
+        object_type="flagged_patient", object_id=str(row.id),
+        detail={"change": change, "study_id": study.id, "result_id": result.id, "status": row.status},
+    )
+    return row
+
+
+@dataclass(frozen=True)
+class FlaggedView:
+    id: int
+    patient_id: str | None
+    patient_name: str | None
+    patient_birth_date: str | None
+    patient_sex: str | None
+    status: str
+    first_flagged_at: datetime
+    last_flagged_at: datetime
+    last_study_date: str | None
+    probability: float
+    severity: str | None
+    t_score: float
+    studies: int
+
+
+def list_flagged(db: Database, status: str | None = None, since: datetime | None = None) -> list[FlaggedView]:
+    with db.reading() as s:
+        q = select(FlaggedPatient).order_by(FlaggedPatient.last_flagged_at.desc(), FlaggedPatient.id)
+        if status:
+            q = q.where(FlaggedPatient.status == status)
+        if since:
+            q = q.where(FlaggedPatient.last_flagged_at >= since)
+        rows = list(s.execute(q).scalars())
+        out = []
+        for r in rows:
+            n = s.execute(
+                select(func.count(func.distinct(Result.study_id)))
+                .join(Study, Study.id == Result.study_id)
+                .where(Result.bone_loss.is_(True))
+                .where((Study.patient_id == r.patient_id) if r.patient_id else (Study.id == r.last_study_id))
+            ).scalar_one()
+            out.append(FlaggedView(
+                r.id, r.patient_id, r.patient_name, r.patient_birth_date, r.patient_sex, r.status,
+                r.first_flagged_at, r.last_flagged_at, r.last_study_date, r.probability, r.severity,
+                r.t_score, int(n),
+            ))
+        return out
+
+
+@dataclass(frozen=True)
+class StudyResultView:
+    study_instance_uid: str
+    sop_instance_uid: str
+    laterality: str | None
+    probability: float
+    bone_loss: bool
+    severity: str | None
+    t_score: float
+    t_score_low: float
+    t_score_high: float
+
+
+def study_results(db: Database, study_instance_uid: str) -> list[StudyResultView]:
+    with db.reading() as s:
+        rows = s.execute(
+            select(Result, Instance, Study.study_instance_uid)
+            .join(Instance, Instance.id == Result.instance_id)
+            .join(Study, Study.id == Result.study_id)
+            .where(Study.study_instance_uid == study_instance_uid)
+            .order_by(Result.id)
+        ).all()
+        return [
+            StudyResultView(uid, i.sop_instance_uid, i.laterality, r.probability, r.bone_loss, r.severity,
+                            r.t_score, r.t_score_low, r.t_score_high)
+            for r, i, uid in rows
+        ]

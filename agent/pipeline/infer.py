@@ -1,0 +1,100 @@
+"""STR-Net inference for the worker: the only torch user in agent/.
+
+Wraps model.predict.Predictor: preprocessing from the checkpoint's spec (the training path),
+micro-batched scoring on CUDA with autocast when available, else the CPU, and Grad-CAM maps.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from agent.domain import AlgorithmInfo, Findings
+from agent.errors import ConfigError, ProcessingError
+from model.checkpoint import SHIPPED
+from model.predict import Predictor
+from model.preprocess import preprocess
+
+MODEL_NAME = "STR-Net"
+
+
+class Screener:
+    """A loaded checkpoint that turns decoded pixels into Findings."""
+
+    def __init__(
+        self,
+        weights: Path | None = None,
+        device: str = "auto",
+        threshold: str = "served",
+        saliency: bool = True,
+        threads: int | None = None,
+    ) -> None:
+        path = Path(weights) if weights else Path(SHIPPED)
+        if threads:
+            torch.set_num_threads(threads)
+        chosen: str | float = threshold
+        try:
+            chosen = float(threshold)
+        except ValueError:
+            pass
+        try:
+            self.predictor = Predictor(path, device=device, threshold=chosen)
+        except FileNotFoundError as exc:
+            raise ConfigError("worker.weights", f"checkpoint not found: {exc.filename or path}") from None
+        except ValueError as exc:  # corrupt file, hash mismatch, unknown threshold
+            raise ConfigError("worker.weights", f"{path}: {exc}") from None
+        meta = self.predictor.meta
+        self.algorithm = AlgorithmInfo(
+            name=MODEL_NAME,
+            version=str(meta.get("model_version", "unknown")),
+            checkpoint_sha256=str(meta.get("weights_sha256", "")),
+        )
+        self.saliency = saliency
+        self.device = self.predictor.device
+
+    @property
+    def threshold(self) -> float:
+        return float(self.predictor.threshold)
+
+    def preprocess(self, pixels: np.ndarray) -> np.ndarray:
+        try:
+            return np.asarray(preprocess(pixels, self.predictor.spec), dtype=np.float32)
+        except ValueError as exc:
+            raise ProcessingError(f"preprocessing failed: {exc}") from None
+
+    def score(self, batch: np.ndarray, clinical: Sequence[dict[str, Any]]) -> tuple[list[Findings], float]:
+        """Score (N, 1, S, S) images; returns the findings and the inference time in ms."""
+        t0 = time.perf_counter()
+        try:
+            raw = self.predictor.predict(batch, list(clinical))
+            maps = self.predictor.saliency(batch) if self.saliency else None
+        except (RuntimeError, ValueError) as exc:
+            raise ProcessingError(f"inference failed: {exc}") from None
+        if maps is not None and maps.ndim == 2:
+            maps = maps[None]
+        ms = (time.perf_counter() - t0) * 1000
+        out = []
+        for i, r in enumerate(raw):
+            positive = r["decision"] == "bone_loss"
+            low, high = r["t_score_interval"]
+            out.append(
+                Findings(
+                    probability=float(r["probability_bone_loss"]),
+                    threshold=float(r["threshold"]),
+                    bone_loss=positive,
+                    p_osteoporosis=float(r["p_osteoporosis_given_bone_loss"]),
+                    severity=r["severity"] if positive else None,
+                    t_score=float(r["t_score"]),
+                    t_score_low=float(low),
+                    t_score_high=float(high),
+                    interval_coverage=float(r["t_score_interval_coverage"]),
+                    algorithm=self.algorithm,
+                    saliency=None if maps is None else maps[i],
+                )
+            )
+        return out, ms

@@ -1,0 +1,163 @@
+"""The outbox: result objects and their delivery state per destination.
+
+States: PENDING -> SENDING -> DELIVERED | RETRY(at) -> DEAD, and SHADOW (shadow mode: recorded,
+never sent). Every transition is one committed row change; SENDING rows found at start-up are
+sent again (the result UIDs are deterministic, so PACS deduplicates).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from agent.audit.db import Database
+from agent.audit.models import OutboxItem
+from agent.clock import utcnow
+
+
+class OutboxState(str, enum.Enum):
+    PENDING = "PENDING"
+    SENDING = "SENDING"
+    DELIVERED = "DELIVERED"
+    RETRY = "RETRY"
+    DEAD = "DEAD"
+    SHADOW = "SHADOW"
+
+
+@dataclass(frozen=True)
+class OutgoingObject:
+    """A built result object on disk (path relative to the results folder)."""
+
+    kind: str  # "sr" | "sc"
+    sop_class_uid: str
+    sop_instance_uid: str
+    path: str
+
+
+@dataclass(frozen=True)
+class DueItem:
+    id: int
+    destination: str
+    kind: str
+    sop_class_uid: str
+    sop_instance_uid: str
+    path: str
+    attempts: int
+
+
+def add(session: Session, study_id: int, obj: OutgoingObject, destinations: list[str], send: bool) -> int:
+    """Queue ``obj`` for each destination inside the caller's transaction; existing rows stay."""
+    now = utcnow()
+    added = 0
+    for dest in destinations:
+        exists = session.execute(
+            select(OutboxItem.id).where(
+                OutboxItem.sop_instance_uid == obj.sop_instance_uid, OutboxItem.destination == dest
+            )
+        ).first()
+        if exists:
+            continue
+        session.add(
+            OutboxItem(
+                kind=obj.kind, study_id=study_id, destination=dest, sop_class_uid=obj.sop_class_uid,
+                sop_instance_uid=obj.sop_instance_uid, path=obj.path,
+                state=(OutboxState.PENDING if send else OutboxState.SHADOW).value,
+                attempts=0, created_at=now, updated_at=now,
+            )
+        )
+        added += 1
+    return added
+
+
+def lease_due(db: Database, limit: int = 50) -> list[DueItem]:
+    """Due PENDING/RETRY rows, marked SENDING."""
+    now = utcnow()
+    with db.transaction() as s:
+        rows = s.execute(
+            select(OutboxItem)
+            .where(OutboxItem.state.in_([OutboxState.PENDING.value, OutboxState.RETRY.value]))
+            .where((OutboxItem.next_attempt_at.is_(None)) | (OutboxItem.next_attempt_at <= now))
+            .order_by(OutboxItem.destination, OutboxItem.id)
+            .limit(limit)
+        ).scalars().all()
+        out = []
+        for r in rows:
+            r.state = OutboxState.SENDING.value
+            r.attempts += 1
+            r.updated_at = now
+            out.append(DueItem(r.id, r.destination, r.kind, r.sop_class_uid, r.sop_instance_uid, r.path, r.attempts))
+        return out
+
+
+def _set(db: Database, item_id: int, **values: object) -> None:
+    values["updated_at"] = utcnow()
+    with db.transaction() as s:
+        s.execute(update(OutboxItem).where(OutboxItem.id == item_id).values(**values))
+
+
+def delivered(db: Database, item_id: int, status_name: str) -> None:
+    _set(db, item_id, state=OutboxState.DELIVERED.value, last_status=status_name, last_error=None,
+         delivered_at=utcnow(), next_attempt_at=None)
+
+
+def retry_at(db: Database, item_id: int, when: datetime, status_name: str | None, error: str) -> None:
+    _set(db, item_id, state=OutboxState.RETRY.value, next_attempt_at=when, last_status=status_name, last_error=error)
+
+
+def dead(db: Database, item_id: int, status_name: str | None, error: str) -> None:
+    _set(db, item_id, state=OutboxState.DEAD.value, next_attempt_at=None, last_status=status_name, last_error=error)
+
+
+def replay_dead(db: Database, study_ids: list[int] | None = None) -> int:
+    """DEAD rows (of these studies, or all) go back to PENDING with a fresh attempt count."""
+    with db.transaction() as s:
+        q = update(OutboxItem).where(OutboxItem.state == OutboxState.DEAD.value)
+        if study_ids is not None:
+            q = q.where(OutboxItem.study_id.in_(study_ids))
+        res = s.execute(q.values(state=OutboxState.PENDING.value, attempts=0, next_attempt_at=None, updated_at=utcnow()))
+        return res.rowcount  # type: ignore[attr-defined,no-any-return]
+
+
+def requeue_sending(db: Database) -> int:
+    """At start-up: a SENDING row was interrupted; send it again."""
+    with db.transaction() as s:
+        res = s.execute(
+            update(OutboxItem).where(OutboxItem.state == OutboxState.SENDING.value)
+            .values(state=OutboxState.PENDING.value, updated_at=utcnow())
+        )
+        return res.rowcount  # type: ignore[attr-defined,no-any-return]
+
+
+def count_by_state(db: Database) -> dict[str, int]:
+    with db.reading() as s:
+        return dict(s.execute(select(OutboxItem.state, func.count()).group_by(OutboxItem.state)).all())  # type: ignore[arg-type]
+
+
+def items(db: Database, state: OutboxState | None = None) -> list[OutboxItem]:
+    with db.reading() as s:
+        q = select(OutboxItem).order_by(OutboxItem.id)
+        if state is not None:
+            q = q.where(OutboxItem.state == state.value)
+        return list(s.execute(q).scalars())
+
+
+def undelivered_for_study(session: Session, study_id: int) -> int:
+    return int(session.execute(
+        select(func.count()).select_from(OutboxItem).where(
+            OutboxItem.study_id == study_id,
+            OutboxItem.state.not_in([OutboxState.DELIVERED.value, OutboxState.SHADOW.value]),
+        )
+    ).scalar_one())
+
+
+def backoff_s(attempt: int, base_s: float, max_s: float, jitter: float) -> float:
+    """Exponential backoff: base * 2^(attempt-1), capped, times a jitter factor in [0.5, 1.5)."""
+    return min(max_s, base_s * (2 ** max(0, attempt - 1))) * (0.5 + jitter)
+
+
+def next_attempt(attempt: int, base_s: float, max_s: float, jitter: float) -> datetime:
+    return utcnow() + timedelta(seconds=backoff_s(attempt, base_s, max_s, jitter))

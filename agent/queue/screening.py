@@ -1,0 +1,153 @@
+"""Rows written when an image is screened or a study's report is built, each in one commit."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+
+from sqlalchemy import func, select
+
+from agent.audit import repository, trail
+from agent.audit.db import Database
+from agent.audit.models import Instance, Job, Result, Study, StudyReport
+from agent.clock import utcnow
+from agent.domain import Findings, JobState
+from agent.queue import outbox
+from agent.queue.outbox import OutgoingObject
+
+TERMINAL = (JobState.DONE.value, JobState.SKIPPED.value, JobState.DEAD.value)
+
+
+def record_screening(
+    db: Database,
+    job_id: int,
+    owner: str,
+    findings: Findings,
+    timings_ms: dict[str, float],
+    overlay: OutgoingObject | None,
+    destinations: list[str],
+    send: bool,
+) -> bool:
+    """Result row, overlay outbox rows, job DONE and the flag, in one transaction.
+
+    Returns False (and writes nothing) when this worker no longer holds the job's lease.
+    """
+    now = utcnow()
+    with db.transaction() as s:
+        job = s.get(Job, job_id)
+        if job is None or job.lease_owner != owner or job.state != JobState.RUNNING.value:
+            return False
+        inst = s.get(Instance, job.instance_id)
+        assert inst is not None
+        study = s.get(Study, inst.study_id)
+        assert study is not None
+        result = s.execute(select(Result).where(Result.job_id == job_id)).scalar_one_or_none()
+        if result is None:
+            result = Result(job_id=job_id, instance_id=inst.id, study_id=study.id, created_at=now)
+            s.add(result)
+        result.probability = findings.probability
+        result.threshold = findings.threshold
+        result.bone_loss = findings.bone_loss
+        result.p_osteoporosis = findings.p_osteoporosis
+        result.severity = findings.severity
+        result.t_score = findings.t_score
+        result.t_score_low = findings.t_score_low
+        result.t_score_high = findings.t_score_high
+        result.model_version = findings.algorithm.version
+        result.checkpoint_sha256 = findings.algorithm.checkpoint_sha256
+        result.overlay_sop_instance_uid = overlay.sop_instance_uid if overlay else None
+        result.timings_ms = timings_ms
+        s.flush()
+        if overlay is not None:
+            outbox.add(s, study.id, overlay, destinations, send)
+        job.state = JobState.DONE.value
+        job.reason = None
+        job.lease_owner = None
+        job.lease_expires_at = None
+        job.updated_at = now
+        if findings.bone_loss:
+            repository.upsert_flag(s, study, result)
+        return True
+
+
+@dataclass(frozen=True)
+class ReadyStudy:
+    study_id: int
+    study_instance_uid: str
+    last_calling_ae: str
+    revision: int  # the revision to build
+    predecessor: tuple[str, str, str] | None  # (study, series, SOP instance UID) of the last SR
+    predecessor_id: int | None
+    spool_paths: list[str]  # screened instances, for the SR's evidence
+    result_count: int
+
+
+def ready_studies(db: Database, quiet_period_s: float) -> list[ReadyStudy]:
+    """Studies quiet for the period, with every job terminal and results not yet reported."""
+    cutoff = utcnow() - timedelta(seconds=quiet_period_s)
+    out: list[ReadyStudy] = []
+    with db.reading() as s:
+        candidates = s.execute(
+            select(Study).where(Study.last_received_at <= cutoff)
+            .where(Study.id.in_(select(Result.study_id)))
+        ).scalars().all()
+        for study in candidates:
+            pending = s.execute(
+                select(func.count()).select_from(Job).join(Instance, Instance.id == Job.instance_id)
+                .where(Instance.study_id == study.id, Job.state.not_in(TERMINAL))
+            ).scalar_one()
+            if pending:
+                continue
+            results = s.execute(
+                select(Result.id, Instance.spool_path).join(Instance, Instance.id == Result.instance_id)
+                .where(Result.study_id == study.id).order_by(Instance.id)
+            ).all()
+            last = s.execute(
+                select(StudyReport).where(StudyReport.study_id == study.id).order_by(StudyReport.revision.desc()).limit(1)
+            ).scalar_one_or_none()
+            if last is not None and last.result_count >= len(results):
+                continue
+            out.append(ReadyStudy(
+                study_id=study.id,
+                study_instance_uid=study.study_instance_uid,
+                last_calling_ae=study.last_calling_ae,
+                revision=(last.revision + 1) if last else 1,
+                predecessor=(study.study_instance_uid, last.series_instance_uid, last.sop_instance_uid) if last else None,
+                predecessor_id=last.id if last else None,
+                spool_paths=[p for _, p in results],
+                result_count=len(results),
+            ))
+    return out
+
+
+def study_findings(db: Database, study_id: int) -> list[tuple[str, Result]]:
+    """(spool path, result) of every screened instance of the study, in receive order."""
+    with db.reading() as s:
+        rows = s.execute(
+            select(Instance.spool_path, Result).join(Result, Result.instance_id == Instance.id)
+            .where(Result.study_id == study_id).order_by(Instance.id)
+        ).all()
+        return [(p, r) for p, r in rows]
+
+
+def record_report(
+    db: Database, ready: ReadyStudy, sr: OutgoingObject, series_uid: str, destinations: list[str], send: bool
+) -> bool:
+    """The report row and its outbox rows; False when this revision was recorded already."""
+    with db.transaction() as s:
+        exists = s.execute(
+            select(StudyReport.id).where(StudyReport.study_id == ready.study_id, StudyReport.revision == ready.revision)
+        ).first()
+        if exists:
+            return False
+        s.add(StudyReport(
+            study_id=ready.study_id, revision=ready.revision, sop_instance_uid=sr.sop_instance_uid,
+            series_instance_uid=series_uid, result_count=ready.result_count,
+            predecessor_id=ready.predecessor_id, created_at=utcnow(),
+        ))
+        outbox.add(s, ready.study_id, sr, destinations, send)
+        trail.append(
+            s, "instances_transferred", actor="strnet-worker", action="C", object_type="report",
+            object_id=sr.sop_instance_uid, detail={"study_id": ready.study_id, "revision": ready.revision},
+        )
+        return True

@@ -1,0 +1,208 @@
+"""The worker: lease jobs, screen them, and turn every outcome into committed rows.
+
+It leases (never dequeue-then-run): a crash leaves a lease that expires or is reset at start-up,
+and the job runs again; result UIDs are deterministic, so a rerun produces the same objects.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from pydicom import dcmread
+
+from agent import failpoints
+from agent.audit.db import Database
+from agent.config import Settings
+from agent.domain import AlgorithmInfo, Findings, JobState, LeasedJob
+from agent.errors import ProcessingError, StorageError
+from agent.ingest.scp import AssociationTracker
+from agent.ingest.spool import Spool
+from agent.logging import get_logger
+from agent.pipeline.infer import Screener
+from agent.pipeline.run import Failed, Rejected, Screened, screen_batch
+from agent.queue import screening, store
+from agent.queue.outbox import OutgoingObject
+from agent.reporting.overlay import build_overlay
+from agent.reporting.sr import build_sr
+
+log = get_logger(__name__)
+
+RETRY_DELAY_S = 30.0
+
+
+def _encode(ds: Any) -> bytes:
+    from io import BytesIO
+
+    buf = BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+@dataclass
+class WorkerStats:
+    screened: int = 0
+    skipped: int = 0
+    failed: int = 0
+    reports: int = 0
+
+
+class Worker:
+    """One screening worker (a thread of ``strnet serve``)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        db: Database,
+        spool: Spool,
+        results: Spool,
+        screener: Screener,
+        tracker: AssociationTracker | None = None,
+    ) -> None:
+        self.settings = settings
+        self.db = db
+        self.spool = spool
+        self.results = results
+        self.screener = screener
+        self.tracker = tracker
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
+        self.destinations = [p.name for p in settings.pacs]
+        self.stats = WorkerStats()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.wake = threading.Event()
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="strnet-worker", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        self._stop.set()
+        self.wake.set()
+        if self._thread:
+            self._thread.join(timeout_s)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                n = self.run_once()
+            except StorageError as exc:
+                log.error("worker_database_error", error=str(exc))
+                n = 0
+            except Exception as exc:  # a bug must not stop screening for good
+                log.exception("worker_crashed", error=exc.__class__.__name__)
+                n = 0
+            if n == 0:
+                self.wake.wait(0.5)
+                self.wake.clear()
+
+    # -- one pass --------------------------------------------------------------------------
+    def _lease_batch(self) -> list[LeasedJob]:
+        cfg = self.settings.worker
+        jobs = store.lease(self.db, self.owner, cfg.max_batch, cfg.lease_s)
+        deadline = time.monotonic() + cfg.max_wait_ms / 1000
+        while jobs and len(jobs) < cfg.max_batch and time.monotonic() < deadline:
+            time.sleep(min(0.01, cfg.max_wait_ms / 1000))
+            jobs += store.lease(self.db, self.owner, cfg.max_batch - len(jobs), cfg.lease_s)
+        return jobs
+
+    def run_once(self) -> int:
+        """Screen one batch; returns how many jobs it handled."""
+        jobs = self._lease_batch()
+        if not jobs:
+            return 0
+        for job in jobs:
+            log.info("job_leased", job_id=job.job_id, attempt=job.attempts, sop_instance_uid=job.ref.sop_instance_uid)
+        outcomes = screen_batch(jobs, self.spool.path, self.screener, self.settings.eligibility.max_pixels)
+        failpoints.hit("mid_inference")
+        for outcome in outcomes:
+            if isinstance(outcome, Screened):
+                self._screened(outcome)
+            elif isinstance(outcome, Rejected):
+                store.finish(self.db, outcome.job.job_id, self.owner, JobState.SKIPPED, outcome.reason)
+                self.stats.skipped += 1
+                log.info("job_skipped", job_id=outcome.job.job_id, reason=outcome.reason)
+            elif isinstance(outcome, Failed):
+                self._failed(outcome.job, outcome.error)
+        return len(jobs)
+
+    def _screened(self, o: Screened) -> None:
+        t0 = time.perf_counter()
+        overlay_obj = None
+        try:
+            if self.settings.reporting.overlay:
+                sc = build_overlay(o.dataset, o.pixels, o.findings)
+                overlay_obj = self._write_result("sc", sc)
+        except (ValueError, TypeError) as exc:
+            self._failed(o.job, f"overlay could not be built: {exc}")
+            return
+        timings = {**o.timings_ms, "report": round((time.perf_counter() - t0) * 1000, 1)}
+        failpoints.hit("results_built")
+        ok = screening.record_screening(
+            self.db, o.job.job_id, self.owner, o.findings, timings, overlay_obj,
+            self.destinations, self.settings.sender.send,
+        )
+        if not ok:
+            log.warning("job_lease_lost", job_id=o.job.job_id)
+            return
+        self.stats.screened += 1
+        f = o.findings
+        log.info(
+            "inference_done", job_id=o.job.job_id, sop_instance_uid=o.job.ref.sop_instance_uid,
+            study_instance_uid=o.job.ref.study_instance_uid, probability=round(f.probability, 4),
+            bone_loss=f.bone_loss, severity=f.severity, t_score=round(f.t_score, 2), ms=timings,
+        )
+
+    def _failed(self, job: LeasedJob, error: str) -> None:
+        self.stats.failed += 1
+        if job.attempts >= self.settings.worker.max_attempts:
+            store.finish(self.db, job.job_id, self.owner, JobState.DEAD, f"failed {job.attempts} times: {error}")
+            log.error("job_dead", job_id=job.job_id, error=error, attempts=job.attempts)
+        else:
+            store.fail(self.db, job.job_id, self.owner, RETRY_DELAY_S, error)
+            log.warning("job_failed", job_id=job.job_id, error=error, attempt=job.attempts)
+
+    def _write_result(self, kind: str, ds: Any) -> OutgoingObject:
+        rel = f"{ds.SOPInstanceUID}.dcm"  # our own deterministic UID: a safe file name
+        self.results.write_named(rel, [_encode(ds)])
+        return OutgoingObject(kind, str(ds.SOPClassUID), str(ds.SOPInstanceUID), rel)
+
+    # -- study reports ---------------------------------------------------------------------
+    def report_ready_studies(self) -> int:
+        """Build the SR of every study that is complete and quiet (the study-completion sweep)."""
+        built = 0
+        for ready in screening.ready_studies(self.db, self.settings.reporting.quiet_period_s):
+            if self.tracker is not None and self.tracker.open_count(ready.last_calling_ae) > 0:
+                continue  # the sender may still be sending this study: wait
+            try:
+                built += self._report(ready)
+            except (ProcessingError, ValueError, TypeError, OSError) as exc:
+                log.error("report_failed", study_instance_uid=ready.study_instance_uid, error=str(exc))
+        return built
+
+    def _report(self, ready: screening.ReadyStudy) -> int:
+        rows = screening.study_findings(self.db, ready.study_id)
+        sources = [dcmread(self.spool.path(p), stop_before_pixels=True) for p, _ in rows]
+        findings = [
+            Findings(
+                probability=r.probability, threshold=r.threshold, bone_loss=r.bone_loss,
+                p_osteoporosis=r.p_osteoporosis, severity=r.severity, t_score=r.t_score,
+                t_score_low=r.t_score_low, t_score_high=r.t_score_high,
+                interval_coverage=self.screener.predictor.tscore_coverage,
+                algorithm=AlgorithmInfo(self.screener.algorithm.name, r.model_version, r.checkpoint_sha256),
+            )
+            for _, r in rows
+        ]
+        sr = build_sr(sources, findings, revision=ready.revision, predecessor=ready.predecessor)
+        obj = self._write_result("sr", sr)
+        if screening.record_report(self.db, ready, obj, str(sr.SeriesInstanceUID), self.destinations, self.settings.sender.send):
+            self.stats.reports += 1
+            log.info("report_built", study_instance_uid=ready.study_instance_uid, revision=ready.revision,
+                     images=len(rows), sop_instance_uid=obj.sop_instance_uid)
+            return 1
+        return 0

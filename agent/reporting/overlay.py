@@ -1,0 +1,189 @@
+"""The overlay a radiologist opens in any viewer: a secondary capture of the radiograph.
+
+DESIGN.md section 7: the radiograph (downscaled to at most 1024 px on the long side), a heat map
+of what drove the screening head blended only where it is salient, and a text banner above the
+image (result, probability, severity, T-score estimate and interval, model, NOT FOR DIAGNOSTIC
+USE). BurnedInAnnotation YES; laterality copied (dciodvfy requires it for a paired body part);
+UIDs derived (reporting/uids.py) so a resend deduplicates in PACS.
+"""
+
+from __future__ import annotations
+
+import highdicom as hd
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+from pydicom import Dataset
+from pydicom.uid import ExplicitVRLittleEndian
+
+from agent.domain import Findings
+from agent.reporting.sr import DESCRIPTION
+from agent.reporting.uids import result_uid
+
+MAX_SIDE_PX = 1024
+MIN_WIDTH_PX = 320
+SALIENT_FROM = 0.25  # saliency below this stays pure grey: the heat map marks, it does not tint
+MAX_ALPHA = 0.55  # the anatomy stays visible under the hottest spot
+POSITIVE_RGB = (255, 80, 64)
+NEGATIVE_RGB = (96, 220, 96)
+TEXT_RGB = (235, 235, 235)
+_ORIENTATION_LETTERS = set("APLRHF")
+
+
+def build_overlay(
+    source: Dataset,
+    image: np.ndarray,
+    finding: Findings,
+    *,
+    series_number: int = 9902,
+    instance_number: int = 1,
+    manufacturer: str = "strnet-agent",
+) -> Dataset:
+    """Build the secondary-capture overlay of one screened image.
+
+    Parameters
+    ----------
+    source
+        The screened image's dataset (patient, study, laterality and UIDs are taken from it).
+    image
+        The decoded radiograph, 2-D float in [0, 1], MONOCHROME2 sense (bright = bone), any size.
+    finding
+        STR-Net's answer for this image; ``finding.saliency`` (2-D in [0, 1], any size) or None.
+    """
+    if image.ndim != 2 or min(image.shape) < 1:
+        raise ValueError(f"image must be a non-empty 2-D array, not shape {image.shape}")
+    rgb = render(image, finding)
+    version = finding.algorithm.version
+    study_uid = str(source.StudyInstanceUID)
+    laterality = str(source.get("ImageLaterality") or source.get("Laterality") or "")
+    orientation = _orientation(source)
+    sc = hd.sc.SCImage.from_ref_dataset(
+        ref_dataset=source,
+        pixel_array=rgb,
+        photometric_interpretation="RGB",
+        bits_allocated=8,
+        coordinate_system="PATIENT",
+        series_instance_uid=result_uid(study_uid, version, "sc-series"),
+        series_number=series_number,
+        sop_instance_uid=result_uid(str(source.SOPInstanceUID), version, "sc"),
+        instance_number=instance_number,
+        manufacturer=manufacturer,
+        laterality=laterality if laterality in ("L", "R") else None,
+        patient_orientation=orientation or ("L", "F"),  # placeholder, replaced below
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+        series_description=DESCRIPTION,
+    )
+    if orientation is None:  # highdicom takes single letters only; keep the source's, or empty
+        sc.PatientOrientation = source.get("PatientOrientation", "")
+    if laterality not in ("L", "R"):  # Type 2C for a paired body part: present, empty
+        sc.Laterality = ""
+    if "BodyPartExamined" in source:
+        sc.BodyPartExamined = source.BodyPartExamined
+    sc.BurnedInAnnotation = "YES"
+    sc.ImageComments = "NOT FOR DIAGNOSTIC USE. Heat map and banner burned in by STR-Net."
+    sc.DerivationDescription = (
+        f"{finding.algorithm.name} {version} screening overlay of the referenced image"
+    )
+    ref = Dataset()
+    ref.ReferencedSOPClassUID = source.SOPClassUID
+    ref.ReferencedSOPInstanceUID = source.SOPInstanceUID
+    sc.SourceImageSequence = [ref]
+    return sc
+
+
+def render(image: np.ndarray, finding: Findings) -> np.ndarray:
+    """The overlay's pixels: (H, W, 3) uint8, banner on top, heat map where salient.
+
+    The whole picture, banner included, is at most ``MAX_SIDE_PX`` on its long side.
+    """
+    grey = _downscale(np.clip(np.nan_to_num(image.astype(np.float32)), 0.0, 1.0), MAX_SIDE_PX)
+    lines = banner_lines(finding)
+    font, line_h = _fit_font(lines, max(grey.shape[1], MIN_WIDTH_PX))
+    banner_h = line_h * len(lines) + 8
+    if grey.shape[0] + banner_h > MAX_SIDE_PX:  # tall film: make room for the banner
+        grey = _downscale(grey, MAX_SIDE_PX - banner_h)
+        font, line_h = _fit_font(lines, max(grey.shape[1], MIN_WIDTH_PX))  # narrower now
+        banner_h = line_h * len(lines) + 8
+    rgb = np.repeat(grey[..., None], 3, axis=2)
+    if finding.saliency is not None:
+        heat = _resize_float(np.asarray(finding.saliency, dtype=np.float32), grey.shape)
+        heat = np.clip(np.nan_to_num(heat), 0.0, 1.0)
+        alpha = MAX_ALPHA * np.clip((heat - SALIENT_FROM) / (1.0 - SALIENT_FROM), 0.0, 1.0)
+        rgb = rgb * (1.0 - alpha[..., None]) + _colormap(heat) * alpha[..., None]
+    picture = Image.fromarray(np.round(rgb * 255.0).astype(np.uint8), mode="RGB")
+    width = max(picture.width, MIN_WIDTH_PX)  # a tiny image still gets a legible banner
+    canvas = Image.new("RGB", (width, picture.height + banner_h), (0, 0, 0))
+    canvas.paste(picture, ((width - picture.width) // 2, banner_h))
+    draw = ImageDraw.Draw(canvas)
+    for i, line in enumerate(lines):
+        colour = TEXT_RGB if i else (POSITIVE_RGB if finding.bone_loss else NEGATIVE_RGB)
+        draw.text((4, 4 + i * line_h), line, fill=colour, font=font)
+    return np.asarray(canvas)
+
+
+def banner_lines(finding: Findings) -> list[str]:
+    """The banner text, one string per line (the first one is the result)."""
+    result = "BONE LOSS SUSPECTED" if finding.bone_loss else "NO BONE LOSS DETECTED"
+    severity = (finding.severity or "").capitalize() if finding.bone_loss else ""
+    lines = [
+        result + (f" - {severity}" if severity else ""),
+        f"P(bone loss) {finding.probability:.2f} (threshold {finding.threshold:.2f})",
+        f"Est. T-score {finding.t_score:+.1f} "
+        f"[{finding.t_score_low:+.1f}, {finding.t_score_high:+.1f}] "
+        f"{finding.interval_coverage:.0%} interval",
+        f"{finding.algorithm.name} {finding.algorithm.version} - NOT FOR DIAGNOSTIC USE",
+    ]
+    return lines
+
+
+def _downscale(grey: np.ndarray, max_side: int) -> np.ndarray:
+    rows, cols = grey.shape
+    scale = max_side / max(rows, cols)
+    if scale >= 1.0:
+        return grey
+    shape = (max(1, round(rows * scale)), max(1, round(cols * scale)))
+    return _resize_float(grey, shape)
+
+
+def _resize_float(values: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    if values.ndim != 2:
+        raise ValueError(f"saliency must be 2-D, not shape {values.shape}")
+    if values.shape == shape:
+        return values
+    # Area averaging when shrinking (fast, no aliasing), bilinear when enlarging a saliency map.
+    shrink = shape[0] <= values.shape[0] and shape[1] <= values.shape[1]
+    method = Image.Resampling.BOX if shrink else Image.Resampling.BILINEAR
+    out = Image.fromarray(np.ascontiguousarray(values), mode="F").resize(
+        (shape[1], shape[0]), method
+    )
+    return np.asarray(out, dtype=np.float32)
+
+
+def _colormap(heat: np.ndarray) -> np.ndarray:
+    """A yellow-to-red ramp in [0, 1] (warm colours read as "look here" on a grey film)."""
+    red = np.ones_like(heat)
+    green = np.clip(1.0 - heat, 0.0, 1.0) * 0.9
+    blue = np.zeros_like(heat)
+    return np.stack([red, green, blue], axis=-1)
+
+
+def _fit_font(
+    lines: list[str], width: int
+) -> tuple[ImageFont.FreeTypeFont | ImageFont.ImageFont, int]:
+    """The largest default font (up to width/34 px) whose longest line fits; and its line height."""
+    size = max(10, width // 34)
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    font = ImageFont.load_default(size=size)
+    while size > 8 and max(probe.textlength(line, font=font) for line in lines) > width - 8:
+        size -= 1
+        font = ImageFont.load_default(size=size)
+    return font, round(size * 1.3)
+
+
+def _orientation(source: Dataset) -> tuple[str, str] | None:
+    value = source.get("PatientOrientation")
+    if value is None or len(value) != 2:
+        return None
+    row, col = str(value[0]), str(value[1])
+    if len(row) == 1 and len(col) == 1 and {row, col} <= _ORIENTATION_LETTERS:
+        return row, col
+    return None

@@ -1,0 +1,252 @@
+"""The study's screening report: a TID 1500 Measurement Report in a Comprehensive 3D SR.
+
+DESIGN.md section 7. One measurement group (TID 1501) per screened image, referencing it, plus
+one study-level summary group; evidence = the source images, so the SR lands in the source study
+with the patient and study modules copied. UNVERIFIED / PRELIMINARY (highdicom's defaults), and
+every UID derived (reporting/uids.py), so a rebuilt report is the same instance to PACS.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import highdicom as hd
+from pydicom import Dataset
+from pydicom.sr.codedict import codes as std
+from pydicom.sr.coding import Code
+from pydicom.uid import Comprehensive3DSRStorage, ExplicitVRLittleEndian
+
+from agent.domain import Findings
+from agent.reporting import codes
+from agent.reporting.uids import result_uid, sr_input
+
+DESCRIPTION = "STR-Net bone-loss screening (research, NOT FOR DIAGNOSTIC USE)"
+
+
+def build_sr(
+    sources: Sequence[Dataset],
+    findings: Sequence[Findings],
+    *,
+    revision: int = 1,
+    predecessor: tuple[str, str, str] | None = None,
+    series_number: int = 9901,
+    instance_number: int = 1,
+    manufacturer: str = "strnet-agent",
+) -> Dataset:
+    """Build the screening SR of one study.
+
+    Parameters
+    ----------
+    sources
+        The screened images (datasets with patient/study modules), all of one study.
+    findings
+        STR-Net's answer per image, in the order of ``sources``.
+    revision
+        1 for the first report of the study, +1 for each later one (late instances).
+    predecessor
+        (StudyInstanceUID, SeriesInstanceUID, SOPInstanceUID) of the report this one replaces;
+        referenced in PredecessorDocumentsSequence so nothing is silently overwritten.
+
+    Raises
+    ------
+    ValueError
+        Empty or mismatched inputs, several studies, or findings of several model versions.
+    """
+    if not sources:
+        raise ValueError("sources must not be empty")
+    if len(sources) != len(findings):
+        raise ValueError(f"{len(sources)} sources but {len(findings)} findings")
+    study_uid = str(sources[0].StudyInstanceUID)
+    if any(str(ds.StudyInstanceUID) != study_uid for ds in sources):
+        raise ValueError("sources must all have the same StudyInstanceUID")
+    algorithms = {f.algorithm for f in findings}
+    if len(algorithms) != 1:
+        raise ValueError("findings must all come from the same algorithm (name, version, hash)")
+    if predecessor is not None and (len(predecessor) != 3 or predecessor[0] != study_uid):
+        raise ValueError("predecessor must be (study UID of these sources, series UID, SOP UID)")
+    algorithm = findings[0].algorithm
+    version = algorithm.version
+    algorithm_id = hd.sr.AlgorithmIdentification(
+        name=algorithm.name,
+        version=version,
+        parameters=[f"checkpoint_sha256={algorithm.checkpoint_sha256}"],
+    )
+
+    groups = [
+        _image_group(ds, f, algorithm_id, version) for ds, f in zip(sources, findings, strict=True)
+    ]
+    groups.append(_summary_group(sources, findings, algorithm_id, version, study_uid, revision))
+    report = hd.sr.MeasurementReport(
+        observation_context=_observation_context(algorithm.name, version, manufacturer),
+        procedure_reported=codes.PLAIN_XRAY_KNEE,
+        imaging_measurements=groups,
+        title=codes.REPORT_TITLE,
+    )
+    previous = [_predecessor_ref(*predecessor)] if predecessor is not None else None
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=list(sources),
+        content=report[0],
+        series_instance_uid=result_uid(study_uid, version, "sr-series"),
+        series_number=series_number,
+        sop_instance_uid=result_uid(sr_input(study_uid, revision), version, "sr"),
+        instance_number=instance_number,
+        manufacturer=manufacturer,
+        previous_versions=previous,
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+        series_description=DESCRIPTION,
+    )
+    # SOP Common: declare our private coding scheme so a reader can tell whose codes these are.
+    sr.CodingSchemeIdentificationSequence = [codes.coding_scheme_identification()]
+    return sr
+
+
+def _num(value: float, ndigits: int) -> float:
+    # DS holds 16 characters; rounding also keeps the values as readable as the overlay's.
+    return round(float(value), ndigits)
+
+
+def _laterality(ds: Dataset) -> str | None:
+    value = ds.get("ImageLaterality") or ds.get("Laterality")
+    return str(value) if value in codes.LATERALITY else None
+
+
+def _finding_site(laterality: str | None) -> hd.sr.FindingSite:
+    lat_code = codes.LATERALITY.get(laterality) if laterality else None
+    return hd.sr.FindingSite(anatomic_location=codes.KNEE, laterality=lat_code)
+
+
+def _image_group(
+    ds: Dataset, f: Findings, algorithm_id: hd.sr.AlgorithmIdentification, version: str
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """TID 1501 group for one screened image."""
+    laterality = _laterality(ds)
+    view = str(ds.get("ViewPosition") or "").strip()
+    label = " ".join(x for x in ("Knee", laterality or "", view) if x)
+    severity = _severity_code(f)
+    qualitative = [
+        hd.sr.QualitativeEvaluation(
+            codes.SCREENING_RESULT, codes.BONE_LOSS_SUSPECTED if f.bone_loss else codes.NORMAL
+        )
+    ]
+    if severity is not None:
+        qualitative.append(hd.sr.QualitativeEvaluation(codes.SEVERITY, severity))
+    t = _num(f.t_score, 2)
+    lo, hi = _num(f.t_score_low, 2), _num(f.t_score_high, 2)
+    measurements = [
+        hd.sr.Measurement(codes.PROBABILITY, _num(f.probability, 4), codes.UNIT_ONE),
+        hd.sr.Measurement(codes.THRESHOLD, _num(f.threshold, 4), codes.UNIT_ONE),
+        hd.sr.Measurement(codes.P_OSTEOPOROSIS, _num(f.p_osteoporosis, 4), codes.UNIT_ONE),
+        hd.sr.Measurement(
+            codes.ESTIMATED_T_SCORE,
+            t,
+            codes.UNIT_T_SCORE,
+            # TID 310's standard uncertainty range, for consumers that know no private code.
+            properties=hd.sr.MeasurementProperties(
+                upper_measurement_uncertainty=_num(hi - t, 2),
+                lower_measurement_uncertainty=_num(t - lo, 2),
+            ),
+        ),
+        hd.sr.Measurement(codes.T_SCORE_LOWER, lo, codes.UNIT_T_SCORE),
+        hd.sr.Measurement(codes.T_SCORE_UPPER, hi, codes.UNIT_T_SCORE),
+        hd.sr.Measurement(codes.INTERVAL_COVERAGE, _num(f.interval_coverage, 4), codes.UNIT_ONE),
+    ]
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=result_uid(str(ds.SOPInstanceUID), version, "group"),
+            identifier=label,
+        ),
+        finding_type=severity or (codes.BONE_LOSS_SUSPECTED if f.bone_loss else codes.NORMAL),
+        algorithm_id=algorithm_id,
+        finding_sites=[_finding_site(laterality)],
+        measurements=measurements,
+        qualitative_evaluations=qualitative,
+        source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(ds)],
+    )
+
+
+def _summary_group(
+    sources: Sequence[Dataset],
+    findings: Sequence[Findings],
+    algorithm_id: hd.sr.AlgorithmIdentification,
+    version: str,
+    study_uid: str,
+    revision: int,
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """Study-level summary: any image positive, the worst severity, the maximum probability.
+
+    No source images: TID 1501 then means "all images in the document", i.e. the study.
+    """
+    positive = any(f.bone_loss for f in findings)
+    severities = [s for s in (_severity_code(f) for f in findings) if s is not None]
+    worst = (
+        codes.OSTEOPOROSIS
+        if codes.OSTEOPOROSIS in severities
+        else (codes.OSTEOPENIA if severities else None)
+    )
+    qualitative = [
+        hd.sr.QualitativeEvaluation(
+            codes.SCREENING_RESULT, codes.BONE_LOSS_SUSPECTED if positive else codes.NORMAL
+        )
+    ]
+    if worst is not None:
+        qualitative.append(hd.sr.QualitativeEvaluation(codes.SEVERITY, worst))
+    # The site of a positive summary is the positive knees only; of a negative one, all screened.
+    relevant = [ds for ds, f in zip(sources, findings, strict=True) if f.bone_loss or not positive]
+    sides = {lat for lat in (_laterality(ds) for ds in relevant) if lat is not None}
+    side = "B" if {"L", "R"} <= sides or "B" in sides else (sides.pop() if sides else None)
+    max_probability = max(f.probability for f in findings)
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=result_uid(sr_input(study_uid, revision), version, "summary"),
+            identifier="Study summary",
+        ),
+        finding_type=worst or (codes.BONE_LOSS_SUSPECTED if positive else codes.NORMAL),
+        algorithm_id=algorithm_id,
+        finding_sites=[_finding_site(side)],
+        measurements=[
+            hd.sr.Measurement(
+                codes.PROBABILITY,
+                _num(max_probability, 4),
+                codes.UNIT_ONE,
+                derivation=codes.MAXIMUM,
+            )
+        ],
+        qualitative_evaluations=qualitative,
+    )
+
+
+def _severity_code(f: Findings) -> Code | None:
+    if not f.bone_loss or f.severity is None:
+        return None
+    severity = f.severity.lower()
+    if severity == "osteopenia":
+        return codes.OSTEOPENIA
+    if severity == "osteoporosis":
+        return codes.OSTEOPOROSIS
+    raise ValueError(f"severity must be 'osteopenia' or 'osteoporosis', not {f.severity!r}")
+
+
+def _observation_context(name: str, version: str, manufacturer: str) -> hd.sr.ObservationContext:
+    # The observer is the model (a device), not a person: nobody has read this report.
+    device = hd.sr.DeviceObserverIdentifyingAttributes(
+        uid=result_uid(name, version, "device"),
+        name=name,
+        manufacturer_name=manufacturer,
+        model_name=f"{name} {version}",
+    )
+    return hd.sr.ObservationContext(
+        observer_device_context=hd.sr.ObserverContext(
+            observer_type=std.cid270.Device,
+            observer_identifying_attributes=device,
+        )
+    )
+
+
+def _predecessor_ref(study_uid: str, series_uid: str, sop_uid: str) -> Dataset:
+    # highdicom reads only these four attributes of a previous version; our SRs are all 3D SR.
+    ref = Dataset()
+    ref.SOPClassUID = Comprehensive3DSRStorage
+    ref.SOPInstanceUID = sop_uid
+    ref.StudyInstanceUID = study_uid
+    ref.SeriesInstanceUID = series_uid
+    return ref

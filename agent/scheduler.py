@@ -1,0 +1,72 @@
+"""Periodic work inside ``strnet serve`` (apscheduler): lease reaper, outbox retry sweep,
+study-completion sweep, spool retention and a heartbeat."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from agent.audit.db import Database
+from agent.errors import StorageError
+from agent.ingest.spool import Spool
+from agent.logging import get_logger
+from agent.queue import outbox, store
+
+log = get_logger(__name__)
+
+
+def _guarded(name: str, fn: Callable[[], Any]) -> Callable[[], None]:
+    def run() -> None:
+        try:
+            fn()
+        except StorageError as exc:
+            log.error("scheduled_job_failed", job=name, error=str(exc))
+        except Exception as exc:
+            log.exception("scheduled_job_crashed", job=name, error=exc.__class__.__name__)
+
+    return run
+
+
+def reap_leases(db: Database) -> int:
+    n = store.reap_expired_leases(db)
+    if n:
+        log.warning("leases_reaped", jobs=n)
+    return n
+
+
+def apply_spool_retention(db: Database, spool: Spool, retention_s: float) -> int:
+    rows = store.spool_removable(db, retention_s)
+    for _, rel in rows:
+        spool.remove(rel)
+    if rows:
+        store.mark_spool_removed(db, [i for i, _ in rows])
+        log.info("spool_retention", removed=len(rows))
+    return len(rows)
+
+
+def heartbeat(db: Database) -> None:
+    log.info("heartbeat", jobs=store.count_by_state(db), outbox=outbox.count_by_state(db))
+
+
+def build_scheduler(
+    db: Database,
+    spool: Spool,
+    retention_s: float,
+    report_sweep: Callable[[], Any] | None,
+    sender_wake: Callable[[], Any] | None,
+    sweep_s: float = 2.0,
+) -> BackgroundScheduler:
+    sched = BackgroundScheduler(daemon=True, job_defaults={"coalesce": True, "max_instances": 1})
+    sched.add_job(_guarded("lease_reaper", lambda: reap_leases(db)), "interval", seconds=30, id="lease_reaper")
+    if report_sweep is not None:
+        sched.add_job(_guarded("study_completion", report_sweep), "interval", seconds=sweep_s, id="study_completion")
+    if sender_wake is not None:
+        sched.add_job(_guarded("outbox_retry", sender_wake), "interval", seconds=15, id="outbox_retry")
+    sched.add_job(
+        _guarded("spool_retention", lambda: apply_spool_retention(db, spool, retention_s)),
+        "interval", minutes=10, id="spool_retention",
+    )
+    sched.add_job(_guarded("heartbeat", lambda: heartbeat(db)), "interval", seconds=60, id="heartbeat")
+    return sched

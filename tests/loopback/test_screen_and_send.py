@@ -1,0 +1,186 @@
+"""Screen and report on loopback: agent (tiny STR-Net) -> SR + overlays -> a pynetdicom PACS.
+
+The tiny model has random weights: these tests check the worker, reporting, outbox and sender
+plumbing and status handling. The shipped model's accuracy is tested in tests/unit, and the
+whole chain with a real Orthanc in tests/integration.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import AGENT_AET, TEST_SCU_AET
+from dicom_factory import DX_PRESENTATION, SECONDARY_CAPTURE, knee_dx
+from pacs_peer import PACS_AET, PacsPeer
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pynetdicom import AE
+
+from agent.app import Agent
+from agent.audit.repository import list_flagged
+from agent.domain import JobState
+from agent.pacs import status
+from agent.queue import outbox
+from agent.queue.outbox import OutboxState
+from agent.queue.store import list_jobs
+
+COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
+
+
+def screening_agent(make_agent: Any, weights: Path, peer_port: int, **over: Any) -> Agent:
+    settings: dict[str, Any] = {
+        "worker": {"enabled": True, "weights": str(weights), "device": "cpu", "max_wait_ms": 0},
+        "reporting": {"quiet_period_s": 0.5},
+        "sender": {"backoff_base_s": 0.2, "backoff_max_s": 1.0, "poll_s": 0.2, "timeout_s": 5, "max_attempts": 4},
+        "pacs": [{"name": "pacs", "ae_title": PACS_AET, "host": "127.0.0.1", "port": peer_port}],
+    }
+    for k, v in over.items():
+        settings[k] = {**settings.get(k, {}), **v} if isinstance(v, dict) else v
+    return make_agent(**settings)
+
+
+def send_study(agent: Agent, datasets: list[Any]) -> None:
+    ae = AE(ae_title=TEST_SCU_AET)
+    ae.add_requested_context(DX_PRESENTATION, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", agent.scp.port, ae_title=AGENT_AET)
+    assert assoc.is_established
+    try:
+        for ds in datasets:
+            assert int(assoc.send_c_store(ds).Status) == status.SUCCESS
+    finally:
+        assoc.release()
+
+
+def bilateral_study(n_views: int = 2) -> list[Any]:
+    study = generate_uid()
+    out = []
+    for side in ("L", "R"):
+        series = generate_uid()
+        for v in range(n_views):
+            out.append(knee_dx(study_uid=study, series_uid=series, laterality=side, seed=len(out), rows=320, cols=256))
+    return out
+
+
+def wait_for(cond: Callable[[], bool], timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.1)
+    raise AssertionError("condition not met in time")
+
+
+def test_study_is_screened_and_sr_plus_overlays_delivered(make_agent: Any, tiny_weights: Path) -> None:
+    with PacsPeer() as pacs:
+        agent = screening_agent(make_agent, tiny_weights, pacs.port)
+        study = bilateral_study()
+        send_study(agent, study)
+        wait_for(lambda: [i.state for i in outbox.items(agent.db)] == [OutboxState.DELIVERED.value] * 5)
+        assert len(pacs.received) == 5  # 4 overlays + 1 SR
+        classes = sorted(str(d.SOPClassUID) for d in pacs.received)
+        assert classes.count(SECONDARY_CAPTURE) == 4 and classes.count(COMPREHENSIVE_3D_SR) == 1
+        assert {str(d.StudyInstanceUID) for d in pacs.received} == {study[0].StudyInstanceUID}
+        assert all(j.state == JobState.DONE for j in list_jobs(agent.db))
+        # the tiny model flags everybody at its 0.45 threshold: one row per patient, not per image
+        flagged = list_flagged(agent.db)
+        assert len(flagged) == 1 and flagged[0].patient_id == study[0].PatientID and flagged[0].studies == 1
+        assert {i.state for i in outbox.items(agent.db)} == {OutboxState.DELIVERED.value}
+
+
+def test_late_instance_yields_a_new_sr_referencing_its_predecessor(make_agent: Any, tiny_weights: Path) -> None:
+    with PacsPeer() as pacs:
+        agent = screening_agent(make_agent, tiny_weights, pacs.port)
+        study = bilateral_study(1)
+        send_study(agent, study)
+        wait_for(lambda: sum(str(d.SOPClassUID) == COMPREHENSIVE_3D_SR for d in pacs.received) == 1)
+        late = knee_dx(study_uid=study[0].StudyInstanceUID, laterality="L", seed=7, rows=320, cols=256)
+        send_study(agent, [late])
+        wait_for(lambda: sum(str(d.SOPClassUID) == COMPREHENSIVE_3D_SR for d in pacs.received) == 2)
+        first, second = [d for d in pacs.received if str(d.SOPClassUID) == COMPREHENSIVE_3D_SR]
+        assert first.SOPInstanceUID != second.SOPInstanceUID
+        pred = second.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+        assert pred.ReferencedSOPInstanceUID == first.SOPInstanceUID
+
+
+def test_non_knee_is_skipped_and_nothing_is_sent(make_agent: Any, tiny_weights: Path) -> None:
+    with PacsPeer() as pacs:
+        agent = screening_agent(make_agent, tiny_weights, pacs.port)
+        send_study(agent, [knee_dx(body_part="CHEST")])
+        time.sleep(2.5)  # quiet period and sweeps pass
+        assert pacs.received == []
+        (job,) = list_jobs(agent.db)
+        assert job.state == JobState.SKIPPED and "CHEST" in (job.reason or "")
+        assert outbox.items(agent.db) == []
+
+
+def test_shadow_mode_records_everything_and_sends_nothing(make_agent: Any, tiny_weights: Path) -> None:
+    with PacsPeer() as pacs:
+        agent = screening_agent(make_agent, tiny_weights, pacs.port, sender={"send": False})
+        send_study(agent, bilateral_study(1))
+        wait_for(lambda: len(outbox.items(agent.db)) == 3)
+        time.sleep(1.0)
+        assert pacs.received == []
+        assert {i.state for i in outbox.items(agent.db)} == {OutboxState.SHADOW.value}
+        assert len(list_flagged(agent.db)) == 1
+        for item in outbox.items(agent.db):  # the objects were built and kept
+            assert agent.results.path(item.path).stat().st_size > 0
+
+
+def test_warning_status_counts_as_delivered(make_agent: Any, tiny_weights: Path) -> None:
+    with PacsPeer(answer=lambda ds: status.WARNING_COERCION) as pacs:
+        agent = screening_agent(make_agent, tiny_weights, pacs.port)
+        send_study(agent, bilateral_study(1)[:1])
+        wait_for(lambda: {i.state for i in outbox.items(agent.db)} == {OutboxState.DELIVERED.value} and len(outbox.items(agent.db)) == 2)
+        assert {i.last_status for i in outbox.items(agent.db)} == {"warning_coercion"}
+
+
+def test_permanent_refusal_is_dead_at_once_and_replay_delivers(make_agent: Any, tiny_weights: Path) -> None:
+    answers = {"code": status.CANNOT_UNDERSTAND}
+    with PacsPeer(answer=lambda ds: answers["code"]) as pacs:
+        agent = screening_agent(make_agent, tiny_weights, pacs.port)
+        send_study(agent, bilateral_study(1)[:1])
+        wait_for(lambda: len(outbox.items(agent.db)) == 2 and {i.state for i in outbox.items(agent.db)} == {OutboxState.DEAD.value})
+        assert all(i.attempts == 1 for i in outbox.items(agent.db))  # no retry storm
+        time.sleep(1.0)
+        assert len(pacs.statuses) == 2
+        answers["code"] = status.SUCCESS
+        assert outbox.replay_dead(agent.db) == 2
+        agent.sender.wake.set()
+        wait_for(lambda: {i.state for i in outbox.items(agent.db)} == {OutboxState.DELIVERED.value})
+
+
+def test_out_of_resources_is_retried_with_backoff(make_agent: Any, tiny_weights: Path) -> None:
+    calls = {"n": 0}
+
+    def answer(ds: Any) -> int:
+        calls["n"] += 1
+        return status.OUT_OF_RESOURCES if calls["n"] <= 2 else status.SUCCESS
+
+    with PacsPeer(answer=answer) as pacs:
+        agent = screening_agent(make_agent, tiny_weights, pacs.port, reporting={"overlay": False})
+        send_study(agent, bilateral_study(1)[:1])
+        wait_for(lambda: [i.state for i in outbox.items(agent.db)] == [OutboxState.DELIVERED.value])
+        assert len(pacs.received) == 1
+        (item,) = outbox.items(agent.db)
+        assert item.state == OutboxState.DELIVERED.value and item.attempts == 3
+
+
+def test_pacs_down_then_back_delivers(make_agent: Any, tiny_weights: Path) -> None:
+    pacs = PacsPeer()  # not started: connection refused
+    agent = screening_agent(make_agent, tiny_weights, pacs.port, reporting={"overlay": False},
+                            sender={"max_attempts": 50})
+    send_study(agent, bilateral_study(1)[:1])
+    wait_for(lambda: any(i.state == OutboxState.RETRY.value for i in outbox.items(agent.db)))
+    with pacs:
+        wait_for(lambda: len(pacs.received) == 1, timeout_s=30)
+
+
+def test_rejected_association_goes_dead(make_agent: Any, tiny_weights: Path) -> None:
+    with PacsPeer(allowed_calling=["SOMEONE_ELSE"]) as pacs:
+        agent = screening_agent(make_agent, tiny_weights, pacs.port, reporting={"overlay": False})
+        send_study(agent, bilateral_study(1)[:1])
+        wait_for(lambda: [i.state for i in outbox.items(agent.db)] == [OutboxState.DEAD.value])
+        assert outbox.items(agent.db)[0].attempts == 1

@@ -1,0 +1,67 @@
+"""A pynetdicom Storage SCP playing the PACS that receives results, with scripted answers.
+
+Used by loopback tests for the sender's status handling; the integration tests use Orthanc.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from conftest import free_port
+
+PACS_AET = "TESTPACS"
+
+
+class PacsPeer:
+    """Receives C-STOREs; ``answer`` decides each status (default Success)."""
+
+    def __init__(self, answer: Callable[[Dataset], int] | None = None, allowed_calling: list[str] | None = None) -> None:
+        self.port = free_port()
+        self.received: list[Dataset] = []
+        self.statuses: list[int] = []
+        self.answer = answer or (lambda ds: 0x0000)
+        self._lock = threading.Lock()
+        self.ae = AE(ae_title=PACS_AET)
+        self.ae.supported_contexts = AllStoragePresentationContexts
+        self.ae.add_supported_context(Verification)
+        self.ae.require_called_aet = True
+        if allowed_calling is not None:
+            self.ae.require_calling_aet = allowed_calling
+        self.server: Any = None
+
+    def _on_store(self, event: Any) -> int:
+        ds = event.dataset
+        ds.file_meta = event.file_meta
+        code = self.answer(ds)
+        with self._lock:
+            self.statuses.append(code)
+            if code == 0 or code >= 0xB000 and code <= 0xBFFF:
+                self.received.append(ds)
+        return code
+
+    def start(self) -> PacsPeer:
+        self.server = self.ae.start_server(
+            ("127.0.0.1", self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._on_store)]
+        )
+        return self
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server = None
+
+    def uids(self) -> list[str]:
+        with self._lock:
+            return [str(d.SOPInstanceUID) for d in self.received]
+
+    def __enter__(self) -> PacsPeer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
