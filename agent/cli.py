@@ -263,11 +263,12 @@ def config_docs(out: Annotated[Path | None, typer.Option(help="Write here instea
 @app.command()
 def demo(
     keep: Annotated[bool, typer.Option(help="Keep the temporary folder for inspection.")] = False,
+    weights: Annotated[Path | None, typer.Option(help="STR-Net checkpoint (default: the shipped one).")] = None,
 ) -> None:
-    """Start Orthanc and the agent on free ports, route synthetic knee studies, show the result."""
-    from agent.demo import run_demo
+    """Start Orthanc and the agent on free ports, route synthetic knee studies, show the results."""
+    from agent.demo.run import run_demo
 
-    raise typer.Exit(run_demo(keep=keep))
+    raise typer.Exit(run_demo(keep=keep, weights=weights, echo=typer.echo))
 
 
 def _mount_model_commands() -> None:
