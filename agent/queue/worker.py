@@ -136,7 +136,8 @@ class Worker:
         overlay_obj = None
         try:
             if self.settings.reporting.overlay:
-                sc = build_overlay(o.dataset, o.pixels, o.findings)
+                sc = build_overlay(o.dataset, o.pixels, o.findings,
+                                   instance_number=int(o.dataset.get("InstanceNumber") or 1))
                 overlay_obj = self._write_result("sc", sc)
         except (ValueError, TypeError) as exc:
             self._failed(o.job, f"overlay could not be built: {exc}")

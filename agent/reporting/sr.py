@@ -8,6 +8,7 @@ every UID derived (reporting/uids.py), so a rebuilt report is the same instance 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import highdicom as hd
@@ -20,6 +21,15 @@ from agent.domain import Findings
 from agent.reporting import codes
 from agent.reporting.uids import result_uid, sr_input
 
+_NUMERIC_FIELDS = (
+    "probability",
+    "threshold",
+    "p_osteoporosis",
+    "t_score",
+    "t_score_low",
+    "t_score_high",
+    "interval_coverage",
+)
 DESCRIPTION = "STR-Net bone-loss screening (research, NOT FOR DIAGNOSTIC USE)"
 
 
@@ -64,6 +74,10 @@ def build_sr(
         raise ValueError("findings must all come from the same algorithm (name, version, hash)")
     if predecessor is not None and (len(predecessor) != 3 or predecessor[0] != study_uid):
         raise ValueError("predecessor must be (study UID of these sources, series UID, SOP UID)")
+    for i, f in enumerate(findings):
+        for field in _NUMERIC_FIELDS:
+            if not math.isfinite(getattr(f, field)):  # NaN would reach PACS as a number
+                raise ValueError(f"findings[{i}].{field} is not finite")
     algorithm = findings[0].algorithm
     version = algorithm.version
     algorithm_id = hd.sr.AlgorithmIdentification(

@@ -1,0 +1,323 @@
+"""The SR and the overlay: built, written, validated by dciodvfy and dsrdump, re-read and checked.
+
+DESIGN.md section 7: both objects pass dciodvfy with zero errors, dsrdump renders the SR, they
+land in the source study with deterministic UIDs, and a later report names its predecessor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+from conftest import require_tool
+from dicom_factory import knee_dx, write
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from agent.domain import AlgorithmInfo, Findings
+from agent.reporting import codes
+from agent.reporting.overlay import MAX_SIDE_PX, build_overlay
+from agent.reporting.sr import build_sr
+from agent.reporting.uids import result_uid
+
+ALGO = AlgorithmInfo(name="STR-Net", version="0.3.1-test", checkpoint_sha256="c0ffee" * 10 + "abcd")
+VIEWS = [("L", "AP"), ("L", "LL"), ("R", "AP"), ("R", "LL")]
+
+
+def _findings(rng: np.random.Generator) -> list[Findings]:
+    common: dict[str, Any] = {"threshold": 0.4217, "interval_coverage": 0.9, "algorithm": ALGO}
+
+    def saliency() -> np.ndarray:
+        return (rng.random((24, 24)) * 0.8).astype(np.float32)  # the model's input grid
+
+    return [
+        Findings(0.8731, bone_loss=True, p_osteoporosis=0.71, severity="osteoporosis",
+                 t_score=-2.73, t_score_low=-3.41, t_score_high=-1.96, saliency=saliency(),
+                 **common),
+        Findings(0.6402, bone_loss=True, p_osteoporosis=0.22, severity="osteopenia",
+                 t_score=-1.62, t_score_low=-2.35, t_score_high=-0.88, saliency=saliency(),
+                 **common),
+        Findings(0.1523, bone_loss=False, p_osteoporosis=0.05, severity=None,
+                 t_score=-0.41, t_score_low=-1.12, t_score_high=0.33, saliency=saliency(),
+                 **common),
+        Findings(0.2089, bone_loss=False, p_osteoporosis=0.07, severity=None,
+                 t_score=0.12, t_score_low=-0.61, t_score_high=0.86, saliency=None, **common),
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A bilateral two-view knee study, its findings, and the SR and overlays written to disk."""
+    out = tmp_path_factory.mktemp("reporting")
+    study_uid = generate_uid()
+    sources = []
+    for i, (laterality, view) in enumerate(VIEWS):
+        ds = knee_dx(study_uid=study_uid, laterality=laterality, seed=i, rows=300, cols=240)
+        ds.ViewPosition = view
+        ds.InstanceNumber = i + 1
+        sources.append(ds)
+    findings = _findings(np.random.default_rng(7))
+    sr = build_sr(sources, findings)
+    sr_path = out / "sr.dcm"
+    sr.save_as(sr_path, enforce_file_format=True)
+    overlays, overlay_paths = [], []
+    for i, (ds, f) in enumerate(zip(sources, findings, strict=True)):
+        image = ds.pixel_array.astype(np.float32) / 4095.0
+        sc = build_overlay(ds, image, f, instance_number=i + 1)
+        overlays.append(sc)
+        overlay_paths.append(out / f"sc{i}.dcm")
+        sc.save_as(overlay_paths[-1], enforce_file_format=True)
+    return {
+        "dir": out,
+        "sources": sources,
+        "findings": findings,
+        "sr": sr,
+        "sr_path": sr_path,
+        "overlays": overlays,
+        "overlay_paths": overlay_paths,
+    }
+
+
+def _dciodvfy(path: Path) -> tuple[int, str]:
+    """(number of Error/Abort lines, full output); its exit code is not reliable."""
+    tool = require_tool("dciodvfy")
+    proc = subprocess.run(
+        [tool, str(path)], stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60
+    )
+    text = proc.stdout + proc.stderr
+    return len(re.findall(r"^(?:Error|Abort)", text, flags=re.MULTILINE)), text
+
+
+def _dsrdump(path: Path) -> str:
+    tool = require_tool("dsrdump")
+    proc = subprocess.run([tool, str(path)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+# ---- validators ---------------------------------------------------------------------------------
+
+
+def test_sr_passes_dciodvfy(study: dict[str, Any]) -> None:
+    errors, text = _dciodvfy(study["sr_path"])
+    assert errors == 0, text
+    # Only the expected warnings: our private coding scheme designator, nothing else.
+    warnings = [line for line in text.splitlines() if line.startswith("Warning")]
+    assert all("99STRNET" in line for line in warnings), warnings
+
+
+def test_overlays_pass_dciodvfy(study: dict[str, Any]) -> None:
+    for path in study["overlay_paths"]:
+        errors, text = _dciodvfy(path)
+        assert errors == 0, f"{path.name}:\n{text}"
+
+
+def test_dciodvfy_counts_errors(tmp_path: Path) -> None:
+    """The gate can fail: an SR stripped of a Type 1 attribute is reported."""
+    ds = pydicom.dcmread(_one_image_sr(tmp_path))
+    del ds.ValueType
+    broken = tmp_path / "broken.dcm"
+    ds.save_as(broken, enforce_file_format=True)
+    errors, _ = _dciodvfy(broken)
+    assert errors > 0
+
+
+def _one_image_sr(tmp_path: Path) -> Path:
+    sources = [knee_dx(laterality="L")]
+    path = tmp_path / "one.dcm"
+    build_sr(sources, _findings(np.random.default_rng(1))[:1]).save_as(
+        path, enforce_file_format=True
+    )
+    return path
+
+
+def test_dsrdump_renders_findings(study: dict[str, Any]) -> None:
+    text = _dsrdump(study["sr_path"])
+    for expected in (
+        '(64859006,SCT,"Osteoporosis")',
+        '(312894000,SCT,"Osteopenia")',
+        '(17621005,SCT,"Normal")',
+        '(BONE-LOSS,99STRNET,"Bone loss suspected")',
+        '"Probability")="0.8731" (1,UCUM,"no units")',
+        '"Threshold Value")="0.4217"',
+        '"Estimated T-score")="-2.73" ({T-score},UCUM,"T-score")',
+        '"Estimated T-score interval lower bound")="-3.41"',
+        '"Estimated T-score interval upper bound")="-1.96"',
+        '"Algorithm Name")="STR-Net"',
+        '"Algorithm Version")="0.3.1-test"',
+        '(7771000,SCT,"Left")',
+        '(24028007,SCT,"Right")',
+        '(56851009,SCT,"Maximum")',
+        "NOT FOR DIAGNOSTIC USE",
+        "UNVERIFIED",
+    ):
+        assert expected in text, expected
+    # One group per image plus the study summary.
+    assert text.count('CONTAINER:(,,"Measurement Group")') == len(VIEWS) + 1
+
+
+# ---- identity and placement -------------------------------------------------------------------
+
+
+def test_same_inputs_same_uids(study: dict[str, Any]) -> None:
+    sources, findings = study["sources"], study["findings"]
+    again = build_sr(sources, findings)
+    assert again.SOPInstanceUID == study["sr"].SOPInstanceUID
+    assert again.SeriesInstanceUID == study["sr"].SeriesInstanceUID
+    for ds, f, sc in zip(sources, findings, study["overlays"], strict=True):
+        image = ds.pixel_array.astype(np.float32) / 4095.0
+        rebuilt = build_overlay(ds, image, f)
+        assert rebuilt.SOPInstanceUID == sc.SOPInstanceUID
+        assert rebuilt.SeriesInstanceUID == sc.SeriesInstanceUID
+    assert len({sc.SOPInstanceUID for sc in study["overlays"]}) == len(VIEWS)
+    assert len({sc.SeriesInstanceUID for sc in study["overlays"]}) == 1
+    # A new revision or another model version is a new instance.
+    assert build_sr(sources, findings, revision=2).SOPInstanceUID != again.SOPInstanceUID
+    other = [
+        dataclasses.replace(f, algorithm=dataclasses.replace(ALGO, version="9")) for f in findings
+    ]
+    assert build_sr(sources, other).SOPInstanceUID != again.SOPInstanceUID
+
+
+def test_result_uid_shape() -> None:
+    uid = result_uid("1.2.3.4", "1.0", "sc")
+    assert uid == result_uid("1.2.3.4", "1.0", "sc")
+    assert uid.startswith("2.25.") and len(uid) <= 64
+    assert re.fullmatch(r"[0-9]+(\.[0-9]+)*", uid)
+    assert (
+        len({result_uid("1.2.3.4", "1.0", k) for k in ("sr", "sr-series", "sc", "sc-series")}) == 4
+    )
+    with pytest.raises(ValueError, match="kind"):
+        result_uid("1.2.3.4", "1.0", "srr")
+
+
+def test_results_in_source_study_with_patient(study: dict[str, Any]) -> None:
+    src = study["sources"][0]
+    for ds in [study["sr"], *study["overlays"]]:
+        assert ds.StudyInstanceUID == src.StudyInstanceUID
+        for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex",
+                        "AccessionNumber", "StudyDate", "StudyTime", "StudyID"):  # fmt: skip
+            assert str(ds.get(keyword)) == str(src.get(keyword)), keyword
+        assert ds.SeriesInstanceUID != src.SeriesInstanceUID
+        assert "NOT FOR DIAGNOSTIC USE" in ds.SeriesDescription
+        assert ds.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    sr = study["sr"]
+    assert (sr.Modality, sr.VerificationFlag, sr.PreliminaryFlag) == (
+        "SR",
+        "UNVERIFIED",
+        "PRELIMINARY",
+    )
+    evidence = sr.CurrentRequestedProcedureEvidenceSequence[0]
+    referenced = {
+        item.ReferencedSOPInstanceUID
+        for series in evidence.ReferencedSeriesSequence
+        for item in series.ReferencedSOPSequence
+    }
+    assert referenced == {ds.SOPInstanceUID for ds in study["sources"]}
+    assert "PredecessorDocumentsSequence" not in sr
+
+
+def test_predecessor_is_referenced(study: dict[str, Any]) -> None:
+    sources, findings, first = study["sources"], study["findings"], study["sr"]
+    previous = (first.StudyInstanceUID, first.SeriesInstanceUID, first.SOPInstanceUID)
+    late = build_sr(sources, findings, revision=2, predecessor=previous)
+    assert late.SOPInstanceUID != first.SOPInstanceUID
+    assert late.SeriesInstanceUID == first.SeriesInstanceUID
+    item = late.PredecessorDocumentsSequence[0]
+    assert item.StudyInstanceUID == first.StudyInstanceUID
+    series = item.ReferencedSeriesSequence[0]
+    assert series.SeriesInstanceUID == first.SeriesInstanceUID
+    assert series.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == first.SOPInstanceUID
+    path = study["dir"] / "sr2.dcm"
+    late.save_as(path, enforce_file_format=True)
+    errors, text = _dciodvfy(path)
+    assert errors == 0, text
+    assert "Predecessor Docs    : 1" in _dsrdump(path)
+    with pytest.raises(ValueError, match="predecessor"):
+        build_sr(sources, findings, predecessor=("1.2.3", "1.2.3.4", "1.2.3.4.5"))
+
+
+def test_bad_inputs_are_refused(study: dict[str, Any]) -> None:
+    sources, findings = study["sources"], study["findings"]
+    with pytest.raises(ValueError, match="findings"):
+        build_sr(sources, findings[:2])
+    with pytest.raises(ValueError, match="StudyInstanceUID"):
+        build_sr([sources[0], knee_dx(laterality="R")], findings[:2])
+    with pytest.raises(ValueError, match="t_score is not finite"):
+        build_sr(sources[:1], [dataclasses.replace(findings[0], t_score=float("nan"))])
+    with pytest.raises(ValueError, match="severity"):
+        build_sr(sources[:1], [dataclasses.replace(findings[0], severity="mild")])
+
+
+# ---- re-read --------------------------------------------------------------------------------
+
+
+def test_sr_round_trips(study: dict[str, Any]) -> None:
+    ds = pydicom.dcmread(study["sr_path"])
+    assert ds.SOPInstanceUID == study["sr"].SOPInstanceUID
+    assert ds.CodingSchemeIdentificationSequence[0].CodingSchemeDesignator == codes.SCHEME
+    sr = hd.sr.Comprehensive3DSR.from_dataset(ds)
+    groups = sr.content.get_image_measurement_groups()
+    assert len(groups) == len(VIEWS) + 1
+    by_image = {
+        g.source_images[0].referenced_sop_instance_uid: g for g in groups if g.source_images
+    }
+    for src, f in zip(study["sources"], study["findings"], strict=True):
+        group = by_image[src.SOPInstanceUID]
+        (probability,) = group.get_measurements(name=codes.PROBABILITY)
+        assert probability.value == pytest.approx(f.probability, abs=1e-4)
+        (t_score,) = group.get_measurements(name=codes.ESTIMATED_T_SCORE)
+        assert t_score.value == pytest.approx(f.t_score, abs=1e-2)
+        assert t_score.unit == codes.UNIT_T_SCORE
+        (result,) = group.get_qualitative_evaluations(name=codes.SCREENING_RESULT)
+        assert result.value == (codes.BONE_LOSS_SUSPECTED if f.bone_loss else codes.NORMAL)
+        (site,) = group.finding_sites
+        assert site.value == codes.KNEE
+        assert site.laterality == codes.LATERALITY[src.ImageLaterality]
+    (summary,) = [g for g in groups if not g.source_images]
+    (result,) = summary.get_qualitative_evaluations(name=codes.SCREENING_RESULT)
+    assert result.value == codes.BONE_LOSS_SUSPECTED
+    (severity,) = summary.get_qualitative_evaluations(name=codes.SEVERITY)
+    assert severity.value == codes.OSTEOPOROSIS
+    assert summary.finding_sites[0].laterality == codes.LEFT  # only the left knee is positive
+
+
+def test_overlay_round_trips(study: dict[str, Any]) -> None:
+    for src, path in zip(study["sources"], study["overlay_paths"], strict=True):
+        ds = pydicom.dcmread(path)
+        assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7"
+        assert ds.BurnedInAnnotation == "YES"
+        assert ds.Laterality == src.ImageLaterality
+        assert ds.PhotometricInterpretation == "RGB"
+        assert ds.SourceImageSequence[0].ReferencedSOPInstanceUID == src.SOPInstanceUID
+        pixels = ds.pixel_array
+        assert pixels.ndim == 3 and pixels.shape[2] == 3 and pixels.dtype == np.uint8
+        assert pixels.shape[0] > src.Rows  # the banner sits above the radiograph
+
+
+def test_overlay_heat_map_only_where_salient(study: dict[str, Any]) -> None:
+    overlays = study["overlays"]
+    banner_rows = overlays[0].Rows - study["sources"][0].Rows
+    tinted = overlays[0].pixel_array[banner_rows:].astype(int)
+    plain = overlays[3].pixel_array[banner_rows:].astype(int)  # saliency None
+    assert np.abs(plain[..., 0] - plain[..., 2]).max() == 0  # pure grey
+    assert np.abs(tinted[..., 0] - tinted[..., 2]).max() > 30  # warm where salient
+    assert (tinted[..., 0] == tinted[..., 2]).mean() > 0.05  # ...and grey where it is not
+
+
+def test_overlay_is_downscaled(study: dict[str, Any]) -> None:
+    src = study["sources"][0]
+    big = np.random.default_rng(3).random((2600, 2100)).astype(np.float32)
+    sc = build_overlay(src, big, study["findings"][0])
+    assert max(sc.Rows, sc.Columns) <= MAX_SIDE_PX
+    assert min(sc.Rows, sc.Columns) > 500
+    path = study["dir"] / "big.dcm"
+    write(sc, path)
+    errors, text = _dciodvfy(path)
+    assert errors == 0, text
