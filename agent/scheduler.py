@@ -4,11 +4,13 @@ study-completion sweep, spool retention and a heartbeat."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from agent.audit.db import Database
+from agent.config import Settings
 from agent.errors import StorageError
 from agent.ingest.spool import Spool
 from agent.logging import get_logger
@@ -50,6 +52,18 @@ def heartbeat(db: Database) -> None:
     log.info("heartbeat", jobs=store.count_by_state(db), outbox=outbox.count_by_state(db))
 
 
+def scheduled_backup(db: Database, settings: Settings) -> None:
+    from agent.ops.backup import backup_sqlite, is_due, prune
+
+    folder = settings.backup_dir
+    folder.mkdir(parents=True, exist_ok=True)
+    if not is_due(folder, timedelta(hours=settings.backup.every_hours)):
+        return
+    out = backup_sqlite(settings.database_url, folder)
+    removed = prune(folder, settings.backup.keep_days)
+    log.info("database_backup", file=out.name, bytes=out.stat().st_size, pruned=len(removed))
+
+
 def build_scheduler(
     db: Database,
     spool: Spool,
@@ -57,6 +71,7 @@ def build_scheduler(
     report_sweep: Callable[[], Any] | None,
     sender_wake: Callable[[], Any] | None,
     sweep_s: float = 2.0,
+    settings: Settings | None = None,
 ) -> BackgroundScheduler:
     sched = BackgroundScheduler(daemon=True, job_defaults={"coalesce": True, "max_instances": 1})
     sched.add_job(_guarded("lease_reaper", lambda: reap_leases(db)), "interval", seconds=30, id="lease_reaper")
@@ -66,7 +81,30 @@ def build_scheduler(
         sched.add_job(_guarded("outbox_retry", sender_wake), "interval", seconds=15, id="outbox_retry")
     sched.add_job(
         _guarded("spool_retention", lambda: apply_spool_retention(db, spool, retention_s)),
-        "interval", minutes=10, id="spool_retention",
+        "interval",
+        minutes=10,
+        id="spool_retention",
     )
     sched.add_job(_guarded("heartbeat", lambda: heartbeat(db)), "interval", seconds=60, id="heartbeat")
+    if settings is not None and settings.backup.enabled and settings.database_url.startswith("sqlite"):
+        # checked every 10 minutes; a backup is taken when the newest one is older than every_hours
+        sched.add_job(
+            _guarded("database_backup", lambda: scheduled_backup(db, settings)),
+            "interval",
+            minutes=10,
+            id="database_backup",
+            next_run_time=datetime.now(UTC) + timedelta(seconds=60),
+        )
+    if settings is not None and settings.digest.folder is not None:
+        from agent.ops.digest import write_digest
+
+        folder = settings.digest.folder
+        sched.add_job(
+            _guarded("daily_digest", lambda: write_digest(db, folder)),
+            "cron",
+            hour=settings.digest.hour_utc,
+            minute=0,
+            timezone="UTC",
+            id="daily_digest",
+        )
     return sched

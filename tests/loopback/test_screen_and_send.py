@@ -8,16 +8,12 @@ whole chain with a real Orthanc in tests/integration.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
-from conftest import AGENT_AET, TEST_SCU_AET
-from dicom_factory import DX_PRESENTATION, SECONDARY_CAPTURE, knee_dx
+from dicom_factory import SECONDARY_CAPTURE, knee_dx
 from pacs_peer import PACS_AET, PacsPeer
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-from pynetdicom import AE
+from screening_helpers import bilateral_study, send_study, wait_for
 
 from agent.app import Agent
 from agent.audit.repository import list_flagged
@@ -40,37 +36,6 @@ def screening_agent(make_agent: Any, weights: Path, peer_port: int, **over: Any)
     for k, v in over.items():
         settings[k] = {**settings.get(k, {}), **v} if isinstance(v, dict) else v
     return make_agent(**settings)
-
-
-def send_study(agent: Agent, datasets: list[Any]) -> None:
-    ae = AE(ae_title=TEST_SCU_AET)
-    ae.add_requested_context(DX_PRESENTATION, ExplicitVRLittleEndian)
-    assoc = ae.associate("127.0.0.1", agent.scp.port, ae_title=AGENT_AET)
-    assert assoc.is_established
-    try:
-        for ds in datasets:
-            assert int(assoc.send_c_store(ds).Status) == status.SUCCESS
-    finally:
-        assoc.release()
-
-
-def bilateral_study(n_views: int = 2) -> list[Any]:
-    study = generate_uid()
-    out = []
-    for side in ("L", "R"):
-        series = generate_uid()
-        for v in range(n_views):
-            out.append(knee_dx(study_uid=study, series_uid=series, laterality=side, seed=len(out), rows=320, cols=256))
-    return out
-
-
-def wait_for(cond: Callable[[], bool], timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.1)
-    raise AssertionError("condition not met in time")
 
 
 def test_study_is_screened_and_sr_plus_overlays_delivered(make_agent: Any, tiny_weights: Path) -> None:
@@ -133,7 +98,12 @@ def test_warning_status_counts_as_delivered(make_agent: Any, tiny_weights: Path)
     with PacsPeer(answer=lambda ds: status.WARNING_COERCION) as pacs:
         agent = screening_agent(make_agent, tiny_weights, pacs.port)
         send_study(agent, bilateral_study(1)[:1])
-        wait_for(lambda: {i.state for i in outbox.items(agent.db)} == {OutboxState.DELIVERED.value} and len(outbox.items(agent.db)) == 2)
+        wait_for(
+            lambda: (
+                {i.state for i in outbox.items(agent.db)} == {OutboxState.DELIVERED.value}
+                and len(outbox.items(agent.db)) == 2
+            )
+        )
         assert {i.last_status for i in outbox.items(agent.db)} == {"warning_coercion"}
 
 
@@ -142,7 +112,12 @@ def test_permanent_refusal_is_dead_at_once_and_replay_delivers(make_agent: Any, 
     with PacsPeer(answer=lambda ds: answers["code"]) as pacs:
         agent = screening_agent(make_agent, tiny_weights, pacs.port)
         send_study(agent, bilateral_study(1)[:1])
-        wait_for(lambda: len(outbox.items(agent.db)) == 2 and {i.state for i in outbox.items(agent.db)} == {OutboxState.DEAD.value})
+        wait_for(
+            lambda: (
+                len(outbox.items(agent.db)) == 2
+                and {i.state for i in outbox.items(agent.db)} == {OutboxState.DEAD.value}
+            )
+        )
         assert all(i.attempts == 1 for i in outbox.items(agent.db))  # no retry storm
         time.sleep(1.0)
         assert len(pacs.statuses) == 2
@@ -170,8 +145,9 @@ def test_out_of_resources_is_retried_with_backoff(make_agent: Any, tiny_weights:
 
 def test_pacs_down_then_back_delivers(make_agent: Any, tiny_weights: Path) -> None:
     pacs = PacsPeer()  # not started: connection refused
-    agent = screening_agent(make_agent, tiny_weights, pacs.port, reporting={"overlay": False},
-                            sender={"max_attempts": 50})
+    agent = screening_agent(
+        make_agent, tiny_weights, pacs.port, reporting={"overlay": False}, sender={"max_attempts": 50}
+    )
     send_study(agent, bilateral_study(1)[:1])
     wait_for(lambda: any(i.state == OutboxState.RETRY.value for i in outbox.items(agent.db)))
     with pacs:

@@ -1,0 +1,1 @@
+"""Operations: backup, model installation, the doctor and the daily digest."""

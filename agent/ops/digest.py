@@ -1,0 +1,64 @@
+"""The daily digest: newly flagged patients of the last day as a CSV in a configured folder."""
+
+from __future__ import annotations
+
+import csv
+import os
+from datetime import timedelta
+from pathlib import Path
+
+from agent.audit import trail
+from agent.audit.db import Database
+from agent.audit.repository import list_flagged
+from agent.clock import utcnow
+
+COLUMNS = [
+    "patient_id",
+    "patient_name",
+    "first_flagged_at",
+    "last_study_date",
+    "probability",
+    "severity",
+    "t_score",
+    "status",
+    "studies",
+]
+
+
+def write_digest(db: Database, folder: Path, hours: float = 24.0) -> Path:
+    """Write ``strnet-flags-<date>.csv`` (patients first flagged in the last ``hours``)."""
+    since = utcnow() - timedelta(hours=hours)
+    rows = [r for r in list_flagged(db) if r.first_flagged_at >= since]
+    folder.mkdir(parents=True, exist_ok=True)
+    out = folder / f"strnet-flags-{utcnow():%Y%m%d}.csv"
+    tmp = out.with_name(out.name + ".part")
+    with tmp.open("w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(COLUMNS)
+        for r in rows:
+            w.writerow(
+                [
+                    r.patient_id,
+                    r.patient_name,
+                    r.first_flagged_at.isoformat() + "Z",
+                    r.last_study_date,
+                    f"{r.probability:.4f}",
+                    r.severity or "",
+                    f"{r.t_score:.2f}",
+                    r.status,
+                    r.studies,
+                ]
+            )
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, out)
+    with db.transaction() as s:
+        trail.append(
+            s,
+            "export",
+            actor="strnet-digest",
+            action="R",
+            object_type="flagged_list",
+            detail={"rows": len(rows), "file": out.name},
+        )
+    return out

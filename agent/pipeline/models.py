@@ -1,0 +1,83 @@
+"""Which STR-Net checkpoint is served, and installing a new one.
+
+``strnet model install PATH`` verifies the checkpoint (weights hash, metadata, the weights load
+into the architecture), copies it under ``data_dir/models/<version>/`` and points
+``data_dir/models/current`` at it. A running worker notices the pointer change before its next
+batch and swaps models; results carry the version that produced them.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from agent.config import Settings
+from agent.errors import ConfigError
+from model.checkpoint import SHIPPED, load_checkpoint, metadata_path, read_metadata
+
+REQUIRED = ("model_version", "preprocess", "thresholds", "weights_sha256")
+
+
+def pointer(settings: Settings) -> Path:
+    return settings.data_dir / "models" / "current"
+
+
+def served_weights(settings: Settings) -> Path:
+    """worker.weights when set, else the installed model, else the shipped checkpoint."""
+    if settings.worker.weights:
+        return Path(settings.worker.weights)
+    p = pointer(settings)
+    if p.is_file():
+        return p.parent / p.read_text(encoding="utf-8").strip()
+    return Path(SHIPPED)
+
+
+def verify(path: Path) -> dict[str, Any]:
+    """Load and check a checkpoint; ConfigError names the file and the problem."""
+    try:
+        meta = read_metadata(path)
+        missing = [k for k in REQUIRED if k not in meta]
+        if missing:
+            raise ValueError(f"metadata lacks {', '.join(missing)}")
+        load_checkpoint(path, device="cpu", verify=True)
+    except FileNotFoundError as exc:
+        raise ConfigError("model", f"{path}: file not found ({exc.filename})") from None
+    except (ValueError, KeyError, RuntimeError, OSError) as exc:
+        raise ConfigError("model", f"{path}: {exc}") from None
+    return meta
+
+
+def install(settings: Settings, path: Path) -> dict[str, Any]:
+    """Verify ``path`` and make it the served model; returns its metadata."""
+    meta = verify(path)
+    src_json = metadata_path(path)
+    version = str(meta["model_version"])
+    if not version.replace("-", "").replace(".", "").replace("_", "").isalnum():
+        raise ConfigError("model", f"model_version {version!r} is not a safe folder name")
+    target = settings.data_dir / "models" / version
+    target.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(src_json, target / src_json.name)
+    shutil.copy2(src_json.parent / meta["weights_file"], target / meta["weights_file"])
+    verify(target / src_json.name)  # the copy is what will be served
+    p = pointer(settings)
+    tmp = p.with_name("current.part")
+    tmp.write_text(f"{version}/{src_json.name}\n", encoding="utf-8")
+    os.replace(tmp, p)
+    return meta
+
+
+def describe(path: Path) -> dict[str, Any]:
+    meta = read_metadata(path)
+    return {
+        "weights": str(metadata_path(path)),
+        "model_version": meta.get("model_version"),
+        "weights_sha256": meta.get("weights_sha256"),
+        "trained_on_synthetic_data": meta.get("synthetic"),
+        "served_threshold": meta.get("served_threshold"),
+        "thresholds": {k: v.get("threshold") for k, v in meta.get("thresholds", {}).items()},
+        "temperature": meta.get("temperature"),
+        "conformal": meta.get("conformal"),
+        "preprocess": meta.get("preprocess"),
+    }

@@ -1,0 +1,146 @@
+"""Operations: backup and restore, model install and hot swap, the doctor, the digest."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sqlite3
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pacs_peer import PACS_AET, PacsPeer
+from serve_process import write_config
+
+from agent.app import open_database
+from agent.audit.repository import list_flagged
+from agent.config import load_settings
+from agent.ops.backup import backup_sqlite, prune
+from agent.ops.digest import write_digest
+
+
+def strnet(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "agent", *args], capture_output=True, text=True, timeout=120, input=stdin
+    )
+
+
+@pytest.fixture()
+def screened_agent(make_agent: Any, tiny_weights: Path) -> Any:
+    """An in-process agent that has screened a bilateral study (so the registry has a patient)."""
+    from screening_helpers import bilateral_study, send_study, wait_for
+
+    from agent.queue import outbox
+
+    with PacsPeer() as pacs:
+        agent = make_agent(
+            worker={"enabled": True, "weights": str(tiny_weights), "device": "cpu", "max_wait_ms": 0},
+            reporting={"quiet_period_s": 0.3},
+            sender={"poll_s": 0.2},
+            pacs=[{"name": "pacs", "ae_title": PACS_AET, "host": "127.0.0.1", "port": pacs.port}],
+        )
+        send_study(agent, bilateral_study(1))
+        wait_for(
+            lambda: len(outbox.items(agent.db)) == 3 and all(i.state == "DELIVERED" for i in outbox.items(agent.db))
+        )
+    return agent
+
+
+def test_backup_while_writing_restores_the_same_flagged_list(screened_agent: Any, tmp_path: Path) -> None:
+    agent = screened_agent
+    before = list_flagged(agent.db)
+    assert len(before) == 1
+    stop = threading.Event()
+
+    def writer() -> None:  # keep the database busy while the backup runs
+        from agent.audit import trail
+
+        while not stop.is_set():
+            with agent.db.transaction() as s:
+                trail.append(s, "query", actor="load", detail={"x": 1})
+
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        out = backup_sqlite(agent.settings.database_url, tmp_path / "backups")
+    finally:
+        stop.set()
+        t.join()
+    assert sqlite3.connect(out).execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    # restore into a fresh data directory, as docs/operations.md describes
+    fresh = tmp_path / "restored"
+    fresh.mkdir()
+    shutil.copy(out, fresh / "strnet.db")
+    restored = load_settings(None, search_default=False, agent={"data_dir": str(fresh)})
+    db = open_database(restored)
+    after = list_flagged(db)
+    assert [(f.patient_id, f.probability, f.status) for f in after] == [
+        (f.patient_id, f.probability, f.status) for f in before
+    ]
+    cfg = write_config(tmp_path / "restored.toml", fresh)
+    listed = strnet("flagged", "list", "--format", "json", "--config", str(cfg))
+    assert listed.returncode == 0, listed.stderr
+    assert [r["patient_id"] for r in json.loads(listed.stdout)] == [before[0].patient_id]
+    verify = strnet("db", "verify-audit", "--config", str(cfg))
+    assert verify.returncode == 0 and "audit chain OK" in verify.stdout
+
+
+def test_prune_keeps_recent_backups(tmp_path: Path) -> None:
+    import os
+    import time
+
+    old, new = tmp_path / "strnet-20200101T000000.db", tmp_path / "strnet-20990101T000000.db"
+    old.write_bytes(b"x")
+    new.write_bytes(b"y")
+    os.utime(old, (time.time() - 30 * 86400,) * 2)
+    assert prune(tmp_path, keep_days=14) == [old]
+    assert new.exists()
+
+
+def test_digest_lists_new_flags(screened_agent: Any, tmp_path: Path) -> None:
+    out = write_digest(screened_agent.db, tmp_path / "digest")
+    lines = out.read_text().splitlines()
+    assert lines[0].startswith("patient_id,patient_name") and len(lines) == 2
+
+
+def test_model_install_verifies_records_and_the_next_results_carry_the_version(
+    screened_agent: Any, tiny_weights: Path, tmp_path: Path
+) -> None:
+    from model.checkpoint import update_metadata
+
+    new = update_metadata(tiny_weights, {"model_version": "tiny-test-1"}, tmp_path / "new" / "tiny1.json")
+    cfg = write_config(tmp_path / "agent.toml", screened_agent.settings.data_dir)
+    done = strnet("model", "install", str(new), "--config", str(cfg))
+    assert done.returncode == 0, done.stderr
+    info = json.loads(strnet("model", "info", "--config", str(cfg)).stdout)
+    assert info["model_version"] == "tiny-test-1"
+    # a corrupt checkpoint is refused with a message naming the file
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    shutil.copy(new, bad / "tiny1.json")
+    (bad / "tiny1.safetensors").write_bytes(b"not weights")
+    refused = strnet("model", "install", str(bad / "tiny1.json"), "--config", str(cfg))
+    assert refused.returncode == 2 and "tiny1" in refused.stderr
+
+
+def test_doctor_all_ok_then_names_the_failing_check(tmp_path: Path, tiny_weights: Path) -> None:
+    with PacsPeer() as pacs:
+        cfg = write_config(
+            tmp_path / "agent.toml",
+            tmp_path / "var",
+            worker=True,
+            extra=f'\n[[pacs]]\nname = "main"\nae_title = "{PACS_AET}"\nhost = "127.0.0.1"\nport = {pacs.port}\n',
+        )
+        text = cfg.read_text().replace("enabled = true", f'enabled = true\nweights = "{tiny_weights}"', 1)
+        cfg.write_text(text)
+        assert strnet("db", "upgrade", "--config", str(cfg)).returncode == 0
+        ok = strnet("doctor", "--config", str(cfg))
+        assert ok.returncode == 0, ok.stdout + ok.stderr
+        for name in ("configuration", "database", "audit chain", "spool space", "model", "pacs main"):
+            assert f"OK    {name}" in ok.stdout
+    down = strnet("doctor", "--config", str(cfg))  # the PACS is gone now
+    assert down.returncode == 1
+    assert "FAIL  pacs main" in down.stdout and "1 check(s) failed: pacs main" in down.stdout
