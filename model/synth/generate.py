@@ -1,0 +1,238 @@
+"""Seeded synthetic knee-radiograph data sets: DICOM files, masks and a manifest CSV.
+
+Public API
+----------
+``generate(out_dir, n, seed, preset="default", compressed_fraction=0.25) -> Path``
+    Writes ``n`` images and returns ``out_dir/manifest.csv``.
+``generate_one(rng, preset="default", ...) -> (SynthImage, Patient)``
+    One image in memory (no disk), for tests and benchmarks.
+``patient_images(seed, index, preset) -> (Patient, list[SynthRecord])``
+    All images of one patient in memory, exactly as ``generate`` would write them.
+``PRESETS``
+    Preset name -> :class:`~model.synth.presets.Preset`.
+
+Every patient draws from its own generator ``default_rng([seed, index])``, so a patient's
+images do not depend on the others and the same seed always gives byte-identical files.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from model.synth.acquisition import VENDOR_PROFILES, VendorProfile
+from model.synth.dicom_writer import COMPRESSIONS, ImageHeader, build_dataset, make_uid, write
+from model.synth.patient import Patient, sample_patient
+from model.synth.presets import PRESETS, Preset, get_preset
+from model.synth.scene import SynthImage, make_knees, render_image
+
+__all__ = ["MANIFEST_COLUMNS", "PRESETS", "Preset", "SynthRecord", "generate", "generate_one", "patient_images"]
+
+MANIFEST_COLUMNS = (
+    "path",
+    "patient_id",
+    "study_instance_uid",
+    "sop_instance_uid",
+    "laterality",
+    "label",
+    "severity",
+    "t_score",
+    "age",
+    "sex",
+    "bmi",
+    "profile",
+)
+EXTRA_COLUMNS = ("mask_path", "view_position", "transfer_syntax", "oa_grade", "rows", "columns")
+_BASE_DATE = dt.date(2023, 1, 2)
+
+
+@dataclass
+class SynthRecord:
+    """One image of a patient with its header."""
+
+    image: SynthImage
+    header: ImageHeader
+    study_index: int
+
+
+def generate_one(
+    rng: np.random.Generator,
+    preset: str | Preset = "default",
+    *,
+    patient: Patient | None = None,
+    laterality: str | None = None,
+    view: str = "AP",
+    profile: str | None = None,
+    index: int = 0,
+) -> tuple[SynthImage, Patient]:
+    """Generate one image in memory; the patient is drawn from ``rng`` unless given."""
+    p = get_preset(preset)
+    if patient is None:
+        patient = sample_patient(rng, index, p.patient)
+    knees = make_knees(patient, p, rng)
+    lat = laterality or str(rng.choice(["L", "R"]))
+    prof = profile or str(rng.choice(list(p.profiles)))
+    return render_image(rng, patient, knees, p, lat, view, prof), patient
+
+
+def _study_plan(rng: np.random.Generator, p: Preset) -> list[list[str]]:
+    """Films per study: [["L", "R"]], [["B"]], [["R"], ["L", "R"]] ..."""
+    n_studies = 2 if rng.random() < p.two_study_fraction else 1
+    plan = []
+    for _ in range(n_studies):
+        if rng.random() < p.bilateral_fraction:
+            plan.append(["B"])
+        elif rng.random() < p.single_side_fraction:
+            plan.append([str(rng.choice(["L", "R"]))])
+        else:
+            plan.append(["R", "L"])
+    return plan
+
+
+def patient_images(seed: int, index: int, preset: str | Preset = "default") -> tuple[Patient, list[SynthRecord]]:
+    """All images of patient ``index`` for ``seed``, exactly as :func:`generate` writes them."""
+    p = get_preset(preset)
+    rng = np.random.default_rng([seed, index])
+    patient = sample_patient(rng, index, p.patient)
+    knees = make_knees(patient, p, rng)
+    profile = str(rng.choice(list(p.profiles)))  # one site per patient: hold-out by vendor works
+    first = _BASE_DATE + dt.timedelta(days=int(seed % 97) + int(rng.integers(0, 700)))
+    birth = first - dt.timedelta(days=int(patient.age * 365.25 + rng.integers(0, 365)))
+    records: list[SynthRecord] = []
+    for s, films in enumerate(_study_plan(rng, p)):
+        day = first + dt.timedelta(days=int(s * rng.integers(60, 400)))
+        when = dt.datetime.combine(day, dt.time(int(rng.integers(7, 19)), int(rng.integers(0, 60))))
+        age = patient.age + (day - first).days // 365
+        study_uid = make_uid(seed, "study", index, s)
+        series_uid = make_uid(seed, "series", index, s)
+        view = "PA" if rng.random() < p.pa_fraction else "AP"
+        for k, lat in enumerate(films):
+            img = render_image(rng, patient, knees, p, lat, view, profile)
+            hdr = ImageHeader(
+                patient_id=patient.patient_id,
+                patient_name=f"SYNTHETIC^PATIENT{index:06d}",
+                birth_date=birth,
+                sex=patient.sex_recorded,
+                age=age,
+                height_m=patient.height_m,
+                weight_kg=patient.weight_kg if patient.bmi_recorded is not None else None,
+                study_uid=study_uid,
+                series_uid=series_uid,
+                sop_uid=make_uid(seed, "sop", index, s, k),
+                study_datetime=when,
+                accession=f"A{seed % 1000:03d}{index:06d}{s}",
+                study_id=f"{s + 1}",
+                series_number=1,
+                instance_number=k + 1,
+                laterality=lat,
+                view=view,
+                kvp=img.kvp,
+                magnification=img.magnification,
+                burned_in_text=img.burned_in_text,
+            )
+            records.append(SynthRecord(img, hdr, s))
+    return patient, records
+
+
+def _fmt(x: float | None) -> str:
+    return "" if x is None else f"{x:g}"
+
+
+def generate(
+    out_dir: Path,
+    n: int,
+    seed: int,
+    preset: str = "default",
+    compressed_fraction: float = 0.25,
+) -> Path:
+    """Write ``n`` synthetic DICOM images (plus label-mask PNGs) and ``manifest.csv``.
+
+    Files go to ``out_dir/images/<patient_id>/`` and ``out_dir/masks/<patient_id>/``; the
+    manifest paths are relative to ``out_dir``. Masks are 8-bit PNGs aligned with the DICOM
+    pixels: 0 background, 1 cortex, 2 trabecular region (``model.synth.anatomy``).
+    A ``compressed_fraction`` of the files is stored JPEG 2000 lossless, JPEG-LS lossless or
+    RLE lossless (chosen per image from the seed).
+    """
+    if n < 0:
+        raise ValueError("n must be >= 0")
+    if not 0.0 <= compressed_fraction <= 1.0:
+        raise ValueError("compressed_fraction must lie in [0, 1]")
+    p = get_preset(preset)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    codec_rng = np.random.default_rng([seed, 0xC0DEC])
+    codecs = sorted(COMPRESSIONS)
+    rows: list[dict[str, str]] = []
+    index = 0
+    while len(rows) < n:
+        patient, records = patient_images(seed, index, p)
+        index += 1
+        for rec in records:
+            if len(rows) >= n:
+                break
+            hdr, img = rec.header, rec.image
+            stem = f"{patient.patient_id}_s{rec.study_index + 1}_{hdr.laterality}"
+            rel = Path("images") / patient.patient_id / f"{stem}.dcm"
+            rel_mask = Path("masks") / patient.patient_id / f"{stem}.png"
+            codec = None
+            if codec_rng.random() < compressed_fraction:
+                codec = str(codec_rng.choice(codecs))
+            ds = build_dataset(img.stored, hdr, _profile(img.profile))
+            tsyntax = write(ds, out_dir / rel, codec, img.stored)
+            (out_dir / rel_mask).parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img.mask).save(out_dir / rel_mask, compress_level=1)
+            rows.append(
+                {
+                    "path": rel.as_posix(),
+                    "patient_id": patient.patient_id,
+                    "study_instance_uid": hdr.study_uid,
+                    "sop_instance_uid": hdr.sop_uid,
+                    "laterality": hdr.laterality,
+                    "label": str(patient.label),
+                    "severity": "" if patient.severity is None else str(patient.severity),
+                    "t_score": f"{patient.t_score:.2f}",
+                    "age": str(patient.age),  # DXA-time age: constant per patient
+                    "sex": patient.sex_recorded,
+                    "bmi": _fmt(patient.bmi_recorded),
+                    "profile": img.profile,
+                    "mask_path": rel_mask.as_posix(),
+                    "view_position": hdr.view,
+                    "transfer_syntax": tsyntax,
+                    "oa_grade": str(patient.oa_grade),
+                    "rows": str(img.stored.shape[0]),
+                    "columns": str(img.stored.shape[1]),
+                }
+            )
+    manifest = out_dir / "manifest.csv"
+    with manifest.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=[*MANIFEST_COLUMNS, *EXTRA_COLUMNS], lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    return manifest
+
+
+def _profile(name: str) -> VendorProfile:
+    return VENDOR_PROFILES[name]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m model.synth.generate OUT_DIR --n 100 --seed 0 [--preset default]``."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Write a synthetic knee-radiograph data set.")
+    ap.add_argument("out_dir", type=Path)
+    ap.add_argument("--n", type=int, default=100)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--preset", default="default", choices=sorted(PRESETS))
+    ap.add_argument("--compressed-fraction", type=float, default=0.25)
+    args = ap.parse_args(argv)
+    print(generate(args.out_dir, args.n, args.seed, args.preset, args.compressed_fraction))
+
+
+if __name__ == "__main__":
+    main()
