@@ -7,9 +7,9 @@ PY      ?= python3
 VENV    := .venv
 VPY     := $(VENV)/bin/python
 TORCH   := torch==2.13.0
-DEBS    := orthanc dcmtk dicom3tools
+DEBS    := orthanc dcmtk dicom3tools chromium
 # executables that tell us each Debian package is present
-DEB_BINS := Orthanc storescu dciodvfy
+DEB_BINS := Orthanc storescu dciodvfy chromium
 PYTEST_ARGS ?=
 
 .PHONY: all install venv system demo test bench lint typecheck gpu clean help
@@ -22,7 +22,8 @@ help:
 
 install: system venv
 
-# --- Debian packages (Orthanc as the test PACS, DCMTK as a real peer, dicom3tools as validator)
+# --- Debian packages (Orthanc as the test PACS, DCMTK as a real peer, dicom3tools as validator,
+#     Chromium for the admin-web browser tests)
 system:
 	@missing=""; for b in $(DEB_BINS); do command -v $$b >/dev/null 2>&1 || missing="yes"; done; \
 	if [ -n "$$missing" ]; then \
@@ -53,7 +54,7 @@ test: install
 	$(VPY) -m pytest $(PYTEST_ARGS)
 
 bench: install
-	$(VPY) -m pytest tests/bench -s -p no:cacheprovider -o norecursedirs= $(PYTEST_ARGS)
+	$(VPY) -m pytest tests/bench -s -p no:cacheprovider -o norecursedirs= -o "python_files=test_*.py bench_*.py" $(PYTEST_ARGS)
 
 gpu: install
 	$(VPY) tests/gpu/cuda_check.py

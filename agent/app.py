@@ -36,7 +36,8 @@ def make_rules(settings: Settings) -> Rules:
 
 def open_database(settings: Settings, migrate: bool = True) -> Database:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    db = Database(settings.database_url)
+    # busy timeout is a setting: a write blocked past it fails cleanly (0xA700), never hangs a C-STORE
+    db = Database(settings.database_url, busy_timeout_ms=int(settings.agent.db_busy_timeout_s * 1000))
     if migrate:
         upgrade(db)
     return db
@@ -45,9 +46,10 @@ def open_database(settings: Settings, migrate: bool = True) -> Database:
 def load_screener(settings: Settings) -> Any:
     """The STR-Net screener (imports torch: only when the worker runs)."""
     from agent.pipeline.infer import Screener
+    from agent.pipeline.models import served_weights
 
     cfg = settings.worker
-    return Screener(cfg.weights, device=cfg.device, threshold=cfg.threshold, saliency=cfg.saliency)
+    return Screener(served_weights(settings), device=cfg.device, threshold=cfg.threshold, saliency=cfg.saliency)
 
 
 @dataclass
@@ -64,11 +66,13 @@ class Agent:
     worker: Any = None
     sender: Any = None
     scheduler: Any = None
+    web: Any = None
     stopped: threading.Event = field(default_factory=threading.Event)
 
     @classmethod
-    def build(cls, settings: Settings, *, worker: bool | None = None) -> Agent:
-        """Build the agent; ``worker=False`` builds ingest only (no model is loaded)."""
+    def build(cls, settings: Settings, *, worker: bool | None = None, web: bool = False) -> Agent:
+        """Build the agent; ``worker=False`` builds ingest only (no model is loaded);
+        ``web=True`` adds the admin web (``strnet serve`` asks for it)."""
         from agent.pacs.sender import Sender
         from agent.scheduler import build_scheduler
 
@@ -83,16 +87,28 @@ class Agent:
         if run_worker:
             from agent.queue.worker import Worker
 
-            agent.worker = Worker(settings, db, spool, results, load_screener(settings), tracker)
+            agent.worker = Worker(settings, db, spool, results, load_screener(settings), tracker,
+                                  reload_screener=lambda: load_screener(settings))
             agent.sender = Sender(db, results, settings.pacs, settings.sender, settings.scp.ae_title)
         agent.scheduler = build_scheduler(
             db, spool, settings.retention.spool_days * 86400,
             report_sweep=agent.worker.report_ready_studies if agent.worker else None,
             sender_wake=agent.sender.wake.set if agent.sender else None,
+            settings=settings,
         )
+        if web:
+            from agent.web.app import ModelInfo, create_app
+            from agent.web.server import WebServer
+
+            agent.web = WebServer(create_app(
+                settings, db, model_info=lambda: ModelInfo.of(agent.worker.screener if agent.worker else None),
+                on_replay=agent.sender.wake.set if agent.sender else None,
+            ), settings.web)
         return agent
 
     def start(self) -> None:
+        if self.web is not None:  # first: a taken web port stops start-up before anything runs
+            self.web.start()
         reconcile(self.db, self.spool, self.ingestor)
         resent = outbox.requeue_sending(self.db)
         if resent:
@@ -106,6 +122,8 @@ class Agent:
         self.scheduler.start()
 
     def stop(self, grace_s: float = 10.0) -> None:
+        if self.web is not None:
+            self.web.stop()
         self.scp.stop(grace_s)
         self.scheduler.shutdown(wait=False)
         if self.worker is not None:

@@ -16,6 +16,7 @@ import typer
 
 from agent.config import Settings, load_settings
 from agent.errors import ConfigError
+from agent.web.users_cli import users_app
 
 app = typer.Typer(
     name="strnet",
@@ -32,6 +33,7 @@ app.add_typer(db_app, name="db")
 app.add_typer(config_app, name="config")
 flagged_app = typer.Typer(help="The flagged-patient registry.", no_args_is_help=True)
 app.add_typer(flagged_app, name="flagged")
+app.add_typer(users_app, name="users")
 
 ConfigOpt = Annotated[
     Path | None,
@@ -48,12 +50,15 @@ def _settings(config: Path | None, **overrides: Any) -> Settings:
 
 
 @app.command()
-def serve(config: ConfigOpt = None) -> None:
-    """Run the agent until SIGINT or SIGTERM, then stop cleanly."""
+def serve(
+    config: ConfigOpt = None,
+    no_web: Annotated[bool, typer.Option("--no-web", help="Do not serve the admin web.")] = False,
+) -> None:
+    """Run the agent (and the admin web) until SIGINT or SIGTERM, then stop cleanly."""
     from agent.app import Agent
 
     settings = _settings(config)
-    agent = Agent.build(settings)
+    agent = Agent.build(settings, web=settings.web.enabled and not no_web)
     done = threading.Event()
 
     def _stop(signum: int, _frame: Any) -> None:
@@ -225,6 +230,24 @@ def db_upgrade(config: ConfigOpt = None) -> None:
     typer.echo(f"database at revision {current_revision(db)}")
 
 
+@db_app.command("backup")
+def db_backup(
+    dest: Annotated[Path, typer.Argument(help="Backup file, or a folder for a dated file.")],
+    config: ConfigOpt = None,
+) -> None:
+    """Consistent online backup of the SQLite database (safe while serving)."""
+    from agent.app import open_database
+    from agent.audit import trail
+    from agent.ops.backup import backup_sqlite
+
+    settings = _settings(config)
+    db = open_database(settings)
+    out = backup_sqlite(settings.database_url, dest)
+    with db.transaction() as s:
+        trail.append(s, "export", actor="strnet-cli", action="R", object_type="database", detail={"backup": out.name})
+    typer.echo(f"backup written: {out} ({out.stat().st_size} bytes)")
+
+
 @db_app.command("verify-audit")
 def db_verify_audit(config: ConfigOpt = None) -> None:
     """Verify the audit trail's hash chain; exit 1 when it is broken."""
@@ -261,6 +284,23 @@ def config_docs(out: Annotated[Path | None, typer.Option(help="Write here instea
 
 
 @app.command()
+def doctor(config: ConfigOpt = None) -> None:
+    """Check configuration, database, audit chain, spool space, model and every PACS (C-ECHO)."""
+    from agent.ops.doctor import run_checks
+
+    settings = _settings(config)
+    source = str(config) if config else ("agent.toml" if Path("agent.toml").is_file() else "built-in defaults")
+    checks = run_checks(settings, source)
+    for c in checks:
+        typer.echo(f"{'OK  ' if c.ok else 'FAIL'}  {c.name:<16} {c.detail}")
+    failed = [c.name for c in checks if not c.ok]
+    if failed:
+        typer.echo(f"doctor: {len(failed)} check(s) failed: {', '.join(failed)}")
+        raise typer.Exit(1)
+    typer.echo(f"doctor: all {len(checks)} checks OK")
+
+
+@app.command()
 def demo(
     keep: Annotated[bool, typer.Option(help="Keep the temporary folder for inspection.")] = False,
     weights: Annotated[Path | None, typer.Option(help="STR-Net checkpoint (default: the shipped one).")] = None,
@@ -271,10 +311,40 @@ def demo(
     raise typer.Exit(run_demo(keep=keep, weights=weights, echo=typer.echo))
 
 
+def model_install(
+    path: Annotated[Path, typer.Argument(help="Checkpoint metadata JSON (its .safetensors beside it).")],
+    config: ConfigOpt = None,
+) -> None:
+    """Verify a checkpoint and make it the served model (a running agent swaps before its next batch)."""
+    from agent.app import open_database
+    from agent.audit import trail
+    from agent.pipeline.models import install
+
+    settings = _settings(config)
+    meta = install(settings, path)
+    db = open_database(settings)
+    with db.transaction() as s:
+        trail.append(s, "application_activity", actor="strnet-cli", action="U", object_type="model",
+                     object_id=str(meta["model_version"]),
+                     detail={"activity": "model_install", "weights_sha256": meta["weights_sha256"]})
+    typer.echo(f"installed {meta['model_version']} (sha256 {meta['weights_sha256']})")
+
+
+def model_info(config: ConfigOpt = None) -> None:
+    """Show the checkpoint the agent serves: version, hash, thresholds, preprocessing."""
+    from agent.pipeline.models import describe, served_weights
+
+    settings = _settings(config)
+    typer.echo(json.dumps(describe(served_weights(settings)), indent=2))
+
+
 def _mount_model_commands() -> None:
     from model.cli import app as model_app
 
-    app.add_typer(model_app, name="model", help="STR-Net: synthesise, train, evaluate, calibrate, predict.")
+    # agent-side commands (audit, data_dir) join the model group; model/ never imports agent
+    model_app.command("install")(model_install)
+    model_app.command("info")(model_info)
+    app.add_typer(model_app, name="model", help="STR-Net: synthesise, train, evaluate, calibrate, predict, install, info.")
 
 
 def main() -> None:

@@ -62,6 +62,11 @@ class AgentSection(_Section):
         "auto", description="auto: JSON when stderr is not a terminal, readable text when it is."
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
+    db_busy_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="How long a database write waits for another writer's lock before it fails (C-STORE 0xA700).",
+    )
     site_salt: str = Field(
         "strnet",
         description="Salt for the hashed study identifiers written to logs (set one per site).",
@@ -109,6 +114,15 @@ class PacsSection(_Section):
     host: str = Field(description="Address of the destination.")
     port: int = Field(ge=1, le=65535, description="Port of the destination.")
     calling_ae_title: str | None = Field(None, description="Our AE title towards it; default scp.ae_title.")
+    tls: bool = Field(False, description="Send to this destination over TLS (1.2 or later), verifying its certificate.")
+    ca_file: Path | None = Field(
+        None, description="PEM CA bundle that verifies the destination's certificate; default: the system store."
+    )
+    cert_file: Path | None = Field(None, description="PEM client certificate chain, when the destination asks for one.")
+    key_file: Path | None = Field(None, description="PEM private key for cert_file.")
+    tls_server_name: str | None = Field(
+        None, description="Name the destination's certificate must carry; default: host."
+    )
 
     _ae = field_validator("ae_title")(_check_ae_title)
     _host = field_validator("host")(_check_host)
@@ -163,9 +177,33 @@ class RetentionSection(_Section):
     )
 
 
+class BackupSection(_Section):
+    enabled: bool = Field(True, description="Back up the database on a schedule while serving.")
+    folder: Path | None = Field(None, description="Where backups go; default data_dir/backups.")
+    every_hours: float = Field(24.0, gt=0, description="Time between scheduled backups.")
+    keep_days: float = Field(14.0, gt=0, description="Scheduled backups older than this are deleted.")
+
+
+class DigestSection(_Section):
+    folder: Path | None = Field(
+        None, description="Write a daily CSV of newly flagged patients here (PHI: a protected share); unset = off."
+    )
+    hour_utc: int = Field(6, ge=0, le=23, description="Hour (UTC) at which the daily digest is written.")
+
+
 class WebSection(_Section):
+    enabled: bool = Field(True, description="Serve the admin web from `strnet serve` (`--no-web` turns it off).")
     bind: str = Field("127.0.0.1", description="Address of the admin web.")
     port: int = Field(8080, ge=1, le=65535, description="Port of the admin web.")
+    tls_cert_file: Path | None = Field(None, description="PEM certificate chain: serve the admin web over HTTPS.")
+    tls_key_file: Path | None = Field(None, description="PEM private key for tls_cert_file.")
+    behind_tls_proxy: bool = Field(
+        False, description="A reverse proxy terminates TLS in front of the web: cookies are marked Secure."
+    )
+    session_secret: str | None = Field(
+        None, description="Key that signs the login-form token; default: a random key kept in data_dir/web_secret."
+    )
+    idle_timeout_s: float = Field(900.0, gt=0, description="Idle time after which a web session is logged off.")
 
     _host = field_validator("bind")(_check_host)
 
@@ -190,6 +228,8 @@ class Settings(BaseSettings):
     reporting: ReportingSection = Field(default_factory=ReportingSection)
     sender: SenderSection = Field(default_factory=SenderSection)
     retention: RetentionSection = Field(default_factory=RetentionSection)
+    backup: BackupSection = Field(default_factory=BackupSection)
+    digest: DigestSection = Field(default_factory=DigestSection)
     web: WebSection = Field(default_factory=WebSection)
 
     @classmethod
@@ -215,6 +255,10 @@ class Settings(BaseSettings):
     @property
     def spool_dir(self) -> Path:
         return self.agent.data_dir / "spool"
+
+    @property
+    def backup_dir(self) -> Path:
+        return self.backup.folder or self.agent.data_dir / "backups"
 
     @property
     def results_dir(self) -> Path:
@@ -270,6 +314,14 @@ def _check_consistency(settings: Settings) -> None:
         raise ConfigError("scp.tls.cert_file", "TLS is enabled but cert_file or key_file is missing")
     if tls.require_client_cert and tls.ca_file is None:
         raise ConfigError("scp.tls.ca_file", "client certificates are required but no ca_file is set")
+    web = settings.web
+    if (web.tls_cert_file is None) != (web.tls_key_file is None):
+        raise ConfigError("web.tls_cert_file", "set both tls_cert_file and tls_key_file, or neither")
+    for i, dest in enumerate(settings.pacs):
+        if (dest.cert_file is None) != (dest.key_file is None):
+            raise ConfigError(f"pacs[{i}].cert_file", "set both cert_file and key_file, or neither")
+        if not dest.tls and (dest.ca_file or dest.cert_file):
+            raise ConfigError(f"pacs[{i}].tls", "ca_file/cert_file are set but tls is false")
     names = [p.name for p in settings.pacs]
     if len(names) != len(set(names)):
         raise ConfigError("pacs.name", "destination names must be unique")

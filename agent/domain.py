@@ -8,7 +8,7 @@ from datetime import datetime
 from typing import Any
 
 
-class JobState(str, enum.Enum):
+class JobState(enum.StrEnum):
     """Lifecycle of one received instance (DESIGN.md section 2)."""
 
     RECEIVED = "RECEIVED"

@@ -17,10 +17,22 @@ import structlog
 # Field names that denote PHI; values under these keys never reach a log line.
 PHI_KEYS = frozenset(
     {
-        "patient_name", "patientname", "patient_id", "patientid", "patient_birth_date",
-        "patientbirthdate", "birth_date", "patient_address", "accession_number",
-        "accessionnumber", "other_patient_ids", "referring_physician_name", "institution_name",
-        "patient", "dataset", "ds",
+        "patient_name",
+        "patientname",
+        "patient_id",
+        "patientid",
+        "patient_birth_date",
+        "patientbirthdate",
+        "birth_date",
+        "patient_address",
+        "accession_number",
+        "accessionnumber",
+        "other_patient_ids",
+        "referring_physician_name",
+        "institution_name",
+        "patient",
+        "dataset",
+        "ds",
     }
 )
 
@@ -57,9 +69,7 @@ def configure_logging(level: str = "info", fmt: str = "auto", salt: str = "strne
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         scrub_phi,
     ]
-    renderer: Any = (
-        structlog.processors.JSONRenderer() if as_json else structlog.dev.ConsoleRenderer(colors=False)
-    )
+    renderer: Any = structlog.processors.JSONRenderer() if as_json else structlog.dev.ConsoleRenderer(colors=False)
     structlog.configure(
         processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
         logger_factory=structlog.stdlib.LoggerFactory(),

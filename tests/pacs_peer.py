@@ -9,11 +9,10 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from conftest import free_port
 from pydicom.dataset import Dataset
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-
-from conftest import free_port
 
 PACS_AET = "TESTPACS"
 
@@ -21,7 +20,9 @@ PACS_AET = "TESTPACS"
 class PacsPeer:
     """Receives C-STOREs; ``answer`` decides each status (default Success)."""
 
-    def __init__(self, answer: Callable[[Dataset], int] | None = None, allowed_calling: list[str] | None = None) -> None:
+    def __init__(
+        self, answer: Callable[[Dataset], int] | None = None, allowed_calling: list[str] | None = None
+    ) -> None:
         self.port = free_port()
         self.received: list[Dataset] = []
         self.statuses: list[int] = []

@@ -58,8 +58,9 @@ def config_port(config: Path) -> int:
 class ServeProcess:
     """``strnet serve --config FILE`` with its stderr captured to a file."""
 
-    def __init__(self, config: Path, log_path: Path) -> None:
+    def __init__(self, config: Path, log_path: Path, args: tuple[str, ...] = ()) -> None:
         self.config = config
+        self.args = args
         self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
@@ -67,8 +68,11 @@ class ServeProcess:
     def start(self, timeout_s: float = 30.0) -> ServeProcess:
         self._log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "agent", "serve", "--config", str(self.config)],
-            stdout=self._log, stderr=self._log, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            [sys.executable, "-m", "agent", "serve", "--config", str(self.config), *self.args],
+            stdout=self._log,
+            stderr=self._log,
+            # the admin web on a free port unless the test chose one
+            env={"STRNET_WEB__PORT": str(free_port()), **os.environ, "PYTHONUNBUFFERED": "1"},
         )
         deadline = time.monotonic() + timeout_s
         port = config_port(self.config)

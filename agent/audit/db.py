@@ -26,15 +26,19 @@ MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 BUSY_TIMEOUT_MS = 10_000
 
 
-def make_engine(url: str) -> Engine:
-    """Create the engine; for SQLite apply the durability pragmas on every connection."""
+def make_engine(url: str, busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> Engine:
+    """Create the engine; for SQLite apply the durability pragmas on every connection.
+
+    ``busy_timeout_ms`` is how long a writer waits for another writer's lock before the write fails
+    (a C-STORE then answers out of resources): a setting, so a test can hold a lock past it.
+    """
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(
             url,
-            connect_args={"timeout": BUSY_TIMEOUT_MS / 1000, "check_same_thread": False},
+            connect_args={"timeout": busy_timeout_ms / 1000, "check_same_thread": False},
             pool_size=8,
             max_overflow=16,
         )
@@ -46,7 +50,7 @@ def make_engine(url: str) -> Engine:
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA synchronous=FULL")
-            cur.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+            cur.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.close()
 
@@ -63,13 +67,11 @@ def make_engine(url: str) -> Engine:
 class Database:
     """The engine and a session factory; ``transaction()`` wraps errors in our own types."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> None:
         self.url = url
-        self.engine = make_engine(url)
+        self.engine = make_engine(url, busy_timeout_ms)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
-        self._read_sessions = sessionmaker(
-            self.engine.execution_options(strnet_read_only=True), expire_on_commit=False
-        )
+        self._read_sessions = sessionmaker(self.engine.execution_options(strnet_read_only=True), expire_on_commit=False)
 
     @property
     def dialect(self) -> str:

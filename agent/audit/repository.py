@@ -31,8 +31,13 @@ def upsert_flag(session: Session, study: Study, result: Result) -> FlaggedPatien
     row = session.execute(select(FlaggedPatient).where(FlaggedPatient.patient_key == key)).scalar_one_or_none()
     if row is None:
         row = FlaggedPatient(
-            patient_key=key, status="new", first_flagged_at=now, last_flagged_at=now,
-            last_study_id=study.id, probability=result.probability, t_score=result.t_score,
+            patient_key=key,
+            status="new",
+            first_flagged_at=now,
+            last_flagged_at=now,
+            last_study_id=study.id,
+            probability=result.probability,
+            t_score=result.t_score,
         )
         session.add(row)
         change = "flagged"
@@ -53,8 +58,12 @@ def upsert_flag(session: Session, study: Study, result: Result) -> FlaggedPatien
     row.t_score = result.t_score
     session.flush()
     trail.append(
-        session, "patient_record", actor="strnet-worker", action="C" if change == "flagged" else "U",
-        object_type="flagged_patient", object_id=str(row.id),
+        session,
+        "patient_record",
+        actor="strnet-worker",
+        action="C" if change == "flagged" else "U",
+        object_type="flagged_patient",
+        object_id=str(row.id),
         detail={"change": change, "study_id": study.id, "result_id": result.id, "status": row.status},
     )
     return row
@@ -93,11 +102,23 @@ def list_flagged(db: Database, status: str | None = None, since: datetime | None
                 .where(Result.bone_loss.is_(True))
                 .where((Study.patient_id == r.patient_id) if r.patient_id else (Study.id == r.last_study_id))
             ).scalar_one()
-            out.append(FlaggedView(
-                r.id, r.patient_id, r.patient_name, r.patient_birth_date, r.patient_sex, r.status,
-                r.first_flagged_at, r.last_flagged_at, r.last_study_date, r.probability, r.severity,
-                r.t_score, int(n),
-            ))
+            out.append(
+                FlaggedView(
+                    r.id,
+                    r.patient_id,
+                    r.patient_name,
+                    r.patient_birth_date,
+                    r.patient_sex,
+                    r.status,
+                    r.first_flagged_at,
+                    r.last_flagged_at,
+                    r.last_study_date,
+                    r.probability,
+                    r.severity,
+                    r.t_score,
+                    int(n),
+                )
+            )
         return out
 
 
@@ -124,7 +145,16 @@ def study_results(db: Database, study_instance_uid: str) -> list[StudyResultView
             .order_by(Result.id)
         ).all()
         return [
-            StudyResultView(uid, i.sop_instance_uid, i.laterality, r.probability, r.bone_loss, r.severity,
-                            r.t_score, r.t_score_low, r.t_score_high)
+            StudyResultView(
+                uid,
+                i.sop_instance_uid,
+                i.laterality,
+                r.probability,
+                r.bone_loss,
+                r.severity,
+                r.t_score,
+                r.t_score_low,
+                r.t_score_high,
+            )
             for r, i, uid in rows
         ]

@@ -102,9 +102,11 @@ def verify(session: Session, batch: int = 5000) -> ChainReport:
     count = 0
     last_id = 0
     while True:
-        rows = session.execute(
-            select(AuditEvent).where(AuditEvent.id > last_id).order_by(AuditEvent.id).limit(batch)
-        ).scalars().all()
+        rows = (
+            session.execute(select(AuditEvent).where(AuditEvent.id > last_id).order_by(AuditEvent.id).limit(batch))
+            .scalars()
+            .all()
+        )
         if not rows:
             return ChainReport(ok=True, events=count)
         for ev in rows:

@@ -47,8 +47,9 @@ def pick_studies(manifest: Path) -> list[DemoStudy]:
     for uid, films in by_study.items():
         label = "bone loss" if films[0]["label"] == "1" else "normal"
         if label not in chosen and len(films) >= 2:
-            chosen[label] = DemoStudy(f"{label} (T {float(films[0]['t_score']):+.1f})", uid,
-                                      [manifest.parent / f["path"] for f in films])
+            chosen[label] = DemoStudy(
+                f"{label} (T {float(films[0]['t_score']):+.1f})", uid, [manifest.parent / f["path"] for f in films]
+            )
     return [chosen[k] for k in ("bone loss", "normal") if k in chosen]
 
 
@@ -81,7 +82,9 @@ def wait_until(cond: Callable[[], bool], timeout_s: float) -> bool:
     return False
 
 
-def run_demo(keep: bool = False, weights: Path | None = None, timeout_s: float = 180.0, echo: Callable[[str], Any] = print) -> int:
+def run_demo(
+    keep: bool = False, weights: Path | None = None, timeout_s: float = 180.0, echo: Callable[[str], Any] = print
+) -> int:
     from agent.app import Agent
     from agent.audit.repository import list_flagged, study_results
     from agent.logging import configure_logging
@@ -102,7 +105,8 @@ def run_demo(keep: bool = False, weights: Path | None = None, timeout_s: float =
         orthanc.start()
         echo(f"  Orthanc (PACS) on DICOM port {orthanc.dicom_port}, HTTP port {orthanc.http_port}")
         settings = load_settings(
-            None, search_default=False,
+            None,
+            search_default=False,
             agent={"data_dir": str(work / "var"), "min_free_disk_mb": 100, "log_level": "warning"},
             scp={"ae_title": "STRNET", "port": agent_port, "peers": [{"ae_title": "ORTHANC", "host": "127.0.0.1"}]},
             pacs=[{"name": "orthanc", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": orthanc.dicom_port}],
@@ -113,8 +117,10 @@ def run_demo(keep: bool = False, weights: Path | None = None, timeout_s: float =
         t_load = time.monotonic()
         agent = Agent.build(settings)
         agent.start()
-        echo(f"  agent STRNET on port {agent_port}, model {agent.worker.screener.algorithm.version} "
-             f"loaded in {time.monotonic() - t_load:.1f} s")
+        echo(
+            f"  agent STRNET on port {agent_port}, model {agent.worker.screener.algorithm.version} "
+            f"loaded in {time.monotonic() - t_load:.1f} s"
+        )
         for st in studies:
             for f in st.files:
                 orthanc.upload(f)
@@ -124,20 +130,28 @@ def run_demo(keep: bool = False, weights: Path | None = None, timeout_s: float =
         echo(f"  Orthanc routed {sum(len(s.files) for s in studies)} instances in {len(studies)} studies to the agent")
 
         def sr_arrived(st: DemoStudy) -> bool:
-            if st.sr_seconds is None and any(i["SOPClassUID"] in SR_CLASSES for i in orthanc.instances_of_study(st.study_uid)):
+            if st.sr_seconds is None and any(
+                i["SOPClassUID"] in SR_CLASSES for i in orthanc.instances_of_study(st.study_uid)
+            ):
                 st.sr_seconds = time.monotonic() - st.routed_at
             return st.sr_seconds is not None
 
         knee = [s for s in studies if s.knee]
         ok = wait_until(lambda: all([sr_arrived(s) for s in knee]), timeout_s)
         echo("")
-        echo(f"{'STUDY (synthetic truth)':<26} {'RESULT':<22} {'P(BONE LOSS)':>12} {'T-SCORE (90% interval)':>24} {'SR IN PACS':>11} {'OVERLAYS':>8}")
+        echo(
+            f"{'STUDY (synthetic truth)':<26} {'RESULT':<22} {'P(BONE LOSS)':>12} {'T-SCORE (90% interval)':>24} {'SR IN PACS':>11} {'OVERLAYS':>8}"
+        )
         for st in studies:
             if not st.knee:
                 jobs = [j for j in list_jobs(agent.db) if j.study_instance_uid == st.study_uid]
                 reason = jobs[0].reason if jobs else "not received"
-                in_pacs = [i for i in orthanc.instances_of_study(st.study_uid) if i["SOPClassUID"] in SR_CLASSES | {SC_CLASS}]
-                echo(f"{st.label:<26} {'SKIPPED':<22} {'-':>12} {'-':>24} {'none' if not in_pacs else 'SENT!':>11} {len(in_pacs):>8}")
+                in_pacs = [
+                    i for i in orthanc.instances_of_study(st.study_uid) if i["SOPClassUID"] in SR_CLASSES | {SC_CLASS}
+                ]
+                echo(
+                    f"{st.label:<26} {'SKIPPED':<22} {'-':>12} {'-':>24} {'none' if not in_pacs else 'SENT!':>11} {len(in_pacs):>8}"
+                )
                 echo(f"{'':<26}   reason: {reason}")
                 continue
             res = study_results(agent.db, st.study_uid)
@@ -148,15 +162,19 @@ def run_demo(keep: bool = False, weights: Path | None = None, timeout_s: float =
             verdict = f"BONE LOSS ({top.severity})" if any(r.bone_loss for r in res) else "no bone loss"
             overlays = sum(i["SOPClassUID"] == SC_CLASS for i in orthanc.instances_of_study(st.study_uid))
             sr = f"{st.sr_seconds:.1f} s" if st.sr_seconds is not None else "missing"
-            echo(f"{st.label:<26} {verdict:<22} {top.probability:>12.3f} "
-                 f"{f'{top.t_score:+.1f} ({top.t_score_low:+.1f} to {top.t_score_high:+.1f})':>24} {sr:>11} {overlays:>8}")
+            echo(
+                f"{st.label:<26} {verdict:<22} {top.probability:>12.3f} "
+                f"{f'{top.t_score:+.1f} ({top.t_score_low:+.1f} to {top.t_score_high:+.1f})':>24} {sr:>11} {overlays:>8}"
+            )
         echo("  (seconds from routing to the SR stored in Orthanc include the 2 s quiet period)")
         echo("")
         flagged = list_flagged(agent.db)
         echo(f"Flagged patients ({len(flagged)}):")
         for f in flagged:
-            echo(f"  {f.patient_id:<12} {f.patient_name or '':<26} {f.status:<6} P={f.probability:.3f} "
-                 f"{f.severity or '':<12} T={f.t_score:+.1f} studies={f.studies}")
+            echo(
+                f"  {f.patient_id:<12} {f.patient_name or '':<26} {f.status:<6} P={f.probability:.3f} "
+                f"{f.severity or '':<12} T={f.t_score:+.1f} studies={f.studies}"
+            )
         if not ok:
             echo("demo FAILED: not every knee study got its SR back in time")
             return 1

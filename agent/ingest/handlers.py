@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from io import BytesIO
 
@@ -15,7 +16,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import UID
 
-from agent import failpoints
+from agent import failpoints, metrics
 from agent.audit.db import Database
 from agent.domain import IncomingInstance, InstanceRef, JobState, StoreOutcome
 from agent.errors import StorageError, StoreRefused
@@ -67,6 +68,10 @@ def _text(ds: Dataset, keyword: str, limit: int) -> str | None:
     return str(value)[:limit]
 
 
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
 class Ingestor:
     """Keeps the durability contract of DESIGN.md section 6 for each incoming instance."""
 
@@ -75,6 +80,8 @@ class Ingestor:
         self.spool = spool
         self.rules = rules
         self.max_instance_bytes = max_instance_bytes
+        # hashlib releases the GIL on large buffers: hash while the spool write and fsync run
+        self._hasher = ThreadPoolExecutor(max_workers=4, thread_name_prefix="strnet-sha")
 
     def store(self, req: StoreRequest) -> tuple[int, StoreOutcome | None]:
         """Return (DIMSE status, outcome); Success only once the job row is committed."""
@@ -83,8 +90,11 @@ class Ingestor:
             outcome = self._store(req)
         except StoreRefused as exc:
             log.warning(
-                "instance_refused", status=status.name(exc.status), reason=exc.reason,
-                calling_ae=req.calling_ae, bytes=len(req.raw),
+                "instance_refused",
+                status=status.name(exc.status),
+                reason=exc.reason,
+                calling_ae=req.calling_ae,
+                bytes=len(req.raw),
                 sop_instance_uid=req.sop_instance_uid if validate.valid_uid(req.sop_instance_uid) else None,
             )
             return exc.status, None
@@ -92,12 +102,18 @@ class Ingestor:
             log.error("instance_not_kept", reason=str(exc), calling_ae=req.calling_ae)
             return status.OUT_OF_RESOURCES, None
         log.info(
-            "instance_received", job_id=outcome.job_id, sop_instance_uid=req.sop_instance_uid,
+            "instance_received",
+            job_id=outcome.job_id,
+            sop_instance_uid=req.sop_instance_uid,
             study_instance_uid=str(req.dataset.get("StudyInstanceUID", "")),
-            calling_ae=req.calling_ae, bytes=len(req.raw), state=outcome.state.value,
-            duplicate=outcome.duplicate, conflict=outcome.conflict,
+            calling_ae=req.calling_ae,
+            bytes=len(req.raw),
+            state=outcome.state.value,
+            duplicate=outcome.duplicate,
+            conflict=outcome.conflict,
             ms=round((time.perf_counter() - t0) * 1000, 1),
         )
+        metrics.INSTANCES_RECEIVED.labels("duplicate" if outcome.duplicate else outcome.state.value.lower()).inc()
         return status.SUCCESS, outcome
 
     def _store(self, req: StoreRequest) -> StoreOutcome:
@@ -105,18 +121,25 @@ class Ingestor:
             raise StoreRefused(status.OUT_OF_RESOURCES, "instance larger than the configured maximum")
         ds = req.dataset
         validate.parse_fully(ds)
+        validate.check_no_file_meta(ds)
         validate.check_identifiers(ds, req.sop_class_uid, req.sop_instance_uid)
         validate.check_pixel_data(ds, req.transfer_syntax)
-        sha = hashlib.sha256(req.raw).hexdigest()
         prior = store.existing_contents(self.db, req.sop_instance_uid)
-        if sha in prior:
-            return StoreOutcome(prior[sha], duplicate=True, conflict=False, state=JobState.QUEUED)
+        hashing = None
+        if prior:  # a resend: recognise an identical copy before writing anything
+            sha = _sha256(req.raw)
+            if sha in prior:
+                return StoreOutcome(prior[sha], duplicate=True, conflict=False, state=JobState.QUEUED)
+        else:
+            hashing = self._hasher.submit(_sha256, req.raw)
         head = file_meta_bytes(req)
         if not self.spool.has_room_for(len(head) + len(req.raw)):
             raise StoreRefused(status.OUT_OF_RESOURCES, "free disk space below the watermark")
         failpoints.hit("before_fsync")
         rel = self.spool.write([head, req.raw])
         failpoints.hit("after_fsync")
+        if hashing is not None:
+            sha = hashing.result()
         try:
             outcome = store.record_instance(self.db, self.incoming(req, rel, sha))
         except BaseException:

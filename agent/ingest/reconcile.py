@@ -24,6 +24,7 @@ from agent.queue import store
 
 log = get_logger(__name__)
 
+
 @dataclass(frozen=True)
 class ReconcileReport:
     partials_removed: int
@@ -59,9 +60,7 @@ def adopt(ingestor: Ingestor, spool: Spool, rel: str) -> bool:
             calling_ae=calling_ae,
             peer_host=None,
         )
-        outcome = store.record_instance(
-            ingestor.db, ingestor.incoming(req, rel, hashlib.sha256(raw).hexdigest())
-        )
+        outcome = store.record_instance(ingestor.db, ingestor.incoming(req, rel, hashlib.sha256(raw).hexdigest()))
     except Exception as exc:
         spool.quarantine(rel)
         log.error("spool_file_quarantined", file=path.name, error=exc.__class__.__name__)

@@ -10,23 +10,17 @@ from __future__ import annotations
 import ssl
 import threading
 import time
+import zlib
 from collections import Counter
+from io import BytesIO
 from typing import Any
 
-from pynetdicom import AE, evt
-from pynetdicom.events import Event
-from pynetdicom.sop_class import (  # type: ignore[attr-defined]
-    ComputedRadiographyImageStorage,
-    DigitalXRayImageStorageForProcessing,
-    DigitalXRayImageStorageForPresentation,
-    Verification,
-)
-from pynetdicom.transport import ThreadedAssociationServer
 from pydicom.uid import (
+    JPEG2000,
+    UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
-    JPEG2000,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
@@ -34,11 +28,21 @@ from pydicom.uid import (
     JPEGLSLossless,
     JPEGLSNearLossless,
     RLELossless,
-    UID,
 )
 from pydicom.uid import JPEGLossless as JPEGLosslessP14
+from pynetdicom import AE, evt
+from pynetdicom.dsutils import decode as decode_dataset
+from pynetdicom.events import Event
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    ComputedRadiographyImageStorage,
+    DigitalXRayImageStorageForPresentation,
+    DigitalXRayImageStorageForProcessing,
+    Verification,
+)
+from pynetdicom.transport import ThreadedAssociationServer
 
 from agent.config import ScpSection
+from agent.errors import StoreRefused
 from agent.ingest.handlers import Ingestor, StoreRequest
 from agent.logging import get_logger
 from agent.pacs import status
@@ -102,7 +106,9 @@ def handle_requested(event: Event, peers: dict[str, set[str]]) -> None:
     host = event.assoc.requestor.address
     allowed = peers.get(ae)
     if allowed is None or host not in allowed:
-        log.warning("association_refused", calling_ae=ae, peer_host=host, reason="calling AE not allowed from this host")
+        log.warning(
+            "association_refused", calling_ae=ae, peer_host=host, reason="calling AE not allowed from this host"
+        )
         event.assoc.acse.send_reject(0x01, 0x01, 0x03)  # permanent, service user, calling AE not recognised
         event.assoc.kill()
 
@@ -121,21 +127,107 @@ def handle_rejected(event: Event) -> None:
     log.warning("association_rejected", peer_host=event.assoc.requestor.address)
 
 
+class RecvGuard:
+    """Caps what one connection may make pynetdicom buffer (the PDU-length guard).
+
+    pynetdicom reads a PDU of whatever length the peer announces (``dul._read_pdu_data`` calls
+    ``recv(pdu_length)``, which keeps appending until that many bytes arrived), and it keeps the
+    P-DATA fragments of a DIMSE message in memory until the message is complete. Without a cap a
+    peer announcing a 2 GB PDU, or streaming endless fragments, grows the process until it dies.
+    Asking for more than ``limit_bytes`` in one read, or receiving more than that since the last
+    complete message, raises OSError: pynetdicom treats it as a closed connection (Evt17).
+    """
+
+    def __init__(self, recv: Any, limit_bytes: int) -> None:
+        self._recv = recv
+        self.limit_bytes = limit_bytes
+        self.since_message = 0
+
+    def __call__(self, nr_bytes: int) -> bytearray:
+        if nr_bytes > self.limit_bytes or self.since_message + nr_bytes > self.limit_bytes:
+            log.warning("connection_closed_pdu_too_large", announced_bytes=nr_bytes, limit_bytes=self.limit_bytes)
+            raise OSError("PDU or message larger than the configured maximum")
+        data: bytearray = self._recv(nr_bytes)
+        self.since_message += len(data)
+        return data
+
+    def message_done(self) -> None:
+        self.since_message = 0
+
+
+def handle_conn_open(event: Event, limit_bytes: int, network_timeout_s: float) -> None:
+    """Install the RecvGuard on the new connection's socket, before any PDU is read.
+
+    Also give the accepted socket a timeout: pynetdicom leaves it blocking, so a peer that sends
+    half a PDU and then nothing would hold its thread forever inside ``recv``. With the timeout
+    the read fails after ``network_timeout_s`` and pynetdicom closes the connection.
+    """
+    sock = event.assoc.dul.socket
+    if sock is None:
+        return
+    raw = getattr(sock, "socket", None)
+    if raw is not None:
+        raw.settimeout(network_timeout_s)
+    if not isinstance(getattr(sock, "recv", None), RecvGuard):
+        sock.recv = RecvGuard(sock.recv, limit_bytes)
+
+
+def _message_done(event: Event) -> None:
+    sock = getattr(event.assoc.dul, "socket", None)
+    guard = getattr(sock, "recv", None)
+    if isinstance(guard, RecvGuard):
+        guard.message_done()
+
+
 def handle_echo(event: Event) -> int:
+    _message_done(event)
     log.info("echo_received", calling_ae=_calling_ae(event))
     return status.SUCCESS
 
 
+def inflate_capped(raw: bytes, max_bytes: int) -> bytes:
+    """Inflate a Deflated Explicit VR Little Endian dataset, refusing output beyond ``max_bytes``.
+
+    pynetdicom's ``event.dataset`` calls ``zlib.decompress`` without a limit: a few kilobytes can
+    expand to gigabytes (a deflate bomb). Refused with out of resources, like an oversized instance.
+    """
+    d = zlib.decompressobj(-zlib.MAX_WBITS)
+    try:
+        out = d.decompress(raw, max_bytes + 1)
+    except zlib.error:
+        raise StoreRefused(status.CANNOT_UNDERSTAND, "deflated dataset cannot be inflated") from None
+    if len(out) > max_bytes or d.unconsumed_tail:
+        raise StoreRefused(status.OUT_OF_RESOURCES, "inflated dataset larger than the configured maximum")
+    return out
+
+
+def _decode(event: Event, raw: bytes, ts: UID, max_bytes: int) -> Any:
+    if ts == DeflatedExplicitVRLittleEndian:
+        # decode the capped inflation ourselves instead of event.dataset (which inflates without limit)
+        return decode_dataset(BytesIO(inflate_capped(raw, max_bytes)), False, True)
+    return event.dataset
+
+
 def handle_store(event: Event, ingestor: Ingestor) -> int:
     """C-STORE: hand the request's parts to the ingestor and answer its status."""
+    _message_done(event)
     try:
         raw = event.encoded_dataset(include_meta=False)
         ts = UID(event.context.transfer_syntax)
         try:
-            ds = event.dataset
+            ds = _decode(event, raw, ts, ingestor.max_instance_bytes)
+        except StoreRefused as exc:
+            log.warning(
+                "instance_refused", status=status.name(exc.status), reason=exc.reason, calling_ae=_calling_ae(event)
+            )
+            return exc.status
         except Exception:
-            log.warning("instance_refused", status="cannot_understand", reason="dataset cannot be decoded",
-                        calling_ae=_calling_ae(event))
+            log.warning(
+                "instance_refused",
+                status="cannot_understand",
+                reason="dataset cannot be decoded",
+                calling_ae=_calling_ae(event),
+            )
             return status.CANNOT_UNDERSTAND
         req = StoreRequest(
             sop_class_uid=str(event.request.AffectedSOPClassUID),
@@ -165,6 +257,25 @@ def build_ae(cfg: ScpSection) -> AE:
     for sop_class in STORAGE_SOP_CLASSES:
         ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
     return ae
+
+
+class DeferredHandshakeContext:
+    """Hands pynetdicom's server an SSL context whose handshake runs in the connection's thread.
+
+    pynetdicom wraps each accepted socket with ``ssl_context.wrap_socket(sock, server_side=True)``
+    inside the accept loop, so the TLS handshake ran there: one client that connects and sends
+    nothing would stall every other connection. Here the socket gets the network timeout and the
+    handshake is deferred to the first read, in the association's own thread (a failed or slow
+    handshake then only closes that connection).
+    """
+
+    def __init__(self, ctx: ssl.SSLContext, timeout_s: float) -> None:
+        self.ctx = ctx
+        self.timeout_s = timeout_s
+
+    def wrap_socket(self, sock: Any, server_side: bool = True, **_: Any) -> ssl.SSLSocket:
+        sock.settimeout(self.timeout_s)
+        return self.ctx.wrap_socket(sock, server_side=server_side, do_handshake_on_connect=False)
 
 
 def tls_context(cfg: ScpSection) -> ssl.SSLContext | None:
@@ -197,7 +308,11 @@ class StorageSCP:
 
     def _handlers(self) -> list[Any]:
         t = self.tracker
+        # the most one PDU or message may make us buffer: an instance up to twice the size cap still gets
+        # its clear 0xA700 answer from the ingestor; anything beyond is cut off at the socket
+        limit = (2 * self.cfg.max_instance_mb + 1) * 1024 * 1024
         return [
+            (evt.EVT_CONN_OPEN, handle_conn_open, [limit, self.cfg.network_timeout_s]),
             (evt.EVT_REQUESTED, handle_requested, [self._peers]),
             (evt.EVT_ACCEPTED, handle_accepted, [t]),
             (evt.EVT_RELEASED, handle_closed, [t, "released"]),
@@ -207,16 +322,21 @@ class StorageSCP:
             (evt.EVT_C_STORE, handle_store, [self.ingestor]),
         ]
 
+    def _ssl_context(self) -> Any:
+        ctx = tls_context(self.cfg)
+        return None if ctx is None else DeferredHandshakeContext(ctx, self.cfg.network_timeout_s)
+
     def start(self) -> None:
         ae = build_ae(self.cfg)
         self._server = ae.start_server(
             (self.cfg.bind, self.cfg.port),
             block=False,
             evt_handlers=self._handlers(),
-            ssl_context=tls_context(self.cfg),
+            ssl_context=self._ssl_context(),
         )
-        log.info("scp_listening", ae_title=self.cfg.ae_title, bind=self.cfg.bind, port=self.port,
-                 tls=self.cfg.tls.enabled)
+        log.info(
+            "scp_listening", ae_title=self.cfg.ae_title, bind=self.cfg.bind, port=self.port, tls=self.cfg.tls.enabled
+        )
 
     @property
     def port(self) -> int:

@@ -49,6 +49,16 @@ def parse_fully(ds: Dataset) -> None:
         raise StoreRefused(status.CANNOT_UNDERSTAND, f"dataset cannot be parsed ({exc.__class__.__name__})") from None
 
 
+def check_no_file_meta(ds: Dataset) -> None:
+    """Refuse group 0002 elements inside the dataset.
+
+    The spool file carries our own file meta in front of the dataset bytes as received; a second
+    group 0002 after it would give readers two conflicting transfer syntaxes or UIDs.
+    """
+    if any(tag.group == 0x0002 for tag in ds.keys()):
+        raise StoreRefused(status.CANNOT_UNDERSTAND, "file meta (group 0002) elements inside the dataset")
+
+
 def check_identifiers(ds: Dataset, command_class_uid: str, command_instance_uid: str) -> None:
     """UIDs well formed, and the command's Affected SOP Class/Instance agree with the dataset."""
     check_uid(command_instance_uid, "Affected SOP Instance UID")

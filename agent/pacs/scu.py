@@ -6,15 +6,34 @@ one open until the network timeout.
 
 from __future__ import annotations
 
+import ssl
+from typing import TYPE_CHECKING
+
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from agent.pacs import status
 
+if TYPE_CHECKING:
+    from agent.config import PacsSection
 
-def echo(
-    host: str, port: int, called_aet: str, calling_aet: str, timeout_s: float = 10.0
-) -> tuple[bool, str]:
+
+def tls_args(dest: PacsSection) -> tuple[ssl.SSLContext, str] | None:
+    """(client context, expected server name) for ``ae.associate(tls_args=...)``; None without TLS.
+
+    TLS 1.2 or later, the destination's certificate verified against ``ca_file`` (or the system
+    store) and its name checked; a client certificate is presented when configured.
+    """
+    if not dest.tls:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(dest.ca_file) if dest.ca_file else None)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if dest.cert_file and dest.key_file:
+        ctx.load_cert_chain(str(dest.cert_file), str(dest.key_file))
+    return ctx, dest.tls_server_name or dest.host
+
+
+def echo(host: str, port: int, called_aet: str, calling_aet: str, timeout_s: float = 10.0) -> tuple[bool, str]:
     """Send one C-ECHO; return (ok, what happened in words)."""
     ae = AE(ae_title=calling_aet)
     ae.acse_timeout = timeout_s

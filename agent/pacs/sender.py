@@ -24,6 +24,7 @@ from agent.errors import StorageError
 from agent.ingest.spool import Spool
 from agent.logging import get_logger
 from agent.pacs import status
+from agent.pacs.scu import tls_args
 from agent.queue import outbox
 from agent.queue.outbox import DueItem
 
@@ -89,12 +90,20 @@ class Sender:
     def _transient(self, item: DueItem, status_name: str | None, error: str) -> None:
         if item.attempts >= self.cfg.max_attempts:
             outbox.dead(self.db, item.id, status_name, f"gave up after {item.attempts} attempts: {error}")
-            log.error("result_dead", outbox_id=item.id, destination=item.destination, error=error, attempts=item.attempts)
+            log.error(
+                "result_dead", outbox_id=item.id, destination=item.destination, error=error, attempts=item.attempts
+            )
             return
         when = outbox.next_attempt(item.attempts, self.cfg.backoff_base_s, self.cfg.backoff_max_s, self.jitter())
         outbox.retry_at(self.db, item.id, when, status_name, error)
-        log.warning("result_retry", outbox_id=item.id, destination=item.destination, error=error,
-                    attempt=item.attempts, next_attempt_at=when.isoformat())
+        log.warning(
+            "result_retry",
+            outbox_id=item.id,
+            destination=item.destination,
+            error=error,
+            attempt=item.attempts,
+            next_attempt_at=when.isoformat(),
+        )
 
     def _send_to(self, dest: PacsSection, items: list[DueItem]) -> None:
         ae = AE(ae_title=dest.calling_ae_title or self.default_calling_ae)
@@ -102,11 +111,22 @@ class Sender:
             setattr(ae, t, self.cfg.timeout_s)
         for sop_class in sorted({i.sop_class_uid for i in items}):
             ae.add_requested_context(sop_class, ExplicitVRLittleEndian)
-        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
+        try:
+            tls = tls_args(dest)
+        except (OSError, ValueError) as exc:  # unreadable CA/cert/key file: an operator must fix it
+            for item in items:
+                self._transient(item, None, f"TLS set-up failed: {exc}")
+            return
+        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls)
         if not assoc.is_established:
             permanent = assoc.is_rejected and getattr(assoc.acceptor.primitive, "result", None) == 0x01
-            reason = "association rejected permanently" if permanent else (
-                "association rejected (transient)" if assoc.is_rejected else "association failed (PACS unreachable)")
+            reason = (
+                "association rejected permanently"
+                if permanent
+                else (
+                    "association rejected (transient)" if assoc.is_rejected else "association failed (PACS unreachable)"
+                )
+            )
             log.warning("pacs_association_failed", destination=dest.name, reason=reason)
             for item in items:
                 if permanent:
@@ -151,7 +171,8 @@ class Sender:
             outbox.delivered(self.db, item.id, name)
             event = "sr_delivered" if item.kind == "sr" else "overlay_delivered"
             (log.warning if cls is status.StatusClass.WARNING else log.info)(
-                event, outbox_id=item.id, destination=dest.name, sop_instance_uid=item.sop_instance_uid, status=name)
+                event, outbox_id=item.id, destination=dest.name, sop_instance_uid=item.sop_instance_uid, status=name
+            )
         elif cls is status.StatusClass.TRANSIENT:
             self._transient(item, name, f"PACS answered {name}")
         else:

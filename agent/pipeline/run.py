@@ -43,9 +43,7 @@ class Failed:
 Outcome = Screened | Rejected | Failed
 
 
-def screen_batch(
-    jobs: list[LeasedJob], spool_path: Any, screener: Screener, max_pixels: int
-) -> list[Outcome]:
+def screen_batch(jobs: list[LeasedJob], spool_path: Any, screener: Screener, max_pixels: int) -> list[Outcome]:
     """Load, preprocess and score ``jobs`` together; one outcome per job, in order."""
     outcomes: dict[int, Outcome] = {}
     ready: list[tuple[LeasedJob, Any, np.ndarray, float]] = []
@@ -69,6 +67,10 @@ def screen_batch(
         else:
             per_image = infer_ms / len(ready)
             for (job, img, _, prep_ms), f in zip(ready, findings, strict=True):
-                timings = {"decode": round(img.decode_ms, 1), "preprocess": round(prep_ms, 1), "infer": round(per_image, 1)}
+                timings = {
+                    "decode": round(img.decode_ms, 1),
+                    "preprocess": round(prep_ms, 1),
+                    "infer": round(per_image, 1),
+                }
                 outcomes[job.job_id] = Screened(job, img.dataset, img.pixels, f, timings)
     return [outcomes[j.job_id] for j in jobs]

@@ -1,8 +1,9 @@
 """The outbox: result objects and their delivery state per destination.
 
-States: PENDING -> SENDING -> DELIVERED | RETRY(at) -> DEAD, and SHADOW (shadow mode: recorded,
-never sent). Every transition is one committed row change; SENDING rows found at start-up are
-sent again (the result UIDs are deterministic, so PACS deduplicates).
+States: PENDING -> SENDING -> DELIVERED | RETRY(at) -> DEAD (-> DISCARDED by an admin, with a
+reason), and SHADOW (shadow mode: recorded, never sent). Every transition is one committed row
+change; SENDING rows found at start-up are sent again (the result UIDs are deterministic, so PACS
+deduplicates).
 """
 
 from __future__ import annotations
@@ -19,13 +20,14 @@ from agent.audit.models import OutboxItem
 from agent.clock import utcnow
 
 
-class OutboxState(str, enum.Enum):
+class OutboxState(enum.StrEnum):
     PENDING = "PENDING"
     SENDING = "SENDING"
     DELIVERED = "DELIVERED"
     RETRY = "RETRY"
     DEAD = "DEAD"
     SHADOW = "SHADOW"
+    DISCARDED = "DISCARDED"  # a dead letter given up by an admin, with the reason in last_error
 
 
 @dataclass(frozen=True)
@@ -63,10 +65,16 @@ def add(session: Session, study_id: int, obj: OutgoingObject, destinations: list
             continue
         session.add(
             OutboxItem(
-                kind=obj.kind, study_id=study_id, destination=dest, sop_class_uid=obj.sop_class_uid,
-                sop_instance_uid=obj.sop_instance_uid, path=obj.path,
+                kind=obj.kind,
+                study_id=study_id,
+                destination=dest,
+                sop_class_uid=obj.sop_class_uid,
+                sop_instance_uid=obj.sop_instance_uid,
+                path=obj.path,
                 state=(OutboxState.PENDING if send else OutboxState.SHADOW).value,
-                attempts=0, created_at=now, updated_at=now,
+                attempts=0,
+                created_at=now,
+                updated_at=now,
             )
         )
         added += 1
@@ -77,13 +85,17 @@ def lease_due(db: Database, limit: int = 50) -> list[DueItem]:
     """Due PENDING/RETRY rows, marked SENDING."""
     now = utcnow()
     with db.transaction() as s:
-        rows = s.execute(
-            select(OutboxItem)
-            .where(OutboxItem.state.in_([OutboxState.PENDING.value, OutboxState.RETRY.value]))
-            .where((OutboxItem.next_attempt_at.is_(None)) | (OutboxItem.next_attempt_at <= now))
-            .order_by(OutboxItem.destination, OutboxItem.id)
-            .limit(limit)
-        ).scalars().all()
+        rows = (
+            s.execute(
+                select(OutboxItem)
+                .where(OutboxItem.state.in_([OutboxState.PENDING.value, OutboxState.RETRY.value]))
+                .where((OutboxItem.next_attempt_at.is_(None)) | (OutboxItem.next_attempt_at <= now))
+                .order_by(OutboxItem.destination, OutboxItem.id)
+                .limit(limit)
+            )
+            .scalars()
+            .all()
+        )
         out = []
         for r in rows:
             r.state = OutboxState.SENDING.value
@@ -100,8 +112,15 @@ def _set(db: Database, item_id: int, **values: object) -> None:
 
 
 def delivered(db: Database, item_id: int, status_name: str) -> None:
-    _set(db, item_id, state=OutboxState.DELIVERED.value, last_status=status_name, last_error=None,
-         delivered_at=utcnow(), next_attempt_at=None)
+    _set(
+        db,
+        item_id,
+        state=OutboxState.DELIVERED.value,
+        last_status=status_name,
+        last_error=None,
+        delivered_at=utcnow(),
+        next_attempt_at=None,
+    )
 
 
 def retry_at(db: Database, item_id: int, when: datetime, status_name: str | None, error: str) -> None:
@@ -118,7 +137,9 @@ def replay_dead(db: Database, study_ids: list[int] | None = None) -> int:
         q = update(OutboxItem).where(OutboxItem.state == OutboxState.DEAD.value)
         if study_ids is not None:
             q = q.where(OutboxItem.study_id.in_(study_ids))
-        res = s.execute(q.values(state=OutboxState.PENDING.value, attempts=0, next_attempt_at=None, updated_at=utcnow()))
+        res = s.execute(
+            q.values(state=OutboxState.PENDING.value, attempts=0, next_attempt_at=None, updated_at=utcnow())
+        )
         return res.rowcount  # type: ignore[attr-defined,no-any-return]
 
 
@@ -126,7 +147,8 @@ def requeue_sending(db: Database) -> int:
     """At start-up: a SENDING row was interrupted; send it again."""
     with db.transaction() as s:
         res = s.execute(
-            update(OutboxItem).where(OutboxItem.state == OutboxState.SENDING.value)
+            update(OutboxItem)
+            .where(OutboxItem.state == OutboxState.SENDING.value)
             .values(state=OutboxState.PENDING.value, updated_at=utcnow())
         )
         return res.rowcount  # type: ignore[attr-defined,no-any-return]
@@ -146,12 +168,18 @@ def items(db: Database, state: OutboxState | None = None) -> list[OutboxItem]:
 
 
 def undelivered_for_study(session: Session, study_id: int) -> int:
-    return int(session.execute(
-        select(func.count()).select_from(OutboxItem).where(
-            OutboxItem.study_id == study_id,
-            OutboxItem.state.not_in([OutboxState.DELIVERED.value, OutboxState.SHADOW.value]),
-        )
-    ).scalar_one())
+    return int(
+        session.execute(
+            select(func.count())
+            .select_from(OutboxItem)
+            .where(
+                OutboxItem.study_id == study_id,
+                OutboxItem.state.not_in(
+                    [OutboxState.DELIVERED.value, OutboxState.SHADOW.value, OutboxState.DISCARDED.value]
+                ),
+            )
+        ).scalar_one()
+    )
 
 
 def backoff_s(attempt: int, base_s: float, max_s: float, jitter: float) -> float:

@@ -87,36 +87,50 @@ def ready_studies(db: Database, quiet_period_s: float) -> list[ReadyStudy]:
     cutoff = utcnow() - timedelta(seconds=quiet_period_s)
     out: list[ReadyStudy] = []
     with db.reading() as s:
-        candidates = s.execute(
-            select(Study).where(Study.last_received_at <= cutoff)
-            .where(Study.id.in_(select(Result.study_id)))
-        ).scalars().all()
+        candidates = (
+            s.execute(
+                select(Study).where(Study.last_received_at <= cutoff).where(Study.id.in_(select(Result.study_id)))
+            )
+            .scalars()
+            .all()
+        )
         for study in candidates:
             pending = s.execute(
-                select(func.count()).select_from(Job).join(Instance, Instance.id == Job.instance_id)
+                select(func.count())
+                .select_from(Job)
+                .join(Instance, Instance.id == Job.instance_id)
                 .where(Instance.study_id == study.id, Job.state.not_in(TERMINAL))
             ).scalar_one()
             if pending:
                 continue
             results = s.execute(
-                select(Result.id, Instance.spool_path).join(Instance, Instance.id == Result.instance_id)
-                .where(Result.study_id == study.id).order_by(Instance.id)
+                select(Result.id, Instance.spool_path)
+                .join(Instance, Instance.id == Result.instance_id)
+                .where(Result.study_id == study.id)
+                .order_by(Instance.id)
             ).all()
             last = s.execute(
-                select(StudyReport).where(StudyReport.study_id == study.id).order_by(StudyReport.revision.desc()).limit(1)
+                select(StudyReport)
+                .where(StudyReport.study_id == study.id)
+                .order_by(StudyReport.revision.desc())
+                .limit(1)
             ).scalar_one_or_none()
             if last is not None and last.result_count >= len(results):
                 continue
-            out.append(ReadyStudy(
-                study_id=study.id,
-                study_instance_uid=study.study_instance_uid,
-                last_calling_ae=study.last_calling_ae,
-                revision=(last.revision + 1) if last else 1,
-                predecessor=(study.study_instance_uid, last.series_instance_uid, last.sop_instance_uid) if last else None,
-                predecessor_id=last.id if last else None,
-                spool_paths=[p for _, p in results],
-                result_count=len(results),
-            ))
+            out.append(
+                ReadyStudy(
+                    study_id=study.id,
+                    study_instance_uid=study.study_instance_uid,
+                    last_calling_ae=study.last_calling_ae,
+                    revision=(last.revision + 1) if last else 1,
+                    predecessor=(study.study_instance_uid, last.series_instance_uid, last.sop_instance_uid)
+                    if last
+                    else None,
+                    predecessor_id=last.id if last else None,
+                    spool_paths=[p for _, p in results],
+                    result_count=len(results),
+                )
+            )
     return out
 
 
@@ -124,8 +138,10 @@ def study_findings(db: Database, study_id: int) -> list[tuple[str, Result]]:
     """(spool path, result) of every screened instance of the study, in receive order."""
     with db.reading() as s:
         rows = s.execute(
-            select(Instance.spool_path, Result).join(Result, Result.instance_id == Instance.id)
-            .where(Result.study_id == study_id).order_by(Instance.id)
+            select(Instance.spool_path, Result)
+            .join(Result, Result.instance_id == Instance.id)
+            .where(Result.study_id == study_id)
+            .order_by(Instance.id)
         ).all()
         return [(p, r) for p, r in rows]
 
@@ -140,14 +156,25 @@ def record_report(
         ).first()
         if exists:
             return False
-        s.add(StudyReport(
-            study_id=ready.study_id, revision=ready.revision, sop_instance_uid=sr.sop_instance_uid,
-            series_instance_uid=series_uid, result_count=ready.result_count,
-            predecessor_id=ready.predecessor_id, created_at=utcnow(),
-        ))
+        s.add(
+            StudyReport(
+                study_id=ready.study_id,
+                revision=ready.revision,
+                sop_instance_uid=sr.sop_instance_uid,
+                series_instance_uid=series_uid,
+                result_count=ready.result_count,
+                predecessor_id=ready.predecessor_id,
+                created_at=utcnow(),
+            )
+        )
         outbox.add(s, ready.study_id, sr, destinations, send)
         trail.append(
-            s, "instances_transferred", actor="strnet-worker", action="C", object_type="report",
-            object_id=sr.sop_instance_uid, detail={"study_id": ready.study_id, "revision": ready.revision},
+            s,
+            "instances_transferred",
+            actor="strnet-worker",
+            action="C",
+            object_type="report",
+            object_id=sr.sop_instance_uid,
+            detail={"study_id": ready.study_id, "revision": ready.revision},
         )
         return True

@@ -104,20 +104,32 @@ def record_instance(db: Database, inc: IncomingInstance) -> StoreOutcome:
             else:
                 state, reason = JobState.QUEUED, None
             job = Job(
-                instance_id=inst.id, state=state.value, reason=reason, attempts=0,
-                created_at=now, updated_at=now,
+                instance_id=inst.id,
+                state=state.value,
+                reason=reason,
+                attempts=0,
+                created_at=now,
+                updated_at=now,
             )
             s.add(job)
             s.flush()
             trail.append(
-                s, "instances_transferred", actor=inc.calling_ae, action="C",
-                object_type="instance", object_id=inc.ref.sop_instance_uid,
+                s,
+                "instances_transferred",
+                actor=inc.calling_ae,
+                action="C",
+                object_type="instance",
+                object_id=inc.ref.sop_instance_uid,
                 detail={"job_id": job.id, "state": state.value, "peer_host": inc.peer_host},
             )
             if conflict_of is not None:
                 trail.append(
-                    s, "security_alert", actor=inc.calling_ae, outcome=4,
-                    object_type="instance", object_id=inc.ref.sop_instance_uid,
+                    s,
+                    "security_alert",
+                    actor=inc.calling_ae,
+                    outcome=4,
+                    object_type="instance",
+                    object_id=inc.ref.sop_instance_uid,
                     detail={"problem": "conflicting duplicate", "kept_instances": [conflict_of, inst.id]},
                 )
             return StoreOutcome(job.id, duplicate=False, conflict=conflict_of is not None, state=state)
@@ -189,8 +201,11 @@ def lease(db: Database, owner: str, limit: int, lease_s: float) -> list[LeasedJo
             job.attempts += 1
             job.updated_at = now
             ref = InstanceRef(
-                inst.sop_class_uid, inst.sop_instance_uid, study_uid,
-                inst.series_instance_uid, inst.transfer_syntax_uid,
+                inst.sop_class_uid,
+                inst.sop_instance_uid,
+                study_uid,
+                inst.series_instance_uid,
+                inst.transfer_syntax_uid,
             )
             out.append(LeasedJob(job.id, job.attempts, inst.spool_path, ref))
         return out
@@ -216,8 +231,12 @@ def fail(db: Database, job_id: int, owner: str, delay_s: float, reason: str) -> 
             update(Job)
             .where(Job.id == job_id, Job.lease_owner == owner, Job.state == JobState.RUNNING.value)
             .values(
-                state=JobState.FAILED.value, reason=reason, lease_owner=None, lease_expires_at=None,
-                not_before=now + timedelta(seconds=delay_s), updated_at=now,
+                state=JobState.FAILED.value,
+                reason=reason,
+                lease_owner=None,
+                lease_expires_at=None,
+                not_before=now + timedelta(seconds=delay_s),
+                updated_at=now,
             )
         )
         return res.rowcount == 1  # type: ignore[attr-defined]
@@ -238,9 +257,11 @@ def replay(db: Database, job_ids: list[int] | None = None) -> int:
 
 def study_ids_of_jobs(db: Database, job_ids: list[int]) -> list[int]:
     with db.reading() as s:
-        return list(s.execute(
-            select(Instance.study_id).join(Job, Job.instance_id == Instance.id).where(Job.id.in_(job_ids))
-        ).scalars())
+        return list(
+            s.execute(
+                select(Instance.study_id).join(Job, Job.instance_id == Instance.id).where(Job.id.in_(job_ids))
+            ).scalars()
+        )
 
 
 def reap_expired_leases(db: Database) -> int:
@@ -275,7 +296,7 @@ def spool_removable(db: Database, older_than_s: float, limit: int = 500) -> list
 
     cutoff = utcnow() - timedelta(seconds=older_than_s)
     undelivered = select(OutboxItem.study_id).where(
-        OutboxItem.state.not_in([OutboxState.DELIVERED.value, OutboxState.SHADOW.value])
+        OutboxItem.state.not_in([OutboxState.DELIVERED.value, OutboxState.SHADOW.value, OutboxState.DISCARDED.value])
     )
     with db.reading() as s:
         rows = s.execute(

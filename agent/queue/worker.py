@@ -10,12 +10,13 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from pydicom import dcmread
 
-from agent import failpoints
+from agent import failpoints, metrics
 from agent.audit.db import Database
 from agent.config import Settings
 from agent.domain import AlgorithmInfo, Findings, JobState, LeasedJob
@@ -62,6 +63,7 @@ class Worker:
         results: Spool,
         screener: Screener,
         tracker: AssociationTracker | None = None,
+        reload_screener: Callable[[], Screener] | None = None,
     ) -> None:
         self.settings = settings
         self.db = db
@@ -75,6 +77,28 @@ class Worker:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.wake = threading.Event()
+        self._reload = reload_screener
+        self._model_stamp = self._pointer_stamp()
+
+    # -- model updates ---------------------------------------------------------------------
+    def _pointer_stamp(self) -> float | None:
+        p = self.settings.data_dir / "models" / "current"
+        return p.stat().st_mtime if p.exists() else None
+
+    def _maybe_reload(self) -> None:
+        """Swap models when `strnet model install` moved the pointer (checked before each batch)."""
+        stamp = self._pointer_stamp()
+        if stamp == self._model_stamp or self._reload is None or self.settings.worker.weights:
+            return
+        self._model_stamp = stamp
+        try:
+            new = self._reload()
+        except Exception as exc:  # keep serving the old model rather than stop
+            log.error("model_reload_failed", error=str(exc))
+            return
+        old = self.screener.algorithm.version
+        self.screener = new
+        log.warning("model_swapped", old=old, new=new.algorithm.version)
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -113,6 +137,7 @@ class Worker:
 
     def run_once(self) -> int:
         """Screen one batch; returns how many jobs it handled."""
+        self._maybe_reload()
         jobs = self._lease_batch()
         if not jobs:
             return 0
@@ -152,6 +177,7 @@ class Worker:
             log.warning("job_lease_lost", job_id=o.job.job_id)
             return
         self.stats.screened += 1
+        metrics.INFERENCE_SECONDS.observe(o.timings_ms.get("infer", 0.0) / 1000)
         f = o.findings
         log.info(
             "inference_done", job_id=o.job.job_id, sop_instance_uid=o.job.ref.sop_instance_uid,

@@ -90,11 +90,27 @@ def test_duplicate_gives_one_job_and_conflict_keeps_both(agent: Agent, assoc: As
 @pytest.mark.parametrize(
     ("mutate", "expected"),
     [
-        pytest.param(lambda ds: setattr(ds, "SOPInstanceUID", "1.2.3/../../../evil"), status.CANNOT_UNDERSTAND, id="traversal-uid"),
-        pytest.param(lambda ds: setattr(ds, "SOPInstanceUID", "1." + "9" * 70), status.CANNOT_UNDERSTAND, id="uid-over-64"),
-        pytest.param(lambda ds: setattr(ds, "StudyInstanceUID", "1.2;$(reboot)"), status.CANNOT_UNDERSTAND, id="shell-in-study-uid"),
-        pytest.param(lambda ds: setattr(ds, "PixelData", ds.PixelData[:5000]), status.CANNOT_UNDERSTAND, id="truncated-pixels"),
-        pytest.param(lambda ds: delattr(ds, "SeriesInstanceUID"), status.DATASET_DOES_NOT_MATCH_SOP_CLASS, id="missing-series-uid"),
+        pytest.param(
+            lambda ds: setattr(ds, "SOPInstanceUID", "1.2.3/../../../evil"),
+            status.CANNOT_UNDERSTAND,
+            id="traversal-uid",
+        ),
+        pytest.param(
+            lambda ds: setattr(ds, "SOPInstanceUID", "1." + "9" * 70), status.CANNOT_UNDERSTAND, id="uid-over-64"
+        ),
+        pytest.param(
+            lambda ds: setattr(ds, "StudyInstanceUID", "1.2;$(reboot)"),
+            status.CANNOT_UNDERSTAND,
+            id="shell-in-study-uid",
+        ),
+        pytest.param(
+            lambda ds: setattr(ds, "PixelData", ds.PixelData[:5000]), status.CANNOT_UNDERSTAND, id="truncated-pixels"
+        ),
+        pytest.param(
+            lambda ds: delattr(ds, "SeriesInstanceUID"),
+            status.DATASET_DOES_NOT_MATCH_SOP_CLASS,
+            id="missing-series-uid",
+        ),
     ],
 )
 def test_bad_instances_get_a_failure_and_a_good_one_after_is_stored(
@@ -219,7 +235,9 @@ def test_orphan_spool_file_is_adopted_at_restart(make_agent: Any, tmp_path: Path
     again.start()
     try:
         jobs = list_jobs(again.db)
-        assert [(j.sop_instance_uid, j.state, j.calling_ae) for j in jobs] == [(ds.SOPInstanceUID, JobState.QUEUED, TEST_SCU_AET)]
+        assert [(j.sop_instance_uid, j.state, j.calling_ae) for j in jobs] == [
+            (ds.SOPInstanceUID, JobState.QUEUED, TEST_SCU_AET)
+        ]
         assert not (again.spool.root / "tmp" / "half.dcm.part").exists()
     finally:
         again.stop(grace_s=1)

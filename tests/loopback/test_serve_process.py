@@ -34,12 +34,15 @@ def test_no_phi_reaches_any_log_line_and_sigterm_stops_cleanly(tmp_path: Path) -
         port = str(config_port(config))
         sent = subprocess.run(
             [dcmsend, "-nh", "-aet", TEST_SCU_AET, "-aec", AGENT_AET, "127.0.0.1", port, *map(str, files)],
-            capture_output=True, text=True, timeout=60,
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
         assert sent.returncode == 0, sent.stderr  # dcmsend reports per-file statuses, not in its exit code
         intruder = subprocess.run(
             [dcmsend, "-aet", "INTRUDER", "-aec", AGENT_AET, "127.0.0.1", port, str(files[0])],
-            capture_output=True, timeout=60,
+            capture_output=True,
+            timeout=60,
         )
         assert intruder.returncode != 0
         echo = strnet("echo", "--config", str(config))

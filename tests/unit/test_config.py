@@ -68,7 +68,9 @@ def test_environment_overrides_file_and_cli_overrides_environment(
         ("STRNET_SCP__MAX_ASSOCIATIONS", "0", "scp.max_associations"),
     ],
 )
-def test_bad_setting_is_named(toml_file: Path, monkeypatch: pytest.MonkeyPatch, env: str, value: str, named: str) -> None:
+def test_bad_setting_is_named(
+    toml_file: Path, monkeypatch: pytest.MonkeyPatch, env: str, value: str, named: str
+) -> None:
     monkeypatch.setenv(env, value)
     with pytest.raises(ConfigError) as err:
         load_settings(toml_file)
@@ -95,7 +97,10 @@ def test_cli_exits_2_naming_the_setting(toml_file: Path) -> None:
     env = {"STRNET_SCP__PORT": "not-a-port", "PATH": "/usr/bin:/bin"}
     proc = subprocess.run(
         [sys.executable, "-m", "agent", "jobs", "list", "--config", str(toml_file)],
-        capture_output=True, text=True, env=env, timeout=60,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
     )
     assert proc.returncode == 2, proc.stderr
     assert "scp.port" in proc.stderr

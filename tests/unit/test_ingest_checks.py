@@ -6,7 +6,7 @@ import copy
 
 import pytest
 from dicom_factory import knee_dx
-from pydicom.uid import ExplicitVRLittleEndian, UID
+from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from agent.errors import StoreRefused
 from agent.ingest import validate

@@ -23,10 +23,15 @@ def db(tmp_path: Path) -> Database:
 def incoming(n: int, sha: str | None = None, eligible: bool = True) -> IncomingInstance:
     ref = InstanceRef("1.2.840.10008.5.1.4.1.1.1.1", f"1.2.3.{n}", "1.2.3.999", "1.2.3.998", "1.2.840.10008.1.2.1")
     return IncomingInstance(
-        ref=ref, spool_path=f"d/{n}-{sha or 'a'}.dcm", sha256=sha or f"{n:064d}", size_bytes=10,
-        calling_ae="TESTSCU", peer_host="127.0.0.1",
+        ref=ref,
+        spool_path=f"d/{n}-{sha or 'a'}.dcm",
+        sha256=sha or f"{n:064d}",
+        size_bytes=10,
+        calling_ae="TESTSCU",
+        peer_host="127.0.0.1",
         eligibility=Eligibility(eligible, None if eligible else "not a knee"),
-        patient_name="Doe^Jane", patient_id="P1",
+        patient_name="Doe^Jane",
+        patient_id="P1",
     )
 
 

@@ -1,0 +1,534 @@
+"""What the admin web reads and writes: the flagged worklist, patient detail, follow-up,
+observed performance, dead letters, status and the audit log.
+
+The web reads through here (DESIGN.md section 4: only ``audit/`` and ``queue/store.py`` touch
+SQLAlchemy). Identifiers handed to the web are row ids, never patient or DICOM identifiers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from datetime import date, datetime, time, timedelta
+from typing import Any
+
+from sqlalchemy import Select, func, select
+
+from agent.audit import trail
+from agent.audit.db import Database
+from agent.audit.models import (
+    AuditEvent,
+    FlaggedPatient,
+    FollowUpEvent,
+    Instance,
+    Job,
+    OutboxItem,
+    Result,
+    Study,
+)
+from agent.audit.repository import FOLLOW_UP_STATUSES
+from agent.clock import utcnow
+
+FOLLOW_UP_ACTIONS = ("reviewed", "dxa_ordered", "dxa_done", "closed")
+SEVERITIES = ("osteopenia", "osteoporosis")
+SORTS = {
+    "flagged": FlaggedPatient.last_flagged_at,
+    "probability": FlaggedPatient.probability,
+    "t_score": FlaggedPatient.t_score,
+    "status": FlaggedPatient.status,
+    "name": FlaggedPatient.patient_name,
+    "study_date": FlaggedPatient.last_study_date,
+}
+OSTEOPENIA_T = -1.0  # WHO: a measured T-score at or below -1.0 is low bone mass
+
+
+def record_access(
+    db: Database,
+    kind: str,
+    *,
+    actor: str,
+    action: str = "R",
+    object_type: str | None = None,
+    object_id: str | None = None,
+    detail: dict[str, Any] | None = None,
+    outcome: int = 0,
+) -> None:
+    """One audit event in its own transaction (views, exports, refusals)."""
+    with db.transaction() as s:
+        trail.append(
+            s,
+            kind,
+            actor=actor,
+            action=action,
+            outcome=outcome,
+            object_type=object_type,
+            object_id=object_id,
+            detail=detail,
+        )
+
+
+# -- flagged worklist ----------------------------------------------------------------------
+@dataclass(frozen=True)
+class FlaggedFilter:
+    status: str | None = None
+    severity: str | None = None
+    date_from: date | None = None
+    date_to: date | None = None
+    min_probability: float | None = None
+    sort: str = "flagged"
+    descending: bool = True
+    page: int = 1
+    per_page: int = 25
+
+    def as_detail(self) -> dict[str, Any]:
+        """The filter as an audit detail (holds no PHI)."""
+        return {
+            "status": self.status,
+            "severity": self.severity,
+            "date_from": self.date_from.isoformat() if self.date_from else None,
+            "date_to": self.date_to.isoformat() if self.date_to else None,
+            "min_probability": self.min_probability,
+            "sort": self.sort,
+            "descending": self.descending,
+        }
+
+
+@dataclass(frozen=True)
+class FlaggedRow:
+    id: int
+    patient_id: str | None
+    patient_name: str | None
+    patient_birth_date: str | None
+    patient_sex: str | None
+    status: str
+    first_flagged_at: datetime
+    last_flagged_at: datetime
+    last_study_date: str | None
+    probability: float
+    severity: str | None
+    t_score: float
+
+
+def _filtered(f: FlaggedFilter) -> Select[Any]:
+    q = select(FlaggedPatient)
+    if f.status:
+        q = q.where(FlaggedPatient.status == f.status)
+    if f.severity:
+        q = q.where(FlaggedPatient.severity == f.severity)
+    if f.date_from:
+        q = q.where(FlaggedPatient.last_flagged_at >= datetime.combine(f.date_from, time.min))
+    if f.date_to:
+        q = q.where(FlaggedPatient.last_flagged_at < datetime.combine(f.date_to + timedelta(days=1), time.min))
+    if f.min_probability is not None:
+        q = q.where(FlaggedPatient.probability >= f.min_probability)
+    return q
+
+
+def _row(r: FlaggedPatient) -> FlaggedRow:
+    return FlaggedRow(
+        r.id,
+        r.patient_id,
+        r.patient_name,
+        r.patient_birth_date,
+        r.patient_sex,
+        r.status,
+        r.first_flagged_at,
+        r.last_flagged_at,
+        r.last_study_date,
+        r.probability,
+        r.severity,
+        r.t_score,
+    )
+
+
+def flagged_page(db: Database, f: FlaggedFilter, paginate: bool = True) -> tuple[list[FlaggedRow], int]:
+    """The rows of one page (or all rows) and the total count matching the filter."""
+    col = SORTS.get(f.sort, SORTS["flagged"])
+    with db.reading() as s:
+        base = _filtered(f)
+        total = int(s.execute(select(func.count()).select_from(base.subquery())).scalar_one())
+        q = base.order_by(col.desc() if f.descending else col.asc(), FlaggedPatient.id)
+        if paginate:
+            q = q.limit(f.per_page).offset((max(1, f.page) - 1) * f.per_page)
+        return [_row(r) for r in s.execute(q).scalars()], total
+
+
+# -- patient detail ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ImageResult:
+    id: int
+    laterality: str | None
+    view_position: str | None
+    probability: float
+    threshold: float
+    bone_loss: bool
+    severity: str | None
+    t_score: float
+    t_score_low: float
+    t_score_high: float
+    model_version: str
+    has_overlay: bool
+
+
+@dataclass(frozen=True)
+class StudyBlock:
+    id: int
+    study_date: str | None
+    accession_number: str | None
+    received_at: datetime
+    results: list[ImageResult]
+
+
+@dataclass(frozen=True)
+class FollowUp:
+    at: datetime
+    actor: str
+    action: str
+    note: str | None
+    measured_t_score: float | None
+
+
+@dataclass(frozen=True)
+class PatientDetail:
+    patient: FlaggedRow
+    studies: list[StudyBlock]
+    follow_ups: list[FollowUp] = field(default_factory=list)
+
+
+def _patient_studies(s: Any, fp: FlaggedPatient) -> list[Study]:
+    q = select(Study).order_by(Study.study_date, Study.first_received_at, Study.id)
+    q = q.where(Study.patient_id == fp.patient_id) if fp.patient_id else q.where(Study.id == fp.last_study_id)
+    return list(s.execute(q).scalars())
+
+
+def patient_detail(db: Database, flagged_id: int) -> PatientDetail | None:
+    with db.reading() as s:
+        fp = s.get(FlaggedPatient, flagged_id)
+        if fp is None:
+            return None
+        blocks = []
+        for st in _patient_studies(s, fp):
+            rows = s.execute(
+                select(Result, Instance)
+                .join(Instance, Instance.id == Result.instance_id)
+                .where(Result.study_id == st.id)
+                .order_by(Result.id)
+            ).all()
+            results = [
+                ImageResult(
+                    r.id,
+                    i.laterality,
+                    i.view_position,
+                    r.probability,
+                    r.threshold,
+                    r.bone_loss,
+                    r.severity,
+                    r.t_score,
+                    r.t_score_low,
+                    r.t_score_high,
+                    r.model_version,
+                    r.overlay_sop_instance_uid is not None,
+                )
+                for r, i in rows
+            ]
+            blocks.append(StudyBlock(st.id, st.study_date, st.accession_number, st.first_received_at, results))
+        events = [
+            FollowUp(e.at, e.actor, e.action, e.note, e.measured_t_score)
+            for e in s.execute(
+                select(FollowUpEvent).where(FollowUpEvent.flagged_id == fp.id).order_by(FollowUpEvent.id)
+            ).scalars()
+        ]
+        return PatientDetail(_row(fp), blocks, events)
+
+
+@dataclass(frozen=True)
+class TrendPoint:
+    label: str  # study date (YYYY-MM-DD) or receipt date
+    probability: float  # the highest image probability of the study
+    t_score: float  # the lowest image T-score of the study
+    threshold: float  # the operating threshold the study was screened at
+
+
+def trend(db: Database, flagged_id: int) -> list[TrendPoint]:
+    detail = patient_detail(db, flagged_id)
+    if detail is None:
+        return []
+    out = []
+    for st in detail.studies:
+        if not st.results:
+            continue
+        d = st.study_date
+        label = f"{d[:4]}-{d[4:6]}-{d[6:8]}" if d and len(d) == 8 else st.received_at.date().isoformat()
+        out.append(
+            TrendPoint(
+                label,
+                max(r.probability for r in st.results),
+                min(r.t_score for r in st.results),
+                st.results[-1].threshold,
+            )
+        )
+    return out
+
+
+def overlay_of_result(db: Database, result_id: int) -> tuple[str, int | None] | None:
+    """(path under the results folder, flagged patient id) of a result's overlay, or None."""
+    with db.reading() as s:
+        r = s.get(Result, result_id)
+        if r is None or r.overlay_sop_instance_uid is None:
+            return None
+        path = s.execute(
+            select(OutboxItem.path).where(OutboxItem.sop_instance_uid == r.overlay_sop_instance_uid).limit(1)
+        ).scalar()
+        if path is None:
+            return None
+        st = s.get(Study, r.study_id)
+        fp_id = None
+        if st is not None:
+            key = st.patient_id or f"study:{st.study_instance_uid}"
+            fp_id = s.execute(select(FlaggedPatient.id).where(FlaggedPatient.patient_key == key)).scalar()
+        return str(path), fp_id
+
+
+def add_follow_up(
+    db: Database, flagged_id: int, actor: str, action: str, note: str | None, measured_t_score: float | None
+) -> bool:
+    """Record a coordinator's action and move the patient's status; audited in the same transaction."""
+    if action not in FOLLOW_UP_ACTIONS:
+        raise ValueError(f"action must be one of {', '.join(FOLLOW_UP_ACTIONS)}")
+    if action == "dxa_done":
+        if measured_t_score is None or not math.isfinite(measured_t_score) or not -10 <= measured_t_score <= 10:
+            raise ValueError("DXA done needs the measured T-score (between -10 and 10)")
+    else:
+        measured_t_score = None
+    with db.transaction() as s:
+        fp = s.get(FlaggedPatient, flagged_id)
+        if fp is None:
+            return False
+        previous = fp.status
+        fp.status = action
+        s.add(
+            FollowUpEvent(
+                flagged_id=fp.id,
+                at=utcnow(),
+                actor=actor,
+                action=action,
+                note=note or None,
+                measured_t_score=measured_t_score,
+            )
+        )
+        trail.append(
+            s,
+            "patient_record",
+            actor=actor,
+            action="U",
+            object_type="flagged_patient",
+            object_id=str(fp.id),
+            detail={"change": "follow_up", "action": action, "from": previous, "measured_t_score": measured_t_score},
+        )
+        return True
+
+
+# -- observed performance ------------------------------------------------------------------
+@dataclass(frozen=True)
+class Performance:
+    n: int  # patients with a measured DXA T-score
+    low_measured: int  # of those, measured T <= -1.0
+    ppv: float | None
+    mae: float | None
+    pearson_r: float | None
+    pairs: list[tuple[float, float]]  # (predicted, measured)
+
+
+def performance(db: Database) -> Performance:
+    """PPV of the flag and predicted-vs-measured agreement over patients with a DXA result.
+
+    Each patient counts once, with the latest measured T-score and the predicted T-score of the
+    flag (the registry's current figure).
+    """
+    with db.reading() as s:
+        rows = s.execute(
+            select(FollowUpEvent.flagged_id, FollowUpEvent.measured_t_score, FlaggedPatient.t_score)
+            .join(FlaggedPatient, FlaggedPatient.id == FollowUpEvent.flagged_id)
+            .where(FollowUpEvent.measured_t_score.is_not(None))
+            .order_by(FollowUpEvent.id)
+        ).all()
+    latest: dict[int, tuple[float, float]] = {}
+    for fid, measured, predicted in rows:
+        if measured is not None:
+            latest[fid] = (float(predicted), float(measured))
+    pairs = list(latest.values())
+    n = len(pairs)
+    low = sum(1 for _, m in pairs if m <= OSTEOPENIA_T)
+    if n == 0:
+        return Performance(0, 0, None, None, None, [])
+    mae = sum(abs(p - m) for p, m in pairs) / n
+    r = None
+    if n >= 2:
+        mp = sum(p for p, _ in pairs) / n
+        mm = sum(m for _, m in pairs) / n
+        sp = math.sqrt(sum((p - mp) ** 2 for p, _ in pairs))
+        sm = math.sqrt(sum((m - mm) ** 2 for _, m in pairs))
+        if sp > 0 and sm > 0:
+            r = sum((p - mp) * (m - mm) for p, m in pairs) / (sp * sm)
+    return Performance(n, low, low / n, mae, r, pairs)
+
+
+# -- dead letters --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DeadLetter:
+    id: int
+    kind: str
+    destination: str
+    study_id: int
+    attempts: int
+    last_status: str | None
+    last_error: str | None
+    updated_at: datetime
+
+
+def dead_letters(db: Database) -> list[DeadLetter]:
+    with db.reading() as s:
+        return [
+            DeadLetter(o.id, o.kind, o.destination, o.study_id, o.attempts, o.last_status, o.last_error, o.updated_at)
+            for o in s.execute(select(OutboxItem).where(OutboxItem.state == "DEAD").order_by(OutboxItem.id)).scalars()
+        ]
+
+
+def dead_letter_study(db: Database, item_id: int) -> int | None:
+    with db.reading() as s:
+        o = s.get(OutboxItem, item_id)
+        return o.study_id if o is not None and o.state == "DEAD" else None
+
+
+def discard_dead_letter(db: Database, item_id: int, actor: str, reason: str) -> bool:
+    """DEAD -> DISCARDED: never sent; the reason is kept in last_error and in the audit trail."""
+    with db.transaction() as s:
+        o = s.get(OutboxItem, item_id)
+        if o is None or o.state != "DEAD":
+            return False
+        o.state = "DISCARDED"
+        o.last_error = f"discarded by {actor}: {reason} (was: {o.last_error or o.last_status or 'unknown'})"
+        o.updated_at = utcnow()
+        trail.append(
+            s,
+            "application_activity",
+            actor=actor,
+            action="D",
+            object_type="outbox_item",
+            object_id=str(o.id),
+            detail={"change": "dead_letter_discarded", "reason": reason},
+        )
+        return True
+
+
+# -- status and audit log ------------------------------------------------------------------
+@dataclass(frozen=True)
+class ErrorLine:
+    what: str  # "job" | "outbox"
+    id: int
+    state: str
+    at: datetime
+    message: str | None
+
+
+@dataclass(frozen=True)
+class StatusSummary:
+    screened_last_hour: int
+    screened_last_day: int
+    received_last_hour: int
+    received_last_day: int
+    recent_errors: list[ErrorLine]
+    model_version: str | None
+    threshold: float | None
+    flagged_by_status: dict[str, int]
+
+
+def status_summary(db: Database, limit: int = 20) -> StatusSummary:
+    now = utcnow()
+    hour, day = now - timedelta(hours=1), now - timedelta(days=1)
+    with db.reading() as s:
+
+        def count(q: Any) -> int:
+            return int(s.execute(q).scalar_one())
+
+        screened_h = count(select(func.count()).select_from(Result).where(Result.created_at >= hour))
+        screened_d = count(select(func.count()).select_from(Result).where(Result.created_at >= day))
+        recv_h = count(select(func.count()).select_from(Instance).where(Instance.received_at >= hour))
+        recv_d = count(select(func.count()).select_from(Instance).where(Instance.received_at >= day))
+        errors = [
+            ErrorLine("job", j.id, j.state, j.updated_at, j.reason)
+            for j in s.execute(
+                select(Job).where(Job.state.in_(["FAILED", "DEAD"])).order_by(Job.updated_at.desc()).limit(limit)
+            ).scalars()
+        ]
+        errors += [
+            ErrorLine("outbox", o.id, o.state, o.updated_at, o.last_error or o.last_status)
+            for o in s.execute(
+                select(OutboxItem).where(OutboxItem.state == "DEAD").order_by(OutboxItem.updated_at.desc()).limit(limit)
+            ).scalars()
+        ]
+        errors.sort(key=lambda e: e.at, reverse=True)
+        last = s.execute(select(Result.model_version, Result.threshold).order_by(Result.id.desc()).limit(1)).first()
+        by_status = dict(s.execute(select(FlaggedPatient.status, func.count()).group_by(FlaggedPatient.status)).all())
+    return StatusSummary(
+        screened_h,
+        screened_d,
+        recv_h,
+        recv_d,
+        errors[:limit],
+        last[0] if last else None,
+        float(last[1]) if last else None,
+        {st: int(by_status.get(st, 0)) for st in FOLLOW_UP_STATUSES},
+    )
+
+
+def flagged_count(db: Database) -> int:
+    with db.reading() as s:
+        return int(s.execute(select(func.count()).select_from(FlaggedPatient)).scalar_one())
+
+
+def verify_chain(db: Database) -> trail.ChainReport:
+    with db.reading() as s:
+        return trail.verify(s)
+
+
+@dataclass(frozen=True)
+class AuditLine:
+    id: int
+    at: datetime
+    event_code: str
+    event_name: str
+    action: str
+    outcome: int
+    actor: str
+    object_type: str | None
+    object_id: str | None
+    detail: dict[str, Any] | None
+
+
+def audit_page(db: Database, page: int = 1, per_page: int = 50) -> tuple[list[AuditLine], int]:
+    with db.reading() as s:
+        total = int(s.execute(select(func.count()).select_from(AuditEvent)).scalar_one())
+        rows = s.execute(
+            select(AuditEvent).order_by(AuditEvent.id.desc()).limit(per_page).offset((max(1, page) - 1) * per_page)
+        ).scalars()
+        return [
+            AuditLine(
+                e.id,
+                e.at,
+                e.event_code,
+                e.event_name,
+                e.action,
+                e.outcome,
+                e.actor,
+                e.object_type,
+                e.object_id,
+                e.detail,
+            )
+            for e in rows
+        ], total
+
+
+def ping(db: Database) -> bool:
+    with db.reading() as s:
+        return s.execute(select(1)).scalar() == 1

@@ -1,0 +1,163 @@
+"""The admin web in Debian's Chromium, driven by Playwright (never `playwright install`).
+
+A coordinator logs in, filters the worklist, opens a patient, sees the overlay, records DXA
+ordered, exports CSV and logs out, against a live uvicorn over real screening data.
+Set STRNET_SCREENSHOTS=1 to refresh docs/images/worklist.png and patient.png from this run.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import free_port
+from web_seed import PASSWORDS, SCRIPT_NAME, Seeded, phi_strings, screened_agent
+
+from agent.web.app import create_app
+from agent.web.server import WebServer
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+DOCS_IMAGES = Path(__file__).parents[2] / "docs" / "images"
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory: pytest.TempPathFactory, tiny_weights: Path) -> Iterator[tuple[str, Seeded]]:
+    if not Path(CHROMIUM).exists():  # `make test` installs it; a missing browser is a set-up error
+        pytest.fail("chromium not found: run `make test` (it installs the Debian chromium package)")
+    with screened_agent(tmp_path_factory.mktemp("browser-agent"), tiny_weights) as seeded:
+        settings = seeded.agent.settings
+        web = settings.web.model_copy(update={"port": free_port(), "bind": "127.0.0.1"})
+        server = WebServer(create_app(settings.model_copy(update={"web": web}), seeded.agent.db), web)
+        server.start()
+        try:
+            yield f"http://127.0.0.1:{web.port}", seeded
+        finally:
+            server.stop()
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+def _shot(page: Any, tmp: Path, name: str) -> None:
+    path = tmp / name
+    page.screenshot(path=str(path), full_page=True)
+    assert path.stat().st_size > 10_000
+    if os.environ.get("STRNET_SCREENSHOTS") == "1":
+        DOCS_IMAGES.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, DOCS_IMAGES / name)
+
+
+def test_coordinator_works_a_patient_through_the_browser(
+    live: tuple[str, Seeded], browser: Any, tmp_path: Path
+) -> None:
+    from playwright.sync_api import expect
+
+    base, seeded = live
+    context = browser.new_context(accept_downloads=True, viewport={"width": 1280, "height": 860})
+    page = context.new_page()
+    urls: list[str] = []
+    console: list[str] = []
+    dialogs: list[str] = []
+    page.on("request", lambda req: urls.append(req.url))
+    page.on("console", lambda msg: console.append(f"{msg.type}: {msg.text}"))
+    page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+    try:
+        # without a session the worklist sends us to the login page
+        page.goto(f"{base}/flagged")
+        assert page.url == f"{base}/login"
+        page.fill("#username", "vera")
+        page.fill("#password", PASSWORDS["vera"][1])
+        page.click("#login")
+        page.wait_for_url(f"{base}/flagged")
+        assert page.inner_text("#total") == "3 matching"
+        # the <script> name is text on the page, never run
+        assert page.locator("a.patient", has_text=SCRIPT_NAME).count() == 1
+
+        # filter: nobody above 0.999; then new patients flagged since 2000
+        page.fill("#f-minp", "0.999")
+        with page.expect_navigation():
+            page.click("#apply")
+        expect(page.locator("#total")).to_have_text("0 matching")
+        page.fill("#f-minp", "")
+        page.select_option("#f-status", "new")
+        page.fill("#f-from", "2000-01-01")
+        with page.expect_navigation():
+            page.click("#apply")
+        expect(page.locator("#total")).to_have_text("3 matching")
+        assert page.locator("#worklist tbody tr").count() == 3
+        _shot(page, tmp_path, "worklist.png")
+
+        # open a patient: overlays and the trend plot load
+        page.click("a.patient:has-text('Doe Jane')")
+        page.wait_for_url(f"{base}/patients/*")
+        assert page.inner_text("#patient-name") == "Doe Jane"
+        page.wait_for_function("() => [...document.images].length > 0 && [...document.images].every(i => i.complete)")
+        widths = page.eval_on_selector_all("img.overlay", "els => els.map(e => e.naturalWidth)")
+        assert len(widths) == 4 and all(w > 0 for w in widths)
+        assert page.eval_on_selector("#trend", "e => e.naturalWidth") > 0
+        _shot(page, tmp_path, "patient.png")
+
+        # record DXA ordered with a note
+        page.select_option("#fu-action", "dxa_ordered")
+        page.fill("#fu-note", "DXA booked at the bone clinic")
+        with page.expect_navigation():
+            page.click("#fu-save")
+        expect(page.locator("#status")).to_have_text("dxa ordered")
+        assert "DXA booked at the bone clinic" in page.inner_text("#timeline")
+
+        # back to the list, filter on the new status, export
+        page.click("text=Flagged patients")
+        page.wait_for_url(f"{base}/flagged")
+        page.select_option("#f-status", "dxa_ordered")
+        with page.expect_navigation():
+            page.click("#apply")
+        expect(page.locator("#total")).to_have_text("1 matching")
+        with page.expect_download() as info:
+            page.click("#export")
+        download = info.value
+        name = download.suggested_filename
+        assert name.startswith("strnet-flagged-") and name.endswith(".csv")
+        with open(download.path(), newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+        assert len(rows) == 1
+        assert rows[0]["patient_id"] == "WEBP-0001" and rows[0]["patient_name"] == "Doe^Jane"
+        assert rows[0]["status"] == "dxa_ordered" and 0 < float(rows[0]["probability"]) <= 1
+
+        # log out: the pages are gone
+        page.click("#logout")
+        page.wait_for_url(f"{base}/login")
+        page.goto(f"{base}/flagged")
+        assert page.url == f"{base}/login"
+    finally:
+        context.close()
+
+    assert dialogs == []
+    assert not [m for m in console if "Content Security Policy" in m], console
+    assert len(urls) > 10
+    for url in urls:  # no patient identifier in any URL the browser asked for
+        for secret in [*phi_strings(), *seeded.study_uids, "WEBP"]:
+            assert secret not in url, url
