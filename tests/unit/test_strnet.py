@@ -32,12 +32,13 @@ def test_shapes_and_gates() -> None:
     for task, g in m.gate_weights.items():
         assert g.shape == (3, m.cfg.n_experts), task
         assert torch.allclose(g.sum(-1), torch.ones(3))
-    # clinical inputs change only the T-score
+    # clinical inputs change the T-score and severity heads, never the screening logit
     clin = torch.tensor([clinical_vector(70, "F", 24.0)] * 3)
     out2 = m(torch.zeros(3, 1, S, S), clin)
     out3 = m(torch.zeros(3, 1, S, S))
     assert torch.equal(out2["screen_logit"], out3["screen_logit"])
     assert not torch.equal(out2["tscore"], out3["tscore"])
+    assert not torch.equal(out2["severity_logit"], out3["severity_logit"])
 
 
 def test_odd_input_size_and_channels_last_agree() -> None:

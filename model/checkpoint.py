@@ -1,0 +1,134 @@
+"""Checkpoints: safetensors weights plus a JSON metadata file beside them.
+
+The JSON holds the model and training configs, the preprocessing spec, operating points,
+temperature, conformal quantile, training-data hash, metrics, provenance and the sha256 of the
+weights file. Loading reads JSON and safetensors only (never pickle) and verifies the hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from model import __version__
+from model.strnet import STRNet, build_model
+
+FORMAT = "strnet-checkpoint"
+FORMAT_VERSION = 1
+SHIPPED = Path(__file__).resolve().parent / "weights" / "strnet-synth-v1.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, malformed or fails its integrity check."""
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def metadata_path(path: str | Path) -> Path:
+    """The metadata JSON of a checkpoint given either of its two files."""
+    p = Path(path)
+    return p.with_suffix(".json") if p.suffix == ".safetensors" else p
+
+
+def save_checkpoint(model: STRNet, meta: dict[str, Any], json_path: str | Path) -> Path:
+    """Write ``<name>.safetensors`` and ``<name>.json``; returns the JSON path.
+
+    ``meta`` must hold at least ``preprocess`` (the spec as a dict); ``model_config``,
+    ``format``, ``package_version``, ``weights_file`` and ``weights_sha256`` are filled in here.
+    """
+    json_path = metadata_path(json_path)
+    if json_path.suffix != ".json":
+        json_path = json_path.with_suffix(".json")
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    weights = json_path.with_suffix(".safetensors")
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(weights), metadata={"format": FORMAT})
+    if "preprocess" not in meta:
+        raise CheckpointError("checkpoint metadata needs the preprocessing spec ('preprocess')")
+    full = dict(meta)
+    full.update(
+        format=FORMAT,
+        format_version=FORMAT_VERSION,
+        package_version=__version__,
+        model_config=model.cfg.to_dict(),
+        weights_file=weights.name,
+        weights_sha256=sha256_file(weights),
+        weights_bytes=weights.stat().st_size,
+    )
+    json_path.write_text(json.dumps(full, indent=2, sort_keys=False, allow_nan=False) + "\n")
+    return json_path
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """The metadata JSON of a checkpoint (no weights are read)."""
+    p = metadata_path(path)
+    if not p.is_file():
+        raise CheckpointError(f"checkpoint metadata not found: {p}")
+    try:
+        meta = json.loads(p.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"checkpoint metadata {p} is not valid JSON: {exc}") from exc
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{p} is not a {FORMAT} file")
+    for key in ("model_config", "preprocess", "weights_file", "weights_sha256"):
+        if key not in meta:
+            raise CheckpointError(f"checkpoint metadata {p} lacks '{key}'")
+    return meta
+
+
+def load_checkpoint(
+    path: str | Path = SHIPPED, device: str | torch.device = "cpu", verify: bool = True
+) -> tuple[STRNet, dict[str, Any]]:
+    """Build the model from its metadata and load the weights; returns ``(model, metadata)``.
+
+    The model is in eval mode. Raises ``CheckpointError`` if the weights' sha256 differs from the
+    one recorded, or if the tensors do not match the architecture.
+    """
+    meta = read_metadata(path)
+    weights = metadata_path(path).parent / meta["weights_file"]
+    if not weights.is_file():
+        raise CheckpointError(f"checkpoint weights not found: {weights}")
+    if verify:
+        digest = sha256_file(weights)
+        if digest != meta["weights_sha256"]:
+            raise CheckpointError(
+                f"weights {weights} sha256 {digest} differs from the recorded "
+                f"{meta['weights_sha256']}"
+            )
+    model = build_model(meta["model_config"])
+    state = load_file(str(weights), device="cpu")
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"weights do not match the architecture: {exc}") from exc
+    model.to(device).eval()
+    return model, meta
+
+
+def update_metadata(path: str | Path, changes: dict[str, Any], out: str | Path) -> Path:
+    """Copy a checkpoint to ``out`` with metadata ``changes`` (weights bytes unchanged)."""
+    meta = read_metadata(path)
+    src = metadata_path(path).parent / meta["weights_file"]
+    out_json = metadata_path(out)
+    if out_json.suffix != ".json":
+        out_json = out_json.with_suffix(".json")
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    dst = out_json.with_suffix(".safetensors")
+    if src.resolve() != dst.resolve():
+        dst.write_bytes(src.read_bytes())
+    meta.update(changes)
+    meta["weights_file"] = dst.name
+    meta["weights_sha256"] = sha256_file(dst)
+    out_json.write_text(json.dumps(meta, indent=2, allow_nan=False) + "\n")
+    return out_json

@@ -1,0 +1,260 @@
+"""``strnet model ...`` commands: synth, train, evaluate, calibrate, predict.
+
+Mounted by ``agent/cli.py``; runnable alone as ``python -m model.cli``.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from model.checkpoint import SHIPPED
+
+app = typer.Typer(
+    name="model",
+    help="STR-Net: synthetic data, training, evaluation, calibration, prediction "
+    "(research software, NOT FOR DIAGNOSTIC USE).",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+WeightsOpt = Annotated[
+    Path, typer.Option("--weights", help="checkpoint metadata JSON (its .safetensors beside it)")
+]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda")]
+
+
+def _command() -> str:
+    return "strnet model " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+@app.command()
+def synth(
+    out: Annotated[Path, typer.Option("--out", help="output folder")],
+    n: Annotated[int, typer.Option("--n", help="number of images")],
+    seed: Annotated[int, typer.Option("--seed")],
+    preset: Annotated[str, typer.Option("--preset")] = "default",
+    compressed_fraction: Annotated[float, typer.Option("--compressed-fraction")] = 0.25,
+) -> None:
+    """Write synthetic DICOM knee radiographs and manifest.csv."""
+    from model.synth.generate import generate
+
+    t0 = time.time()
+    manifest = generate(out, n=n, seed=seed, preset=preset, compressed_fraction=compressed_fraction)
+    typer.echo(f"{manifest} ({n} images, {time.time() - t0:.1f} s)")
+
+
+@app.command()
+def train(
+    manifest: Annotated[
+        list[Path], typer.Option("--manifest", help="manifest CSV (repeat to combine several)")
+    ],
+    out: Annotated[Path, typer.Option("--out", help="output folder (or .json path)")],
+    epochs: Annotated[int | None, typer.Option("--epochs")] = None,
+    device: DeviceOpt = "auto",
+    variant: Annotated[str, typer.Option("--variant", help="base | small | tiny")] = "base",
+    seed: Annotated[int | None, typer.Option("--seed")] = None,
+    input_size: Annotated[int | None, typer.Option("--input-size")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size")] = None,
+    lr: Annotated[float | None, typer.Option("--lr")] = None,
+    patience: Annotated[int | None, typer.Option("--patience")] = None,
+    time_budget_min: Annotated[float | None, typer.Option("--time-budget-min")] = None,
+    channels_last: Annotated[bool, typer.Option("--channels-last/--no-channels-last")] = True,
+    model_version: Annotated[str, typer.Option("--model-version")] = "strnet-custom",
+    synthetic: Annotated[bool, typer.Option("--synthetic/--real")] = False,
+    data_command: Annotated[
+        str, typer.Option("--data-command", help="how the training data was made (recorded)")
+    ] = "",
+    workers: Annotated[int, typer.Option("--workers", help="decode processes")] = 2,
+    cache_dir: Annotated[
+        Path | None, typer.Option("--cache-dir", help="keep preprocessed tensors here for reruns")
+    ] = None,
+) -> None:
+    """Train STR-Net on a manifest (patient-level split, early stopping on validation AUROC)."""
+    from dataclasses import replace
+
+    from model.config import TrainConfig
+    from model.preprocess import PreprocessSpec
+    from model.strnet import strnet_base, strnet_small, strnet_tiny
+    from model.train import train as run_train
+
+    factories = {"base": strnet_base, "small": strnet_small, "tiny": strnet_tiny}
+    if variant not in factories:
+        raise typer.BadParameter(f"unknown variant {variant!r}")
+    model_cfg = factories[variant](channels_last=channels_last).cfg
+    changes: dict[str, Any] = {
+        k: v
+        for k, v in dict(
+            epochs=epochs,
+            seed=seed,
+            batch_size=batch_size,
+            lr=lr,
+            patience=patience,
+            time_budget_min=time_budget_min,
+        ).items()
+        if v is not None
+    }
+    cfg = replace(TrainConfig(), **changes)
+    spec = PreprocessSpec() if input_size is None else PreprocessSpec(input_size=input_size)
+    prov: dict[str, Any] = {"train_command": _command(), "seed": cfg.seed, "variant": variant}
+    if data_command:
+        prov["data_command"] = data_command
+    path = run_train(
+        manifest,
+        out,
+        model_cfg,
+        cfg,
+        spec,
+        device=device,
+        model_version=model_version,
+        synthetic=synthetic,
+        workers=workers,
+        command=_command(),
+        provenance=prov,
+        cache_dir=cache_dir,
+    )
+    typer.echo(str(path))
+
+
+def _print_metrics(m: dict[str, Any]) -> None:
+    def f(key: str) -> str:
+        v = m.get(key)
+        ci = m.get(f"{key}_ci")
+        s = "n/a" if v is None else f"{v:.3f}"
+        return f"{s} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else s
+
+    lines = [
+        f"n = {m['n']} images, {m['n_patients']} patients, prevalence {m['prevalence']:.3f}",
+        f"screening AUROC        {f('screening_auroc')}",
+        f"AUPRC                  {f('auprc')}",
+        f"served threshold       {m.get('served_threshold')} = {m.get('threshold', 0.0):.4f}",
+        f"sensitivity            {f('sensitivity')}",
+        f"specificity            {f('specificity')}",
+    ]
+    for name, op in m["operating_points"].items():
+        lines.append(
+            f"  {name:<12} t={op['threshold']:.4f} sens {op['sensitivity']:.3f} "
+            f"spec {op['specificity']:.3f} PPV {op['ppv']:.3f} NPV {op['npv']:.3f}"
+        )
+    lines += [
+        f"severity AUROC         {f('severity_auroc')} (n = {m['n_severity']})",
+        f"T-score Pearson r      {f('tscore_pearson_r')}",
+        f"T-score MAE / RMSE     {m['tscore_mae']:.3f} / {m['tscore_rmse']:.3f} "
+        f"(SD of true T-scores {m['tscore_true_sd']:.3f})",
+        f"conformal coverage     {f('conformal_coverage')} target {m['conformal_target']:.2f}, "
+        f"width {m['conformal_width']:.3f}",
+        f"ECE before / after     {m['ece_before']:.4f} / {m['ece_after']:.4f} "
+        f"(Brier {m['brier_before']:.4f} / {m['brier_after']:.4f})",
+        f"baseline clinical      {f('baseline_clinical_auroc')}",
+        f"baseline intensity     {m['baseline_intensity_auroc']:.3f} "
+        + str(
+            {k: round(v["auroc_best_orientation"], 3) for k, v in m["baseline_intensity"].items()}
+        ),
+        f"time                   {m['timing_s']}",
+        "(synthetic data: these figures are not clinical performance)",
+    ]
+    typer.echo("\n".join(lines))
+
+
+@app.command()
+def evaluate(
+    manifest: Annotated[
+        list[Path], typer.Option("--manifest", help="labelled manifest CSV (repeatable)")
+    ],
+    out: Annotated[Path, typer.Option("--out", help="report folder")],
+    weights: WeightsOpt = SHIPPED,
+    device: DeviceOpt = "auto",
+    workers: Annotated[int, typer.Option("--workers")] = 2,
+) -> None:
+    """Evaluate a checkpoint: metrics.json, report.md and plots in --out."""
+    from model.evaluate import evaluate as run_eval
+
+    m = run_eval(weights, manifest, out, device=device, workers=workers)
+    _print_metrics(m)
+    typer.echo(f"report: {out / 'report.md'}")
+
+
+@app.command()
+def calibrate(
+    manifest: Annotated[Path, typer.Option("--manifest", help="the site's labelled manifest")],
+    out: Annotated[Path, typer.Option("--out", help="new checkpoint (.json path or folder)")],
+    weights: WeightsOpt = SHIPPED,
+    device: DeviceOpt = "auto",
+    target_sensitivity: Annotated[float | None, typer.Option("--target-sensitivity")] = None,
+    served: Annotated[str | None, typer.Option("--served", help="conservative | point")] = None,
+    workers: Annotated[int, typer.Option("--workers")] = 2,
+) -> None:
+    """Recompute operating points, temperature and conformal quantile on labelled local data
+    (no retraining; the weights are copied unchanged)."""
+    from dataclasses import replace
+
+    import numpy as np
+
+    from model.checkpoint import update_metadata
+    from model.config import TrainConfig
+    from model.data import build_cache, clinical_features, read_manifest, targets
+    from model.predict import Predictor, infer_arrays
+    from model.train import fit_operating_point
+
+    pred = Predictor(weights, device=device)
+    cfg = TrainConfig.from_dict(pred.meta.get("train_config", {}))
+    changes = {
+        k: v
+        for k, v in dict(target_sensitivity=target_sensitivity, served_threshold=served).items()
+        if v is not None
+    }
+    cfg = replace(cfg, **changes)
+    rows = [r for r in read_manifest(manifest) if np.isfinite(r.label)]
+    cache = build_cache(rows, pred.spec, workers=workers)
+    raw = infer_arrays(pred.model, cache, clinical_features(rows), 64, pred.device)
+    op = fit_operating_point(raw, targets(rows), cfg)
+    if op["conformal"] is None:
+        op["conformal"] = pred.meta.get("conformal")
+        typer.echo("no T-scores in the manifest: conformal quantile kept from the checkpoint")
+    metrics = dict(pred.meta.get("metrics", {}))
+    metrics["recalibration"] = op.pop("calibration_set")
+    op.update(
+        metrics=metrics,
+        train_config=cfg.to_dict(),
+        recalibrated_on={"manifest": str(manifest), "n": len(rows), "command": _command()},
+    )
+    path = update_metadata(
+        weights,
+        op,
+        out
+        if Path(out).suffix == ".json"
+        else Path(out) / (Path(weights).stem + "-recalibrated.json"),
+    )
+    th = op["thresholds"]
+    typer.echo(
+        f"{path}\ntemperature {op['temperature']:.3f}; point threshold "
+        f"{th['point']['threshold']:.4f}; conservative {th['conservative']['threshold']:.4f}; "
+        f"served {op['served_threshold']}"
+    )
+
+
+@app.command()
+def predict(
+    file: Annotated[Path, typer.Argument(help="a DICOM (or PNG) knee radiograph")],
+    weights: WeightsOpt = SHIPPED,
+    device: DeviceOpt = "auto",
+    age: Annotated[float | None, typer.Option("--age")] = None,
+    sex: Annotated[str | None, typer.Option("--sex", help="M or F")] = None,
+    bmi: Annotated[float | None, typer.Option("--bmi")] = None,
+) -> None:
+    """Print one JSON result for a file, through the agent's decode and preprocessing path."""
+    from model.predict import Predictor
+
+    pred = Predictor(weights, device=device)
+    result = pred.predict_file(file, {"age": age, "sex": sex, "bmi": bmi})
+    typer.echo(json.dumps({"file": str(file), **result}, indent=2))
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,238 @@
+"""Evaluation of a checkpoint on a labelled manifest: every figure of the report, plus the
+baselines computed in the same run (clinical-variables-only logistic, global intensity only)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from model.calibration import apply_temperature, brier, ece
+from model.conformal import interval_coverage
+from model.metrics import (
+    auroc,
+    average_precision,
+    binary_rates,
+    bootstrap_ci,
+    delong_ci,
+    mae,
+    pearson_r,
+    rmse,
+    wilson_interval,
+)
+
+
+def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float = 1e-2, iters: int = 50) -> np.ndarray:
+    """L2-penalised logistic regression by Newton's method; returns weights with the intercept
+    last. Features are used as given (standardise them first)."""
+    xa = np.c_[x, np.ones(len(x))]
+    w = np.zeros(xa.shape[1])
+    pen = l2 * np.eye(xa.shape[1])
+    pen[-1, -1] = 0.0
+    for _ in range(iters):
+        p = 1.0 / (1.0 + np.exp(-np.clip(xa @ w, -30, 30)))
+        grad = xa.T @ (p - y) + pen @ w
+        hess = xa.T @ (xa * (p * (1 - p))[:, None]) + pen + 1e-9 * np.eye(len(w))
+        step = np.linalg.solve(hess, grad)
+        w -= step
+        if np.abs(step).max() < 1e-8:
+            break
+    return w
+
+
+def grouped_cv_scores(
+    x: np.ndarray, y: np.ndarray, groups: list[str], folds: int = 5, seed: int = 0
+) -> np.ndarray:
+    """Out-of-fold logistic scores with folds by patient (no patient in train and test)."""
+    uniq = np.array(sorted(set(groups)))
+    rng = np.random.default_rng(seed)
+    fold_of = dict(zip(uniq, rng.permutation(len(uniq)) % folds, strict=True))
+    f = np.array([fold_of[g] for g in groups])
+    scores = np.zeros(len(y))
+    for k in range(folds):
+        te = f == k
+        tr = ~te
+        mu, sd = x[tr].mean(0), x[tr].std(0) + 1e-6
+        w = fit_logistic((x[tr] - mu) / sd, y[tr])
+        scores[te] = np.c_[(x[te] - mu) / sd, np.ones(te.sum())] @ w
+    return scores
+
+
+def _oriented_auroc(y: np.ndarray, s: np.ndarray) -> tuple[float, float]:
+    """AUROC of a single feature with the better of its two orientations (the leak measure),
+    and the raw (higher = bone loss) AUROC."""
+    a = auroc(y, s)
+    return max(a, 1.0 - a), a
+
+
+def compute_metrics(
+    raw: dict[str, np.ndarray],
+    tg: dict[str, np.ndarray],
+    meta: dict[str, Any],
+    clinical: np.ndarray,
+    patient_ids: list[str],
+    intensity: dict[str, np.ndarray],
+    profiles: list[str] | None = None,
+) -> dict[str, Any]:
+    """All metrics of the report from raw model outputs and the targets."""
+    y = tg["label"].astype(int)
+    temp = float(meta.get("temperature", 1.0))
+    p0 = apply_temperature(raw["screen_logit"], 1.0)
+    p = apply_temperature(raw["screen_logit"], temp)
+    auc, lo, hi, _ = delong_ci(y, p)
+    ap = average_precision(y, p)
+    ap_ci = bootstrap_ci(average_precision, y, p, n_boot=1000, seed=0)
+    m: dict[str, Any] = {
+        "n": int(len(y)),
+        "n_patients": len(set(patient_ids)),
+        "prevalence": float(y.mean()),
+        "screening_auroc": auc,
+        "screening_auroc_ci": [lo, hi],
+        "auprc": ap,
+        "auprc_ci": list(ap_ci),
+        "temperature": temp,
+    }
+    served = meta.get("served_threshold", "conservative")
+    m["served_threshold"] = served
+    m["operating_points"] = {}
+    for name, th in meta.get("thresholds", {}).items():
+        if not isinstance(th, dict) or "threshold" not in th:
+            continue
+        rates = binary_rates(y, p >= th["threshold"])
+        rates["threshold"] = th["threshold"]
+        m["operating_points"][name] = rates
+    if served in m["operating_points"]:
+        op = m["operating_points"][served]
+        m.update(
+            threshold=op["threshold"],
+            sensitivity=op["sensitivity"],
+            sensitivity_ci=op["sensitivity_ci"],
+            specificity=op["specificity"],
+            specificity_ci=op["specificity_ci"],
+            ppv=op["ppv"],
+            npv=op["npv"],
+        )
+    # severity among true bone-loss cases
+    sev_ok = (y == 1) & np.isfinite(tg["severity"])
+    s_auc, s_lo, s_hi, _ = delong_ci(tg["severity"][sev_ok], raw["severity_logit"][sev_ok])
+    m.update(severity_auroc=s_auc, severity_auroc_ci=[s_lo, s_hi], n_severity=int(sev_ok.sum()))
+    # 3-class confusion: rows true (normal, osteopenia, osteoporosis), columns predicted
+    true3 = np.where(y == 0, 0, np.where(tg["severity"] == 1, 2, 1))
+    q = apply_temperature(raw["severity_logit"], 1.0)
+    thr = m.get("threshold", 0.5)
+    pred3 = np.where(p < thr, 0, np.where(q >= 0.5, 2, 1))
+    conf = np.zeros((3, 3), dtype=int)
+    for t_, p_ in zip(true3, pred3, strict=True):
+        conf[t_, p_] += 1
+    m["confusion_3class"] = {
+        "labels": ["normal", "osteopenia", "osteoporosis"],
+        "rows_true_cols_pred": conf.tolist(),
+    }
+    # T-score
+    t_ok = np.isfinite(tg["tscore"])
+    tp_, tt = raw["tscore"][t_ok], tg["tscore"][t_ok]
+    r, r_lo, r_hi = pearson_r(tp_, tt)
+    diff = tp_ - tt
+    qconf = float(meta.get("conformal", {}).get("quantile", float("nan")))
+    cov, width = interval_coverage(tp_, tt, qconf)
+    k = int(round(cov * len(tt)))
+    m.update(
+        n_tscore=int(t_ok.sum()),
+        tscore_pearson_r=r,
+        tscore_pearson_r_ci=[r_lo, r_hi],
+        tscore_mae=mae(tp_, tt),
+        tscore_rmse=rmse(tp_, tt),
+        tscore_true_sd=float(np.std(tt, ddof=1)),
+        tscore_bias=float(diff.mean()),
+        tscore_loa=[
+            float(diff.mean() - 1.96 * diff.std(ddof=1)),
+            float(diff.mean() + 1.96 * diff.std(ddof=1)),
+        ],
+        conformal_target=float(meta.get("conformal", {}).get("coverage", 0.9)),
+        conformal_quantile=qconf,
+        conformal_coverage=cov,
+        conformal_coverage_ci=list(wilson_interval(k, len(tt))),
+        conformal_width=width,
+    )
+    # calibration
+    m.update(
+        ece_before=ece(p0, y),
+        ece_after=ece(p, y),
+        brier_before=brier(p0, y),
+        brier_after=brier(p, y),
+    )
+    # baselines
+    clin_scores = grouped_cv_scores(clinical, y.astype(float), patient_ids)
+    c_auc, c_lo, c_hi, _ = delong_ci(y, clin_scores)
+    m.update(baseline_clinical_auroc=c_auc, baseline_clinical_auroc_ci=[c_lo, c_hi])
+    m["baseline_clinical_method"] = (
+        "L2 logistic on age, sex, BMI and missingness flags; 5-fold out-of-fold scores, folds "
+        "by patient, on this evaluation set"
+    )
+    intens: dict[str, Any] = {}
+    for name, values in intensity.items():
+        best, raw_auc = _oriented_auroc(y, values)
+        intens[name] = {"auroc_best_orientation": best, "auroc_raw": raw_auc}
+    m["baseline_intensity"] = intens
+    m["baseline_intensity_auroc"] = max(v["auroc_best_orientation"] for v in intens.values())
+    if profiles:
+        sub: dict[str, Any] = {}
+        arr = np.array(profiles)
+        for prof in sorted(set(profiles)):
+            sel = arr == prof
+            if 0 < y[sel].sum() < sel.sum():
+                sub[prof] = {"n": int(sel.sum()), "auroc": auroc(y[sel], p[sel])}
+        m["by_profile"] = sub
+    gates = {k[5:]: raw[k].mean(0).tolist() for k in raw if k.startswith("gate_")}
+    m["gate_weights_mean"] = gates
+    return m
+
+
+def evaluate(
+    weights: str | Path,
+    manifest: str | Path | list[str | Path],
+    out_dir: str | Path,
+    device: str = "auto",
+    workers: int = 2,
+    progress: bool = True,
+    n_gradcam: int = 4,
+) -> dict[str, Any]:
+    """Score ``manifest`` with the checkpoint, write ``metrics.json``, ``report.md`` and plots
+    to ``out_dir``; return the metrics."""
+    import torch
+
+    from model.data import build_cache, clinical_features, read_manifests, targets
+    from model.predict import Predictor, infer_arrays
+    from model.report import write_report
+
+    t0 = time.time()
+    torch.set_num_threads(max(1, workers))
+    pred = Predictor(weights, device=device)
+    manifests = list(manifest) if isinstance(manifest, list | tuple) else [manifest]
+    rows = [r for r in read_manifests(manifests) if np.isfinite(r.label)]
+    cache, stats = build_cache(rows, pred.spec, workers=workers, progress=progress, with_stats=True)
+    t_dec = time.time()
+    tg, clin = targets(rows), clinical_features(rows)
+    raw = infer_arrays(pred.model, cache, clin, 64, pred.device)
+    t_inf = time.time()
+    intensity = {"preprocessed_mean": cache.astype(np.float32).mean(axis=(1, 2))}
+    intensity.update(stats)
+    metrics = compute_metrics(
+        raw, tg, pred.meta, clin, [r.patient_id for r in rows], intensity, [r.profile for r in rows]
+    )
+    metrics["checkpoint"] = {
+        "weights": str(weights),
+        "model_version": pred.meta.get("model_version"),
+        "weights_sha256": pred.meta.get("weights_sha256"),
+        "trained_on_synthetic_data": bool(pred.meta.get("synthetic", False)),
+    }
+    metrics["manifest"] = ", ".join(str(m) for m in manifests)
+    metrics["timing_s"] = {
+        "decode_preprocess": round(t_dec - t0, 1),
+        "inference": round(t_inf - t_dec, 1),
+    }
+    write_report(Path(out_dir), metrics, raw, tg, cache, pred, n_gradcam=n_gradcam)
+    metrics["timing_s"]["total"] = round(time.time() - t0, 1)
+    return metrics

@@ -1,0 +1,212 @@
+"""Inference: the ``Predictor`` the agent's worker calls, and batch inference helpers.
+
+>>> p = Predictor()                      # the shipped checkpoint, device "auto"
+>>> x = p.preprocess_file("knee.dcm")    # (1, S, S) float32, the training preprocessing path
+>>> p.predict(x[None], [{"age": 71, "sex": "F", "bmi": None}])[0]["decision"]
+'bone_loss'
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from model.calibration import sigmoid
+from model.checkpoint import SHIPPED, load_checkpoint
+from model.data import clinical_vector
+from model.strnet import STRNet
+
+ClinicalInput = Sequence[dict[str, Any] | None] | np.ndarray | torch.Tensor | None
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``auto`` means CUDA when available, else CPU."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but CUDA is not available")
+    return dev
+
+
+def autocast_context(
+    device: torch.device, enabled: bool = True
+) -> contextlib.AbstractContextManager:
+    """bf16 (or fp16 on older GPUs) autocast on CUDA; a no-op elsewhere."""
+    if enabled and device.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+    return contextlib.nullcontext()
+
+
+def clinical_tensor(clinical: ClinicalInput, n: int, n_features: int = 6) -> torch.Tensor:
+    """Clinical inputs as an (n, 6) tensor; ``None`` or a ``None`` entry means all missing."""
+    if clinical is None:
+        clinical = [None] * n
+    if isinstance(clinical, torch.Tensor | np.ndarray):
+        arr = torch.as_tensor(np.asarray(clinical, dtype=np.float32))
+        if arr.shape != (n, n_features):
+            raise ValueError(
+                f"clinical must have shape ({n}, {n_features}), got {tuple(arr.shape)}"
+            )
+        return arr
+    if len(clinical) != n:
+        raise ValueError(f"clinical has {len(clinical)} entries for {n} images")
+    rows = [
+        clinical_vector((c or {}).get("age"), (c or {}).get("sex"), (c or {}).get("bmi"))
+        for c in clinical
+    ]
+    return torch.tensor(rows, dtype=torch.float32)
+
+
+@torch.no_grad()
+def infer_arrays(
+    model: STRNet,
+    images: np.ndarray | torch.Tensor,
+    clinical: np.ndarray | torch.Tensor | None = None,
+    batch_size: int = 64,
+    device: torch.device | str = "cpu",
+) -> dict[str, np.ndarray]:
+    """Raw outputs for (N, S, S) or (N, 1, S, S) images: logits, T-score, per-task gates."""
+    device = torch.device(device)
+    model.eval()
+    n = len(images)
+    outs: dict[str, list[np.ndarray]] = {}
+    for start in range(0, n, batch_size):
+        x = torch.as_tensor(np.asarray(images[start : start + batch_size]), dtype=torch.float32)
+        if x.ndim == 3:
+            x = x[:, None]
+        c = None if clinical is None else torch.as_tensor(clinical[start : start + batch_size])
+        with autocast_context(device):
+            out = model(x.to(device), None if c is None else c.to(device))
+        for key in ("screen_logit", "severity_logit", "tscore"):
+            outs.setdefault(key, []).append(out[key].float().cpu().numpy())
+        for task, g in model.gate_weights.items():
+            outs.setdefault(f"gate_{task}", []).append(g.float().cpu().numpy())
+    return {k: np.concatenate(v) for k, v in outs.items()}
+
+
+class Predictor:
+    """A loaded checkpoint ready to score preprocessed images.
+
+    Parameters
+    ----------
+    weights : checkpoint metadata JSON (or its .safetensors); defaults to the shipped one.
+    device : ``auto`` (CUDA if present), ``cpu`` or ``cuda``.
+    threshold : ``served`` (the checkpoint's choice, conservative by default), ``point``,
+        ``conservative`` or a probability.
+    """
+
+    def __init__(
+        self,
+        weights: str | Path = SHIPPED,
+        device: str | torch.device = "auto",
+        threshold: str | float = "served",
+    ) -> None:
+        self.device = resolve_device(device)
+        self.model, self.meta = load_checkpoint(weights, device=self.device)
+        self.temperature = float(self.meta.get("temperature", 1.0))
+        self.tscore_q = float(self.meta.get("conformal", {}).get("quantile", float("nan")))
+        self.tscore_coverage = float(self.meta.get("conformal", {}).get("coverage", 0.9))
+        thresholds = self.meta.get("thresholds", {})
+        if isinstance(threshold, int | float):
+            self.threshold_name, self.threshold = "custom", float(threshold)
+        else:
+            name = (
+                self.meta.get("served_threshold", "conservative")
+                if threshold == "served"
+                else threshold
+            )
+            if name not in thresholds:
+                raise ValueError(f"checkpoint has no '{name}' threshold")
+            self.threshold_name, self.threshold = name, float(thresholds[name]["threshold"])
+        self._spec: Any = None
+
+    @property
+    def spec(self) -> Any:
+        """The checkpoint's ``model.preprocess.PreprocessSpec``."""
+        if self._spec is None:
+            from model.preprocess import PreprocessSpec
+
+            self._spec = PreprocessSpec.from_dict(self.meta["preprocess"])
+        return self._spec
+
+    @property
+    def input_size(self) -> int:
+        return int(self.meta["preprocess"].get("input_size", 256))
+
+    def preprocess_file(self, path: str | Path, max_pixels: int | None = None) -> np.ndarray:
+        """Decode and preprocess a DICOM/PNG file exactly as in training: (1, S, S) float32."""
+        from model.preprocess import preprocess_file
+
+        return np.asarray(preprocess_file(Path(path), self.spec, max_pixels=max_pixels), np.float32)
+
+    def _as_batch(self, batch: torch.Tensor | np.ndarray) -> torch.Tensor:
+        x = torch.as_tensor(np.asarray(batch) if isinstance(batch, np.ndarray) else batch)
+        x = x.float()
+        while x.ndim < 4:
+            x = x.unsqueeze(0)
+        s = self.input_size
+        if x.shape[1:] != (1, s, s):
+            raise ValueError(f"expected images of shape (N, 1, {s}, {s}), got {tuple(x.shape)}")
+        return x.to(self.device)
+
+    def predict(
+        self, batch: torch.Tensor | np.ndarray, clinical: ClinicalInput = None
+    ) -> list[dict[str, Any]]:
+        """Score (N, 1, S, S) preprocessed images; ``clinical`` is an optional list of dicts with
+        ``age``, ``sex`` ('M'/'F') and ``bmi`` (any may be None) or an (N, 6) array."""
+        x = self._as_batch(batch)
+        c = clinical_tensor(clinical, x.shape[0]).to(self.device)
+        raw = infer_arrays(self.model, x, c, batch_size=max(1, x.shape[0]), device=self.device)
+        p = sigmoid(raw["screen_logit"] / self.temperature)
+        q = sigmoid(raw["severity_logit"])
+        results = []
+        for i in range(x.shape[0]):
+            positive = bool(p[i] >= self.threshold)
+            t = float(raw["tscore"][i])
+            severity = ("osteoporosis" if q[i] >= 0.5 else "osteopenia") if positive else "normal"
+            results.append(
+                {
+                    "probability_bone_loss": float(p[i]),
+                    "threshold": self.threshold,
+                    "threshold_name": self.threshold_name,
+                    "decision": "bone_loss" if positive else "normal",
+                    "p_osteoporosis_given_bone_loss": float(q[i]),
+                    "p_osteoporosis": float(p[i] * q[i]),
+                    "severity": severity,
+                    "t_score": t,
+                    "t_score_interval": [t - self.tscore_q, t + self.tscore_q],
+                    "t_score_interval_coverage": self.tscore_coverage,
+                    "model_version": self.meta.get("model_version", "unknown"),
+                    "trained_on_synthetic_data": bool(self.meta.get("synthetic", False)),
+                }
+            )
+        return results
+
+    def saliency(self, x: torch.Tensor | np.ndarray) -> np.ndarray:
+        """Grad-CAM of the screening logit on the last convolutional stage, upsampled to the
+        input and scaled to [0, 1]: (S, S) for one image, (N, S, S) for a batch."""
+        xb = self._as_batch(x)
+        self.model.eval()
+        with torch.enable_grad():
+            fmap = self.model.forward_features(xb).detach().float().requires_grad_(True)
+            out = self.model.forward_head(fmap)
+            (grad,) = torch.autograd.grad(out["screen_logit"].sum(), fmap)
+        weights = grad.mean(dim=(2, 3), keepdim=True)
+        cam = F.relu((weights * fmap).sum(dim=1, keepdim=True)).detach()
+        cam = F.interpolate(cam, size=xb.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+        lo = cam.amin(dim=(1, 2), keepdim=True)
+        hi = cam.amax(dim=(1, 2), keepdim=True)
+        cam = ((cam - lo) / (hi - lo).clamp_min(1e-8)).cpu().numpy().astype(np.float32)
+        return cam[0] if cam.shape[0] == 1 else cam
+
+    def predict_file(self, path: str | Path, clinical: dict[str, Any] | None = None) -> dict:
+        """Decode, preprocess and score one file."""
+        return self.predict(self.preprocess_file(path)[None], [clinical])[0]
