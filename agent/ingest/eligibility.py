@@ -15,6 +15,15 @@ from pydicom.dataset import Dataset
 from agent.domain import Eligibility
 
 
+SCREENED_SOP_CLASSES = frozenset(
+    {
+        "1.2.840.10008.5.1.4.1.1.1.1",  # DX For Presentation
+        "1.2.840.10008.5.1.4.1.1.1.1.1",  # DX For Processing
+        "1.2.840.10008.5.1.4.1.1.1",  # CR
+    }
+)
+
+
 @dataclass(frozen=True)
 class Rules:
     modalities: frozenset[str]
@@ -22,6 +31,7 @@ class Rules:
     anatomic_region_codes: frozenset[str]
     min_age_years: int
     max_pixels: int
+    sop_classes: frozenset[str] = SCREENED_SOP_CLASSES
 
 
 def _age_years(ds: Dataset) -> float | None:
@@ -45,6 +55,9 @@ def _region_codes(ds: Dataset) -> set[str]:
 
 def evaluate(ds: Dataset, rules: Rules) -> Eligibility:
     """Apply the rules; the first failing rule gives the reason."""
+    sop_class = str(ds.get("SOPClassUID", ""))
+    if sop_class not in rules.sop_classes:
+        return Eligibility(False, f"SOP class {sop_class} is kept but not screened (not an X-ray image)")
     modality = str(ds.get("Modality", "") or "").upper()
     if modality not in rules.modalities:
         return Eligibility(False, f"modality {modality or 'missing'} is not screened")

@@ -123,7 +123,8 @@ class Ingestor:
         validate.parse_fully(ds)
         validate.check_no_file_meta(ds)
         validate.check_identifiers(ds, req.sop_class_uid, req.sop_instance_uid)
-        validate.check_pixel_data(ds, req.transfer_syntax)
+        if req.sop_class_uid in self.rules.sop_classes:  # results and documents carry no image to check
+            validate.check_pixel_data(ds, req.transfer_syntax)
         prior = store.existing_contents(self.db, req.sop_instance_uid)
         hashing = None
         if prior:  # a resend: recognise an identical copy before writing anything

@@ -55,6 +55,16 @@ STORAGE_SOP_CLASSES = (
     ComputedRadiographyImageStorage,
 )
 
+# Accepted and kept, never screened (SKIPPED with a reason): a PACS rule that forwards whole
+# studies sends our own SR and overlays back, and refusing them would make it retry forever.
+KEPT_NOT_SCREENED_SOP_CLASSES = (
+    UID("1.2.840.10008.5.1.4.1.1.88.34"),  # Comprehensive 3D SR
+    UID("1.2.840.10008.5.1.4.1.1.88.33"),  # Comprehensive SR
+    UID("1.2.840.10008.5.1.4.1.1.88.22"),  # Enhanced SR
+    UID("1.2.840.10008.5.1.4.1.1.88.11"),  # Basic Text SR
+    UID("1.2.840.10008.5.1.4.1.1.7"),  # Secondary Capture Image
+)
+
 # Compressed first: pynetdicom picks in its own order, so instances arrive as the PACS stores them.
 TRANSFER_SYNTAXES: list[UID] = [
     JPEG2000Lossless,
@@ -254,7 +264,7 @@ def build_ae(cfg: ScpSection) -> AE:
     ae.network_timeout = cfg.network_timeout_s
     ae.require_called_aet = True
     ae.add_supported_context(Verification)
-    for sop_class in STORAGE_SOP_CLASSES:
+    for sop_class in (*STORAGE_SOP_CLASSES, *KEPT_NOT_SCREENED_SOP_CLASSES):
         ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
     return ae
 

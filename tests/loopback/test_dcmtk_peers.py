@@ -198,11 +198,11 @@ def test_unknown_calling_ae_cannot_store(agent: Agent, tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("sop_class", "tool"),
     [
-        (factory.SECONDARY_CAPTURE, "storescu"),
         ("1.2.840.10008.5.1.4.1.1.2", "storescu"),  # CT Image Storage
         ("1.2.840.10008.5.1.4.1.1.2", "dcmsend"),
+        ("1.2.840.10008.5.1.4.1.1.4", "storescu"),  # MR Image Storage
     ],
-    ids=["secondary-capture-storescu", "ct-storescu", "ct-dcmsend"],
+    ids=["ct-storescu", "ct-dcmsend", "mr-storescu"],
 )
 def test_unsupported_sop_class_is_refused(
     agent: Agent, tmp_path: Path, sop_class: str, tool: str
@@ -226,3 +226,16 @@ def test_unsupported_sop_class_is_refused(
     good = factory.write(factory.knee_dx(), tmp_path / "good.dcm")
     assert send("storescu", agent, good).returncode == 0
     assert len(list_jobs(agent.db)) == 1
+
+
+def test_our_own_result_classes_are_kept_and_skipped(agent: Agent, tmp_path: Path) -> None:
+    """A PACS forwarding a whole study sends our SR/overlays back: kept, SKIPPED, never refused."""
+    ds = factory.knee_dx()
+    ds.SOPClassUID = factory.SECONDARY_CAPTURE
+    ds.file_meta.MediaStorageSOPClassUID = factory.SECONDARY_CAPTURE
+    ds.Modality = "OT"
+    path = factory.write(ds, tmp_path / "sc.dcm")
+    out = send("storescu", agent, path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    (job,) = list_jobs(agent.db)
+    assert job.state.value == "SKIPPED" and "not screened" in (job.reason or "")

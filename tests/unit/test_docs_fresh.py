@@ -15,8 +15,8 @@ def test_configuration_md_is_current() -> None:
 
 
 def test_conformance_statement_lists_every_accepted_sop_class_and_syntax() -> None:
-    from agent.ingest.scp import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES
+    from agent.ingest.scp import KEPT_NOT_SCREENED_SOP_CLASSES, STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES
 
     text = (ROOT / "docs" / "dicom-conformance.md").read_text(encoding="utf-8")
-    for uid in [*STORAGE_SOP_CLASSES, *TRANSFER_SYNTAXES, "1.2.840.10008.1.1"]:
+    for uid in [*STORAGE_SOP_CLASSES, *KEPT_NOT_SCREENED_SOP_CLASSES, *TRANSFER_SYNTAXES, "1.2.840.10008.1.1"]:
         assert str(uid) in text, f"{uid} ({getattr(uid, 'name', '')}) missing from docs/dicom-conformance.md"

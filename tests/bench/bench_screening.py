@@ -1,0 +1,318 @@
+"""Bench: K synthetic knee studies routed from a real Orthanc through `strnet serve` (shipped model).
+
+Run: ``make bench`` or
+``BENCH_K=5 .venv/bin/python -m pytest tests/bench/bench_screening.py -s -q -o norecursedirs=``.
+
+Prints figures only (no timed assertions), with the goals of issue 4 beside them:
+images per hour (uncompressed ~10 MB DX), p50/p95 processing latency per study with the quiet
+period excluded, the mean of each stage (receive, decode, preprocess, infer, report, send) and the
+peak RSS (VmHWM) of the `strnet serve` process with the model loaded.
+
+Definitions (all from the agent's own database and log, no clocks of the bench's):
+- throughput window: first instance received -> last overlay delivered to Orthanc;
+- study processing latency: (first image received -> last overlay of the study delivered)
+  + (SR recorded -> SR delivered). The quiet period and the study-completion sweep's wait for
+  it are excluded; the SR build itself runs inside the sweep and is not timed separately;
+- receive: the C-STORE handler's time per instance (``instance_received`` log events);
+  decode/preprocess/infer/report: ``results.timings_ms`` (infer = the batch's time / batch size,
+  report = overlay build); send: outbox ``created_at -> delivered_at`` per object (includes
+  waiting for the sender's next poll, at most ``sender.poll_s``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import statistics
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: conftest, serve_process
+
+from conftest import AGENT_AET, free_port  # noqa: E402
+from serve_process import ServeProcess  # noqa: E402
+
+from model.checkpoint import SHIPPED  # noqa: E402
+
+K_STUDIES = int(os.environ.get("BENCH_K", "20"))
+# The shipped checkpoint; BENCH_WEIGHTS=<checkpoint .json> only to try the bench's plumbing with
+# another one (the figures then say nothing about the product).
+WEIGHTS = Path(os.environ.get("BENCH_WEIGHTS") or SHIPPED)
+ROWS, COLS = 2500, 2000  # 16-bit: 10 MB of pixel data per image
+QUIET_PERIOD_S = 1.0
+POLL_S = 0.2
+BASE_IMAGES = 6  # rendered by the generator, then upscaled; each sent image gets its own noise
+SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
+GOAL_IMAGES_PER_HOUR = 15_000
+GOAL_P95_S = 2.0
+GOAL_RSS_GB = 1.5
+
+
+def make_studies(folder: Path, k: int, seed: int = 20261127) -> list[tuple[str, list[Path]]]:
+    """``k`` studies of 2 to 4 uncompressed 2500 x 2000 16-bit DX knee images."""
+    from pydicom.uid import generate_uid
+    from skimage.transform import resize
+
+    from model.synth.acquisition import VENDOR_PROFILES
+    from model.synth.dicom_writer import ImageHeader, build_dataset
+    from model.synth.generate import generate_one
+
+    rng = np.random.default_rng(seed)
+    bases = []
+    for i in range(BASE_IMAGES):  # the generator renders 1024 x 832: upscale a few renderings
+        img, patient = generate_one(rng, laterality="LR"[i % 2], view="AP", profile="acme_dx")
+        up = resize(img.stored, (ROWS, COLS), order=1, preserve_range=True, anti_aliasing=False)
+        bases.append((up.astype(np.uint16), img, patient))
+    profile = VENDOR_PROFILES["acme_dx"]
+    top = (1 << profile.bits_stored) - 1
+    scale = img.stored.shape[1] / COLS
+    studies = []
+    for s in range(k):
+        study_uid = generate_uid()
+        files = []
+        for n in range(int(rng.integers(2, 5))):
+            stored, img, patient = bases[int(rng.integers(0, BASE_IMAGES))]
+            noisy = np.minimum(stored + rng.integers(0, 24, stored.shape, dtype=np.uint16), top)
+            side = "LR"[n % 2]
+            hdr = ImageHeader(
+                patient_id=f"BENCH{s:04d}",
+                patient_name=f"SYNTHETIC^BENCH{s:04d}",
+                birth_date=datetime(1950, 1, 1).date(),
+                sex=patient.sex,
+                age=patient.age,
+                height_m=patient.height_m,
+                weight_kg=patient.weight_kg,
+                study_uid=study_uid,
+                series_uid=generate_uid(),
+                sop_uid=generate_uid(),
+                study_datetime=datetime(2026, 1, 5, 9, 0),
+                accession=f"B{s:06d}",
+                study_id="1",
+                series_number=n + 1,
+                instance_number=1,
+                laterality=side,
+                view="AP",
+                kvp=img.kvp,
+                magnification=img.magnification,
+                burned_in_text=False,
+            )
+            ds = build_dataset(noisy, hdr, profile)
+            spacing = f"{profile.pixel_spacing_mm * scale:.4f}"
+            ds.ImagerPixelSpacing = [spacing, spacing]
+            ds.PixelSpacing = [f"{profile.pixel_spacing_mm * scale / img.magnification:.4f}"] * 2
+            path = folder / f"s{s:03d}_{n}.dcm"
+            ds.save_as(path, enforce_file_format=True)
+            files.append(path)
+        studies.append((study_uid, files))
+    return studies
+
+
+def serve_config(path: Path, data_dir: Path, port: int, pacs_port: int) -> Path:
+    path.write_text(
+        f"""
+[agent]
+data_dir = "{data_dir.as_posix()}"
+min_free_disk_mb = 0
+log_format = "json"
+log_level = "info"
+
+[scp]
+ae_title = "{AGENT_AET}"
+bind = "127.0.0.1"
+port = {port}
+
+[[scp.peers]]
+ae_title = "ORTHANC"
+host = "127.0.0.1"
+
+[worker]
+enabled = true
+weights = "{WEIGHTS.as_posix()}"
+device = "auto"
+
+[reporting]
+quiet_period_s = {QUIET_PERIOD_S}
+
+[sender]
+poll_s = {POLL_S}
+backoff_base_s = 0.5
+
+[[pacs]]
+name = "orthanc"
+ae_title = "ORTHANC"
+host = "127.0.0.1"
+port = {pacs_port}
+""",
+        encoding="utf-8",
+    )
+    return path
+
+
+def vm_hwm_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    idx = q / 100 * (len(ordered) - 1)
+    lo, hi = int(np.floor(idx)), int(np.ceil(idx))
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (idx - lo)
+
+
+def mean(values: list[float]) -> float:
+    return statistics.fmean(values) if values else float("nan")
+
+
+def test_bench_screening_through_orthanc(tmp_path: Path) -> None:
+    if not WEIGHTS.exists():
+        pytest.skip(
+            f"checkpoint {WEIGHTS} is missing: this bench measures the real model "
+            "(made by `strnet model train`; BENCH_WEIGHTS=<checkpoint.json> tries the bench with another)"
+        )
+    from sqlalchemy import select
+
+    from agent.audit.db import Database
+    from agent.audit.models import Instance, OutboxItem, Result, StudyReport
+    from agent.demo.orthanc import LocalOrthanc
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per REST call otherwise
+    t0 = time.monotonic()
+    folder = tmp_path / "studies"
+    folder.mkdir()
+    studies = make_studies(folder, K_STUDIES)
+    n_images = sum(len(f) for _, f in studies)
+    mb = sum(p.stat().st_size for _, fs in studies for p in fs) / 1e6
+    print(
+        f"\n[bench_screening] {K_STUDIES} studies, {n_images} images of {ROWS}x{COLS} 16-bit DX, "
+        f"explicit VR LE, {mb / n_images:.1f} MB each (generated in {time.monotonic() - t0:.0f} s)"
+    )
+
+    agent_port = free_port()
+    data_dir = tmp_path / "var"
+    pacs = LocalOrthanc("ORTHANC", modalities={"agent": (AGENT_AET, "127.0.0.1", agent_port)})
+    serve = None
+    db = None
+    try:
+        pacs.start()
+        config = serve_config(tmp_path / "agent.toml", data_dir, agent_port, pacs.dicom_port)
+        for _, files in studies:
+            for f in files:
+                pacs.upload(f)
+        t_start = time.monotonic()
+        serve = ServeProcess(config, tmp_path / "serve.log").start(timeout_s=120)
+        print(
+            f"[bench_screening] strnet serve listening after {time.monotonic() - t_start:.1f} s "
+            f"(checkpoint {WEIGHTS}{'' if WEIGHTS == Path(SHIPPED) else ', NOT the shipped one'}); "
+            f"peak RSS so far {vm_hwm_mb(serve.pid):.0f} MB"
+        )
+
+        t_route = time.monotonic()
+        for uid, _ in studies:  # as PACS forwards: one study after another, each its association
+            pacs.route_study(pacs.study_id_for(uid), "agent", synchronous=True)
+        route_s = time.monotonic() - t_route
+        db = Database(f"sqlite:///{data_dir / 'strnet.db'}")
+
+        def done() -> bool:
+            with db.reading() as s:
+                reports = s.execute(select(StudyReport.id)).all()
+                states = s.execute(select(OutboxItem.state)).scalars().all()
+            return len(reports) >= K_STUDIES and len(states) == n_images + K_STUDIES and set(states) == {"DELIVERED"}
+
+        deadline = time.monotonic() + 120 + 10 * n_images
+        while not done():
+            assert serve.proc is not None and serve.proc.poll() is None, "strnet serve died"
+            assert time.monotonic() < deadline, "not every study was reported and delivered in time"
+            time.sleep(0.5)
+        peak_rss_mb = vm_hwm_mb(serve.pid)
+        wall_s = time.monotonic() - t_route
+
+        with db.reading() as s:
+            inst = {i.id: (i.study_id, i.received_at) for i in s.execute(select(Instance)).scalars()}
+            results = [
+                (r.instance_id, r.study_id, r.created_at, dict(r.timings_ms or {}))
+                for r in s.execute(select(Result)).scalars()
+            ]
+            out = [
+                (o.kind, o.study_id, o.sop_instance_uid, o.created_at, o.delivered_at)
+                for o in s.execute(select(OutboxItem)).scalars()
+            ]
+            overlay_of = {r.overlay_sop_instance_uid: r.instance_id for r in s.execute(select(Result)).scalars()}
+    finally:
+        if db is not None:
+            db.engine.dispose()
+        if serve is not None:
+            serve.close()
+        pacs.stop()
+
+    # -- figures -------------------------------------------------------------------------------
+    assert len(results) == n_images, f"{len(results)} results for {n_images} images"
+    first_rx = min(rx for _, rx in inst.values())
+    last_overlay = max(d for k, _, _, _, d in out if k == "sc" and d is not None)
+    window_s = (last_overlay - first_rx).total_seconds()
+    per_hour = n_images / window_s * 3600
+
+    latencies: list[float] = []
+    end_to_end: list[float] = []
+    for study_id in {sid for sid, _ in inst.values()}:
+        rx = [t for sid, t in inst.values() if sid == study_id]
+        overlays = [d for k, sid, _, _, d in out if k == "sc" and sid == study_id]
+        srs = [(c, d) for k, sid, _, c, d in out if k == "sr" and sid == study_id]
+        images_s = (max(overlays) - min(rx)).total_seconds()
+        report_s = sum((d - c).total_seconds() for c, d in srs)
+        latencies.append(images_s + report_s)
+        end_to_end.append((max(d for _, d in srs) - min(rx)).total_seconds())
+
+    stages = {name: [t[name] for *_, t in results if name in t] for name in ("decode", "preprocess", "infer", "report")}
+    receive_ms = []
+    for line in (tmp_path / "serve.log").read_text(errors="replace").splitlines():
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if event.get("event") == "instance_received" and not event.get("duplicate"):
+            receive_ms.append(float(event.get("ms", "nan")))
+    send_ms = [(d - c).total_seconds() * 1000 for k, _, _, c, d in out if d is not None]
+    assert len(overlay_of) == n_images
+
+    ok = "meets" if per_hour >= GOAL_IMAGES_PER_HOUR else "BELOW"
+    print(
+        f"[bench_screening] Orthanc routed {n_images} images ({mb:.0f} MB) in {route_s:.1f} s; "
+        f"all SRs and overlays in PACS {wall_s:.1f} s after routing began"
+    )
+    print(
+        f"  throughput        {per_hour:10,.0f} images/hour  (goal >= {GOAL_IMAGES_PER_HOUR:,}: {ok};"
+        f" {n_images} images in {window_s:.1f} s, first received -> last overlay delivered)"
+    )
+    p50, p95 = pct(latencies, 50), pct(latencies, 95)
+    print(
+        f"  study latency     p50 {p50:6.2f} s   p95 {p95:6.2f} s   (goal p95 <= {GOAL_P95_S} s: "
+        f"{'meets' if p95 <= GOAL_P95_S else 'ABOVE'}; quiet period excluded)"
+    )
+    print(
+        f"  (for reference: last image received -> SR in PACS, with the {QUIET_PERIOD_S:g} s quiet "
+        f"period and the 2 s sweep: p50 {pct(end_to_end, 50):.2f} s, p95 {pct(end_to_end, 95):.2f} s)"
+    )
+    print("  stage means per image (ms):")
+    print(f"    receive    {mean(receive_ms):8.1f}   (C-STORE handler: validate, spool write + fsync, commit)")
+    for name, values in stages.items():
+        print(f"    {name:<10} {mean(values):8.1f}")
+    print(f"    send       {mean(send_ms):8.1f}   (outbox row -> delivered, incl. <= {POLL_S * 1000:.0f} ms poll wait)")
+    print(
+        f"  peak RSS of strnet serve (VmHWM) {peak_rss_mb:,.0f} MB  (goal <= {GOAL_RSS_GB} GB: "
+        f"{'meets' if peak_rss_mb <= GOAL_RSS_GB * 1024 else 'ABOVE'})"
+    )
+    print(
+        f"  machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} "
+        "(the machine is shared: figures vary with what else runs)"
+    )
