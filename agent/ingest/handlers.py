@@ -14,6 +14,7 @@ from io import BytesIO
 
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filewriter import write_file_meta_info
+from pydicom.multival import MultiValue
 from pydicom.uid import UID
 
 from agent import failpoints, metrics
@@ -63,9 +64,14 @@ def file_meta_bytes(req: StoreRequest) -> bytes:
 
 def _text(ds: Dataset, keyword: str, limit: int) -> str | None:
     value = ds.get(keyword)
-    if value in (None, ""):
+    if value is None or value == "":
         return None
-    return str(value)[:limit]
+    if isinstance(value, bytes | bytearray):
+        # a value too long for its VR arrives as UN (raw bytes): keep its text, not "b'...'"
+        value = bytes(value[: limit * 4]).decode("latin-1", "replace").strip("\x00 ")
+    elif isinstance(value, MultiValue):  # backslash-separated values: keep the DICOM form
+        value = "\\".join(str(v) for v in value)
+    return str(value)[:limit] or None
 
 
 def _sha256(data: bytes) -> str:

@@ -7,6 +7,8 @@ refused at association, before any data flows.
 
 from __future__ import annotations
 
+import ipaddress
+import socket
 import ssl
 import threading
 import time
@@ -165,7 +167,9 @@ class RecvGuard:
         self.since_message = 0
 
 
-def handle_conn_open(event: Event, limit_bytes: int, network_timeout_s: float) -> None:
+def handle_conn_open(
+    event: Event, limit_bytes: int, network_timeout_s: float, allowed_hosts: frozenset[str] | None
+) -> None:
     """Install the RecvGuard on the new connection's socket, before any PDU is read.
 
     Also give the accepted socket a timeout: pynetdicom leaves it blocking, so a peer that sends
@@ -178,8 +182,25 @@ def handle_conn_open(event: Event, limit_bytes: int, network_timeout_s: float) -
     raw = getattr(sock, "socket", None)
     if raw is not None:
         raw.settimeout(network_timeout_s)
+        address = getattr(event, "address", None)
+        host = str(address[0]) if address else ""
+        try:  # an IPv4 peer on a dual-stack socket shows as ::ffff:a.b.c.d
+            ip = ipaddress.ip_address(host)
+            host = str(ip.ipv4_mapped or ip) if isinstance(ip, ipaddress.IPv6Address) else str(ip)
+        except ValueError:
+            pass
+        if allowed_hosts is not None and host not in allowed_hosts:
+            # a host no peer is bound to: shut the connection now, so idle connections from elsewhere
+            # cannot hold association slots (pynetdicom counts them) until the ACSE timeout
+            log.warning("connection_refused", peer_host=host, reason="host not on the peer allow-list")
+            try:
+                raw.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            # the acceptor thread would otherwise wait the whole ACSE timeout for a request that never comes
+            event.assoc.acse_timeout = 0.01
     if not isinstance(getattr(sock, "recv", None), RecvGuard):
-        sock.recv = RecvGuard(sock.recv, limit_bytes)
+        sock.recv = RecvGuard(sock.recv, limit_bytes)  # type: ignore[method-assign]
 
 
 def _message_done(event: Event) -> None:
@@ -322,7 +343,7 @@ class StorageSCP:
         # its clear 0xA700 answer from the ingestor; anything beyond is cut off at the socket
         limit = (2 * self.cfg.max_instance_mb + 1) * 1024 * 1024
         return [
-            (evt.EVT_CONN_OPEN, handle_conn_open, [limit, self.cfg.network_timeout_s]),
+            (evt.EVT_CONN_OPEN, handle_conn_open, [limit, self.cfg.network_timeout_s, self._allowed_hosts()]),
             (evt.EVT_REQUESTED, handle_requested, [self._peers]),
             (evt.EVT_ACCEPTED, handle_accepted, [t]),
             (evt.EVT_RELEASED, handle_closed, [t, "released"]),
@@ -331,6 +352,14 @@ class StorageSCP:
             (evt.EVT_C_ECHO, handle_echo),
             (evt.EVT_C_STORE, handle_store, [self.ingestor]),
         ]
+
+    def _allowed_hosts(self) -> frozenset[str] | None:
+        """Addresses any peer is bound to; None (no connection-level filter) when one is a host name."""
+        hosts = {h for allowed in self._peers.values() for h in allowed}
+        try:
+            return frozenset(str(ipaddress.ip_address(h)) for h in hosts)
+        except ValueError:
+            return None
 
     def _ssl_context(self) -> Any:
         ctx = tls_context(self.cfg)

@@ -36,9 +36,16 @@ def backup_sqlite(database_url: str, dest: Path) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(dest.name + ".part")
     tmp.unlink(missing_ok=True)
-    with sqlite3.connect(f"file:{src}?mode=ro", uri=True, timeout=30) as source, sqlite3.connect(tmp) as target:
+    source = sqlite3.connect(f"file:{src}?mode=ro", uri=True, timeout=30)
+    target = sqlite3.connect(tmp)
+    try:
         source.backup(target, pages=1024, sleep=0.005)
+        # a self-contained file: no -wal/-shm companions next to the backup
+        target.execute("PRAGMA journal_mode=DELETE")
         ok = target.execute("PRAGMA integrity_check").fetchone()[0]
+    finally:
+        target.close()
+        source.close()
     if ok != "ok":
         tmp.unlink(missing_ok=True)
         raise RuntimeError(f"backup failed its integrity check: {ok}")
