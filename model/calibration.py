@@ -58,3 +58,22 @@ def ece(p: np.ndarray, y: np.ndarray, n_bins: int = 15) -> float:
 
 def brier(p: np.ndarray, y: np.ndarray) -> float:
     return float(np.mean((np.asarray(p, float) - np.asarray(y, float)) ** 2))
+
+
+def fit_linear(pred: np.ndarray, true: np.ndarray) -> tuple[float, float]:
+    """Least-squares ``true ~ intercept + slope * pred`` (recalibration of the T-score)."""
+    pred = np.asarray(pred, dtype=np.float64).ravel()
+    true = np.asarray(true, dtype=np.float64).ravel()
+    ok = np.isfinite(pred) & np.isfinite(true)
+    if ok.sum() < 3 or np.var(pred[ok]) == 0:
+        return 0.0, 1.0
+    slope, intercept = np.polyfit(pred[ok], true[ok], 1)
+    return float(intercept), float(slope)
+
+
+def apply_linear(pred: np.ndarray, params: dict | None) -> np.ndarray:
+    """Apply a stored ``{"intercept", "slope"}`` recalibration (identity if None)."""
+    pred = np.asarray(pred, dtype=np.float64)
+    if not params:
+        return pred
+    return params["intercept"] + params["slope"] * pred

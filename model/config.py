@@ -55,7 +55,7 @@ class ModelConfig:
     #: the severity head also sees the clinical inputs (age, sex, BMI carry T-score information)
     severity_clinical: bool = True
     #: gradient from the T-score task into the shared trunk is multiplied by this (weak coupling)
-    tscore_trunk_grad_scale: float = 0.2
+    tscore_trunk_grad_scale: float = 0.5
     channels_last: bool = False
 
     def __post_init__(self) -> None:
@@ -77,7 +77,7 @@ class TrainConfig:
     """Optimisation, loss weights, augmentation and operating-point settings."""
 
     seed: int = 20260427
-    epochs: int = 10
+    epochs: int = 12
     batch_size: int = 32
     lr: float = 2e-3
     weight_decay: float = 0.02
@@ -91,18 +91,21 @@ class TrainConfig:
     # loss weights: screening BCE, severity BCE (bone-loss cases only), T-score Huber
     w_screen: float = 1.0
     w_severity: float = 1.0
-    w_tscore: float = 0.2
+    w_tscore: float = 0.5
     huber_delta: float = 1.0
     # augmentation (applied on cached tensors, batched)
     aug_hflip: float = 0.5
     aug_vflip: float = 0.0
+    #: share of images that get the resampling affine (the rest keep their exact pixels, so
+    #: the model also sees unsmoothed texture as at inference)
+    aug_affine_p: float = 0.5
     aug_rotate_deg: float = 8.0
     aug_scale: float = 0.08
     aug_translate: float = 0.04
     aug_gamma: float = 0.15
     aug_contrast: float = 0.15
     aug_brightness: float = 0.05
-    aug_noise: float = 0.02
+    aug_noise: float = 0.0
     # operating point, calibration, conformal
     target_sensitivity: float = 0.86
     lower_bound_confidence: float = 0.95

@@ -265,16 +265,17 @@ def augment_batch(x: torch.Tensor, cfg: TrainConfig, gen: torch.Generator) -> to
 
     flip_h = torch.rand(b, generator=gen) < cfg.aug_hflip
     flip_v = torch.rand(b, generator=gen) < cfg.aug_vflip
-    ang = u(-cfg.aug_rotate_deg, cfg.aug_rotate_deg) * math.pi / 180.0
-    scale = u(1.0 - cfg.aug_scale, 1.0 + cfg.aug_scale)
+    keep = (torch.rand(b, generator=gen) >= cfg.aug_affine_p).float()  # 1: no resampling
+    ang = u(-cfg.aug_rotate_deg, cfg.aug_rotate_deg) * math.pi / 180.0 * (1 - keep)
+    scale = 1.0 + (u(1.0 - cfg.aug_scale, 1.0 + cfg.aug_scale) - 1.0) * (1 - keep)
     sx = torch.where(flip_h, -1.0, 1.0) / scale
     sy = torch.where(flip_v, -1.0, 1.0) / scale
     cos, sin = torch.cos(ang), torch.sin(ang)
     theta = torch.zeros(b, 2, 3)
     theta[:, 0, 0], theta[:, 0, 1] = cos * sx, -sin * sy
     theta[:, 1, 0], theta[:, 1, 1] = sin * sx, cos * sy
-    theta[:, 0, 2] = u(-cfg.aug_translate, cfg.aug_translate) * 2
-    theta[:, 1, 2] = u(-cfg.aug_translate, cfg.aug_translate) * 2
+    theta[:, 0, 2] = u(-cfg.aug_translate, cfg.aug_translate) * 2 * (1 - keep)
+    theta[:, 1, 2] = u(-cfg.aug_translate, cfg.aug_translate) * 2 * (1 - keep)
     grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
     # intensity jitter around each image's own mean, so the range of the spec is kept

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from model.calibration import apply_temperature, brier, ece
+from model.calibration import apply_linear, apply_temperature, brier, ece
 from model.conformal import interval_coverage
 from model.metrics import (
     auroc,
@@ -216,6 +216,7 @@ def evaluate(
     t_dec = time.time()
     tg, clin = targets(rows), clinical_features(rows)
     raw = infer_arrays(pred.model, cache, clin, 64, pred.device)
+    raw["tscore"] = apply_linear(raw["tscore"], pred.meta.get("tscore_calibration"))
     t_inf = time.time()
     intensity = {"preprocessed_mean": cache.astype(np.float32).mean(axis=(1, 2))}
     intensity.update(stats)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model.calibration import sigmoid
+from model.calibration import apply_linear, sigmoid
 from model.checkpoint import SHIPPED, load_checkpoint
 from model.data import clinical_vector
 from model.strnet import STRNet
@@ -170,7 +170,7 @@ class Predictor:
         results = []
         for i in range(x.shape[0]):
             positive = bool(p[i] >= self.threshold)
-            t = float(raw["tscore"][i])
+            t = float(apply_linear(raw["tscore"][i], self.meta.get("tscore_calibration")))
             severity = ("osteoporosis" if q[i] >= 0.5 else "osteopenia") if positive else "normal"
             results.append(
                 {

@@ -17,7 +17,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from model.calibration import apply_temperature, brier, ece, fit_temperature
+from model.calibration import (
+    apply_linear,
+    apply_temperature,
+    brier,
+    ece,
+    fit_linear,
+    fit_temperature,
+)
 from model.checkpoint import save_checkpoint
 from model.config import ModelConfig, TrainConfig
 from model.conformal import conformal_quantile, interval_coverage
@@ -65,8 +72,12 @@ def fit_operating_point(raw: dict[str, np.ndarray], tg: dict[str, np.ndarray], c
     thresholds = select_thresholds(y, p, cfg.target_sensitivity, cfg.lower_bound_confidence)
     t_ok = np.isfinite(tg["tscore"])
     conformal: dict[str, Any] | None = None
+    tscore_cal: dict[str, float] | None = None
     cov = width = r = float("nan")
     if t_ok.sum() >= 2:
+        a, b = fit_linear(raw["tscore"][t_ok], tg["tscore"][t_ok])
+        tscore_cal = {"intercept": a, "slope": b}
+        raw = dict(raw, tscore=apply_linear(raw["tscore"], tscore_cal))
         q = conformal_quantile(raw["tscore"][t_ok], tg["tscore"][t_ok], cfg.conformal_coverage)
         cov, width = interval_coverage(raw["tscore"][t_ok], tg["tscore"][t_ok], q)
         r = pearson_r(raw["tscore"][t_ok], tg["tscore"][t_ok])[0]
@@ -76,6 +87,7 @@ def fit_operating_point(raw: dict[str, np.ndarray], tg: dict[str, np.ndarray], c
         "thresholds": thresholds,
         "served_threshold": cfg.served_threshold,
         "conformal": conformal,
+        "tscore_calibration": tscore_cal,
         "calibration_set": {
             "n": int(ok.sum()),
             "screening_auroc": auroc(y, logit),

@@ -1,0 +1,54 @@
+"""Run the shipped STR-Net checkpoint on CUDA with autocast and print ms per image.
+
+Exits 0 with 'skipped: no CUDA' when CUDA is absent. Usage: ``python tests/gpu/cuda_check.py``.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+
+def main() -> int:
+    if not torch.cuda.is_available():
+        print("skipped: no CUDA")
+        return 0
+    from model.checkpoint import SHIPPED
+    from model.predict import Predictor
+
+    gpu = Predictor(SHIPPED, device="cuda")
+    cpu = Predictor(SHIPPED, device="cpu")
+    s = gpu.input_size
+    print(f"device {torch.cuda.get_device_name(0)}, torch {torch.__version__}, input {s} px")
+    x32 = np.random.default_rng(0).normal(size=(32, 1, s, s)).astype(np.float32)
+    p_gpu = np.array([r["probability_bone_loss"] for r in gpu.predict(x32[:8])])
+    p_cpu = np.array([r["probability_bone_loss"] for r in cpu.predict(x32[:8])])
+    print(
+        f"max |P(bone loss)| difference autocast CUDA vs float32 CPU: "
+        f"{np.abs(p_gpu - p_cpu).max():.4f}"
+    )
+    for batch in (1, 32):
+        xb = torch.from_numpy(x32[:batch]).cuda()
+        for _ in range(5):
+            gpu.predict(xb)
+        torch.cuda.synchronize()
+        reps, t0 = 0, time.perf_counter()
+        while reps < 20 or time.perf_counter() - t0 < 2.0:
+            gpu.predict(xb)
+            reps += 1
+        torch.cuda.synchronize()
+        ms = 1000 * (time.perf_counter() - t0) / reps / batch
+        print(f"batch {batch}: {ms:.3f} ms/image (Predictor.predict, autocast)")
+    cam = gpu.saliency(x32[:1])
+    print(f"saliency shape {cam.shape}, range [{cam.min():.2f}, {cam.max():.2f}]")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
