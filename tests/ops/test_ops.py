@@ -126,21 +126,22 @@ def test_model_install_verifies_records_and_the_next_results_carry_the_version(
     assert refused.returncode == 2 and "tiny1" in refused.stderr
 
 
-def test_doctor_all_ok_then_names_the_failing_check(tmp_path: Path, tiny_weights: Path) -> None:
-    with PacsPeer() as pacs:
+def test_doctor_all_ok_against_orthanc_then_names_the_failing_check(tmp_path: Path, tiny_weights: Path) -> None:
+    from agent.demo.orthanc import LocalOrthanc
+
+    with LocalOrthanc("ORTHANC") as orthanc:
         cfg = write_config(
             tmp_path / "agent.toml",
             tmp_path / "var",
             worker=True,
-            extra=f'\n[[pacs]]\nname = "main"\nae_title = "{PACS_AET}"\nhost = "127.0.0.1"\nport = {pacs.port}\n',
+            extra=f'\n[[pacs]]\nname = "main"\nae_title = "ORTHANC"\nhost = "127.0.0.1"\nport = {orthanc.dicom_port}\n',
         )
-        text = cfg.read_text().replace("enabled = true", f'enabled = true\nweights = "{tiny_weights}"', 1)
-        cfg.write_text(text)
+        cfg.write_text(cfg.read_text().replace("enabled = true", f'enabled = true\nweights = "{tiny_weights}"', 1))
         assert strnet("db", "upgrade", "--config", str(cfg)).returncode == 0
         ok = strnet("doctor", "--config", str(cfg))
         assert ok.returncode == 0, ok.stdout + ok.stderr
         for name in ("configuration", "database", "audit chain", "spool space", "model", "pacs main"):
             assert f"OK    {name}" in ok.stdout
-    down = strnet("doctor", "--config", str(cfg))  # the PACS is gone now
+    down = strnet("doctor", "--config", str(cfg))  # Orthanc is stopped now
     assert down.returncode == 1
     assert "FAIL  pacs main" in down.stdout and "1 check(s) failed: pacs main" in down.stdout
