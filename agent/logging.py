@@ -99,6 +99,7 @@ def configure_logging(level: str = "info", fmt: str = "auto", salt: str = "strne
     logging.getLogger("openjpeg").setLevel(logging.WARNING)
     logging.getLogger("highdicom").setLevel(logging.WARNING)
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # migrations run on every command
     logging.getLogger("sqlalchemy").setLevel(logging.WARNING)
 
 
