@@ -145,3 +145,34 @@ def test_doctor_all_ok_against_orthanc_then_names_the_failing_check(tmp_path: Pa
     down = strnet("doctor", "--config", str(cfg))  # Orthanc is stopped now
     assert down.returncode == 1
     assert "FAIL  pacs main" in down.stdout and "1 check(s) failed: pacs main" in down.stdout
+
+
+def test_installed_model_is_swapped_in_and_the_next_results_carry_its_version(
+    make_agent: Any, tiny_weights: Path, tmp_path: Path
+) -> None:
+    from model.checkpoint import update_metadata
+    from screening_helpers import bilateral_study, send_study, wait_for
+
+    from agent.audit.models import Result
+    from agent.pipeline.models import install
+
+    with PacsPeer() as pacs:
+        # no worker.weights: the agent serves what `strnet model install` points at
+        agent = make_agent(
+            worker={"enabled": True, "weights": None, "device": "cpu", "max_wait_ms": 0},
+            reporting={"quiet_period_s": 0.3},
+            sender={"poll_s": 0.2},
+            pacs=[{"name": "pacs", "ae_title": PACS_AET, "host": "127.0.0.1", "port": pacs.port}],
+        )
+        before = agent.worker.screener.algorithm.version
+        new = update_metadata(tiny_weights, {"model_version": "tiny-test-2"}, tmp_path / "m" / "tiny2.json")
+        install(agent.settings, new)
+        send_study(agent, bilateral_study(1)[:1])
+
+        def versions() -> list[str]:
+            with agent.db.reading() as s:
+                return [r.model_version for r in s.query(Result).all()]
+
+        wait_for(lambda: len(versions()) == 1)
+        assert before != "tiny-test-2"
+        assert versions() == ["tiny-test-2"]
