@@ -150,11 +150,11 @@ def test_doctor_all_ok_against_orthanc_then_names_the_failing_check(tmp_path: Pa
 def test_installed_model_is_swapped_in_and_the_next_results_carry_its_version(
     make_agent: Any, tiny_weights: Path, tmp_path: Path
 ) -> None:
-    from model.checkpoint import update_metadata
     from screening_helpers import bilateral_study, send_study, wait_for
 
     from agent.audit.models import Result
     from agent.pipeline.models import install
+    from model.checkpoint import update_metadata
 
     with PacsPeer() as pacs:
         # no worker.weights: the agent serves what `strnet model install` points at
