@@ -64,7 +64,8 @@ def test_orthanc_routes_a_knee_study_to_the_agent(make_agent: Any, tmp_path: Pat
     study_uid = str(sent["left_ap"].StudyInstanceUID)
 
     with LocalOrthanc(aet="ORTHANC") as pacs:
-        assert pacs.dicom_port not in (104, 4242, 11112) and pacs.http_port != 8042
+        reserved = (104, 4242, 8042, 11112)  # the shared machine's usual DICOM/HTTP listeners
+        assert pacs.dicom_port not in reserved and pacs.http_port not in reserved
         pacs.add_modality("agent", AGENT_AET, "127.0.0.1", agent.scp.port)
         for name in sent:
             pacs.upload(tmp_path / f"{name}.dcm")
