@@ -70,7 +70,9 @@ def upsert_flag(session: Session, study: Study, result: Result) -> FlaggedPatien
 
 
 @dataclass(frozen=True)
-class FlaggedView:
+class FlaggedRow:
+    """One flagged patient as the web and the CLI show it."""
+
     id: int
     patient_id: str | None
     patient_name: str | None
@@ -83,6 +85,12 @@ class FlaggedView:
     probability: float
     severity: str | None
     t_score: float
+
+
+@dataclass(frozen=True)
+class FlaggedView(FlaggedRow):
+    """A flagged patient with the number of positive studies (the CLI and the digest)."""
+
     studies: int
 
 

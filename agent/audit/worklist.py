@@ -26,7 +26,7 @@ from agent.audit.models import (
     Result,
     Study,
 )
-from agent.audit.repository import FOLLOW_UP_STATUSES
+from agent.audit.repository import FOLLOW_UP_STATUSES, FlaggedRow
 from agent.clock import utcnow
 
 FOLLOW_UP_ACTIONS = ("reviewed", "dxa_ordered", "dxa_done", "closed")
@@ -91,22 +91,6 @@ class FlaggedFilter:
             "sort": self.sort,
             "descending": self.descending,
         }
-
-
-@dataclass(frozen=True)
-class FlaggedRow:
-    id: int
-    patient_id: str | None
-    patient_name: str | None
-    patient_birth_date: str | None
-    patient_sex: str | None
-    status: str
-    first_flagged_at: datetime
-    last_flagged_at: datetime
-    last_study_date: str | None
-    probability: float
-    severity: str | None
-    t_score: float
 
 
 def _filtered(f: FlaggedFilter) -> Select[Any]:

@@ -167,21 +167,6 @@ def items(db: Database, state: OutboxState | None = None) -> list[OutboxItem]:
         return list(s.execute(q).scalars())
 
 
-def undelivered_for_study(session: Session, study_id: int) -> int:
-    return int(
-        session.execute(
-            select(func.count())
-            .select_from(OutboxItem)
-            .where(
-                OutboxItem.study_id == study_id,
-                OutboxItem.state.not_in(
-                    [OutboxState.DELIVERED.value, OutboxState.SHADOW.value, OutboxState.DISCARDED.value]
-                ),
-            )
-        ).scalar_one()
-    )
-
-
 def backoff_s(attempt: int, base_s: float, max_s: float, jitter: float) -> float:
     """Exponential backoff: base * 2^(attempt-1), capped, times a jitter factor in [0.5, 1.5)."""
     return min(max_s, base_s * (2 ** max(0, attempt - 1))) * (0.5 + jitter)
