@@ -79,7 +79,9 @@ def infer_arrays(
     n = len(images)
     outs: dict[str, list[np.ndarray]] = {}
     for start in range(0, n, batch_size):
-        x = torch.as_tensor(np.asarray(images[start : start + batch_size]), dtype=torch.float32)
+        chunk = images[start : start + batch_size]
+        # tensors stay where they are (possibly on the GPU): never round-trip them through numpy
+        x = chunk.detach().float() if isinstance(chunk, torch.Tensor) else torch.as_tensor(np.asarray(chunk)).float()
         if x.ndim == 3:
             x = x[:, None]
         c = None if clinical is None else torch.as_tensor(clinical[start : start + batch_size])

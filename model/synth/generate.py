@@ -18,6 +18,7 @@ images do not depend on the others and the same seed always gives byte-identical
 from __future__ import annotations
 
 import csv
+import dataclasses
 import datetime as dt
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,6 +100,8 @@ def patient_images(seed: int, index: int, preset: str | Preset = "default") -> t
     p = get_preset(preset)
     rng = np.random.default_rng([seed, index])
     patient = sample_patient(rng, index, p.patient)
+    # the seed is part of the identity: sets made with different seeds never share a patient ID
+    patient = dataclasses.replace(patient, patient_id=f"SYN{seed}-{index:06d}")
     knees = make_knees(patient, p, rng)
     profile = str(rng.choice(list(p.profiles)))  # one site per patient: hold-out by vendor works
     first = _BASE_DATE + dt.timedelta(days=int(seed % 97) + int(rng.integers(0, 700)))

@@ -47,7 +47,30 @@ def main() -> int:
         print(f"batch {batch}: {ms:.3f} ms/image (Predictor.predict, autocast)")
     cam = gpu.saliency(x32[:1])
     print(f"saliency shape {cam.shape}, range [{cam.min():.2f}, {cam.max():.2f}]")
+    worker_path(x32)
     return 0
+
+
+def worker_path(x32: np.ndarray) -> None:
+    """Time the worker's own inference call (agent.pipeline.infer.Screener.score: scores + Grad-CAM)."""
+    from agent.pipeline.infer import Screener
+
+    clinical = [{"age": 67.0, "sex": "F", "bmi": 24.0}] * len(x32)
+    for device in ("cuda", "cpu"):
+        screener = Screener(device=device)
+        for batch in (1, 8, 32):
+            if device == "cpu" and batch == 32:
+                continue
+            xb, cb = x32[:batch], clinical[:batch]
+            for _ in range(3):
+                screener.score(xb, cb)
+            reps, total = 0, 0.0
+            while reps < 10 or total < 1000.0:
+                _, ms = screener.score(xb, cb)
+                total += ms
+                reps += 1
+            print(f"worker Screener.score on {device}, batch {batch}: {total / reps / batch:.2f} ms/image "
+                  "(scores + Grad-CAM, host arrays in and out)")
 
 
 if __name__ == "__main__":

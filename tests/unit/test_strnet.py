@@ -144,3 +144,24 @@ def test_clinical_vector_missingness() -> None:
     assert clinical_vector(None, "", None) == [0.0, 1.0, 0.0, 1.0, 0.0, 1.0]
     v = clinical_vector(77.0, "m", float("nan"))
     assert v[1] == 0.0 and v[2] == 1.0 and v[3] == 0.0 and v[5] == 1.0
+
+
+def test_infer_arrays_takes_tensors_without_numpy_round_trip(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The CUDA path hands device tensors to infer_arrays, and numpy cannot take those. No GPU here,
+    # so tensors are made to refuse numpy conversion the way CUDA tensors do.
+    from model.predict import infer_arrays
+
+    torch.manual_seed(0)
+    m = strnet_tiny().eval()
+    x = torch.randn(3, 1, S, S)
+    clin = torch.tensor([clinical_vector(70, "F", 24.0)] * 3)
+    ref = infer_arrays(m, x.numpy(), clin.numpy(), batch_size=2)
+
+    def refuse(self: torch.Tensor, *args: object, **kwargs: object) -> None:
+        raise TypeError("can't convert cuda:0 device type tensor to numpy")
+
+    monkeypatch.setattr(torch.Tensor, "__array__", refuse)
+    got = infer_arrays(m, x, clin, batch_size=2)
+    monkeypatch.undo()
+    for key in ("screen_logit", "severity_logit", "tscore"):
+        np.testing.assert_array_equal(ref[key], got[key])
