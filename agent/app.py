@@ -49,7 +49,10 @@ def load_screener(settings: Settings) -> Any:
     from agent.pipeline.models import served_weights
 
     cfg = settings.worker
-    return Screener(served_weights(settings), device=cfg.device, threshold=cfg.threshold, saliency=cfg.saliency)
+    return Screener(
+        served_weights(settings), device=cfg.device, threshold=cfg.threshold, saliency=cfg.saliency,
+        threads=cfg.cpu_threads or None,
+    )
 
 
 @dataclass
@@ -87,9 +90,9 @@ class Agent:
         if run_worker:
             from agent.queue.worker import Worker
 
-            agent.worker = Worker(settings, db, spool, results, load_screener(settings), tracker,
-                                  reload_screener=lambda: load_screener(settings))
             agent.sender = Sender(db, results, settings.pacs, settings.sender, settings.scp.ae_title)
+            agent.worker = Worker(settings, db, spool, results, load_screener(settings), tracker,
+                                  reload_screener=lambda: load_screener(settings), on_outbox=agent.sender.wake.set)
         agent.scheduler = build_scheduler(
             db, spool, settings.retention.spool_days * 86400,
             report_sweep=agent.worker.report_ready_studies if agent.worker else None,

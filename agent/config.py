@@ -153,6 +153,10 @@ class WorkerSection(_Section):
     lease_s: float = Field(300.0, gt=0, description="A job not acknowledged within this is handed out again.")
     max_attempts: int = Field(3, ge=1, description="Attempts before a repeatedly failing job is DEAD.")
     saliency: bool = Field(True, description="Compute the Grad-CAM heat map for the overlay.")
+    cpu_threads: int = Field(
+        0, ge=0, le=256,
+        description="Threads torch may use for CPU inference; 0 = torch's default (one per core).",
+    )
 
 
 class ReportingSection(_Section):

@@ -14,7 +14,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from pydicom import dcmread
+from pydicom.dataset import Dataset
 
 from agent import failpoints, metrics
 from agent.audit.db import Database
@@ -44,6 +46,24 @@ def _encode(ds: Any) -> bytes:
     return buf.getvalue()
 
 
+def _warm_up_source() -> Dataset:
+    """A minimal knee DX header for the warm-up (never stored, never sent)."""
+    from pydicom.uid import generate_uid
+
+    ds = Dataset()
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.PatientID, ds.PatientName, ds.PatientBirthDate, ds.PatientSex = "WARMUP", "WARM^UP", "", ""
+    ds.StudyDate, ds.StudyTime, ds.AccessionNumber, ds.StudyID = "20260101", "000000", "", "1"
+    ds.ReferringPhysicianName, ds.Modality, ds.SeriesNumber, ds.InstanceNumber = "", "DX", 1, 1
+    ds.BodyPartExamined, ds.ImageLaterality, ds.PatientOrientation = "KNEE", "L", ["L", "F"]
+    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation = 64, 48, 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    return ds
+
+
 @dataclass
 class WorkerStats:
     screened: int = 0
@@ -64,6 +84,7 @@ class Worker:
         screener: Screener,
         tracker: AssociationTracker | None = None,
         reload_screener: Callable[[], Screener] | None = None,
+        on_outbox: Callable[[], object] | None = None,
     ) -> None:
         self.settings = settings
         self.db = db
@@ -79,6 +100,8 @@ class Worker:
         self.wake = threading.Event()
         self._reload = reload_screener
         self._model_stamp = self._pointer_stamp()
+        # called after each commit that queued objects for PACS (wakes the sender at once)
+        self.on_outbox = on_outbox
 
     # -- model updates ---------------------------------------------------------------------
     def _pointer_stamp(self) -> float | None:
@@ -111,7 +134,27 @@ class Worker:
         if self._thread:
             self._thread.join(timeout_s)
 
+    def warm_up(self) -> None:
+        """Run the whole per-image path once on a blank image, writing nothing.
+
+        The first inference, Grad-CAM, font load and highdicom build of a process cost about a
+        second; paid here, at start-up, instead of by the first study's latency.
+        """
+        t0 = time.perf_counter()
+        try:
+            size = self.screener.predictor.input_size
+            blank = np.zeros((1, 1, size, size), np.float32)
+            findings, _ = self.screener.score(blank, [{"age": None, "sex": None, "bmi": None}])
+            source = _warm_up_source()
+            _encode(build_overlay(source, np.zeros((64, 48), np.float32), findings[0]))
+            _encode(build_sr([source], findings, revision=1, predecessor=None))
+        except Exception as exc:  # a warm-up problem must not stop the worker; the real path reports
+            log.warning("worker_warm_up_failed", error=exc.__class__.__name__)
+            return
+        log.info("worker_warmed_up", ms=round((time.perf_counter() - t0) * 1000, 1))
+
     def _loop(self) -> None:
+        self.warm_up()
         while not self._stop.is_set():
             try:
                 n = self.run_once()
@@ -176,6 +219,8 @@ class Worker:
         if not ok:
             log.warning("job_lease_lost", job_id=o.job.job_id)
             return
+        if overlay_obj is not None and self.on_outbox is not None:
+            self.on_outbox()
         self.stats.screened += 1
         metrics.INFERENCE_SECONDS.observe(o.timings_ms.get("infer", 0.0) / 1000)
         f = o.findings
@@ -227,7 +272,12 @@ class Worker:
         ]
         sr = build_sr(sources, findings, revision=ready.revision, predecessor=ready.predecessor)
         obj = self._write_result("sr", sr)
-        if screening.record_report(self.db, ready, obj, str(sr.SeriesInstanceUID), self.destinations, self.settings.sender.send):
+        recorded = screening.record_report(
+            self.db, ready, obj, str(sr.SeriesInstanceUID), self.destinations, self.settings.sender.send
+        )
+        if recorded:
+            if self.on_outbox is not None:
+                self.on_outbox()
             self.stats.reports += 1
             log.info("report_built", study_instance_uid=ready.study_instance_uid, revision=ready.revision,
                      images=len(rows), sop_instance_uid=obj.sop_instance_uid)

@@ -95,23 +95,30 @@ def render(image: np.ndarray, finding: Findings) -> np.ndarray:
 
     The whole picture, banner included, is at most ``MAX_SIDE_PX`` on its long side.
     """
-    # shrink first: the clean-up then touches ~1 M pixels instead of the detector's ~5 M
-    small = _downscale(np.asarray(image, dtype=np.float32), MAX_SIDE_PX)
-    grey = np.clip(np.nan_to_num(small), 0.0, 1.0)
     lines = banner_lines(finding)
-    font, line_h = _fit_font(lines, max(grey.shape[1], MIN_WIDTH_PX))
+    rows, cols = image.shape
+    # One shrink straight to the final size (banner room included), computed before any pixel
+    # work: the clean-up and blending then touch ~1 M pixels instead of the detector's ~5 M.
+    scale = min(1.0, MAX_SIDE_PX / max(rows, cols))
+    shape = (max(1, round(rows * scale)), max(1, round(cols * scale)))
+    font, line_h = _fit_font(lines, max(shape[1], MIN_WIDTH_PX))
     banner_h = line_h * len(lines) + 8
-    if grey.shape[0] + banner_h > MAX_SIDE_PX:  # tall film: make room for the banner
-        grey = _downscale(grey, MAX_SIDE_PX - banner_h)
-        font, line_h = _fit_font(lines, max(grey.shape[1], MIN_WIDTH_PX))  # narrower now
+    if shape[0] + banner_h > MAX_SIDE_PX:  # tall film: make room for the banner
+        scale = min(scale, (MAX_SIDE_PX - banner_h) / rows)
+        shape = (max(1, round(rows * scale)), max(1, round(cols * scale)))
+        font, line_h = _fit_font(lines, max(shape[1], MIN_WIDTH_PX))  # narrower now
         banner_h = line_h * len(lines) + 8
-    rgb = np.repeat(grey[..., None], 3, axis=2)
+    grey = np.clip(np.nan_to_num(_shrink(np.asarray(image, dtype=np.float32), shape)), 0.0, 1.0)
+    rgb = np.empty(grey.shape + (3,), np.float32)
+    rgb[...] = grey[..., None]
     if finding.saliency is not None:
         heat = _resize_float(np.asarray(finding.saliency, dtype=np.float32), grey.shape)
         heat = np.clip(np.nan_to_num(heat), 0.0, 1.0)
         alpha = MAX_ALPHA * np.clip((heat - SALIENT_FROM) / (1.0 - SALIENT_FROM), 0.0, 1.0)
-        rgb = rgb * (1.0 - alpha[..., None]) + _colormap(heat) * alpha[..., None]
-    picture = Image.fromarray(np.round(rgb * 255.0).astype(np.uint8), mode="RGB")
+        for ch, colour in enumerate(_colormap(heat)):  # per channel: no (H, W, 3) temporaries
+            rgb[..., ch] += alpha * (colour - grey)
+    rgb *= 255.0
+    picture = Image.fromarray(np.rint(rgb, out=rgb).astype(np.uint8), mode="RGB")
     width = max(picture.width, MIN_WIDTH_PX)  # a tiny image still gets a legible banner
     canvas = Image.new("RGB", (width, picture.height + banner_h), (0, 0, 0))
     canvas.paste(picture, ((width - picture.width) // 2, banner_h))
@@ -137,13 +144,21 @@ def banner_lines(finding: Findings) -> list[str]:
     return lines
 
 
-def _downscale(grey: np.ndarray, max_side: int) -> np.ndarray:
-    rows, cols = grey.shape
-    scale = max_side / max(rows, cols)
-    if scale >= 1.0:
-        return grey
-    shape = (max(1, round(rows * scale)), max(1, round(cols * scale)))
-    return _resize_float(grey, shape)
+def _shrink(values: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Area-average ``values`` down to ``shape``: whole blocks summed in numpy first (cheap on a
+    5 M pixel film), then PIL's box filter for the remaining non-integer step."""
+    if values.shape == shape:
+        return values
+    k = min(values.shape[0] // shape[0], values.shape[1] // shape[1])
+    if k >= 2:
+        r, c = (values.shape[0] // k) * k, (values.shape[1] // k) * k  # drops < k edge pixels
+        block = values[0:r:k, 0:c:k].copy()
+        for i in range(k):  # strided adds: far cheaper than a reshape-mean over two axes
+            for j in range(k):
+                if i or j:
+                    block += values[i:r:k, j:c:k]
+        values = block * np.float32(1.0 / (k * k))
+    return _resize_float(values, shape)
 
 
 def _resize_float(values: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -160,12 +175,10 @@ def _resize_float(values: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return np.asarray(out, dtype=np.float32)
 
 
-def _colormap(heat: np.ndarray) -> np.ndarray:
-    """A yellow-to-red ramp in [0, 1] (warm colours read as "look here" on a grey film)."""
-    red = np.ones_like(heat)
-    green = np.clip(1.0 - heat, 0.0, 1.0) * 0.9
-    blue = np.zeros_like(heat)
-    return np.stack([red, green, blue], axis=-1)
+def _colormap(heat: np.ndarray) -> tuple[np.ndarray | float, np.ndarray, float]:
+    """A yellow-to-red ramp in [0, 1], as (red, green, blue) planes or constants
+    (warm colours read as "look here" on a grey film)."""
+    return 1.0, np.clip(1.0 - heat, 0.0, 1.0) * np.float32(0.9), 0.0
 
 
 def _fit_font(

@@ -161,6 +161,12 @@ def vm_hwm_mb(pid: int) -> float:
     return float("nan")
 
 
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds a process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     if not ordered:
@@ -217,6 +223,8 @@ def test_bench_screening_through_orthanc(tmp_path: Path) -> None:
             f"peak RSS so far {vm_hwm_mb(serve.pid):.0f} MB"
         )
 
+        orthanc_pid = pacs._proc.pid if pacs._proc is not None else None
+        cpu0 = (cpu_s(serve.pid), cpu_s(orthanc_pid) if orthanc_pid else float("nan"))
         t_route = time.monotonic()
         for uid, _ in studies:  # as PACS forwards: one study after another, each its association
             pacs.route_study(pacs.study_id_for(uid), "agent", synchronous=True)
@@ -236,6 +244,8 @@ def test_bench_screening_through_orthanc(tmp_path: Path) -> None:
             time.sleep(0.5)
         peak_rss_mb = vm_hwm_mb(serve.pid)
         wall_s = time.monotonic() - t_route
+        cpu_agent = cpu_s(serve.pid) - cpu0[0]
+        cpu_orthanc = (cpu_s(orthanc_pid) if orthanc_pid else float("nan")) - cpu0[1]
 
         with db.reading() as s:
             inst = {i.id: (i.study_id, i.received_at) for i in s.execute(select(Instance)).scalars()}
@@ -308,6 +318,10 @@ def test_bench_screening_through_orthanc(tmp_path: Path) -> None:
     for name, values in stages.items():
         print(f"    {name:<10} {mean(values):8.1f}")
     print(f"    send       {mean(send_ms):8.1f}   (outbox row -> delivered, incl. <= {POLL_S * 1000:.0f} ms poll wait)")
+    print(
+        f"  CPU per image, routing to last delivery: strnet serve {cpu_agent / n_images * 1000:.0f} ms, "
+        f"Orthanc {cpu_orthanc / n_images * 1000:.0f} ms (2 cores give 480 ms per image at 15,000/h)"
+    )
     print(
         f"  peak RSS of strnet serve (VmHWM) {peak_rss_mb:,.0f} MB  (goal <= {GOAL_RSS_GB} GB: "
         f"{'meets' if peak_rss_mb <= GOAL_RSS_GB * 1024 else 'ABOVE'})"

@@ -160,3 +160,13 @@ def test_rejected_association_goes_dead(make_agent: Any, tiny_weights: Path) -> 
         send_study(agent, bilateral_study(1)[:1])
         wait_for(lambda: [i.state for i in outbox.items(agent.db)] == [OutboxState.DEAD.value])
         assert outbox.items(agent.db)[0].attempts == 1
+
+
+def test_results_are_sent_when_recorded_not_at_the_next_poll(make_agent: Any, tiny_weights: Path) -> None:
+    # The sender polls once a minute and the scheduler nudges it every 15 s: delivery within 10 s
+    # needs the worker to wake it when it commits an overlay or an SR to the outbox.
+    with PacsPeer() as pacs:
+        agent = screening_agent(make_agent, tiny_weights, pacs.port, sender={"poll_s": 60.0})
+        send_study(agent, bilateral_study())
+        wait_for(lambda: [i.state for i in outbox.items(agent.db)] == [OutboxState.DELIVERED.value] * 5, 10.0)
+        assert len(pacs.received) == 5
