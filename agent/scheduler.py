@@ -38,7 +38,14 @@ def reap_leases(db: Database) -> int:
     return n
 
 
+#: a .part file untouched this long belongs to a transfer that broke off (network timeouts are shorter)
+STALE_PART_S = 3600.0
+
+
 def apply_spool_retention(db: Database, spool: Spool, retention_s: float) -> int:
+    stale = spool.clear_partials(older_than_s=STALE_PART_S)
+    if stale:
+        log.info("spool_partials_removed", removed=stale)
     rows = store.spool_removable(db, retention_s)
     for _, rel in rows:
         spool.remove(rel)

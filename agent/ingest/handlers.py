@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from io import BytesIO
+from pathlib import Path
 
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filewriter import write_file_meta_info
@@ -22,6 +23,7 @@ from agent.audit.db import Database
 from agent.domain import IncomingInstance, InstanceRef, JobState, StoreOutcome
 from agent.errors import StorageError, StoreRefused
 from agent.ingest import validate
+from agent.ingest.chunked import in_folder, receiving
 from agent.ingest.eligibility import Rules, evaluate
 from agent.ingest.spool import Spool
 from agent.logging import get_logger
@@ -45,17 +47,25 @@ class StoreRequest:
     dataset: Dataset
     calling_ae: str
     peer_host: str | None
+    #: the file the dataset was received into (chunked receive, our file meta in front), if any
+    received: Path | None = None
 
 
 def file_meta_bytes(req: StoreRequest) -> bytes:
     """Our own file meta (zeroed preamble, DICM, group 0002) for the spool file."""
+    return file_head(req.sop_class_uid, req.sop_instance_uid, req.transfer_syntax, req.calling_ae)
+
+
+def file_head(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str, calling_ae: str) -> bytes:
+    """Preamble, DICM and group 0002 as the agent writes them in front of every spooled dataset."""
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = req.sop_class_uid
-    meta.MediaStorageSOPInstanceUID = req.sop_instance_uid
-    meta.TransferSyntaxUID = req.transfer_syntax
+    meta.MediaStorageSOPClassUID = sop_class_uid
+    meta.MediaStorageSOPInstanceUID = sop_instance_uid
+    meta.TransferSyntaxUID = UID(transfer_syntax)
     meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
     meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
-    meta.SourceApplicationEntityTitle = req.calling_ae[:16]
+    if calling_ae:
+        meta.SourceApplicationEntityTitle = calling_ae[:16]
     buf = BytesIO()
     buf.write(b"\x00" * 128 + b"DICM")
     write_file_meta_info(buf, meta, enforce_standard=True)
@@ -125,6 +135,22 @@ class Ingestor:
     def _store(self, req: StoreRequest) -> StoreOutcome:
         if len(req.raw) > self.max_instance_bytes:
             raise StoreRefused(status.OUT_OF_RESOURCES, "instance larger than the configured maximum")
+        received = req.received if req.received is not None and in_folder(req.received, self.spool.tmp_dir) else None
+        # the file's fsync (most of the durability cost) runs while the dataset is checked
+        syncing = None
+        if received is not None:
+            spooling = receiving(received)  # its sync drains the writer thread, then fsyncs
+            if spooling is not None:
+                syncing = self._hasher.submit(spooling.sync)
+            else:
+                syncing = self._hasher.submit(self.spool.sync_part, received)
+        try:
+            return self._check_and_keep(req, received, syncing)
+        finally:
+            if syncing is not None:
+                syncing.exception()  # never leave the fsync running past the answer
+
+    def _check_and_keep(self, req: StoreRequest, received: Path | None, syncing: Future[None] | None) -> StoreOutcome:
         ds = req.dataset
         validate.parse_fully(ds)
         validate.check_no_file_meta(ds)
@@ -139,11 +165,17 @@ class Ingestor:
                 return StoreOutcome(prior[sha], duplicate=True, conflict=False, state=JobState.QUEUED)
         else:
             hashing = self._hasher.submit(_sha256, req.raw)
-        head = file_meta_bytes(req)
-        if not self.spool.has_room_for(len(head) + len(req.raw)):
+        head = b"" if received is not None else file_meta_bytes(req)
+        # a received file already takes its space: only the watermark itself is checked for it
+        if not self.spool.has_room_for(0 if received is not None else len(head) + len(req.raw)):
             raise StoreRefused(status.OUT_OF_RESOURCES, "free disk space below the watermark")
         failpoints.hit("before_fsync")
-        rel = self.spool.write([head, req.raw])
+        if syncing is not None:
+            try:
+                syncing.result()
+            except OSError as exc:
+                raise StorageError(f"spool write failed: {exc.strerror}") from exc
+        rel = self.spool.keep(received, synced=True) if received is not None else self.spool.write([head, req.raw])
         failpoints.hit("after_fsync")
         if hashing is not None:
             sha = hashing.result()

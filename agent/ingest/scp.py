@@ -15,6 +15,7 @@ import time
 import zlib
 from collections import Counter
 from io import BytesIO
+from pathlib import Path
 from typing import Any
 
 from pydicom.uid import (
@@ -45,7 +46,9 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from agent.config import ScpSection
 from agent.errors import StoreRefused
-from agent.ingest.handlers import Ingestor, StoreRequest
+from agent.ingest import chunked
+from agent.ingest.handlers import Ingestor, StoreRequest, file_head
+from agent.ingest.reconcile import split_file
 from agent.logging import get_logger
 from agent.pacs import status
 
@@ -133,6 +136,7 @@ def handle_accepted(event: Event, tracker: AssociationTracker) -> None:
 def handle_closed(event: Event, tracker: AssociationTracker, how: str) -> None:
     tracker.closed(_calling_ae(event))
     log.info("association_closed", calling_ae=_calling_ae(event), how=how)
+    _discard_partials(event)
 
 
 def handle_rejected(event: Event) -> None:
@@ -176,6 +180,9 @@ def handle_conn_open(
     half a PDU and then nothing would hold its thread forever inside ``recv``. With the timeout
     the read fails after ``network_timeout_s`` and pynetdicom closes the connection.
     """
+    orphans = chunked.discard_orphans()  # cheap: a walk over the transfers in progress
+    if orphans:
+        log.warning("partial_instance_discarded", files=orphans, reason="association ended abnormally")
     sock = event.assoc.dul.socket
     if sock is None:
         return
@@ -201,6 +208,18 @@ def handle_conn_open(
             event.assoc.acse_timeout = 0.01
     if not isinstance(getattr(sock, "recv", None), RecvGuard):
         sock.recv = RecvGuard(sock.recv, limit_bytes)  # type: ignore[method-assign]
+
+
+def handle_conn_close(event: Event) -> None:
+    _discard_partials(event)
+
+
+def _discard_partials(event: Event) -> None:
+    """A transfer cut off mid-instance was never acknowledged: delete what it left in spool/tmp
+    (on release, abort or connection close: whichever pynetdicom reports for this association)."""
+    removed = chunked.discard(event.assoc)
+    if removed:
+        log.warning("partial_instance_discarded", files=removed, calling_ae=_calling_ae(event))
 
 
 def _message_done(event: Event) -> None:
@@ -232,21 +251,46 @@ def inflate_capped(raw: bytes, max_bytes: int) -> bytes:
     return out
 
 
-def _decode(event: Event, raw: bytes, ts: UID, max_bytes: int) -> Any:
+def _decode(raw: bytes, ts: UID, max_bytes: int) -> Any:
     if ts == DeflatedExplicitVRLittleEndian:
-        # decode the capped inflation ourselves instead of event.dataset (which inflates without limit)
+        # decode the capped inflation ourselves (pynetdicom's event.dataset inflates without limit)
         return decode_dataset(BytesIO(inflate_capped(raw, max_bytes)), False, True)
-    return event.dataset
+    return decode_dataset(BytesIO(raw), ts.is_implicit_VR, ts.is_little_endian)
+
+
+def _received(event: Event) -> tuple[Path | None, bytes]:
+    """(file the dataset was received into, the dataset's bytes): chunked receive or in memory."""
+    path = getattr(event.request, "_dataset_path", None)
+    if isinstance(path, Path):
+        spooling = chunked.receiving(path)
+        if spooling is not None:  # the bytes are still in memory: no read-back
+            return path, spooling.data()
+        _head, raw = split_file(path.read_bytes())  # a file pynetdicom wrote itself
+        return path, raw
+    return None, event.encoded_dataset(include_meta=False)
+
+
+def spool_head(meta: Any, thread: Any) -> bytes:
+    """Our file meta for a dataset pynetdicom is receiving into a file (see ``chunked``)."""
+    requestor = getattr(chunked.association_of(thread), "requestor", None)
+    calling = str(getattr(requestor, "ae_title", "") or "").strip()
+    return file_head(
+        str(meta.MediaStorageSOPClassUID), str(meta.MediaStorageSOPInstanceUID), str(meta.TransferSyntaxUID), calling
+    )
 
 
 def handle_store(event: Event, ingestor: Ingestor) -> int:
     """C-STORE: hand the request's parts to the ingestor and answer its status."""
     _message_done(event)
     try:
-        raw = event.encoded_dataset(include_meta=False)
+        try:
+            received, raw = _received(event)
+        except OSError as exc:  # the spool could not take the fragments (disk full, I/O error)
+            log.error("instance_not_kept", reason=f"spool write failed: {exc.strerror}", calling_ae=_calling_ae(event))
+            return status.OUT_OF_RESOURCES
         ts = UID(event.context.transfer_syntax)
         try:
-            ds = _decode(event, raw, ts, ingestor.max_instance_bytes)
+            ds = _decode(raw, ts, ingestor.max_instance_bytes)
         except StoreRefused as exc:
             log.warning(
                 "instance_refused", status=status.name(exc.status), reason=exc.reason, calling_ae=_calling_ae(event)
@@ -268,6 +312,7 @@ def handle_store(event: Event, ingestor: Ingestor) -> int:
             dataset=ds,
             calling_ae=_calling_ae(event),
             peer_host=event.assoc.requestor.address,
+            received=received,
         )
         code, _ = ingestor.store(req)
         return code
@@ -330,6 +375,7 @@ class StorageSCP:
         self.ingestor = ingestor
         self.tracker = tracker or AssociationTracker()
         self._server: ThreadedAssociationServer | None = None
+        self._ae: AE | None = None
         peers: dict[str, set[str]] = {}
         for p in cfg.peers:
             peers.setdefault(p.ae_title, set()).add(p.host)
@@ -344,6 +390,7 @@ class StorageSCP:
         limit = (2 * self.cfg.max_instance_mb + 1) * 1024 * 1024
         return [
             (evt.EVT_CONN_OPEN, handle_conn_open, [limit, self.cfg.network_timeout_s, self._allowed_hosts()]),
+            (evt.EVT_CONN_CLOSE, handle_conn_close),
             (evt.EVT_REQUESTED, handle_requested, [self._peers]),
             (evt.EVT_ACCEPTED, handle_accepted, [t]),
             (evt.EVT_RELEASED, handle_closed, [t, "released"]),
@@ -367,6 +414,9 @@ class StorageSCP:
 
     def start(self) -> None:
         ae = build_ae(self.cfg)
+        # datasets arrive straight into the spool's tmp folder, written back to disk as they come
+        chunked.receive_into(ae, self.ingestor.spool.tmp_dir, spool_head)
+        self._ae = ae
         self._server = ae.start_server(
             (self.cfg.bind, self.cfg.port),
             block=False,
@@ -398,4 +448,7 @@ class StorageSCP:
         for assoc in server.active_associations:
             assoc.abort()
         self._server = None
+        if self._ae is not None:
+            chunked.stop_receiving(self._ae)
+            self._ae = None
         log.info("scp_stopped")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -68,6 +69,40 @@ class Spool:
             raise StorageError(f"spool write failed: {exc.strerror}") from exc
         return rel
 
+    @property
+    def tmp_dir(self) -> Path:
+        """Where writes in progress live (``*.part``), on the spool's own file system."""
+        return self.root / TMP_DIR
+
+    @staticmethod
+    def sync_part(part: Path) -> None:
+        """fsync a complete file in ``tmp_dir`` (the first half of ``keep``, runnable early)."""
+        fd = os.open(part, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def keep(self, part: Path, synced: bool = False) -> str:
+        """Make a complete file in ``tmp_dir`` durable under a random name; return the relative path.
+
+        The same steps as ``write`` after its last byte: fsync the file (unless ``synced``: the
+        caller did, with ``sync_part``), rename it into the day's folder, fsync that folder.
+        Raises StorageError.
+        """
+        rel = f"{utcnow():%Y%m%d}/{secrets.token_hex(16)}{SUFFIX}"
+        day, name = rel.split("/", 1)
+        final_dir = self.root / day
+        try:
+            final_dir.mkdir(exist_ok=True)
+            if not synced:
+                self.sync_part(part)
+            os.replace(part, final_dir / name)
+            _fsync_dir(final_dir)
+        except OSError as exc:
+            raise StorageError(f"spool write failed: {exc.strerror}") from exc
+        return rel
+
     def path(self, rel: str) -> Path:
         """Absolute path of a spool entry; refuses anything that would leave the spool."""
         p = (self.root / rel).resolve()
@@ -93,10 +128,20 @@ class Spool:
         target.mkdir(exist_ok=True)
         src.rename(target / src.name)
 
-    def clear_partials(self) -> int:
-        """Delete temporary files of writes that never completed (never acknowledged)."""
+    def clear_partials(self, older_than_s: float = 0.0) -> int:
+        """Delete temporary files of writes that never completed (never acknowledged).
+
+        At start-up all of them; while running (``older_than_s`` > 0) only those untouched for
+        that long: a transfer that broke off leaves its ``.part`` file behind.
+        """
         n = 0
+        cutoff = time.time() - older_than_s
         for f in (self.root / TMP_DIR).glob("*.part"):
-            f.unlink(missing_ok=True)
+            try:
+                if older_than_s and f.stat().st_mtime > cutoff:
+                    continue
+                f.unlink(missing_ok=True)
+            except OSError:
+                continue
             n += 1
         return n

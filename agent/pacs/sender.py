@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian
-from pynetdicom import AE
+from pynetdicom import AE, _config
 
 from agent import failpoints
 from agent.audit.db import Database
@@ -50,6 +50,7 @@ class Sender:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.wake = threading.Event()
+        _config.STORE_SEND_CHUNKED_DATASET = True  # send_c_store(path) streams the stored bytes
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="strnet-sender", daemon=True)
@@ -149,14 +150,17 @@ class Sender:
                 assoc.abort()
 
     def _send_one(self, assoc: object, dest: PacsSection, item: DueItem) -> None:
+        path = self.results.path(item.path)
         try:
-            ds = dcmread(self.results.path(item.path))
+            dcmread(path, stop_before_pixels=True)  # readable, and a Part 10 file
         except (OSError, ValueError) as exc:
             outbox.dead(self.db, item.id, None, f"result file unreadable: {exc.__class__.__name__}")
             return
         failpoints.hit("mid_send")
         try:
-            rsp = assoc.send_c_store(ds)  # type: ignore[attr-defined]
+            # a path, with chunked send on: the file's bytes go out as stored (no decode and
+            # re-encode of a 2.5 MB overlay); our files are explicit VR little endian, as requested
+            rsp = assoc.send_c_store(path)  # type: ignore[attr-defined]
         except (ValueError, RuntimeError) as exc:  # no accepted context for this SOP class
             outbox.dead(self.db, item.id, None, f"PACS did not accept the SOP class: {exc}")
             return

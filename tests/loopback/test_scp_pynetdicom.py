@@ -241,3 +241,19 @@ def test_orphan_spool_file_is_adopted_at_restart(make_agent: Any, tmp_path: Path
         assert not (again.spool.root / "tmp" / "half.dcm.part").exists()
     finally:
         again.stop(grace_s=1)
+
+
+def test_instance_is_received_into_the_spool_not_rewritten(
+    agent: Agent, assoc: Association, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Chunked receive: the fragments land in spool/tmp while they arrive and the handler keeps
+    # that file (fsync, rename); the in-memory path's Spool.write is never needed.
+    def no_rewrite(*_args: Any, **_kwargs: Any) -> str:
+        raise AssertionError("the received file should have been kept, not written again")
+
+    monkeypatch.setattr(agent.spool, "write", no_rewrite)
+    ds = knee_dx()
+    assert send(assoc, ds) == status.SUCCESS
+    (stored,) = spool_files(agent)
+    assert dcmread(stored).SOPInstanceUID == ds.SOPInstanceUID
+    assert not list(agent.spool.tmp_dir.iterdir())

@@ -34,6 +34,55 @@ def test_partials_are_cleared(tmp_path: Path) -> None:
     assert spool.clear_partials() == 1
 
 
+def test_running_sweep_clears_only_stale_partials(tmp_path: Path) -> None:
+    import os
+    import time
+
+    spool = Spool(tmp_path / "spool")
+    old, fresh = spool.tmp_dir / "old.part", spool.tmp_dir / "fresh.part"
+    old.write_bytes(b"broken-off transfer")
+    fresh.write_bytes(b"still arriving")
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    assert spool.clear_partials(older_than_s=3600) == 1
+    assert not old.exists() and fresh.exists()
+
+
+def test_spooling_file_writes_our_head_then_the_fragments(tmp_path: Path) -> None:
+    # What pynetdicom's chunked receive does with the file object: preamble, b"DICM" and its own
+    # group 2 in three writes, then one write per P-DATA fragment, then (our handler) sync.
+    from io import BytesIO
+
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.filewriter import write_file_meta_info
+
+    from agent.ingest.chunked import SpoolingFile
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
+    meta.MediaStorageSOPInstanceUID = "1.2.3.4"
+    meta.TransferSyntaxUID = "1.2.840.10008.1.2.1"
+    buf = BytesIO()
+    write_file_meta_info(buf, meta, enforce_standard=True)
+    seen = []
+
+    def head(m: FileMetaDataset, thread: object) -> bytes:
+        seen.append(str(m.MediaStorageSOPInstanceUID))
+        return b"OUR-HEAD"
+
+    spool = Spool(tmp_path / "spool")
+    f = SpoolingFile(spool.tmp_dir, head)
+    for part in (b"\x00" * 128, b"DICM", buf.getvalue(), b"frag1-", b"frag2" * 300_000):
+        f.write(part)
+    f.file.flush()
+    assert f.data() == b"frag1-" + b"frag2" * 300_000
+    f.sync()
+    f.close()
+    assert seen == ["1.2.3.4"]
+    assert Path(f.name).read_bytes() == b"OUR-HEAD" + b"frag1-" + b"frag2" * 300_000
+    rel = spool.keep(Path(f.name), synced=True)
+    assert spool.path(rel).read_bytes().startswith(b"OUR-HEAD") and not list(spool.tmp_dir.iterdir())
+
+
 def test_watermark(tmp_path: Path) -> None:
     assert Spool(tmp_path, min_free_bytes=0).has_room_for(1)
     assert not Spool(tmp_path, min_free_bytes=10**18).has_room_for(1)

@@ -1,0 +1,267 @@
+"""Receive C-STORE datasets straight into the spool, while they arrive (pynetdicom chunked mode).
+
+pynetdicom can write an incoming dataset to a file fragment by fragment instead of collecting it
+in memory (``_config.STORE_RECV_CHUNKED_DATASET``); it opens that file with the
+``NamedTemporaryFile`` name of its ``dimse_messages`` module. We hand it ``SpoolingFile`` there:
+
+- the file lies in the spool's own ``tmp`` folder, so keeping it is a rename, not a copy;
+- every MiB written starts the disk writeback (``sync_file_range``), so by the last fragment most
+  of the instance is on disk and the fsync before Success has little left to do: the durability
+  cost overlaps the network transfer instead of following it;
+- the file meta pynetdicom writes is replaced by ours (implementation UID, calling AE title),
+  exactly as the in-memory path writes it.
+
+If anything about this arrangement is missing (another folder, an older pynetdicom), the handler
+falls back to the in-memory path; the contract of DESIGN.md section 6 holds either way: Success
+only after the file is fsynced, renamed, the directory fsynced and the job row committed.
+Files of transfers that never completed stay ``*.part`` and are deleted at start-up and by the
+periodic partials sweep.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import queue
+import secrets
+import threading
+import weakref
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+from pydicom import dcmread
+
+from agent.logging import get_logger
+
+log = get_logger(__name__)
+
+PART_SUFFIX = ".part"
+_WRITEBACK_EVERY = 1 << 20
+_SYNC_FILE_RANGE_WRITE = 2
+
+#: id(AE) -> (folder, head builder) of the SCPs that receive into their spool
+_targets: dict[int, tuple[Path, Any]] = {}
+_lock = threading.Lock()
+#: files being received, by name; weak: pynetdicom's message object owns them
+_open_files: weakref.WeakValueDictionary[str, SpoolingFile] = weakref.WeakValueDictionary()
+
+
+def _load_sync_file_range() -> Any:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        fn = libc.sync_file_range
+    except (OSError, AttributeError):  # not Linux: writeback then happens at the fsync only
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_sync_file_range = _load_sync_file_range()
+
+
+class _Writer:
+    """A thread writing queued chunks to one file descriptor, starting writeback every MiB."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.error: OSError | None = None
+        self._queue: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="strnet-spool-writer", daemon=True)
+        self._thread.start()
+
+    def put(self, chunk: bytes) -> None:
+        self._queue.put(chunk)
+
+    def stop(self) -> None:
+        """Wait until every queued chunk is written (idempotent)."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            if self._thread is not threading.current_thread():
+                self._thread.join()
+
+    def _run(self) -> None:
+        written = flushed = 0
+        while (chunk := self._queue.get()) is not None:
+            if self.error is not None:
+                continue
+            try:
+                view = memoryview(chunk)
+                while view:
+                    n = os.write(self.fd, view)
+                    view = view[n:]
+                    written += n
+                if _sync_file_range is not None and written - flushed >= _WRITEBACK_EVERY:
+                    _sync_file_range(self.fd, flushed, written - flushed, _SYNC_FILE_RANGE_WRITE)
+                    flushed = written
+            except OSError as exc:  # disk full, I/O error: reported by SpoolingFile.sync
+                self.error = exc
+
+
+class SpoolingFile:
+    """The file object pynetdicom writes one incoming dataset to (see the module docstring).
+
+    ``write`` only queues the fragment (no copy) for a writer thread, so the disk writes run on
+    the other core while this association keeps reading the network; ``data`` returns the
+    dataset's bytes (kept in memory for hashing and checks) and ``sync`` waits for the writer,
+    then fsyncs.
+    """
+
+    def __init__(self, folder: Path, head: Any) -> None:
+        self.name = str(folder / (secrets.token_hex(8) + PART_SUFFIX))
+        self._fd = os.open(self.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        self._head = head  # builds our file meta from pynetdicom's (see _write_head)
+        self._pending: list[bytes] | None = []  # preamble and "DICM", held until the meta arrives
+        self._fragments: list[bytes] = []  # the dataset, as received
+        # the writer thread holds only this state, never the file object: a file pynetdicom drops
+        # (a transfer that broke off) is then freed, which stops the thread and removes the file
+        self._writer = _Writer(self._fd)
+        self.file = self  # pynetdicom calls ``.file.flush()`` after each fragment
+        self.owner = association_of(threading.current_thread())  # whose transfer this is
+        self.handed_over = False  # set when the C-STORE handler takes the data
+        with _lock:
+            _open_files[self.name] = self
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        if self._pending is not None:
+            self._pending.append(bytes(data))
+            if len(self._pending) == 3:  # preamble, b"DICM", pynetdicom's group 2
+                self._writer.put(self._make_head(self._pending))
+                self._pending = None
+            return len(data)
+        chunk = data if isinstance(data, bytes) else bytes(data)
+        self._fragments.append(chunk)
+        self._writer.put(chunk)
+        return len(data)
+
+    def _make_head(self, parts: list[bytes]) -> bytes:
+        head = b"".join(parts)
+        try:
+            meta = dcmread(BytesIO(head)).file_meta  # the meta alone: nothing else is there yet
+            return bytes(self._head(meta, threading.current_thread()))
+        except Exception as exc:  # keep pynetdicom's own meta: still a valid Part 10 file
+            log.warning("file_meta_kept_as_received", error=exc.__class__.__name__)
+            return head
+
+    def data(self) -> bytes:
+        """The dataset's bytes as received (all fragments are in once pynetdicom calls the handler;
+        the writer thread may still be writing them to the file)."""
+        self.handed_over = True
+        return b"".join(self._fragments)
+
+    def sync(self) -> None:
+        """Wait until every fragment is written, then fsync the file. Raises OSError."""
+        self._writer.stop()
+        if self._writer.error is not None:
+            raise self._writer.error
+        os.fsync(self._fd)
+
+    def flush(self) -> None:
+        """Nothing to do: fragments are queued for the writer thread."""
+
+    def close(self) -> None:
+        self._writer.stop()
+        self._fragments = []  # pynetdicom keeps this object a while after the handler: drop 10 MB now
+        with _lock:
+            _open_files.pop(self.name, None)
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __del__(self) -> None:
+        # pynetdicom dropped the object without a handler (a transfer that broke off): the file
+        # was never acknowledged
+        try:
+            self.close()
+            if not self.handed_over:
+                Path(self.name).unlink(missing_ok=True)
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+
+def association_of(thread: Any) -> Any:
+    """pynetdicom decodes P-DATA in the association's DUL thread (``.assoc``) or the association."""
+    return thread if hasattr(thread, "requestor") else getattr(thread, "assoc", None)
+
+
+def discard(assoc: Any) -> int:
+    """Delete the files of ``assoc``'s transfers that never reached the handler (the connection
+    closed or aborted mid-instance: never acknowledged). Returns how many."""
+    with _lock:
+        broken = [f for f in _open_files.values() if f.owner is assoc and not f.handed_over]
+    for f in broken:
+        f.close()
+        Path(f.name).unlink(missing_ok=True)
+    return len(broken)
+
+
+def discard_orphans() -> int:
+    """Delete the files of transfers whose association thread has ended without a handler (a
+    pynetdicom state-machine error ends it without any close event). Returns how many."""
+    with _lock:
+        orphans = [
+            f for f in _open_files.values()
+            if not f.handed_over and f.owner is not None and hasattr(f.owner, "is_alive") and not f.owner.is_alive()
+        ]
+    for f in orphans:
+        f.close()
+        Path(f.name).unlink(missing_ok=True)
+    return len(orphans)
+
+
+def receiving(path: Path) -> SpoolingFile | None:
+    """The ``SpoolingFile`` that is receiving into ``path`` (None: pynetdicom's own file)."""
+    with _lock:
+        return _open_files.get(str(path))
+
+
+def _open(*_args: Any, **_kwargs: Any) -> Any:
+    """Stands in for ``NamedTemporaryFile(delete=False, mode="wb", suffix=".dcm")``: a
+    ``SpoolingFile`` for an association of an SCP registered with ``receive_into``, pynetdicom's
+    own temporary file for any other SCP in the process."""
+    assoc = association_of(threading.current_thread())
+    with _lock:
+        target = _targets.get(id(getattr(assoc, "ae", None)))
+    if target is None:
+        from tempfile import NamedTemporaryFile
+
+        return NamedTemporaryFile(delete=False, mode="wb", suffix=".dcm")
+    folder, head = target
+    return SpoolingFile(folder, head)
+
+
+def receive_into(ae: Any, folder: Path, head: Any) -> bool:
+    """Make pynetdicom write datasets that ``ae`` receives into ``folder`` via ``SpoolingFile``.
+
+    ``head(pynetdicom_meta, association_thread) -> bytes`` builds the preamble and file meta to
+    write instead of pynetdicom's. pynetdicom's switch is process-wide; other SCPs in the process
+    keep pynetdicom's own temporary files (written in full before their handlers run).
+    Returns False, leaving pynetdicom as it was, when its chunked receive is not available.
+    """
+    try:
+        from pynetdicom import _config, dimse_messages
+    except ImportError:
+        return False
+    if not hasattr(_config, "STORE_RECV_CHUNKED_DATASET") or not hasattr(dimse_messages, "NamedTemporaryFile"):
+        return False
+    with _lock:
+        _targets[id(ae)] = (Path(folder), head)
+        dimse_messages.NamedTemporaryFile = _open  # type: ignore[attr-defined]
+        _config.STORE_RECV_CHUNKED_DATASET = True
+    return True
+
+
+def stop_receiving(ae: Any) -> None:
+    """Forget ``ae`` (its SCP stopped); its id may be reused by a later object."""
+    with _lock:
+        _targets.pop(id(ae), None)
+
+
+def in_folder(path: Path, folder: Path) -> bool:
+    """True when ``path`` is a part file directly inside ``folder`` (so a rename keeps it)."""
+    try:
+        return path.parent.resolve() == folder.resolve() and path.name.endswith(PART_SUFFIX)
+    except OSError:
+        return False
