@@ -148,7 +148,11 @@ class WorkerSection(_Section):
     threshold: str = Field(
         "served", description="Operating point: served (the checkpoint's), point, conservative, or a probability."
     )
-    max_batch: int = Field(8, ge=1, le=256, description="Images scored together (micro-batch).")
+    max_batch: int = Field(
+        0, ge=0, le=256,
+        description="Images scored together (micro-batch); 0 = auto: 2 on the CPU (measured faster "
+        "than 8 end to end), 16 on CUDA.",
+    )
     max_wait_ms: int = Field(50, ge=0, description="How long a partial batch waits for more images.")
     lease_s: float = Field(300.0, gt=0, description="A job not acknowledged within this is handed out again.")
     max_attempts: int = Field(3, ge=1, description="Attempts before a repeatedly failing job is DEAD.")

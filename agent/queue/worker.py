@@ -169,13 +169,22 @@ class Worker:
                 self.wake.clear()
 
     # -- one pass --------------------------------------------------------------------------
+    def batch_size(self) -> int:
+        """``worker.max_batch``, or for 0 the device's default: on the CPU a batch of 8 saves a
+        few ms of inference per image but makes each image wait for seven decodes and overlays
+        (screening bench, K=10: 10,754 and 10,362 images/h at 2 against 9,189 and 8,561 at 8)."""
+        if self.settings.worker.max_batch:
+            return self.settings.worker.max_batch
+        return 16 if str(self.screener.device).startswith("cuda") else 2
+
     def _lease_batch(self) -> list[LeasedJob]:
         cfg = self.settings.worker
-        jobs = store.lease(self.db, self.owner, cfg.max_batch, cfg.lease_s)
+        size = self.batch_size()
+        jobs = store.lease(self.db, self.owner, size, cfg.lease_s)
         deadline = time.monotonic() + cfg.max_wait_ms / 1000
-        while jobs and len(jobs) < cfg.max_batch and time.monotonic() < deadline:
+        while jobs and len(jobs) < size and time.monotonic() < deadline:
             time.sleep(min(0.01, cfg.max_wait_ms / 1000))
-            jobs += store.lease(self.db, self.owner, cfg.max_batch - len(jobs), cfg.lease_s)
+            jobs += store.lease(self.db, self.owner, size - len(jobs), cfg.lease_s)
         return jobs
 
     def run_once(self) -> int:
