@@ -175,7 +175,7 @@ class Ingestor:
                 syncing.result()
             except OSError as exc:
                 raise StorageError(f"spool write failed: {exc.strerror}") from exc
-        rel = self.spool.keep(received, synced=True) if received is not None else self.spool.write([head, req.raw])
+        rel = self.spool.keep(received) if received is not None else self.spool.write([head, req.raw])
         failpoints.hit("after_fsync")
         if hashing is not None:
             sha = hashing.result()

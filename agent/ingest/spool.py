@@ -76,27 +76,25 @@ class Spool:
 
     @staticmethod
     def sync_part(part: Path) -> None:
-        """fsync a complete file in ``tmp_dir`` (the first half of ``keep``, runnable early)."""
+        """fsync a complete file in ``tmp_dir``: what ``keep`` needs first (may run early)."""
         fd = os.open(part, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
 
-    def keep(self, part: Path, synced: bool = False) -> str:
-        """Make a complete file in ``tmp_dir`` durable under a random name; return the relative path.
+    def keep(self, part: Path) -> str:
+        """Keep a complete file of ``tmp_dir``, already fsynced (``sync_part``), under a random
+        name; return the relative path.
 
-        The same steps as ``write`` after its last byte: fsync the file (unless ``synced``: the
-        caller did, with ``sync_part``), rename it into the day's folder, fsync that folder.
-        Raises StorageError.
+        The same steps as ``write`` after its fsync: rename into the day's folder, fsync that
+        folder. Raises StorageError.
         """
         rel = f"{utcnow():%Y%m%d}/{secrets.token_hex(16)}{SUFFIX}"
         day, name = rel.split("/", 1)
         final_dir = self.root / day
         try:
             final_dir.mkdir(exist_ok=True)
-            if not synced:
-                self.sync_part(part)
             os.replace(part, final_dir / name)
             _fsync_dir(final_dir)
         except OSError as exc:

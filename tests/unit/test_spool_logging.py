@@ -79,7 +79,7 @@ def test_spooling_file_writes_our_head_then_the_fragments(tmp_path: Path) -> Non
     f.close()
     assert seen == ["1.2.3.4"]
     assert Path(f.name).read_bytes() == b"OUR-HEAD" + b"frag1-" + b"frag2" * 300_000
-    rel = spool.keep(Path(f.name), synced=True)
+    rel = spool.keep(Path(f.name))
     assert spool.path(rel).read_bytes().startswith(b"OUR-HEAD") and not list(spool.tmp_dir.iterdir())
 
 
