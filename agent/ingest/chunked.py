@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import os
 import queue
 import secrets
@@ -46,7 +47,7 @@ _SYNC_FILE_RANGE_WRITE = 2
 
 #: id(AE) -> (folder, head builder) of the SCPs that receive into their spool
 _targets: dict[int, tuple[Path, Any]] = {}
-_lock = threading.RLock()  # re-entrant: a finaliser (__del__) may run inside a locked block
+_lock = threading.RLock()  # guards the two registries; never held while waiting on anything
 #: files being received, by name; weak: pynetdicom's message object owns them
 _open_files: weakref.WeakValueDictionary[str, SpoolingFile] = weakref.WeakValueDictionary()
 
@@ -66,41 +67,57 @@ _sync_file_range = _load_sync_file_range()
 
 
 class _Writer:
-    """A thread writing queued chunks to one file descriptor, starting writeback every MiB."""
+    """A thread that owns one file descriptor: it writes the queued chunks, starts their writeback
+    every MiB, and at the end fsyncs (when asked) and closes the descriptor.
+
+    Only this thread ever writes to or closes the descriptor. Closing it from another thread
+    could race with a write still queued here, or close it twice; the second close may hit a
+    number the kernel has already given to a new socket or spool file.
+    """
 
     def __init__(self, fd: int) -> None:
-        self.fd = fd
+        self._fd = fd
         self.error: OSError | None = None
-        self._queue: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self.synced = False
+        self._queue: queue.SimpleQueue[bytes | bool] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="strnet-spool-writer", daemon=True)
         self._thread.start()
 
     def put(self, chunk: bytes) -> None:
         self._queue.put(chunk)
 
-    def stop(self) -> None:
-        """Wait until every queued chunk is written (idempotent)."""
-        if self._thread.is_alive():
-            self._queue.put(None)
-            if self._thread is not threading.current_thread():
-                self._thread.join()
+    def finish(self, fsync: bool, wait: bool = True) -> None:
+        """Write what is queued, fsync if ``fsync``, close. Idempotent: the first call decides
+        whether there is an fsync. With ``wait`` (never from a finaliser: joining a thread there
+        can deadlock on the interpreter's own thread lock), returns once the file is closed."""
+        self._queue.put(fsync)  # the first bool ends the queue; any later one is never read
+        if wait and self._thread is not threading.current_thread():
+            self._thread.join()
 
     def _run(self) -> None:
         written = flushed = 0
-        while (chunk := self._queue.get()) is not None:
+        while not isinstance(chunk := self._queue.get(), bool):
             if self.error is not None:
                 continue
             try:
                 view = memoryview(chunk)
                 while view:
-                    n = os.write(self.fd, view)
+                    n = os.write(self._fd, view)
                     view = view[n:]
                     written += n
                 if _sync_file_range is not None and written - flushed >= _WRITEBACK_EVERY:
-                    _sync_file_range(self.fd, flushed, written - flushed, _SYNC_FILE_RANGE_WRITE)
+                    _sync_file_range(self._fd, flushed, written - flushed, _SYNC_FILE_RANGE_WRITE)
                     flushed = written
             except OSError as exc:  # disk full, I/O error: reported by SpoolingFile.sync
                 self.error = exc
+        try:
+            if chunk and self.error is None:
+                os.fsync(self._fd)
+                self.synced = True
+        except OSError as exc:
+            self.error = exc
+        finally:
+            os.close(self._fd)
 
 
 class SpoolingFile:
@@ -114,13 +131,12 @@ class SpoolingFile:
 
     def __init__(self, folder: Path, head: Any) -> None:
         self.name = str(folder / (secrets.token_hex(8) + PART_SUFFIX))
-        self._fd = os.open(self.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
         self._head = head  # builds our file meta from pynetdicom's (see _make_head)
         self._pending: list[bytes] | None = []  # preamble and "DICM", held until the meta arrives
         self._fragments: list[bytes] = []  # the dataset, as received
         # the writer thread holds only this state, never the file object: a file pynetdicom drops
         # (a transfer that broke off) is then freed, which stops the thread and removes the file
-        self._writer = _Writer(self._fd)
+        self._writer = _Writer(os.open(self.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640))
         self.file = self  # pynetdicom calls ``.file.flush()`` after each fragment
         self.owner = association_of(threading.current_thread())  # whose transfer this is
         self.handed_over = False  # set when the C-STORE handler takes the data
@@ -155,29 +171,28 @@ class SpoolingFile:
         return b"".join(self._fragments)
 
     def sync(self) -> None:
-        """Wait until every fragment is written, then fsync the file. Raises OSError."""
-        self._writer.stop()
+        """Wait until every fragment is written, fsynced and the file closed. Raises OSError."""
+        self._writer.finish(fsync=True)
         if self._writer.error is not None:
             raise self._writer.error
-        os.fsync(self._fd)
+        if not self._writer.synced:  # closed (discarded) before the handler asked
+            raise OSError(errno.EBADF, "spool file closed before it was synced")
 
     def flush(self) -> None:
         """Nothing to do: fragments are queued for the writer thread."""
 
     def close(self) -> None:
-        self._writer.stop()
+        self._writer.finish(fsync=False)
         self._fragments = []  # pynetdicom keeps this object a while after the handler: drop 10 MB now
         with _lock:
             _open_files.pop(self.name, None)
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
 
     def __del__(self) -> None:
         # pynetdicom dropped the object without a handler (a transfer that broke off): the file
-        # was never acknowledged
+        # was never acknowledged. No waiting and no module lock here: a finaliser runs inside
+        # whatever the collecting thread holds (the weak registry forgets this object itself).
         try:
-            self.close()
+            self._writer.finish(fsync=False, wait=False)
             if not self.handed_over:
                 Path(self.name).unlink(missing_ok=True)
         except Exception:  # noqa: BLE001 - interpreter shutdown
