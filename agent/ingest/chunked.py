@@ -220,7 +220,8 @@ def discard_orphans() -> int:
     pynetdicom state-machine error ends it without any close event). Returns how many."""
     with _lock:
         orphans = [
-            f for f in _open_files.values()
+            f
+            for f in _open_files.values()
             if not f.handed_over and f.owner is not None and hasattr(f.owner, "is_alive") and not f.owner.is_alive()
         ]
     for f in orphans:
