@@ -79,11 +79,11 @@ class _Writer:
         self._fd = fd
         self.error: OSError | None = None
         self.synced = False
-        self._queue: queue.SimpleQueue[bytes | bool] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[bytes | bytearray | memoryview | bool] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="strnet-spool-writer", daemon=True)
         self._thread.start()
 
-    def put(self, chunk: bytes) -> None:
+    def put(self, chunk: bytes | bytearray | memoryview) -> None:
         self._queue.put(chunk)
 
     def finish(self, fsync: bool, wait: bool = True) -> None:
@@ -133,7 +133,7 @@ class SpoolingFile:
         self.name = str(folder / (secrets.token_hex(8) + PART_SUFFIX))
         self._head = head  # builds our file meta from pynetdicom's (see _make_head)
         self._pending: list[bytes] | None = []  # preamble and "DICM", held until the meta arrives
-        self._fragments: list[bytes] = []  # the dataset, as received
+        self._fragments: list[bytes | bytearray | memoryview] = []  # the dataset, as received
         # the writer thread holds only this state, never the file object: a file pynetdicom drops
         # (a transfer that broke off) is then freed, which stops the thread and removes the file
         self._writer = _Writer(os.open(self.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640))
@@ -150,9 +150,9 @@ class SpoolingFile:
                 self._writer.put(self._make_head(self._pending))
                 self._pending = None
             return len(data)
-        chunk = data if isinstance(data, bytes) else bytes(data)
-        self._fragments.append(chunk)
-        self._writer.put(chunk)
+        # kept as given: a view of the received PDU (pdu_reader) is never written to again
+        self._fragments.append(data)
+        self._writer.put(data)
         return len(data)
 
     def _make_head(self, parts: list[bytes]) -> bytes:

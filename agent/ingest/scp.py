@@ -46,7 +46,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from agent.config import ScpSection
 from agent.errors import StoreRefused
-from agent.ingest import chunked
+from agent.ingest import chunked, pdu_reader
 from agent.ingest.handlers import Ingestor, StoreRequest, file_head
 from agent.ingest.reconcile import split_file
 from agent.logging import get_logger
@@ -236,6 +236,7 @@ def handle_conn_open(
             event.assoc.acse_timeout = 0.01
     if not isinstance(getattr(sock, "recv", None), RecvGuard):
         sock.recv = RecvGuard(sock.recv, limit_bytes, raw)  # type: ignore[method-assign]
+    pdu_reader.install(event.assoc.dul)  # P-DATA values as views of the received buffer
 
 
 def handle_conn_close(event: Event) -> None:

@@ -1,0 +1,120 @@
+"""Read incoming PDUs for pynetdicom's DUL thread without copying the data four more times.
+
+pynetdicom's ``DULServiceProvider._read_pdu_data`` appends the PDU body to a bytearray (copy),
+turns it into ``bytes`` to decode it (copy), slices each PDV item out of it (copy) and its value
+out of the item (copy), and ``decode_msg`` slices the control byte off (copy): five passes over
+every byte of a 10 MB instance on the receiving thread. ``read_pdu`` stands in for it on our
+SCP's connections (``install``): the body is read once into a buffer of the announced length
+(``RecvGuard``) and the P-DATA-TF values handed on as views of that buffer, down to the spool
+file's writer. Every other PDU type goes through pynetdicom's own decoder.
+
+The state machine sees what it saw before: the same events (Evt10 for P-DATA-TF, Evt17 when the
+connection breaks, Evt19 for an unknown or malformed PDU) and a PDU object whose
+``to_primitive`` gives the P-DATA primitive. Two things differ, both stricter or quieter: a
+PDV item whose length runs past its PDU, or that is too short to hold a context ID and a
+control byte, is a malformed PDU (Evt19, the association is aborted) where pynetdicom would
+truncate it or fail later in another thread; and P-DATA-TF PDUs do not fire ``EVT_DATA_RECV``
+/ ``EVT_PDU_RECV`` (our SCP binds neither; they exist for debug logging).
+"""
+
+from __future__ import annotations
+
+import functools
+import struct
+from typing import Any
+
+from pynetdicom.pdu_primitives import P_DATA
+
+_HEADER = struct.Struct(">BBL")
+_ITEM_LENGTH = struct.Struct(">L")
+_P_DATA_TF = 0x04
+_KNOWN_TYPES = frozenset(range(0x01, 0x08))
+
+
+class MalformedPdu(ValueError):
+    """A P-DATA-TF body whose items do not add up."""
+
+
+class ReceivedPData:
+    """A received P-DATA-TF PDU as the state machine uses it (``to_primitive``)."""
+
+    __slots__ = ("items",)
+
+    def __init__(self, items: list[list[Any]]) -> None:
+        self.items = items  # [context ID, value view (control byte first)] per PDV
+
+    def to_primitive(self) -> P_DATA:
+        primitive = P_DATA()
+        # the public setter insists on bytes; the views hold the same bytes without a copy
+        primitive._presentation_data_value_list = self.items  # type: ignore[assignment]
+        return primitive
+
+
+def split_pdvs(body: memoryview) -> list[list[Any]]:
+    """The ``[context ID, value]`` of each PDV item of a P-DATA-TF body; values are views.
+
+    Raises MalformedPdu when an item is cut short or runs past the body.
+    """
+    items: list[list[Any]] = []
+    offset, end = 0, len(body)
+    while offset < end:
+        if end - offset < 6:
+            raise MalformedPdu("PDV item shorter than its header")
+        (length,) = _ITEM_LENGTH.unpack_from(body, offset)
+        if length < 2 or offset + 4 + length > end:
+            raise MalformedPdu(f"PDV item length {length} does not fit the PDU")
+        items.append([body[offset + 4], body[offset + 5 : offset + 4 + length]])
+        offset += 4 + length
+    return items
+
+
+def read_pdu(dul: Any) -> None:
+    """Read one PDU from ``dul.socket`` and queue its event and PDU, as pynetdicom's reader does."""
+    sock = dul.socket
+    try:
+        head = sock.recv(6)
+    except OSError:  # timeouts included
+        dul.event_queue.put("Evt17")
+        return
+    if len(head) != 6:
+        dul.event_queue.put("Evt17")
+        return
+    pdu_type, _, length = _HEADER.unpack(head)
+    if pdu_type not in _KNOWN_TYPES:
+        dul.event_queue.put("Evt19")
+        return
+    try:
+        body = sock.recv(length)
+    except OSError:
+        dul.event_queue.put("Evt17")
+        return
+    if len(body) != length:  # the peer closed mid-PDU
+        dul.event_queue.put("Evt17")
+        return
+    if pdu_type == _P_DATA_TF:
+        try:
+            pdu: Any = ReceivedPData(split_pdvs(memoryview(body)))
+        except MalformedPdu:
+            dul.event_queue.put("Evt19")
+            return
+        dul.event_queue.put("Evt10")
+        dul._recv_pdu.put(pdu)
+        return
+    try:
+        pdu, event = dul._decode_pdu(bytearray(head) + body)
+    except Exception:  # noqa: BLE001 - pynetdicom's reader treats any decode failure so
+        dul.event_queue.put("Evt19")
+        return
+    dul.event_queue.put(event)
+    dul._recv_pdu.put(pdu)
+
+
+def install(dul: Any) -> bool:
+    """Make ``dul`` (one connection's DUL provider) read its PDUs with ``read_pdu``.
+
+    Returns False, leaving pynetdicom's reader, where the provider does not look as expected.
+    """
+    if not all(hasattr(dul, name) for name in ("_read_pdu_data", "_decode_pdu", "_recv_pdu", "event_queue")):
+        return False
+    dul._read_pdu_data = functools.partial(read_pdu, dul)
+    return True

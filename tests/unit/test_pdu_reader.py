@@ -1,0 +1,103 @@
+"""agent/ingest/pdu_reader.py: pynetdicom's PDU reader without the copies, same events.
+
+The end-to-end proof (DCMTK and pynetdicom peers, every transfer syntax, spool file equal to the
+sent dataset) is in tests/loopback; malformed PDUs are fuzzed in tests/reliability/test_fuzz.py.
+These tests pin the reader's own contract with a real socket pair and a stand-in DUL provider.
+"""
+
+from __future__ import annotations
+
+import queue
+import socket
+import struct
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from pynetdicom.pdu import A_RELEASE_RQ
+
+from agent.ingest.pdu_reader import MalformedPdu, read_pdu, split_pdvs
+from agent.ingest.scp import RecvGuard
+
+
+def pdv(context_id: int, control: int, data: bytes) -> bytes:
+    return struct.pack(">LBB", len(data) + 2, context_id, control) + data
+
+
+def pdu(pdu_type: int, body: bytes) -> bytes:
+    return struct.pack(">BBL", pdu_type, 0, len(body)) + body
+
+
+def fake_dul(sock: socket.socket) -> Any:
+    def decode(raw: bytearray) -> tuple[Any, str]:
+        out = A_RELEASE_RQ()
+        out.decode(bytes(raw))
+        return out, "Evt12"
+
+    return SimpleNamespace(
+        socket=SimpleNamespace(recv=RecvGuard(None, limit_bytes=1 << 20, raw=sock)),
+        event_queue=queue.Queue(),
+        _recv_pdu=queue.Queue(),
+        _decode_pdu=decode,
+    )
+
+
+def test_split_pdvs_gives_views_of_each_value() -> None:
+    body = memoryview(bytearray(pdv(1, 0x03, b"command") + pdv(3, 0x00, b"x" * 1000)))
+    items = split_pdvs(body)
+    assert [(cid, bytes(v)) for cid, v in items] == [(1, b"\x03command"), (3, b"\x00" + b"x" * 1000)]
+    assert all(isinstance(v, memoryview) and v.obj is body.obj for _, v in items)  # no copies
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        pdv(1, 0, b"abc")[:-1],  # item runs past the PDU
+        struct.pack(">LB", 1, 1),  # too short for a context ID and a control byte
+        pdv(1, 0, b"abc") + b"\x00\x00\x00",  # a trailing fragment of a header
+    ],
+)
+def test_split_pdvs_refuses_items_that_do_not_add_up(body: bytes) -> None:
+    with pytest.raises(MalformedPdu):
+        split_pdvs(memoryview(body))
+
+
+def test_p_data_becomes_evt10_and_a_primitive_of_views() -> None:
+    a, b = socket.socketpair()
+    dul = fake_dul(b)
+    a.sendall(pdu(0x04, pdv(1, 0x02, b"fragment")))
+    read_pdu(dul)
+    assert dul.event_queue.get_nowait() == "Evt10"
+    primitive = dul._recv_pdu.get_nowait().to_primitive()
+    [(cid, value)] = primitive.presentation_data_value_list
+    assert cid == 1 and bytes(value) == b"\x02fragment" and value[0] == 0x02
+    a.close(), b.close()
+
+
+def test_other_pdus_go_through_pynetdicoms_decoder() -> None:
+    a, b = socket.socketpair()
+    dul = fake_dul(b)
+    a.sendall(A_RELEASE_RQ().encode())
+    read_pdu(dul)
+    assert dul.event_queue.get_nowait() == "Evt12"
+    assert isinstance(dul._recv_pdu.get_nowait(), A_RELEASE_RQ)
+    a.close(), b.close()
+
+
+@pytest.mark.parametrize(
+    ("wire", "event"),
+    [
+        (pdu(0x09, b"zz"), "Evt19"),  # unknown PDU type
+        (pdu(0x04, pdv(1, 0, b"abc")[:-1]), "Evt19"),  # malformed P-DATA-TF
+        (pdu(0x04, pdv(1, 0, b"abcdef"))[:-3], "Evt17"),  # the peer closes mid-PDU
+        (b"\x04\x00", "Evt17"),  # ... or mid-header
+    ],
+)
+def test_broken_input_gives_pynetdicoms_events(wire: bytes, event: str) -> None:
+    a, b = socket.socketpair()
+    dul = fake_dul(b)
+    a.sendall(wire)
+    a.close()
+    read_pdu(dul)
+    assert dul.event_queue.get_nowait() == event and dul._recv_pdu.empty()
+    b.close()
