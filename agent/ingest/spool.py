@@ -43,7 +43,7 @@ class Spool:
 
     def write(self, chunks: list[bytes]) -> str:
         """Write ``chunks`` durably under a random name; return the relative path."""
-        return self.write_named(f"{utcnow():%Y%m%d}/{secrets.token_hex(16)}{SUFFIX}", chunks)
+        return self.write_named(self.new_name(), chunks)
 
     def write_named(self, rel: str, chunks: list[bytes]) -> str:
         """Write ``chunks`` durably to ``rel`` (a name of ours, replaced atomically). Raises StorageError."""
@@ -83,14 +83,19 @@ class Spool:
         finally:
             os.close(fd)
 
-    def keep(self, part: Path) -> str:
-        """Keep a complete file of ``tmp_dir``, already fsynced (``sync_part``), under a random
-        name; return the relative path.
+    @staticmethod
+    def new_name() -> str:
+        """A fresh relative path in today's folder (what ``keep`` and ``write`` name files)."""
+        return f"{utcnow():%Y%m%d}/{secrets.token_hex(16)}{SUFFIX}"
+
+    def keep(self, part: Path, rel: str | None = None) -> str:
+        """Keep a complete file of ``tmp_dir``, already fsynced (``sync_part``), under ``rel``
+        (default: a new name); return the relative path.
 
         The same steps as ``write`` after its fsync: rename into the day's folder, fsync that
         folder. Raises StorageError.
         """
-        rel = f"{utcnow():%Y%m%d}/{secrets.token_hex(16)}{SUFFIX}"
+        rel = rel or self.new_name()
         day, name = rel.split("/", 1)
         final_dir = self.root / day
         try:

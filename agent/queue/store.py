@@ -6,6 +6,7 @@ handed out again (never dequeue-then-run). Every transition is one committed row
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import timedelta
 
 from sqlalchemy import func, select, update
@@ -38,11 +39,16 @@ def existing_contents(db: Database, sop_instance_uid: str) -> dict[str, int]:
     return {sha: job_id for sha, job_id in rows}
 
 
-def record_instance(db: Database, inc: IncomingInstance) -> StoreOutcome:
+def record_instance(
+    db: Database, inc: IncomingInstance, before_commit: Callable[[], None] | None = None
+) -> StoreOutcome:
     """Commit study, instance, job and audit rows for a spooled instance, in one transaction.
 
     Returns the outcome; a concurrent identical instance (same UID and bytes) reports
-    ``duplicate=True`` and the caller removes its spool file.
+    ``duplicate=True`` and the caller removes its spool file. ``before_commit`` runs after the
+    rows are written and before the commit, and only when there is something to commit: the
+    ingest handler makes the spool file durable there, so the row work overlaps its fsync and
+    the commit still follows it. Whatever it raises rolls the transaction back.
     """
     now = utcnow()
     try:
@@ -132,6 +138,8 @@ def record_instance(db: Database, inc: IncomingInstance) -> StoreOutcome:
                     object_id=inc.ref.sop_instance_uid,
                     detail={"problem": "conflicting duplicate", "kept_instances": [conflict_of, inst.id]},
                 )
+            if before_commit is not None:
+                before_commit()
             return StoreOutcome(job.id, duplicate=False, conflict=conflict_of is not None, state=state)
     except IntegrityError:
         # the same UID and bytes committed by a concurrent association a moment ago

@@ -44,6 +44,37 @@ def test_record_creates_one_queued_job_and_one_study(db: Database) -> None:
     assert {j.study_instance_uid for j in jobs} == {"1.2.3.999"}
 
 
+def test_before_commit_runs_with_the_rows_written_but_not_yet_committed(db: Database) -> None:
+    # the ingest handler makes the spool file durable here: the commit must wait for it
+    seen: list[int] = []
+
+    def durable() -> None:
+        seen.append(len(store.list_jobs(db)))  # another session: the new row is not visible yet
+
+    store.record_instance(db, incoming(1), before_commit=durable)
+    assert seen == [0] and len(store.list_jobs(db)) == 1
+
+
+def test_a_failing_before_commit_leaves_nothing(db: Database) -> None:
+    from agent.errors import StorageError
+
+    def fsync_failed() -> None:
+        raise StorageError("spool write failed: Input/output error")
+
+    with pytest.raises(StorageError):
+        store.record_instance(db, incoming(1), before_commit=fsync_failed)
+    assert store.list_jobs(db) == []
+    again = store.record_instance(db, incoming(1))  # the resend is a new instance, not a duplicate
+    assert not again.duplicate and len(store.list_jobs(db)) == 1
+
+
+def test_before_commit_is_not_run_for_a_duplicate(db: Database) -> None:
+    store.record_instance(db, incoming(1))
+    calls: list[str] = []
+    again = store.record_instance(db, incoming(1), before_commit=lambda: calls.append("x"))
+    assert again.duplicate and calls == []
+
+
 def test_same_uid_same_bytes_is_a_duplicate(db: Database) -> None:
     a = store.record_instance(db, incoming(1))
     again = store.record_instance(db, incoming(1))
