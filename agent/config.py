@@ -168,6 +168,15 @@ class ReportingSection(_Section):
         10.0, ge=0, description="A study's SR is written this long after its last instance (extended while the sender's association is open)."
     )
     overlay: bool = Field(True, description="Send a secondary-capture overlay per screened image.")
+    build_processes: int = Field(
+        1,
+        ge=0,
+        le=4,
+        description=(
+            "Helper processes that build the study SRs (highdicom, pure Python), so the build does not "
+            "hold up receive and screening; 0 = build in the sweep thread."
+        ),
+    )
 
 
 class SenderSection(_Section):

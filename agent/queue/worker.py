@@ -30,8 +30,8 @@ from agent.pipeline.infer import Screener
 from agent.pipeline.run import Failed, Rejected, Screened, screen_batch
 from agent.queue import screening, store
 from agent.queue.outbox import OutgoingObject
+from agent.reporting.builder import ReportBuilder, encode
 from agent.reporting.overlay import build_overlay
-from agent.reporting.sr import build_sr
 
 log = get_logger(__name__)
 
@@ -39,11 +39,7 @@ RETRY_DELAY_S = 30.0
 
 
 def _encode(ds: Any) -> bytes:
-    from io import BytesIO
-
-    buf = BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
+    return encode(ds)
 
 
 def _warm_up_source() -> Dataset:
@@ -102,6 +98,7 @@ class Worker:
         self._model_stamp = self._pointer_stamp()
         # called after each commit that queued objects for PACS (wakes the sender at once)
         self.on_outbox = on_outbox
+        self.report_builder = ReportBuilder(settings.reporting.build_processes)
 
     # -- model updates ---------------------------------------------------------------------
     def _pointer_stamp(self) -> float | None:
@@ -133,6 +130,7 @@ class Worker:
         self.wake.set()
         if self._thread:
             self._thread.join(timeout_s)
+        self.report_builder.close()
 
     def warm_up(self) -> None:
         """Run the whole per-image path once on a blank image, writing nothing.
@@ -147,7 +145,7 @@ class Worker:
             findings, _ = self.screener.score(blank, [{"age": None, "sex": None, "bmi": None}])
             source = _warm_up_source()
             _encode(build_overlay(source, np.zeros((64, 48), np.float32), findings[0]))
-            _encode(build_sr([source], findings, revision=1, predecessor=None))
+            self.report_builder.warm_up([source], findings)  # the helper warms up in the background
         except Exception as exc:  # a warm-up problem must not stop the worker; the real path reports
             log.warning("worker_warm_up_failed", error=exc.__class__.__name__)
             return
@@ -279,10 +277,12 @@ class Worker:
             )
             for _, r in rows
         ]
-        sr = build_sr(sources, findings, revision=ready.revision, predecessor=ready.predecessor)
-        obj = self._write_result("sr", sr)
+        sr = self.report_builder.build_sr(sources, findings, ready.revision, ready.predecessor)
+        rel = f"{sr.sop_instance_uid}.dcm"  # our own deterministic UID: a safe file name
+        self.results.write_named(rel, [sr.data])
+        obj = OutgoingObject("sr", sr.sop_class_uid, sr.sop_instance_uid, rel)
         recorded = screening.record_report(
-            self.db, ready, obj, str(sr.SeriesInstanceUID), self.destinations, self.settings.sender.send
+            self.db, ready, obj, sr.series_instance_uid, self.destinations, self.settings.sender.send
         )
         if recorded:
             if self.on_outbox is not None:

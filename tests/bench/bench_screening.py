@@ -154,17 +154,53 @@ port = {pacs_port}
     return path
 
 
+def family(pid: int) -> list[int]:
+    """``pid`` and its descendants (the SR helper processes of ``reporting.build_processes``)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:  # ended meanwhile
+            pass
+    return out
+
+
 def vm_hwm_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return float("nan")
 
 
 def cpu_s(pid: int) -> float:
     """User + system CPU seconds a process has used so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def family_cpu_s(pid: int) -> float:
+    return sum(cpu_s(p) for p in family(pid))
+
+
+def settle(pid: int, timeout_s: float = 20.0) -> None:
+    """Wait until ``strnet serve`` and its helpers are idle (the worker's warm-up is done)."""
+    deadline = time.monotonic() + timeout_s
+    before = family_cpu_s(pid)
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        now = family_cpu_s(pid)
+        if now - before < 0.05:
+            return
+        before = now
 
 
 def pct(values: list[float], q: float) -> float:
@@ -224,7 +260,8 @@ def test_bench_screening_through_orthanc(tmp_path: Path) -> None:
         )
 
         orthanc_pid = pacs._proc.pid if pacs._proc is not None else None
-        cpu0 = (cpu_s(serve.pid), cpu_s(orthanc_pid) if orthanc_pid else float("nan"))
+        settle(serve.pid)
+        cpu0 = (family_cpu_s(serve.pid), cpu_s(orthanc_pid) if orthanc_pid else float("nan"))
         t_route = time.monotonic()
         for uid, _ in studies:  # as PACS forwards: one study after another, each its association
             pacs.route_study(pacs.study_id_for(uid), "agent", synchronous=True)
@@ -243,8 +280,9 @@ def test_bench_screening_through_orthanc(tmp_path: Path) -> None:
             assert time.monotonic() < deadline, "not every study was reported and delivered in time"
             time.sleep(0.5)
         peak_rss_mb = vm_hwm_mb(serve.pid)
+        helper_rss_mb = sum(vm_hwm_mb(p) for p in family(serve.pid)[1:])  # 0 without helpers
         wall_s = time.monotonic() - t_route
-        cpu_agent = cpu_s(serve.pid) - cpu0[0]
+        cpu_agent = family_cpu_s(serve.pid) - cpu0[0]
         cpu_orthanc = (cpu_s(orthanc_pid) if orthanc_pid else float("nan")) - cpu0[1]
 
         with db.reading() as s:
@@ -319,12 +357,15 @@ def test_bench_screening_through_orthanc(tmp_path: Path) -> None:
         print(f"    {name:<10} {mean(values):8.1f}")
     print(f"    send       {mean(send_ms):8.1f}   (outbox row -> delivered, incl. <= {POLL_S * 1000:.0f} ms poll wait)")
     print(
-        f"  CPU per image, routing to last delivery: strnet serve {cpu_agent / n_images * 1000:.0f} ms, "
+        f"  CPU per image, routing to last delivery: strnet serve (with its SR helper) "
+        f"{cpu_agent / n_images * 1000:.0f} ms, "
         f"Orthanc {cpu_orthanc / n_images * 1000:.0f} ms (2 cores give 480 ms per image at 15,000/h)"
     )
+    total_rss_mb = peak_rss_mb + (helper_rss_mb if helper_rss_mb == helper_rss_mb else 0.0)  # nan: none
     print(
-        f"  peak RSS of strnet serve (VmHWM) {peak_rss_mb:,.0f} MB  (goal <= {GOAL_RSS_GB} GB: "
-        f"{'meets' if peak_rss_mb <= GOAL_RSS_GB * 1024 else 'ABOVE'})"
+        f"  peak RSS (VmHWM) of strnet serve {peak_rss_mb:,.0f} MB + SR helper {helper_rss_mb:,.0f} MB "
+        f"= {total_rss_mb:,.0f} MB  (goal <= {GOAL_RSS_GB} GB: "
+        f"{'meets' if total_rss_mb <= GOAL_RSS_GB * 1024 else 'ABOVE'})"
     )
     print(
         f"  machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} "

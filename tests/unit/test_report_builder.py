@@ -1,0 +1,72 @@
+"""agent/reporting/builder.py: SRs built in a real helper process (spawned), the helper's death,
+and the inline mode. What the SR contains is tested in test_reporting.py."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+from io import BytesIO
+from typing import Any
+
+import numpy as np
+import pydicom
+import pytest
+from dicom_factory import knee_dx
+from pydicom.uid import generate_uid
+from test_reporting import _findings
+
+from agent.errors import ProcessingError
+from agent.reporting.builder import ReportBuilder, build_sr_bytes
+
+
+def _inputs() -> tuple[list[pydicom.Dataset], list[Any]]:
+    study = generate_uid()
+    sources = [knee_dx(study_uid=study, laterality=side, seed=i, rows=40, cols=32) for i, side in enumerate("LR")]
+    for ds in sources:
+        del ds.PixelData  # the sweep reads headers only
+    # as the sweep rebuilds them from the database: no saliency map
+    findings = [dataclasses.replace(f, saliency=None) for f in _findings(np.random.default_rng(1))[:2]]
+    return sources, findings
+
+
+def _content(data: bytes) -> tuple[str, str, str]:
+    ds = pydicom.dcmread(BytesIO(data))
+    return str(ds.SOPInstanceUID), str(ds.SeriesInstanceUID), str(ds.ContentSequence)
+
+
+def test_helper_process_builds_the_same_sr_as_the_caller() -> None:
+    sources, findings = _inputs()
+    builder = ReportBuilder(processes=1)
+    try:
+        built = builder.build_sr(sources, findings, 1, None)
+        helper_pid = next(iter(builder._pool._processes))  # type: ignore[union-attr]
+    finally:
+        builder.close()
+    inline = build_sr_bytes(sources, findings, 1, None)
+    assert helper_pid != os.getpid()
+    assert _content(built.data) == _content(inline.data)
+    assert (built.sop_instance_uid, built.series_instance_uid) == (inline.sop_instance_uid, inline.series_instance_uid)
+
+
+def test_a_dead_helper_is_a_processing_error_and_is_replaced() -> None:
+    sources, findings = _inputs()
+    builder = ReportBuilder(processes=1)
+    try:
+        builder.build_sr(sources, findings, 1, None)
+        for pid in list(builder._pool._processes):  # type: ignore[union-attr]
+            os.kill(pid, signal.SIGKILL)
+        with pytest.raises(ProcessingError):
+            builder.build_sr(sources, findings, 1, None)
+        assert builder.build_sr(sources, findings, 1, None).data  # a new helper
+    finally:
+        builder.close()
+
+
+def test_zero_processes_builds_in_the_caller_and_errors_pass_through() -> None:
+    sources, findings = _inputs()
+    builder = ReportBuilder(processes=0)
+    assert builder.build_sr(sources, findings, 1, None).data
+    with pytest.raises(ValueError):
+        builder.build_sr(sources, findings[:1], 1, None)  # 2 sources, 1 finding
+    assert builder._pool is None
