@@ -12,7 +12,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 from pydicom import dcmread
@@ -30,16 +29,13 @@ from agent.pipeline.infer import Screener
 from agent.pipeline.run import Failed, Rejected, Screened, screen_batch
 from agent.queue import screening, store
 from agent.queue.outbox import OutgoingObject
-from agent.reporting.builder import ReportBuilder, encode
+from agent.reporting.builder import ReportBuilder
+from agent.reporting.builder import encode as _encode
 from agent.reporting.overlay import build_overlay
 
 log = get_logger(__name__)
 
 RETRY_DELAY_S = 30.0
-
-
-def _encode(ds: Any) -> bytes:
-    return encode(ds)
 
 
 def _warm_up_source() -> Dataset:
@@ -211,17 +207,24 @@ class Worker:
         overlay_obj = None
         try:
             if self.settings.reporting.overlay:
-                sc = build_overlay(o.dataset, o.pixels, o.findings,
-                                   instance_number=int(o.dataset.get("InstanceNumber") or 1))
-                overlay_obj = self._write_result("sc", sc)
+                sc = build_overlay(
+                    o.dataset, o.pixels, o.findings, instance_number=int(o.dataset.get("InstanceNumber") or 1)
+                )
+                overlay_obj = self._write_result("sc", _encode(sc), str(sc.SOPClassUID), str(sc.SOPInstanceUID))
         except (ValueError, TypeError) as exc:
             self._failed(o.job, f"overlay could not be built: {exc}")
             return
         timings = {**o.timings_ms, "report": round((time.perf_counter() - t0) * 1000, 1)}
         failpoints.hit("results_built")
         ok = screening.record_screening(
-            self.db, o.job.job_id, self.owner, o.findings, timings, overlay_obj,
-            self.destinations, self.settings.sender.send,
+            self.db,
+            o.job.job_id,
+            self.owner,
+            o.findings,
+            timings,
+            overlay_obj,
+            self.destinations,
+            self.settings.sender.send,
         )
         if not ok:
             log.warning("job_lease_lost", job_id=o.job.job_id)
@@ -232,9 +235,15 @@ class Worker:
         metrics.INFERENCE_SECONDS.observe(o.timings_ms.get("infer", 0.0) / 1000)
         f = o.findings
         log.info(
-            "inference_done", job_id=o.job.job_id, sop_instance_uid=o.job.ref.sop_instance_uid,
-            study_instance_uid=o.job.ref.study_instance_uid, probability=round(f.probability, 4),
-            bone_loss=f.bone_loss, severity=f.severity, t_score=round(f.t_score, 2), ms=timings,
+            "inference_done",
+            job_id=o.job.job_id,
+            sop_instance_uid=o.job.ref.sop_instance_uid,
+            study_instance_uid=o.job.ref.study_instance_uid,
+            probability=round(f.probability, 4),
+            bone_loss=f.bone_loss,
+            severity=f.severity,
+            t_score=round(f.t_score, 2),
+            ms=timings,
         )
 
     def _failed(self, job: LeasedJob, error: str) -> None:
@@ -246,10 +255,10 @@ class Worker:
             store.fail(self.db, job.job_id, self.owner, RETRY_DELAY_S, error)
             log.warning("job_failed", job_id=job.job_id, error=error, attempt=job.attempts)
 
-    def _write_result(self, kind: str, ds: Any) -> OutgoingObject:
-        rel = f"{ds.SOPInstanceUID}.dcm"  # our own deterministic UID: a safe file name
-        self.results.write_named(rel, [_encode(ds)])
-        return OutgoingObject(kind, str(ds.SOPClassUID), str(ds.SOPInstanceUID), rel)
+    def _write_result(self, kind: str, data: bytes, sop_class_uid: str, sop_instance_uid: str) -> OutgoingObject:
+        rel = f"{sop_instance_uid}.dcm"  # our own deterministic UID: a safe file name
+        self.results.write_named(rel, [data])
+        return OutgoingObject(kind, sop_class_uid, sop_instance_uid, rel)
 
     # -- study reports ---------------------------------------------------------------------
     def report_ready_studies(self) -> int:
@@ -269,18 +278,21 @@ class Worker:
         sources = [dcmread(self.spool.path(p), stop_before_pixels=True) for p, _ in rows]
         findings = [
             Findings(
-                probability=r.probability, threshold=r.threshold, bone_loss=r.bone_loss,
-                p_osteoporosis=r.p_osteoporosis, severity=r.severity, t_score=r.t_score,
-                t_score_low=r.t_score_low, t_score_high=r.t_score_high,
+                probability=r.probability,
+                threshold=r.threshold,
+                bone_loss=r.bone_loss,
+                p_osteoporosis=r.p_osteoporosis,
+                severity=r.severity,
+                t_score=r.t_score,
+                t_score_low=r.t_score_low,
+                t_score_high=r.t_score_high,
                 interval_coverage=self.screener.predictor.tscore_coverage,
                 algorithm=AlgorithmInfo(self.screener.algorithm.name, r.model_version, r.checkpoint_sha256),
             )
             for _, r in rows
         ]
         sr = self.report_builder.build_sr(sources, findings, ready.revision, ready.predecessor)
-        rel = f"{sr.sop_instance_uid}.dcm"  # our own deterministic UID: a safe file name
-        self.results.write_named(rel, [sr.data])
-        obj = OutgoingObject("sr", sr.sop_class_uid, sr.sop_instance_uid, rel)
+        obj = self._write_result("sr", sr.data, sr.sop_class_uid, sr.sop_instance_uid)
         recorded = screening.record_report(
             self.db, ready, obj, sr.series_instance_uid, self.destinations, self.settings.sender.send
         )
@@ -288,7 +300,12 @@ class Worker:
             if self.on_outbox is not None:
                 self.on_outbox()
             self.stats.reports += 1
-            log.info("report_built", study_instance_uid=ready.study_instance_uid, revision=ready.revision,
-                     images=len(rows), sop_instance_uid=obj.sop_instance_uid)
+            log.info(
+                "report_built",
+                study_instance_uid=ready.study_instance_uid,
+                revision=ready.revision,
+                images=len(rows),
+                sop_instance_uid=obj.sop_instance_uid,
+            )
             return 1
         return 0
