@@ -1,7 +1,8 @@
 """Bench: K synthetic knee studies routed from a real Orthanc through `strnet serve` (shipped model).
 
 Run: ``make bench`` or
-``BENCH_K=5 .venv/bin/python -m pytest tests/bench/bench_screening.py -s -q -o norecursedirs=``.
+``BENCH_K=5 .venv/bin/python -m pytest tests/bench/bench_screening.py -s -q -o norecursedirs=``;
+``BENCH_PACE_S=2`` routes one study every 2 s instead of all at once (latency without a queue).
 
 Prints figures only (no timed assertions), with the goals of issue 4 beside them:
 images per hour (uncompressed ~10 MB DX), p50/p95 processing latency per study with the quiet
@@ -41,6 +42,11 @@ from serve_process import ServeProcess  # noqa: E402
 from model.checkpoint import SHIPPED  # noqa: E402
 
 K_STUDIES = int(os.environ.get("BENCH_K", "20"))
+# 0: the K studies are routed back to back (a burst: throughput, and latency under a queue).
+# > 0: one study every BENCH_PACE_S seconds, as a PACS forwards during a working day; the
+# latency is then that of a study that does not queue behind the others (throughput reflects
+# the pace, not the capacity).
+PACE_S = float(os.environ.get("BENCH_PACE_S", "0"))
 # The shipped checkpoint; BENCH_WEIGHTS=<checkpoint .json> only to try the bench's plumbing with
 # another one (the figures then say nothing about the product).
 WEIGHTS = Path(os.environ.get("BENCH_WEIGHTS") or SHIPPED)
@@ -263,7 +269,9 @@ def test_bench_screening_through_orthanc(tmp_path: Path) -> None:
         settle(serve.pid)
         cpu0 = (family_cpu_s(serve.pid), cpu_s(orthanc_pid) if orthanc_pid else float("nan"))
         t_route = time.monotonic()
-        for uid, _ in studies:  # as PACS forwards: one study after another, each its association
+        for i, (uid, _) in enumerate(studies):  # one study after another, each its association
+            if PACE_S > 0:
+                time.sleep(max(0.0, t_route + i * PACE_S - time.monotonic()))
             pacs.route_study(pacs.study_id_for(uid), "agent", synchronous=True)
         route_s = time.monotonic() - t_route
         db = Database(f"sqlite:///{data_dir / 'strnet.db'}")
@@ -335,7 +343,8 @@ def test_bench_screening_through_orthanc(tmp_path: Path) -> None:
 
     ok = "meets" if per_hour >= GOAL_IMAGES_PER_HOUR else "BELOW"
     print(
-        f"[bench_screening] Orthanc routed {n_images} images ({mb:.0f} MB) in {route_s:.1f} s; "
+        f"[bench_screening] {'burst' if PACE_S <= 0 else f'paced, one study every {PACE_S:g} s'}: "
+        f"Orthanc routed {n_images} images ({mb:.0f} MB) in {route_s:.1f} s; "
         f"all SRs and overlays in PACS {wall_s:.1f} s after routing began"
     )
     print(
