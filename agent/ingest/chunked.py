@@ -125,8 +125,8 @@ class SpoolingFile:
 
     ``write`` only queues the fragment (no copy) for a writer thread, so the disk writes run on
     the other core while this association keeps reading the network; ``data`` returns the
-    dataset's bytes (kept in memory for hashing and checks) and ``sync`` waits for the writer,
-    then fsyncs.
+    dataset's bytes (kept in memory for hashing and checks) and ``sync`` has the writer thread
+    write what is queued, fsync and close the file, and waits for it.
     """
 
     def __init__(self, folder: Path, head: Any) -> None:
@@ -209,10 +209,7 @@ def discard(assoc: Any) -> int:
     closed or aborted mid-instance: never acknowledged). Returns how many."""
     with _lock:
         broken = [f for f in _open_files.values() if f.owner is assoc and not f.handed_over]
-    for f in broken:
-        f.close()
-        Path(f.name).unlink(missing_ok=True)
-    return len(broken)
+    return _delete(broken)
 
 
 def discard_orphans() -> int:
@@ -224,10 +221,14 @@ def discard_orphans() -> int:
             for f in _open_files.values()
             if not f.handed_over and f.owner is not None and hasattr(f.owner, "is_alive") and not f.owner.is_alive()
         ]
-    for f in orphans:
+    return _delete(orphans)
+
+
+def _delete(files: list[SpoolingFile]) -> int:
+    for f in files:
         f.close()
         Path(f.name).unlink(missing_ok=True)
-    return len(orphans)
+    return len(files)
 
 
 def receiving(path: Path) -> SpoolingFile | None:

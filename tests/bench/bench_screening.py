@@ -7,7 +7,8 @@ Run: ``make bench`` or
 Prints figures only (no timed assertions), with the goals of issue 4 beside them:
 images per hour (uncompressed ~10 MB DX), p50/p95 processing latency per study with the quiet
 period excluded, the mean of each stage (receive, decode, preprocess, infer, report, send) and the
-peak RSS (VmHWM) of the `strnet serve` process with the model loaded.
+peak RSS (VmHWM) of the `strnet serve` process with the model loaded plus that of its SR helper
+process (``reporting.build_processes``); its CPU per image counts the helper too.
 
 Definitions (all from the agent's own database and log, no clocks of the bench's):
 - throughput window: first instance received -> last overlay delivered to Orthanc;
