@@ -2,6 +2,10 @@
 
 It leases (never dequeue-then-run): a crash leaves a lease that expires or is reset at start-up,
 and the job runs again; result UIDs are deterministic, so a rerun produces the same objects.
+
+Overlays are built in the report helper process (``reporting.build_processes``): the worker
+thread hands each screened image over and screens the next batch, and a completion thread
+records each image, in order, once its overlay is written. Until then the job stays leased.
 """
 
 from __future__ import annotations
@@ -10,7 +14,9 @@ import os
 import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
+from concurrent import futures
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,13 +35,12 @@ from agent.pipeline.infer import Screener
 from agent.pipeline.run import Failed, Rejected, Screened, screen_batch
 from agent.queue import screening, store
 from agent.queue.outbox import OutgoingObject
-from agent.reporting.builder import ReportBuilder
-from agent.reporting.builder import encode as _encode
-from agent.reporting.overlay import build_overlay
+from agent.reporting.builder import BuiltOverlay, ReportBuilder
 
 log = get_logger(__name__)
 
 RETRY_DELAY_S = 30.0
+PENDING_BATCHES = 2  # overlays in the helper, in batches: one being built while the next is screened
 
 
 def _warm_up_source() -> Dataset:
@@ -62,6 +67,21 @@ class WorkerStats:
     skipped: int = 0
     failed: int = 0
     reports: int = 0
+
+
+@dataclass
+class _Pending:
+    """A screened image waiting for its overlay; its job stays leased until it is recorded."""
+
+    job: LeasedJob
+    findings: Findings
+    timings_ms: dict[str, float]
+    handed_off: float  # perf_counter
+    overlay: futures.Future[BuiltOverlay] | None  # None: overlays are off
+    ready: float | None = None  # perf_counter when the bytes were ready
+
+    def mark_ready(self, _future: object = None) -> None:
+        self.ready = time.perf_counter()
 
 
 class Worker:
@@ -95,6 +115,12 @@ class Worker:
         # called after each commit that queued objects for PACS (wakes the sender at once)
         self.on_outbox = on_outbox
         self.report_builder = ReportBuilder(settings.reporting.build_processes)
+        self._stats_lock = threading.Lock()  # the worker and the completion thread both count
+        # screened images whose overlay is in the helper, oldest first (the completion thread's)
+        self._pending: deque[_Pending] = deque()
+        self._pending_cv = threading.Condition()
+        self._completer: threading.Thread | None = None
+        self._abandon = threading.Event()  # stop(): the completion thread ends, leaving the rest leased
 
     # -- model updates ---------------------------------------------------------------------
     def _pointer_stamp(self) -> float | None:
@@ -122,11 +148,34 @@ class Worker:
         self._thread.start()
 
     def stop(self, timeout_s: float = 30.0) -> None:
+        """Stop screening, record what the helper finishes within ``timeout_s``, close the helper.
+
+        Overlays still pending then are abandoned: their jobs stay leased (the lease reaper or
+        the next start-up hands them out again)."""
+        deadline = time.monotonic() + timeout_s
         self._stop.set()
         self.wake.set()
+        with self._pending_cv:
+            self._pending_cv.notify_all()  # a worker waiting for room
         if self._thread:
             self._thread.join(timeout_s)
-        self.report_builder.close()
+        left = self.drain(max(1.0, deadline - time.monotonic()))
+        with self._pending_cv:
+            self._abandon.set()
+            self._pending_cv.notify_all()
+        if self._completer is not None:
+            self._completer.join(1.0)
+        if left:
+            log.warning("worker_overlays_abandoned", jobs=left)
+        self.report_builder.close(wait=not left)  # never wait on a build that did not finish
+
+    def drain(self, timeout_s: float) -> int:
+        """Wait until every handed-over image is recorded; returns how many are still pending."""
+        deadline = time.monotonic() + timeout_s
+        with self._pending_cv:
+            while self._pending and (remaining := deadline - time.monotonic()) > 0:
+                self._pending_cv.wait(min(remaining, 0.5))
+            return len(self._pending)
 
     def warm_up(self) -> None:
         """Run the whole per-image path once on a blank image, writing nothing.
@@ -139,9 +188,8 @@ class Worker:
             size = self.screener.predictor.input_size
             blank = np.zeros((1, 1, size, size), np.float32)
             findings, _ = self.screener.score(blank, [{"age": None, "sex": None, "bmi": None}])
-            source = _warm_up_source()
-            _encode(build_overlay(source, np.zeros((64, 48), np.float32), findings[0]))
-            self.report_builder.warm_up([source], findings)  # the helper warms up in the background
+            # the overlay and SR paths, in the helper (in the background) or here (inline)
+            self.report_builder.warm_up(_warm_up_source(), np.zeros((64, 48), np.float32), findings)
         except Exception as exc:  # a warm-up problem must not stop the worker; the real path reports
             log.warning("worker_warm_up_failed", error=exc.__class__.__name__)
             return
@@ -181,9 +229,23 @@ class Worker:
             jobs += store.lease(self.db, self.owner, size - len(jobs), cfg.lease_s)
         return jobs
 
+    def max_pending(self) -> int:
+        """Screened images whose overlay may be in the helper at once (backpressure)."""
+        return PENDING_BATCHES * self.batch_size()
+
+    def _wait_for_room(self) -> bool:
+        """Wait (before leasing) until a whole batch fits among the pending overlays; False: stopping."""
+        room = self.max_pending() - self.batch_size()
+        with self._pending_cv:
+            while len(self._pending) > room and not self._stop.is_set():
+                self._pending_cv.wait(0.5)
+        return not self._stop.is_set()
+
     def run_once(self) -> int:
-        """Screen one batch; returns how many jobs it handled."""
+        """Screen one batch; returns how many jobs it handled (recorded, or handed over)."""
         self._maybe_reload()
+        if not self._wait_for_room():
+            return 0
         jobs = self._lease_batch()
         if not jobs:
             return 0
@@ -196,49 +258,97 @@ class Worker:
                 self._screened(outcome)
             elif isinstance(outcome, Rejected):
                 store.finish(self.db, outcome.job.job_id, self.owner, JobState.SKIPPED, outcome.reason)
-                self.stats.skipped += 1
+                with self._stats_lock:
+                    self.stats.skipped += 1
                 log.info("job_skipped", job_id=outcome.job.job_id, reason=outcome.reason)
             elif isinstance(outcome, Failed):
                 self._failed(outcome.job, outcome.error)
         return len(jobs)
 
     def _screened(self, o: Screened) -> None:
-        t0 = time.perf_counter()
-        overlay_obj = None
-        try:
-            if self.settings.reporting.overlay:
-                sc = build_overlay(
-                    o.dataset, o.pixels, o.findings, instance_number=int(o.dataset.get("InstanceNumber") or 1)
-                )
-                overlay_obj = self._write_result("sc", _encode(sc), str(sc.SOPClassUID), str(sc.SOPInstanceUID))
-        except (ValueError, TypeError) as exc:
-            self._failed(o.job, f"overlay could not be built: {exc}")
+        """Start the overlay and hand the image to the completion thread; inline (no helper, or
+        overlays off) record it now, as the only path did before the helper."""
+        p = _Pending(o.job, o.findings, o.timings_ms, time.perf_counter(), None)
+        if self.settings.reporting.overlay:
+            number = int(o.dataset.get("InstanceNumber") or 1)
+            p.overlay = self.report_builder.submit_overlay(o.dataset, o.pixels, o.findings, number)
+            p.overlay.add_done_callback(p.mark_ready)
+        else:
+            p.mark_ready()
+        if p.overlay is None or self.report_builder.processes <= 0:
+            self._record(p)
             return
-        timings = {**o.timings_ms, "report": round((time.perf_counter() - t0) * 1000, 1)}
+        with self._pending_cv:
+            self._pending.append(p)
+            self._pending_cv.notify_all()
+        if self._completer is None:
+            self._completer = threading.Thread(target=self._complete_loop, name="strnet-overlays", daemon=True)
+            self._completer.start()
+
+    def _complete_loop(self) -> None:
+        """The completion thread: record each handed-over image, in order, once its overlay is built."""
+        while True:
+            with self._pending_cv:
+                while not self._pending and not self._abandon.is_set():
+                    self._pending_cv.wait()
+                if self._abandon.is_set():
+                    return  # stop() gave up: what is pending stays leased
+                p = self._pending[0]
+            assert p.overlay is not None
+            while not p.overlay.done() and not self._abandon.is_set():
+                futures.wait([p.overlay], timeout=0.2)
+            if self._abandon.is_set():
+                return
+            try:
+                self._record(p)
+            except StorageError as exc:  # the job stays leased; the lease reaper hands it out again
+                log.error("worker_database_error", error=str(exc))
+            except Exception as exc:  # a bug must not stop recording for good
+                log.exception("worker_crashed", error=exc.__class__.__name__)
+            with self._pending_cv:
+                self._pending.popleft()
+                self._pending_cv.notify_all()
+
+    def _record(self, p: _Pending) -> None:
+        """Write the overlay, then result, outbox rows and job DONE in one commit."""
+        overlay_obj = None
+        if p.overlay is not None:
+            try:
+                built = p.overlay.result()
+            except (ValueError, TypeError) as exc:
+                self._failed(p.job, f"overlay could not be built: {exc}")
+                return
+            except ProcessingError as exc:  # the helper died (a new one builds the retry) or closed
+                self._failed(p.job, str(exc))
+                return
+            overlay_obj = self._write_result("sc", built.data, built.sop_class_uid, built.sop_instance_uid)
+        ready = p.ready if p.ready is not None else time.perf_counter()
+        timings = {**p.timings_ms, "report": round((ready - p.handed_off) * 1000, 1)}
         failpoints.hit("results_built")
         ok = screening.record_screening(
             self.db,
-            o.job.job_id,
+            p.job.job_id,
             self.owner,
-            o.findings,
+            p.findings,
             timings,
             overlay_obj,
             self.destinations,
             self.settings.sender.send,
         )
         if not ok:
-            log.warning("job_lease_lost", job_id=o.job.job_id)
+            log.warning("job_lease_lost", job_id=p.job.job_id)
             return
         if overlay_obj is not None and self.on_outbox is not None:
             self.on_outbox()
-        self.stats.screened += 1
-        metrics.INFERENCE_SECONDS.observe(o.timings_ms.get("infer", 0.0) / 1000)
-        f = o.findings
+        with self._stats_lock:
+            self.stats.screened += 1
+        metrics.INFERENCE_SECONDS.observe(p.timings_ms.get("infer", 0.0) / 1000)
+        f = p.findings
         log.info(
             "inference_done",
-            job_id=o.job.job_id,
-            sop_instance_uid=o.job.ref.sop_instance_uid,
-            study_instance_uid=o.job.ref.study_instance_uid,
+            job_id=p.job.job_id,
+            sop_instance_uid=p.job.ref.sop_instance_uid,
+            study_instance_uid=p.job.ref.study_instance_uid,
             probability=round(f.probability, 4),
             bone_loss=f.bone_loss,
             severity=f.severity,
@@ -247,7 +357,8 @@ class Worker:
         )
 
     def _failed(self, job: LeasedJob, error: str) -> None:
-        self.stats.failed += 1
+        with self._stats_lock:
+            self.stats.failed += 1
         if job.attempts >= self.settings.worker.max_attempts:
             store.finish(self.db, job.job_id, self.owner, JobState.DEAD, f"failed {job.attempts} times: {error}")
             log.error("job_dead", job_id=job.job_id, error=error, attempts=job.attempts)

@@ -90,7 +90,7 @@ def _warm_reporting() -> None:
     from dicom_factory import knee_dx
 
     from agent.domain import AlgorithmInfo, Findings
-    from agent.queue.worker import _encode
+    from agent.reporting.builder import encode as _encode
     from agent.reporting.overlay import build_overlay
     from agent.reporting.sr import build_sr
 
