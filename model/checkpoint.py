@@ -20,7 +20,7 @@ from model.strnet import STRNet, build_model
 
 FORMAT = "strnet-checkpoint"
 FORMAT_VERSION = 1
-SHIPPED = Path(__file__).resolve().parent / "weights" / "strnet-synth-v1.json"
+SHIPPED = Path(__file__).resolve().parent / "weights" / "strnet-synth-v1.1.json"
 
 
 class CheckpointError(ValueError):

@@ -24,14 +24,24 @@ app = typer.Typer(
     add_completion=False,
 )
 
-WeightsOpt = Annotated[
-    Path, typer.Option("--weights", help="checkpoint metadata JSON (its .safetensors beside it)")
-]
+WeightsOpt = Annotated[Path, typer.Option("--weights", help="checkpoint metadata JSON (its .safetensors beside it)")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda")]
+TextureManifestOpt = Annotated[
+    list[Path] | None,
+    typer.Option(
+        "--texture-manifest",
+        help="more labelled images for the texture stage's own models only (repeatable; never "
+        "used by the network nor for the stacks and operating points)",
+    ),
+]
 
 
 def _command() -> str:
-    return "strnet model " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    """The command line as typed (``strnet model ...`` or ``python -m model.cli ...``)."""
+    args = sys.argv[1:]
+    if args[:1] == ["model"]:  # through the ``strnet`` entry point
+        args = args[1:]
+    return "strnet model " + " ".join(shlex.quote(a) for a in args)
 
 
 @app.command()
@@ -52,9 +62,7 @@ def synth(
 
 @app.command()
 def train(
-    manifest: Annotated[
-        list[Path], typer.Option("--manifest", help="manifest CSV (repeat to combine several)")
-    ],
+    manifest: Annotated[list[Path], typer.Option("--manifest", help="manifest CSV (repeat to combine several)")],
     out: Annotated[Path, typer.Option("--out", help="output folder (or .json path)")],
     epochs: Annotated[int | None, typer.Option("--epochs")] = None,
     device: DeviceOpt = "auto",
@@ -68,13 +76,12 @@ def train(
     channels_last: Annotated[bool, typer.Option("--channels-last/--no-channels-last")] = True,
     model_version: Annotated[str, typer.Option("--model-version")] = "strnet-custom",
     synthetic: Annotated[bool, typer.Option("--synthetic/--real")] = False,
-    data_command: Annotated[
-        str, typer.Option("--data-command", help="how the training data was made (recorded)")
-    ] = "",
+    data_command: Annotated[str, typer.Option("--data-command", help="how the training data was made (recorded)")] = "",
     workers: Annotated[int, typer.Option("--workers", help="decode processes")] = 2,
     cache_dir: Annotated[
         Path | None, typer.Option("--cache-dir", help="keep preprocessed tensors here for reruns")
     ] = None,
+    texture_manifest: TextureManifestOpt = None,
 ) -> None:
     """Train STR-Net on a manifest (patient-level split, early stopping on validation AUROC)."""
     from dataclasses import replace
@@ -118,6 +125,7 @@ def train(
         command=_command(),
         provenance=prov,
         cache_dir=cache_dir,
+        texture_manifests=texture_manifest,
     )
     typer.echo(str(path))
 
@@ -153,9 +161,7 @@ def _print_metrics(m: dict[str, Any]) -> None:
         f"(Brier {m['brier_before']:.4f} / {m['brier_after']:.4f})",
         f"baseline clinical      {f('baseline_clinical_auroc')}",
         f"baseline intensity     {m['baseline_intensity_auroc']:.3f} "
-        + str(
-            {k: round(v["auroc_best_orientation"], 3) for k, v in m["baseline_intensity"].items()}
-        ),
+        + str({k: round(v["auroc_best_orientation"], 3) for k, v in m["baseline_intensity"].items()}),
         f"time                   {m['timing_s']}",
         "(synthetic data: these figures are not clinical performance)",
     ]
@@ -164,9 +170,7 @@ def _print_metrics(m: dict[str, Any]) -> None:
 
 @app.command()
 def evaluate(
-    manifest: Annotated[
-        list[Path], typer.Option("--manifest", help="labelled manifest CSV (repeatable)")
-    ],
+    manifest: Annotated[list[Path], typer.Option("--manifest", help="labelled manifest CSV (repeatable)")],
     out: Annotated[Path, typer.Option("--out", help="report folder")],
     weights: WeightsOpt = SHIPPED,
     device: DeviceOpt = "auto",
@@ -199,20 +203,18 @@ def calibrate(
     from model.checkpoint import update_metadata
     from model.config import TrainConfig
     from model.data import build_cache, clinical_features, read_manifest, targets
-    from model.predict import Predictor, infer_arrays
+    from model.predict import Predictor, score_arrays
     from model.train import fit_operating_point
 
     pred = Predictor(weights, device=device)
     cfg = TrainConfig.from_dict(pred.meta.get("train_config", {}))
     changes = {
-        k: v
-        for k, v in dict(target_sensitivity=target_sensitivity, served_threshold=served).items()
-        if v is not None
+        k: v for k, v in dict(target_sensitivity=target_sensitivity, served_threshold=served).items() if v is not None
     }
     cfg = replace(cfg, **changes)
     rows = [r for r in read_manifest(manifest) if np.isfinite(r.label)]
     cache = build_cache(rows, pred.spec, workers=workers)
-    raw = infer_arrays(pred.model, cache, clinical_features(rows), 64, pred.device)
+    raw = score_arrays(pred, cache, clinical_features(rows), [r.path for r in rows], workers)
     op = fit_operating_point(raw, targets(rows), cfg)
     if op["conformal"] is None:
         op["conformal"] = pred.meta.get("conformal")
@@ -227,15 +229,82 @@ def calibrate(
     path = update_metadata(
         weights,
         op,
-        out
-        if Path(out).suffix == ".json"
-        else Path(out) / (Path(weights).stem + "-recalibrated.json"),
+        out if Path(out).suffix == ".json" else Path(out) / (Path(weights).stem + "-recalibrated.json"),
     )
     th = op["thresholds"]
     typer.echo(
         f"{path}\ntemperature {op['temperature']:.3f}; point threshold "
         f"{th['point']['threshold']:.4f}; conservative {th['conservative']['threshold']:.4f}; "
         f"served {op['served_threshold']}"
+    )
+
+
+@app.command("fit-texture")
+def fit_texture_cmd(
+    manifest: Annotated[list[Path], typer.Option("--manifest", help="labelled manifest CSV (repeatable)")],
+    out: Annotated[Path, typer.Option("--out", help="new checkpoint (.json path or folder)")],
+    weights: WeightsOpt = SHIPPED,
+    device: DeviceOpt = "auto",
+    l2: Annotated[float | None, typer.Option("--l2", help="L2 penalty of the texture models")] = None,
+    texture_manifest: TextureManifestOpt = None,
+    workers: Annotated[int, typer.Option("--workers")] = 2,
+) -> None:
+    """Fit (or refit) the texture stage of a trained checkpoint, without retraining the network.
+
+    The manifests are split by patient with the checkpoint's own seed and validation fraction:
+    the texture models learn on the training part, the stacks and then the operating points,
+    temperature and conformal quantile are refitted on the validation part. Given the
+    checkpoint's training manifests this is the stage ``strnet model train`` fits at its end
+    (the metadata records whether the data hash matched). ``--texture-manifest`` adds images the
+    network never saw to the texture models' training part only."""
+    from dataclasses import replace
+
+    import numpy as np
+
+    from model.checkpoint import update_metadata
+    from model.config import TrainConfig
+    from model.data import build_cache, clinical_features, data_hash, patient_split, read_manifests, targets
+    from model.predict import Predictor, infer_arrays
+    from model.train import fit_operating_point, fit_texture, severity_auroc
+
+    pred = Predictor(weights, device=device)
+    cfg = TrainConfig.from_dict(pred.meta.get("train_config", {}))
+    cfg = replace(cfg, texture=True, **({"texture_l2": l2} if l2 is not None else {}))
+    rows = [r for r in read_manifests(manifest) if np.isfinite(r.label)]
+    cache = build_cache(rows, pred.spec, workers=workers, dtype=cfg.cache_dtype)
+    same_data = data_hash(rows, cache) == pred.meta.get("training_data", {}).get("sha256")
+    tg, clin = targets(rows), clinical_features(rows)
+    train_idx, val_idx = patient_split(rows, cfg.val_fraction, cfg.seed)
+    val_tg = {k: v[val_idx] for k, v in tg.items()}
+    raw = infer_arrays(pred.model, cache[val_idx], clin[val_idx], 128, pred.device)
+    network_sev = severity_auroc(raw, val_tg)
+    extra = [r for r in read_manifests(texture_manifest) if np.isfinite(r.label)] if texture_manifest else None
+    fused, stage = fit_texture(raw, rows, tg, train_idx, val_idx, cfg, workers, True, extra)
+    stage["extra_manifests"] = [str(m) for m in texture_manifest or []]
+    op = fit_operating_point(fused, val_tg, cfg)
+    metrics = dict(pred.meta.get("metrics", {}))
+    metrics["validation"] = op.pop("calibration_set")
+    metrics["validation"]["network_severity_auroc"] = network_sev
+    changes = {
+        **op,
+        "texture": stage,
+        "train_config": cfg.to_dict(),
+        "metrics": metrics,
+        "texture_fit": {
+            "command": _command(),
+            "manifests": [str(m) for m in manifest],
+            "n_train": int(len(train_idx)),
+            "n_val": int(len(val_idx)),
+            "same_data_as_network_training": bool(same_data),
+        },
+    }
+    path = update_metadata(
+        weights, changes, out if Path(out).suffix == ".json" else Path(out) / (Path(weights).stem + ".json")
+    )
+    typer.echo(
+        f"{path}\nvalidation severity AUROC {metrics['validation']['severity_auroc']:.3f} "
+        f"(network alone {network_sev:.3f}); training data "
+        f"{'matches' if same_data else 'DIFFERS from'} the network's"
     )
 
 

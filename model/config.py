@@ -111,6 +111,9 @@ class TrainConfig:
     lower_bound_confidence: float = 0.95
     served_threshold: str = "conservative"
     conformal_coverage: float = 0.90
+    #: fit the texture stage (model/texture.py) after the network; its L2 penalty
+    texture: bool = True
+    texture_l2: float = 30.0
     num_threads: int = 2
     cache_dtype: str = "float16"
     extra: dict[str, Any] = field(default_factory=dict)

@@ -42,9 +42,7 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float = 1e-2, iters: int = 50
     return w
 
 
-def grouped_cv_scores(
-    x: np.ndarray, y: np.ndarray, groups: list[str], folds: int = 5, seed: int = 0
-) -> np.ndarray:
+def grouped_cv_scores(x: np.ndarray, y: np.ndarray, groups: list[str], folds: int = 5, seed: int = 0) -> np.ndarray:
     """Out-of-fold logistic scores with folds by patient (no patient in train and test)."""
     uniq = np.array(sorted(set(groups)))
     rng = np.random.default_rng(seed)
@@ -118,6 +116,13 @@ def compute_metrics(
     sev_ok = (y == 1) & np.isfinite(tg["severity"])
     s_auc, s_lo, s_hi, _ = delong_ci(tg["severity"][sev_ok], raw["severity_logit"][sev_ok])
     m.update(severity_auroc=s_auc, severity_auroc_ci=[s_lo, s_hi], n_severity=int(sev_ok.sum()))
+    if "network_severity_logit" in raw:  # ablation: the network without the texture stage
+        m["network_only"] = {
+            "severity_auroc": auroc(tg["severity"][sev_ok], raw["network_severity_logit"][sev_ok]),
+            "tscore_pearson_r": pearson_r(
+                raw["network_tscore"][np.isfinite(tg["tscore"])], tg["tscore"][np.isfinite(tg["tscore"])]
+            )[0],
+        }
     # 3-class confusion: rows true (normal, osteopenia, osteoporosis), columns predicted
     true3 = np.where(y == 0, 0, np.where(tg["severity"] == 1, 2, 1))
     q = apply_temperature(raw["severity_logit"], 1.0)
@@ -204,7 +209,7 @@ def evaluate(
     import torch
 
     from model.data import build_cache, clinical_features, read_manifests, targets
-    from model.predict import Predictor, infer_arrays
+    from model.predict import Predictor, score_arrays
     from model.report import write_report
 
     t0 = time.time()
@@ -215,7 +220,7 @@ def evaluate(
     cache, stats = build_cache(rows, pred.spec, workers=workers, progress=progress, with_stats=True)
     t_dec = time.time()
     tg, clin = targets(rows), clinical_features(rows)
-    raw = infer_arrays(pred.model, cache, clin, 64, pred.device)
+    raw = score_arrays(pred, cache, clin, [r.path for r in rows], workers, progress)
     raw["tscore"] = apply_linear(raw["tscore"], pred.meta.get("tscore_calibration"))
     t_inf = time.time()
     intensity = {"preprocessed_mean": cache.astype(np.float32).mean(axis=(1, 2))}

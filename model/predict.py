@@ -1,9 +1,11 @@
 """Inference: the ``Predictor`` the agent's worker calls, and batch inference helpers.
 
 >>> p = Predictor()                      # the shipped checkpoint, device "auto"
->>> x = p.preprocess_file("knee.dcm")    # (1, S, S) float32, the training preprocessing path
->>> p.predict(x[None], [{"age": 71, "sex": "F", "bmi": None}])[0]["decision"]
+>>> p.predict_file("knee.dcm", {"age": 71, "sex": "F", "bmi": None})["decision"]
 'bone_loss'
+
+``predict`` takes preprocessed (N, 1, S, S) images and, when the checkpoint has a texture stage
+(``model.texture``), the texture features of the same decoded films.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from model.calibration import apply_linear, sigmoid
 from model.checkpoint import SHIPPED, load_checkpoint
 from model.data import clinical_vector
 from model.strnet import STRNet
+from model.texture import TextureStage, texture_features, texture_matrix
 
 ClinicalInput = Sequence[dict[str, Any] | None] | np.ndarray | torch.Tensor | None
 
@@ -35,9 +38,7 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return dev
 
 
-def autocast_context(
-    device: torch.device, enabled: bool = True
-) -> contextlib.AbstractContextManager:
+def autocast_context(device: torch.device, enabled: bool = True) -> contextlib.AbstractContextManager:
     """bf16 (or fp16 on older GPUs) autocast on CUDA; a no-op elsewhere."""
     if enabled and device.type == "cuda":
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -52,16 +53,11 @@ def clinical_tensor(clinical: ClinicalInput, n: int, n_features: int = 6) -> tor
     if isinstance(clinical, torch.Tensor | np.ndarray):
         arr = torch.as_tensor(np.asarray(clinical, dtype=np.float32))
         if arr.shape != (n, n_features):
-            raise ValueError(
-                f"clinical must have shape ({n}, {n_features}), got {tuple(arr.shape)}"
-            )
+            raise ValueError(f"clinical must have shape ({n}, {n_features}), got {tuple(arr.shape)}")
         return arr
     if len(clinical) != n:
         raise ValueError(f"clinical has {len(clinical)} entries for {n} images")
-    rows = [
-        clinical_vector((c or {}).get("age"), (c or {}).get("sex"), (c or {}).get("bmi"))
-        for c in clinical
-    ]
+    rows = [clinical_vector((c or {}).get("age"), (c or {}).get("sex"), (c or {}).get("bmi")) for c in clinical]
     return torch.tensor(rows, dtype=torch.float32)
 
 
@@ -120,15 +116,13 @@ class Predictor:
         if isinstance(threshold, int | float):
             self.threshold_name, self.threshold = "custom", float(threshold)
         else:
-            name = (
-                self.meta.get("served_threshold", "conservative")
-                if threshold == "served"
-                else threshold
-            )
+            name = self.meta.get("served_threshold", "conservative") if threshold == "served" else threshold
             if name not in thresholds:
                 raise ValueError(f"checkpoint has no '{name}' threshold")
             self.threshold_name, self.threshold = name, float(thresholds[name]["threshold"])
         self._spec: Any = None
+        stage = self.meta.get("texture")
+        self.texture = TextureStage.from_dict(stage) if stage else None
 
     @property
     def spec(self) -> Any:
@@ -160,13 +154,22 @@ class Predictor:
         return x.to(self.device)
 
     def predict(
-        self, batch: torch.Tensor | np.ndarray, clinical: ClinicalInput = None
+        self,
+        batch: torch.Tensor | np.ndarray,
+        clinical: ClinicalInput = None,
+        texture: np.ndarray | None = None,
     ) -> list[dict[str, Any]]:
         """Score (N, 1, S, S) preprocessed images; ``clinical`` is an optional list of dicts with
-        ``age``, ``sex`` ('M'/'F') and ``bmi`` (any may be None) or an (N, 6) array."""
+        ``age``, ``sex`` ('M'/'F') and ``bmi`` (any may be None) or an (N, 6) array;
+        ``texture`` the (N, F) ``model.texture.texture_features`` of the decoded films, required
+        when the checkpoint has a texture stage (``self.texture``)."""
         x = self._as_batch(batch)
         c = clinical_tensor(clinical, x.shape[0]).to(self.device)
         raw = infer_arrays(self.model, x, c, batch_size=max(1, x.shape[0]), device=self.device)
+        if self.texture is not None:
+            if texture is None:
+                raise ValueError("this checkpoint has a texture stage: pass each film's texture features")
+            raw = self.texture.apply(raw, np.asarray(texture, dtype=np.float32).reshape(x.shape[0], -1))
         p = sigmoid(raw["screen_logit"] / self.temperature)
         q = sigmoid(raw["severity_logit"])
         results = []
@@ -210,5 +213,27 @@ class Predictor:
         return cam[0] if cam.shape[0] == 1 else cam
 
     def predict_file(self, path: str | Path, clinical: dict[str, Any] | None = None) -> dict:
-        """Decode, preprocess and score one file."""
-        return self.predict(self.preprocess_file(path)[None], [clinical])[0]
+        """Decode, preprocess and score one file (texture features from the same decode)."""
+        from model.io import read_pixels
+        from model.preprocess import preprocess
+
+        pixels = read_pixels(Path(path))
+        texture = texture_features(pixels)[None] if self.texture is not None else None
+        return self.predict(preprocess(pixels, self.spec)[None], [clinical], texture)[0]
+
+
+def score_arrays(
+    pred: Predictor,
+    cache: np.ndarray,
+    clinical: np.ndarray,
+    paths: list[Any],
+    workers: int = 2,
+    progress: bool = False,
+) -> dict[str, np.ndarray]:
+    """The checkpoint's raw outputs for preprocessed images (training, evaluation and
+    calibration): the network's, fused with the texture stage when the checkpoint has one
+    (its features decoded again from ``paths``). T-scores before the linear recalibration."""
+    raw = infer_arrays(pred.model, cache, clinical, 64, pred.device)
+    if pred.texture is not None:
+        raw = pred.texture.apply(raw, texture_matrix(paths, workers=workers, progress=progress))
+    return raw

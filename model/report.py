@@ -88,9 +88,7 @@ def plot_all(
     fig, ax = plt.subplots(figsize=(4.2, 4))
     prec, rec, _ = pr_curve(y, p)
     ax.step(rec, prec, where="post", label=f"AUPRC {m['auprc']:.3f}")
-    ax.axhline(
-        m["prevalence"], color="k", ls=":", lw=0.8, label=f"prevalence {m['prevalence']:.2f}"
-    )
+    ax.axhline(m["prevalence"], color="k", ls=":", lw=0.8, label=f"prevalence {m['prevalence']:.2f}")
     ax.set(xlabel="recall", ylabel="precision", ylim=(0, 1.02), title="Precision-recall")
     ax.legend(fontsize=7)
     _save(fig, out / "pr.png")
@@ -154,15 +152,11 @@ def plot_all(
         if sel.any():
             ax.hist(p[sel], bins=25, range=(0, 1), alpha=0.5, label=f"{name} (n={sel.sum()})")
     for name, op in m["operating_points"].items():
-        ax.axvline(
-            op["threshold"], ls="--", lw=0.8, color="k" if name == m["served_threshold"] else "grey"
-        )
+        ax.axvline(op["threshold"], ls="--", lw=0.8, color="k" if name == m["served_threshold"] else "grey")
     ax.set(xlabel="calibrated P(bone loss)", ylabel="images", title="Scores by true class")
     ax.legend(fontsize=7)
     _save(fig, out / "score_hist.png")
-    plots.append(
-        ("Score histograms by class (dashed: thresholds, black: served)", "score_hist.png")
-    )
+    plots.append(("Score histograms by class (dashed: thresholds, black: served)", "score_hist.png"))
 
     gates = m.get("gate_weights_mean", {})
     if gates:
@@ -225,8 +219,7 @@ def render_markdown(m: dict[str, Any], plots: list[tuple[str, str]]) -> str:
         f"| specificity (served threshold) | {_ci(m, 'specificity')} | {PAPER['specificity']} |",
         f"| AUPRC | {_ci(m, 'auprc')} | {PAPER['auprc']} |",
         f"| severity AUROC | {_ci(m, 'severity_auroc')} | {PAPER['severity_auroc']} |",
-        f"| T-score Pearson r | {_ci(m, 'tscore_pearson_r')} | "
-        f"{PAPER['tscore_pearson_r']} (pilot n = 31) |",
+        f"| T-score Pearson r | {_ci(m, 'tscore_pearson_r')} | {PAPER['tscore_pearson_r']} (pilot n = 31) |",
         f"| T-score MAE / RMSE | {_fmt(m['tscore_mae'])} / {_fmt(m['tscore_rmse'])} "
         f"(SD of true T {_fmt(m['tscore_true_sd'])}) | "
         f"{PAPER['tscore_mae']} / {PAPER['tscore_rmse']} |",
@@ -249,6 +242,14 @@ def render_markdown(m: dict[str, Any], plots: list[tuple[str, str]]) -> str:
         "",
         f"Severity AUROC on {m['n_severity']} true bone-loss images: {_ci(m, 'severity_auroc')}.",
         "",
+    ]
+    if "network_only" in m:
+        lines += [
+            "Ablation, the network without the texture stage: severity AUROC "
+            f"{m['network_only']['severity_auroc']:.3f}, T-score r {m['network_only']['tscore_pearson_r']:.3f}.",
+            "",
+        ]
+    lines += [
         "| true \\ predicted | normal | osteopenia | osteoporosis |",
         "|---|---|---|---|",
     ]
@@ -273,8 +274,7 @@ def render_markdown(m: dict[str, Any], plots: list[tuple[str, str]]) -> str:
         "",
         "## Baselines (same run, same images)",
         "",
-        f"- Clinical variables only: AUROC {_ci(m, 'baseline_clinical_auroc')} "
-        f"({m['baseline_clinical_method']}).",
+        f"- Clinical variables only: AUROC {_ci(m, 'baseline_clinical_auroc')} ({m['baseline_clinical_method']}).",
     ]
     for name, v in m["baseline_intensity"].items():
         lines.append(

@@ -121,6 +121,36 @@ def _cached(rows: list, spec: Any, cfg: TrainConfig, workers: int, progress: boo
     return cache
 
 
+def fit_texture(
+    raw: dict[str, np.ndarray],
+    rows: list,
+    tg: dict[str, np.ndarray],
+    train_idx: np.ndarray,
+    val_idx: np.ndarray,
+    cfg: TrainConfig,
+    workers: int,
+    progress: bool,
+    extra_rows: list | None = None,
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Fit the texture stage (``model.texture``): its models on the network's training split
+    plus ``extra_rows`` (labelled images the network never saw, which only add to the texture
+    models' training), its stacks on the validation split. Returns the validation outputs fused
+    with it and the stage's metadata."""
+    from model.texture import fit_stage, texture_matrix
+
+    extra = list(extra_rows or [])
+    everything = list(rows) + extra
+    feats = texture_matrix([r.path for r in everything], workers=workers, progress=progress)
+    if extra:
+        more = targets(extra)
+        tg = {k: np.concatenate([tg[k], more[k]]) for k in tg}
+        train_idx = np.concatenate([train_idx, np.arange(len(rows), len(everything))])
+    stage = fit_stage(feats, tg, raw, train_idx, val_idx, l2=cfg.texture_l2)
+    meta = stage.to_dict()
+    meta["n_train_images"] = int(len(train_idx))
+    return stage.apply(raw, feats[val_idx]), meta
+
+
 def lr_factor(progress: float, warmup: float) -> float:
     """Linear warm-up over the first ``warmup`` of training, then cosine down to 2 %."""
     if progress < warmup:
@@ -143,6 +173,7 @@ def train(
     command: str | None = None,
     provenance: dict[str, Any] | None = None,
     cache_dir: str | Path | None = None,
+    texture_manifests: list[str | Path] | None = None,
 ) -> Path:
     """Train STR-Net on a manifest and write a checkpoint; returns its metadata JSON path.
 
@@ -264,6 +295,13 @@ def train(
     assert best_state is not None
     model.load_state_dict(best_state)
     raw = infer_arrays(model, cache[val_idx], clin[val_idx], 128, dev)
+    texture: dict[str, Any] | None = None
+    if cfg.texture:
+        network_sev = severity_auroc(raw, val_tg)
+        extra = [r for r in read_manifests(list(texture_manifests or [])) if np.isfinite(r.label)]
+        raw, texture = fit_texture(raw, rows, tg, train_idx, val_idx, cfg, workers, progress, extra)
+        texture["extra_manifests"] = [str(m) for m in texture_manifests or []]
+        log(f"texture stage: val severity AUROC {severity_auroc(raw, val_tg):.3f} (network alone {network_sev:.3f})")
     op = fit_operating_point(raw, val_tg, cfg)
     wall = time.time() - t_start
     meta: dict[str, Any] = {
@@ -273,6 +311,7 @@ def train(
         "train_config": cfg.to_dict(),
         "preprocess": spec.to_dict(),
         **op,
+        **({"texture": texture} if texture else {}),
         "training_data": {
             "manifests": [str(m) for m in manifests],
             "sha256": data_hash(rows, cache),

@@ -19,6 +19,7 @@ from agent.errors import ConfigError, ProcessingError
 from model.checkpoint import SHIPPED
 from model.predict import Predictor
 from model.preprocess import preprocess
+from model.texture import texture_features
 
 MODEL_NAME = "STR-Net"
 
@@ -67,11 +68,23 @@ class Screener:
         except ValueError as exc:
             raise ProcessingError(f"preprocessing failed: {exc}") from None
 
-    def score(self, batch: np.ndarray, clinical: Sequence[dict[str, Any]]) -> tuple[list[Findings], float]:
-        """Score (N, 1, S, S) images; returns the findings and the inference time in ms."""
+    def texture(self, pixels: np.ndarray) -> np.ndarray | None:
+        """The film's texture features when the checkpoint has a texture stage, else None."""
+        if self.predictor.texture is None:
+            return None
+        try:
+            return texture_features(pixels)
+        except ValueError as exc:
+            raise ProcessingError(f"texture features failed: {exc}") from None
+
+    def score(
+        self, batch: np.ndarray, clinical: Sequence[dict[str, Any]], texture: np.ndarray | None = None
+    ) -> tuple[list[Findings], float]:
+        """Score (N, 1, S, S) images (and their (N, F) texture features, when the checkpoint has
+        a texture stage); returns the findings and the inference time in ms."""
         t0 = time.perf_counter()
         try:
-            raw = self.predictor.predict(batch, list(clinical))
+            raw = self.predictor.predict(batch, list(clinical), texture)
             maps = self.predictor.saliency(batch) if self.saliency else None
         except (RuntimeError, ValueError) as exc:
             raise ProcessingError(f"inference failed: {exc}") from None

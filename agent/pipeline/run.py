@@ -47,12 +47,15 @@ def screen_batch(jobs: list[LeasedJob], spool_path: Any, screener: Screener, max
     """Load, preprocess and score ``jobs`` together; one outcome per job, in order."""
     outcomes: dict[int, Outcome] = {}
     ready: list[tuple[LeasedJob, Any, np.ndarray, float]] = []
+    textures: list[np.ndarray | None] = []
     for job in jobs:
         try:
             image = load(Path(spool_path(job.spool_path)), max_pixels)
             t0 = time.perf_counter()
             tensor = screener.preprocess(image.pixels)
+            texture = screener.texture(image.pixels)
             ready.append((job, image, tensor, (time.perf_counter() - t0) * 1000))
+            textures.append(texture)
         except InputRejected as exc:
             outcomes[job.job_id] = Rejected(job, exc.reason)
         except ProcessingError as exc:
@@ -60,7 +63,8 @@ def screen_batch(jobs: list[LeasedJob], spool_path: Any, screener: Screener, max
     if ready:
         batch = np.stack([t for _, _, t, _ in ready])
         try:
-            findings, infer_ms = screener.score(batch, [img.clinical for _, img, _, _ in ready])
+            features = None if textures[0] is None else np.stack(textures)  # type: ignore[arg-type]
+            findings, infer_ms = screener.score(batch, [img.clinical for _, img, _, _ in ready], features)
         except ProcessingError as exc:
             for job, *_ in ready:
                 outcomes[job.job_id] = Failed(job, str(exc))

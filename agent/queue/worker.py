@@ -187,7 +187,9 @@ class Worker:
         try:
             size = self.screener.predictor.input_size
             blank = np.zeros((1, 1, size, size), np.float32)
-            findings, _ = self.screener.score(blank, [{"age": None, "sex": None, "bmi": None}])
+            texture = self.screener.texture(np.zeros((64, 48), np.float32))
+            features = None if texture is None else texture[None]
+            findings, _ = self.screener.score(blank, [{"age": None, "sex": None, "bmi": None}], features)
             # the overlay and SR paths, in the helper (in the background) or here (inline)
             self.report_builder.warm_up(_warm_up_source(), np.zeros((64, 48), np.float32), findings)
         except Exception as exc:  # a warm-up problem must not stop the worker; the real path reports

@@ -98,7 +98,12 @@ def main(weights: Path = SHIPPED) -> dict[str, float]:
         )
     if pred is not None:
         xb = np.random.default_rng(0).normal(size=(1, 1, size, size)).astype(np.float32)
-        ms_pred = time_ms(lambda: pred.predict(xb))
+        tb = None
+        if pred.texture is not None:
+            from model.texture import texture_features
+
+            tb = texture_features(np.random.default_rng(2).random((1024, 832), dtype=np.float32))[None]
+        ms_pred = time_ms(lambda: pred.predict(xb, None, tb))
         ms_cam = time_ms(lambda: pred.saliency(xb), min_s=1.0)
         res["ms_predict_b1"], res["ms_saliency"] = ms_pred, ms_cam
         print(f"Predictor.predict batch 1: {ms_pred:.2f} ms; saliency (Grad-CAM): {ms_cam:.2f} ms")
@@ -110,7 +115,14 @@ def main(weights: Path = SHIPPED) -> dict[str, float]:
             pixels = np.random.default_rng(1).random(shape, dtype=np.float32)
             ms_pp = time_ms(lambda p=pixels: preprocess(p, spec), min_s=1.0)
             res[f"ms_preprocess_{shape[0]}x{shape[1]}"] = ms_pp
-            print(f"preprocess from decoded pixels {shape[0]}x{shape[1]}: {ms_pp:.1f} ms")
+            line = f"preprocess from decoded pixels {shape[0]}x{shape[1]}: {ms_pp:.1f} ms"
+            if pred is not None and pred.texture is not None:
+                from model.texture import texture_features
+
+                ms_tex = time_ms(lambda p=pixels: texture_features(p), min_s=1.0)
+                res[f"ms_texture_{shape[0]}x{shape[1]}"] = ms_tex
+                line += f"; texture features {ms_tex:.1f} ms (sum {ms_pp + ms_tex:.1f} ms)"
+            print(line)
     except ImportError as exc:  # the shared preprocessing module is not there yet
         print(f"preprocess: skipped ({exc})")
     print(f"goal <= 50 ms/image: batch-1 ratio to goal {res['ms_b1'] / 50:.2f}")

@@ -1,0 +1,297 @@
+"""The texture stage: bone-texture features at full resolution, fused with STR-Net's outputs.
+
+Why: the network sees the knee at 256 px (a 3.4-fold reduction of a 1024-row film), where the
+trabecular pattern (period 8 to 17 px on the film) is at or below the Nyquist limit; severity
+(osteoporosis against osteopenia) depends on exactly that fine structure. This stage measures it
+on the decoded film itself, in the spirit of radiographic texture analysis:
+
+- spectral features: 14 windowed 128 px patches on a 7 x 2 grid around the joint; per patch the
+  share of spectral power in 7 period bands (3 to 64 px), for trabeculae across and along the
+  bone axis, plus patch mean, contrast and mean gradients; pooled (mean, min, max, per row);
+- shaft features: quantiles and edge strength of the mean column profile in four bands of rows
+  near the top and bottom of the film (femoral and tibial shaft: cortical thickness).
+
+A ridge-regularised logistic model (severity) and a ridge regression (T-score) on the
+standardised features are fitted on the training split; a three-parameter stack per task
+(``a * network + b * texture + c``) is fitted on the validation split. Everything is stored as
+plain numbers in the checkpoint's JSON metadata: no pickles.
+
+The geometry assumes a knee film of about 0.2 mm pixels; other sizes are resampled to 1024 rows
+first (``CANONICAL_ROWS``). A site with another geometry recalibrates (``strnet model
+calibrate``) and can refit the stage (``strnet model fit-texture``).
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+FEATURE_VERSION = 1
+CANONICAL_ROWS = 1024
+PATCH = 128
+ROW_OFFSETS = (-300, -200, -100, 0, 100, 200, 300)  # px from the film's centre, canonical rows
+COL_OFFSETS = (-80, 80)
+BANDS = ((3, 5), (5, 7), (7, 9), (9, 12), (12, 16), (16, 24), (24, 64))  # period, px
+SHAFT_ROWS = ((30, 110), (110, 190), (-190, -110), (-110, -30))  # negative: from the bottom
+
+
+def _spectral_tables() -> tuple[np.ndarray, np.ndarray]:
+    """Per rfft2 bin: its feature slot (band index, +len(BANDS) along the bone axis; -1 outside
+    every band), and the Hann window."""
+    fr = np.fft.fftfreq(PATCH)  # along rows
+    fc = np.fft.rfftfreq(PATCH)  # along columns
+    fv, fu = np.meshgrid(fr, fc, indexing="ij")
+    period = 1.0 / (np.hypot(fv, fu) + 1e-9)
+    along = ~(np.abs(fu) > np.abs(fv))  # power varying along rows: across the bone axis is False
+    slot = np.full(period.shape, -1, np.intp)
+    for i, (lo, hi) in enumerate(BANDS):
+        band = (period >= lo) & (period < hi)
+        slot[band] = i + len(BANDS) * along[band]
+    window = (np.hanning(PATCH)[:, None] * np.hanning(PATCH)[None, :]).astype(np.float32)
+    return slot, window
+
+
+_SLOT, _WINDOW = _spectral_tables()
+_IN_BAND = (_SLOT >= 0).ravel()
+_SLOTS = _SLOT.ravel()[_IN_BAND]
+N_SLOTS = 2 * len(BANDS)
+N_PATCH_FEATURES = N_SLOTS + 4
+N_FEATURES = N_PATCH_FEATURES * (3 + len(ROW_OFFSETS)) + 9 * len(SHAFT_ROWS)
+
+
+def _canonical(pixels: np.ndarray) -> np.ndarray:
+    """Float32 film with ``CANONICAL_ROWS`` rows (area resampling, aspect kept), [0, 1] by its
+    own 1st and 99th percentiles."""
+    from model.preprocess import _area_axis, _block_mean
+
+    x = np.asarray(pixels, dtype=np.float32)
+    if x.ndim != 2 or min(x.shape) < 1:
+        raise ValueError(f"texture features need a 2-D image, not shape {x.shape}")
+    h, w = x.shape
+    k = min(h // CANONICAL_ROWS, w)
+    if k >= 2:  # a large film: integer block means first (cheap), then the exact area resampling
+        x = _block_mean(x, k)
+        h, w = x.shape
+    if h != CANONICAL_ROWS:
+        cols = max(1, int(round(w * CANONICAL_ROWS / h)))
+        x = _area_axis(_area_axis(x, CANONICAL_ROWS, 0), cols, 1)
+    lo, hi = np.percentile(x[::4, ::4], [1, 99])
+    return (x - np.float32(lo)) / np.float32(max(hi - lo, 1e-6))
+
+
+def _patch(x: np.ndarray, r_centre: int, c_centre: int) -> np.ndarray:
+    """A PATCH x PATCH window, clamped inside the film (edge-padded when the film is smaller)."""
+    h, w = x.shape
+    if h < PATCH or w < PATCH:
+        x = np.pad(x, ((0, max(0, PATCH - h)), (0, max(0, PATCH - w))), mode="edge")
+        h, w = x.shape
+    r0 = int(np.clip(r_centre - PATCH // 2, 0, h - PATCH))
+    c0 = int(np.clip(c_centre - PATCH // 2, 0, w - PATCH))
+    return x[r0 : r0 + PATCH, c0 : c0 + PATCH]
+
+
+def _patch_features(patches: np.ndarray) -> np.ndarray:
+    """(P, PATCH, PATCH) windows to (P, N_PATCH_FEATURES): the log share of in-band spectral
+    power per band and direction, mean, log contrast and log mean gradients (one batched FFT)."""
+    n = len(patches)
+    mean = patches.mean(axis=(1, 2))
+    power = np.abs(np.fft.rfft2((patches - mean[:, None, None]) * _WINDOW)) ** 2
+    inband = power.reshape(n, -1)[:, _IN_BAND]
+    offsets = (np.arange(n)[:, None] * N_SLOTS + _SLOTS[None, :]).ravel()
+    per_slot = np.bincount(offsets, weights=inband.ravel(), minlength=n * N_SLOTS).reshape(n, N_SLOTS)
+    total = per_slot.sum(axis=1, keepdims=True) + 1e-9
+    gx = np.abs(np.diff(patches, axis=2)).mean(axis=(1, 2))
+    gy = np.abs(np.diff(patches, axis=1)).mean(axis=(1, 2))
+    std = patches.std(axis=(1, 2))
+    extra = np.stack([mean, np.log(std + 1e-6), np.log(gx + 1e-6), np.log(gy + 1e-6)], axis=1)
+    return np.concatenate([np.log(per_slot / total + 1e-9), extra], axis=1)
+
+
+def _shaft_features(profile: np.ndarray) -> list[float]:
+    p = np.convolve(profile, np.ones(5, np.float32) / 5, mode="same")
+    n = len(p)
+    core = p[n // 6 : n - n // 6] if n >= 6 else p
+    q = np.percentile(core, [5, 25, 50, 75, 95])
+    d = np.abs(np.diff(core)) if len(core) > 1 else np.zeros(1)
+    return [*q, q[4] - q[2], float(d.max()), float(np.percentile(d, 90)), q[4] - q[0]]
+
+
+def texture_features(pixels: np.ndarray) -> np.ndarray:
+    """The stage's feature vector (float32, ``N_FEATURES``) of a decoded film ([0, 1], bright =
+    bone, any size). Deterministic."""
+    x = _canonical(pixels)
+    h, w = x.shape
+    patches = np.stack([_patch(x, h // 2 + dr, w // 2 + dc) for dr in ROW_OFFSETS for dc in COL_OFFSETS])
+    flat = _patch_features(patches)
+    grid = flat.reshape(len(ROW_OFFSETS), len(COL_OFFSETS), N_PATCH_FEATURES)
+    pooled = [flat.mean(0), flat.min(0), flat.max(0), grid.mean(1).ravel()]
+    shaft = []
+    for r0, r1 in SHAFT_ROWS:
+        a, b = (r0, r1) if r0 >= 0 else (h + r0, h + r1)
+        band = x[max(0, a) : max(1, b)] if h > 1 else x
+        shaft += _shaft_features(band.mean(axis=0))
+    out = np.concatenate([*pooled, np.asarray(shaft)]).astype(np.float32)
+    return np.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def _features_of_file(path: str) -> np.ndarray:
+    from model.io import read_pixels
+
+    return texture_features(read_pixels(Path(path)))
+
+
+def texture_matrix(paths: list[Any], workers: int = 2, progress: bool = False) -> np.ndarray:
+    """Features of many files: (N, N_FEATURES) float32 (decodes each file once more)."""
+    from tqdm import tqdm
+
+    jobs = [str(p) for p in paths]
+    out = np.empty((len(jobs), N_FEATURES), np.float32)
+    bar = tqdm(total=len(jobs), desc="texture features", unit="img", disable=not progress)
+    if workers <= 1:
+        results: Any = map(_features_of_file, jobs)
+    else:
+        pool = ProcessPoolExecutor(max_workers=workers)
+        results = pool.map(_features_of_file, jobs, chunksize=8)
+    try:
+        for i, f in enumerate(results):
+            out[i] = f
+            bar.update()
+    finally:
+        bar.close()
+        if workers > 1:
+            pool.shutdown()
+    return out
+
+
+# -- fitting -----------------------------------------------------------------------------------
+
+
+def _design(z: np.ndarray) -> np.ndarray:
+    return np.c_[z, np.ones(len(z))]
+
+
+def fit_logistic_l2(x: np.ndarray, y: np.ndarray, l2: float, iters: int = 60) -> np.ndarray:
+    """Newton's method for an L2-penalised logistic regression; the last weight (intercept) is
+    not penalised. ``x`` already has its column of ones."""
+    w = np.zeros(x.shape[1])
+    pen = np.full(x.shape[1], float(l2))
+    pen[-1] = 0.0
+    for _ in range(iters):
+        p = 1.0 / (1.0 + np.exp(-np.clip(x @ w, -30, 30)))
+        grad = x.T @ (p - y) + pen * w
+        hess = (x * (p * (1 - p))[:, None]).T @ x + np.diag(pen + 1e-9)
+        step = np.linalg.solve(hess, grad)
+        w -= step
+        if np.max(np.abs(step)) < 1e-8:
+            break
+    return w
+
+
+def fit_ridge(x: np.ndarray, y: np.ndarray, l2: float) -> np.ndarray:
+    """Ridge regression with an unpenalised intercept (last column of ``x``)."""
+    pen = np.full(x.shape[1], float(l2))
+    pen[-1] = 0.0
+    return np.linalg.solve(x.T @ x + np.diag(pen + 1e-9), x.T @ y)
+
+
+@dataclass
+class TextureStage:
+    """Fitted texture models and the per-task stacks (all plain floats)."""
+
+    mean: np.ndarray
+    scale: np.ndarray
+    w_severity: np.ndarray  # logistic, on the standardised features + intercept
+    w_tscore: np.ndarray  # ridge, same design
+    stack_severity: tuple[float, float, float]  # a * network logit + b * texture logit + c
+    stack_tscore: tuple[float, float, float]  # a * network T + b * texture T + c
+    l2: float
+    feature_version: int = FEATURE_VERSION
+
+    def texture_outputs(self, feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        f = np.asarray(feats, dtype=np.float64)
+        if f.ndim != 2 or f.shape[1] != len(self.mean):
+            raise ValueError(f"expected texture features of shape (N, {len(self.mean)}), got {f.shape}")
+        x = _design((f - self.mean) / self.scale)
+        return x @ self.w_severity, x @ self.w_tscore
+
+    def apply(self, raw: dict[str, np.ndarray], feats: np.ndarray) -> dict[str, np.ndarray]:
+        """Network outputs with ``severity_logit`` and ``tscore`` replaced by the fused values;
+        the network's own are kept as ``network_severity_logit`` and ``network_tscore``."""
+        tex_sev, tex_t = self.texture_outputs(feats)
+        a, b, c = self.stack_severity
+        ta, tb, tc = self.stack_tscore
+        out = dict(raw)
+        out["network_severity_logit"] = raw["severity_logit"]
+        out["network_tscore"] = raw["tscore"]
+        out["severity_logit"] = (a * raw["severity_logit"] + b * tex_sev + c).astype(np.float32)
+        out["tscore"] = (ta * raw["tscore"] + tb * tex_t + tc).astype(np.float32)
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "feature_version": self.feature_version,
+            "n_features": len(self.mean),
+            "l2": self.l2,
+            "mean": [float(v) for v in self.mean],
+            "scale": [float(v) for v in self.scale],
+            "w_severity": [float(v) for v in self.w_severity],
+            "w_tscore": [float(v) for v in self.w_tscore],
+            "stack_severity": [float(v) for v in self.stack_severity],
+            "stack_tscore": [float(v) for v in self.stack_tscore],
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TextureStage:
+        version = int(d.get("feature_version", 0))
+        if version != FEATURE_VERSION:
+            raise ValueError(f"texture stage has feature version {version}; this build computes {FEATURE_VERSION}")
+        n = int(d["n_features"])
+        arrays = {k: np.asarray(d[k], dtype=np.float64) for k in ("mean", "scale", "w_severity", "w_tscore")}
+        if n != N_FEATURES or any(len(v) != n + (k.startswith("w_")) for k, v in arrays.items()):
+            raise ValueError("texture stage arrays do not match the feature count")
+        sev, ts = (tuple(float(v) for v in d[k]) for k in ("stack_severity", "stack_tscore"))
+        if len(sev) != 3 or len(ts) != 3:
+            raise ValueError("texture stage stacks need three numbers each")
+        return cls(stack_severity=sev, stack_tscore=ts, l2=float(d["l2"]), feature_version=version, **arrays)  # type: ignore[arg-type]
+
+
+def fit_stage(
+    feats: np.ndarray,
+    targets: dict[str, np.ndarray],
+    raw: dict[str, np.ndarray],
+    train_idx: np.ndarray,
+    val_idx: np.ndarray,
+    l2: float = 10.0,
+) -> TextureStage:
+    """Texture models on ``train_idx``, stacks on ``val_idx`` against the network's ``raw``
+    outputs for those same validation images (``raw`` is indexed like ``val_idx``)."""
+    f = np.asarray(feats, dtype=np.float64)
+    mean = f[train_idx].mean(0)
+    scale = f[train_idx].std(0) + 1e-6
+    x = _design((f - mean) / scale)
+    label, severity, tscore = targets["label"], targets["severity"], targets["tscore"]
+    sev_ok = (label == 1) & np.isfinite(severity)
+    t_ok = np.isfinite(tscore)
+    tr_sev = train_idx[sev_ok[train_idx]]
+    tr_t = train_idx[t_ok[train_idx]]
+    if len(tr_sev) < 10 or len(np.unique(severity[tr_sev])) < 2 or len(tr_t) < 10:
+        raise ValueError("too few labelled training images to fit the texture stage")
+    w_sev = fit_logistic_l2(x[tr_sev], severity[tr_sev], l2)
+    w_t = fit_ridge(x[tr_t], tscore[tr_t], l2)
+    stage = TextureStage(mean, scale, w_sev, w_t, (1.0, 0.0, 0.0), (1.0, 0.0, 0.0), l2)
+    tex_sev, tex_t = stage.texture_outputs(f[val_idx])
+    v_sev = sev_ok[val_idx]
+    v_t = t_ok[val_idx]
+    if v_sev.sum() >= 10 and len(np.unique(severity[val_idx][v_sev])) == 2:
+        xs = np.c_[raw["severity_logit"][v_sev], tex_sev[v_sev], np.ones(int(v_sev.sum()))]
+        ws = fit_logistic_l2(xs, severity[val_idx][v_sev], 1e-3)
+        stage.stack_severity = (float(ws[0]), float(ws[1]), float(ws[2]))
+    if v_t.sum() >= 10:
+        xt = np.c_[raw["tscore"][v_t], tex_t[v_t], np.ones(int(v_t.sum()))]
+        wt = np.linalg.lstsq(xt, tscore[val_idx][v_t], rcond=None)[0]
+        stage.stack_tscore = (float(wt[0]), float(wt[1]), float(wt[2]))
+    return stage

@@ -1,0 +1,89 @@
+"""`strnet model train / evaluate / calibrate / fit-texture / predict` end to end on a tiny
+synthetic set (tiny network, 64 px, one epoch): the plumbing, not the accuracy."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from model.checkpoint import read_metadata
+from model.cli import app
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    from model.synth.generate import generate
+
+    root = tmp_path_factory.mktemp("modelcli")
+    manifest = generate(root / "data", n=48, seed=4242, preset="default", compressed_fraction=0.0)
+    res = CliRunner().invoke(
+        app,
+        [
+            "train",
+            "--manifest", str(manifest),
+            "--out", str(root / "run"),
+            "--variant", "tiny",
+            "--input-size", "64",
+            "--epochs", "1",
+            "--workers", "1",
+            "--model-version", "tiny-cli",
+            "--synthetic",
+        ],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    return Path(res.output.strip().splitlines()[-1]), Path(manifest)
+
+
+@pytest.mark.slow
+def test_train_fits_the_texture_stage_and_records_it(tiny_run: tuple[Path, Path]) -> None:
+    weights, _ = tiny_run
+    meta = read_metadata(weights)
+    stage = meta["texture"]
+    assert stage["feature_version"] == 1 and len(stage["w_severity"]) == stage["n_features"] + 1
+    assert meta["train_config"]["texture"] is True
+    assert "conformal" in meta and "thresholds" in meta
+
+
+@pytest.mark.slow
+def test_evaluate_reports_the_network_alone_beside_the_fused_outputs(
+    tiny_run: tuple[Path, Path], tmp_path: Path
+) -> None:
+    weights, manifest = tiny_run
+    res = CliRunner().invoke(
+        app, ["evaluate", "--weights", str(weights), "--manifest", str(manifest), "--out", str(tmp_path)]
+    )
+    assert res.exit_code == 0, res.output
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert set(metrics["network_only"]) == {"severity_auroc", "tscore_pearson_r"}
+    assert "without the texture stage" in (tmp_path / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_fit_texture_on_the_training_data_matches_it_and_calibrate_keeps_the_stage(
+    tiny_run: tuple[Path, Path], tmp_path: Path
+) -> None:
+    weights, manifest = tiny_run
+    runner = CliRunner()
+    res = runner.invoke(
+        app,
+        ["fit-texture", "--weights", str(weights), "--manifest", str(manifest), "--out", str(tmp_path / "f.json")],
+    )
+    assert res.exit_code == 0, res.output
+    assert "training data matches" in res.output
+    refit = read_metadata(tmp_path / "f.json")
+    assert refit["texture_fit"]["same_data_as_network_training"] is True
+    assert refit["weights_sha256"] == read_metadata(weights)["weights_sha256"]  # network unchanged
+    res = runner.invoke(
+        app,
+        ["calibrate", "--weights", str(tmp_path / "f.json"), "--manifest", str(manifest)]
+        + ["--out", str(tmp_path / "c.json")],
+    )
+    assert res.exit_code == 0, res.output
+    assert read_metadata(tmp_path / "c.json")["texture"] == refit["texture"]
+    dcm = next((manifest.parent / "images").rglob("*.dcm"))
+    res = runner.invoke(app, ["predict", str(dcm), "--weights", str(tmp_path / "c.json")])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["model_version"] == "tiny-cli"
