@@ -63,24 +63,59 @@ N_PATCH_FEATURES = N_SLOTS + 4
 N_FEATURES = N_PATCH_FEATURES * (3 + len(ROW_OFFSETS)) + 9 * len(SHAFT_ROWS)
 
 
-def _canonical(pixels: np.ndarray) -> np.ndarray:
-    """Float32 film with ``CANONICAL_ROWS`` rows (area resampling, aspect kept), [0, 1] by its
-    own 1st and 99th percentiles."""
-    from model.preprocess import _area_axis, _block_mean
+class _Canonical:
+    """The film in canonical geometry (``CANONICAL_ROWS`` rows, aspect kept), [0, 1] by its own
+    1st and 99th percentiles, resampled only where it is read: a 2500 x 2000 film costs the
+    resampling of the patch grid and of four row profiles, not of the whole film."""
 
-    x = np.asarray(pixels, dtype=np.float32)
-    if x.ndim != 2 or min(x.shape) < 1:
-        raise ValueError(f"texture features need a 2-D image, not shape {x.shape}")
-    h, w = x.shape
-    k = min(h // CANONICAL_ROWS, w)
-    if k >= 2:  # a large film: integer block means first (cheap), then the exact area resampling
-        x = _block_mean(x, k)
+    def __init__(self, pixels: np.ndarray) -> None:
+        x = np.asarray(pixels, dtype=np.float32)
+        if x.ndim != 2 or min(x.shape) < 1:
+            raise ValueError(f"texture features need a 2-D image, not shape {x.shape}")
+        self.x = x
         h, w = x.shape
-    if h != CANONICAL_ROWS:
-        cols = max(1, int(round(w * CANONICAL_ROWS / h)))
-        x = _area_axis(_area_axis(x, CANONICAL_ROWS, 0), cols, 1)
-    lo, hi = np.percentile(x[::4, ::4], [1, 99])
-    return (x - np.float32(lo)) / np.float32(max(hi - lo, 1e-6))
+        self.rows = CANONICAL_ROWS
+        self.cols = w if h == CANONICAL_ROWS else max(1, int(round(w * CANONICAL_ROWS / h)))
+        step = max(1, int(round(4 * h / CANONICAL_ROWS)))  # every 4th canonical pixel
+        lo, hi = np.percentile(x[::step, ::step], [1, 99])
+        self.lo = np.float32(lo)
+        self.span = np.float32(max(hi - lo, 1e-6))
+
+    def region(self, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
+        """Canonical rows ``[r0, r1)`` and columns ``[c0, c1)`` (inside the canonical frame)."""
+        from model.preprocess import _area_axis, _block_mean
+
+        h, w = self.x.shape
+        if (h, w) == (self.rows, self.cols):
+            out = self.x[r0:r1, c0:c1]
+        else:
+            fr, fc = h / self.rows, w / self.cols
+            a = min(h - 1, int(np.floor(r0 * fr)))
+            b = min(h, max(int(np.ceil(r1 * fr)), a + 1))
+            c = min(w - 1, int(np.floor(c0 * fc)))
+            d = min(w, max(int(np.ceil(c1 * fc)), c + 1))
+            sub = self.x[a:b, c:d]
+            k = int(min(fr, fc))
+            if k >= 2 and min(sub.shape) >= k:  # integer block means first (cheap), then exact area
+                sub = _block_mean(sub, k)
+            out = sub if sub.shape[0] == r1 - r0 else _area_axis(sub, r1 - r0, 0)
+            out = out if out.shape[1] == c1 - c0 else _area_axis(out, c1 - c0, 1)
+        return (out - self.lo) / self.span
+
+    def profile(self, r0: int, r1: int) -> np.ndarray:
+        """The mean over canonical rows ``[r0, r1)`` of every canonical column, (cols,). A
+        resampled film averages its own rows first, then resamples the one profile."""
+        from model.preprocess import _area_axis
+
+        h, w = self.x.shape
+        if (h, w) == (self.rows, self.cols):
+            return self.region(r0, r1, 0, self.cols).mean(axis=0)
+        f = h / self.rows
+        a = min(h - 1, int(np.floor(r0 * f)))
+        b = min(h, max(int(np.ceil(r1 * f)), a + 1))
+        line = self.x[a:b].mean(axis=0, dtype=np.float64).astype(np.float32)
+        line = line if w == self.cols else _area_axis(line[None], self.cols, 1)[0]
+        return (line - self.lo) / self.span
 
 
 def _patch(x: np.ndarray, r_centre: int, c_centre: int) -> np.ndarray:
@@ -92,6 +127,22 @@ def _patch(x: np.ndarray, r_centre: int, c_centre: int) -> np.ndarray:
     r0 = int(np.clip(r_centre - PATCH // 2, 0, h - PATCH))
     c0 = int(np.clip(c_centre - PATCH // 2, 0, w - PATCH))
     return x[r0 : r0 + PATCH, c0 : c0 + PATCH]
+
+
+def _patches(film: _Canonical) -> np.ndarray:
+    """The grid's windows, (len(ROW_OFFSETS) * len(COL_OFFSETS), PATCH, PATCH), row-major."""
+    h, w = film.rows, film.cols
+    centres = [(h // 2 + dr, w // 2 + dc) for dr in ROW_OFFSETS for dc in COL_OFFSETS]
+    if w < PATCH:  # narrower than a window: read the whole (small) film and pad
+        x = film.region(0, h, 0, w)
+        return np.stack([_patch(x, r, c) for r, c in centres])
+    corners = [
+        (int(np.clip(r - PATCH // 2, 0, h - PATCH)), int(np.clip(c - PATCH // 2, 0, w - PATCH))) for r, c in centres
+    ]
+    top, left = min(r for r, _ in corners), min(c for _, c in corners)
+    bottom, right = max(r for r, _ in corners) + PATCH, max(c for _, c in corners) + PATCH
+    x = film.region(top, bottom, left, right)
+    return np.stack([x[r - top : r - top + PATCH, c - left : c - left + PATCH] for r, c in corners])
 
 
 def _patch_features(patches: np.ndarray) -> np.ndarray:
@@ -123,17 +174,15 @@ def _shaft_features(profile: np.ndarray) -> list[float]:
 def texture_features(pixels: np.ndarray) -> np.ndarray:
     """The stage's feature vector (float32, ``N_FEATURES``) of a decoded film ([0, 1], bright =
     bone, any size). Deterministic."""
-    x = _canonical(pixels)
-    h, w = x.shape
-    patches = np.stack([_patch(x, h // 2 + dr, w // 2 + dc) for dr in ROW_OFFSETS for dc in COL_OFFSETS])
-    flat = _patch_features(patches)
+    film = _Canonical(pixels)
+    flat = _patch_features(_patches(film))
     grid = flat.reshape(len(ROW_OFFSETS), len(COL_OFFSETS), N_PATCH_FEATURES)
     pooled = [flat.mean(0), flat.min(0), flat.max(0), grid.mean(1).ravel()]
+    h = film.rows
     shaft = []
     for r0, r1 in SHAFT_ROWS:
         a, b = (r0, r1) if r0 >= 0 else (h + r0, h + r1)
-        band = x[max(0, a) : max(1, b)] if h > 1 else x
-        shaft += _shaft_features(band.mean(axis=0))
+        shaft += _shaft_features(film.profile(a, b))
     out = np.concatenate([*pooled, np.asarray(shaft)]).astype(np.float32)
     return np.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0)
 
