@@ -173,8 +173,8 @@ class ReportingSection(_Section):
         ge=0,
         le=4,
         description=(
-            "Helper processes that build the study SRs (highdicom, pure Python), so the build does not "
-            "hold up receive and screening; 0 = build in the sweep thread."
+            "Helper processes that build the study SRs and the images' overlays (highdicom, pure Python), "
+            "so the builds do not hold up receive and screening; 0 = build in the sweep and worker threads."
         ),
     )
 

@@ -36,6 +36,7 @@ from agent.pipeline.run import Failed, Rejected, Screened, screen_batch
 from agent.queue import screening, store
 from agent.queue.outbox import OutgoingObject
 from agent.reporting.builder import BuiltOverlay, ReportBuilder
+from agent.reporting.overlay import reduce_image
 
 log = get_logger(__name__)
 
@@ -273,7 +274,8 @@ class Worker:
         p = _Pending(o.job, o.findings, o.timings_ms, time.perf_counter(), None)
         if self.settings.reporting.overlay:
             number = int(o.dataset.get("InstanceNumber") or 1)
-            p.overlay = self.report_builder.submit_overlay(o.dataset, o.pixels, o.findings, number)
+            image = reduce_image(o.pixels)  # a quarter of a large film's bytes to the helper
+            p.overlay = self.report_builder.submit_overlay(o.dataset, image, o.findings, number)
             p.overlay.add_done_callback(p.mark_ready)
         else:
             p.mark_ready()

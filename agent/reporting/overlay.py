@@ -80,9 +80,7 @@ def build_overlay(
         sc.BodyPartExamined = source.BodyPartExamined
     sc.BurnedInAnnotation = "YES"
     sc.ImageComments = "NOT FOR DIAGNOSTIC USE. Heat map and banner burned in by STR-Net."
-    sc.DerivationDescription = (
-        f"{finding.algorithm.name} {version} screening overlay of the referenced image"
-    )
+    sc.DerivationDescription = f"{finding.algorithm.name} {version} screening overlay of the referenced image"
     ref = Dataset()
     ref.ReferencedSOPClassUID = source.SOPClassUID
     ref.ReferencedSOPInstanceUID = source.SOPInstanceUID
@@ -144,20 +142,40 @@ def banner_lines(finding: Findings) -> list[str]:
     return lines
 
 
+def _block_mean(values: np.ndarray, k: int) -> np.ndarray:
+    """k x k block means (drops < k edge pixels); strided adds are far cheaper than a
+    reshape-mean over two axes."""
+    r, c = (values.shape[0] // k) * k, (values.shape[1] // k) * k
+    block = values[0:r:k, 0:c:k].copy()
+    for i in range(k):
+        for j in range(k):
+            if i or j:
+                block += values[i:r:k, j:c:k]
+    return block * np.float32(1.0 / (k * k))
+
+
+def reduce_image(image: np.ndarray) -> np.ndarray:
+    """The radiograph as the overlay needs it: float32, block-averaged by the whole factor by
+    which it exceeds ``MAX_SIDE_PX`` (a 2500 x 2000 film becomes 1250 x 1000). The worker does
+    this before handing the image to the helper process: a quarter of the bytes to pickle. The
+    picture is usually the same (``_shrink`` takes the same block means first); where its whole
+    factor is larger (3000 rows: 3 there, 2 here) the box filter does the rest of the area
+    average."""
+    values = np.asarray(image, dtype=np.float32)
+    if values.ndim != 2:
+        return values  # build_overlay reports the shape
+    k = max(values.shape) // MAX_SIDE_PX
+    return _block_mean(values, k) if k >= 2 and min(values.shape) >= k else values
+
+
 def _shrink(values: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """Area-average ``values`` down to ``shape``: whole blocks summed in numpy first (cheap on a
-    5 M pixel film), then PIL's box filter for the remaining non-integer step."""
+    """Area-average ``values`` down to ``shape``: whole blocks averaged in numpy first (cheap on
+    a 5 M pixel film), then PIL's box filter for the remaining non-integer step."""
     if values.shape == shape:
         return values
     k = min(values.shape[0] // shape[0], values.shape[1] // shape[1])
     if k >= 2:
-        r, c = (values.shape[0] // k) * k, (values.shape[1] // k) * k  # drops < k edge pixels
-        block = values[0:r:k, 0:c:k].copy()
-        for i in range(k):  # strided adds: far cheaper than a reshape-mean over two axes
-            for j in range(k):
-                if i or j:
-                    block += values[i:r:k, j:c:k]
-        values = block * np.float32(1.0 / (k * k))
+        values = _block_mean(values, k)
     return _resize_float(values, shape)
 
 
@@ -169,9 +187,7 @@ def _resize_float(values: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     # Area averaging when shrinking (fast, no aliasing), bilinear when enlarging a saliency map.
     shrink = shape[0] <= values.shape[0] and shape[1] <= values.shape[1]
     method = Image.Resampling.BOX if shrink else Image.Resampling.BILINEAR
-    out = Image.fromarray(np.ascontiguousarray(values), mode="F").resize(
-        (shape[1], shape[0]), method
-    )
+    out = Image.fromarray(np.ascontiguousarray(values), mode="F").resize((shape[1], shape[0]), method)
     return np.asarray(out, dtype=np.float32)
 
 
@@ -181,9 +197,7 @@ def _colormap(heat: np.ndarray) -> tuple[np.ndarray | float, np.ndarray, float]:
     return 1.0, np.clip(1.0 - heat, 0.0, 1.0) * np.float32(0.9), 0.0
 
 
-def _fit_font(
-    lines: list[str], width: int
-) -> tuple[ImageFont.FreeTypeFont | ImageFont.ImageFont, int]:
+def _fit_font(lines: list[str], width: int) -> tuple[ImageFont.FreeTypeFont | ImageFont.ImageFont, int]:
     """The largest default font (up to width/34 px) whose longest line fits; and its line height."""
     size = max(10, width // 34)
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
