@@ -269,8 +269,8 @@ def fit_texture_cmd(
 
     pred = Predictor(weights, device=device)
     cfg = TrainConfig.from_dict(pred.meta.get("train_config", {}))
-    cfg = replace(cfg, texture=True, **({"texture_l2": l2} if l2 is not None else {}))
-    rows = [r for r in read_manifests(manifest) if np.isfinite(r.label)]
+    cfg = replace(cfg, texture=True, texture_l2=cfg.texture_l2 if l2 is None else l2)
+    rows = [r for r in read_manifests(tuple(manifest)) if np.isfinite(r.label)]
     cache = build_cache(rows, pred.spec, workers=workers, dtype=cfg.cache_dtype)
     same_data = data_hash(rows, cache) == pred.meta.get("training_data", {}).get("sha256")
     tg, clin = targets(rows), clinical_features(rows)
@@ -278,7 +278,7 @@ def fit_texture_cmd(
     val_tg = {k: v[val_idx] for k, v in tg.items()}
     raw = infer_arrays(pred.model, cache[val_idx], clin[val_idx], 128, pred.device)
     network_sev = severity_auroc(raw, val_tg)
-    extra = [r for r in read_manifests(texture_manifest) if np.isfinite(r.label)] if texture_manifest else None
+    extra = [r for r in read_manifests(tuple(texture_manifest or ())) if np.isfinite(r.label)]
     fused, stage = fit_texture(raw, rows, tg, train_idx, val_idx, cfg, workers, True, extra)
     stage["extra_manifests"] = [str(m) for m in texture_manifest or []]
     op = fit_operating_point(fused, val_tg, cfg)

@@ -10,6 +10,7 @@ import math
 import random
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -173,7 +174,7 @@ def train(
     command: str | None = None,
     provenance: dict[str, Any] | None = None,
     cache_dir: str | Path | None = None,
-    texture_manifests: list[str | Path] | None = None,
+    texture_manifests: Sequence[str | Path] | None = None,
 ) -> Path:
     """Train STR-Net on a manifest and write a checkpoint; returns its metadata JSON path.
 
@@ -298,7 +299,7 @@ def train(
     texture: dict[str, Any] | None = None
     if cfg.texture:
         network_sev = severity_auroc(raw, val_tg)
-        extra = [r for r in read_manifests(list(texture_manifests or [])) if np.isfinite(r.label)]
+        extra = [r for r in read_manifests(tuple(texture_manifests or ())) if np.isfinite(r.label)]
         raw, texture = fit_texture(raw, rows, tg, train_idx, val_idx, cfg, workers, progress, extra)
         texture["extra_manifests"] = [str(m) for m in texture_manifests or []]
         log(f"texture stage: val severity AUROC {severity_auroc(raw, val_tg):.3f} (network alone {network_sev:.3f})")

@@ -119,5 +119,7 @@ def test_shipped_checkpoint_has_a_texture_stage_fitted_without_the_test_seeds() 
     meta = read_metadata(SHIPPED)
     stage = meta["texture"]
     assert stage["feature_version"] == 1
-    used = json.dumps([stage.get("extra_manifests", []), meta.get("texture_fit", {})])
+    fit = meta.get("texture_fit", {})
+    used = json.dumps([stage.get("extra_manifests", []), fit.get("command", ""), fit.get("data_commands", [])])
+    assert "data/s201/manifest.csv" in used  # the fields checked are the ones that name the data
     assert all(str(s) not in used for s in TEST_SEEDS), "test seed used to fit the texture stage"
