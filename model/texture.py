@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from model.evaluate import fit_logistic
+
 FEATURE_VERSION = 1
 CANONICAL_ROWS = 1024
 PATCH = 128
@@ -223,23 +225,6 @@ def _design(z: np.ndarray) -> np.ndarray:
     return np.c_[z, np.ones(len(z))]
 
 
-def fit_logistic_l2(x: np.ndarray, y: np.ndarray, l2: float, iters: int = 60) -> np.ndarray:
-    """Newton's method for an L2-penalised logistic regression; the last weight (intercept) is
-    not penalised. ``x`` already has its column of ones."""
-    w = np.zeros(x.shape[1])
-    pen = np.full(x.shape[1], float(l2))
-    pen[-1] = 0.0
-    for _ in range(iters):
-        p = 1.0 / (1.0 + np.exp(-np.clip(x @ w, -30, 30)))
-        grad = x.T @ (p - y) + pen * w
-        hess = (x * (p * (1 - p))[:, None]).T @ x + np.diag(pen + 1e-9)
-        step = np.linalg.solve(hess, grad)
-        w -= step
-        if np.max(np.abs(step)) < 1e-8:
-            break
-    return w
-
-
 def fit_ridge(x: np.ndarray, y: np.ndarray, l2: float) -> np.ndarray:
     """Ridge regression with an unpenalised intercept (last column of ``x``)."""
     pen = np.full(x.shape[1], float(l2))
@@ -329,15 +314,15 @@ def fit_stage(
     tr_t = train_idx[t_ok[train_idx]]
     if len(tr_sev) < 10 or len(np.unique(severity[tr_sev])) < 2 or len(tr_t) < 10:
         raise ValueError("too few labelled training images to fit the texture stage")
-    w_sev = fit_logistic_l2(x[tr_sev], severity[tr_sev], l2)
+    w_sev = fit_logistic(x[tr_sev, :-1], severity[tr_sev], l2)
     w_t = fit_ridge(x[tr_t], tscore[tr_t], l2)
     stage = TextureStage(mean, scale, w_sev, w_t, (1.0, 0.0, 0.0), (1.0, 0.0, 0.0), l2)
     tex_sev, tex_t = stage.texture_outputs(f[val_idx])
     v_sev = sev_ok[val_idx]
     v_t = t_ok[val_idx]
     if v_sev.sum() >= 10 and len(np.unique(severity[val_idx][v_sev])) == 2:
-        xs = np.c_[raw["severity_logit"][v_sev], tex_sev[v_sev], np.ones(int(v_sev.sum()))]
-        ws = fit_logistic_l2(xs, severity[val_idx][v_sev], 1e-3)
+        xs = np.c_[raw["severity_logit"][v_sev], tex_sev[v_sev]]
+        ws = fit_logistic(xs, severity[val_idx][v_sev], 1e-3)
         stage.stack_severity = (float(ws[0]), float(ws[1]), float(ws[2]))
     if v_t.sum() >= 10:
         xt = np.c_[raw["tscore"][v_t], tex_t[v_t], np.ones(int(v_t.sum()))]
