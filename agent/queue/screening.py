@@ -86,13 +86,18 @@ def ready_studies(db: Database, quiet_period_s: float) -> list[ReadyStudy]:
     """Studies quiet for the period, with every job terminal and results not yet reported."""
     cutoff = utcnow() - timedelta(seconds=quiet_period_s)
     out: list[ReadyStudy] = []
+    # Only studies with more results than their latest report covers: the sweep runs every few
+    # seconds and must not walk every study ever screened (its cost would grow with the history).
+    n_results = select(func.count(Result.id)).where(Result.study_id == Study.id).correlate(Study).scalar_subquery()
+    reported = (
+        select(func.coalesce(func.max(StudyReport.result_count), 0))
+        .where(StudyReport.study_id == Study.id)
+        .correlate(Study)
+        .scalar_subquery()
+    )
     with db.reading() as s:
         candidates = (
-            s.execute(
-                select(Study).where(Study.last_received_at <= cutoff).where(Study.id.in_(select(Result.study_id)))
-            )
-            .scalars()
-            .all()
+            s.execute(select(Study).where(Study.last_received_at <= cutoff).where(n_results > reported)).scalars().all()
         )
         for study in candidates:
             pending = s.execute(

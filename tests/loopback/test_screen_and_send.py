@@ -7,10 +7,12 @@ whole chain with a real Orthanc in tests/integration.
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
+import sqlalchemy
 from dicom_factory import SECONDARY_CAPTURE, knee_dx
 from pacs_peer import PACS_AET, PacsPeer
 from screening_helpers import bilateral_study, send_study, wait_for
@@ -19,7 +21,7 @@ from agent.app import Agent
 from agent.audit.repository import list_flagged
 from agent.domain import JobState
 from agent.pacs import status
-from agent.queue import outbox
+from agent.queue import outbox, screening
 from agent.queue.outbox import OutboxState
 from agent.queue.store import list_jobs
 
@@ -68,6 +70,21 @@ def test_late_instance_yields_a_new_sr_referencing_its_predecessor(make_agent: A
         assert first.SOPInstanceUID != second.SOPInstanceUID
         pred = second.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
         assert pred.ReferencedSOPInstanceUID == first.SOPInstanceUID
+        # once reported, a study costs the completion sweep nothing: one statement, no rows
+        statements: list[str] = []
+
+        me = threading.get_ident()  # the agent's own threads use the same engine meanwhile
+
+        def count(conn: Any, cursor: Any, statement: str, *_: Any) -> None:
+            if threading.get_ident() == me:
+                statements.append(statement)
+
+        sqlalchemy.event.listen(agent.db.engine, "before_cursor_execute", count)
+        try:
+            assert screening.ready_studies(agent.db, 0.0) == []
+        finally:
+            sqlalchemy.event.remove(agent.db.engine, "before_cursor_execute", count)
+        assert len([st for st in statements if st.lstrip().upper().startswith("SELECT")]) == 1
 
 
 def test_non_knee_is_skipped_and_nothing_is_sent(make_agent: Any, tiny_weights: Path) -> None:
