@@ -137,12 +137,6 @@ class Predictor:
     def input_size(self) -> int:
         return int(self.meta["preprocess"].get("input_size", 256))
 
-    def preprocess_file(self, path: str | Path, max_pixels: int | None = None) -> np.ndarray:
-        """Decode and preprocess a DICOM/PNG file exactly as in training: (1, S, S) float32."""
-        from model.preprocess import preprocess_file
-
-        return np.asarray(preprocess_file(Path(path), self.spec, max_pixels=max_pixels), np.float32)
-
     def _as_batch(self, batch: torch.Tensor | np.ndarray) -> torch.Tensor:
         x = torch.as_tensor(np.asarray(batch) if isinstance(batch, np.ndarray) else batch)
         x = x.float()

@@ -306,7 +306,7 @@ def fit_stage(
     f = np.asarray(feats, dtype=np.float64)
     mean = f[train_idx].mean(0)
     scale = f[train_idx].std(0) + 1e-6
-    x = _design((f - mean) / scale)
+    z = (f - mean) / scale
     label, severity, tscore = targets["label"], targets["severity"], targets["tscore"]
     sev_ok = (label == 1) & np.isfinite(severity)
     t_ok = np.isfinite(tscore)
@@ -314,8 +314,8 @@ def fit_stage(
     tr_t = train_idx[t_ok[train_idx]]
     if len(tr_sev) < 10 or len(np.unique(severity[tr_sev])) < 2 or len(tr_t) < 10:
         raise ValueError("too few labelled training images to fit the texture stage")
-    w_sev = fit_logistic(x[tr_sev, :-1], severity[tr_sev], l2)
-    w_t = fit_ridge(x[tr_t], tscore[tr_t], l2)
+    w_sev = fit_logistic(z[tr_sev], severity[tr_sev], l2)
+    w_t = fit_ridge(_design(z[tr_t]), tscore[tr_t], l2)
     stage = TextureStage(mean, scale, w_sev, w_t, (1.0, 0.0, 0.0), (1.0, 0.0, 0.0), l2)
     tex_sev, tex_t = stage.texture_outputs(f[val_idx])
     v_sev = sev_ok[val_idx]
