@@ -44,7 +44,7 @@ def open_database(settings: Settings, migrate: bool = True) -> Database:
 
 
 def load_screener(settings: Settings) -> Any:
-    """The STR-Net screener (imports torch: only when the worker runs)."""
+    """The STR-Net screener, in this process (imports torch)."""
     from agent.pipeline.infer import Screener
     from agent.pipeline.models import served_weights
 
@@ -53,6 +53,18 @@ def load_screener(settings: Settings) -> Any:
         served_weights(settings), device=cfg.device, threshold=cfg.threshold, saliency=cfg.saliency,
         threads=cfg.cpu_threads or None,
     )
+
+
+def load_screening(settings: Settings) -> Any:
+    """Where the worker screens: a screening process that has loaded the served model
+    (``worker.process``), else a screener in this process. Raises ConfigError for a bad checkpoint."""
+    from agent.pipeline.models import served_weights
+    from agent.pipeline.process import InlineScreening, ScreeningProcess
+
+    max_pixels, overlay = settings.eligibility.max_pixels, settings.reporting.overlay
+    if settings.worker.process:
+        return ScreeningProcess(served_weights(settings), settings.worker, max_pixels, overlay).start()
+    return InlineScreening(load_screener(settings), max_pixels, overlay)
 
 
 @dataclass
@@ -91,8 +103,8 @@ class Agent:
             from agent.queue.worker import Worker
 
             agent.sender = Sender(db, results, settings.pacs, settings.sender, settings.scp.ae_title)
-            agent.worker = Worker(settings, db, spool, results, load_screener(settings), tracker,
-                                  reload_screener=lambda: load_screener(settings), on_outbox=agent.sender.wake.set)
+            agent.worker = Worker(settings, db, spool, results, load_screening(settings), tracker,
+                                  reload=lambda: load_screening(settings), on_outbox=agent.sender.wake.set)
         agent.scheduler = build_scheduler(
             db, spool, settings.retention.spool_days * 86400,
             report_sweep=agent.worker.report_ready_studies if agent.worker else None,
@@ -104,7 +116,7 @@ class Agent:
             from agent.web.server import WebServer
 
             agent.web = WebServer(create_app(
-                settings, db, model_info=lambda: ModelInfo.of(agent.worker.screener if agent.worker else None),
+                settings, db, model_info=lambda: ModelInfo.of(agent.worker.screening.model if agent.worker else None),
                 on_replay=agent.sender.wake.set if agent.sender else None,
             ), settings.web)
         return agent

@@ -143,6 +143,11 @@ class EligibilitySection(_Section):
 
 class WorkerSection(_Section):
     enabled: bool = Field(True, description="Screen queued jobs in this process.")
+    process: bool = Field(
+        True,
+        description="Screen (decode, STR-Net, overlay build) in a process of its own beside the one "
+        "that receives, records and sends, so both cores work; false = in a thread of this process.",
+    )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available, else CPU.")
     weights: Path | None = Field(None, description="STR-Net checkpoint metadata JSON; default: the shipped one.")
     threshold: str = Field(
@@ -159,13 +164,17 @@ class WorkerSection(_Section):
     saliency: bool = Field(True, description="Compute the Grad-CAM heat map for the overlay.")
     cpu_threads: int = Field(
         0, ge=0, le=256,
-        description="Threads torch may use for CPU inference; 0 = torch's default (one per core).",
+        description="Threads torch may use for CPU inference; 0 = automatic: one fewer than the cores in "
+        "the screening process (the main process uses the other), torch's default (one per core) inline.",
     )
 
 
 class ReportingSection(_Section):
     quiet_period_s: float = Field(
-        10.0, ge=0, description="A study's SR is written this long after its last instance (extended while the sender's association is open)."
+        10.0,
+        ge=0,
+        description="A study's SR is written this long after its last instance (extended while an "
+        "association that brought instances of the study is still open).",
     )
     overlay: bool = Field(True, description="Send a secondary-capture overlay per screened image.")
     build_processes: int = Field(
@@ -173,8 +182,8 @@ class ReportingSection(_Section):
         ge=0,
         le=4,
         description=(
-            "Helper processes that build the study SRs and the images' overlays (highdicom, pure Python), "
-            "so the builds do not hold up receive and screening; 0 = build in the sweep and worker threads."
+            "Helper processes that build the study SRs (highdicom, pure Python), so the builds do not "
+            "hold up receive and recording; 0 = build in the study-completion sweep's thread."
         ),
     )
 
@@ -186,6 +195,12 @@ class SenderSection(_Section):
     backoff_max_s: float = Field(600.0, gt=0, description="Longest retry delay.")
     timeout_s: float = Field(30.0, gt=0, description="Connection, association and DIMSE timeout towards PACS.")
     poll_s: float = Field(1.0, gt=0, description="How often the sender looks for due objects.")
+    keep_open_s: float = Field(
+        5.0,
+        ge=0,
+        description="An association to a destination is kept open this long after its last send "
+        "(a stream of results does not open one per object); 0 = released after each batch.",
+    )
 
 
 class RetentionSection(_Section):

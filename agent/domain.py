@@ -110,6 +110,17 @@ class AlgorithmInfo:
 
 
 @dataclass(frozen=True)
+class ServedModel:
+    """What the service says about the model it screens with (the web status page, the SR)."""
+
+    algorithm: AlgorithmInfo
+    threshold: float  # the operating threshold in use
+    thresholds: dict[str, float | None]  # the checkpoint's named operating points
+    tscore_coverage: float  # nominal coverage of the T-score interval
+    device: str  # "cpu", "cuda:0"
+
+
+@dataclass(frozen=True)
 class Findings:
     """STR-Net's answer for one screened image. ``saliency`` is (H, W) in [0, 1] or None."""
 

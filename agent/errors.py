@@ -12,7 +12,11 @@ class ConfigError(AgentError):
 
     def __init__(self, setting: str, message: str) -> None:
         self.setting = setting
+        self.message = message
         super().__init__(f"{setting}: {message}")
+
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:  # raised in a helper process, re-raised here
+        return (ConfigError, (self.setting, self.message))
 
 
 class InputRejected(AgentError):
@@ -31,9 +35,20 @@ class StoreRefused(AgentError):
         self.reason = reason
         super().__init__(reason)
 
+    def __reduce__(self) -> tuple[type, tuple[int, str]]:
+        return (StoreRefused, (self.status, self.reason))
+
 
 class ProcessingError(AgentError):
     """A deterministic failure in preprocessing, inference or reporting: the job FAILS."""
+
+
+class HelperDied(ProcessingError):
+    """A helper process (agent/helper.py) died with the call (killed, out of memory); it is replaced."""
+
+
+class HelperClosed(ProcessingError):
+    """A helper process was closed (the service is stopping) before the call ran."""
 
 
 class TransientError(AgentError):

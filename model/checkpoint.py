@@ -10,13 +10,14 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
-
-import torch
-from safetensors.torch import load_file, save_file
+from typing import TYPE_CHECKING, Any
 
 from model import __version__
-from model.strnet import STRNet, build_model
+
+if TYPE_CHECKING:  # torch is imported where weights are read or written: reading the metadata
+    import torch  # (the service's main process, which never runs the model) needs none of it
+
+    from model.strnet import STRNet
 
 FORMAT = "strnet-checkpoint"
 FORMAT_VERSION = 1
@@ -47,6 +48,8 @@ def save_checkpoint(model: STRNet, meta: dict[str, Any], json_path: str | Path) 
     ``meta`` must hold at least ``preprocess`` (the spec as a dict); ``model_config``,
     ``format``, ``package_version``, ``weights_file`` and ``weights_sha256`` are filled in here.
     """
+    from safetensors.torch import save_file
+
     json_path = metadata_path(json_path)
     if json_path.suffix != ".json":
         json_path = json_path.with_suffix(".json")
@@ -95,6 +98,10 @@ def load_checkpoint(
     The model is in eval mode. Raises ``CheckpointError`` if the weights' sha256 differs from the
     one recorded, or if the tensors do not match the architecture.
     """
+    from safetensors.torch import load_file
+
+    from model.strnet import build_model
+
     meta = read_metadata(path)
     weights = metadata_path(path).parent / meta["weights_file"]
     if not weights.is_file():

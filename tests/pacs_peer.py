@@ -26,6 +26,8 @@ class PacsPeer:
         self.port = free_port()
         self.received: list[Dataset] = []
         self.statuses: list[int] = []
+        self.associations = 0  # accepted so far
+        self.open = 0  # open now
         self.answer = answer or (lambda ds: 0x0000)
         self._lock = threading.Lock()
         self.ae = AE(ae_title=PACS_AET)
@@ -46,10 +48,23 @@ class PacsPeer:
                 self.received.append(ds)
         return code
 
+    def _on_accepted(self, event: Any) -> None:
+        with self._lock:
+            self.associations += 1
+            self.open += 1
+
+    def _on_ended(self, event: Any) -> None:
+        with self._lock:
+            self.open -= 1
+
     def start(self) -> PacsPeer:
-        self.server = self.ae.start_server(
-            ("127.0.0.1", self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._on_store)]
-        )
+        handlers = [
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_RELEASED, self._on_ended),
+            (evt.EVT_ABORTED, self._on_ended),
+        ]
+        self.server = self.ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=handlers)
         return self
 
     def stop(self) -> None:

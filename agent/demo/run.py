@@ -118,7 +118,7 @@ def run_demo(
         agent = Agent.build(settings)
         agent.start()
         echo(
-            f"  agent STRNET on port {agent_port}, model {agent.worker.screener.algorithm.version} "
+            f"  agent STRNET on port {agent_port}, model {agent.worker.screening.model.algorithm.version} "
             f"loaded in {time.monotonic() - t_load:.1f} s"
         )
         for st in studies:

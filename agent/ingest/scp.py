@@ -88,27 +88,44 @@ TRANSFER_SYNTAXES: list[UID] = [
 
 
 class AssociationTracker:
-    """Open associations per calling AE (the study-completion sweep waits while one is open)."""
+    """Open associations: per calling AE, and which studies each one has carried (the
+    study-completion sweep waits while an association that carried the study is open)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._open: Counter[str] = Counter()
+        self._studies: dict[int, set[str]] = {}  # open association (its id) -> study UIDs it carried
         self.total = 0
 
-    def opened(self, ae: str) -> None:
+    def opened(self, ae: str, key: int | None = None) -> None:
         with self._lock:
             self._open[ae] += 1
             self.total += 1
+            if key is not None:
+                self._studies[key] = set()
 
-    def closed(self, ae: str) -> None:
+    def carried(self, key: int, study_uid: str) -> None:
+        """An instance of ``study_uid`` arrived on the association ``key``."""
+        with self._lock:
+            if key in self._studies:
+                self._studies[key].add(study_uid)
+
+    def closed(self, ae: str, key: int | None = None) -> None:
         with self._lock:
             self._open[ae] -= 1
             if self._open[ae] <= 0:
                 del self._open[ae]
+            if key is not None:
+                self._studies.pop(key, None)
 
     def open_count(self, ae: str | None = None) -> int:
         with self._lock:
             return sum(self._open.values()) if ae is None else self._open.get(ae, 0)
+
+    def receiving(self, study_uid: str) -> bool:
+        """Whether an open association has carried an instance of ``study_uid`` (more may follow)."""
+        with self._lock:
+            return any(study_uid in studies for studies in self._studies.values())
 
 
 def _calling_ae(event: Event) -> str:
@@ -129,12 +146,12 @@ def handle_requested(event: Event, peers: dict[str, set[str]]) -> None:
 
 
 def handle_accepted(event: Event, tracker: AssociationTracker) -> None:
-    tracker.opened(_calling_ae(event))
+    tracker.opened(_calling_ae(event), id(event.assoc))
     log.info("association_accepted", calling_ae=_calling_ae(event), peer_host=event.assoc.requestor.address)
 
 
 def handle_closed(event: Event, tracker: AssociationTracker, how: str) -> None:
-    tracker.closed(_calling_ae(event))
+    tracker.closed(_calling_ae(event), id(event.assoc))
     log.info("association_closed", calling_ae=_calling_ae(event), how=how)
     _discard_partials(event)
 
@@ -308,7 +325,7 @@ def spool_head(meta: Any, thread: Any) -> bytes:
     )
 
 
-def handle_store(event: Event, ingestor: Ingestor) -> int:
+def handle_store(event: Event, ingestor: Ingestor, tracker: AssociationTracker | None = None) -> int:
     """C-STORE: hand the request's parts to the ingestor and answer its status."""
     _message_done(event)
     try:
@@ -343,6 +360,8 @@ def handle_store(event: Event, ingestor: Ingestor) -> int:
             peer_host=event.assoc.requestor.address,
             received=received,
         )
+        if tracker is not None:  # before the job row: the sweep must not see the study as quiet
+            tracker.carried(id(event.assoc), str(ds.get("StudyInstanceUID", "")))
         code, _ = ingestor.store(req)
         return code
     except Exception as exc:  # never let a bug acknowledge or kill the listener
@@ -426,7 +445,7 @@ class StorageSCP:
             (evt.EVT_ABORTED, handle_closed, [t, "aborted"]),
             (evt.EVT_REJECTED, handle_rejected),
             (evt.EVT_C_ECHO, handle_echo),
-            (evt.EVT_C_STORE, handle_store, [self.ingestor]),
+            (evt.EVT_C_STORE, handle_store, [self.ingestor, t]),
         ]
 
     def _allowed_hosts(self) -> frozenset[str] | None:

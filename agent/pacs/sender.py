@@ -4,17 +4,25 @@ Status classes by name: Success and warnings (B000, B006, B007) are delivered (w
 out-of-resources and association or network failures are transient (exponential backoff with
 jitter, DEAD after ``sender.max_attempts``); any other failure status and a permanent
 association rejection are DEAD at once, without a retry storm.
+
+One association per destination is kept open for ``sender.keep_open_s`` after its last send, so
+a steady stream of results (an overlay per image, an SR per study) does not pay an association
+set-up and release for every few objects; it is released when idle, when the sender stops, and
+whenever it is no longer established (the PACS released or aborted it) a new one is opened.
 """
 
 from __future__ import annotations
 
 import random
 import threading
+import time
 from collections import defaultdict
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 from pydicom import dcmread
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.uid import Comprehensive3DSRStorage, ExplicitVRLittleEndian, SecondaryCaptureImageStorage
 from pynetdicom import AE, _config
 
 from agent import failpoints
@@ -29,6 +37,19 @@ from agent.queue import outbox
 from agent.queue.outbox import DueItem
 
 log = get_logger(__name__)
+
+# what the agent sends (reporting/sr.py, reporting/overlay.py): an association proposes both, so
+# the one kept open carries SRs and overlays alike
+RESULT_SOP_CLASSES = (Comprehensive3DSRStorage, SecondaryCaptureImageStorage)
+
+
+@dataclass
+class _Held:
+    """An association kept open towards one destination (the sender thread's alone)."""
+
+    assoc: Any
+    sop_classes: frozenset[str]
+    last_used: float  # monotonic
 
 
 class Sender:
@@ -50,6 +71,7 @@ class Sender:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.wake = threading.Event()
+        self._held: dict[str, _Held] = {}
         _config.STORE_SEND_CHUNKED_DATASET = True  # send_c_store(path) streams the stored bytes
 
     def start(self) -> None:
@@ -63,15 +85,40 @@ class Sender:
             self._thread.join(timeout_s)
 
     def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.run_once()
-            except StorageError as exc:
-                log.error("sender_database_error", error=str(exc))
-            except Exception as exc:
-                log.exception("sender_crashed", error=exc.__class__.__name__)
-            self.wake.wait(self.cfg.poll_s)
-            self.wake.clear()
+        try:
+            while not self._stop.is_set():
+                try:
+                    self.run_once()
+                except StorageError as exc:
+                    log.error("sender_database_error", error=str(exc))
+                except Exception as exc:
+                    log.exception("sender_crashed", error=exc.__class__.__name__)
+                self.release_idle()
+                self.wake.wait(self.cfg.poll_s)
+                self.wake.clear()
+        finally:
+            self.release_idle(all_=True)
+
+    def release_idle(self, all_: bool = False) -> int:
+        """Release the associations idle for ``sender.keep_open_s`` (``all_``: every one);
+        returns how many are still held."""
+        now = time.monotonic()
+        for name, held in list(self._held.items()):
+            if all_ or now - held.last_used >= self.cfg.keep_open_s or not held.assoc.is_established:
+                self._drop(name)
+        return len(self._held)
+
+    def _drop(self, name: str) -> None:
+        held = self._held.pop(name, None)
+        if held is None:
+            return
+        try:
+            if held.assoc.is_established:
+                held.assoc.release()
+            else:
+                held.assoc.abort()
+        except Exception as exc:  # noqa: BLE001 - a PACS gone mid-release: nothing left to do
+            log.warning("pacs_release_failed", destination=name, error=exc.__class__.__name__)
 
     def run_once(self) -> int:
         """Send every due object once; returns how many were attempted."""
@@ -107,17 +154,42 @@ class Sender:
         )
 
     def _send_to(self, dest: PacsSection, items: list[DueItem]) -> None:
+        held = self._association(dest, items)
+        if held is None:
+            return
+        try:
+            for n, item in enumerate(items):
+                if not held.assoc.is_established:
+                    for rest in items[n:]:
+                        self._transient(rest, None, "association lost")
+                    break
+                self._send_one(held.assoc, dest, item)
+        finally:
+            held.last_used = time.monotonic()
+            if not held.assoc.is_established or self.cfg.keep_open_s <= 0:
+                self._drop(dest.name)
+
+    def _association(self, dest: PacsSection, items: list[DueItem]) -> _Held | None:
+        """The association held for ``dest`` when it is still up and proposed every SOP class of
+        ``items``, else a new one (held from now on). None when it cannot be established: the
+        items are then retried later or DEAD, by the rejection's kind."""
+        classes = {i.sop_class_uid for i in items}
+        held = self._held.get(dest.name)
+        if held is not None and held.assoc.is_established and classes <= held.sop_classes:
+            return held
+        self._drop(dest.name)
         ae = AE(ae_title=dest.calling_ae_title or self.default_calling_ae)
         for t in ("acse_timeout", "dimse_timeout", "network_timeout", "connection_timeout"):
             setattr(ae, t, self.cfg.timeout_s)
-        for sop_class in sorted({i.sop_class_uid for i in items}):
+        proposed = frozenset(classes | set(RESULT_SOP_CLASSES))
+        for sop_class in sorted(proposed):
             ae.add_requested_context(sop_class, ExplicitVRLittleEndian)
         try:
             tls = tls_args(dest)
         except (OSError, ValueError) as exc:  # unreadable CA/cert/key file: an operator must fix it
             for item in items:
                 self._transient(item, None, f"TLS set-up failed: {exc}")
-            return
+            return None
         assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls)
         if not assoc.is_established:
             permanent = assoc.is_rejected and getattr(assoc.acceptor.primitive, "result", None) == 0x01
@@ -135,19 +207,10 @@ class Sender:
                     log.error("result_dead", outbox_id=item.id, destination=dest.name, error=reason)
                 else:
                     self._transient(item, None, reason)
-            return
-        try:
-            for n, item in enumerate(items):
-                if not assoc.is_established:
-                    for rest in items[n:]:
-                        self._transient(rest, None, "association lost")
-                    break
-                self._send_one(assoc, dest, item)
-        finally:
-            if assoc.is_established:
-                assoc.release()
-            else:
-                assoc.abort()
+            return None
+        held = _Held(assoc, proposed, time.monotonic())
+        self._held[dest.name] = held
+        return held
 
     def _send_one(self, assoc: object, dest: PacsSection, item: DueItem) -> None:
         path = self.results.path(item.path)

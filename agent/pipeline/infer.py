@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from agent.domain import AlgorithmInfo, Findings
+from agent.domain import AlgorithmInfo, Findings, ServedModel
 from agent.errors import ConfigError, ProcessingError
 from model.checkpoint import SHIPPED
 from model.predict import Predictor
@@ -61,6 +61,16 @@ class Screener:
     @property
     def threshold(self) -> float:
         return float(self.predictor.threshold)
+
+    def describe(self) -> ServedModel:
+        named = self.predictor.meta.get("thresholds", {}) or {}
+        return ServedModel(
+            algorithm=self.algorithm,
+            threshold=self.threshold,
+            thresholds={k: v.get("threshold") if isinstance(v, dict) else v for k, v in named.items()},
+            tscore_coverage=float(self.predictor.tscore_coverage),
+            device=str(self.device),
+        )
 
     def preprocess(self, pixels: np.ndarray) -> np.ndarray:
         try:

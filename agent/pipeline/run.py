@@ -1,22 +1,29 @@
-"""One pass of the screening pipeline over a batch of leased jobs.
+"""One pass of the screening pipeline over a batch of leased jobs: load, preprocess, score,
+build each screened image's overlay.
 
 Steps return values and never touch the database: the worker turns each outcome into rows.
+``screen_and_report`` runs wherever the worker screens (its screening process, or its thread);
+what it returns is picklable and small (findings and the encoded overlay, no pixels).
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from pydicom.dataset import Dataset
 
 from agent.domain import Findings, LeasedJob
 from agent.errors import InputRejected, ProcessingError
-from agent.pipeline.infer import Screener
 from agent.pipeline.load import load
+from agent.reporting.builder import BuiltOverlay, build_overlay_bytes
+
+if TYPE_CHECKING:  # torch: only where the model runs (the screening process)
+    from agent.pipeline.infer import Screener
 
 
 @dataclass(frozen=True)
@@ -40,10 +47,23 @@ class Failed:
     error: str
 
 
+@dataclass(frozen=True)
+class Finished:
+    """Screened, and its overlay built (None: overlays are off): what the worker records."""
+
+    job: LeasedJob
+    findings: Findings  # without the saliency map (it is in the overlay)
+    timings_ms: dict[str, float]
+    overlay: BuiltOverlay | None
+
+
 Outcome = Screened | Rejected | Failed
+Recordable = Finished | Rejected | Failed
 
 
-def screen_batch(jobs: list[LeasedJob], spool_path: Any, screener: Screener, max_pixels: int) -> list[Outcome]:
+def screen_batch(
+    jobs: list[LeasedJob], spool_path: Callable[[str], Path], screener: Screener, max_pixels: int
+) -> list[Outcome]:
     """Load, preprocess and score ``jobs`` together; one outcome per job, in order."""
     outcomes: dict[int, Outcome] = {}
     ready: list[tuple[LeasedJob, Any, np.ndarray, float]] = []
@@ -78,3 +98,41 @@ def screen_batch(jobs: list[LeasedJob], spool_path: Any, screener: Screener, max
                 }
                 outcomes[job.job_id] = Screened(job, img.dataset, img.pixels, f, timings)
     return [outcomes[j.job_id] for j in jobs]
+
+
+def finish(screened: Screened, overlay: bool) -> Finished | Failed:
+    """Build a screened image's overlay (unless ``overlay`` is off) and let go of its pixels."""
+    built = None
+    t0 = time.perf_counter()
+    if overlay:
+        number = int(screened.dataset.get("InstanceNumber") or 1)
+        try:
+            built = build_overlay_bytes(screened.dataset, screened.pixels, screened.findings, number)
+        except (ValueError, TypeError) as exc:
+            return Failed(screened.job, f"overlay could not be built: {exc}")
+    timings = {**screened.timings_ms, "report": round((time.perf_counter() - t0) * 1000, 1)}
+    return Finished(screened.job, replace(screened.findings, saliency=None), timings, built)
+
+
+def screen_and_report(
+    jobs: list[LeasedJob], paths: dict[str, Path], screener: Screener, max_pixels: int, overlay: bool
+) -> list[Recordable]:
+    """``screen_batch`` then ``finish``: one recordable outcome per job, in order. ``paths``: each
+    job's spool entry (``job.spool_path``) as an absolute path."""
+    outcomes = screen_batch(jobs, paths.__getitem__, screener, max_pixels)
+    return [finish(o, overlay) if isinstance(o, Screened) else o for o in outcomes]
+
+
+def warm_up(screener: Screener, overlay: bool) -> None:
+    """Run the whole per-image path once on a blank image: the first inference, Grad-CAM, font
+    load and highdicom build of a process cost about a second, paid here instead of by the first
+    study. Raises what the path raises."""
+    from agent.reporting.builder import blank_source
+
+    size = screener.predictor.input_size
+    blank = np.zeros((1, 1, size, size), np.float32)
+    texture = screener.texture(np.zeros((64, 48), np.float32))
+    features = None if texture is None else texture[None]
+    findings, _ = screener.score(blank, [{"age": None, "sex": None, "bmi": None}], features)
+    if overlay:
+        build_overlay_bytes(blank_source(), np.zeros((64, 48), np.float32), findings[0], 1)

@@ -3,9 +3,11 @@
 It leases (never dequeue-then-run): a crash leaves a lease that expires or is reset at start-up,
 and the job runs again; result UIDs are deterministic, so a rerun produces the same objects.
 
-Overlays are built in the report helper process (``reporting.build_processes``): the worker
-thread hands each screened image over and screens the next batch, and a completion thread
-records each image, in order, once its overlay is written. Until then the job stays leased.
+Screening (decode, STR-Net, overlay build) runs in the screening process (``worker.process``,
+agent/pipeline/process.py): the worker thread hands a leased batch over and leases the next while
+it is screened, and a completion thread records each batch, in order, once its outcomes are back.
+Until then its jobs stay leased. With ``worker.process = false`` the batch is screened and
+recorded in the worker thread.
 """
 
 from __future__ import annotations
@@ -18,48 +20,27 @@ from collections import deque
 from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass
+from typing import Any
 
-import numpy as np
 from pydicom import dcmread
-from pydicom.dataset import Dataset
 
 from agent import failpoints, metrics
 from agent.audit.db import Database
 from agent.config import Settings
 from agent.domain import AlgorithmInfo, Findings, JobState, LeasedJob
-from agent.errors import ProcessingError, StorageError
+from agent.errors import HelperClosed, HelperDied, ProcessingError, StorageError
 from agent.ingest.scp import AssociationTracker
 from agent.ingest.spool import Spool
 from agent.logging import get_logger
-from agent.pipeline.infer import Screener
-from agent.pipeline.run import Failed, Rejected, Screened, screen_batch
+from agent.pipeline.run import Failed, Finished, Recordable, Rejected
 from agent.queue import screening, store
 from agent.queue.outbox import OutgoingObject
-from agent.reporting.builder import BuiltOverlay, ReportBuilder
-from agent.reporting.overlay import reduce_image
+from agent.reporting.builder import ReportBuilder, blank_source
 
 log = get_logger(__name__)
 
 RETRY_DELAY_S = 30.0
-PENDING_BATCHES = 2  # overlays in the helper, in batches: one being built while the next is screened
-
-
-def _warm_up_source() -> Dataset:
-    """A minimal knee DX header for the warm-up (never stored, never sent)."""
-    from pydicom.uid import generate_uid
-
-    ds = Dataset()
-    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
-    ds.SOPInstanceUID = generate_uid()
-    ds.StudyInstanceUID = generate_uid()
-    ds.SeriesInstanceUID = generate_uid()
-    ds.PatientID, ds.PatientName, ds.PatientBirthDate, ds.PatientSex = "WARMUP", "WARM^UP", "", ""
-    ds.StudyDate, ds.StudyTime, ds.AccessionNumber, ds.StudyID = "20260101", "000000", "", "1"
-    ds.ReferringPhysicianName, ds.Modality, ds.SeriesNumber, ds.InstanceNumber = "", "DX", 1, 1
-    ds.BodyPartExamined, ds.ImageLaterality, ds.PatientOrientation = "KNEE", "L", ["L", "F"]
-    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation = 64, 48, 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    return ds
+PENDING_BATCHES = 2  # batches in the screening process: one screened while the next is leased
 
 
 @dataclass
@@ -72,21 +53,18 @@ class WorkerStats:
 
 @dataclass
 class _Pending:
-    """A screened image waiting for its overlay; its job stays leased until it is recorded."""
+    """A batch handed to the screening engine; its jobs stay leased until it is recorded."""
 
-    job: LeasedJob
-    findings: Findings
-    timings_ms: dict[str, float]
-    handed_off: float  # perf_counter
-    overlay: futures.Future[BuiltOverlay] | None  # None: overlays are off
-    ready: float | None = None  # perf_counter when the bytes were ready
-
-    def mark_ready(self, _future: object = None) -> None:
-        self.ready = time.perf_counter()
+    jobs: list[LeasedJob]
+    outcomes: futures.Future[list[Recordable]]
 
 
 class Worker:
-    """One screening worker (a thread of ``strnet serve``)."""
+    """One screening worker (a thread of ``strnet serve``, screening in its screening process).
+
+    ``screening``: an engine of agent/pipeline/process.py (``model``, ``submit``, ``warm_up``,
+    ``close``); ``reload`` makes a new one when `strnet model install` changes the served model.
+    """
 
     def __init__(
         self,
@@ -94,16 +72,16 @@ class Worker:
         db: Database,
         spool: Spool,
         results: Spool,
-        screener: Screener,
+        screening: Any,
         tracker: AssociationTracker | None = None,
-        reload_screener: Callable[[], Screener] | None = None,
+        reload: Callable[[], Any] | None = None,
         on_outbox: Callable[[], object] | None = None,
     ) -> None:
         self.settings = settings
         self.db = db
         self.spool = spool
         self.results = results
-        self.screener = screener
+        self.screening = screening
         self.tracker = tracker
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
         self.destinations = [p.name for p in settings.pacs]
@@ -111,13 +89,13 @@ class Worker:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.wake = threading.Event()
-        self._reload = reload_screener
+        self._reload = reload
         self._model_stamp = self._pointer_stamp()
         # called after each commit that queued objects for PACS (wakes the sender at once)
         self.on_outbox = on_outbox
         self.report_builder = ReportBuilder(settings.reporting.build_processes)
         self._stats_lock = threading.Lock()  # the worker and the completion thread both count
-        # screened images whose overlay is in the helper, oldest first (the completion thread's)
+        # batches handed to the screening process, oldest first (the completion thread's)
         self._pending: deque[_Pending] = deque()
         self._pending_cv = threading.Condition()
         self._completer: threading.Thread | None = None
@@ -129,7 +107,8 @@ class Worker:
         return p.stat().st_mtime if p.exists() else None
 
     def _maybe_reload(self) -> None:
-        """Swap models when `strnet model install` moved the pointer (checked before each batch)."""
+        """Swap models when `strnet model install` moved the pointer (checked before each batch):
+        a new engine loads the new model; the batches the old one has are recorded first."""
         stamp = self._pointer_stamp()
         if stamp == self._model_stamp or self._reload is None or self.settings.worker.weights:
             return
@@ -139,9 +118,10 @@ class Worker:
         except Exception as exc:  # keep serving the old model rather than stop
             log.error("model_reload_failed", error=str(exc))
             return
-        old = self.screener.algorithm.version
-        self.screener = new
-        log.warning("model_swapped", old=old, new=new.algorithm.version)
+        self.drain(self.settings.worker.lease_s)
+        old, self.screening = self.screening, new
+        old.close()
+        log.warning("model_swapped", old=old.model.algorithm.version, new=new.model.algorithm.version)
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -149,10 +129,11 @@ class Worker:
         self._thread.start()
 
     def stop(self, timeout_s: float = 30.0) -> None:
-        """Stop screening, record what the helper finishes within ``timeout_s``, close the helper.
+        """Stop screening, record what the screening process finishes within ``timeout_s``, close
+        it and the SR helper.
 
-        Overlays still pending then are abandoned: their jobs stay leased (the lease reaper or
-        the next start-up hands them out again)."""
+        Batches still pending then are abandoned: their jobs stay leased (the lease reaper or the
+        next start-up hands them out again)."""
         deadline = time.monotonic() + timeout_s
         self._stop.set()
         self.wake.set()
@@ -167,32 +148,29 @@ class Worker:
         if self._completer is not None:
             self._completer.join(1.0)
         if left:
-            log.warning("worker_overlays_abandoned", jobs=left)
-        self.report_builder.close(wait=not left)  # never wait on a build that did not finish
+            log.warning("worker_batches_abandoned", jobs=left)
+        self.screening.close(wait=not left)  # never wait on a batch that did not finish
+        self.report_builder.close(wait=not left)
 
     def drain(self, timeout_s: float) -> int:
-        """Wait until every handed-over image is recorded; returns how many are still pending."""
+        """Wait until every handed-over batch is recorded; returns how many jobs are still pending."""
         deadline = time.monotonic() + timeout_s
         with self._pending_cv:
             while self._pending and (remaining := deadline - time.monotonic()) > 0:
                 self._pending_cv.wait(min(remaining, 0.5))
-            return len(self._pending)
+            return sum(len(p.jobs) for p in self._pending)
 
     def warm_up(self) -> None:
-        """Run the whole per-image path once on a blank image, writing nothing.
-
-        The first inference, Grad-CAM, font load and highdicom build of a process cost about a
-        second; paid here, at start-up, instead of by the first study's latency.
-        """
+        """Warm up the screening path (inline; a screening process did at its start) and the SR
+        build (in the helper, in the background), writing nothing: a process's first inference,
+        Grad-CAM, font load and highdicom build cost about a second, paid here instead of by the
+        first study's latency."""
         t0 = time.perf_counter()
+        m = self.screening.model
         try:
-            size = self.screener.predictor.input_size
-            blank = np.zeros((1, 1, size, size), np.float32)
-            texture = self.screener.texture(np.zeros((64, 48), np.float32))
-            features = None if texture is None else texture[None]
-            findings, _ = self.screener.score(blank, [{"age": None, "sex": None, "bmi": None}], features)
-            # the overlay and SR paths, in the helper (in the background) or here (inline)
-            self.report_builder.warm_up(_warm_up_source(), np.zeros((64, 48), np.float32), findings)
+            self.screening.warm_up()
+            findings = Findings(0.5, m.threshold, False, 0.5, None, 0.0, -1.0, 1.0, m.tscore_coverage, m.algorithm)
+            self.report_builder.warm_up(blank_source(), [findings])
         except Exception as exc:  # a warm-up problem must not stop the worker; the real path reports
             log.warning("worker_warm_up_failed", error=exc.__class__.__name__)
             return
@@ -220,7 +198,7 @@ class Worker:
         (screening bench, K=10: 10,754 and 10,362 images/h at 2 against 9,189 and 8,561 at 8)."""
         if self.settings.worker.max_batch:
             return self.settings.worker.max_batch
-        return 16 if str(self.screener.device).startswith("cuda") else 2
+        return 16 if self.screening.model.device.startswith("cuda") else 2
 
     def _lease_batch(self) -> list[LeasedJob]:
         cfg = self.settings.worker
@@ -232,20 +210,16 @@ class Worker:
             jobs += store.lease(self.db, self.owner, size - len(jobs), cfg.lease_s)
         return jobs
 
-    def max_pending(self) -> int:
-        """Screened images whose overlay may be in the helper at once (backpressure)."""
-        return PENDING_BATCHES * self.batch_size()
-
     def _wait_for_room(self) -> bool:
-        """Wait (before leasing) until a whole batch fits among the pending overlays; False: stopping."""
-        room = self.max_pending() - self.batch_size()
+        """Wait (before leasing) until fewer than PENDING_BATCHES batches are pending; False: stopping."""
         with self._pending_cv:
-            while len(self._pending) > room and not self._stop.is_set():
+            while len(self._pending) >= PENDING_BATCHES and not self._stop.is_set():
                 self._pending_cv.wait(0.5)
         return not self._stop.is_set()
 
     def run_once(self) -> int:
-        """Screen one batch; returns how many jobs it handled (recorded, or handed over)."""
+        """Hand one batch to the screening engine; returns how many jobs it leased. A batch that
+        is screened at once (inline) and has nobody ahead of it is recorded here and now."""
         self._maybe_reload()
         if not self._wait_for_room():
             return 0
@@ -254,43 +228,22 @@ class Worker:
             return 0
         for job in jobs:
             log.info("job_leased", job_id=job.job_id, attempt=job.attempts, sop_instance_uid=job.ref.sop_instance_uid)
-        outcomes = screen_batch(jobs, self.spool.path, self.screener, self.settings.eligibility.max_pixels)
-        failpoints.hit("mid_inference")
-        for outcome in outcomes:
-            if isinstance(outcome, Screened):
-                self._screened(outcome)
-            elif isinstance(outcome, Rejected):
-                store.finish(self.db, outcome.job.job_id, self.owner, JobState.SKIPPED, outcome.reason)
-                with self._stats_lock:
-                    self.stats.skipped += 1
-                log.info("job_skipped", job_id=outcome.job.job_id, reason=outcome.reason)
-            elif isinstance(outcome, Failed):
-                self._failed(outcome.job, outcome.error)
+        paths = {j.spool_path: self.spool.path(j.spool_path) for j in jobs}
+        p = _Pending(jobs, self.screening.submit(jobs, paths))
+        with self._pending_cv:
+            now = p.outcomes.done() and not self._pending
+            if not now:
+                self._pending.append(p)
+                self._pending_cv.notify_all()
+        if now:
+            self._record_batch(p)
+        elif self._completer is None:
+            self._completer = threading.Thread(target=self._complete_loop, name="strnet-results", daemon=True)
+            self._completer.start()
         return len(jobs)
 
-    def _screened(self, o: Screened) -> None:
-        """Start the overlay and hand the image to the completion thread; inline (no helper, or
-        overlays off) record it now, as the only path did before the helper."""
-        p = _Pending(o.job, o.findings, o.timings_ms, time.perf_counter(), None)
-        if self.settings.reporting.overlay:
-            number = int(o.dataset.get("InstanceNumber") or 1)
-            image = reduce_image(o.pixels)  # a quarter of a large film's bytes to the helper
-            p.overlay = self.report_builder.submit_overlay(o.dataset, image, o.findings, number)
-            p.overlay.add_done_callback(p.mark_ready)
-        else:
-            p.mark_ready()
-        if p.overlay is None or self.report_builder.processes <= 0:
-            self._record(p)
-            return
-        with self._pending_cv:
-            self._pending.append(p)
-            self._pending_cv.notify_all()
-        if self._completer is None:
-            self._completer = threading.Thread(target=self._complete_loop, name="strnet-overlays", daemon=True)
-            self._completer.start()
-
     def _complete_loop(self) -> None:
-        """The completion thread: record each handed-over image, in order, once its overlay is built."""
+        """The completion thread: record each handed-over batch, in order, once it is screened."""
         while True:
             with self._pending_cv:
                 while not self._pending and not self._abandon.is_set():
@@ -298,14 +251,13 @@ class Worker:
                 if self._abandon.is_set():
                     return  # stop() gave up: what is pending stays leased
                 p = self._pending[0]
-            assert p.overlay is not None
-            while not p.overlay.done() and not self._abandon.is_set():
-                futures.wait([p.overlay], timeout=0.2)
+            while not p.outcomes.done() and not self._abandon.is_set():
+                futures.wait([p.outcomes], timeout=0.2)
             if self._abandon.is_set():
                 return
             try:
-                self._record(p)
-            except StorageError as exc:  # the job stays leased; the lease reaper hands it out again
+                self._record_batch(p)
+            except StorageError as exc:  # the rest stays leased; the lease reaper hands it out again
                 log.error("worker_database_error", error=str(exc))
             except Exception as exc:  # a bug must not stop recording for good
                 log.exception("worker_crashed", error=exc.__class__.__name__)
@@ -313,51 +265,70 @@ class Worker:
                 self._pending.popleft()
                 self._pending_cv.notify_all()
 
-    def _record(self, p: _Pending) -> None:
+    def _record_batch(self, p: _Pending) -> None:
+        """Turn a screened batch's outcomes into rows (each job its own commit)."""
+        try:
+            outcomes = p.outcomes.result()
+        except HelperDied as exc:  # a new screening process takes the retry
+            for job in p.jobs:
+                self._failed(job, f"{exc}; the image is screened again")
+            return
+        except ProcessingError as exc:
+            for job in p.jobs:
+                self._failed(job, str(exc))
+            return
+        except Exception as exc:  # a bug in the screening path: retried, then DEAD, never lost
+            log.exception("screening_crashed", error=exc.__class__.__name__)
+            for job in p.jobs:
+                self._failed(job, f"screening failed ({exc.__class__.__name__})")
+            return
+        failpoints.hit("mid_inference")
+        for outcome in outcomes:
+            if isinstance(outcome, Finished):
+                self._record(outcome)
+            elif isinstance(outcome, Rejected):
+                store.finish(self.db, outcome.job.job_id, self.owner, JobState.SKIPPED, outcome.reason)
+                with self._stats_lock:
+                    self.stats.skipped += 1
+                log.info("job_skipped", job_id=outcome.job.job_id, reason=outcome.reason)
+            elif isinstance(outcome, Failed):
+                self._failed(outcome.job, outcome.error)
+
+    def _record(self, o: Finished) -> None:
         """Write the overlay, then result, outbox rows and job DONE in one commit."""
         overlay_obj = None
-        if p.overlay is not None:
-            try:
-                built = p.overlay.result()
-            except (ValueError, TypeError) as exc:
-                self._failed(p.job, f"overlay could not be built: {exc}")
-                return
-            except ProcessingError as exc:  # the helper died (a new one builds the retry) or closed
-                self._failed(p.job, str(exc))
-                return
-            overlay_obj = self._write_result("sc", built.data, built.sop_class_uid, built.sop_instance_uid)
-        ready = p.ready if p.ready is not None else time.perf_counter()
-        timings = {**p.timings_ms, "report": round((ready - p.handed_off) * 1000, 1)}
+        if o.overlay is not None:
+            overlay_obj = self._write_result("sc", o.overlay.data, o.overlay.sop_class_uid, o.overlay.sop_instance_uid)
         failpoints.hit("results_built")
         ok = screening.record_screening(
             self.db,
-            p.job.job_id,
+            o.job.job_id,
             self.owner,
-            p.findings,
-            timings,
+            o.findings,
+            o.timings_ms,
             overlay_obj,
             self.destinations,
             self.settings.sender.send,
         )
         if not ok:
-            log.warning("job_lease_lost", job_id=p.job.job_id)
+            log.warning("job_lease_lost", job_id=o.job.job_id)
             return
         if overlay_obj is not None and self.on_outbox is not None:
             self.on_outbox()
         with self._stats_lock:
             self.stats.screened += 1
-        metrics.INFERENCE_SECONDS.observe(p.timings_ms.get("infer", 0.0) / 1000)
-        f = p.findings
+        metrics.INFERENCE_SECONDS.observe(o.timings_ms.get("infer", 0.0) / 1000)
+        f = o.findings
         log.info(
             "inference_done",
-            job_id=p.job.job_id,
-            sop_instance_uid=p.job.ref.sop_instance_uid,
-            study_instance_uid=p.job.ref.study_instance_uid,
+            job_id=o.job.job_id,
+            sop_instance_uid=o.job.ref.sop_instance_uid,
+            study_instance_uid=o.job.ref.study_instance_uid,
             probability=round(f.probability, 4),
             bone_loss=f.bone_loss,
             severity=f.severity,
             t_score=round(f.t_score, 2),
-            ms=timings,
+            ms=o.timings_ms,
         )
 
     def _failed(self, job: LeasedJob, error: str) -> None:
@@ -380,10 +351,14 @@ class Worker:
         """Build the SR of every study that is complete and quiet (the study-completion sweep)."""
         built = 0
         for ready in screening.ready_studies(self.db, self.settings.reporting.quiet_period_s):
-            if self.tracker is not None and self.tracker.open_count(ready.last_calling_ae) > 0:
-                continue  # the sender may still be sending this study: wait
+            if self.tracker is not None and self.tracker.receiving(ready.study_instance_uid):
+                continue  # an association that brought this study is still open: more may come
+            if self._stop.is_set():
+                break  # stopping: the next start reports it
             try:
                 built += self._report(ready)
+            except HelperClosed:
+                break  # stopped meanwhile: the next start reports it
             except (ProcessingError, ValueError, TypeError, OSError) as exc:
                 log.error("report_failed", study_instance_uid=ready.study_instance_uid, error=str(exc))
         return built
@@ -401,8 +376,8 @@ class Worker:
                 t_score=r.t_score,
                 t_score_low=r.t_score_low,
                 t_score_high=r.t_score_high,
-                interval_coverage=self.screener.predictor.tscore_coverage,
-                algorithm=AlgorithmInfo(self.screener.algorithm.name, r.model_version, r.checkpoint_sha256),
+                interval_coverage=self.screening.model.tscore_coverage,
+                algorithm=AlgorithmInfo(self.screening.model.algorithm.name, r.model_version, r.checkpoint_sha256),
             )
             for _, r in rows
         ]

@@ -154,20 +154,6 @@ def _block_mean(values: np.ndarray, k: int) -> np.ndarray:
     return block * np.float32(1.0 / (k * k))
 
 
-def reduce_image(image: np.ndarray) -> np.ndarray:
-    """The radiograph as the overlay needs it: float32, block-averaged by the whole factor by
-    which it exceeds ``MAX_SIDE_PX`` (a 2500 x 2000 film becomes 1250 x 1000). The worker does
-    this before handing the image to the helper process: a quarter of the bytes to pickle. The
-    picture is usually the same (``_shrink`` takes the same block means first); where its whole
-    factor is larger (3000 rows: 3 there, 2 here) the box filter does the rest of the area
-    average."""
-    values = np.asarray(image, dtype=np.float32)
-    if values.ndim != 2:
-        return values  # build_overlay reports the shape
-    k = max(values.shape) // MAX_SIDE_PX
-    return _block_mean(values, k) if k >= 2 and min(values.shape) >= k else values
-
-
 def _shrink(values: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """Area-average ``values`` down to ``shape``: whole blocks averaged in numpy first (cheap on
     a 5 M pixel film), then PIL's box filter for the remaining non-integer step."""

@@ -19,6 +19,7 @@ from fastapi.staticfiles import StaticFiles
 from agent.audit.db import Database
 from agent.audit.worklist import record_access
 from agent.config import Settings
+from agent.domain import ServedModel
 from agent.logging import get_logger
 from agent.web.auth import (
     CsrfFailed,
@@ -51,16 +52,11 @@ class ModelInfo:
     thresholds: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, screener: Any | None) -> ModelInfo:
-        """From a loaded ``agent.pipeline.infer.Screener`` (duck-typed: the web imports no model)."""
-        if screener is None:
+    def of(cls, model: ServedModel | None) -> ModelInfo:
+        """From the worker's served model (None when no worker runs here)."""
+        if model is None:
             return cls()
-        named = screener.predictor.meta.get("thresholds", {}) or {}
-        return cls(
-            version=screener.algorithm.version,
-            threshold=float(screener.threshold),
-            thresholds={k: v.get("threshold") if isinstance(v, dict) else v for k, v in named.items()},
-        )
+        return cls(version=model.algorithm.version, threshold=model.threshold, thresholds=dict(model.thresholds))
 
 
 def _templates() -> jinja2.Environment:

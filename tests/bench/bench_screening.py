@@ -7,8 +7,9 @@ Run: ``make bench`` or
 Prints figures only (no timed assertions), with the goals of issue 4 beside them:
 images per hour (uncompressed ~10 MB DX), p50/p95 processing latency per study with the quiet
 period excluded, the mean of each stage (receive, decode, preprocess, infer, report, send) and the
-peak RSS (VmHWM) of the `strnet serve` process with the model loaded plus that of its SR helper
-process (``reporting.build_processes``); its CPU per image counts the helper too.
+peak RSS (VmHWM) of the `strnet serve` process plus those of its helper processes (the screening
+process with the model loaded, ``worker.process``; the SR helper, ``reporting.build_processes``);
+its CPU per image counts the helpers too, and is shown per process.
 
 Definitions (all from the agent's own database and log, no clocks of the bench's):
 - throughput window: first instance received -> last overlay delivered to Orthanc;
@@ -198,6 +199,23 @@ def family_cpu_s(pid: int) -> float:
     return sum(cpu_s(p) for p in family(pid))
 
 
+def comm(pid: int) -> str:
+    """The process's name: strnet-screen, strnet-sr (agent/helper.py), python for serve itself."""
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return "?"
+
+
+def cpu_by_name(pid: int) -> dict[str, float]:
+    """CPU seconds so far of ``pid`` ("serve") and of each helper process, by name."""
+    out: dict[str, float] = {}
+    for p in family(pid):
+        name = "serve" if p == pid else comm(p)
+        out[name] = out.get(name, 0.0) + cpu_s(p)
+    return out
+
+
 def settle(pid: int, timeout_s: float = 20.0) -> None:
     """Wait until ``strnet serve`` and its helpers are idle (the worker's warm-up is done)."""
     deadline = time.monotonic() + timeout_s
@@ -269,6 +287,7 @@ def test_bench_screening_through_orthanc(tmp_path: Path) -> None:
         orthanc_pid = pacs._proc.pid if pacs._proc is not None else None
         settle(serve.pid)
         cpu0 = (family_cpu_s(serve.pid), cpu_s(orthanc_pid) if orthanc_pid else float("nan"))
+        by_name0 = cpu_by_name(serve.pid)
         t_route = time.monotonic()
         for i, (uid, _) in enumerate(studies):  # one study after another, each its association
             if PACE_S > 0:
@@ -289,7 +308,10 @@ def test_bench_screening_through_orthanc(tmp_path: Path) -> None:
             assert time.monotonic() < deadline, "not every study was reported and delivered in time"
             time.sleep(0.5)
         peak_rss_mb = vm_hwm_mb(serve.pid)
-        helper_rss_mb = sum(vm_hwm_mb(p) for p in family(serve.pid)[1:])  # 0 without helpers
+        helpers = {comm(p): vm_hwm_mb(p) for p in family(serve.pid)[1:]}
+        helpers = {k: v for k, v in helpers.items() if v == v}  # nan: not a process with memory
+        helper_rss_mb = sum(helpers.values())  # 0 without helpers
+        by_name = {k: v - by_name0.get(k, 0.0) for k, v in cpu_by_name(serve.pid).items()}
         wall_s = time.monotonic() - t_route
         cpu_agent = family_cpu_s(serve.pid) - cpu0[0]
         cpu_orthanc = (cpu_s(orthanc_pid) if orthanc_pid else float("nan")) - cpu0[1]
@@ -367,13 +389,15 @@ def test_bench_screening_through_orthanc(tmp_path: Path) -> None:
         print(f"    {name:<10} {mean(values):8.1f}")
     print(f"    send       {mean(send_ms):8.1f}   (outbox row -> delivered, incl. <= {POLL_S * 1000:.0f} ms poll wait)")
     print(
-        f"  CPU per image, routing to last delivery: strnet serve (with its SR helper) "
-        f"{cpu_agent / n_images * 1000:.0f} ms, "
+        f"  CPU per image, routing to last delivery: strnet serve with its helper processes "
+        f"{cpu_agent / n_images * 1000:.0f} ms "
+        f"({', '.join(f'{k} {v / n_images * 1000:.0f}' for k, v in sorted(by_name.items()) if v > 0.005)}), "
         f"Orthanc {cpu_orthanc / n_images * 1000:.0f} ms (2 cores give 480 ms per image at 15,000/h)"
     )
     total_rss_mb = peak_rss_mb + (helper_rss_mb if helper_rss_mb == helper_rss_mb else 0.0)  # nan: none
     print(
-        f"  peak RSS (VmHWM) of strnet serve {peak_rss_mb:,.0f} MB + SR helper {helper_rss_mb:,.0f} MB "
+        f"  peak RSS (VmHWM) of strnet serve {peak_rss_mb:,.0f} MB + helpers {helper_rss_mb:,.0f} MB "
+        f"({', '.join(f'{k} {v:,.0f}' for k, v in sorted(helpers.items()))}) "
         f"= {total_rss_mb:,.0f} MB  (goal <= {GOAL_RSS_GB} GB: "
         f"{'meets' if total_rss_mb <= GOAL_RSS_GB * 1024 else 'ABOVE'})"
     )

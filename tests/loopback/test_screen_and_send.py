@@ -187,3 +187,25 @@ def test_results_are_sent_when_recorded_not_at_the_next_poll(make_agent: Any, ti
         send_study(agent, bilateral_study())
         wait_for(lambda: [i.state for i in outbox.items(agent.db)] == [OutboxState.DELIVERED.value] * 5, 10.0)
         assert len(pacs.received) == 5
+
+
+def test_one_association_carries_a_study_and_is_released_when_idle(make_agent: Any, tiny_weights: Path) -> None:
+    with PacsPeer() as pacs:
+        agent = screening_agent(make_agent, tiny_weights, pacs.port, sender={"keep_open_s": 30.0})
+        send_study(agent, bilateral_study())
+        wait_for(lambda: [i.state for i in outbox.items(agent.db)] == [OutboxState.DELIVERED.value] * 5)
+        # four overlays as they were screened, the SR seconds later: all on the one kept open
+        assert (pacs.associations, pacs.open) == (1, 1)
+        agent.sender.cfg = agent.sender.cfg.model_copy(update={"keep_open_s": 0.3})
+        agent.sender.wake.set()
+        wait_for(lambda: pacs.open == 0, timeout_s=10)  # released once idle, not held for good
+        assert pacs.associations == 1
+
+
+def test_keep_open_zero_releases_after_each_batch(make_agent: Any, tiny_weights: Path) -> None:
+    with PacsPeer() as pacs:
+        agent = screening_agent(make_agent, tiny_weights, pacs.port, sender={"keep_open_s": 0.0})
+        send_study(agent, bilateral_study())
+        wait_for(lambda: [i.state for i in outbox.items(agent.db)] == [OutboxState.DELIVERED.value] * 5)
+        wait_for(lambda: pacs.open == 0, timeout_s=10)
+        assert pacs.associations >= 2  # the SR came after the overlays, on an association of its own

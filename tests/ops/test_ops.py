@@ -164,7 +164,7 @@ def test_installed_model_is_swapped_in_and_the_next_results_carry_its_version(
             sender={"poll_s": 0.2},
             pacs=[{"name": "pacs", "ae_title": PACS_AET, "host": "127.0.0.1", "port": pacs.port}],
         )
-        before = agent.worker.screener.algorithm.version
+        before = agent.worker.screening.model.algorithm.version
         new = update_metadata(tiny_weights, {"model_version": "tiny-test-2"}, tmp_path / "m" / "tiny2.json")
         install(agent.settings, new)
         send_study(agent, bilateral_study(1)[:1])

@@ -1,6 +1,6 @@
-"""agent/reporting/builder.py: SRs and overlays built in a real helper process (spawned), the
-helper's death, and the inline mode. What the SR and the overlay contain is tested in
-test_reporting.py; the worker's use of overlay futures in test_worker_overlays.py."""
+"""agent/reporting/builder.py: SRs built in a real helper process (spawned), the helper's death,
+and the inline mode. What the SR and the overlay contain is tested in test_reporting.py; overlays
+built in the screening process in test_worker_screening.py; the helper itself in test_helper.py."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from pydicom.uid import generate_uid
 from test_reporting import _findings
 
 from agent.errors import ProcessingError
-from agent.reporting.builder import ReportBuilder, build_overlay_bytes, build_sr_bytes, encode
+from agent.reporting.builder import ReportBuilder, build_sr_bytes
 
 
 def _inputs() -> tuple[list[pydicom.Dataset], list[Any]]:
@@ -41,7 +41,7 @@ def test_helper_process_builds_the_same_sr_as_the_caller() -> None:
     builder = ReportBuilder(processes=1)
     try:
         built = builder.build_sr(sources, findings, 1, None)
-        helper_pid = next(iter(builder._pool._processes))  # type: ignore[union-attr]
+        [helper_pid] = builder.helper.pids()  # type: ignore[union-attr]
     finally:
         builder.close()
     inline = build_sr_bytes(sources, findings, 1, None)
@@ -55,7 +55,7 @@ def test_a_dead_helper_is_a_processing_error_and_is_replaced() -> None:
     builder = ReportBuilder(processes=1)
     try:
         builder.build_sr(sources, findings, 1, None)
-        for pid in list(builder._pool._processes):  # type: ignore[union-attr]
+        for pid in builder.helper.pids():  # type: ignore[union-attr]
             os.kill(pid, signal.SIGKILL)
         with pytest.raises(ProcessingError):
             builder.build_sr(sources, findings, 1, None)
@@ -70,7 +70,7 @@ def test_zero_processes_builds_in_the_caller_and_errors_pass_through() -> None:
     assert builder.build_sr(sources, findings, 1, None).data
     with pytest.raises(ValueError):
         builder.build_sr(sources, findings[:1], 1, None)  # 2 sources, 1 finding
-    assert builder._pool is None
+    assert builder.helper is None
 
 
 # highdicom stamps the time of the build: the only bytes two builds of the same inputs differ in
@@ -84,35 +84,3 @@ def _unstamped(data: bytes) -> bytes:
     for value in sorted({str(e.value).encode() for e in stamps}, key=len, reverse=True):  # datetimes first
         data = data.replace(value, b"*" * len(value))
     return data
-
-
-@pytest.mark.parametrize("implicit", [False, True], ids=["explicit", "implicit"])
-def test_helper_overlay_bytes_equal_the_inline_build(implicit: bool) -> None:
-    ds = knee_dx(seed=5, rows=300, cols=240, implicit=implicit)
-    ds.InstanceNumber = 3
-    source = pydicom.dcmread(BytesIO(encode(ds)))  # as the worker holds it: read from the spool
-    image = np.random.default_rng(2).random((300, 240)).astype(np.float32)
-    finding = _findings(np.random.default_rng(1))[0]  # with a saliency map
-    builder = ReportBuilder(processes=1)
-    try:
-        built = builder.submit_overlay(source, image, finding, 3).result(120)
-        helper_pid = next(iter(builder._pool._processes))  # type: ignore[union-attr]
-    finally:
-        builder.close()
-    inline = build_overlay_bytes(source, image, finding, 3)  # what processes = 0 does
-    assert helper_pid != os.getpid()
-    assert "PixelData" in source  # the helper got a header copy; the source is untouched
-    assert (built.sop_class_uid, built.sop_instance_uid) == (inline.sop_class_uid, inline.sop_instance_uid)
-    assert len(built.data) == len(inline.data)
-    assert _unstamped(built.data) == _unstamped(inline.data)
-
-
-def test_zero_processes_overlay_is_a_completed_future() -> None:
-    source = knee_dx(rows=40, cols=32)
-    finding = _findings(np.random.default_rng(1))[0]
-    builder = ReportBuilder(processes=0)
-    future = builder.submit_overlay(source, np.zeros((40, 32), np.float32), finding, 1)
-    assert future.done() and future.result().data
-    bad = builder.submit_overlay(source, np.zeros((2, 2, 2), np.float32), finding, 1)
-    assert bad.done() and isinstance(bad.exception(), ValueError)
-    assert builder._pool is None

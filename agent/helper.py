@@ -1,0 +1,160 @@
+"""Helper processes: work that would hold the interpreter lock of `strnet serve` runs in another
+process, on the machine's other core.
+
+`strnet serve` receives, records and sends in threads of one Python process; whatever runs Python
+there (highdicom's pure-Python builds, the screening path's glue) stops every other thread. A
+``HelperProcess`` is a ``ProcessPoolExecutor`` started with ``spawn`` (never ``fork``: the parent
+runs threads) whose processes ignore Ctrl-C (the parent stops them), end when their parent is
+gone (even killed with SIGKILL), and run a set-up function once. A
+helper that died is forgotten and the next call starts a new one; every Future it returns raises
+``HelperDied`` for the calls it took down with it. Inputs and outputs are pickled: send headers,
+paths and findings, never a source's pixel data.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from functools import partial
+from typing import Any
+
+from agent.errors import HelperClosed, HelperDied
+from agent.logging import get_logger
+
+log = get_logger(__name__)
+
+_PR_SET_NAME = 15
+
+def _watch_parent(parent: int) -> None:
+    """End this helper when its parent is gone (even killed with SIGKILL): the parent's pid is no
+    longer ours. Linux's PR_SET_PDEATHSIG is no use here: it fires when the parent *thread* that
+    started the helper ends, and helpers are started from whichever thread first needs one."""
+    import os
+    import time
+
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(0)
+
+
+def _name_process(title: str) -> None:
+    """``title`` in ps, top and /proc/PID/comm (Linux; 15 characters at most)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_NAME, ctypes.c_char_p(title[:15].encode()), 0, 0, 0)
+    except (OSError, AttributeError):
+        pass  # not Linux: the name is cosmetic
+
+
+def _init(title: str, parent: int, setup: Callable[..., Any] | None, args: tuple[Any, ...]) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _name_process(title)
+    threading.Thread(target=_watch_parent, args=(parent,), name="parent-watch", daemon=True).start()
+    if setup is not None:
+        setup(*args)
+
+
+class HelperProcess:
+    """``processes`` helper processes named ``name`` in logs and errors and ``title`` in ps and top
+    (default ``strnet-<name>``), each set up once by ``setup(*setup_args)`` (a module-level
+    function: it is pickled). Thread-safe."""
+
+    def __init__(
+        self,
+        name: str,
+        processes: int = 1,
+        setup: Callable[..., Any] | None = None,
+        setup_args: tuple[Any, ...] = (),
+        title: str | None = None,
+    ) -> None:
+        self.name = name
+        self.title = title or f"strnet-{name.lower()}"
+        self.processes = processes
+        self._setup = setup
+        self._setup_args = setup_args
+        self._pool: ProcessPoolExecutor | None = None
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def _executor(self) -> ProcessPoolExecutor:
+        with self._lock:
+            if self._closed:  # never start a helper that nobody would stop
+                raise HelperClosed(f"{self.name} helper closed")
+            if self._pool is None:
+                self._pool = ProcessPoolExecutor(
+                    max_workers=self.processes,
+                    mp_context=multiprocessing.get_context("spawn"),
+                    initializer=_init,
+                    initargs=(self.title, os.getpid(), self._setup, self._setup_args),
+                )
+            return self._pool
+
+    def pids(self) -> list[int]:
+        """The helper processes running now (none before the first call)."""
+        with self._lock:
+            return list(self._pool._processes) if self._pool is not None else []  # noqa: SLF001
+
+    def _discard(self, pool: ProcessPoolExecutor, exc: BaseException) -> None:
+        """Forget a pool whose helper died (once, whoever notices first); the next call starts one."""
+        with self._lock:
+            if self._pool is not pool:
+                return
+            self._pool = None
+        log.error("helper_process_died", helper=self.name, error=exc.__class__.__name__)
+        pool.shutdown(wait=False, cancel_futures=True)
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
+        """Run ``fn(*args)`` in the helper; returns at once. The Future raises what ``fn`` raised,
+        ``HelperDied`` when the helper died with the call (it is replaced for the next one), or
+        ``HelperClosed`` when the helper was closed before it ran."""
+        out: Future[Any] = Future()
+        try:
+            pool = self._executor()
+            inner = pool.submit(fn, *args)
+        except BrokenProcessPool as exc:  # died since the last call: the next one gets a new helper
+            self._discard(pool, exc)
+            out.set_exception(self._died(exc))
+            return out
+        except (RuntimeError, HelperClosed) as exc:  # closed meanwhile (shutting down)
+            out.set_exception(HelperClosed(f"{self.name} helper unavailable: {exc}"))
+            return out
+        inner.add_done_callback(partial(self._relay, pool, out))
+        return out
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``submit(fn, *args)`` and wait for its result."""
+        return self.submit(fn, *args).result()
+
+    def _died(self, exc: BaseException) -> HelperDied:
+        err = HelperDied(f"the {self.name} helper process died")
+        err.__cause__ = exc
+        return err
+
+    def _relay(self, pool: ProcessPoolExecutor, out: Future[Any], inner: Future[Any]) -> None:
+        # Runs in the pool's management thread: hand the outcome on, nothing slow here.
+        if inner.cancelled():
+            out.set_exception(HelperClosed(f"{self.name} helper closed before the call ran"))
+            return
+        exc = inner.exception()
+        if isinstance(exc, BrokenProcessPool):
+            self._discard(pool, exc)
+            out.set_exception(self._died(exc))
+        elif exc is not None:
+            out.set_exception(exc)
+        else:
+            out.set_result(inner.result())
+
+    def close(self, wait: bool = True) -> None:
+        """Stop the helpers; calls not started are cancelled. ``wait=False``: do not wait for the
+        one running (the helper exits after it, or with this process)."""
+        with self._lock:
+            self._closed = True
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=wait, cancel_futures=True)

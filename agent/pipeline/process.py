@@ -1,0 +1,139 @@
+"""Where the worker screens: a process of its own (``worker.process = true``, the default) or
+its own thread.
+
+The screening path (decode, preprocess, texture features, STR-Net, overlay build) costs about
+200 ms of CPU per 10 MB film, much of it Python that holds the interpreter lock. In the process
+that also receives (C-STORE), records and sends, that lock was the limit under sustained load
+(docs/architecture.md, Threads): the main process needed more than one core's worth of it at
+15,000 images per hour. A screening process (agent/helper.py) takes the model, torch and the
+overlay builds to the other core; it reads the spooled files itself, and only job descriptions
+go in and findings with the encoded overlays come back. The main process never imports torch.
+
+Both engines have the same face: ``model`` (what is served), ``submit(jobs, paths)`` (a Future
+of one recordable outcome per job, in order) and ``close()``.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+from agent.domain import LeasedJob, ServedModel
+from agent.helper import HelperProcess
+from agent.logging import get_logger
+from agent.pipeline.run import Recordable
+
+log = get_logger(__name__)
+
+
+class InlineScreening:
+    """Screens in the calling thread (``worker.process = false``): ``submit`` returns done."""
+
+    def __init__(self, screener: Any, max_pixels: int, overlay: bool) -> None:
+        self.screener = screener  # agent.pipeline.infer.Screener
+        self.model: ServedModel = screener.describe()
+        self.max_pixels = max_pixels
+        self.overlay = overlay
+
+    def warm_up(self) -> None:
+        from agent.pipeline.run import warm_up
+
+        warm_up(self.screener, self.overlay)
+
+    def submit(self, jobs: list[LeasedJob], paths: dict[str, Path]) -> Future[list[Recordable]]:
+        from agent.pipeline.run import screen_and_report
+
+        future: Future[list[Recordable]] = Future()
+        try:
+            future.set_result(screen_and_report(jobs, paths, self.screener, self.max_pixels, self.overlay))
+        except Exception as exc:  # noqa: BLE001 - handed to the reader, as the process engine does
+            future.set_exception(exc)
+        return future
+
+    def close(self, wait: bool = True) -> None:
+        pass
+
+
+# -- in the screening process --------------------------------------------------------------------
+_screener: Any = None
+_load_error: BaseException | None = None
+_max_pixels = 0
+_overlay = True
+
+
+def _setup(weights: str, device: str, threshold: str, saliency: bool, threads: int | None,
+           max_pixels: int, overlay: bool) -> None:  # fmt: skip
+    """The screening process's start: load the model and warm the path up. An error is kept and
+    raised by every call (an initializer that raises would only break the pool, wordlessly)."""
+    global _screener, _load_error, _max_pixels, _overlay
+    _max_pixels, _overlay = max_pixels, overlay
+    try:
+        from agent.pipeline.infer import Screener
+        from agent.pipeline.run import warm_up
+
+        _screener = Screener(Path(weights), device=device, threshold=threshold, saliency=saliency, threads=threads)
+        warm_up(_screener, overlay)
+    except BaseException as exc:  # noqa: BLE001 - raised by the first call, in the parent
+        _load_error = exc
+
+
+def _loaded() -> Any:
+    if _load_error is not None:
+        raise _load_error
+    return _screener
+
+
+def _describe() -> ServedModel:
+    return _loaded().describe()  # type: ignore[no-any-return]
+
+
+def _screen(jobs: list[LeasedJob], paths: dict[str, Path]) -> list[Recordable]:
+    from agent.pipeline.run import screen_and_report
+
+    return screen_and_report(jobs, paths, _loaded(), _max_pixels, _overlay)
+
+
+def default_threads() -> int:
+    """torch's CPU threads in the screening process: one fewer than the cores, at least one.
+
+    The main process works on the other core; torch's default (one thread per core) made its
+    threads wait for each other at every layer while that core was busy (screening bench, 10
+    studies: inference 100 ms per image and 258 ms of the process's CPU per image with 2
+    threads, 35 and 176 ms with 1)."""
+    return max(1, (os.cpu_count() or 2) - 1)
+
+
+# -- in the service --------------------------------------------------------------------------------
+class ScreeningProcess:
+    """Screens in a helper process; ``start()`` loads the model there and returns its description
+    (raising ConfigError for a checkpoint that does not load, as the inline engine does)."""
+
+    def __init__(self, weights: Path, worker_cfg: Any, max_pixels: int, overlay: bool) -> None:
+        args = (str(weights), worker_cfg.device, worker_cfg.threshold, worker_cfg.saliency,
+                worker_cfg.cpu_threads or default_threads(), max_pixels, overlay)  # fmt: skip
+        self.helper = HelperProcess("screening", 1, _setup, args, title="strnet-screen")
+        self.model: ServedModel | None = None
+
+    def start(self) -> ScreeningProcess:
+        try:
+            self.model = self.helper.call(_describe)
+        except BaseException:
+            self.helper.close(wait=False)
+            raise
+        return self
+
+    def warm_up(self) -> None:
+        pass  # the process warmed up when it started; a replacement warms up before its first batch
+
+    def submit(self, jobs: list[LeasedJob], paths: dict[str, Path]) -> Future[list[Recordable]]:
+        """The Future raises HelperDied when the process died with the batch (a new one is
+        started for the next), HelperClosed when it was closed first."""
+        return self.helper.submit(_screen, jobs, paths)
+
+    def pids(self) -> list[int]:
+        return self.helper.pids()
+
+    def close(self, wait: bool = True) -> None:
+        self.helper.close(wait)

@@ -1,0 +1,103 @@
+"""agent/helper.py: real spawned helper processes: results and errors come back, a death is a
+HelperDied and the helper is replaced, a closed helper refuses, a helper outlives the thread that
+started it, and ends when its parent is killed with SIGKILL."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from agent.errors import ConfigError, HelperClosed, HelperDied
+from agent.helper import HelperProcess
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _raise_config_error() -> None:
+    raise ConfigError("worker.weights", "checkpoint not found")
+
+
+def test_results_and_errors_come_back_from_the_helper() -> None:
+    helper = HelperProcess("test")
+    try:
+        assert helper.call(os.getpid) != os.getpid()
+        with pytest.raises(ConfigError) as err:  # our exceptions survive the trip, fields and all
+            helper.call(_raise_config_error)
+        assert err.value.setting == "worker.weights" and str(err.value) == "worker.weights: checkpoint not found"
+    finally:
+        helper.close()
+
+
+def test_a_killed_helper_fails_its_call_and_is_replaced() -> None:
+    helper = HelperProcess("test")
+    try:
+        first = helper.call(os.getpid)
+        running = helper.submit(time.sleep, 30)
+        os.kill(first, signal.SIGKILL)
+        with pytest.raises(HelperDied, match="the test helper process died"):
+            running.result(30)
+        assert helper.call(os.getpid) not in (first, os.getpid())
+    finally:
+        helper.close()
+
+
+def test_a_closed_helper_refuses_calls() -> None:
+    helper = HelperProcess("test")
+    helper.call(os.getpid)
+    helper.close()
+    with pytest.raises(HelperClosed):
+        helper.call(os.getpid)
+    assert helper.pids() == []
+
+
+def test_a_helper_outlives_the_thread_that_started_it() -> None:
+    """PR_SET_PDEATHSIG would have ended it with that thread (the bug this module avoids)."""
+    helper = HelperProcess("test")
+    try:
+        pids: list[int] = []
+        starter = threading.Thread(target=lambda: pids.append(helper.call(os.getpid)))
+        starter.start()
+        starter.join()
+        time.sleep(1.5)  # longer than the parent watch's poll
+        assert helper.call(os.getpid) == pids[0]
+    finally:
+        helper.close()
+
+
+_PARENT = """
+import os, sys, time
+sys.path.insert(0, sys.argv[1])
+from agent.helper import HelperProcess
+helper = HelperProcess("orphan-test")
+print(helper.call(os.getpid), flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_helper_ends_when_its_parent_is_killed() -> None:
+    parent = subprocess.Popen([sys.executable, "-c", _PARENT, str(ROOT)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert parent.stdout is not None
+        pid = int(parent.stdout.readline())
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait(10)
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        # gone, or a zombie waiting for init to reap it: either way it no longer runs
+        state = (
+            Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            if Path(f"/proc/{pid}").exists()
+            else "gone"
+        )
+        assert state in ("gone", "Z"), f"helper {pid} still {state} after its parent was killed"
+    finally:
+        if parent.poll() is None:
+            parent.kill()

@@ -1,0 +1,279 @@
+"""agent/queue/worker.py with agent/pipeline/process.py: batches screened in the real screening
+process (spawned, tiny checkpoint) while the worker leases the next, recorded in order by the
+completion thread; the process's death, stop(), a bad checkpoint, the inline mode, overlays off.
+What an overlay contains is tested in test_reporting.py; the helper itself in test_helper.py."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import signal
+import time
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+import pytest
+from conftest import agent_settings, free_port
+from dicom_factory import SECONDARY_CAPTURE, knee_dx
+from pydicom.uid import generate_uid
+from sqlalchemy import select
+from test_report_builder import _unstamped
+from test_reporting import _findings
+
+from agent.app import load_screening, open_database
+from agent.audit.models import Job, Result
+from agent.config import Settings
+from agent.domain import Eligibility, IncomingInstance, InstanceRef, JobState, LeasedJob
+from agent.errors import ConfigError
+from agent.ingest.spool import Spool
+from agent.pipeline.process import InlineScreening, ScreeningProcess
+from agent.pipeline.run import Failed, Screened, finish
+from agent.queue import outbox, store
+from agent.queue.outbox import OutboxState
+from agent.queue.worker import Worker
+from agent.reporting.builder import encode
+
+
+def _settings(tmp_path: Path, weights: Path, process: bool = True, **over: Any) -> Settings:
+    worker = {"enabled": True, "device": "cpu", "max_wait_ms": 0, "max_batch": 2, "process": process,
+              "weights": str(weights), **over.pop("worker", {})}  # fmt: skip
+    reporting = {"build_processes": 0, **over.pop("reporting", {})}
+    pacs = [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": free_port()}]
+    return agent_settings(tmp_path / "agent", worker=worker, reporting=reporting, pacs=pacs, **over)
+
+
+def _worker(tmp_path: Path, weights: Path, process: bool = True, screening: Any = None, **over: Any) -> Worker:
+    """A worker on its own database and spools, screening as ``worker.process`` says."""
+    settings = _settings(tmp_path, weights, process, **over)
+    db = open_database(settings)
+    engine = screening if screening is not None else load_screening(settings)
+    return Worker(settings, db, Spool(settings.spool_dir), Spool(settings.results_dir), engine)
+
+
+def _queue(worker: Worker, n: int) -> list[pydicom.Dataset]:
+    """``n`` knee images spooled and queued (one study), as the C-STORE handler leaves them."""
+    study, out = generate_uid(), []
+    for i in range(n):
+        ds = knee_dx(study_uid=study, laterality="LR"[i % 2], seed=i, rows=96, cols=80)
+        ds.InstanceNumber = i + 1
+        data = encode(ds)
+        rel = worker.spool.write_named(f"{ds.SOPInstanceUID}.dcm", [data])
+        ref = InstanceRef(str(ds.SOPClassUID), str(ds.SOPInstanceUID), study, str(ds.SeriesInstanceUID),
+                          str(ds.file_meta.TransferSyntaxUID))  # fmt: skip
+        store.record_instance(
+            worker.db,
+            IncomingInstance(ref, rel, hashlib.sha256(data).hexdigest(), len(data), "TESTSCU", "127.0.0.1",
+                             Eligibility(True), patient_id=str(ds.PatientID), patient_name=str(ds.PatientName)),
+        )  # fmt: skip
+        out.append(ds)
+    return out
+
+
+def _job(worker: Worker, job_id: int) -> Job:
+    with worker.db.reading() as s:
+        job = s.get(Job, job_id)
+        assert job is not None
+        s.expunge(job)
+        return job
+
+
+def _occupy(worker: Worker, seconds: float) -> Future[Any]:
+    """Keep the screening process busy, so the batch handed over next is surely still pending."""
+    assert isinstance(worker.screening, ScreeningProcess)
+    return worker.screening.helper.submit(time.sleep, seconds)
+
+
+def test_run_once_screens_in_the_screening_process_and_records_done(tmp_path: Path, tiny_weights: Path) -> None:
+    worker = _worker(tmp_path, tiny_weights)
+    try:
+        assert isinstance(worker.screening, ScreeningProcess)
+        assert worker.screening.model is not None and worker.screening.model.device == "cpu"
+        datasets = _queue(worker, 2)
+        assert worker.run_once() == 2
+        assert worker.drain(60) == 0
+        jobs = store.list_jobs(worker.db)
+        assert [j.state for j in jobs] == [JobState.DONE, JobState.DONE]
+        [pid] = worker.screening.pids()
+        assert pid != os.getpid()
+        items = outbox.items(worker.db)
+        assert [(i.kind, i.state, i.destination) for i in items] == [("sc", OutboxState.PENDING.value, "pacs")] * 2
+        for item, ds in zip(items, datasets, strict=True):
+            sc = pydicom.dcmread(worker.results.path(item.path))
+            assert str(sc.SOPClassUID) == SECONDARY_CAPTURE == item.sop_class_uid
+            assert str(sc.SOPInstanceUID) == item.sop_instance_uid
+            assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == ds.SOPInstanceUID
+            assert sc.InstanceNumber == ds.InstanceNumber
+        with worker.db.reading() as s:
+            timings = list(s.execute(select(Result.timings_ms).order_by(Result.id)).scalars())
+        assert all(t["report"] > 0 and {"decode", "preprocess", "infer"} <= set(t) for t in timings), timings
+        assert worker.stats.screened == 2 and worker.stats.failed == 0
+    finally:
+        worker.stop(5)
+
+
+def test_the_process_screens_as_the_inline_engine_does(tmp_path: Path, tiny_weights: Path) -> None:
+    worker = _worker(tmp_path, tiny_weights)
+    inline = InlineScreening(
+        load_screening(_settings(tmp_path, tiny_weights, process=False)).screener, 60_000_000, overlay=True
+    )
+    try:
+        _queue(worker, 2)
+        jobs = store.lease(worker.db, worker.owner, 2, 60)
+        paths = {j.spool_path: worker.spool.path(j.spool_path) for j in jobs}
+        there = worker.screening.submit(jobs, paths).result(120)
+        here = inline.submit(jobs, paths).result()
+    finally:
+        worker.stop(5)
+    assert worker.screening.model == inline.model
+    for a, b in zip(there, here, strict=True):
+        assert type(a).__name__ == type(b).__name__ == "Finished"
+        assert a.findings == b.findings and a.findings.saliency is None  # the map stays in the process
+        assert a.overlay.sop_instance_uid == b.overlay.sop_instance_uid  # type: ignore[union-attr]
+        assert _unstamped(a.overlay.data) == _unstamped(b.overlay.data)  # type: ignore[union-attr]
+
+
+def test_jobs_stay_leased_while_their_batch_is_pending(tmp_path: Path, tiny_weights: Path) -> None:
+    worker = _worker(tmp_path, tiny_weights)
+    try:
+        _queue(worker, 1)
+        busy = _occupy(worker, 3.0)
+        assert worker.run_once() == 1  # returns at once: the process is busy
+        [job] = store.list_jobs(worker.db)
+        assert (job.state, _job(worker, job.job_id).lease_owner) == (JobState.RUNNING, worker.owner)
+        assert outbox.items(worker.db) == []
+        busy.result(30)
+        assert worker.drain(60) == 0
+        assert _job(worker, job.job_id).state == JobState.DONE.value
+        assert [i.kind for i in outbox.items(worker.db)] == ["sc"]
+    finally:
+        worker.stop(5)
+
+
+def test_a_killed_screening_process_fails_the_batch_for_a_retry_in_a_new_one(
+    tmp_path: Path, tiny_weights: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("agent.queue.worker.RETRY_DELAY_S", 0.0)  # lease the failed job again at once
+    worker = _worker(tmp_path, tiny_weights)
+    try:
+        _queue(worker, 1)
+        _occupy(worker, 30.0)
+        worker.run_once()
+        [pid] = worker.screening.pids()
+        os.kill(pid, signal.SIGKILL)
+        assert worker.drain(60) == 0
+        [job] = store.list_jobs(worker.db)
+        assert job.state == JobState.FAILED and "screening helper process died" in (job.reason or ""), job.reason
+        assert outbox.items(worker.db) == []
+        # the retry: leased again, screened by a new process (loaded and warmed up first), recorded
+        assert worker.run_once() == 1
+        assert worker.drain(120) == 0
+        [job] = store.list_jobs(worker.db)
+        assert (job.state, job.attempts) == (JobState.DONE, 2)
+        assert [i.kind for i in outbox.items(worker.db)] == ["sc"]
+        assert worker.screening.pids() not in ([], [pid])
+    finally:
+        worker.stop(5)
+
+
+def test_stop_abandons_pending_batches_without_hanging_and_leaves_them_leased(
+    tmp_path: Path, tiny_weights: Path
+) -> None:
+    worker = _worker(tmp_path, tiny_weights)
+    _queue(worker, 1)
+    _occupy(worker, 20.0)
+    worker.run_once()
+    t0 = time.monotonic()
+    worker.stop(timeout_s=0.5)
+    assert time.monotonic() - t0 < 10
+    [job] = store.list_jobs(worker.db)
+    assert (job.state, _job(worker, job.job_id).lease_owner) == (JobState.RUNNING, worker.owner)  # for the reaper
+    assert outbox.items(worker.db) == []
+    assert worker._completer is not None and not worker._completer.is_alive()
+    assert worker.screening.pids() == []
+
+
+def test_a_checkpoint_that_does_not_load_stops_start_up_with_a_config_error(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere.json"
+    with pytest.raises(ConfigError) as err:
+        load_screening(_settings(tmp_path, missing))
+    assert err.value.setting == "worker.weights" and "nowhere.json" in str(err.value)
+
+
+def test_inline_mode_screens_and_records_in_the_worker_thread(tmp_path: Path, tiny_weights: Path) -> None:
+    worker = _worker(tmp_path, tiny_weights, process=False, sender={"send": False})
+    try:
+        assert isinstance(worker.screening, InlineScreening)
+        _queue(worker, 2)
+        assert worker.run_once() == 2
+        # recorded before run_once returned: no process, no completion thread
+        assert [j.state for j in store.list_jobs(worker.db)] == [JobState.DONE, JobState.DONE]
+        assert [i.state for i in outbox.items(worker.db)] == [OutboxState.SHADOW.value] * 2
+        assert worker._completer is None
+    finally:
+        worker.stop(5)
+
+
+def test_overlays_off_records_without_building(tmp_path: Path, tiny_weights: Path) -> None:
+    worker = _worker(tmp_path, tiny_weights, reporting={"overlay": False})
+    try:
+        _queue(worker, 1)
+        worker.run_once()
+        assert worker.drain(60) == 0
+        assert [j.state for j in store.list_jobs(worker.db)] == [JobState.DONE]
+        assert outbox.items(worker.db) == []
+        with worker.db.reading() as s:
+            [timings] = s.execute(select(Result.timings_ms)).scalars().all()
+        assert timings["report"] < 1.0  # nothing built
+    finally:
+        worker.stop(5)
+
+
+class _Outcomes:
+    """A stand-in engine that returns the outcomes it is given (the recording logic under test,
+    not screening: a real engine cannot be made to produce an overlay error on demand)."""
+
+    def __init__(self, make: Any, model: Any) -> None:
+        self.make, self.model = make, model
+
+    def submit(self, jobs: list[LeasedJob], paths: dict[str, Path]) -> Future[Any]:
+        f: Future[Any] = Future()
+        f.set_result(self.make(jobs))
+        return f
+
+    def warm_up(self) -> None:
+        pass
+
+    def close(self, wait: bool = True) -> None:
+        pass
+
+
+def test_an_overlay_build_error_fails_the_job_with_the_reason(tmp_path: Path, tiny_weights: Path) -> None:
+    finding = _findings(np.random.default_rng(3))[0]
+    bad = np.zeros((2, 2, 2), np.float32)  # not an image: build_overlay refuses it
+
+    def screened_with_bad_pixels(jobs: list[LeasedJob]) -> list[Any]:
+        return [finish(Screened(j, knee_dx(rows=40, cols=32), bad, finding, {"decode": 1.0}), True) for j in jobs]
+
+    model = load_screening(_settings(tmp_path, tiny_weights, process=False)).model
+    worker = _worker(tmp_path, tiny_weights, screening=_Outcomes(screened_with_bad_pixels, model))
+    try:
+        _queue(worker, 1)
+        worker.run_once()
+        [job] = store.list_jobs(worker.db)
+        assert job.state == JobState.FAILED
+        assert job.reason is not None and job.reason.startswith("overlay could not be built: image must be")
+        assert outbox.items(worker.db) == [] and worker.stats.failed == 1
+    finally:
+        worker.stop(5)
+
+
+def test_finish_lets_go_of_pixels_and_saliency() -> None:
+    finding = _findings(np.random.default_rng(3))[0]
+    job = LeasedJob(1, 1, "x.dcm", InstanceRef("1.2", "1.2.3", "1.2.4", "1.2.5", "1.2.840.10008.1.2.1"))
+    out = finish(Screened(job, knee_dx(rows=40, cols=32), np.zeros((40, 32), np.float32), finding, {}), True)
+    assert not isinstance(out, Failed) and out.overlay is not None and out.overlay.data
+    assert out.findings == dataclasses.replace(finding, saliency=None)
