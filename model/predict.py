@@ -160,14 +160,37 @@ class Predictor:
         x = self._as_batch(batch)
         c = clinical_tensor(clinical, x.shape[0]).to(self.device)
         raw = infer_arrays(self.model, x, c, batch_size=max(1, x.shape[0]), device=self.device)
+        return self._results(raw, texture, x.shape[0])
+
+    def predict_with_saliency(
+        self,
+        batch: torch.Tensor | np.ndarray,
+        clinical: ClinicalInput = None,
+        texture: np.ndarray | None = None,
+    ) -> tuple[list[dict[str, Any]], np.ndarray]:
+        """``predict`` and ``saliency`` (as an (N, S, S) array) from one pass of the backbone,
+        the expensive part, instead of two: the same numbers on the CPU (on CUDA the map comes
+        from the autocast feature map)."""
+        x = self._as_batch(batch)
+        c = clinical_tensor(clinical, x.shape[0]).to(self.device)
+        self.model.eval()
+        with torch.no_grad(), autocast_context(self.device):
+            fmap = self.model.forward_features(x)
+            out = self.model.forward_head(fmap, c)
+        raw = {key: out[key].float().cpu().numpy() for key in ("screen_logit", "severity_logit", "tscore")}
+        for task, g in self.model.gate_weights.items():
+            raw[f"gate_{task}"] = g.float().cpu().numpy()
+        return self._results(raw, texture, x.shape[0]), self._grad_cam(fmap, x.shape[-2:])
+
+    def _results(self, raw: dict[str, np.ndarray], texture: np.ndarray | None, n: int) -> list[dict[str, Any]]:
         if self.texture is not None:
             if texture is None:
                 raise ValueError("this checkpoint has a texture stage: pass each film's texture features")
-            raw = self.texture.apply(raw, np.asarray(texture, dtype=np.float32).reshape(x.shape[0], -1))
+            raw = self.texture.apply(raw, np.asarray(texture, dtype=np.float32).reshape(n, -1))
         p = sigmoid(raw["screen_logit"] / self.temperature)
         q = sigmoid(raw["severity_logit"])
         results = []
-        for i in range(x.shape[0]):
+        for i in range(n):
             positive = bool(p[i] >= self.threshold)
             t = float(apply_linear(raw["tscore"][i], self.meta.get("tscore_calibration")))
             severity = ("osteoporosis" if q[i] >= 0.5 else "osteopenia") if positive else "normal"
@@ -194,17 +217,24 @@ class Predictor:
         input and scaled to [0, 1]: (S, S) for one image, (N, S, S) for a batch."""
         xb = self._as_batch(x)
         self.model.eval()
+        with torch.no_grad():
+            fmap = self.model.forward_features(xb)
+        cam = self._grad_cam(fmap, xb.shape[-2:])
+        return cam[0] if cam.shape[0] == 1 else cam
+
+    def _grad_cam(self, features: torch.Tensor, size: Any) -> np.ndarray:
+        """(N, S, S) Grad-CAM maps in [0, 1] from the backbone's feature map: only the head is
+        run again, with gradients."""
         with torch.enable_grad():
-            fmap = self.model.forward_features(xb).detach().float().requires_grad_(True)
+            fmap = features.detach().float().requires_grad_(True)
             out = self.model.forward_head(fmap)
             (grad,) = torch.autograd.grad(out["screen_logit"].sum(), fmap)
         weights = grad.mean(dim=(2, 3), keepdim=True)
         cam = F.relu((weights * fmap).sum(dim=1, keepdim=True)).detach()
-        cam = F.interpolate(cam, size=xb.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+        cam = F.interpolate(cam, size=size, mode="bilinear", align_corners=False)[:, 0]
         lo = cam.amin(dim=(1, 2), keepdim=True)
         hi = cam.amax(dim=(1, 2), keepdim=True)
-        cam = ((cam - lo) / (hi - lo).clamp_min(1e-8)).cpu().numpy().astype(np.float32)
-        return cam[0] if cam.shape[0] == 1 else cam
+        return ((cam - lo) / (hi - lo).clamp_min(1e-8)).cpu().numpy().astype(np.float32)
 
     def predict_file(self, path: str | Path, clinical: dict[str, Any] | None = None) -> dict:
         """Decode, preprocess and score one file (texture features from the same decode)."""

@@ -94,8 +94,10 @@ class Screener:
         a texture stage); returns the findings and the inference time in ms."""
         t0 = time.perf_counter()
         try:
-            raw = self.predictor.predict(batch, list(clinical), texture)
-            maps = self.predictor.saliency(batch) if self.saliency else None
+            if self.saliency:  # one backbone pass for both
+                raw, maps = self.predictor.predict_with_saliency(batch, list(clinical), texture)
+            else:
+                raw, maps = self.predictor.predict(batch, list(clinical), texture), None
         except (RuntimeError, ValueError) as exc:
             raise ProcessingError(f"inference failed: {exc}") from None
         if maps is not None and maps.ndim == 2:

@@ -132,3 +132,19 @@ def test_predictor_saliency(ckpt: Path) -> None:
     assert cam.shape == (S, S) and cam.min() >= 0.0 and cam.max() <= 1.0
     assert np.array_equal(cam, p.saliency(x))
     assert p.saliency(np.repeat(x, 2, axis=0)).shape == (2, S, S)
+
+
+def test_predict_with_saliency_equals_predict_and_saliency_from_one_backbone_pass(
+    ckpt: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    p = Predictor(ckpt, device="cpu")
+    x = np.random.default_rng(2).normal(size=(3, 1, S, S)).astype(np.float32)
+    clin = [{"age": 70, "sex": "F", "bmi": 22.0}, None, {"age": 55, "sex": "M"}]
+    expected, expected_maps = p.predict(x, clin), p.saliency(x)
+    passes = []
+    forward_features = p.model.forward_features
+    monkeypatch.setattr(p.model, "forward_features", lambda t: passes.append(1) or forward_features(t))
+    results, maps = p.predict_with_saliency(x, clin)
+    assert len(passes) == 1  # predict + saliency ran it twice
+    assert results == expected
+    assert np.array_equal(maps, expected_maps)
