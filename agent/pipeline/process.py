@@ -22,10 +22,7 @@ from typing import Any
 
 from agent.domain import LeasedJob, ServedModel
 from agent.helper import HelperProcess
-from agent.logging import get_logger
-from agent.pipeline.run import Recordable
-
-log = get_logger(__name__)
+from agent.pipeline.run import Recordable, screen_and_report, warm_up
 
 
 class InlineScreening:
@@ -38,13 +35,9 @@ class InlineScreening:
         self.overlay = overlay
 
     def warm_up(self) -> None:
-        from agent.pipeline.run import warm_up
-
         warm_up(self.screener, self.overlay)
 
     def submit(self, jobs: list[LeasedJob], paths: dict[str, Path]) -> Future[list[Recordable]]:
-        from agent.pipeline.run import screen_and_report
-
         future: Future[list[Recordable]] = Future()
         try:
             future.set_result(screen_and_report(jobs, paths, self.screener, self.max_pixels, self.overlay))
@@ -70,8 +63,7 @@ def _setup(weights: str, device: str, threshold: str, saliency: bool, threads: i
     global _screener, _load_error, _max_pixels, _overlay
     _max_pixels, _overlay = max_pixels, overlay
     try:
-        from agent.pipeline.infer import Screener
-        from agent.pipeline.run import warm_up
+        from agent.pipeline.infer import Screener  # torch: here, never in the service's process
 
         _screener = Screener(Path(weights), device=device, threshold=threshold, saliency=saliency, threads=threads)
         warm_up(_screener, overlay)
@@ -90,8 +82,6 @@ def _describe() -> ServedModel:
 
 
 def _screen(jobs: list[LeasedJob], paths: dict[str, Path]) -> list[Recordable]:
-    from agent.pipeline.run import screen_and_report
-
     return screen_and_report(jobs, paths, _loaded(), _max_pixels, _overlay)
 
 
