@@ -200,7 +200,8 @@ class SenderSection(_Section):
         ge=0,
         description="Keep an association to a destination open this long after its last send, so a "
         "stream of results does not wait for an association set-up per batch (an open association "
-        "costs pynetdicom's polling, about a tenth of a core); 0 = release after each batch.",
+        "costs pynetdicom's polling, about a tenth of a core); 0 = release after each batch. Keep it "
+        "below timeout_s, after which pynetdicom aborts an idle association.",
     )
 
 

@@ -30,6 +30,7 @@ log = get_logger(__name__)
 
 _PR_SET_NAME = 15
 
+
 def _watch_parent(parent: int) -> None:
     """End this helper when its parent is gone (even killed with SIGKILL): the parent's pid is no
     longer ours. Linux's PR_SET_PDEATHSIG is no use here: it fires when the parent *thread* that
@@ -53,7 +54,10 @@ def _name_process(title: str) -> None:
 
 
 def _init(title: str, parent: int, setup: Callable[..., Any] | None, args: tuple[Any, ...]) -> None:
+    # Ctrl-C and systemd's SIGTERM reach the whole process group or cgroup: the parent stops its
+    # helpers itself (close()), after recording what they finish, and they end when it is gone.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _name_process(title)
     threading.Thread(target=_watch_parent, args=(parent,), name="parent-watch", daemon=True).start()
     if setup is not None:
@@ -114,16 +118,19 @@ class HelperProcess:
         ``HelperDied`` when the helper died with the call (it is replaced for the next one), or
         ``HelperClosed`` when the helper was closed before it ran."""
         out: Future[Any] = Future()
-        try:
-            pool = self._executor()
-            inner = pool.submit(fn, *args)
-        except BrokenProcessPool as exc:  # died since the last call: the next one gets a new helper
-            self._discard(pool, exc)
-            out.set_exception(self._died(exc))
-            return out
-        except (RuntimeError, HelperClosed) as exc:  # closed meanwhile (shutting down)
-            out.set_exception(HelperClosed(f"{self.name} helper unavailable: {exc}"))
-            return out
+        for attempt in (1, 2):
+            try:
+                pool = self._executor()
+                inner = pool.submit(fn, *args)
+                break
+            except BrokenProcessPool as exc:  # died while idle: this call never ran; a new helper takes it
+                self._discard(pool, exc)
+                if attempt == 2:
+                    out.set_exception(self._died(exc))
+                    return out
+            except (RuntimeError, HelperClosed) as exc:  # closed meanwhile (shutting down)
+                out.set_exception(HelperClosed(f"{self.name} helper unavailable: {exc}"))
+                return out
         inner.add_done_callback(partial(self._relay, pool, out))
         return out
 
@@ -151,10 +158,17 @@ class HelperProcess:
             out.set_result(inner.result())
 
     def close(self, wait: bool = True) -> None:
-        """Stop the helpers; calls not started are cancelled. ``wait=False``: do not wait for the
-        one running (the helper exits after it, or with this process)."""
+        """Stop the helpers; calls not started are cancelled (HelperClosed). ``wait=False``: kill
+        a helper still running a call (it may be stuck: the interpreter's exit would otherwise
+        wait for it, and it would wait for this process to end); the call raises HelperDied."""
         with self._lock:
             self._closed = True
             pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.shutdown(wait=wait, cancel_futures=True)
+        if pool is None:
+            return
+        processes = list(pool._processes.values())  # noqa: SLF001 - to kill them, below
+        pool.shutdown(wait=wait, cancel_futures=True)
+        if not wait:
+            for proc in processes:
+                if proc.is_alive():
+                    proc.kill()

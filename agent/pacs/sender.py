@@ -225,7 +225,10 @@ class Sender:
             # a path, with chunked send on: the file's bytes go out as stored (no decode and
             # re-encode of a 2.5 MB overlay); our files are explicit VR little endian, as requested
             rsp = assoc.send_c_store(path)  # type: ignore[attr-defined]
-        except (ValueError, RuntimeError) as exc:  # no accepted context for this SOP class
+        except RuntimeError:  # no longer established: the PACS released or aborted it meanwhile
+            self._transient(item, None, "association lost")
+            return
+        except ValueError as exc:  # no accepted context for this SOP class
             outbox.dead(self.db, item.id, None, f"PACS did not accept the SOP class: {exc}")
             return
         code = int(rsp.Status) if rsp is not None and "Status" in rsp else None

@@ -22,6 +22,7 @@ from typing import Any
 
 from agent.domain import LeasedJob, ServedModel
 from agent.helper import HelperProcess
+from agent.logging import get_logger
 from agent.pipeline.run import Recordable, screen_and_report, warm_up
 
 
@@ -66,9 +67,13 @@ def _setup(weights: str, device: str, threshold: str, saliency: bool, threads: i
         from agent.pipeline.infer import Screener  # torch: here, never in the service's process
 
         _screener = Screener(Path(weights), device=device, threshold=threshold, saliency=saliency, threads=threads)
-        warm_up(_screener, overlay)
     except BaseException as exc:  # noqa: BLE001 - raised by the first call, in the parent
         _load_error = exc
+        return
+    try:
+        warm_up(_screener, overlay)
+    except Exception as exc:  # noqa: BLE001 - as inline: the real path reports its own errors
+        get_logger(__name__).warning("worker_warm_up_failed", error=exc.__class__.__name__)
 
 
 def _loaded() -> Any:
@@ -92,7 +97,11 @@ def default_threads() -> int:
     threads wait for each other at every layer while that core was busy (screening bench, 10
     studies: inference 100 ms per image and 258 ms of the process's CPU per image with 2
     threads, 35 and 176 ms with 1)."""
-    return max(1, (os.cpu_count() or 2) - 1)
+    try:
+        cores = len(os.sched_getaffinity(0))  # the cores this process may use (containers, taskset)
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 2
+    return max(1, cores - 1)
 
 
 # -- in the service --------------------------------------------------------------------------------

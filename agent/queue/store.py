@@ -250,6 +250,25 @@ def fail(db: Database, job_id: int, owner: str, delay_s: float, reason: str) -> 
         return res.rowcount == 1  # type: ignore[attr-defined]
 
 
+def release(db: Database, job_id: int, owner: str) -> bool:
+    """Hand a leased job back unrun (its screening process was closed or died while stopping):
+    QUEUED again at once, and the lease does not count as an attempt."""
+    now = utcnow()
+    with db.transaction() as s:
+        res = s.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.lease_owner == owner, Job.state == JobState.RUNNING.value)
+            .values(
+                state=JobState.QUEUED.value,
+                lease_owner=None,
+                lease_expires_at=None,
+                attempts=Job.attempts - 1,
+                updated_at=now,
+            )
+        )
+        return res.rowcount == 1  # type: ignore[attr-defined]
+
+
 def replay(db: Database, job_ids: list[int] | None = None) -> int:
     """DEAD or FAILED jobs (these, or all DEAD) go back to QUEUED."""
     now = utcnow()

@@ -118,7 +118,11 @@ class Worker:
         except Exception as exc:  # keep serving the old model rather than stop
             log.error("model_reload_failed", error=str(exc))
             return
-        self.drain(self.settings.worker.lease_s)
+        while self._pending and not self._stop.is_set():  # the old model's batches first
+            self.drain(0.5)
+        if self._stop.is_set():
+            new.close(wait=False)
+            return
         old, self.screening = self.screening, new
         old.close()
         log.warning("model_swapped", old=old.model.algorithm.version, new=new.model.algorithm.version)
@@ -149,7 +153,7 @@ class Worker:
             self._completer.join(1.0)
         if left:
             log.warning("worker_batches_abandoned", jobs=left)
-        self.screening.close(wait=not left)  # never wait on a batch that did not finish
+        self.screening.close(wait=not left)  # a batch that did not finish: its process is killed
         self.report_builder.close(wait=not left)
 
     def drain(self, timeout_s: float) -> int:
@@ -269,9 +273,18 @@ class Worker:
         """Turn a screened batch's outcomes into rows (each job its own commit)."""
         try:
             outcomes = p.outcomes.result()
-        except HelperDied as exc:  # a new screening process takes the retry
-            for job in p.jobs:
-                self._failed(job, f"{exc}; the image is screened again")
+        except (HelperDied, HelperClosed) as exc:
+            if isinstance(exc, HelperClosed) or self._stop.is_set():
+                # never run (closed for a model swap or a stop), or killed with the service:
+                # back to the queue, no attempt counted
+                for job in p.jobs:
+                    store.release(self.db, job.job_id, self.owner)
+                log.warning("worker_batch_released", jobs=len(p.jobs), reason=exc.__class__.__name__)
+                return
+            # a new screening process takes the retry; batch-mates are retried a little apart, so
+            # an image that kills the process does not take the same images down with it again
+            for n, job in enumerate(p.jobs):
+                self._failed(job, f"{exc}; the image is screened again", extra_delay_s=2.0 * n)
             return
         except ProcessingError as exc:
             for job in p.jobs:
@@ -331,14 +344,14 @@ class Worker:
             ms=o.timings_ms,
         )
 
-    def _failed(self, job: LeasedJob, error: str) -> None:
+    def _failed(self, job: LeasedJob, error: str, extra_delay_s: float = 0.0) -> None:
         with self._stats_lock:
             self.stats.failed += 1
         if job.attempts >= self.settings.worker.max_attempts:
             store.finish(self.db, job.job_id, self.owner, JobState.DEAD, f"failed {job.attempts} times: {error}")
             log.error("job_dead", job_id=job.job_id, error=error, attempts=job.attempts)
         else:
-            store.fail(self.db, job.job_id, self.owner, RETRY_DELAY_S, error)
+            store.fail(self.db, job.job_id, self.owner, RETRY_DELAY_S + extra_delay_s, error)
             log.warning("job_failed", job_id=job.job_id, error=error, attempt=job.attempts)
 
     def _write_result(self, kind: str, data: bytes, sop_class_uid: str, sop_instance_uid: str) -> OutgoingObject:
@@ -389,7 +402,8 @@ class Worker:
         if recorded:
             if self.on_outbox is not None:
                 self.on_outbox()
-            self.stats.reports += 1
+            with self._stats_lock:
+                self.stats.reports += 1
             log.info(
                 "report_built",
                 study_instance_uid=ready.study_instance_uid,

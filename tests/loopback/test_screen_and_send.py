@@ -209,3 +209,24 @@ def test_keep_open_zero_releases_after_each_batch(make_agent: Any, tiny_weights:
         wait_for(lambda: [i.state for i in outbox.items(agent.db)] == [OutboxState.DELIVERED.value] * 5)
         wait_for(lambda: pacs.open == 0, timeout_s=10)
         assert pacs.associations >= 2  # the SR came after the overlays, on an association of its own
+
+
+def test_an_association_lost_before_a_send_is_retried_not_dead(make_agent: Any, tiny_weights: Path) -> None:
+    """pynetdicom raises RuntimeError when the association is gone (the PACS released or aborted
+    the one kept open between our check and the send): transient, unlike a refused SOP class."""
+    with PacsPeer() as pacs:
+        agent = screening_agent(make_agent, tiny_weights, pacs.port, reporting={"overlay": False})
+        agent.sender.stop()  # this test drives the sender itself
+        send_study(agent, bilateral_study(1)[:1])
+        wait_for(lambda: len(outbox.items(agent.db)) == 1)  # the SR
+        [item] = outbox.lease_due(agent.db)
+
+        class Gone:  # stands in for an association that ended between the check and the send
+            is_established = True
+
+            def send_c_store(self, path: Any) -> None:
+                raise RuntimeError("The association with a peer SCP must be established")
+
+        agent.sender._send_one(Gone(), agent.settings.pacs[0], item)
+        [after] = outbox.items(agent.db)
+        assert after.state == OutboxState.RETRY.value and "association lost" in (after.last_error or "")

@@ -101,3 +101,44 @@ def test_a_helper_ends_when_its_parent_is_killed() -> None:
     finally:
         if parent.poll() is None:
             parent.kill()
+
+
+def test_close_without_waiting_kills_a_busy_helper() -> None:
+    """A stuck call must not hold up the service's exit (the pool would wait for it at exit)."""
+    helper = HelperProcess("test")
+    pid = helper.call(os.getpid)
+    busy = helper.submit(time.sleep, 60)
+    t0 = time.monotonic()
+    helper.close(wait=False)
+    with pytest.raises((HelperDied, HelperClosed)):
+        busy.result(10)
+    deadline = time.monotonic() + 5
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        if state == "Z":
+            break
+        time.sleep(0.05)
+    assert time.monotonic() - t0 < 5
+
+
+def test_a_helper_that_died_while_idle_does_not_fail_the_next_call() -> None:
+    helper = HelperProcess("test")
+    try:
+        first = helper.call(os.getpid)
+        os.kill(first, signal.SIGKILL)
+        time.sleep(1.0)  # the pool notices while idle
+        assert helper.call(os.getpid) not in (first, os.getpid())  # run by a new helper, no HelperDied
+    finally:
+        helper.close()
+
+
+def test_helpers_ignore_sigterm_sent_to_the_whole_group() -> None:
+    """systemd's default stop signals every process of the unit: the service stops its helpers."""
+    helper = HelperProcess("test")
+    try:
+        pid = helper.call(os.getpid)
+        os.kill(pid, signal.SIGTERM)
+        time.sleep(0.5)
+        assert helper.call(os.getpid) == pid
+    finally:
+        helper.close()

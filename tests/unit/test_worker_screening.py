@@ -196,6 +196,24 @@ def test_stop_abandons_pending_batches_without_hanging_and_leaves_them_leased(
     assert worker.screening.pids() == []
 
 
+def test_a_batch_the_process_never_ran_goes_back_to_the_queue_without_an_attempt(
+    tmp_path: Path, tiny_weights: Path
+) -> None:
+    worker = _worker(tmp_path, tiny_weights)
+    try:
+        _queue(worker, 1)
+        for _ in range(3):  # one running, two more the pool hands to its process in advance
+            _occupy(worker, 1.0)
+        worker.run_once()  # queued behind them, not yet handed to the process
+        worker.screening.close(wait=True)  # the sleeps end, the batch is cancelled
+        assert worker.drain(30) == 0
+        [job] = store.list_jobs(worker.db)
+        assert (job.state, job.attempts, job.reason) == (JobState.QUEUED, 0, None)
+        assert worker.stats.failed == 0 and outbox.items(worker.db) == []
+    finally:
+        worker.stop(5)
+
+
 def test_a_checkpoint_that_does_not_load_stops_start_up_with_a_config_error(tmp_path: Path) -> None:
     missing = tmp_path / "nowhere.json"
     with pytest.raises(ConfigError) as err:
