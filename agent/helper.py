@@ -157,6 +157,15 @@ class HelperProcess:
         else:
             out.set_result(inner.result())
 
+    def kill(self) -> None:
+        """Kill the helpers now (a call that never returns): their calls raise HelperDied and the
+        next call starts a new helper."""
+        with self._lock:
+            pool = self._pool
+        for proc in list(pool._processes.values()) if pool is not None else []:  # noqa: SLF001
+            if proc.is_alive():
+                proc.kill()
+
     def close(self, wait: bool = True) -> None:
         """Stop the helpers; calls not started are cancelled (HelperClosed). ``wait=False``: kill
         a helper still running a call (it may be stuck: the interpreter's exit would otherwise

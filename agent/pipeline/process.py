@@ -134,5 +134,9 @@ class ScreeningProcess:
     def pids(self) -> list[int]:
         return self.helper.pids()
 
+    def kill(self) -> None:
+        """Kill a screening process stuck on a batch (the batch fails for a retry)."""
+        self.helper.kill()
+
     def close(self, wait: bool = True) -> None:
         self.helper.close(wait)

@@ -57,6 +57,7 @@ class _Pending:
 
     jobs: list[LeasedJob]
     outcomes: futures.Future[list[Recordable]]
+    handed_off: float = 0.0  # monotonic
 
 
 class Worker:
@@ -233,7 +234,7 @@ class Worker:
         for job in jobs:
             log.info("job_leased", job_id=job.job_id, attempt=job.attempts, sop_instance_uid=job.ref.sop_instance_uid)
         paths = {j.spool_path: self.spool.path(j.spool_path) for j in jobs}
-        p = _Pending(jobs, self.screening.submit(jobs, paths))
+        p = _Pending(jobs, self.screening.submit(jobs, paths), time.monotonic())
         with self._pending_cv:
             now = p.outcomes.done() and not self._pending
             if not now:
@@ -255,8 +256,15 @@ class Worker:
                 if self._abandon.is_set():
                     return  # stop() gave up: what is pending stays leased
                 p = self._pending[0]
+            # a batch not back well within the lease (a decoder that never returns on some input):
+            # kill the process; the batch fails for a retry and a new process takes the next
+            deadline, killed = p.handed_off + 0.9 * self.settings.worker.lease_s, False
             while not p.outcomes.done() and not self._abandon.is_set():
                 futures.wait([p.outcomes], timeout=0.2)
+                if not killed and time.monotonic() > deadline and hasattr(self.screening, "kill"):
+                    log.error("screening_stuck", jobs=len(p.jobs), seconds=round(time.monotonic() - p.handed_off))
+                    self.screening.kill()
+                    killed = True
             if self._abandon.is_set():
                 return
             try:

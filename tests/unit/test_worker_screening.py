@@ -179,6 +179,23 @@ def test_a_killed_screening_process_fails_the_batch_for_a_retry_in_a_new_one(
         worker.stop(5)
 
 
+def test_a_stuck_screening_process_is_killed_and_the_batch_retried(tmp_path: Path, tiny_weights: Path) -> None:
+    worker = _worker(tmp_path, tiny_weights, worker={"lease_s": 3.0})
+    try:
+        _queue(worker, 1)
+        _occupy(worker, 120.0)  # a call that does not return: the batch waits behind it
+        t0 = time.monotonic()
+        worker.run_once()
+        [pid] = worker.screening.pids()
+        assert worker.drain(30) == 0
+        assert time.monotonic() - t0 < 20  # killed at 0.9 x lease_s, not after the 120 s
+        [job] = store.list_jobs(worker.db)
+        assert job.state == JobState.FAILED and "screening helper process died" in (job.reason or "")
+        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1][:3]
+    finally:
+        worker.stop(5)
+
+
 def test_stop_abandons_pending_batches_without_hanging_and_leaves_them_leased(
     tmp_path: Path, tiny_weights: Path
 ) -> None:
