@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import timedelta
+from typing import Any
 
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
@@ -219,54 +220,32 @@ def lease(db: Database, owner: str, limit: int, lease_s: float) -> list[LeasedJo
         return out
 
 
-def finish(db: Database, job_id: int, owner: str, state: JobState, reason: str | None = None) -> bool:
-    """Acknowledge a leased job with its outcome; False when the lease was lost meanwhile."""
-    now = utcnow()
+def _end_lease(db: Database, job_id: int, owner: str, **values: Any) -> bool:
+    """End ``owner``'s lease of a RUNNING job with ``values``; False when the lease was lost meanwhile."""
     with db.transaction() as s:
         res = s.execute(
             update(Job)
             .where(Job.id == job_id, Job.lease_owner == owner, Job.state == JobState.RUNNING.value)
-            .values(state=state.value, reason=reason, lease_owner=None, lease_expires_at=None, updated_at=now)
+            .values(lease_owner=None, lease_expires_at=None, updated_at=utcnow(), **values)
         )
         return res.rowcount == 1  # type: ignore[attr-defined]
+
+
+def finish(db: Database, job_id: int, owner: str, state: JobState, reason: str | None = None) -> bool:
+    """Acknowledge a leased job with its outcome; False when the lease was lost meanwhile."""
+    return _end_lease(db, job_id, owner, state=state.value, reason=reason)
 
 
 def fail(db: Database, job_id: int, owner: str, delay_s: float, reason: str) -> bool:
     """A leased job failed; it is leased again after ``delay_s`` (the worker decides when DEAD)."""
-    now = utcnow()
-    with db.transaction() as s:
-        res = s.execute(
-            update(Job)
-            .where(Job.id == job_id, Job.lease_owner == owner, Job.state == JobState.RUNNING.value)
-            .values(
-                state=JobState.FAILED.value,
-                reason=reason,
-                lease_owner=None,
-                lease_expires_at=None,
-                not_before=now + timedelta(seconds=delay_s),
-                updated_at=now,
-            )
-        )
-        return res.rowcount == 1  # type: ignore[attr-defined]
+    not_before = utcnow() + timedelta(seconds=delay_s)
+    return _end_lease(db, job_id, owner, state=JobState.FAILED.value, reason=reason, not_before=not_before)
 
 
 def release(db: Database, job_id: int, owner: str) -> bool:
-    """Hand a leased job back unrun (its screening process was closed or died while stopping):
-    QUEUED again at once, and the lease does not count as an attempt."""
-    now = utcnow()
-    with db.transaction() as s:
-        res = s.execute(
-            update(Job)
-            .where(Job.id == job_id, Job.lease_owner == owner, Job.state == JobState.RUNNING.value)
-            .values(
-                state=JobState.QUEUED.value,
-                lease_owner=None,
-                lease_expires_at=None,
-                attempts=Job.attempts - 1,
-                updated_at=now,
-            )
-        )
-        return res.rowcount == 1  # type: ignore[attr-defined]
+    """Hand a leased job back unrun (its screening process was closed before it ran the job, or
+    died while the service stopped): QUEUED again at once, and the lease counts as no attempt."""
+    return _end_lease(db, job_id, owner, state=JobState.QUEUED.value, attempts=Job.attempts - 1)
 
 
 def replay(db: Database, job_ids: list[int] | None = None) -> int:
