@@ -48,8 +48,11 @@ def agent_settings(data_dir: Path, **overrides: Any) -> Settings:
             "dimse_timeout_s": 20,
             "network_timeout_s": 20,
         },
-        # ingest tests run without the model; screening tests turn the worker on
-        "worker": {"enabled": False},
+        # ingest tests run without the model; screening tests turn the worker on. In-process test
+        # agents screen inline: a screening process per test would add its own torch start-up
+        # (seconds each, ~6 minutes over the suite). The process path, the shipped default, is
+        # tested in tests/unit/test_worker_screening.py and end to end in tests/integration.
+        "worker": {"enabled": False, "process": False},
     }
     for key, value in overrides.items():
         if isinstance(value, dict):

@@ -94,7 +94,8 @@ def start_orthanc(agent_port: int, tmp_path: Path, **extra_config: Any) -> Local
 def agent_overrides(weights: Path, pacs: LocalOrthanc, agent_port: int, **over: Any) -> dict[str, Any]:
     settings: dict[str, Any] = {
         "scp": {"port": agent_port},
-        "worker": {"enabled": True, "weights": str(weights), "device": "cpu", "max_wait_ms": 20},
+        # as shipped: screening in a process of its own (conftest's test agents screen inline)
+        "worker": {"enabled": True, "process": True, "weights": str(weights), "device": "cpu", "max_wait_ms": 20},
         "reporting": {"quiet_period_s": 1.0},
         "sender": {
             "poll_s": 0.2,

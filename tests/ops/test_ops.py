@@ -159,7 +159,8 @@ def test_installed_model_is_swapped_in_and_the_next_results_carry_its_version(
     with PacsPeer() as pacs:
         # no worker.weights: the agent serves what `strnet model install` points at
         agent = make_agent(
-            worker={"enabled": True, "weights": None, "device": "cpu", "max_wait_ms": 0},
+            # the shipped mode: the swap starts a new screening process after the old one's batches
+            worker={"enabled": True, "process": True, "weights": None, "device": "cpu", "max_wait_ms": 0},
             reporting={"quiet_period_s": 0.3},
             sender={"poll_s": 0.2},
             pacs=[{"name": "pacs", "ae_title": PACS_AET, "host": "127.0.0.1", "port": pacs.port}],

@@ -27,8 +27,11 @@ def serve_config(
 ) -> tuple[Path, int]:
     """A config for a short-lived `strnet serve`: no web, no backups, fast sweeps and retries."""
     port = free_port()
+    # process = false: these serves start again and again, each fork warm; a screening process
+    # would import torch afresh every time. tests/integration kills the shipped mode mid-inference.
     worker = (
-        f'enabled = true\nweights = "{worker_weights}"\ndevice = "cpu"\nmax_wait_ms = 0\nsaliency = false'
+        f'enabled = true\nprocess = false\nweights = "{worker_weights}"\n'
+        'device = "cpu"\nmax_wait_ms = 0\nsaliency = false'
         if worker_weights
         else "enabled = false"
     )
