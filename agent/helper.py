@@ -17,6 +17,7 @@ import multiprocessing
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -35,9 +36,6 @@ def _watch_parent(parent: int) -> None:
     """End this helper when its parent is gone (even killed with SIGKILL): the parent's pid is no
     longer ours. Linux's PR_SET_PDEATHSIG is no use here: it fires when the parent *thread* that
     started the helper ends, and helpers are started from whichever thread first needs one."""
-    import os
-    import time
-
     while os.getppid() == parent:
         time.sleep(0.5)
     os._exit(0)
@@ -62,6 +60,12 @@ def _init(title: str, parent: int, setup: Callable[..., Any] | None, args: tuple
     threading.Thread(target=_watch_parent, args=(parent,), name="parent-watch", daemon=True).start()
     if setup is not None:
         setup(*args)
+
+
+def _kill(processes: list[Any]) -> None:
+    for proc in processes:
+        if proc.is_alive():
+            proc.kill()
 
 
 class HelperProcess:
@@ -162,9 +166,8 @@ class HelperProcess:
         next call starts a new helper."""
         with self._lock:
             pool = self._pool
-        for proc in list(pool._processes.values()) if pool is not None else []:  # noqa: SLF001
-            if proc.is_alive():
-                proc.kill()
+        if pool is not None:
+            _kill(list(pool._processes.values()))  # noqa: SLF001
 
     def close(self, wait: bool = True) -> None:
         """Stop the helpers; calls not started are cancelled (HelperClosed). ``wait=False``: kill
@@ -178,6 +181,4 @@ class HelperProcess:
         processes = list(pool._processes.values())  # noqa: SLF001 - to kill them, below
         pool.shutdown(wait=wait, cancel_futures=True)
         if not wait:
-            for proc in processes:
-                if proc.is_alive():
-                    proc.kill()
+            _kill(processes)

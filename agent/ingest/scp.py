@@ -13,7 +13,6 @@ import ssl
 import threading
 import time
 import zlib
-from collections import Counter
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -88,21 +87,16 @@ TRANSFER_SYNTAXES: list[UID] = [
 
 
 class AssociationTracker:
-    """Open associations: per calling AE, and which studies each one has carried (the
-    study-completion sweep waits while an association that carried the study is open)."""
+    """Which studies each open association has carried: the study-completion sweep waits while
+    an association that brought instances of a study is still open (more of it may follow)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._open: Counter[str] = Counter()
         self._studies: dict[int, set[str]] = {}  # open association (its id) -> study UIDs it carried
-        self.total = 0
 
-    def opened(self, ae: str, key: int | None = None) -> None:
+    def opened(self, key: int) -> None:
         with self._lock:
-            self._open[ae] += 1
-            self.total += 1
-            if key is not None:
-                self._studies[key] = set()
+            self._studies[key] = set()
 
     def carried(self, key: int, study_uid: str) -> None:
         """An instance of ``study_uid`` arrived on the association ``key``."""
@@ -110,20 +104,12 @@ class AssociationTracker:
             if key in self._studies:
                 self._studies[key].add(study_uid)
 
-    def closed(self, ae: str, key: int | None = None) -> None:
+    def closed(self, key: int) -> None:
         with self._lock:
-            self._open[ae] -= 1
-            if self._open[ae] <= 0:
-                del self._open[ae]
-            if key is not None:
-                self._studies.pop(key, None)
-
-    def open_count(self, ae: str | None = None) -> int:
-        with self._lock:
-            return sum(self._open.values()) if ae is None else self._open.get(ae, 0)
+            self._studies.pop(key, None)
 
     def receiving(self, study_uid: str) -> bool:
-        """Whether an open association has carried an instance of ``study_uid`` (more may follow)."""
+        """Whether an open association has carried an instance of ``study_uid``."""
         with self._lock:
             return any(study_uid in studies for studies in self._studies.values())
 
@@ -146,12 +132,12 @@ def handle_requested(event: Event, peers: dict[str, set[str]]) -> None:
 
 
 def handle_accepted(event: Event, tracker: AssociationTracker) -> None:
-    tracker.opened(_calling_ae(event), id(event.assoc))
+    tracker.opened(id(event.assoc))
     log.info("association_accepted", calling_ae=_calling_ae(event), peer_host=event.assoc.requestor.address)
 
 
 def handle_closed(event: Event, tracker: AssociationTracker, how: str) -> None:
-    tracker.closed(_calling_ae(event), id(event.assoc))
+    tracker.closed(id(event.assoc))
     log.info("association_closed", calling_ae=_calling_ae(event), how=how)
     _discard_partials(event)
 

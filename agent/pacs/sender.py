@@ -100,14 +100,12 @@ class Sender:
         finally:
             self.release_idle(all_=True)
 
-    def release_idle(self, all_: bool = False) -> int:
-        """Release the associations idle for ``sender.keep_open_s`` (``all_``: every one);
-        returns how many are still held."""
+    def release_idle(self, all_: bool = False) -> None:
+        """Release the associations idle for ``sender.keep_open_s`` (``all_``: every one)."""
         now = time.monotonic()
         for name, held in list(self._held.items()):
             if all_ or now - held.last_used >= self.cfg.keep_open_s or not held.assoc.is_established:
                 self._drop(name)
-        return len(self._held)
 
     def _drop(self, name: str) -> None:
         held = self._held.pop(name, None)

@@ -10,7 +10,8 @@ overlay builds to the other core; it reads the spooled files itself, and only jo
 go in and findings with the encoded overlays come back. The main process never imports torch.
 
 Both engines have the same face: ``model`` (what is served), ``submit(jobs, paths)`` (a Future
-of one recordable outcome per job, in order) and ``close()``.
+of one recordable outcome per job, in order), ``warm_up()``, ``kill()`` (a stuck batch) and
+``close()``.
 """
 
 from __future__ import annotations
@@ -45,6 +46,9 @@ class InlineScreening:
         except Exception as exc:  # noqa: BLE001 - handed to the reader, as the process engine does
             future.set_exception(exc)
         return future
+
+    def kill(self) -> None:
+        pass  # nothing runs behind the worker's back: submit() returns once screened
 
     def close(self, wait: bool = True) -> None:
         pass

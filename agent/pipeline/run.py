@@ -20,7 +20,7 @@ from pydicom.dataset import Dataset
 from agent.domain import Findings, LeasedJob
 from agent.errors import InputRejected, ProcessingError
 from agent.pipeline.load import load
-from agent.reporting.builder import BuiltOverlay, build_overlay_bytes
+from agent.reporting.builder import BuiltOverlay, blank_source, build_overlay_bytes
 
 if TYPE_CHECKING:  # torch: only where the model runs (the screening process)
     from agent.pipeline.infer import Screener
@@ -127,8 +127,6 @@ def warm_up(screener: Screener, overlay: bool) -> None:
     """Run the whole per-image path once on a blank image: the first inference, Grad-CAM, font
     load and highdicom build of a process cost about a second, paid here instead of by the first
     study. Raises what the path raises."""
-    from agent.reporting.builder import blank_source
-
     size = screener.predictor.input_size
     blank = np.zeros((1, 1, size, size), np.float32)
     texture = screener.texture(np.zeros((64, 48), np.float32))

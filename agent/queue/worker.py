@@ -64,7 +64,7 @@ class Worker:
     """One screening worker (a thread of ``strnet serve``, screening in its screening process).
 
     ``screening``: an engine of agent/pipeline/process.py (``model``, ``submit``, ``warm_up``,
-    ``close``); ``reload`` makes a new one when `strnet model install` changes the served model.
+    ``kill``, ``close``); ``reload`` makes a new one when `strnet model install` changes the served model.
     """
 
     def __init__(
@@ -261,7 +261,7 @@ class Worker:
             deadline, killed = p.handed_off + 0.9 * self.settings.worker.lease_s, False
             while not p.outcomes.done() and not self._abandon.is_set():
                 futures.wait([p.outcomes], timeout=0.2)
-                if not killed and time.monotonic() > deadline and hasattr(self.screening, "kill"):
+                if not killed and time.monotonic() > deadline:
                     log.error("screening_stuck", jobs=len(p.jobs), seconds=round(time.monotonic() - p.handed_off))
                     self.screening.kill()
                     killed = True

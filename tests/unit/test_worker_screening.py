@@ -21,6 +21,7 @@ from conftest import agent_settings, free_port
 from dicom_factory import SECONDARY_CAPTURE, knee_dx
 from pydicom.uid import generate_uid
 from sqlalchemy import select
+from test_helper import ended
 from test_report_builder import _unstamped
 from test_reporting import _findings
 
@@ -191,7 +192,7 @@ def test_a_stuck_screening_process_is_killed_and_the_batch_retried(tmp_path: Pat
         assert time.monotonic() - t0 < 20  # killed at 0.9 x lease_s, not after the 120 s
         [job] = store.list_jobs(worker.db)
         assert job.state == JobState.FAILED and "screening helper process died" in (job.reason or "")
-        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1][:3]
+        assert ended(pid, 5)
     finally:
         worker.stop(5)
 
