@@ -203,6 +203,15 @@ class SenderSection(_Section):
         "costs pynetdicom's polling, about a tenth of a core); 0 = release after each batch. Keep it "
         "below timeout_s, after which pynetdicom aborts an idle association.",
     )
+    connections: int = Field(
+        2,
+        ge=1,
+        le=8,
+        description="Associations to each destination that send at the same time, each in a thread "
+        "of its own: a PACS spends most of a C-STORE's time writing, not on the wire (Orthanc: "
+        "115 ms per 2 MB overlay, 22 ms of it CPU), so a second association nearly halves the "
+        "outbox wait under load. 1 = one object at a time.",
+    )
 
 
 class RetentionSection(_Section):

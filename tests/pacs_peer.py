@@ -28,6 +28,8 @@ class PacsPeer:
         self.statuses: list[int] = []
         self.associations = 0  # accepted so far
         self.open = 0  # open now
+        self.storing = 0  # C-STOREs being answered now
+        self.most_storing = 0  # the most at once so far
         self.answer = answer or (lambda ds: 0x0000)
         self._lock = threading.Lock()
         self.ae = AE(ae_title=PACS_AET)
@@ -41,7 +43,14 @@ class PacsPeer:
     def _on_store(self, event: Any) -> int:
         ds = event.dataset
         ds.file_meta = event.file_meta
-        code = self.answer(ds)
+        with self._lock:
+            self.storing += 1
+            self.most_storing = max(self.most_storing, self.storing)
+        try:
+            code = self.answer(ds)
+        finally:
+            with self._lock:
+                self.storing -= 1
         with self._lock:
             self.statuses.append(code)
             if code == 0 or code >= 0xB000 and code <= 0xBFFF:

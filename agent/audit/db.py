@@ -3,10 +3,17 @@
 SQLite is the embedded default: WAL, synchronous=FULL, a busy timeout, foreign keys on, and
 every write transaction taken with BEGIN IMMEDIATE so the hash chain and the job queue see one
 writer at a time. The URL is a setting; PostgreSQL needs no change in callers.
+
+The writers of one process (C-STORE handlers, worker, recorder, sender lanes, sweeps, web) also
+queue on a lock of their own before BEGIN IMMEDIATE: SQLite lets a writer that finds the database
+locked sleep and retry (1, 2, 5, 10 ... 100 ms), so under load the lock sat free while its
+waiters slept, and a commit that takes a few milliseconds cost tens. The process lock hands over at
+once; SQLite's busy timeout still arbitrates with other processes (CLI commands, backups).
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,6 +31,16 @@ from agent.errors import StorageError
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 BUSY_TIMEOUT_MS = 10_000
+
+_writer_locks: dict[str, threading.RLock] = {}  # by URL: every Database of one file shares it
+_writer_locks_guard = threading.Lock()
+
+
+def _writer_lock(url: str) -> threading.RLock | None:
+    if not url.startswith("sqlite"):
+        return None  # a server database queues its writers itself
+    with _writer_locks_guard:
+        return _writer_locks.setdefault(url, threading.RLock())
 
 
 def make_engine(url: str, busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> Engine:
@@ -70,6 +87,8 @@ class Database:
     def __init__(self, url: str, busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> None:
         self.url = url
         self.engine = make_engine(url, busy_timeout_ms)
+        self._writer = _writer_lock(url)
+        self._busy_timeout_s = busy_timeout_ms / 1000
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._read_sessions = sessionmaker(self.engine.execution_options(strnet_read_only=True), expire_on_commit=False)
 
@@ -80,6 +99,8 @@ class Database:
     @contextmanager
     def transaction(self) -> Iterator[Session]:
         """One committed unit of work; database trouble surfaces as StorageError (transient)."""
+        if self._writer is not None and not self._writer.acquire(timeout=self._busy_timeout_s):
+            raise StorageError("database unavailable: another writer of this process held it past the busy timeout")
         session = self._sessions()
         try:
             with session.begin():
@@ -92,6 +113,8 @@ class Database:
             raise StorageError(f"database error: {exc.__class__.__name__}") from exc
         finally:
             session.close()
+            if self._writer is not None:
+                self._writer.release()
 
     @contextmanager
     def reading(self) -> Iterator[Session]:

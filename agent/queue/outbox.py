@@ -81,18 +81,19 @@ def add(session: Session, study_id: int, obj: OutgoingObject, destinations: list
     return added
 
 
-def lease_due(db: Database, limit: int = 50) -> list[DueItem]:
-    """Due PENDING/RETRY rows, marked SENDING."""
+def lease_due(db: Database, limit: int = 50, share: int = 1) -> list[DueItem]:
+    """Due PENDING/RETRY rows, marked SENDING: at most ``limit``, and a ``share``-th of those due
+    (rounded up) so that ``share`` sender threads leasing in turn each get some of a burst."""
     now = utcnow()
+    due = (
+        OutboxItem.state.in_([OutboxState.PENDING.value, OutboxState.RETRY.value]),
+        (OutboxItem.next_attempt_at.is_(None)) | (OutboxItem.next_attempt_at <= now),
+    )
     with db.transaction() as s:
+        if share > 1:
+            limit = min(limit, -(-int(s.execute(select(func.count()).select_from(OutboxItem).where(*due)).scalar_one()) // share))
         rows = (
-            s.execute(
-                select(OutboxItem)
-                .where(OutboxItem.state.in_([OutboxState.PENDING.value, OutboxState.RETRY.value]))
-                .where((OutboxItem.next_attempt_at.is_(None)) | (OutboxItem.next_attempt_at <= now))
-                .order_by(OutboxItem.destination, OutboxItem.id)
-                .limit(limit)
-            )
+            s.execute(select(OutboxItem).where(*due).order_by(OutboxItem.destination, OutboxItem.id).limit(limit))
             .scalars()
             .all()
         )

@@ -310,8 +310,8 @@ def test_bench_screening_through_orthanc(tmp_path: Path) -> None:
         peak_rss_mb = vm_hwm_mb(serve.pid)
         helpers: dict[str, float] = {}  # by name, summed (build_processes = 2: two strnet-sr)
         for p in family(serve.pid)[1:]:
-            if (mb := vm_hwm_mb(p)) == mb:  # nan: ended meanwhile
-                helpers[comm(p)] = helpers.get(comm(p), 0.0) + mb
+            if (hwm := vm_hwm_mb(p)) == hwm:  # nan: ended meanwhile
+                helpers[comm(p)] = helpers.get(comm(p), 0.0) + hwm
         helper_rss_mb = sum(helpers.values())  # 0 without helpers
         by_name = {k: v - by_name0.get(k, 0.0) for k, v in cpu_by_name(serve.pid).items()}
         wall_s = time.monotonic() - t_route
@@ -345,6 +345,7 @@ def test_bench_screening_through_orthanc(tmp_path: Path) -> None:
 
     latencies: list[float] = []
     end_to_end: list[float] = []
+    parts: dict[str, list[float]] = {"arriving": [], "screening": [], "sending": [], "sr send": []}
     for study_id in {sid for sid, _ in inst.values()}:
         rx = [t for sid, t in inst.values() if sid == study_id]
         overlays = [d for k, sid, _, _, d in out if k == "sc" and sid == study_id]
@@ -352,6 +353,11 @@ def test_bench_screening_through_orthanc(tmp_path: Path) -> None:
         images_s = (max(overlays) - min(rx)).total_seconds()
         report_s = sum((d - c).total_seconds() for c, d in srs)
         latencies.append(images_s + report_s)
+        screened = max(c for _, sid, c, _ in results if sid == study_id)
+        parts["arriving"].append((max(rx) - min(rx)).total_seconds())
+        parts["screening"].append((screened - max(rx)).total_seconds())
+        parts["sending"].append((max(overlays) - screened).total_seconds())
+        parts["sr send"].append(report_s)
         end_to_end.append((max(d for _, d in srs) - min(rx)).total_seconds())
 
     stages = {name: [t[name] for *_, t in results if name in t] for name in ("decode", "preprocess", "infer", "report")}
@@ -384,6 +390,11 @@ def test_bench_screening_through_orthanc(tmp_path: Path) -> None:
     print(
         f"  (for reference: last image received -> SR in PACS, with the {QUIET_PERIOD_S:g} s quiet "
         f"period and the 2 s sweep: p50 {pct(end_to_end, 50):.2f} s, p95 {pct(end_to_end, 95):.2f} s)"
+    )
+    print(
+        "  study latency parts, p50 / p95 (s): "
+        + "; ".join(f"{k} {pct(v, 50):.2f} / {pct(v, 95):.2f}" for k, v in parts.items())
+        + "  (first -> last image received; -> last result recorded; -> last overlay delivered; SR outbox -> delivered)"
     )
     print("  stage means per image (ms):")
     print(f"    receive    {mean(receive_ms):8.1f}   (C-STORE handler: validate, spool write + fsync, commit)")

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 import sqlalchemy
 from dicom_factory import SECONDARY_CAPTURE, knee_dx
 from pacs_peer import PACS_AET, PacsPeer
@@ -191,7 +192,7 @@ def test_results_are_sent_when_recorded_not_at_the_next_poll(make_agent: Any, ti
 
 def test_one_association_carries_a_study_and_is_released_when_idle(make_agent: Any, tiny_weights: Path) -> None:
     with PacsPeer() as pacs:
-        agent = screening_agent(make_agent, tiny_weights, pacs.port, sender={"keep_open_s": 30.0})
+        agent = screening_agent(make_agent, tiny_weights, pacs.port, sender={"keep_open_s": 30.0, "connections": 1})
         send_study(agent, bilateral_study())
         wait_for(lambda: [i.state for i in outbox.items(agent.db)] == [OutboxState.DELIVERED.value] * 5)
         # four overlays as they were screened, the SR seconds later: all on the one kept open
@@ -200,6 +201,43 @@ def test_one_association_carries_a_study_and_is_released_when_idle(make_agent: A
         agent.sender.wake.set()
         wait_for(lambda: pacs.open == 0, timeout_s=10)  # released once idle, not held for good
         assert pacs.associations == 1
+
+
+@pytest.mark.parametrize("connections", [1, 2])
+def test_connections_send_at_the_same_time(make_agent: Any, tiny_weights: Path, connections: int) -> None:
+    """``sender.connections`` lanes store in parallel, each over its own association; one lane
+    stores one object at a time. The peer takes 0.4 s per C-STORE, as a PACS writing to disk."""
+
+    def slow(ds: Any) -> int:
+        time.sleep(0.4)
+        return 0x0000
+
+    with PacsPeer(answer=slow) as pacs:
+        agent = screening_agent(
+            make_agent, tiny_weights, pacs.port, sender={"keep_open_s": 30.0, "connections": connections}
+        )
+        send_study(agent, bilateral_study())
+        wait_for(lambda: [i.state for i in outbox.items(agent.db)] == [OutboxState.DELIVERED.value] * 5, timeout_s=30)
+        assert pacs.most_storing == connections
+        assert pacs.associations == connections
+        assert sorted(pacs.uids()) == sorted(i.sop_instance_uid for i in outbox.items(agent.db))  # each once
+
+
+def test_a_held_association_the_pacs_aborted_is_replaced(make_agent: Any, tiny_weights: Path) -> None:
+    """Between sends a held association's reactor is paused (sender.quiet); an abort from the
+    PACS meanwhile must still be noticed, and the next object go over a new association."""
+    with PacsPeer() as pacs:
+        agent = screening_agent(make_agent, tiny_weights, pacs.port, sender={"keep_open_s": 60.0, "connections": 1})
+        send_study(agent, bilateral_study(1)[:1])
+        wait_for(lambda: [i.state for i in outbox.items(agent.db)] == [OutboxState.DELIVERED.value] * 2)
+        assert pacs.open == 1
+        [held] = pacs.server.active_associations
+        held.abort()
+        wait_for(lambda: pacs.open == 0)
+        send_study(agent, bilateral_study(2)[:1])
+        wait_for(lambda: [i.state for i in outbox.items(agent.db)] == [OutboxState.DELIVERED.value] * 4, timeout_s=15)
+        assert pacs.associations == 2
+        assert [i.attempts for i in outbox.items(agent.db)] == [1] * 4  # not tried on the dead one first
 
 
 def test_keep_open_zero_releases_after_each_batch(make_agent: Any, tiny_weights: Path) -> None:

@@ -57,7 +57,7 @@ def test_pacs_that_accepts_tcp_and_never_answers_times_out_retries_then_delivers
         (item,) = outbox.items(agent.db)
         assert item.state in (OutboxState.RETRY.value, OutboxState.SENDING.value)
         assert "association failed" in (item.last_error or "") or item.state == OutboxState.SENDING.value
-        assert agent.sender._thread is not None and agent.sender._thread.is_alive()
+        assert agent.sender._threads and all(t.is_alive() for t in agent.sender._threads)
         hole.close()
         peer = PacsPeer()
         peer.port = port  # a real PACS takes the black hole's place
@@ -71,7 +71,7 @@ def test_pacs_that_accepts_tcp_and_never_answers_times_out_retries_then_delivers
     # no sender thread is stuck in a socket call: it stops promptly
     t0 = time.monotonic()
     agent.sender.stop(timeout_s=10)
-    assert not agent.sender._thread.is_alive() and time.monotonic() - t0 < 10
+    assert not any(t.is_alive() for t in agent.sender._threads) and time.monotonic() - t0 < 10
 
 
 def test_database_locked_by_another_writer_answers_out_of_resources_then_succeeds(make_agent: Any) -> None:

@@ -288,6 +288,29 @@ def test_sr_round_trips(study: dict[str, Any]) -> None:
     assert summary.finding_sites[0].laterality == codes.LEFT  # only the left knee is positive
 
 
+def test_sr_parsed_in_place_is_the_same_to_the_byte(study: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """build_sr lets highdicom parse the content tree in place instead of a deep copy of it (a
+    third of the build): the SR must not change. Only the clock's stamps may differ."""
+    from io import BytesIO
+
+    from agent.reporting import sr as sr_module
+
+    def encoded() -> bytes:
+        ds = build_sr(study["sources"], study["findings"])
+        ds.ContentDate, ds.ContentTime = "20260101", "000000"
+        ds.InstanceCreationDate, ds.InstanceCreationTime = "20260101", "000000"
+        for item in ds.get("ContributingEquipmentSequence", []):
+            item.ContributionDateTime = "20260101000000"
+        buf = BytesIO()
+        ds.save_as(buf, enforce_file_format=True)
+        return buf.getvalue()
+
+    in_place = encoded()
+    monkeypatch.setattr(sr_module, "PARSE_IN_PLACE", False)
+    assert encoded() == in_place
+    assert b"Osteoporosis" in in_place  # a real SR with its findings, not an empty one
+
+
 def test_overlay_round_trips(study: dict[str, Any]) -> None:
     for src, path in zip(study["sources"], study["overlay_paths"], strict=True):
         ds = pydicom.dcmread(path)

@@ -1,0 +1,75 @@
+"""The writers of one process queue on a lock of their own before SQLite's (agent/audit/db.py):
+a waiting writer starts as soon as the holder commits instead of sleeping in SQLite's busy
+handler, and a holder that keeps the lock past the busy timeout still fails the waiter cleanly."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+
+from agent.audit.db import Database, upgrade
+from agent.errors import StorageError
+
+
+def _db(tmp_path: Path, busy_timeout_ms: int = 10_000) -> Database:
+    db = Database(f"sqlite:///{tmp_path / 'w.db'}", busy_timeout_ms=busy_timeout_ms)
+    upgrade(db)
+    with db.transaction() as s:
+        s.execute(text("CREATE TABLE IF NOT EXISTS log (who TEXT)"))
+    return db
+
+
+def test_writers_of_one_process_take_turns(tmp_path: Path) -> None:
+    db = _db(tmp_path)
+    other = Database(db.url)  # a second engine on the same file shares the lock
+    holding, release = threading.Event(), threading.Event()
+
+    def first() -> None:
+        with db.transaction() as s:
+            s.execute(text("INSERT INTO log VALUES ('first-begin')"))
+            holding.set()
+            release.wait(10)
+            s.execute(text("INSERT INTO log VALUES ('first-end')"))
+
+    def second() -> None:
+        holding.wait(10)
+        with other.transaction() as s:
+            s.execute(text("INSERT INTO log VALUES ('second')"))
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for t in threads:
+        t.start()
+    holding.wait(10)
+    assert db._writer is other._writer and db._writer is not None
+    release.set()
+    for t in threads:
+        t.join(10)
+    with db.reading() as s:
+        order = [r[0] for r in s.execute(text("SELECT who FROM log ORDER BY rowid"))]
+    assert order == ["first-begin", "first-end", "second"]
+
+
+def test_a_writer_held_up_past_the_busy_timeout_gets_a_storage_error(tmp_path: Path) -> None:
+    db = _db(tmp_path, busy_timeout_ms=200)
+    holding, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with db.transaction():
+            holding.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        holding.wait(10)
+        with pytest.raises(StorageError, match="busy timeout"):
+            with db.transaction() as s:
+                s.execute(text("INSERT INTO log VALUES ('never')"))
+    finally:
+        release.set()
+        holder.join(10)
+    with db.transaction() as s:  # and the lock is free again afterwards
+        s.execute(text("INSERT INTO log VALUES ('after')"))
