@@ -187,8 +187,9 @@ def known_spool_paths(db: Database) -> set[str]:
         return set(s.execute(select(Instance.spool_path)).scalars().all())
 
 
-def lease(db: Database, owner: str, limit: int, lease_s: float) -> list[LeasedJob]:
-    """Hand up to ``limit`` QUEUED jobs to ``owner`` until the lease expires."""
+def lease(db: Database, owner: str, limit: int, lease_s: float, study_uid: str | None = None) -> list[LeasedJob]:
+    """Hand up to ``limit`` QUEUED jobs (of one study, when ``study_uid`` is given) to ``owner``
+    until the lease expires."""
     now = utcnow()
     with db.transaction() as s:
         q = (
@@ -200,6 +201,8 @@ def lease(db: Database, owner: str, limit: int, lease_s: float) -> list[LeasedJo
             .order_by(Job.id)
             .limit(limit)
         )
+        if study_uid is not None:
+            q = q.where(Study.study_instance_uid == study_uid)
         if db.dialect == "postgresql":
             q = q.with_for_update(skip_locked=True, of=Job)
         out: list[LeasedJob] = []

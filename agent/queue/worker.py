@@ -206,14 +206,22 @@ class Worker:
         return 16 if self.screening.model.device.startswith("cuda") else 2
 
     def _lease_batch(self) -> list[LeasedJob]:
+        """The oldest queued job and up to ``batch_size() - 1`` more of its study. A batch never
+        mixes studies: its results come back together, so a study's last image paired with the
+        next study's first would wait for that image's decode and overlay too (~140 ms on the CPU),
+        against ~4 ms of inference that batching saves."""
         cfg = self.settings.worker
         size = self.batch_size()
-        jobs = store.lease(self.db, self.owner, size, cfg.lease_s)
+        jobs = store.lease(self.db, self.owner, 1, cfg.lease_s)
+        if not jobs or size == 1:
+            return jobs
+        study = jobs[0].ref.study_instance_uid
         deadline = time.monotonic() + cfg.max_wait_ms / 1000
-        while jobs and len(jobs) < size and time.monotonic() < deadline:
+        while True:
+            jobs += store.lease(self.db, self.owner, size - len(jobs), cfg.lease_s, study_uid=study)
+            if len(jobs) >= size or time.monotonic() >= deadline:
+                return jobs
             time.sleep(min(0.01, cfg.max_wait_ms / 1000))
-            jobs += store.lease(self.db, self.owner, size - len(jobs), cfg.lease_s)
-        return jobs
 
     def _wait_for_room(self) -> bool:
         """Wait (before leasing) until fewer than PENDING_BATCHES batches are pending; False: stopping."""

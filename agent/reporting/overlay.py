@@ -107,16 +107,23 @@ def render(image: np.ndarray, finding: Findings) -> np.ndarray:
         font, line_h = _fit_font(lines, max(shape[1], MIN_WIDTH_PX))  # narrower now
         banner_h = line_h * len(lines) + 8
     grey = np.clip(np.nan_to_num(_shrink(np.asarray(image, dtype=np.float32), shape)), 0.0, 1.0)
-    rgb = np.empty(grey.shape + (3,), np.float32)
-    rgb[...] = grey[..., None]
-    if finding.saliency is not None:
+    grey_u8 = _to_u8(grey.copy())
+    if finding.saliency is None:
+        picture = Image.fromarray(grey_u8, mode="L").convert("RGB")
+    else:
         heat = _resize_float(np.asarray(finding.saliency, dtype=np.float32), grey.shape)
         heat = np.clip(np.nan_to_num(heat), 0.0, 1.0)
         alpha = MAX_ALPHA * np.clip((heat - SALIENT_FROM) / (1.0 - SALIENT_FROM), 0.0, 1.0)
-        for ch, colour in enumerate(_colormap(heat)):  # per channel: no (H, W, 3) temporaries
-            rgb[..., ch] += alpha * (colour - grey)
-    rgb *= 255.0
-    picture = Image.fromarray(np.rint(rgb, out=rgb).astype(np.uint8), mode="RGB")
+        # Blend plane by plane, and only the rows and columns where something is salient: the
+        # rest of the film stays exactly grey (and costs no arithmetic).
+        planes = [grey_u8, grey_u8.copy(), grey_u8.copy()]
+        rows_hot, cols_hot = np.flatnonzero(alpha.any(axis=1)), np.flatnonzero(alpha.any(axis=0))
+        if rows_hot.size:
+            box = np.s_[rows_hot[0] : rows_hot[-1] + 1, cols_hot[0] : cols_hot[-1] + 1]
+            g, a = grey[box], alpha[box]
+            for plane, colour in zip(planes, _colormap(heat[box]), strict=True):
+                plane[box] = _to_u8(g + a * (colour - g))
+        picture = Image.merge("RGB", [Image.fromarray(p, mode="L") for p in planes])
     width = max(picture.width, MIN_WIDTH_PX)  # a tiny image still gets a legible banner
     canvas = Image.new("RGB", (width, picture.height + banner_h), (0, 0, 0))
     canvas.paste(picture, ((width - picture.width) // 2, banner_h))
@@ -125,6 +132,12 @@ def render(image: np.ndarray, finding: Findings) -> np.ndarray:
         colour = TEXT_RGB if i else (POSITIVE_RGB if finding.bone_loss else NEGATIVE_RGB)
         draw.text((4, 4 + i * line_h), line, fill=colour, font=font)
     return np.asarray(canvas)
+
+
+def _to_u8(values: np.ndarray) -> np.ndarray:
+    """[0, 1] floats to 0..255, rounded half to even (in place: ``values`` is scratch)."""
+    values *= 255.0
+    return np.rint(values, out=values).astype(np.uint8)
 
 
 def banner_lines(finding: Findings) -> list[str]:

@@ -137,3 +137,23 @@ def test_requeue_running_at_startup(db: Database) -> None:
     store.lease(db, "w1", 1, 600)
     assert store.requeue_running(db) == 1
     assert store.list_jobs(db)[0].state == JobState.QUEUED
+
+
+def test_lease_due_takes_srs_first_and_a_share_of_what_is_due(db: Database) -> None:
+    from sqlalchemy import select
+
+    from agent.audit.models import Study
+    from agent.queue import outbox
+
+    store.record_instance(db, incoming(1))
+    with db.transaction() as s:
+        study_id = s.execute(select(Study.id)).scalar_one()
+        for n, kind in enumerate(["sc", "sc", "sc", "sr"]):
+            obj = outbox.OutgoingObject(kind, "1.2.3", f"1.2.3.{n}", f"r/{n}.dcm")
+            outbox.add(s, study_id, obj, ["pacs"], send=True)
+    first = outbox.lease_due(db, share=2)  # two lanes: this one takes half of the four
+    assert [i.kind for i in first] == ["sr", "sc"]
+    second = outbox.lease_due(db, share=2)  # half of the two left
+    assert [i.sop_instance_uid for i in second] == ["1.2.3.1"]
+    assert [i.sop_instance_uid for i in outbox.lease_due(db)] == ["1.2.3.2"]
+    assert outbox.lease_due(db) == []

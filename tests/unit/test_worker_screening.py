@@ -313,3 +313,17 @@ def test_finish_lets_go_of_pixels_and_saliency() -> None:
     out = finish(Screened(job, knee_dx(rows=40, cols=32), np.zeros((40, 32), np.float32), finding, {}), True)
     assert not isinstance(out, Failed) and out.overlay is not None and out.overlay.data
     assert out.findings == dataclasses.replace(finding, saliency=None)
+
+
+def test_a_batch_never_mixes_studies(tmp_path: Path, tiny_weights: Path) -> None:
+    """Batches of 2: a study of one image goes alone, not paired with the next study's first (its
+    result would wait for that image's screening too); the next study's two go together."""
+    worker = _worker(tmp_path, tiny_weights, process=False)
+    try:
+        first = _queue(worker, 1)
+        second = _queue(worker, 2)
+        batches = [worker._lease_batch(), worker._lease_batch(), worker._lease_batch()]
+        uids = [[j.ref.sop_instance_uid for j in b] for b in batches]
+        assert uids == [[str(first[0].SOPInstanceUID)], [str(d.SOPInstanceUID) for d in second], []]
+    finally:
+        worker.stop(5)
