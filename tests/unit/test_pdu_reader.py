@@ -101,3 +101,47 @@ def test_broken_input_gives_pynetdicoms_events(wire: bytes, event: str) -> None:
     read_pdu(dul)
     assert dul.event_queue.get_nowait() == event and dul._recv_pdu.empty()
     b.close()
+
+
+def test_p_data_already_waiting_is_merged_up_to_the_end_of_the_message() -> None:
+    """Fragments waiting on the socket join the first P-DATA-TF as one primitive; the PDU with
+    the data set's last fragment (control bit 1) ends the run, and the next message stays unread."""
+    a, b = socket.socketpair()
+    dul = fake_dul(b)
+    a.sendall(
+        pdu(0x04, pdv(1, 0x00, b"one"))
+        + pdu(0x04, pdv(1, 0x00, b"two") + pdv(1, 0x00, b"three"))
+        + pdu(0x04, pdv(1, 0x02, b"last"))
+        + pdu(0x04, pdv(1, 0x03, b"next command"))
+    )
+    read_pdu(dul)
+    assert dul.event_queue.get_nowait() == "Evt10" and dul.event_queue.empty()
+    values = [bytes(v) for _, v in dul._recv_pdu.get_nowait().to_primitive().presentation_data_value_list]
+    assert values == [b"\x00one", b"\x00two", b"\x00three", b"\x02last"]
+    read_pdu(dul)  # the next message, on its own
+    assert dul.event_queue.get_nowait() == "Evt10"
+    [(_, value)] = dul._recv_pdu.get_nowait().to_primitive().presentation_data_value_list
+    assert bytes(value) == b"\x03next command"
+    a.close(), b.close()
+
+
+@pytest.mark.parametrize(
+    ("after", "event"),
+    [
+        (A_RELEASE_RQ().encode(), "Evt12"),  # another PDU type: decoded and queued after it
+        (pdu(0x04, pdv(1, 0, b"abc")[:-1]), "Evt19"),  # a malformed P-DATA-TF
+        (pdu(0x04, pdv(1, 0, b"abcdef"))[:-3], "Evt17"),  # the peer closes mid-PDU
+    ],
+)
+def test_what_follows_a_merged_run_is_queued_after_it_in_order(after: bytes, event: str) -> None:
+    a, b = socket.socketpair()
+    dul = fake_dul(b)
+    a.sendall(pdu(0x04, pdv(1, 0x00, b"one")) + pdu(0x04, pdv(1, 0x00, b"two")) + after)
+    if event == "Evt17":
+        a.close()
+    read_pdu(dul)
+    assert [dul.event_queue.get_nowait(), dul.event_queue.get_nowait()] == ["Evt10", event]
+    values = [bytes(v) for _, v in dul._recv_pdu.get_nowait().to_primitive().presentation_data_value_list]
+    assert values == [b"\x00one", b"\x00two"]
+    assert dul._recv_pdu.empty() == (event != "Evt12")
+    b.close()
