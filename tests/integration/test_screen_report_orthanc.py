@@ -574,7 +574,9 @@ def test_serve_killed_mid_inference_and_mid_send_delivers_exactly_once(
                         raise
             return proc
 
-        for n, point in enumerate(("mid_inference", "mid_send:2"), start=1):
+        # mid_send:3: the two sender lanes (sender.connections) reach their first sends together;
+        # the third send follows a delivery, so the kill lands with objects both sent and in flight
+        for n, point in enumerate(("mid_inference", "mid_send:3"), start=1):
             proc = run(n, point)
             assert proc.proc is not None
             try:
