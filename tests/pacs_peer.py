@@ -21,13 +21,18 @@ class PacsPeer:
     """Receives C-STOREs; ``answer`` decides each status (default Success)."""
 
     def __init__(
-        self, answer: Callable[[Dataset], int] | None = None, allowed_calling: list[str] | None = None
+        self,
+        answer: Callable[[Dataset], int] | None = None,
+        allowed_calling: list[str] | None = None,
+        max_associations: int | None = None,
     ) -> None:
         self.port = free_port()
         self.received: list[Dataset] = []
         self.statuses: list[int] = []
         self.associations = 0  # accepted so far
         self.open = 0  # open now
+        self.released = 0  # ended by a release (either side's request)
+        self.aborted = 0  # ended by an abort
         self.storing = 0  # C-STOREs being answered now
         self.most_storing = 0  # the most at once so far
         self.answer = answer or (lambda ds: 0x0000)
@@ -36,6 +41,8 @@ class PacsPeer:
         self.ae.supported_contexts = AllStoragePresentationContexts
         self.ae.add_supported_context(Verification)
         self.ae.require_called_aet = True
+        if max_associations is not None:  # more are rejected: rejected-transient, local limit exceeded
+            self.ae.maximum_associations = max_associations
         if allowed_calling is not None:
             self.ae.require_calling_aet = allowed_calling
         self.server: Any = None
@@ -62,16 +69,22 @@ class PacsPeer:
             self.associations += 1
             self.open += 1
 
-    def _on_ended(self, event: Any) -> None:
+    def _on_released(self, event: Any) -> None:
         with self._lock:
             self.open -= 1
+            self.released += 1
+
+    def _on_aborted(self, event: Any) -> None:
+        with self._lock:
+            self.open -= 1
+            self.aborted += 1
 
     def start(self) -> PacsPeer:
         handlers = [
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_ACCEPTED, self._on_accepted),
-            (evt.EVT_RELEASED, self._on_ended),
-            (evt.EVT_ABORTED, self._on_ended),
+            (evt.EVT_RELEASED, self._on_released),
+            (evt.EVT_ABORTED, self._on_aborted),
         ]
         self.server = self.ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=handlers)
         return self

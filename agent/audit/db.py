@@ -13,6 +13,7 @@ once; SQLite's busy timeout still arbitrates with other processes (CLI commands,
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -41,6 +42,17 @@ def _writer_lock(url: str) -> threading.RLock | None:
         return None  # a server database queues its writers itself
     with _writer_locks_guard:
         return _writer_locks.setdefault(url, threading.RLock())
+
+
+def _fresh_locks_after_fork() -> None:
+    # a child forked while a thread held a lock would inherit it held, by a thread it does not have
+    global _writer_locks_guard
+    _writer_locks_guard = threading.Lock()
+    for url in _writer_locks:
+        _writer_locks[url] = threading.RLock()
+
+
+os.register_at_fork(after_in_child=_fresh_locks_after_fork)
 
 
 def make_engine(url: str, busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> Engine:
@@ -87,7 +99,6 @@ class Database:
     def __init__(self, url: str, busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> None:
         self.url = url
         self.engine = make_engine(url, busy_timeout_ms)
-        self._writer = _writer_lock(url)
         self._busy_timeout_s = busy_timeout_ms / 1000
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._read_sessions = sessionmaker(self.engine.execution_options(strnet_read_only=True), expire_on_commit=False)
@@ -99,10 +110,12 @@ class Database:
     @contextmanager
     def transaction(self) -> Iterator[Session]:
         """One committed unit of work; database trouble surfaces as StorageError (transient)."""
-        if self._writer is not None and not self._writer.acquire(timeout=self._busy_timeout_s):
+        writer = _writer_lock(self.url)  # looked up each time: a forked child has fresh ones
+        if writer is not None and not writer.acquire(timeout=self._busy_timeout_s):
             raise StorageError("database unavailable: another writer of this process held it past the busy timeout")
-        session = self._sessions()
+        session = None
         try:
+            session = self._sessions()
             with session.begin():
                 yield session
         except OperationalError as exc:
@@ -112,9 +125,10 @@ class Database:
                 raise
             raise StorageError(f"database error: {exc.__class__.__name__}") from exc
         finally:
-            session.close()
-            if self._writer is not None:
-                self._writer.release()
+            if session is not None:
+                session.close()
+            if writer is not None:
+                writer.release()
 
     @contextmanager
     def reading(self) -> Iterator[Session]:

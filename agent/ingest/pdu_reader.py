@@ -69,8 +69,10 @@ def split_pdvs(body: memoryview) -> list[list[Any]]:
     return items
 
 
-#: P-DATA-TF PDUs handed on as one primitive, at most (1 MiB of a 16 KiB sender's)
+#: P-DATA-TF PDUs handed on as one primitive, at most (1 MiB of a 16 KiB sender's), and their
+#: bytes: a peer sending large PDUs has no more than this held before the spool writer gets it
 MAX_MERGED = 64
+MAX_MERGED_BYTES = 1 << 20
 
 
 def _read_one(sock: Any) -> tuple[int, bytes, bytes] | str:
@@ -99,7 +101,8 @@ def _more_waiting(sock: Any) -> bool:
     if raw is None:
         return False
     try:
-        return bool(select.select([raw], [], [], 0)[0])
+        pending = getattr(raw, "pending", None)  # TLS: decrypted bytes select() cannot see
+        return bool((pending is not None and pending()) or select.select([raw], [], [], 0)[0])
     except (OSError, ValueError):  # closed meanwhile: the next read reports it
         return False
 
@@ -123,9 +126,10 @@ def read_pdu(dul: Any) -> None:
     """Read one PDU from ``dul.socket`` and queue its event and PDU, as pynetdicom's reader does.
 
     A P-DATA-TF whose message goes on is joined by the P-DATA-TF PDUs already waiting on the
-    socket (up to ``MAX_MERGED``), handed on as one primitive of all their PDV items: the state
-    machine, the DIMSE decoder and the DUL loop then run once per batch instead of once per PDU
-    (640 PDUs per 10 MB instance from a 16 KiB sender such as Orthanc). Merging stops after the
+    socket (up to ``MAX_MERGED`` PDUs or ``MAX_MERGED_BYTES``), handed on as one primitive of all
+    their PDV items: the state machine, the DIMSE decoder and the DUL loop then run once per batch
+    instead of once per PDU (640 PDUs per 10 MB instance from a 16 KiB sender such as Orthanc).
+    Merging stops after the
     PDU that ends a command or data set, so no primitive carries PDVs past the end of a message
     (pynetdicom's decoder returns at that end and would drop them). What follows a merged run (a
     PDU of another type, a malformed one, a closed connection) is queued after it, in order.
@@ -145,8 +149,8 @@ def read_pdu(dul: Any) -> None:
         dul.event_queue.put("Evt19")
         return
     after: str | tuple[bytes, bytes] | None = None
-    last, merged = items, 1
-    while merged < MAX_MERGED and not _ends_message(last) and _more_waiting(sock):
+    last, merged, size = items, 1, len(body)
+    while merged < MAX_MERGED and size < MAX_MERGED_BYTES and not _ends_message(last) and _more_waiting(sock):
         got = _read_one(sock)
         if isinstance(got, str):
             after = got
@@ -162,6 +166,7 @@ def read_pdu(dul: Any) -> None:
             break
         items += last
         merged += 1
+        size += len(body)
     dul.event_queue.put("Evt10")
     dul._recv_pdu.put(ReceivedPData(items))
     if isinstance(after, str):

@@ -20,9 +20,9 @@ from __future__ import annotations
 import random
 import threading
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydicom import dcmread
@@ -56,8 +56,14 @@ class _Held:
     last_used: float  # monotonic
 
 
-#: a lane's associations, by destination name
-Lane = dict[str, _Held]
+@dataclass
+class Lane:
+    """One sender thread's associations, by destination name, and the destinations that refused
+    it an association while another lane held one (a PACS's per-AE limit): left to that lane
+    until the monotonic time given."""
+
+    held: dict[str, _Held] = field(default_factory=dict)
+    refused_until: dict[str, float] = field(default_factory=dict)
 
 
 #: pynetdicom's own loop delay of a connection's thread (DUL), and ours while an association is idle
@@ -87,6 +93,12 @@ def quiet(assoc: Any) -> None:
 def busy(assoc: Any) -> None:
     """Undo ``quiet``'s slower DUL turn before sending (the reactor resumes by itself)."""
     assoc.dul._run_loop_delay = BUSY_LOOP_S  # noqa: SLF001
+
+
+def release_requested(assoc: Any) -> bool:
+    """The PACS asked to release while the reactor was paused (the DUL waits in Sta8 for our
+    answer, which only the reactor gives)."""
+    return bool(assoc.dul.is_alive() and assoc.dul.state_machine.current_state == "Sta8")
 
 
 def usable(assoc: Any) -> bool:
@@ -139,6 +151,8 @@ class Sender:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.wake = Wake()
+        self._holding: Counter[str] = Counter()  # destination -> lanes holding an association
+        self._holding_lock = threading.Lock()
         _config.STORE_SEND_CHUNKED_DATASET = True  # send_c_store(path) streams the stored bytes
 
     def start(self) -> None:
@@ -158,7 +172,7 @@ class Sender:
             thread.join(max(0.0, deadline - time.monotonic()))
 
     def _loop(self) -> None:
-        lane: Lane = {}
+        lane = Lane()
         try:
             while not self._stop.is_set():
                 seen = self.wake.generation()
@@ -178,20 +192,26 @@ class Sender:
     def release_idle(self, lane: Lane, all_: bool = False) -> None:
         """Release ``lane``'s associations idle for ``sender.keep_open_s`` (``all_``: every one)."""
         now = time.monotonic()
-        for name, held in list(lane.items()):
+        for name, held in list(lane.held.items()):
             if all_ or now - held.last_used >= self.cfg.keep_open_s or not usable(held.assoc):
                 self._drop(lane, name)
 
     def _drop(self, lane: Lane, name: str) -> None:
-        held = lane.pop(name, None)
+        held = lane.held.pop(name, None)
         if held is None:
             return
+        with self._holding_lock:
+            self._holding[name] -= 1
+        assoc = held.assoc
         try:
-            if usable(held.assoc):
-                busy(held.assoc)  # the release handshake at pynetdicom's pace
-                held.assoc.release()
+            if usable(assoc):
+                busy(assoc)  # the release handshake at pynetdicom's pace
+                assoc.release()
+            elif release_requested(assoc):  # the PACS released it: let pynetdicom answer and end it
+                busy(assoc)
+                assoc._reactor_checkpoint.set()  # noqa: SLF001 - resumes the reactor paused by quiet()
             else:  # a release request would wait for an answer that will not come
-                held.assoc.abort()
+                assoc.abort()
         except Exception as exc:  # noqa: BLE001 - a PACS gone mid-release: nothing left to do
             log.warning("pacs_release_failed", destination=name, error=exc.__class__.__name__)
 
@@ -199,7 +219,7 @@ class Sender:
         """Send this lane's share of the due objects once; returns how many were attempted.
         Without ``lane``: every due object, over associations released before returning."""
         own = lane is None
-        lane = {} if lane is None else lane
+        lane = Lane() if lane is None else lane
         try:
             return self._send_due(lane, 1 if own else self.cfg.connections)
         finally:
@@ -211,14 +231,23 @@ class Sender:
         by_dest: dict[str, list[DueItem]] = defaultdict(list)
         for item in due:
             by_dest[item.destination].append(item)
+        attempted = 0
         for name, items in by_dest.items():
             dest = self.destinations.get(name)
             if dest is None:
                 for item in items:
                     outbox.dead(self.db, item.id, None, f"destination {name!r} is no longer configured")
-                continue
-            self._send_to(lane, dest, items)
-        return len(due)
+                attempted += len(items)
+            elif lane.refused_until.get(name, 0.0) > time.monotonic() and self._held_elsewhere(lane, name):
+                outbox.unlease(self.db, [i.id for i in items])  # for the lane that has an association
+            else:
+                attempted += self._send_to(lane, dest, items)
+        return attempted
+
+    def _held_elsewhere(self, lane: Lane, name: str) -> bool:
+        """Another lane holds an association to destination ``name``."""
+        with self._holding_lock:
+            return self._holding[name] - (1 if name in lane.held else 0) > 0
 
     def _transient(self, item: DueItem, status_name: str | None, error: str) -> None:
         if item.attempts >= self.cfg.max_attempts:
@@ -238,10 +267,12 @@ class Sender:
             next_attempt_at=when.isoformat(),
         )
 
-    def _send_to(self, lane: Lane, dest: PacsSection, items: list[DueItem]) -> None:
+    def _send_to(self, lane: Lane, dest: PacsSection, items: list[DueItem]) -> int:
+        """Send ``items`` over this lane's association to ``dest``; returns how many were
+        attempted (0: handed back for another lane)."""
         held = self._association(lane, dest, items)
         if held is None:
-            return
+            return 0 if lane.refused_until.get(dest.name, 0.0) > time.monotonic() else len(items)
         busy(held.assoc)
         try:
             for n, item in enumerate(items):
@@ -256,13 +287,14 @@ class Sender:
                 self._drop(lane, dest.name)
             else:
                 quiet(held.assoc)
+        return len(items)
 
     def _association(self, lane: Lane, dest: PacsSection, items: list[DueItem]) -> _Held | None:
         """The association held for ``dest`` when it is still up and proposed every SOP class of
         ``items``, else a new one (held from now on). None when it cannot be established: the
         items are then retried later or DEAD, by the rejection's kind."""
         classes = {i.sop_class_uid for i in items}
-        held = lane.get(dest.name)
+        held = lane.held.get(dest.name)
         if held is not None and usable(held.assoc) and classes <= held.sop_classes:
             return held
         self._drop(lane, dest.name)
@@ -279,6 +311,13 @@ class Sender:
                 self._transient(item, None, f"TLS set-up failed: {exc}")
             return None
         assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls)
+        if not assoc.is_established and self._held_elsewhere(lane, dest.name):
+            # Refused while another lane is connected with the same AE titles: the PACS's limit of
+            # associations per AE, not a fault. The items go back to that lane, no attempt counted.
+            lane.refused_until[dest.name] = time.monotonic() + self.cfg.backoff_base_s
+            outbox.unlease(self.db, [i.id for i in items])
+            log.info("pacs_association_limit", destination=dest.name, lanes_connected=self._holding[dest.name])
+            return None
         if not assoc.is_established:
             permanent = assoc.is_rejected and getattr(assoc.acceptor.primitive, "result", None) == 0x01
             reason = (
@@ -297,7 +336,10 @@ class Sender:
                     self._transient(item, None, reason)
             return None
         held = _Held(assoc, proposed, time.monotonic())
-        lane[dest.name] = held
+        lane.held[dest.name] = held
+        lane.refused_until.pop(dest.name, None)
+        with self._holding_lock:
+            self._holding[dest.name] += 1
         return held
 
     def _send_one(self, assoc: object, dest: PacsSection, item: DueItem) -> None:

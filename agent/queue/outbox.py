@@ -104,22 +104,36 @@ def lease_due(db: Database, limit: int = 50, share: int = 1) -> list[DueItem]:
     Plain statements, no ORM objects: a lane leases once per object or two, and loading and
     flushing ORM rows was most of a lane's CPU."""
     now = utcnow()
+    leasable = OutboxItem.state.in_([OutboxState.PENDING.value, OutboxState.RETRY.value])
     with db.transaction() as s:
-        rows = s.execute(
+        q = (
             select(*_DUE_COLUMNS)
-            .where(OutboxItem.state.in_([OutboxState.PENDING.value, OutboxState.RETRY.value]))
+            .where(leasable)
             .where((OutboxItem.next_attempt_at.is_(None)) | (OutboxItem.next_attempt_at <= now))
             .order_by(OutboxItem.destination, _SRS_FIRST, OutboxItem.id)
             .limit(limit)
-        ).all()
+        )
+        if db.dialect == "postgresql":  # SQLite: BEGIN IMMEDIATE already makes lanes take turns
+            q = q.with_for_update(skip_locked=True, of=OutboxItem)
+        rows = s.execute(q).all()
         rows = rows[: -(-len(rows) // share)]
         if rows:
             s.execute(
                 update(OutboxItem)
-                .where(OutboxItem.id.in_([r.id for r in rows]))
+                .where(OutboxItem.id.in_([r.id for r in rows]), leasable)
                 .values(state=OutboxState.SENDING.value, attempts=OutboxItem.attempts + 1, updated_at=now)
             )
         return [DueItem(r.id, r.destination, r.kind, r.sop_class_uid, r.sop_instance_uid, r.path, r.attempts + 1) for r in rows]
+
+
+def unlease(db: Database, item_ids: list[int]) -> None:
+    """SENDING rows back to PENDING without counting the attempt (another lane sends them)."""
+    with db.transaction() as s:
+        s.execute(
+            update(OutboxItem)
+            .where(OutboxItem.id.in_(item_ids), OutboxItem.state == OutboxState.SENDING.value)
+            .values(state=OutboxState.PENDING.value, attempts=OutboxItem.attempts - 1, updated_at=utcnow())
+        )
 
 
 def _set(db: Database, item_id: int, **values: object) -> None:

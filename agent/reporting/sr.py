@@ -120,6 +120,7 @@ def build_sr(
         transfer_syntax_uid=ExplicitVRLittleEndian,
         series_description=DESCRIPTION,
     )
+    root.__dict__.pop("__deepcopy__", None)  # the SR's content copies normally from here on
     # SOP Common: declare our private coding scheme so a reader can tell whose codes these are.
     sr.CodingSchemeIdentificationSequence = [codes.coding_scheme_identification()]
     return sr

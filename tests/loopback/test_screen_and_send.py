@@ -206,7 +206,8 @@ def test_one_association_carries_a_study_and_is_released_when_idle(make_agent: A
 @pytest.mark.parametrize("connections", [1, 2])
 def test_connections_send_at_the_same_time(make_agent: Any, tiny_weights: Path, connections: int) -> None:
     """``sender.connections`` lanes store in parallel, each over its own association; one lane
-    stores one object at a time. The peer takes 0.4 s per C-STORE, as a PACS writing to disk."""
+    stores one object at a time. The peer takes 0.4 s per C-STORE, as a PACS writing to disk.
+    Lanes poll once a minute here: each outbox commit must wake every one of them."""
 
     def slow(ds: Any) -> int:
         time.sleep(0.4)
@@ -214,7 +215,7 @@ def test_connections_send_at_the_same_time(make_agent: Any, tiny_weights: Path, 
 
     with PacsPeer(answer=slow) as pacs:
         agent = screening_agent(
-            make_agent, tiny_weights, pacs.port, sender={"keep_open_s": 30.0, "connections": connections}
+            make_agent, tiny_weights, pacs.port, sender={"keep_open_s": 30.0, "connections": connections, "poll_s": 60.0}
         )
         send_study(agent, bilateral_study())
         wait_for(lambda: [i.state for i in outbox.items(agent.db)] == [OutboxState.DELIVERED.value] * 5, timeout_s=30)
@@ -240,9 +241,46 @@ def test_a_held_association_the_pacs_aborted_is_replaced(make_agent: Any, tiny_w
         assert [i.attempts for i in outbox.items(agent.db)] == [1] * 4  # not tried on the dead one first
 
 
+def test_a_held_association_the_pacs_releases_is_released_and_replaced(make_agent: Any, tiny_weights: Path) -> None:
+    """An A-RELEASE-RQ from the PACS while the held association's reactor is paused: the agent
+    answers it (a release, not an abort) and sends the next study over a new association."""
+    with PacsPeer() as pacs:
+        agent = screening_agent(make_agent, tiny_weights, pacs.port, sender={"keep_open_s": 60.0, "connections": 1})
+        send_study(agent, bilateral_study(1)[:1])
+        wait_for(lambda: [i.state for i in outbox.items(agent.db)] == [OutboxState.DELIVERED.value] * 2)
+        [held] = pacs.server.active_associations
+        held.release()  # returns once the agent answered, or after the peer's ACSE timeout
+        wait_for(lambda: pacs.open == 0)
+        assert (pacs.released, pacs.aborted) == (1, 0)
+        send_study(agent, bilateral_study(2)[:1])
+        wait_for(lambda: [i.state for i in outbox.items(agent.db)] == [OutboxState.DELIVERED.value] * 4, timeout_s=15)
+        assert pacs.associations == 2
+        assert [i.attempts for i in outbox.items(agent.db)] == [1] * 4
+
+
+def test_a_pacs_that_allows_one_association_gets_everything_over_it(make_agent: Any, tiny_weights: Path) -> None:
+    """Two lanes, a PACS that accepts one association per AE: the refused lane hands its objects
+    to the connected one without counting attempts; nothing goes DEAD or waits for a backoff."""
+
+    def slow(ds: Any) -> int:
+        time.sleep(0.3)
+        return 0x0000
+
+    with PacsPeer(answer=slow, max_associations=1) as pacs:
+        agent = screening_agent(
+            make_agent, tiny_weights, pacs.port,
+            sender={"keep_open_s": 30.0, "connections": 2, "backoff_base_s": 60.0},
+        )  # fmt: skip
+        send_study(agent, bilateral_study())
+        wait_for(lambda: [i.state for i in outbox.items(agent.db)] == [OutboxState.DELIVERED.value] * 5, timeout_s=30)
+        assert [i.attempts for i in outbox.items(agent.db)] == [1] * 5
+        assert pacs.most_storing == 1
+        assert sorted(pacs.uids()) == sorted(i.sop_instance_uid for i in outbox.items(agent.db))
+
+
 def test_keep_open_zero_releases_after_each_batch(make_agent: Any, tiny_weights: Path) -> None:
     with PacsPeer() as pacs:
-        agent = screening_agent(make_agent, tiny_weights, pacs.port, sender={"keep_open_s": 0.0})
+        agent = screening_agent(make_agent, tiny_weights, pacs.port, sender={"keep_open_s": 0.0, "connections": 1})
         send_study(agent, bilateral_study())
         wait_for(lambda: [i.state for i in outbox.items(agent.db)] == [OutboxState.DELIVERED.value] * 5)
         wait_for(lambda: pacs.open == 0, timeout_s=10)
