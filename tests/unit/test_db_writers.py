@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -54,9 +56,9 @@ def test_writers_of_one_process_take_turns(tmp_path: Path) -> None:
     assert order == ["first-begin", "first-end", "second"]
 
 
-def test_a_writer_held_up_past_the_busy_timeout_gets_a_storage_error(tmp_path: Path) -> None:
-    db = _db(tmp_path)
-    waiter = Database(db.url, busy_timeout_ms=200)  # another engine of the file: the same lock
+@contextmanager
+def _held_by_another_thread(db: Database) -> Iterator[None]:
+    """Another thread holds a write transaction of ``db`` for the duration of the block."""
     holding, release = threading.Event(), threading.Event()
 
     def hold() -> None:
@@ -67,35 +69,29 @@ def test_a_writer_held_up_past_the_busy_timeout_gets_a_storage_error(tmp_path: P
     holder = threading.Thread(target=hold)
     holder.start()
     try:
-        holding.wait(10)
-        with pytest.raises(StorageError, match="another writer of this process"):
-            with waiter.transaction() as s:
-                s.execute(text("INSERT INTO log VALUES ('never')"))
+        assert holding.wait(10)
+        yield
     finally:
         release.set()
         holder.join(10)
+
+
+def test_a_writer_held_up_past_the_busy_timeout_gets_a_storage_error(tmp_path: Path) -> None:
+    db = _db(tmp_path)
+    waiter = Database(db.url, busy_timeout_ms=200)  # another engine of the file: the same lock
+    with _held_by_another_thread(db):
+        with pytest.raises(StorageError, match="another writer of this process"):
+            with waiter.transaction() as s:
+                s.execute(text("INSERT INTO log VALUES ('never')"))
     with db.transaction() as s:  # and the lock is free again afterwards
         s.execute(text("INSERT INTO log VALUES ('after')"))
 
 
 def test_a_forked_child_starts_with_the_writer_lock_free(tmp_path: Path) -> None:
     db = _db(tmp_path)
-    holding, release = threading.Event(), threading.Event()
-
-    def hold() -> None:  # another thread holds the lock while this one forks
-        with db.transaction():
-            holding.set()
-            release.wait(10)
-
-    holder = threading.Thread(target=hold)
-    holder.start()
-    try:
-        holding.wait(10)
+    with _held_by_another_thread(db):  # held by another thread while this one forks
         pid = os.fork()
         if pid == 0:  # the child: no holder thread here, so its lock must be free
             os._exit(0 if _writer_lock(db.url).acquire(timeout=1) else 1)
         _, status = os.waitpid(pid, 0)
-    finally:
-        release.set()
-        holder.join(10)
     assert os.waitstatus_to_exitcode(status) == 0
