@@ -78,7 +78,7 @@ def quiet(assoc: Any) -> None:
     100 ms of CPU per second for each association held open and idle, measured, and the lanes hold
     one each. The association's reactor is paused (it then waits on an event; ``send_c_store``,
     ``release`` and ``abort`` pause and resume it themselves) and its DUL thread, which keeps
-    reading the socket, turns every 20 ms instead of every 1 (12 ms of CPU per second, measured;
+    reading the socket, turns every 20 ms instead of every 1 (13 ms of CPU per second, measured;
     it goes back to 1 ms before a send, or each PDU of the send would wait a turn). An abort or a
     release request from the PACS still moves the DUL's state machine: ``usable`` reads that.
     """
