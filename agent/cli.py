@@ -210,7 +210,9 @@ def flagged_list(
         writer.writeheader()
         writer.writerows(records)
     else:
-        typer.echo(f"{'PATIENT ID':<16} {'NAME':<24} {'STATUS':<12} {'P(LOSS)':>7} {'SEVERITY':<12} {'T':>5} {'STUDIES':>7}")
+        typer.echo(
+            f"{'PATIENT ID':<16} {'NAME':<24} {'STATUS':<12} {'P(LOSS)':>7} {'SEVERITY':<12} {'T':>5} {'STUDIES':>7}"
+        )
         for r in records:
             typer.echo(
                 f"{str(r['patient_id'] or '')[:16]:<16} {str(r['patient_name'] or '')[:24]:<24} {r['status']:<12} "
@@ -344,7 +346,9 @@ def _mount_model_commands() -> None:
     # agent-side commands (audit, data_dir) join the model group; model/ never imports agent
     model_app.command("install")(model_install)
     model_app.command("info")(model_info)
-    app.add_typer(model_app, name="model", help="STR-Net: synthesise, train, evaluate, calibrate, predict, install, info.")
+    app.add_typer(
+        model_app, name="model", help="STR-Net: synthesise, train, evaluate, calibrate, predict, install, info."
+    )
 
 
 def main() -> None:

@@ -10,8 +10,8 @@ from datetime import datetime
 from sqlalchemy import (
     JSON,
     Boolean,
-    Float,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,

@@ -140,7 +140,8 @@ def run_demo(
         ok = wait_until(lambda: all([sr_arrived(s) for s in knee]), timeout_s)
         echo("")
         echo(
-            f"{'STUDY (synthetic truth)':<26} {'RESULT':<22} {'P(BONE LOSS)':>12} {'T-SCORE (90% interval)':>24} {'SR IN PACS':>11} {'OVERLAYS':>8}"
+            f"{'STUDY (synthetic truth)':<26} {'RESULT':<22} {'P(BONE LOSS)':>12} "
+            f"{'T-SCORE (90% interval)':>24} {'SR IN PACS':>11} {'OVERLAYS':>8}"
         )
         for st in studies:
             if not st.knee:
@@ -150,7 +151,8 @@ def run_demo(
                     i for i in orthanc.instances_of_study(st.study_uid) if i["SOPClassUID"] in SR_CLASSES | {SC_CLASS}
                 ]
                 echo(
-                    f"{st.label:<26} {'SKIPPED':<22} {'-':>12} {'-':>24} {'none' if not in_pacs else 'SENT!':>11} {len(in_pacs):>8}"
+                    f"{st.label:<26} {'SKIPPED':<22} {'-':>12} {'-':>24} "
+                    f"{'none' if not in_pacs else 'SENT!':>11} {len(in_pacs):>8}"
                 )
                 echo(f"{'':<26}   reason: {reason}")
                 continue
@@ -162,10 +164,8 @@ def run_demo(
             verdict = f"BONE LOSS ({top.severity})" if any(r.bone_loss for r in res) else "no bone loss"
             overlays = sum(i["SOPClassUID"] == SC_CLASS for i in orthanc.instances_of_study(st.study_uid))
             sr = f"{st.sr_seconds:.1f} s" if st.sr_seconds is not None else "missing"
-            echo(
-                f"{st.label:<26} {verdict:<22} {top.probability:>12.3f} "
-                f"{f'{top.t_score:+.1f} ({top.t_score_low:+.1f} to {top.t_score_high:+.1f})':>24} {sr:>11} {overlays:>8}"
-            )
+            interval = f"{top.t_score:+.1f} ({top.t_score_low:+.1f} to {top.t_score_high:+.1f})"
+            echo(f"{st.label:<26} {verdict:<22} {top.probability:>12.3f} {interval:>24} {sr:>11} {overlays:>8}")
         echo("  (seconds from routing to the SR stored in Orthanc include the 2 s quiet period)")
         echo("")
         flagged = list_flagged(agent.db)

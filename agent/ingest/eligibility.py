@@ -14,7 +14,6 @@ from pydicom.dataset import Dataset
 
 from agent.domain import Eligibility
 
-
 SCREENED_SOP_CLASSES = frozenset(
     {
         "1.2.840.10008.5.1.4.1.1.1.1",  # DX For Presentation

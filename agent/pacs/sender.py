@@ -158,7 +158,9 @@ class Sender:
     def start(self) -> None:
         n = self.cfg.connections
         self._threads = [
-            threading.Thread(target=self._loop, name=f"strnet-sender-{i + 1}" if n > 1 else "strnet-sender", daemon=True)
+            threading.Thread(
+                target=self._loop, name=f"strnet-sender-{i + 1}" if n > 1 else "strnet-sender", daemon=True
+            )
             for i in range(n)
         ]
         for thread in self._threads:

@@ -123,7 +123,10 @@ def lease_due(db: Database, limit: int = 50, share: int = 1) -> list[DueItem]:
                 .where(OutboxItem.id.in_([r.id for r in rows]), leasable)
                 .values(state=OutboxState.SENDING.value, attempts=OutboxItem.attempts + 1, updated_at=now)
             )
-        return [DueItem(r.id, r.destination, r.kind, r.sop_class_uid, r.sop_instance_uid, r.path, r.attempts + 1) for r in rows]
+        return [
+            DueItem(r.id, r.destination, r.kind, r.sop_class_uid, r.sop_instance_uid, r.path, r.attempts + 1)
+            for r in rows
+        ]
 
 
 def unlease(db: Database, item_ids: list[int]) -> None:

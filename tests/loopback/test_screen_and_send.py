@@ -215,7 +215,10 @@ def test_connections_send_at_the_same_time(make_agent: Any, tiny_weights: Path, 
 
     with PacsPeer(answer=slow) as pacs:
         agent = screening_agent(
-            make_agent, tiny_weights, pacs.port, sender={"keep_open_s": 30.0, "connections": connections, "poll_s": 60.0}
+            make_agent,
+            tiny_weights,
+            pacs.port,
+            sender={"keep_open_s": 30.0, "connections": connections, "poll_s": 60.0},
         )
         send_study(agent, bilateral_study())
         wait_for(lambda: [i.state for i in outbox.items(agent.db)] == [OutboxState.DELIVERED.value] * 5, timeout_s=30)
