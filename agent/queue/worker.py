@@ -393,6 +393,7 @@ class Worker:
         return built
 
     def _report(self, ready: screening.ReadyStudy) -> int:
+        t0 = time.perf_counter()
         rows = screening.study_findings(self.db, ready.study_id)
         sources = [dcmread(self.spool.path(p), stop_before_pixels=True) for p, _ in rows]
         findings = [
@@ -426,6 +427,7 @@ class Worker:
                 revision=ready.revision,
                 images=len(rows),
                 sop_instance_uid=obj.sop_instance_uid,
+                ms=round((time.perf_counter() - t0) * 1000, 1),  # read sources, build, write, record
             )
             return 1
         return 0
