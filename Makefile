@@ -11,13 +11,14 @@ DEBS    := orthanc dcmtk dicom3tools chromium
 # executables that tell us each Debian package is present
 DEB_BINS := Orthanc storescu dciodvfy chromium
 PYTEST_ARGS ?=
+BENCH ?= tests/bench
 
 .PHONY: all install venv system demo test bench lint typecheck gpu clean help
 
 help:
 	@echo "make demo    install everything missing, run the end-to-end demo"
 	@echo "make test    install everything missing, run the test suite"
-	@echo "make bench   run the benchmarks under tests/bench (not part of make test)"
+	@echo "make bench   run the benchmarks under tests/bench, or BENCH=one file (not part of make test)"
 	@echo "make lint    ruff + mypy"
 
 install: system venv
@@ -54,7 +55,7 @@ test: install
 	$(VPY) -m pytest $(PYTEST_ARGS)
 
 bench: install
-	$(VPY) -m pytest tests/bench -s -p no:cacheprovider -o norecursedirs= -o "python_files=test_*.py bench_*.py" $(PYTEST_ARGS)
+	$(VPY) -m pytest $(BENCH) -s -p no:cacheprovider -o norecursedirs= -o "python_files=test_*.py bench_*.py" $(PYTEST_ARGS)
 
 gpu: install
 	$(VPY) tests/gpu/cuda_check.py
