@@ -208,7 +208,7 @@ def calibrate(
 
     pred = Predictor(weights, device=device)
     cfg = TrainConfig.from_dict(pred.meta.get("train_config", {}))
-    changes = {
+    changes: dict[str, Any] = {
         k: v for k, v in dict(target_sensitivity=target_sensitivity, served_threshold=served).items() if v is not None
     }
     cfg = replace(cfg, **changes)

@@ -4,6 +4,7 @@ baselines computed in the same run (clinical-variables-only logistic, global int
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -197,7 +198,7 @@ def compute_metrics(
 
 def evaluate(
     weights: str | Path,
-    manifest: str | Path | list[str | Path],
+    manifest: str | Path | Sequence[str | Path],
     out_dir: str | Path,
     device: str = "auto",
     workers: int = 2,
@@ -215,7 +216,7 @@ def evaluate(
     t0 = time.time()
     torch.set_num_threads(max(1, workers))
     pred = Predictor(weights, device=device)
-    manifests = list(manifest) if isinstance(manifest, list | tuple) else [manifest]
+    manifests: list[str | Path] = [manifest] if isinstance(manifest, str | Path) else list(manifest)
     rows = [r for r in read_manifests(manifests) if np.isfinite(r.label)]
     cache, stats = build_cache(rows, pred.spec, workers=workers, progress=progress, with_stats=True)
     t_dec = time.time()

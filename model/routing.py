@@ -62,10 +62,11 @@ class TaskRouter(nn.Module):
             nn.Sequential(nn.Linear(in_dim, expert_dim), nn.LayerNorm(expert_dim), nn.SiLU())
             for _ in range(n_experts)
         )
-        self.gates = nn.ModuleDict({t: nn.Linear(in_dim, n_experts) for t in tasks})
-        for gate in self.gates.values():
+        gates = {t: nn.Linear(in_dim, n_experts) for t in tasks}
+        for gate in gates.values():
             nn.init.zeros_(gate.weight)  # start from uniform routing
             nn.init.zeros_(gate.bias)
+        self.gates = nn.ModuleDict(gates)
         self.last_gates: dict[str, torch.Tensor] = {}
 
     def forward(self, h: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -56,7 +56,8 @@ class STRNet(nn.Module):
         )
         self.tscore_head = TScoreHead(cfg.expert_dim, cfg.n_clinical, cfg.tscore_hidden)
         if cfg.channels_last:
-            self.to(memory_format=torch.channels_last)
+            # Module.to takes memory_format at run time; torch's overloads do not declare it
+            self.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The last convolutional feature map (used by Grad-CAM)."""

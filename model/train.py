@@ -161,7 +161,7 @@ def lr_factor(progress: float, warmup: float) -> float:
 
 
 def train(
-    manifest: str | Path | list[str | Path],
+    manifest: str | Path | Sequence[str | Path],
     out: str | Path,
     model_cfg: ModelConfig | None = None,
     train_cfg: TrainConfig | None = None,
@@ -190,7 +190,7 @@ def train(
     seed_everything(cfg.seed)
     t_start = time.time()
 
-    manifests = list(manifest) if isinstance(manifest, list | tuple) else [manifest]
+    manifests: list[str | Path] = [manifest] if isinstance(manifest, str | Path) else list(manifest)
     rows = [r for r in read_manifests(manifests) if np.isfinite(r.label)]
     cache = _cached(rows, spec, cfg, workers, progress, cache_dir)
     t_decoded = time.time()

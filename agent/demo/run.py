@@ -170,10 +170,10 @@ def run_demo(
         echo("")
         flagged = list_flagged(agent.db)
         echo(f"Flagged patients ({len(flagged)}):")
-        for f in flagged:
+        for p in flagged:
             echo(
-                f"  {f.patient_id:<12} {f.patient_name or '':<26} {f.status:<6} P={f.probability:.3f} "
-                f"{f.severity or '':<12} T={f.t_score:+.1f} studies={f.studies}"
+                f"  {p.patient_id:<12} {p.patient_name or '':<26} {p.status:<6} P={p.probability:.3f} "
+                f"{p.severity or '':<12} T={p.t_score:+.1f} studies={p.studies}"
             )
         if not ok:
             echo("demo FAILED: not every knee study got its SR back in time")

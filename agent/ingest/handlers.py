@@ -11,10 +11,10 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from io import BytesIO
 from pathlib import Path
 
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_file_meta_info
 from pydicom.multival import MultiValue
 from pydicom.uid import UID
@@ -60,14 +60,14 @@ def file_meta_bytes(req: StoreRequest) -> bytes:
 def file_head(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str, calling_ae: str) -> bytes:
     """Preamble, DICM and group 0002 as the agent writes them in front of every spooled dataset."""
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class_uid
-    meta.MediaStorageSOPInstanceUID = sop_instance_uid
+    meta.MediaStorageSOPClassUID = UID(sop_class_uid)
+    meta.MediaStorageSOPInstanceUID = UID(sop_instance_uid)
     meta.TransferSyntaxUID = UID(transfer_syntax)
-    meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+    meta.ImplementationClassUID = UID(IMPLEMENTATION_CLASS_UID)
     meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
     if calling_ae:
         meta.SourceApplicationEntityTitle = calling_ae[:16]
-    buf = BytesIO()
+    buf = DicomBytesIO()
     buf.write(b"\x00" * 128 + b"DICM")
     write_file_meta_info(buf, meta, enforce_standard=True)
     return buf.getvalue()

@@ -15,7 +15,7 @@ import time
 import zlib
 from io import BytesIO
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from pydicom.uid import (
     JPEG2000,
@@ -33,6 +33,7 @@ from pydicom.uid import (
 )
 from pydicom.uid import JPEGLossless as JPEGLosslessP14
 from pynetdicom import AE, evt
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import decode as decode_dataset
 from pynetdicom.events import Event
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
@@ -120,7 +121,8 @@ def _calling_ae(event: Event) -> str:
 
 def handle_requested(event: Event, peers: dict[str, set[str]]) -> None:
     """Refuse an association whose calling AE title is unknown or comes from another host."""
-    ae = str(event.assoc.requestor.primitive.calling_ae_title).strip()
+    primitive = event.assoc.requestor.primitive  # the A-ASSOCIATE-RQ: always there when this event fires
+    ae = str(primitive.calling_ae_title).strip() if primitive is not None else ""
     host = event.assoc.requestor.address
     allowed = peers.get(ae)
     if allowed is None or host not in allowed:
@@ -336,9 +338,10 @@ def handle_store(event: Event, ingestor: Ingestor, tracker: AssociationTracker |
                 calling_ae=_calling_ae(event),
             )
             return status.CANNOT_UNDERSTAND
+        request = cast(C_STORE, event.request)  # EVT_C_STORE carries a C-STORE request
         req = StoreRequest(
-            sop_class_uid=str(event.request.AffectedSOPClassUID),
-            sop_instance_uid=str(event.request.AffectedSOPInstanceUID),
+            sop_class_uid=str(request.AffectedSOPClassUID),
+            sop_instance_uid=str(request.AffectedSOPInstanceUID),
             transfer_syntax=ts,
             raw=raw,
             dataset=ds,

@@ -121,8 +121,8 @@ def render(image: np.ndarray, finding: Findings) -> np.ndarray:
         if rows_hot.size:
             box = np.s_[rows_hot[0] : rows_hot[-1] + 1, cols_hot[0] : cols_hot[-1] + 1]
             g, a = grey[box], alpha[box]
-            for plane, colour in zip(planes, _colormap(heat[box]), strict=True):
-                plane[box] = _to_u8(g + a * (colour - g))
+            for plane, ramp in zip(planes, _colormap(heat[box]), strict=True):
+                plane[box] = _to_u8(g + a * (ramp - g))
         picture = Image.merge("RGB", [Image.fromarray(p, mode="L") for p in planes])
     width = max(picture.width, MIN_WIDTH_PX)  # a tiny image still gets a legible banner
     canvas = Image.new("RGB", (width, picture.height + banner_h), (0, 0, 0))
