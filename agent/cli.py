@@ -170,7 +170,10 @@ def jobs_retry(
 def flagged_list(
     config: ConfigOpt = None,
     status: Annotated[str | None, typer.Option(help="new, reviewed, dxa_ordered, dxa_done or closed.")] = None,
-    since: Annotated[str | None, typer.Option(help="Flagged on or after this date (YYYY-MM-DD).")] = None,
+    since: Annotated[
+        str | None,
+        typer.Option(help="Flagged (for the first time or again) on or after this date, UTC (YYYY-MM-DD)."),
+    ] = None,
     fmt: Annotated[str, typer.Option("--format", help="table, csv or json.")] = "table",
 ) -> None:
     """List flagged patients (PHI: every listing is an audit event)."""
@@ -179,7 +182,7 @@ def flagged_list(
 
     from agent.app import open_database
     from agent.audit import trail
-    from agent.audit.repository import FOLLOW_UP_STATUSES, list_flagged
+    from agent.audit.repository import FOLLOW_UP_STATUSES, list_flagged, spreadsheet_cell
 
     if status and status not in FOLLOW_UP_STATUSES:
         raise ConfigError("--status", f"one of {', '.join(FOLLOW_UP_STATUSES)}")
@@ -198,6 +201,7 @@ def flagged_list(
         {
             "patient_id": r.patient_id, "patient_name": r.patient_name,
             "first_flagged_at": r.first_flagged_at.isoformat() + "Z",
+            "last_flagged_at": r.last_flagged_at.isoformat() + "Z",
             "last_study_date": r.last_study_date, "probability": round(r.probability, 4),
             "severity": r.severity, "t_score": round(r.t_score, 2), "status": r.status, "studies": r.studies,
         }
@@ -208,17 +212,25 @@ def flagged_list(
     elif fmt == "csv":
         writer = csv.DictWriter(sys.stdout, fieldnames=list(records[0]) if records else ["patient_id"])
         writer.writeheader()
-        writer.writerows(records)
+        writer.writerows({k: spreadsheet_cell(v) for k, v in r.items()} for r in records)
     else:
         typer.echo(
-            f"{'PATIENT ID':<16} {'NAME':<24} {'STATUS':<12} {'P(LOSS)':>7} {'SEVERITY':<12} {'T':>5} {'STUDIES':>7}"
+            f"{'PATIENT ID':<16} {'NAME':<24} {'STATUS':<12} {'P(LOSS)':>7} {'SEVERITY':<12} {'T':>5} "
+            f"{'STUDIES':>7}  {'LAST STUDY':<10}  {'FIRST FLAGGED':<10}  {'LAST FLAGGED':<10}"
         )
-        for r in records:
+        for r, row in zip(records, rows, strict=True):
             typer.echo(
                 f"{str(r['patient_id'] or '')[:16]:<16} {str(r['patient_name'] or '')[:24]:<24} {r['status']:<12} "
-                f"{r['probability']:>7.3f} {str(r['severity'] or ''):<12} {r['t_score']:>5.1f} {r['studies']:>7}"
+                f"{r['probability']:>7.3f} {str(r['severity'] or ''):<12} {r['t_score']:>5.1f} {r['studies']:>7}  "
+                f"{_da(row.last_study_date):<10}  {row.first_flagged_at:%Y-%m-%d}     {row.last_flagged_at:%Y-%m-%d}"
             )
         typer.echo(f"{len(records)} flagged patient(s)")
+
+
+def _da(value: str | None) -> str:
+    """A DICOM DA (YYYYMMDD) as YYYY-MM-DD; anything else as it is."""
+    v = value or ""
+    return f"{v[:4]}-{v[4:6]}-{v[6:]}" if len(v) == 8 and v.isdigit() else v
 
 
 @db_app.command("upgrade")

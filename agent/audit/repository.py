@@ -24,8 +24,27 @@ def patient_key(study: Study) -> str:
     return study.patient_id or f"study:{study.study_instance_uid}"
 
 
+def _supersedes(study: Study, result: Result, row: FlaggedPatient) -> bool:
+    """Whether ``result`` (a positive image of ``study``) should give the row its figures.
+
+    The row shows the patient's latest positive study (by StudyDate; a study without a date, or
+    a row without one, counts as the latest arrival) and, within that study, its image with the
+    highest probability, as the SR's study summary does. An older study that arrives later, or a
+    less suspicious image of the same study, is counted and audited but leaves the figures alone.
+    """
+    if row.last_study_id == study.id:
+        return result.probability > row.probability
+    new, old = study.study_date or "", row.last_study_date or ""
+    if len(new) == 8 and len(old) == 8 and new.isdigit() and old.isdigit():
+        return new >= old
+    return True
+
+
 def upsert_flag(session: Session, study: Study, result: Result) -> FlaggedPatient:
-    """Flag the study's patient, or update their row; one row per patient, every change audited."""
+    """Flag the study's patient, or update their row; one row per patient, every change audited.
+
+    ``last_flagged_at`` is when the agent last flagged the patient (what the lists sort and
+    filter on); probability, severity, T-score and last study are those of ``_supersedes``."""
     now = utcnow()
     key = patient_key(study)
     row = session.execute(select(FlaggedPatient).where(FlaggedPatient.patient_key == key)).scalar_one_or_none()
@@ -46,16 +65,19 @@ def upsert_flag(session: Session, study: Study, result: Result) -> FlaggedPatien
         if row.status == "closed":  # a new positive film after closure is worth a new look
             row.status = "new"
             change = "reopened"
-    row.patient_id = study.patient_id
-    row.patient_name = study.patient_name
-    row.patient_birth_date = study.patient_birth_date
-    row.patient_sex = study.patient_sex
     row.last_flagged_at = now
-    row.last_study_id = study.id
-    row.last_study_date = study.study_date
-    row.probability = result.probability
-    row.severity = result.severity
-    row.t_score = result.t_score
+    if change == "flagged" or _supersedes(study, result, row):
+        row.patient_id = study.patient_id
+        row.patient_name = study.patient_name
+        row.patient_birth_date = study.patient_birth_date
+        row.patient_sex = study.patient_sex
+        row.last_study_id = study.id
+        row.last_study_date = study.study_date
+        row.probability = result.probability
+        row.severity = result.severity
+        row.t_score = result.t_score
+    elif change == "updated":
+        change = "counted"  # an older study, or a less suspicious image of the same one
     session.flush()
     trail.append(
         session,
@@ -67,6 +89,14 @@ def upsert_flag(session: Session, study: Study, result: Result) -> FlaggedPatien
         detail={"change": change, "study_id": study.id, "result_id": result.id, "status": row.status},
     )
     return row
+
+
+def spreadsheet_cell(v: object) -> object:
+    """A CSV export's cell: text that a spreadsheet would run as a formula (a patient name such
+    as ``=HYPERLINK(...)`` arrives from any modality) is quoted with a leading apostrophe."""
+    if isinstance(v, str) and v[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + v
+    return v
 
 
 @dataclass(frozen=True)

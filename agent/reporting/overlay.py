@@ -144,15 +144,38 @@ def banner_lines(finding: Findings) -> list[str]:
     """The banner text, one string per line (the first one is the result)."""
     result = "BONE LOSS SUSPECTED" if finding.bone_loss else "NO BONE LOSS DETECTED"
     severity = (finding.severity or "").capitalize() if finding.bone_loss else ""
+    probability, threshold = _probability_pair(finding.probability, finding.threshold)
     lines = [
         result + (f" - {severity}" if severity else ""),
-        f"P(bone loss) {finding.probability:.2f} (threshold {finding.threshold:.2f})",
-        f"Est. T-score {finding.t_score:+.1f} "
-        f"[{finding.t_score_low:+.1f}, {finding.t_score_high:+.1f}] "
+        f"P(bone loss) {probability} (threshold {threshold})",
+        f"Est. T-score {_t(finding.t_score)} "
+        f"[{_t(finding.t_score_low)}, {_t(finding.t_score_high)}] "
         f"{finding.interval_coverage:.0%} interval",
         f"{finding.algorithm.name} {finding.algorithm.version} - NOT FOR DIAGNOSTIC USE",
     ]
     return lines
+
+
+def _probability_pair(probability: float, threshold: float) -> tuple[str, str]:
+    """P(bone loss) and the threshold as the banner prints them: two decimals, more where two
+    would print both alike (0.4195 against 0.4217 is not "0.42 (threshold 0.42)"), and never a
+    certainty the model does not claim ("> 0.99", not "1.00")."""
+    digits = 2
+    while digits < 4 and f"{probability:.{digits}f}" == f"{threshold:.{digits}f}":
+        digits += 1
+    top, bottom = 1 - 10**-digits, 10**-digits
+    if probability > top:
+        shown = f"> {top:.{digits}f}"
+    elif probability < bottom:
+        shown = f"< {bottom:.{digits}f}"
+    else:
+        shown = f"{probability:.{digits}f}"
+    return shown, f"{threshold:.{digits}f}"
+
+
+def _t(value: float) -> str:
+    """A T-score to one decimal with its sign; -0.04 is +0.0, not -0.0."""
+    return f"{round(value, 1) + 0.0:+.1f}"
 
 
 def _block_mean(values: np.ndarray, k: int) -> np.ndarray:

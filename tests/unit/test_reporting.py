@@ -344,3 +344,28 @@ def test_overlay_is_downscaled(study: dict[str, Any]) -> None:
     write(sc, path)
     errors, text = _dciodvfy(path)
     assert errors == 0, text
+
+
+@pytest.mark.parametrize(
+    ("probability", "threshold", "t_score", "expected"),
+    [
+        # two decimals would print both alike: more, until they differ
+        (0.4195, 0.4217, -1.0, ("P(bone loss) 0.419 (threshold 0.422)", "Est. T-score -1.0")),
+        (0.8731, 0.3778, -2.73, ("P(bone loss) 0.87 (threshold 0.38)", "Est. T-score -2.7")),
+        # no certainty the model does not claim, and no negative zero
+        (0.9962, 0.3778, -0.04, ("P(bone loss) > 0.99 (threshold 0.38)", "Est. T-score +0.0")),
+        (0.0031, 0.3778, 1.2, ("P(bone loss) < 0.01 (threshold 0.38)", "Est. T-score +1.2")),
+    ],
+)
+def test_banner_says_what_the_numbers_are(probability: float, threshold: float, t_score: float, expected: Any) -> None:
+    from dataclasses import replace
+
+    from agent.reporting.overlay import banner_lines
+
+    base = _findings(np.random.default_rng(0))[0]
+    f = replace(base, probability=probability, threshold=threshold, bone_loss=probability >= threshold,
+                t_score=t_score, t_score_low=t_score - 0.04, t_score_high=t_score + 1.0)
+    lines = banner_lines(f)
+    assert lines[1] == expected[0]
+    assert lines[2].startswith(expected[1])
+    assert "-0.0" not in lines[2]

@@ -15,7 +15,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import RedirectResponse
 
 from agent.audit import worklist
-from agent.audit.repository import FOLLOW_UP_STATUSES
+from agent.audit.repository import FOLLOW_UP_STATUSES, spreadsheet_cell
 from agent.audit.users import SessionView
 from agent.audit.worklist import FOLLOW_UP_ACTIONS, SEVERITIES, SORTS, FlaggedFilter, record_access
 from agent.clock import utcnow
@@ -134,13 +134,6 @@ CSV_FIELDS = (
 )
 
 
-def _cell(v: object) -> object:
-    """Text that a spreadsheet would run as a formula is quoted with a leading apostrophe."""
-    if isinstance(v, str) and v[:1] in ("=", "+", "-", "@", "\t", "\r"):
-        return "'" + v
-    return v
-
-
 @router.get("/flagged/export.csv")
 def export_csv(request: Request, sess: PhiSession) -> Response:
     db = request.app.state.ctx.db
@@ -156,7 +149,7 @@ def export_csv(request: Request, sess: PhiSession) -> Response:
         w.writerow(
             [
                 r.id,
-                *(_cell(v) for v in (r.patient_id, r.patient_name, r.patient_birth_date, r.patient_sex)),
+                *(spreadsheet_cell(v) for v in (r.patient_id, r.patient_name, r.patient_birth_date, r.patient_sex)),
                 r.status,
                 r.severity,
                 round(r.probability, 4),

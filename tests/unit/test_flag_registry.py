@@ -1,0 +1,118 @@
+"""The flagged-patient registry as the worker fills it (screening.record_screening on a temporary
+SQLite file): one row per patient, showing the latest positive study's most suspicious image."""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from agent.audit.db import Database, upgrade
+from agent.audit.models import AuditEvent
+from agent.audit.repository import list_flagged
+from agent.cli import app
+from agent.domain import AlgorithmInfo, Eligibility, Findings, IncomingInstance, InstanceRef
+from agent.queue import screening, store
+
+OWNER = "test-worker"
+_n = itertools.count(1)
+
+
+@pytest.fixture()
+def db(tmp_path: Path) -> Database:
+    d = Database(f"sqlite:///{tmp_path / 'r.db'}")
+    upgrade(d)
+    return d
+
+
+def screen(
+    db: Database, study_uid: str, study_date: str | None, p: float, severity: str | None, t: float,
+    name: str = "Doe^Jane",
+) -> None:
+    """Receive one image of ``study_uid`` for patient P1 and record STR-Net's findings for it."""
+    n = next(_n)
+    ref = InstanceRef("1.2.840.10008.5.1.4.1.1.1.1", f"1.2.3.{n}", study_uid, f"{study_uid}.1", "1.2.840.10008.1.2.1")
+    store.record_instance(
+        db,
+        IncomingInstance(
+            ref=ref, spool_path=f"d/{n}.dcm", sha256=f"{n:064d}", size_bytes=10, calling_ae="TESTSCU",
+            peer_host="127.0.0.1", eligibility=Eligibility(True, None), patient_id="P1",
+            patient_name=name, study_date=study_date,
+        ),
+    )
+    (job,) = store.lease(db, OWNER, 1, 60.0)
+    findings = Findings(
+        probability=p, threshold=0.4, bone_loss=p >= 0.4, p_osteoporosis=0.5, severity=severity, t_score=t,
+        t_score_low=t - 1, t_score_high=t + 1, interval_coverage=0.9,
+        algorithm=AlgorithmInfo("STR-Net", "test", "0" * 64),
+    )
+    assert screening.record_screening(db, job.job_id, OWNER, findings, {}, None, [], send=False)
+
+
+def only_row(db: Database) -> tuple[str | None, float, str | None, float, int]:
+    (row,) = list_flagged(db)
+    return row.last_study_date, row.probability, row.severity, row.t_score, row.studies
+
+
+def flagged_list(tmp_path: Path, *args: str) -> str:
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(f'[agent]\ndata_dir = "{tmp_path.as_posix()}"\n', encoding="utf-8")
+    res = CliRunner().invoke(app, ["flagged", "list", "--config", str(cfg), *args])
+    assert res.exit_code == 0, res.output
+    return res.output
+
+
+def test_a_study_shows_its_most_suspicious_image_whatever_the_order(db: Database) -> None:
+    screen(db, "1.9.1", "20260201", 0.93, "osteoporosis", -2.9)
+    screen(db, "1.9.1", "20260201", 0.48, "osteopenia", -1.2)  # screened after, less suspicious
+    assert only_row(db) == ("20260201", 0.93, "osteoporosis", -2.9, 1)
+    screen(db, "1.9.1", "20260201", 0.97, "osteoporosis", -3.1)
+    assert only_row(db) == ("20260201", 0.97, "osteoporosis", -3.1, 1)
+
+
+def test_a_later_study_replaces_the_figures_even_when_less_suspicious(db: Database) -> None:
+    screen(db, "1.9.1", "20250601", 0.93, "osteoporosis", -2.9)
+    screen(db, "1.9.2", "20260105", 0.55, "osteopenia", -1.4)
+    assert only_row(db) == ("20260105", 0.55, "osteopenia", -1.4, 2)
+
+
+def test_an_older_study_arriving_late_is_counted_but_keeps_the_latest_figures(db: Database) -> None:
+    screen(db, "1.9.1", "20260115", 0.80, "osteoporosis", -2.6)
+    screen(db, "1.9.2", "20190501", 0.99, "osteoporosis", -3.5)  # a film from 2019, routed today
+    assert only_row(db) == ("20260115", 0.80, "osteoporosis", -2.6, 2)
+    with db.reading() as s:
+        events = s.query(AuditEvent).where(AuditEvent.object_type == "flagged_patient")
+        changes = [(e.detail or {}).get("change") for e in events]
+    assert changes == ["flagged", "counted"]
+
+
+def test_a_study_without_a_date_counts_as_the_latest_arrival(db: Database) -> None:
+    screen(db, "1.9.1", "20260115", 0.80, "osteoporosis", -2.6)
+    screen(db, "1.9.2", None, 0.50, "osteopenia", -1.3)
+    assert only_row(db) == (None, 0.50, "osteopenia", -1.3, 2)
+
+
+def test_a_negative_image_never_touches_the_row(db: Database) -> None:
+    screen(db, "1.9.1", "20260115", 0.80, "osteoporosis", -2.6)
+    screen(db, "1.9.2", "20260301", 0.10, None, 0.5)
+    assert only_row(db) == ("20260115", 0.80, "osteoporosis", -2.6, 1)
+
+
+def test_flagged_list_shows_what_it_sorts_and_filters_on_and_csv_is_safe_in_a_spreadsheet(tmp_path: Path) -> None:
+    db = Database(f"sqlite:///{tmp_path / 'strnet.db'}")
+    upgrade(db)
+    screen(db, "1.9.1", "20260115", 0.80, "osteoporosis", -2.6, name='=HYPERLINK("http://x","P1")')
+    (row,) = json.loads(flagged_list(tmp_path, "--format", "json"))
+    assert {"first_flagged_at", "last_flagged_at", "last_study_date"} <= set(row)
+    (line,) = csv.DictReader(io.StringIO(flagged_list(tmp_path, "--format", "csv")))
+    assert line["patient_name"] == "'" + '=HYPERLINK("http://x","P1")'  # text, not a formula
+    assert line["t_score"] == "-2.6"  # numbers stay numbers
+    table = flagged_list(tmp_path)
+    header, first = table.splitlines()[:2]
+    assert "LAST STUDY" in header and "FIRST FLAGGED" in header and "LAST FLAGGED" in header
+    assert "2026-01-15" in first and row["last_flagged_at"][:10] in first
