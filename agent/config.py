@@ -75,7 +75,10 @@ class AgentSection(_Section):
 
 class PeerSection(_Section):
     ae_title: str = Field(description="Calling AE title allowed to store.")
-    host: str = Field(description="Address that AE title must connect from.")
+    host: str = Field(
+        description="Address that AE title must connect from: an IP address, or a host name (resolved "
+        "when first needed, again every minute, and at once when a caller's address matches none)."
+    )
 
     _ae = field_validator("ae_title")(_check_ae_title)
     _host = field_validator("host")(_check_host)

@@ -7,7 +7,6 @@ refused at association, before any data flows.
 
 from __future__ import annotations
 
-import ipaddress
 import socket
 import ssl
 import threading
@@ -48,6 +47,7 @@ from agent.config import ScpSection
 from agent.errors import StoreRefused
 from agent.ingest import chunked, pdu_reader
 from agent.ingest.handlers import Ingestor, StoreRequest, file_head
+from agent.ingest.peers import PeerPolicy, normal_address
 from agent.ingest.reconcile import split_file
 from agent.logging import get_logger
 from agent.pacs import status
@@ -119,13 +119,12 @@ def _calling_ae(event: Event) -> str:
     return str(event.assoc.requestor.ae_title).strip()
 
 
-def handle_requested(event: Event, peers: dict[str, set[str]]) -> None:
+def handle_requested(event: Event, peers: PeerPolicy) -> None:
     """Refuse an association whose calling AE title is unknown or comes from another host."""
     primitive = event.assoc.requestor.primitive  # the A-ASSOCIATE-RQ: always there when this event fires
     ae = str(primitive.calling_ae_title).strip() if primitive is not None else ""
-    host = event.assoc.requestor.address
-    allowed = peers.get(ae)
-    if allowed is None or host not in allowed:
+    host = normal_address(str(event.assoc.requestor.address))
+    if not peers.allows(ae, host):
         log.warning(
             "association_refused", calling_ae=ae, peer_host=host, reason="calling AE not allowed from this host"
         )
@@ -204,9 +203,7 @@ class RecvGuard:
         self.since_message = 0
 
 
-def handle_conn_open(
-    event: Event, limit_bytes: int, network_timeout_s: float, allowed_hosts: frozenset[str] | None
-) -> None:
+def handle_conn_open(event: Event, limit_bytes: int, network_timeout_s: float, peers: PeerPolicy | None) -> None:
     """Install the RecvGuard on the new connection's socket, before any PDU is read.
 
     Also give the accepted socket a timeout: pynetdicom leaves it blocking, so a peer that sends
@@ -223,13 +220,8 @@ def handle_conn_open(
     if raw is not None:
         raw.settimeout(network_timeout_s)
         address = getattr(event, "address", None)
-        host = str(address[0]) if address else ""
-        try:  # an IPv4 peer on a dual-stack socket shows as ::ffff:a.b.c.d
-            ip = ipaddress.ip_address(host)
-            host = str(ip.ipv4_mapped or ip) if isinstance(ip, ipaddress.IPv6Address) else str(ip)
-        except ValueError:
-            pass
-        if allowed_hosts is not None and host not in allowed_hosts:
+        host = normal_address(str(address[0]) if address else "")  # an IPv4 peer on a dual-stack socket
+        if peers is not None and not peers.known(host):
             # a host no peer is bound to: shut the connection now, so idle connections from elsewhere
             # cannot hold association slots (pynetdicom counts them) until the ACSE timeout
             log.warning("connection_refused", peer_host=host, reason="host not on the peer allow-list")
@@ -418,7 +410,7 @@ class StorageSCP:
             peers.setdefault(p.ae_title, set()).add(p.host)
         # the agent's own tools (strnet echo, health checks) call with its own title, locally only
         peers.setdefault(cfg.ae_title, set()).update({"127.0.0.1", "::1"})
-        self._peers = peers
+        self._peers = PeerPolicy(peers)
 
     def _handlers(self) -> list[Any]:
         t = self.tracker
@@ -426,7 +418,7 @@ class StorageSCP:
         # its clear 0xA700 answer from the ingestor; anything beyond is cut off at the socket
         limit = (2 * self.cfg.max_instance_mb + 1) * 1024 * 1024
         return [
-            (evt.EVT_CONN_OPEN, handle_conn_open, [limit, self.cfg.network_timeout_s, self._allowed_hosts()]),
+            (evt.EVT_CONN_OPEN, handle_conn_open, [limit, self.cfg.network_timeout_s, self._peers]),
             (evt.EVT_CONN_CLOSE, handle_conn_close),
             (evt.EVT_REQUESTED, handle_requested, [self._peers]),
             (evt.EVT_ACCEPTED, handle_accepted, [t]),
@@ -436,14 +428,6 @@ class StorageSCP:
             (evt.EVT_C_ECHO, handle_echo),
             (evt.EVT_C_STORE, handle_store, [self.ingestor, t]),
         ]
-
-    def _allowed_hosts(self) -> frozenset[str] | None:
-        """Addresses any peer is bound to; None (no connection-level filter) when one is a host name."""
-        hosts = {h for allowed in self._peers.values() for h in allowed}
-        try:
-            return frozenset(str(ipaddress.ip_address(h)) for h in hosts)
-        except ValueError:
-            return None
 
     def _ssl_context(self) -> Any:
         ctx = tls_context(self.cfg)

@@ -76,7 +76,9 @@ def describe(path: Path) -> dict[str, Any]:
         "weights_sha256": meta.get("weights_sha256"),
         "trained_on_synthetic_data": meta.get("synthetic"),
         "served_threshold": meta.get("served_threshold"),
-        "thresholds": {k: v.get("threshold") for k, v in meta.get("thresholds", {}).items()},
+        # named operating points are objects; beside them sit their parameters (target_sensitivity, n_pos ...)
+        "thresholds": {k: v.get("threshold") for k, v in meta.get("thresholds", {}).items() if isinstance(v, dict)},
+        "target_sensitivity": meta.get("thresholds", {}).get("target_sensitivity"),
         "temperature": meta.get("temperature"),
         "conformal": meta.get("conformal"),
         "preprocess": meta.get("preprocess"),

@@ -171,6 +171,16 @@ def test_unknown_calling_ae_wrong_called_ae_and_wrong_host_are_refused(make_agen
     assert list_jobs(agent.db) == []
 
 
+def test_a_peer_named_by_host_name_is_accepted_from_its_address(make_agent: Any) -> None:
+    # as in deploy/compose.agent.toml (host = "orthanc"): the name is resolved, not compared as text
+    agent = make_agent(scp={"peers": [{"ae_title": TEST_SCU_AET, "host": "localhost"}]})
+    a = associate(agent)
+    assert a.is_established
+    assert send(a, knee_dx()) == status.SUCCESS
+    a.release()
+    assert associate(agent, "INTRUDER").is_rejected
+
+
 def test_unsupported_sop_class_is_refused_in_negotiation(agent: Agent, assoc: Association) -> None:
     accepted = {cx.abstract_syntax for cx in assoc.accepted_contexts}
     assert "1.2.840.10008.5.1.4.1.1.2" not in accepted

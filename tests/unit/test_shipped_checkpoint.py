@@ -123,3 +123,20 @@ def test_shipped_checkpoint_has_a_texture_stage_fitted_without_the_test_seeds() 
     used = json.dumps([stage.get("extra_manifests", []), fit.get("command", ""), fit.get("data_commands", [])])
     assert "data/s201/manifest.csv" in used  # the fields checked are the ones that name the data
     assert all(str(s) not in used for s in TEST_SEEDS), "test seed used to fit the texture stage"
+
+
+def test_model_info_describes_the_shipped_checkpoint() -> None:
+    """`strnet model info` on what ships (its thresholds block mixes named points and numbers)."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from agent.cli import _mount_model_commands, app
+
+    _mount_model_commands()
+    res = CliRunner().invoke(app, ["model", "info"])
+    assert res.exit_code == 0, res.output
+    info = json.loads(res.output)
+    assert set(info["thresholds"]) == {"point", "conservative"}
+    assert 0 < info["thresholds"]["conservative"] < info["thresholds"]["point"] < 1
+    assert info["target_sensitivity"] == 0.86

@@ -1,0 +1,64 @@
+"""[[scp.peers]] hosts given as names: resolved, re-resolved, and failing closed (a fake resolver
+stands in for DNS, which this machine does not have for made-up names)."""
+
+from __future__ import annotations
+
+import socket
+
+from agent.ingest.peers import PeerPolicy, normal_address
+
+
+class Dns:
+    def __init__(self, table: dict[str, list[str]]) -> None:
+        self.table = table
+        self.lookups = 0
+
+    def __call__(self, name: str) -> list[str]:
+        self.lookups += 1
+        if name not in self.table:
+            raise socket.gaierror(socket.EAI_NONAME, "unknown")
+        return self.table[name]
+
+
+def test_addresses_and_names_both_admit_their_caller_and_nobody_else() -> None:
+    dns = Dns({"orthanc": ["172.18.0.5"]})
+    policy = PeerPolicy({"ORTHANC": {"orthanc"}, "MODALITY": {"10.0.0.7"}}, dns)
+    assert policy.allows("ORTHANC", "172.18.0.5")
+    assert policy.allows("ORTHANC", "::ffff:172.18.0.5")  # IPv4 on a dual-stack socket
+    assert policy.allows("MODALITY", "10.0.0.7")
+    assert not policy.allows("ORTHANC", "10.0.0.7")  # the other peer's address
+    assert not policy.allows("INTRUDER", "172.18.0.5")
+    assert policy.known("10.0.0.7") and policy.known("172.18.0.5") and not policy.known("10.0.0.8")
+
+
+def test_a_recreated_container_is_admitted_at_its_new_address_without_a_restart() -> None:
+    dns = Dns({"orthanc": ["172.18.0.5"]})
+    policy = PeerPolicy({"ORTHANC": {"orthanc"}}, dns, ttl_s=3600, retry_s=0)
+    assert policy.allows("ORTHANC", "172.18.0.5")
+    dns.table["orthanc"] = ["172.18.0.9"]
+    assert policy.allows("ORTHANC", "172.18.0.9")  # a miss looks the name up again
+    assert not policy.allows("ORTHANC", "172.18.0.5")
+
+
+def test_misses_do_not_flood_the_resolver() -> None:
+    dns = Dns({"orthanc": ["172.18.0.5"]})
+    policy = PeerPolicy({"ORTHANC": {"orthanc"}}, dns, ttl_s=3600, retry_s=60)
+    for _ in range(20):
+        assert not policy.allows("ORTHANC", "10.9.9.9")
+    assert dns.lookups == 1
+
+
+def test_a_name_that_stops_resolving_keeps_its_addresses_and_one_never_resolved_admits_nobody() -> None:
+    dns = Dns({"orthanc": ["172.18.0.5"]})
+    policy = PeerPolicy({"ORTHANC": {"orthanc"}, "GONE": {"no-such-host"}}, dns, ttl_s=0, retry_s=0)
+    assert policy.allows("ORTHANC", "172.18.0.5")
+    del dns.table["orthanc"]  # DNS down
+    assert policy.allows("ORTHANC", "172.18.0.5")
+    assert not policy.allows("GONE", "172.18.0.5") and not policy.known("10.1.1.1")
+
+
+def test_normal_address() -> None:
+    assert normal_address("::ffff:127.0.0.1") == "127.0.0.1"
+    assert normal_address("0:0:0:0:0:0:0:1") == "::1"
+    assert normal_address("fe80::1%eth0") == "fe80::1"
+    assert normal_address("orthanc") == "orthanc"
