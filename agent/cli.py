@@ -80,8 +80,9 @@ def echo(
     calling_aet: Annotated[str | None, typer.Option(help="Our AE title (default: scp.ae_title).")] = None,
     timeout_s: Annotated[float, typer.Option(help="Network timeout in seconds.")] = 10.0,
 ) -> None:
-    """Send C-ECHO and exit 0 only on success."""
+    """Send C-ECHO and exit 0 only on success (to the agent itself: over TLS when [scp.tls] is on)."""
     from agent.pacs.scu import echo as send_echo
+    from agent.pacs.scu import self_tls_args
 
     settings = _settings(config)
     target_host = host or ("127.0.0.1" if settings.scp.bind in ("0.0.0.0", "::") else settings.scp.bind)
@@ -91,6 +92,7 @@ def echo(
         aet or settings.scp.ae_title,
         calling_aet or settings.scp.ae_title,
         timeout_s=timeout_s,
+        tls=None if host else self_tls_args(settings.scp.tls, target_host),
     )
     typer.echo(f"C-ECHO {target_host}:{port or settings.scp.port}: {detail}")
     raise typer.Exit(0 if ok else 1)

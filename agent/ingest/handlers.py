@@ -29,13 +29,10 @@ from agent.ingest.eligibility import Rules, evaluate
 from agent.ingest.spool import Spool
 from agent.logging import get_logger
 from agent.pacs import status
+from agent.pacs.identity import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from agent.queue import store
 
 log = get_logger(__name__)
-
-IMPLEMENTATION_CLASS_UID = "2.25.247913405263715651826312403537386934151"
-IMPLEMENTATION_VERSION_NAME = "STRNET_010"
-
 
 @dataclass(frozen=True)
 class StoreRequest:

@@ -51,6 +51,7 @@ from agent.ingest.peers import PeerPolicy, normal_address
 from agent.ingest.reconcile import split_file
 from agent.logging import get_logger
 from agent.pacs import status
+from agent.pacs.identity import identify
 
 log = get_logger(__name__)
 
@@ -351,14 +352,14 @@ def handle_store(event: Event, ingestor: Ingestor, tracker: AssociationTracker |
 
 
 def build_ae(cfg: ScpSection) -> AE:
-    ae = AE(ae_title=cfg.ae_title)
+    ae = identify(AE(ae_title=cfg.ae_title))
     ae.maximum_pdu_size = 0  # unlimited: fewer, larger PDUs cut receive CPU
     ae.maximum_associations = cfg.max_associations
     ae.acse_timeout = cfg.acse_timeout_s
     ae.dimse_timeout = cfg.dimse_timeout_s
     ae.network_timeout = cfg.network_timeout_s
     ae.require_called_aet = True
-    ae.add_supported_context(Verification)
+    ae.add_supported_context(Verification, [ImplicitVRLittleEndian, ExplicitVRLittleEndian])
     for sop_class in (*STORAGE_SOP_CLASSES, *KEPT_NOT_SCREENED_SOP_CLASSES):
         ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
     return ae

@@ -31,7 +31,7 @@ def run_checks(settings: Settings, config_source: str) -> list[Check]:
     from agent.app import open_database
     from agent.audit import trail
     from agent.audit.db import current_revision, head_revision
-    from agent.pacs.scu import echo
+    from agent.pacs.scu import echo, tls_args
 
     checks = [Check("configuration", True, f"loaded from {config_source}")]
     db_holder: list = []
@@ -86,6 +86,7 @@ def run_checks(settings: Settings, config_source: str) -> list[Check]:
                 d.ae_title,
                 d.calling_ae_title or settings.scp.ae_title,
                 timeout_s=settings.sender.timeout_s if settings.sender.timeout_s < 10 else 10,
+                tls=tls_args(d),  # as the sender reaches it
             )
             if not ok:
                 raise RuntimeError(f"C-ECHO {d.ae_title}@{d.host}:{d.port}: {detail}")

@@ -13,9 +13,10 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from agent.pacs import status
+from agent.pacs.identity import identify
 
 if TYPE_CHECKING:
-    from agent.config import PacsSection
+    from agent.config import PacsSection, TlsSection
 
 
 def tls_args(dest: PacsSection) -> tuple[ssl.SSLContext, str] | None:
@@ -33,15 +34,43 @@ def tls_args(dest: PacsSection) -> tuple[ssl.SSLContext, str] | None:
     return ctx, dest.tls_server_name or dest.host
 
 
-def echo(host: str, port: int, called_aet: str, calling_aet: str, timeout_s: float = 10.0) -> tuple[bool, str]:
-    """Send one C-ECHO; return (ok, what happened in words)."""
-    ae = AE(ae_title=calling_aet)
+def self_tls_args(tls: TlsSection, host: str) -> tuple[ssl.SSLContext, str] | None:
+    """(client context, host) for a C-ECHO to the agent itself when ``[scp.tls]`` is on; else None.
+
+    The agent's chain is verified against ``scp.tls.ca_file`` (without one, against its own
+    certificate, as for a self-signed one); its name is not checked, since a health check dials
+    127.0.0.1, which the certificate need not name. The agent's own certificate is presented when
+    its SCP requires one from callers.
+    """
+    if not tls.enabled:
+        return None
+    anchor = tls.ca_file or tls.cert_file
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(anchor) if anchor else None)
+    ctx.check_hostname = False
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if not tls.ca_file:
+        ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN  # the leaf itself is the trust anchor
+    if tls.require_client_cert and tls.cert_file and tls.key_file:
+        ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file))
+    return ctx, host
+
+
+def echo(
+    host: str,
+    port: int,
+    called_aet: str,
+    calling_aet: str,
+    timeout_s: float = 10.0,
+    tls: tuple[ssl.SSLContext, str] | None = None,
+) -> tuple[bool, str]:
+    """Send one C-ECHO (over TLS with ``tls``: ``tls_args``' pair); return (ok, what happened in words)."""
+    ae = identify(AE(ae_title=calling_aet))
     ae.acse_timeout = timeout_s
     ae.dimse_timeout = timeout_s
     ae.network_timeout = timeout_s
     ae.connection_timeout = timeout_s
     ae.add_requested_context(Verification)
-    assoc = ae.associate(host, port, ae_title=called_aet)
+    assoc = ae.associate(host, port, ae_title=called_aet, tls_args=tls)
     if not assoc.is_established:
         if assoc.is_rejected:
             return False, "association rejected"

@@ -36,6 +36,7 @@ from agent.errors import StorageError
 from agent.ingest.spool import Spool
 from agent.logging import get_logger
 from agent.pacs import status
+from agent.pacs.identity import identify
 from agent.pacs.scu import tls_args
 from agent.queue import outbox
 from agent.queue.outbox import DueItem
@@ -300,7 +301,7 @@ class Sender:
         if held is not None and usable(held.assoc) and classes <= held.sop_classes:
             return held
         self._drop(lane, dest.name)
-        ae = AE(ae_title=dest.calling_ae_title or self.default_calling_ae)
+        ae = identify(AE(ae_title=dest.calling_ae_title or self.default_calling_ae))
         for t in ("acse_timeout", "dimse_timeout", "network_timeout", "connection_timeout"):
             setattr(ae, t, self.cfg.timeout_s)
         proposed = frozenset(classes | set(RESULT_SOP_CLASSES))

@@ -181,6 +181,26 @@ def test_a_peer_named_by_host_name_is_accepted_from_its_address(make_agent: Any)
     assert associate(agent, "INTRUDER").is_rejected
 
 
+def test_the_agent_names_itself_and_verification_takes_little_endian_only(agent: Agent) -> None:
+    """Conformance statement 2.1 and 2.3, as a peer sees them in negotiation."""
+    from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    from agent.pacs.identity import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+
+    ae = AE(ae_title=TEST_SCU_AET)
+    for ts in (ImplicitVRLittleEndian, ExplicitVRLittleEndian, ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian):
+        ae.add_requested_context(Verification, ts)
+    a = ae.associate("127.0.0.1", agent.scp.port, ae_title=AGENT_AET)
+    try:
+        assert a.is_established
+        assert a.acceptor.implementation_class_uid == IMPLEMENTATION_CLASS_UID
+        assert a.acceptor.implementation_version_name == IMPLEMENTATION_VERSION_NAME
+        assert {cx.transfer_syntax[0] for cx in a.accepted_contexts} == {ImplicitVRLittleEndian, ExplicitVRLittleEndian}
+    finally:
+        a.release()
+
+
 def test_unsupported_sop_class_is_refused_in_negotiation(agent: Agent, assoc: Association) -> None:
     accepted = {cx.abstract_syntax for cx in assoc.accepted_contexts}
     assert "1.2.840.10008.5.1.4.1.1.2" not in accepted

@@ -202,3 +202,35 @@ def test_config_checks_pacs_tls_settings() -> None:
     with pytest.raises(ConfigError, match=r"pacs\[0\]\.tls"):
         load_settings(None, search_default=False, pacs=[{**base, "ca_file": "/ca.crt"}])
     assert shutil.which("openssl")
+
+
+@pytest.mark.parametrize("with_ca", [True, False], ids=["ca_file", "self-signed-anchor"])
+def test_strnet_echo_reaches_its_own_tls_listener(make_agent: Any, pki: Path, tmp_path: Path, with_ca: bool) -> None:
+    """The container's health check (`strnet echo`) when [scp.tls] is on, the SCP requiring a
+    client certificate: the agent's own certificate is presented, its chain verified."""
+    from typer.testing import CliRunner
+
+    from agent.cli import app
+
+    # without a ca_file (no client certificates then), the agent's own certificate is the anchor
+    agent = make_agent(scp=_tls_scp(pki, require_client_cert=with_ca))
+    tls = _tls_scp(pki, require_client_cert=with_ca)["tls"]
+    cfg = tmp_path / "echo.toml"
+    cfg.write_text(
+        f'[scp]\nae_title = "{AGENT_AET}"\nport = {agent.scp.port}\n[scp.tls]\nenabled = true\n'
+        f'cert_file = "{tls["cert_file"]}"\nkey_file = "{tls["key_file"]}"\n'
+        + (f'ca_file = "{tls["ca_file"]}"\nrequire_client_cert = true\n' if with_ca else ""),
+        encoding="utf-8",
+    )
+    res = CliRunner().invoke(app, ["echo", "--config", str(cfg)])
+    assert res.exit_code == 0, res.output
+    assert "status success" in res.output.lower()
+
+
+def test_doctor_pings_a_tls_pacs_over_tls(make_agent: Any, tiny_weights: Path, pki: Path) -> None:
+    from agent.ops.doctor import run_checks
+
+    with TlsPacsPeer(pki) as pacs:
+        agent = _tls_sender_agent(make_agent, tiny_weights, pacs.port, pki, "ca.crt")
+        (ping,) = [c for c in run_checks(agent.settings, "test") if c.name == "pacs pacs"]
+        assert ping.ok, ping.detail
