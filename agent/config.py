@@ -43,6 +43,18 @@ def _check_host(value: str) -> str:
     return value
 
 
+def _check_threshold(value: str) -> str:
+    if value in ("served", "point", "conservative"):
+        return value
+    try:
+        p = float(value)
+    except ValueError:
+        raise ValueError(f"served, point, conservative or a probability, not {value!r}") from None
+    if not 0.0 < p < 1.0:
+        raise ValueError(f"a probability is between 0 and 1 (exclusive), not {value!r}")
+    return value
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -154,7 +166,9 @@ class WorkerSection(_Section):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available, else CPU.")
     weights: Path | None = Field(None, description="STR-Net checkpoint metadata JSON; default: the shipped one.")
     threshold: str = Field(
-        "served", description="Operating point: served (the checkpoint's), point, conservative, or a probability."
+        "served",
+        description="Operating point: served (the checkpoint's), point, conservative, or a probability "
+        "between 0 and 1.",
     )
     max_batch: int = Field(
         0, ge=0, le=256,
@@ -170,6 +184,8 @@ class WorkerSection(_Section):
         description="Threads torch may use for CPU inference; 0 = automatic: one fewer than the cores in "
         "the screening process (the main process uses the other), torch's default (one per core) inline.",
     )
+
+    _threshold = field_validator("threshold")(_check_threshold)
 
 
 class ReportingSection(_Section):

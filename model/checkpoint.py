@@ -90,6 +90,27 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     return meta
 
 
+class UnknownThreshold(ValueError):
+    """The operating point asked for is not one the checkpoint stores."""
+
+
+NAMED_THRESHOLDS = ("served", "point", "conservative")
+
+
+def operating_threshold(meta: dict[str, Any], threshold: str | float = "served") -> tuple[str, float]:
+    """(name, value) of the operating point: a probability as given (``custom``), or a named one
+    the checkpoint stores (``served`` = the checkpoint's choice, conservative by default)."""
+    if isinstance(threshold, int | float):
+        if not 0.0 < float(threshold) < 1.0:
+            raise UnknownThreshold(f"a threshold is a probability between 0 and 1, not {threshold}")
+        return "custom", float(threshold)
+    name = meta.get("served_threshold", "conservative") if threshold == "served" else threshold
+    point = meta.get("thresholds", {}).get(name)
+    if not isinstance(point, dict) or "threshold" not in point:  # beside the points sit numbers (n_pos ...)
+        raise UnknownThreshold(f"checkpoint has no '{name}' threshold")
+    return str(name), float(point["threshold"])
+
+
 def load_checkpoint(
     path: str | Path = SHIPPED, device: str | torch.device = "cpu", verify: bool = True
 ) -> tuple[STRNet, dict[str, Any]]:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from model.calibration import apply_linear, sigmoid
-from model.checkpoint import SHIPPED, load_checkpoint
+from model.checkpoint import SHIPPED, load_checkpoint, operating_threshold
 from model.data import clinical_vector
 from model.strnet import STRNet
 from model.texture import TextureStage, texture_features, texture_matrix
@@ -112,14 +112,7 @@ class Predictor:
         self.temperature = float(self.meta.get("temperature", 1.0))
         self.tscore_q = float(self.meta.get("conformal", {}).get("quantile", float("nan")))
         self.tscore_coverage = float(self.meta.get("conformal", {}).get("coverage", 0.9))
-        thresholds = self.meta.get("thresholds", {})
-        if isinstance(threshold, int | float):
-            self.threshold_name, self.threshold = "custom", float(threshold)
-        else:
-            name = self.meta.get("served_threshold", "conservative") if threshold == "served" else threshold
-            if name not in thresholds:
-                raise ValueError(f"checkpoint has no '{name}' threshold")
-            self.threshold_name, self.threshold = name, float(thresholds[name]["threshold"])
+        self.threshold_name, self.threshold = operating_threshold(self.meta, threshold)
         self._spec: Any = None
         stage = self.meta.get("texture")
         self.texture = TextureStage.from_dict(stage) if stage else None

@@ -68,11 +68,15 @@ def run_checks(settings: Settings, config_source: str) -> list[Check]:
     checks.append(_run("spool space", spool_space))
 
     def model() -> str:
-        from agent.pipeline.models import served_weights, verify
+        from agent.pipeline.models import served_threshold, served_weights, verify
 
         path = served_weights(settings)
         meta = verify(path)
-        return f"{meta['model_version']} ({path.name}, sha256 {str(meta['weights_sha256'])[:12]})"
+        name, value = served_threshold(meta, settings.worker.threshold)
+        return (
+            f"{meta['model_version']} ({path.name}, sha256 {str(meta['weights_sha256'])[:12]}), "
+            f"threshold {name} {value:.4f}"
+        )
 
     if settings.worker.enabled:
         checks.append(_run("model", model))

@@ -16,7 +16,7 @@ import torch
 
 from agent.domain import AlgorithmInfo, Findings, ServedModel
 from agent.errors import ConfigError, ProcessingError
-from model.checkpoint import SHIPPED
+from model.checkpoint import SHIPPED, UnknownThreshold
 from model.predict import Predictor
 from model.preprocess import preprocess
 from model.texture import texture_features
@@ -47,7 +47,9 @@ class Screener:
             self.predictor = Predictor(path, device=device, threshold=chosen)
         except FileNotFoundError as exc:
             raise ConfigError("worker.weights", f"checkpoint not found: {exc.filename or path}") from None
-        except ValueError as exc:  # corrupt file, hash mismatch, unknown threshold
+        except UnknownThreshold as exc:
+            raise ConfigError("worker.threshold", f"{exc} ({path.name})") from None
+        except ValueError as exc:  # corrupt file, hash mismatch
             raise ConfigError("worker.weights", f"{path}: {exc}") from None
         meta = self.predictor.meta
         self.algorithm = AlgorithmInfo(

@@ -15,7 +15,15 @@ from typing import Any
 
 from agent.config import Settings
 from agent.errors import ConfigError
-from model.checkpoint import SHIPPED, load_checkpoint, metadata_path, read_metadata
+from model.checkpoint import (
+    NAMED_THRESHOLDS,
+    SHIPPED,
+    UnknownThreshold,
+    load_checkpoint,
+    metadata_path,
+    operating_threshold,
+    read_metadata,
+)
 
 REQUIRED = ("model_version", "preprocess", "thresholds", "weights_sha256")
 
@@ -66,6 +74,14 @@ def install(settings: Settings, path: Path) -> dict[str, Any]:
     tmp.write_text(f"{version}/{src_json.name}\n", encoding="utf-8")
     os.replace(tmp, p)
     return meta
+
+
+def served_threshold(meta: dict[str, Any], setting: str) -> tuple[str, float]:
+    """(name, value) of the operating point ``worker.threshold`` picks in this checkpoint."""
+    try:
+        return operating_threshold(meta, setting if setting in NAMED_THRESHOLDS else float(setting))
+    except UnknownThreshold as exc:
+        raise ConfigError("worker.threshold", str(exc)) from None
 
 
 def describe(path: Path) -> dict[str, Any]:

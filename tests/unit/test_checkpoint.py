@@ -148,3 +148,32 @@ def test_predict_with_saliency_equals_predict_and_saliency_from_one_backbone_pas
     assert len(passes) == 1  # predict + saliency ran it twice
     assert results == expected
     assert np.array_equal(maps, expected_maps)
+
+
+def test_operating_threshold_takes_named_points_and_probabilities_only() -> None:
+    from model.checkpoint import UnknownThreshold, operating_threshold
+
+    meta = {
+        "served_threshold": "conservative",
+        "thresholds": {"target_sensitivity": 0.86, "n_pos": 313, "point": {"threshold": 0.5},
+                       "conservative": {"threshold": 0.38}},
+    }
+    assert operating_threshold(meta) == ("conservative", 0.38)
+    assert operating_threshold(meta, "point") == ("point", 0.5)
+    assert operating_threshold(meta, 0.42) == ("custom", 0.42)
+    for bad in ("target_sensitivity", "n_pos", "banana", 1.5, 0.0):  # numbers beside the points are not points
+        with pytest.raises(UnknownThreshold):
+            operating_threshold(meta, bad)
+
+
+def test_a_threshold_the_checkpoint_lacks_is_blamed_on_worker_threshold(tiny_weights: Path, tmp_path: Path) -> None:
+    from agent.errors import ConfigError
+    from agent.pipeline.infer import Screener
+    from model.checkpoint import update_metadata
+
+    only_conservative = update_metadata(
+        tiny_weights, {"thresholds": {"conservative": {"threshold": 0.45}}}, tmp_path / "c.json"
+    )
+    with pytest.raises(ConfigError) as err:
+        Screener(only_conservative, device="cpu", threshold="point")
+    assert err.value.setting == "worker.threshold"

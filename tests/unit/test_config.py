@@ -66,6 +66,9 @@ def test_environment_overrides_file_and_cli_overrides_environment(
         ("STRNET_SCP__AE_TITLE", "A" * 17, "scp.ae_title"),
         ("STRNET_AGENT__LOG_LEVEL", "loud", "agent.log_level"),
         ("STRNET_SCP__MAX_ASSOCIATIONS", "0", "scp.max_associations"),
+        ("STRNET_WORKER__THRESHOLD", "banana", "worker.threshold"),
+        ("STRNET_WORKER__THRESHOLD", "1.5", "worker.threshold"),  # nothing could ever be flagged
+        ("STRNET_WORKER__THRESHOLD", "0", "worker.threshold"),  # everything would be
     ],
 )
 def test_bad_setting_is_named(
