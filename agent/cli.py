@@ -168,6 +168,12 @@ def jobs_retry(
     typer.echo(f"requeued {jobs_n} job(s) and {items_n} undelivered result(s)")
 
 
+FLAGGED_FIELDS = (
+    "patient_id", "patient_name", "first_flagged_at", "last_flagged_at", "last_study_date", "probability",
+    "severity", "t_score", "status", "studies",
+)
+
+
 @flagged_app.command("list")
 def flagged_list(
     config: ConfigOpt = None,
@@ -212,7 +218,7 @@ def flagged_list(
     if fmt == "json":
         typer.echo(json.dumps(records, indent=2))
     elif fmt == "csv":
-        writer = csv.DictWriter(sys.stdout, fieldnames=list(records[0]) if records else ["patient_id"])
+        writer = csv.DictWriter(sys.stdout, fieldnames=FLAGGED_FIELDS)  # the same columns when empty
         writer.writeheader()
         writer.writerows({k: spreadsheet_cell(v) for k, v in r.items()} for r in records)
     else:

@@ -25,7 +25,7 @@ from functools import partial
 from typing import Any
 
 from agent.errors import HelperClosed, HelperDied
-from agent.logging import get_logger
+from agent.logging import configure_logging, current_config, get_logger
 
 log = get_logger(__name__)
 
@@ -51,12 +51,20 @@ def _name_process(title: str) -> None:
         pass  # not Linux: the name is cosmetic
 
 
-def _init(title: str, parent: int, setup: Callable[..., Any] | None, args: tuple[Any, ...]) -> None:
+def _init(
+    title: str,
+    parent: int,
+    setup: Callable[..., Any] | None,
+    args: tuple[Any, ...],
+    log_config: tuple[str, str, str] | None = None,
+) -> None:
     # Ctrl-C and systemd's SIGTERM reach the whole process group or cgroup: the parent stops its
     # helpers itself (close()), after recording what they finish, and they end when it is gone.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _name_process(title)
+    if log_config is not None:  # the parent's log format, PHI scrubber and salt, here too
+        configure_logging(*log_config)
     threading.Thread(target=_watch_parent, args=(parent,), name="parent-watch", daemon=True).start()
     if setup is not None:
         setup(*args)
@@ -99,7 +107,7 @@ class HelperProcess:
                     max_workers=self.processes,
                     mp_context=multiprocessing.get_context("spawn"),
                     initializer=_init,
-                    initargs=(self.title, os.getpid(), self._setup, self._setup_args),
+                    initargs=(self.title, os.getpid(), self._setup, self._setup_args, current_config()),
                 )
             return self._pool
 

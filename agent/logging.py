@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import sys
+import warnings
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -37,6 +40,12 @@ PHI_KEYS = frozenset(
 )
 
 _salt = b"strnet"
+_config: tuple[str, str, str] | None = None  # what configure_logging was given: helper processes repeat it
+
+# in a library warning's text: quoted values (pydicom quotes element values, a PN among them) and
+# UIDs (a study UID is logged only hashed)
+_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
+_UID = re.compile(r"\b\d+(?:\.\d+){3,}\b")
 
 
 def hash_uid(uid: str | None) -> str | None:
@@ -57,10 +66,36 @@ def scrub_phi(_logger: Any, _method: str, event_dict: dict[str, Any]) -> dict[st
     return event_dict
 
 
+def redact_warning(text: str) -> str:
+    """A library warning's text without the values it quotes or the UIDs it names."""
+    return _UID.sub("[uid]", _QUOTED.sub("[value]", text))
+
+
+def _warning_to_log(
+    message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None, line: Any = None
+) -> None:
+    """``warnings.showwarning``: a library's warning becomes a ``library_warning`` event of the
+    log's own format (it was a raw line on stderr, quoting element values, in a JSON log)."""
+    where = Path(filename)
+    get_logger("py.warnings").warning(
+        "library_warning",
+        category=category.__name__,
+        source=f"{where.parent.name}/{where.name}:{lineno}",
+        message=redact_warning(str(message)),
+    )
+
+
+def current_config() -> tuple[str, str, str] | None:
+    """(level, format, salt) as last configured in this process; None before."""
+    return _config
+
+
 def configure_logging(level: str = "info", fmt: str = "auto", salt: str = "strnet") -> None:
-    """Configure structlog and route the standard library's loggers through it."""
-    global _salt
+    """Configure structlog and route the standard library's loggers and Python's warnings through it."""
+    global _salt, _config
     _salt = salt.encode()
+    _config = (level, fmt, salt)
+    warnings.showwarning = _warning_to_log
     as_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,

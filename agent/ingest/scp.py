@@ -145,7 +145,18 @@ def handle_closed(event: Event, tracker: AssociationTracker, how: str) -> None:
 
 
 def handle_rejected(event: Event) -> None:
-    log.warning("association_rejected", peer_host=event.assoc.requestor.address)
+    """pynetdicom rejected the association itself (a called AE title not ours, the association
+    limit): say which, so a wrong PACS node entry and an overloaded agent read differently."""
+    rq, rj = event.assoc.requestor.primitive, event.assoc.acceptor.primitive
+    log.warning(
+        "association_rejected",
+        peer_host=event.assoc.requestor.address,
+        calling_ae=str(rq.calling_ae_title).strip() if rq is not None else None,
+        called_ae=str(rq.called_ae_title).strip() if rq is not None else None,
+        result=getattr(rj, "result_str", None),
+        source=getattr(rj, "source_str", None),
+        reason=getattr(rj, "reason_str", None),
+    )
 
 
 class RecvGuard:

@@ -30,6 +30,9 @@ def test_no_phi_reaches_any_log_line_and_sigterm_stops_cleanly(tmp_path: Path) -
     files.append(write(bad, tmp_path / "bad.dcm"))
     young = knee_dx(birth_date="20200101")
     files.append(write(young, tmp_path / "young.dcm"))
+    odd = knee_dx()
+    odd.SpecificCharacterSet = "ISO_IR 999"  # pydicom warns while decoding its names (quoting values)
+    files.append(write(odd, tmp_path / "odd.dcm"))
     with ServeProcess(config, log) as serve:
         port = str(config_port(config))
         sent = subprocess.run(
@@ -45,18 +48,27 @@ def test_no_phi_reaches_any_log_line_and_sigterm_stops_cleanly(tmp_path: Path) -
             timeout=60,
         )
         assert intruder.returncode != 0
+        wrong_node = subprocess.run(  # a PACS node entry with the wrong called AE title
+            [dcmsend, "-aet", TEST_SCU_AET, "-aec", "NOT_STRNET", "127.0.0.1", port, str(files[0])],
+            capture_output=True,
+            timeout=60,
+        )
+        assert wrong_node.returncode != 0
         echo = strnet("echo", "--config", str(config))
         assert echo.returncode == 0, echo.stdout + echo.stderr
         jobs = json.loads(strnet("jobs", "list", "--config", str(config), "--format", "json").stdout)
-        assert sorted(j["state"] for j in jobs) == ["QUEUED", "QUEUED", "SKIPPED", "SKIPPED"]
+        assert sorted(j["state"] for j in jobs) == ["QUEUED", "QUEUED", "QUEUED", "SKIPPED", "SKIPPED"]
         assert serve.terminate() == 0
     text = log.read_text()
     assert "instance_received" in text and "instance_refused" in text and "association_refused" in text
     assert "scp_stopped" in text
     for secret in (PHI_NAME, PHI_NAME.replace("^", " "), "Zyxwvut", "Qwertyuiop", PHI_ID, PHI_BIRTH):
         assert secret not in text, f"PHI value {secret!r} found in the log"
-    for line in text.splitlines():  # every line is JSON (log_format = json)
-        json.loads(line)
+    events = [json.loads(line) for line in text.splitlines()]  # every line is JSON (log_format = json)
+    (rejected,) = [e for e in events if e["event"] == "association_rejected"]
+    assert rejected["called_ae"] == "NOT_STRNET" and rejected["calling_ae"] == TEST_SCU_AET
+    assert "called ae title not recognised" in rejected["reason"].lower().replace("recognized", "recognised")
+    assert any(e["event"] == "library_warning" for e in events)  # pydicom's, as an event of our own
 
 
 def test_echo_fails_with_exit_1_when_nobody_listens(tmp_path: Path) -> None:

@@ -116,3 +116,9 @@ def test_flagged_list_shows_what_it_sorts_and_filters_on_and_csv_is_safe_in_a_sp
     header, first = table.splitlines()[:2]
     assert "LAST STUDY" in header and "FIRST FLAGGED" in header and "LAST FLAGGED" in header
     assert "2026-01-15" in first and row["last_flagged_at"][:10] in first
+
+
+def test_an_empty_registry_exports_the_same_csv_columns(tmp_path: Path) -> None:
+    upgrade(Database(f"sqlite:///{tmp_path / 'strnet.db'}"))
+    header = flagged_list(tmp_path, "--format", "csv").splitlines()[0].split(",")
+    assert header[:3] == ["patient_id", "patient_name", "first_flagged_at"] and "studies" in header

@@ -10,7 +10,7 @@ import pytest
 import structlog
 
 from agent.ingest.spool import Spool
-from agent.logging import configure_logging, get_logger, hash_uid
+from agent.logging import _warning_to_log, configure_logging, get_logger, hash_uid
 
 
 def test_write_is_complete_and_named_by_us(tmp_path: Path) -> None:
@@ -99,3 +99,39 @@ def test_scrubber_drops_phi_and_hashes_study(capsys: pytest.CaptureFixture[str])
     assert rec["patient_name"] == "[redacted]" and rec["job_id"] == 7
     assert rec["study"] == hash_uid("1.2.3")
     structlog.reset_defaults()
+
+
+def test_library_warnings_become_json_events_without_the_values_they_quote(capsys: pytest.CaptureFixture[str]) -> None:
+    """pydicom warns with the offending value quoted (a PN is PHI, a study UID is logged hashed
+    only); such a warning was a raw line on stderr in the middle of a JSON log."""
+    import warnings
+
+    from pydicom.dataelem import DataElement
+
+    configure_logging("info", "json", salt="s1")
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = _warning_to_log  # as configure_logging set it (catch_warnings restores it after)
+        DataElement(0x0020000D, "UI", "1.2.840.99999.1.abc")  # pydicom: invalid UI value, quoted
+        warnings.warn("Invalid value for VR PN: 'DOE^JANE'", UserWarning, stacklevel=1)
+    logging.getLogger().handlers[0].flush()
+    lines = capsys.readouterr().err.strip().splitlines()
+    events = [json.loads(line) for line in lines]  # every line is JSON
+    assert [e["event"] for e in events] == ["library_warning", "library_warning"]
+    assert events[0]["category"] == "UserWarning" and events[0]["source"].startswith("pydicom/")
+    text = "\n".join(lines)
+    assert "DOE^JANE" not in text and "1.2.840.99999" not in text
+    structlog.reset_defaults()
+
+
+def test_helper_processes_log_as_their_parent_does() -> None:
+    from agent.helper import HelperProcess
+    from agent.logging import current_config
+
+    configure_logging("warning", "json", salt="s2")
+    helper = HelperProcess("logtest")
+    try:  # a spawned process: it starts with nothing configured unless the parent's set-up is passed
+        assert helper.call(current_config) == ("warning", "json", "s2")
+    finally:
+        helper.close()
+        structlog.reset_defaults()
