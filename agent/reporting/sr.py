@@ -167,10 +167,7 @@ def _image_group(
             t,
             codes.UNIT_T_SCORE,
             # TID 310's standard uncertainty range, for consumers that know no private code.
-            properties=hd.sr.MeasurementProperties(
-                upper_measurement_uncertainty=_num(hi - t, 2),
-                lower_measurement_uncertainty=_num(t - lo, 2),
-            ),
+            properties=_uncertainty(_num(hi - t, 2), _num(t - lo, 2), codes.UNIT_T_SCORE),
         ),
         hd.sr.Measurement(codes.T_SCORE_LOWER, lo, codes.UNIT_T_SCORE),
         hd.sr.Measurement(codes.T_SCORE_UPPER, hi, codes.UNIT_T_SCORE),
@@ -239,6 +236,18 @@ def _summary_group(
         ],
         qualitative_evaluations=qualitative,
     )
+
+
+def _uncertainty(upper: float, lower: float, unit: Code) -> hd.sr.MeasurementProperties:
+    """TID 310's +/- range of measurement uncertainty, in the measurement's own unit (highdicom
+    writes both ranges with "no units", which would make a T-score's range a bare number)."""
+    props = hd.sr.MeasurementProperties(upper_measurement_uncertainty=upper, lower_measurement_uncertainty=lower)
+    for item in props:
+        if item.ValueType == "NUM":
+            item.MeasuredValueSequence[0].MeasurementUnitsCodeSequence = [
+                hd.sr.CodedConcept(unit.value, unit.scheme_designator, unit.meaning)
+            ]
+    return props
 
 
 def _severity_code(f: Findings) -> Code | None:

@@ -148,6 +148,9 @@ def test_dsrdump_renders_findings(study: dict[str, Any]) -> None:
         '"Threshold Value")="0.4217"',
         '"Estimated T-score")="-2.73" ({T-score},UCUM,"T-score")',
         '"Estimated T-score interval lower bound")="-3.41"',
+        # TID 310's uncertainty range in the T-score's unit (highdicom would write "no units")
+        '"+, range of upper measurement uncertainty")="0.77" ({T-score},UCUM,"T-score")',
+        '"-, range of lower measurement uncertainty")="0.68" ({T-score},UCUM,"T-score")',
         '"Estimated T-score interval upper bound")="-1.96"',
         '"Algorithm Name")="STR-Net"',
         '"Algorithm Version")="0.3.1-test"',
