@@ -42,9 +42,7 @@ PHI_KEYS = frozenset(
 _salt = b"strnet"
 _config: tuple[str, str, str] | None = None  # what configure_logging was given: helper processes repeat it
 
-# in a library warning's text: quoted values (pydicom quotes element values, a PN among them) and
-# UIDs (a study UID is logged only hashed)
-_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
+# a UID in a library warning's text (a study UID is logged only hashed)
 _UID = re.compile(r"\b\d+(?:\.\d+){3,}\b")
 
 
@@ -67,8 +65,12 @@ def scrub_phi(_logger: Any, _method: str, event_dict: dict[str, Any]) -> dict[st
 
 
 def redact_warning(text: str) -> str:
-    """A library warning's text without the values it quotes or the UIDs it names."""
-    return _UID.sub("[uid]", _QUOTED.sub("[value]", text))
+    """A library warning's text up to the first value it quotes (a quoted value may itself hold a
+    quote, as in O'Brien, so nothing after it is kept), with the UIDs it names replaced."""
+    cut = min((i for i in (text.find("'"), text.find('"')) if i >= 0), default=-1)
+    if cut >= 0:
+        text = text[:cut] + "[value]"
+    return _UID.sub("[uid]", text)
 
 
 def _warning_to_log(

@@ -135,3 +135,19 @@ def test_helper_processes_log_as_their_parent_does() -> None:
     finally:
         helper.close()
         structlog.reset_defaults()
+
+
+@pytest.mark.parametrize(
+    ("text", "kept", "gone"),
+    [
+        ('The string "DOE^JANE" is unlikely to represent the intended person name', "The string", "DOE^JANE"),
+        ("Invalid value for VR PN: 'O'BRIEN^PAT' at (0010,0010)", "Invalid value for VR PN", "BRIEN"),
+        ("Invalid value for VR UI: '1.2.abc'", "VR UI", "1.2.abc"),
+        ("study 1.2.840.113619.2.55.3 has no series", "has no series", "113619"),
+    ],
+)
+def test_redact_warning(text: str, kept: str, gone: str) -> None:
+    from agent.logging import redact_warning
+
+    out = redact_warning(text)
+    assert kept in out and gone not in out
