@@ -60,6 +60,9 @@ ESTIMATED_T_SCORE = Code("T-SCORE-EST", SCHEME, "Estimated T-score")
 T_SCORE_LOWER = Code("T-SCORE-LO", SCHEME, "Estimated T-score interval lower bound")
 T_SCORE_UPPER = Code("T-SCORE-HI", SCHEME, "Estimated T-score interval upper bound")
 INTERVAL_COVERAGE = Code("T-SCORE-COV", SCHEME, "Estimated T-score interval nominal coverage")
+# Measurement Method of DCM 122157 "Probability": says what it is the probability of (beside a
+# Finding "Osteopenia", a bare "Probability" reads as P(osteopenia)).
+P_BONE_LOSS_METHOD = Code("P-BONE-LOSS", SCHEME, "Calibrated probability of bone loss (screening head)")
 # P(osteoporosis | bone loss) from the severity head; DCM 122157 is already the bone-loss one.
 P_OSTEOPOROSIS = Code("P-OSTEOPOROSIS", SCHEME, "Probability of osteoporosis given bone loss")
 

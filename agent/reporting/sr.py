@@ -159,7 +159,7 @@ def _image_group(
     t = _num(f.t_score, 2)
     lo, hi = _num(f.t_score_low, 2), _num(f.t_score_high, 2)
     measurements = [
-        hd.sr.Measurement(codes.PROBABILITY, _num(f.probability, 4), codes.UNIT_ONE),
+        hd.sr.Measurement(codes.PROBABILITY, _num(f.probability, 4), codes.UNIT_ONE, method=codes.P_BONE_LOSS_METHOD),
         hd.sr.Measurement(codes.THRESHOLD, _num(f.threshold, 4), codes.UNIT_ONE),
         hd.sr.Measurement(codes.P_OSTEOPOROSIS, _num(f.p_osteoporosis, 4), codes.UNIT_ONE),
         hd.sr.Measurement(
@@ -231,6 +231,7 @@ def _summary_group(
                 codes.PROBABILITY,
                 _num(max_probability, 4),
                 codes.UNIT_ONE,
+                method=codes.P_BONE_LOSS_METHOD,
                 derivation=codes.MAXIMUM,
             )
         ],

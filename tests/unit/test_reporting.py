@@ -145,6 +145,8 @@ def test_dsrdump_renders_findings(study: dict[str, Any]) -> None:
         '(17621005,SCT,"Normal")',
         '(BONE-LOSS,99STRNET,"Bone loss suspected")',
         '"Probability")="0.8731" (1,UCUM,"no units")',
+        # what it is the probability of, beside a Finding that names a severity
+        '"Measurement Method")=(P-BONE-LOSS,99STRNET,"Calibrated probability of bone loss (screening head)")',
         '"Threshold Value")="0.4217"',
         '"Estimated T-score")="-2.73" ({T-score},UCUM,"T-score")',
         '"Estimated T-score interval lower bound")="-3.41"',
