@@ -38,7 +38,9 @@ def _check_host(value: str) -> str:
     try:
         ipaddress.ip_address(value)
     except ValueError:
-        if not re.fullmatch(r"[A-Za-z0-9.-]{1,253}", value):
+        labels = value[:-1].split(".") if value.endswith(".") else value.split(".")
+        label = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+        if len(value) > 253 or not all(label.fullmatch(x) for x in labels):
             raise ValueError(f"not an IP address or host name: {value!r}") from None
     return value
 

@@ -36,7 +36,8 @@ def _supersedes(study: Study, result: Result, row: FlaggedPatient) -> bool:
         return result.probability > row.probability
     new, old = study.study_date or "", row.last_study_date or ""
     if len(new) == 8 and len(old) == 8 and new.isdigit() and old.isdigit():
-        return new >= old
+        # two studies of one day (a bilateral exam under two accessions): the more suspicious
+        return new > old or (new == old and result.probability > row.probability)
     return True
 
 
@@ -60,13 +61,15 @@ def upsert_flag(session: Session, study: Study, result: Result) -> FlaggedPatien
         )
         session.add(row)
         change = "flagged"
-    else:
+    elif _supersedes(study, result, row):
         change = "updated"
-        if row.status == "closed":  # a new positive film after closure is worth a new look
+        if row.status == "closed":  # a newer (or more suspicious) positive film is worth a new look
             row.status = "new"
             change = "reopened"
+    else:
+        change = "counted"  # an older study, or a less suspicious image of the same one
     row.last_flagged_at = now
-    if change == "flagged" or _supersedes(study, result, row):
+    if change != "counted":
         row.patient_id = study.patient_id
         row.patient_name = study.patient_name
         row.patient_birth_date = study.patient_birth_date
@@ -76,8 +79,6 @@ def upsert_flag(session: Session, study: Study, result: Result) -> FlaggedPatien
         row.probability = result.probability
         row.severity = result.severity
         row.t_score = result.t_score
-    elif change == "updated":
-        change = "counted"  # an older study, or a less suspicious image of the same one
     session.flush()
     trail.append(
         session,

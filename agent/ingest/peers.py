@@ -83,7 +83,7 @@ class PeerPolicy:
                 return addresses
             try:
                 fresh = frozenset(normal_address(a) for a in self._resolver(host))
-            except OSError as exc:
+            except (OSError, UnicodeError) as exc:  # UnicodeError: a label getaddrinfo cannot encode
                 log.warning("peer_host_unresolved", host=host, error=exc.__class__.__name__, kept=len(addresses))
                 fresh = addresses
             self._resolved[host] = (time.monotonic(), fresh)

@@ -125,7 +125,12 @@ def handle_requested(event: Event, peers: PeerPolicy) -> None:
     primitive = event.assoc.requestor.primitive  # the A-ASSOCIATE-RQ: always there when this event fires
     ae = str(primitive.calling_ae_title).strip() if primitive is not None else ""
     host = normal_address(str(event.assoc.requestor.address))
-    if not peers.allows(ae, host):
+    try:
+        allowed = peers.allows(ae, host)
+    except Exception as exc:  # pynetdicom logs and ignores a handler's exception: the caller would get in
+        log.error("peer_check_failed", calling_ae=ae, peer_host=host, error=exc.__class__.__name__)
+        allowed = False
+    if not allowed:
         log.warning(
             "association_refused", calling_ae=ae, peer_host=host, reason="calling AE not allowed from this host"
         )
@@ -233,7 +238,12 @@ def handle_conn_open(event: Event, limit_bytes: int, network_timeout_s: float, p
         raw.settimeout(network_timeout_s)
         address = getattr(event, "address", None)
         host = normal_address(str(address[0]) if address else "")  # an IPv4 peer on a dual-stack socket
-        if peers is not None and not peers.known(host):
+        try:
+            known = peers is None or peers.known(host)
+        except Exception as exc:  # fail closed: pynetdicom would ignore the exception and go on
+            log.error("peer_check_failed", peer_host=host, error=exc.__class__.__name__)
+            known = False
+        if not known:
             # a host no peer is bound to: shut the connection now, so idle connections from elsewhere
             # cannot hold association slots (pynetdicom counts them) until the ACSE timeout
             log.warning("connection_refused", peer_host=host, reason="host not on the peer allow-list")

@@ -37,19 +37,20 @@ def tls_args(dest: PacsSection) -> tuple[ssl.SSLContext, str] | None:
 def self_tls_args(tls: TlsSection, host: str) -> tuple[ssl.SSLContext, str] | None:
     """(client context, host) for a C-ECHO to the agent itself when ``[scp.tls]`` is on; else None.
 
-    The agent's chain is verified against ``scp.tls.ca_file`` (without one, against its own
-    certificate, as for a self-signed one); its name is not checked, since a health check dials
-    127.0.0.1, which the certificate need not name. The agent's own certificate is presented when
-    its SCP requires one from callers.
+    The agent's own certificate is the trust anchor (we dial ourselves; ``scp.tls.ca_file`` is
+    the CA of the *callers*, which may not have signed the agent's certificate, so it is trusted
+    beside it, not instead); the name is not checked, since a health check dials 127.0.0.1, which
+    the certificate need not name. The agent's certificate is presented when its SCP requires
+    one from callers.
     """
     if not tls.enabled:
         return None
-    anchor = tls.ca_file or tls.cert_file
-    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(anchor) if anchor else None)
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(tls.cert_file) if tls.cert_file else None)
+    if tls.ca_file:
+        ctx.load_verify_locations(cafile=str(tls.ca_file))
+    ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN  # a leaf among the anchors is enough
     ctx.check_hostname = False
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    if not tls.ca_file:
-        ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN  # the leaf itself is the trust anchor
     if tls.require_client_cert and tls.cert_file and tls.key_file:
         ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file))
     return ctx, host

@@ -69,7 +69,8 @@ class Screener:
         return ServedModel(
             algorithm=self.algorithm,
             threshold=self.threshold,
-            thresholds={k: v.get("threshold") if isinstance(v, dict) else v for k, v in named.items()},
+            # the named operating points only (beside them sit target_sensitivity, n_pos ...)
+            thresholds={k: v["threshold"] for k, v in named.items() if isinstance(v, dict) and "threshold" in v},
             tscore_coverage=float(self.predictor.tscore_coverage),
             device=str(self.device),
         )

@@ -164,6 +164,9 @@ def _probability_pair(probability: float, threshold: float) -> tuple[str, str]:
     while digits < 4 and f"{probability:.{digits}f}" == f"{threshold:.{digits}f}":
         digits += 1
     top, bottom = 1 - 10**-digits, 10**-digits
+    if f"{probability:.{digits}f}" == f"{threshold:.{digits}f}":  # still alike: say which side
+        side = ">=" if probability >= threshold else "<"
+        return f"{side} {threshold:.{digits}f}", f"{threshold:.{digits}f}"
     if probability > top:
         shown = f"> {top:.{digits}f}"
     elif probability < bottom:

@@ -204,22 +204,28 @@ def test_config_checks_pacs_tls_settings() -> None:
     assert shutil.which("openssl")
 
 
-@pytest.mark.parametrize("with_ca", [True, False], ids=["ca_file", "self-signed-anchor"])
-def test_strnet_echo_reaches_its_own_tls_listener(make_agent: Any, pki: Path, tmp_path: Path, with_ca: bool) -> None:
-    """The container's health check (`strnet echo`) when [scp.tls] is on, the SCP requiring a
-    client certificate: the agent's own certificate is presented, its chain verified."""
+@pytest.mark.parametrize("callers_ca", ["ca.crt", None, "otherca.crt"], ids=["ca_file", "no-ca", "callers-own-ca"])
+def test_strnet_echo_reaches_its_own_tls_listener(
+    make_agent: Any, pki: Path, tmp_path: Path, callers_ca: str | None
+) -> None:
+    """The container's health check (`strnet echo`) when [scp.tls] is on: the agent's own
+    certificate is the anchor, whatever CA signs the callers' (``ca_file``); presented as the
+    client certificate where the SCP requires one (it is signed by ca.crt)."""
     from typer.testing import CliRunner
 
     from agent.cli import app
 
-    # without a ca_file (no client certificates then), the agent's own certificate is the anchor
-    agent = make_agent(scp=_tls_scp(pki, require_client_cert=with_ca))
-    tls = _tls_scp(pki, require_client_cert=with_ca)["tls"]
+    with_ca = callers_ca == "ca.crt"
+    scp = _tls_scp(pki, require_client_cert=with_ca)
+    scp["tls"]["ca_file"] = str(pki / callers_ca) if callers_ca else None
+    agent = make_agent(scp=scp)
+    tls = scp["tls"]
     cfg = tmp_path / "echo.toml"
     cfg.write_text(
         f'[scp]\nae_title = "{AGENT_AET}"\nport = {agent.scp.port}\n[scp.tls]\nenabled = true\n'
         f'cert_file = "{tls["cert_file"]}"\nkey_file = "{tls["key_file"]}"\n'
-        + (f'ca_file = "{tls["ca_file"]}"\nrequire_client_cert = true\n' if with_ca else ""),
+        + (f'ca_file = "{tls["ca_file"]}"\n' if tls["ca_file"] else "")
+        + ("require_client_cert = true\n" if with_ca else ""),
         encoding="utf-8",
     )
     res = CliRunner().invoke(app, ["echo", "--config", str(cfg)])

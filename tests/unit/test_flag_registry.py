@@ -91,6 +91,25 @@ def test_an_older_study_arriving_late_is_counted_but_keeps_the_latest_figures(db
     assert changes == ["flagged", "counted"]
 
 
+def test_two_studies_of_one_day_show_the_more_suspicious(db: Database) -> None:
+    # a bilateral exam booked as two accessions: two studies, one date
+    screen(db, "1.9.1", "20260201", 0.93, "osteoporosis", -2.9)
+    screen(db, "1.9.2", "20260201", 0.48, "osteopenia", -1.2)
+    assert only_row(db) == ("20260201", 0.93, "osteoporosis", -2.9, 2)
+
+
+def test_a_closed_patient_is_reopened_by_a_newer_film_not_by_an_old_one(db: Database) -> None:
+    from agent.audit.models import FlaggedPatient
+
+    screen(db, "1.9.1", "20260115", 0.80, "osteoporosis", -2.6)
+    with db.transaction() as s:
+        s.query(FlaggedPatient).update({FlaggedPatient.status: "closed"})
+    screen(db, "1.9.2", "20190501", 0.99, "osteoporosis", -3.5)  # a retrospective sweep's film
+    assert list_flagged(db)[0].status == "closed"
+    screen(db, "1.9.3", "20260601", 0.70, "osteopenia", -1.9)
+    assert list_flagged(db)[0].status == "new"
+
+
 def test_a_study_without_a_date_counts_as_the_latest_arrival(db: Database) -> None:
     screen(db, "1.9.1", "20260115", 0.80, "osteoporosis", -2.6)
     screen(db, "1.9.2", None, 0.50, "osteopenia", -1.3)

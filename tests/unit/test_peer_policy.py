@@ -57,6 +57,28 @@ def test_a_name_that_stops_resolving_keeps_its_addresses_and_one_never_resolved_
     assert not policy.allows("GONE", "172.18.0.5") and not policy.known("10.1.1.1")
 
 
+def test_a_name_the_resolver_cannot_even_encode_admits_nobody() -> None:
+    def idna_error(name: str) -> list[str]:
+        raise UnicodeError("label empty or too long")  # what getaddrinfo raises for 'pacs..local'
+
+    policy = PeerPolicy({"ORTHANC": {"pacs-local"}}, idna_error)
+    assert not policy.allows("ORTHANC", "10.6.6.6") and not policy.known("10.6.6.6")
+
+
+def test_config_refuses_host_names_no_resolver_could_take() -> None:
+    import pytest
+
+    from agent.config import load_settings
+    from agent.errors import ConfigError
+
+    for bad in ("pacs..local", ".orthanc", "-pacs", "a" * 64 + ".local", "pacs_1"):
+        with pytest.raises(ConfigError):
+            load_settings(None, search_default=False, scp={"peers": [{"ae_title": "ORTHANC", "host": bad}]})
+    fqdn = "pacs-1.hospital.local."
+    ok = load_settings(None, search_default=False, scp={"peers": [{"ae_title": "ORTHANC", "host": fqdn}]})
+    assert ok.scp.peers[0].host == "pacs-1.hospital.local."
+
+
 def test_normal_address() -> None:
     assert normal_address("::ffff:127.0.0.1") == "127.0.0.1"
     assert normal_address("0:0:0:0:0:0:0:1") == "::1"

@@ -360,6 +360,9 @@ def test_overlay_is_downscaled(study: dict[str, Any]) -> None:
         # no certainty the model does not claim, and no negative zero
         (0.9962, 0.3778, -0.04, ("P(bone loss) > 0.99 (threshold 0.38)", "Est. T-score +0.0")),
         (0.0031, 0.3778, 1.2, ("P(bone loss) < 0.01 (threshold 0.38)", "Est. T-score +1.2")),
+        # alike even at four decimals (the shipped conservative point): the side of the threshold
+        (0.37781, 0.3778246, -1.0, ("P(bone loss) < 0.3778 (threshold 0.3778)", "Est. T-score -1.0")),
+        (0.37785, 0.3778246, -1.0, ("P(bone loss) 0.3779 (threshold 0.3778)", "Est. T-score -1.0")),
     ],
 )
 def test_banner_says_what_the_numbers_are(probability: float, threshold: float, t_score: float, expected: Any) -> None:

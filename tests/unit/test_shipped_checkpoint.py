@@ -140,3 +140,13 @@ def test_model_info_describes_the_shipped_checkpoint() -> None:
     assert set(info["thresholds"]) == {"point", "conservative"}
     assert 0 < info["thresholds"]["conservative"] < info["thresholds"]["point"] < 1
     assert info["target_sensitivity"] == 0.86
+
+
+def test_the_served_model_lists_its_named_operating_points_only() -> None:
+    """What the web status page shows (the shipped checkpoint stores n_pos, target_sensitivity ...
+    beside the points)."""
+    from agent.pipeline.infer import Screener
+
+    served = Screener(device="cpu", threads=1).describe()
+    assert set(served.thresholds) == {"point", "conservative"}
+    assert served.threshold == served.thresholds["conservative"]

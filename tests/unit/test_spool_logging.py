@@ -111,7 +111,7 @@ def test_library_warnings_become_json_events_without_the_values_they_quote(capsy
     configure_logging("info", "json", salt="s1")
     with warnings.catch_warnings():
         warnings.simplefilter("always")
-        warnings.showwarning = _warning_to_log  # as configure_logging set it (catch_warnings restores it after)
+        assert warnings.showwarning is _warning_to_log  # configure_logging's hook (catch_warnings keeps it)
         DataElement(0x0020000D, "UI", "1.2.840.99999.1.abc")  # pydicom: invalid UI value, quoted
         warnings.warn("Invalid value for VR PN: 'DOE^JANE'", UserWarning, stacklevel=1)
     logging.getLogger().handlers[0].flush()
