@@ -115,7 +115,7 @@ class ServedModel:
 
     algorithm: AlgorithmInfo
     threshold: float  # the operating threshold in use
-    thresholds: dict[str, float | None]  # the checkpoint's named operating points
+    thresholds: dict[str, float]  # the checkpoint's named operating points
     tscore_coverage: float  # nominal coverage of the T-score interval
     device: str  # "cpu", "cuda:0"
 

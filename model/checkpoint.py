@@ -94,21 +94,31 @@ class UnknownThreshold(ValueError):
     """The operating point asked for is not one the checkpoint stores."""
 
 
-NAMED_THRESHOLDS = ("served", "point", "conservative")
+def named_thresholds(meta: dict[str, Any]) -> dict[str, float]:
+    """The operating points a checkpoint stores, by name (its ``thresholds`` block also holds the
+    parameters they were chosen with: target_sensitivity, confidence, n_pos, n_neg)."""
+    points = meta.get("thresholds", {}) or {}
+    return {k: float(v["threshold"]) for k, v in points.items() if isinstance(v, dict) and "threshold" in v}
 
 
 def operating_threshold(meta: dict[str, Any], threshold: str | float = "served") -> tuple[str, float]:
-    """(name, value) of the operating point: a probability as given (``custom``), or a named one
-    the checkpoint stores (``served`` = the checkpoint's choice, conservative by default)."""
+    """(name, value) of the operating point: a probability as given (a number, or its text, as
+    in ``worker.threshold``: ``custom``), or a named one the checkpoint stores (``served`` = the
+    checkpoint's choice, conservative by default)."""
+    if isinstance(threshold, str):
+        try:
+            threshold = float(threshold)
+        except ValueError:
+            pass
     if isinstance(threshold, int | float):
         if not 0.0 < float(threshold) < 1.0:
             raise UnknownThreshold(f"a threshold is a probability between 0 and 1, not {threshold}")
         return "custom", float(threshold)
     name = meta.get("served_threshold", "conservative") if threshold == "served" else threshold
-    point = meta.get("thresholds", {}).get(name)
-    if not isinstance(point, dict) or "threshold" not in point:  # beside the points sit numbers (n_pos ...)
+    points = named_thresholds(meta)
+    if name not in points:
         raise UnknownThreshold(f"checkpoint has no '{name}' threshold")
-    return str(name), float(point["threshold"])
+    return str(name), points[name]
 
 
 def load_checkpoint(

@@ -16,7 +16,7 @@ import torch
 
 from agent.domain import AlgorithmInfo, Findings, ServedModel
 from agent.errors import ConfigError, ProcessingError
-from model.checkpoint import SHIPPED, UnknownThreshold
+from model.checkpoint import SHIPPED, UnknownThreshold, named_thresholds
 from model.predict import Predictor
 from model.preprocess import preprocess
 from model.texture import texture_features
@@ -38,13 +38,8 @@ class Screener:
         path = Path(weights) if weights else Path(SHIPPED)
         if threads:
             torch.set_num_threads(threads)
-        chosen: str | float = threshold
-        try:
-            chosen = float(threshold)
-        except ValueError:
-            pass
-        try:
-            self.predictor = Predictor(path, device=device, threshold=chosen)
+        try:  # a probability given as text is read as one by model.checkpoint.operating_threshold
+            self.predictor = Predictor(path, device=device, threshold=threshold)
         except FileNotFoundError as exc:
             raise ConfigError("worker.weights", f"checkpoint not found: {exc.filename or path}") from None
         except UnknownThreshold as exc:
@@ -65,12 +60,10 @@ class Screener:
         return float(self.predictor.threshold)
 
     def describe(self) -> ServedModel:
-        named = self.predictor.meta.get("thresholds", {}) or {}
         return ServedModel(
             algorithm=self.algorithm,
             threshold=self.threshold,
-            # the named operating points only (beside them sit target_sensitivity, n_pos ...)
-            thresholds={k: v["threshold"] for k, v in named.items() if isinstance(v, dict) and "threshold" in v},
+            thresholds=named_thresholds(self.predictor.meta),
             tscore_coverage=float(self.predictor.tscore_coverage),
             device=str(self.device),
         )

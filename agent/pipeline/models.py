@@ -16,11 +16,11 @@ from typing import Any
 from agent.config import Settings
 from agent.errors import ConfigError
 from model.checkpoint import (
-    NAMED_THRESHOLDS,
     SHIPPED,
     UnknownThreshold,
     load_checkpoint,
     metadata_path,
+    named_thresholds,
     operating_threshold,
     read_metadata,
 )
@@ -79,7 +79,7 @@ def install(settings: Settings, path: Path) -> dict[str, Any]:
 def served_threshold(meta: dict[str, Any], setting: str) -> tuple[str, float]:
     """(name, value) of the operating point ``worker.threshold`` picks in this checkpoint."""
     try:
-        return operating_threshold(meta, setting if setting in NAMED_THRESHOLDS else float(setting))
+        return operating_threshold(meta, setting)
     except UnknownThreshold as exc:
         raise ConfigError("worker.threshold", str(exc)) from None
 
@@ -92,8 +92,7 @@ def describe(path: Path) -> dict[str, Any]:
         "weights_sha256": meta.get("weights_sha256"),
         "trained_on_synthetic_data": meta.get("synthetic"),
         "served_threshold": meta.get("served_threshold"),
-        # named operating points are objects; beside them sit their parameters (target_sensitivity, n_pos ...)
-        "thresholds": {k: v.get("threshold") for k, v in meta.get("thresholds", {}).items() if isinstance(v, dict)},
+        "thresholds": named_thresholds(meta),
         "target_sensitivity": meta.get("thresholds", {}).get("target_sensitivity"),
         "temperature": meta.get("temperature"),
         "conformal": meta.get("conformal"),

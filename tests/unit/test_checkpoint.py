@@ -161,6 +161,7 @@ def test_operating_threshold_takes_named_points_and_probabilities_only() -> None
     assert operating_threshold(meta) == ("conservative", 0.38)
     assert operating_threshold(meta, "point") == ("point", 0.5)
     assert operating_threshold(meta, 0.42) == ("custom", 0.42)
+    assert operating_threshold(meta, "0.42") == ("custom", 0.42)  # worker.threshold is text
     for bad in ("target_sensitivity", "n_pos", "banana", 1.5, 0.0):  # numbers beside the points are not points
         with pytest.raises(UnknownThreshold):
             operating_threshold(meta, bad)
