@@ -10,15 +10,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent.audit import trail
-from agent.audit.db import Database, upgrade
 from agent.config import Settings
+from agent.db.engine import Database, open_database
 from agent.ingest.eligibility import Rules
 from agent.ingest.handlers import Ingestor
 from agent.ingest.reconcile import reconcile
 from agent.ingest.scp import AssociationTracker, StorageSCP
-from agent.ingest.spool import Spool
 from agent.logging import get_logger
 from agent.queue import outbox
+from agent.spool import Spool
 
 log = get_logger(__name__)
 
@@ -32,15 +32,6 @@ def make_rules(settings: Settings) -> Rules:
         min_age_years=e.min_age_years,
         max_pixels=e.max_pixels,
     )
-
-
-def open_database(settings: Settings, migrate: bool = True) -> Database:
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    # busy timeout is a setting: a write blocked past it fails cleanly (0xA700), never hangs a C-STORE
-    db = Database(settings.database_url, busy_timeout_ms=int(settings.agent.db_busy_timeout_s * 1000))
-    if migrate:
-        upgrade(db)
-    return db
 
 
 def load_screener(settings: Settings) -> Any:

@@ -15,6 +15,7 @@ from typing import Annotated, Any
 import typer
 
 from agent.config import Settings, load_settings
+from agent.dicom_values import format_da
 from agent.errors import ConfigError
 from agent.web.users_cli import users_app
 
@@ -106,7 +107,7 @@ def jobs_list(
     limit: Annotated[int, typer.Option(help="At most this many jobs.")] = 1000,
 ) -> None:
     """List jobs (no patient data is shown)."""
-    from agent.app import open_database
+    from agent.db.engine import open_database
     from agent.domain import JobState
     from agent.queue.store import list_jobs
 
@@ -148,8 +149,8 @@ def jobs_retry(
     dead: Annotated[bool, typer.Option("--dead", help="Replay every DEAD job and dead letter.")] = False,
 ) -> None:
     """Replay failed or dead jobs and their undelivered results (the running agent picks them up)."""
-    from agent.app import open_database
     from agent.audit import trail
+    from agent.db.engine import open_database
     from agent.queue import outbox, store
 
     if not job_ids and not dead:
@@ -188,9 +189,9 @@ def flagged_list(
     import csv
     from datetime import datetime
 
-    from agent.app import open_database
     from agent.audit import trail
-    from agent.audit.repository import FOLLOW_UP_STATUSES, list_flagged, spreadsheet_cell
+    from agent.db.engine import open_database
+    from agent.db.registry import FOLLOW_UP_STATUSES, list_flagged, spreadsheet_cell
 
     if status and status not in FOLLOW_UP_STATUSES:
         raise ConfigError("--status", f"one of {', '.join(FOLLOW_UP_STATUSES)}")
@@ -230,22 +231,16 @@ def flagged_list(
             typer.echo(
                 f"{str(r['patient_id'] or '')[:16]:<16} {str(r['patient_name'] or '')[:24]:<24} {r['status']:<12} "
                 f"{r['probability']:>7.3f} {str(r['severity'] or ''):<12} {r['t_score']:>5.1f} {r['studies']:>7}  "
-                f"{_da(row.last_study_date):<10}  {row.first_flagged_at:%Y-%m-%d}     {row.last_flagged_at:%Y-%m-%d}"
+                f"{format_da(row.last_study_date):<10}  "
+                f"{row.first_flagged_at:%Y-%m-%d}     {row.last_flagged_at:%Y-%m-%d}"
             )
         typer.echo(f"{len(records)} flagged patient(s)")
-
-
-def _da(value: str | None) -> str:
-    """A DICOM DA (YYYYMMDD) as YYYY-MM-DD; anything else as it is."""
-    v = value or ""
-    return f"{v[:4]}-{v[4:6]}-{v[6:]}" if len(v) == 8 and v.isdigit() else v
 
 
 @db_app.command("upgrade")
 def db_upgrade(config: ConfigOpt = None) -> None:
     """Apply the database migrations (Alembic) up to the newest."""
-    from agent.app import open_database
-    from agent.audit.db import current_revision
+    from agent.db.engine import current_revision, open_database
 
     settings = _settings(config)
     db = open_database(settings, migrate=True)
@@ -258,8 +253,8 @@ def db_backup(
     config: ConfigOpt = None,
 ) -> None:
     """Consistent online backup of the SQLite database (safe while serving)."""
-    from agent.app import open_database
     from agent.audit import trail
+    from agent.db.engine import open_database
     from agent.ops.backup import backup_sqlite
 
     settings = _settings(config)
@@ -273,8 +268,8 @@ def db_backup(
 @db_app.command("verify-audit")
 def db_verify_audit(config: ConfigOpt = None) -> None:
     """Verify the audit trail's hash chain; exit 1 when it is broken."""
-    from agent.app import open_database
     from agent.audit import trail
+    from agent.db.engine import open_database
 
     db = open_database(_settings(config))
     with db.reading() as s:
@@ -338,8 +333,8 @@ def model_install(
     config: ConfigOpt = None,
 ) -> None:
     """Verify a checkpoint and make it the served model (a running agent swaps before its next batch)."""
-    from agent.app import open_database
     from agent.audit import trail
+    from agent.db.engine import open_database
     from agent.pipeline.models import install
 
     settings = _settings(config)

@@ -9,7 +9,7 @@ from typing import Any
 
 
 class JobState(enum.StrEnum):
-    """Lifecycle of one received instance (DESIGN.md section 2)."""
+    """Lifecycle of one received instance (docs/architecture.md, Data flow)."""
 
     RECEIVED = "RECEIVED"
     QUEUED = "QUEUED"
@@ -127,7 +127,7 @@ class Findings:
     probability: float  # calibrated P(bone loss)
     threshold: float  # the served operating threshold
     bone_loss: bool  # probability >= threshold
-    p_osteoporosis: float  # P(osteoporosis | bone loss)
+    p_osteoporosis_given_bone_loss: float  # P(osteoporosis | bone loss); model/ calls the joint one p_osteoporosis
     severity: str | None  # "osteopenia" | "osteoporosis" when bone_loss, else None
     t_score: float  # estimated DXA T-score
     t_score_low: float  # conformal interval

@@ -1,4 +1,4 @@
-"""The exception hierarchy of the agent (DESIGN.md section 5). Nothing else defines exceptions."""
+"""The exception hierarchy of the agent. Nothing else defines exceptions."""
 
 from __future__ import annotations
 

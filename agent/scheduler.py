@@ -9,12 +9,12 @@ from typing import Any
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from agent.audit.db import Database
 from agent.config import Settings
+from agent.db.engine import Database
 from agent.errors import StorageError
-from agent.ingest.spool import Spool
 from agent.logging import get_logger
 from agent.queue import outbox, store
+from agent.spool import Spool
 
 log = get_logger(__name__)
 

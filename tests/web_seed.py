@@ -21,7 +21,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 
 from agent.app import Agent
-from agent.audit.users import add_user
+from agent.db.users import add_user
 from agent.domain import JobState
 from agent.pacs import status
 from agent.queue import outbox

@@ -14,8 +14,8 @@ from typing import Any
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
-from agent.audit.models import AuditEvent
 from agent.clock import utcnow
+from agent.db.models import AuditEvent
 
 GENESIS = "0" * 64
 

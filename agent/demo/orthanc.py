@@ -113,7 +113,7 @@ class LocalOrthanc:
         return self._dir / "orthanc.log"
 
     def config(self) -> dict[str, Any]:
-        """The configuration written for Orthanc (RECIPE.md)."""
+        """The configuration written for Orthanc."""
         assert self._dir is not None
         cfg: dict[str, Any] = {
             "Name": "strnet-test-pacs",

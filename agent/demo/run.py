@@ -86,7 +86,7 @@ def run_demo(
     keep: bool = False, weights: Path | None = None, timeout_s: float = 180.0, echo: Callable[[str], Any] = print
 ) -> int:
     from agent.app import Agent
-    from agent.audit.repository import list_flagged, study_results
+    from agent.db.registry import list_flagged, study_results
     from agent.logging import configure_logging
     from agent.queue.store import list_jobs
     from model.synth.generate import generate

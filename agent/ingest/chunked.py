@@ -14,7 +14,7 @@ in memory (``_config.STORE_RECV_CHUNKED_DATASET``); it opens that file with the
 
 Only associations of an SCP registered with ``receive_into`` get a ``SpoolingFile``; any other
 SCP in the process keeps pynetdicom's own temporary file. If the handler finds a file elsewhere
-it falls back to the in-memory path; the contract of DESIGN.md section 6 holds either way:
+it falls back to the in-memory path; the durability contract holds either way:
 Success only after the file is fsynced, renamed, the directory fsynced and the job row
 committed. Files of transfers that never reached the handler are deleted when the association
 ends (``discard``), when its thread died without a close event (``discard_orphans``, at the next

@@ -6,12 +6,11 @@ An ineligible instance is still accepted and stored: it becomes a SKIPPED job wi
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
-from datetime import date
 
 from pydicom.dataset import Dataset
 
+from agent.dicom_values import patient_age_years
 from agent.domain import Eligibility
 
 SCREENED_SOP_CLASSES = frozenset(
@@ -33,21 +32,6 @@ class Rules:
     sop_classes: frozenset[str] = SCREENED_SOP_CLASSES
 
 
-def _age_years(ds: Dataset) -> float | None:
-    age = str(ds.get("PatientAge", "") or "")
-    m = re.fullmatch(r"(\d{3})([DWMY])", age)
-    if m:
-        n = int(m.group(1))
-        return n / {"D": 365.25, "W": 52.18, "M": 12.0, "Y": 1.0}[m.group(2)]
-    birth, when = str(ds.get("PatientBirthDate", "") or ""), str(ds.get("StudyDate", "") or "")
-    try:
-        b = date(int(birth[:4]), int(birth[4:6]), int(birth[6:8]))
-        s = date(int(when[:4]), int(when[4:6]), int(when[6:8]))
-    except ValueError:
-        return None
-    return (s - b).days / 365.25
-
-
 def _region_codes(ds: Dataset) -> set[str]:
     return {str(item.get("CodeValue", "")) for item in ds.get("AnatomicRegionSequence", [])}
 
@@ -65,7 +49,7 @@ def evaluate(ds: Dataset, rules: Rules) -> Eligibility:
     if body_part not in rules.body_parts and not (codes & rules.anatomic_region_codes):
         shown = body_part or "missing"
         return Eligibility(False, f"body part {shown} is not a knee (no knee anatomic region code)")
-    age = _age_years(ds)
+    age = patient_age_years(ds)
     if age is not None and age < rules.min_age_years:
         return Eligibility(False, f"patient younger than {rules.min_age_years} years")
     rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)

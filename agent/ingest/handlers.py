@@ -20,17 +20,17 @@ from pydicom.multival import MultiValue
 from pydicom.uid import UID
 
 from agent import failpoints, metrics
-from agent.audit.db import Database
+from agent.db.engine import Database
 from agent.domain import IncomingInstance, InstanceRef, JobState, StoreOutcome
 from agent.errors import StorageError, StoreRefused
 from agent.ingest import validate
 from agent.ingest.chunked import in_folder, receiving
 from agent.ingest.eligibility import Rules, evaluate
-from agent.ingest.spool import Spool
 from agent.logging import get_logger
 from agent.pacs import status
 from agent.pacs.identity import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from agent.queue import store
+from agent.spool import Spool
 
 log = get_logger(__name__)
 
@@ -87,7 +87,7 @@ def _sha256(data: bytes) -> str:
 
 
 class Ingestor:
-    """Keeps the durability contract of DESIGN.md section 6 for each incoming instance."""
+    """Keeps the durability contract (docs/architecture.md) for each incoming instance."""
 
     def __init__(self, db: Database, spool: Spool, rules: Rules, max_instance_bytes: int) -> None:
         self.db = db

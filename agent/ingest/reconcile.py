@@ -1,4 +1,4 @@
-"""Start-up reconciliation of spool and database (DESIGN.md section 6).
+"""Start-up reconciliation of spool and database (docs/architecture.md, the durability contract).
 
 - temporary files of writes that never completed are deleted (they were never acknowledged);
 - complete spool files without an instance row (a crash between rename and commit) are adopted:
@@ -16,11 +16,11 @@ from io import BytesIO
 from pydicom import dcmread
 from pydicom.uid import UID
 
-from agent.audit.db import Database
+from agent.db.engine import Database
 from agent.ingest.handlers import Ingestor, StoreRequest
-from agent.ingest.spool import Spool
 from agent.logging import get_logger
 from agent.queue import store
+from agent.spool import Spool
 
 log = get_logger(__name__)
 

@@ -1,4 +1,4 @@
-"""The DICOM listener: Verification and X-ray storage (DESIGN.md section 7).
+"""The DICOM listener: Verification and X-ray storage (docs/dicom-conformance.md).
 
 Handlers are plain functions bound to pynetdicom events with their dependencies passed at
 binding. Calling AE titles are allowed only from the host each is bound to; everything else is

@@ -1,4 +1,4 @@
-"""Checks an incoming C-STORE must pass before it is acknowledged (DESIGN.md section 6).
+"""Checks an incoming C-STORE must pass before it is acknowledged (docs/architecture.md, the durability contract).
 
 Each failing check raises StoreRefused with the DIMSE status to answer and a reason free of PHI.
 """

@@ -8,9 +8,9 @@ from datetime import timedelta
 from pathlib import Path
 
 from agent.audit import trail
-from agent.audit.db import Database
-from agent.audit.repository import list_flagged
 from agent.clock import utcnow
+from agent.db.engine import Database
+from agent.db.registry import list_flagged
 
 COLUMNS = [
     "patient_id",

@@ -28,9 +28,8 @@ def _run(name: str, fn: Callable[[], str]) -> Check:
 
 
 def run_checks(settings: Settings, config_source: str) -> list[Check]:
-    from agent.app import open_database
     from agent.audit import trail
-    from agent.audit.db import current_revision, head_revision
+    from agent.db.engine import current_revision, head_revision, open_database
     from agent.pacs.scu import echo, tls_args
 
     checks = [Check("configuration", True, f"loaded from {config_source}")]

@@ -30,16 +30,16 @@ from pydicom.uid import Comprehensive3DSRStorage, ExplicitVRLittleEndian, Second
 from pynetdicom import AE, _config
 
 from agent import failpoints
-from agent.audit.db import Database
 from agent.config import PacsSection, SenderSection
+from agent.db.engine import Database
 from agent.errors import StorageError
-from agent.ingest.spool import Spool
 from agent.logging import get_logger
 from agent.pacs import status
 from agent.pacs.identity import identify
 from agent.pacs.scu import tls_args
 from agent.queue import outbox
 from agent.queue.outbox import DueItem
+from agent.spool import Spool
 
 log = get_logger(__name__)
 

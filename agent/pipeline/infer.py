@@ -108,7 +108,7 @@ class Screener:
                     probability=float(r["probability_bone_loss"]),
                     threshold=float(r["threshold"]),
                     bone_loss=positive,
-                    p_osteoporosis=float(r["p_osteoporosis_given_bone_loss"]),
+                    p_osteoporosis_given_bone_loss=float(r["p_osteoporosis_given_bone_loss"]),
                     severity=r["severity"] if positive else None,
                     t_score=float(r["t_score"]),
                     t_score_low=float(low),

@@ -5,10 +5,8 @@ Anything that cannot be screened raises InputRejected with a reason a person can
 
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import dataclass
-from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +14,7 @@ import numpy as np
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
+from agent.dicom_values import patient_age_years
 from agent.errors import InputRejected
 from model.io import read_pixels
 
@@ -30,17 +29,6 @@ class LoadedImage:
     decode_ms: float
 
 
-def _age(ds: Dataset) -> float | None:
-    m = re.fullmatch(r"(\d{3})([DWMY])", str(ds.get("PatientAge", "") or ""))
-    if m:
-        return int(m.group(1)) / {"D": 365.25, "W": 52.18, "M": 12.0, "Y": 1.0}[m.group(2)]
-    b, s = str(ds.get("PatientBirthDate", "") or ""), str(ds.get("StudyDate", "") or "")
-    try:
-        return (date(int(s[:4]), int(s[4:6]), int(s[6:8])) - date(int(b[:4]), int(b[4:6]), int(b[6:8]))).days / 365.25
-    except ValueError:
-        return None
-
-
 def clinical_variables(ds: Dataset) -> dict[str, Any]:
     """Age, sex and BMI from the header; None where absent (the model handles missingness)."""
     sex = str(ds.get("PatientSex", "") or "").upper()
@@ -51,7 +39,7 @@ def clinical_variables(ds: Dataset) -> dict[str, Any]:
             bmi = weight / (height * height)
     except (TypeError, ValueError):
         bmi = None
-    return {"age": _age(ds), "sex": sex if sex in ("M", "F") else None, "bmi": bmi}
+    return {"age": patient_age_years(ds), "sex": sex if sex in ("M", "F") else None, "bmi": bmi}
 
 
 def load(path: Path, max_pixels: int) -> LoadedImage:

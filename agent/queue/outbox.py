@@ -15,9 +15,9 @@ from datetime import datetime, timedelta
 from sqlalchemy import case, func, select, update
 from sqlalchemy.orm import Session
 
-from agent.audit.db import Database
-from agent.audit.models import OutboxItem
 from agent.clock import utcnow
+from agent.db.engine import Database
+from agent.db.models import OutboxItem
 
 
 class OutboxState(enum.StrEnum):

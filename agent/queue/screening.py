@@ -7,10 +7,11 @@ from datetime import timedelta
 
 from sqlalchemy import func, select
 
-from agent.audit import repository, trail
-from agent.audit.db import Database
-from agent.audit.models import Instance, Job, Result, Study, StudyReport
+from agent.audit import trail
 from agent.clock import utcnow
+from agent.db import registry
+from agent.db.engine import Database
+from agent.db.models import Instance, Job, Result, Study, StudyReport
 from agent.domain import Findings, JobState
 from agent.queue import outbox
 from agent.queue.outbox import OutgoingObject
@@ -48,7 +49,7 @@ def record_screening(
         result.probability = findings.probability
         result.threshold = findings.threshold
         result.bone_loss = findings.bone_loss
-        result.p_osteoporosis = findings.p_osteoporosis
+        result.p_osteoporosis_given_bone_loss = findings.p_osteoporosis_given_bone_loss
         result.severity = findings.severity
         result.t_score = findings.t_score
         result.t_score_low = findings.t_score_low
@@ -66,7 +67,7 @@ def record_screening(
         job.lease_expires_at = None
         job.updated_at = now
         if findings.bone_loss:
-            repository.upsert_flag(s, study, result)
+            registry.upsert_flag(s, study, result)
         return True
 
 

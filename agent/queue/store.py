@@ -14,9 +14,9 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from agent.audit import trail
-from agent.audit.db import Database
-from agent.audit.models import Instance, Job, Study
 from agent.clock import utcnow
+from agent.db.engine import Database
+from agent.db.models import Instance, Job, Study
 from agent.domain import (
     IncomingInstance,
     InstanceRef,
@@ -300,7 +300,7 @@ def requeue_running(db: Database) -> int:
 def spool_removable(db: Database, older_than_s: float, limit: int = 500) -> list[tuple[int, str]]:
     """(instance id, spool path) whose job is terminal, whose study has nothing left to deliver,
     and which were received more than ``older_than_s`` ago."""
-    from agent.audit.models import OutboxItem
+    from agent.db.models import OutboxItem
     from agent.queue.outbox import OutboxState
 
     cutoff = utcnow() - timedelta(seconds=older_than_s)

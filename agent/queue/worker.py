@@ -25,17 +25,17 @@ from typing import Any
 from pydicom import dcmread
 
 from agent import failpoints, metrics
-from agent.audit.db import Database
 from agent.config import Settings
+from agent.db.engine import Database
 from agent.domain import AlgorithmInfo, Findings, JobState, LeasedJob
 from agent.errors import HelperClosed, HelperDied, ProcessingError, StorageError
 from agent.ingest.scp import AssociationTracker
-from agent.ingest.spool import Spool
 from agent.logging import get_logger
 from agent.pipeline.run import Failed, Finished, Recordable, Rejected
 from agent.queue import screening, store
 from agent.queue.outbox import OutgoingObject
 from agent.reporting.builder import ReportBuilder, blank_source
+from agent.spool import Spool
 
 log = get_logger(__name__)
 
@@ -401,7 +401,7 @@ class Worker:
                 probability=r.probability,
                 threshold=r.threshold,
                 bone_loss=r.bone_loss,
-                p_osteoporosis=r.p_osteoporosis,
+                p_osteoporosis_given_bone_loss=r.p_osteoporosis_given_bone_loss,
                 severity=r.severity,
                 t_score=r.t_score,
                 t_score_low=r.t_score_low,

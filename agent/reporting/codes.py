@@ -1,4 +1,4 @@
-"""Every coded concept the SR and the overlay use, in one place (DESIGN.md section 7).
+"""Every coded concept the SR and the overlay use, in one place (docs/sr-content.md lists them).
 
 Standard codes (SCT = SNOMED CT, DCM = DICOM PS3.16, UCUM units) wherever the standard has the
 concept; private codes only where it has none, under our own coding scheme designator
@@ -54,7 +54,7 @@ SCREENING_RESULT = Code("SCREEN-RESULT", SCHEME, "Bone loss screening result")
 # Value of SCREENING_RESULT when positive: a screening suspicion from a radiograph, NOT a measured
 # bone density; SCT "Bone density below reference range" would claim a DXA result, so private.
 BONE_LOSS_SUSPECTED = Code("BONE-LOSS", SCHEME, "Bone loss suspected")
-# The model's estimate of the DXA T-score from the radiograph (no DXA was done; DESIGN.md 7).
+# The model's estimate of the DXA T-score from the radiograph (no DXA was done).
 ESTIMATED_T_SCORE = Code("T-SCORE-EST", SCHEME, "Estimated T-score")
 # Bounds and nominal coverage of the split-conformal interval around the estimated T-score.
 T_SCORE_LOWER = Code("T-SCORE-LO", SCHEME, "Estimated T-score interval lower bound")

@@ -1,6 +1,6 @@
 """The overlay a radiologist opens in any viewer: a secondary capture of the radiograph.
 
-DESIGN.md section 7: the radiograph (downscaled to at most 1024 px on the long side), a heat map
+It holds the radiograph (downscaled to at most 1024 px on the long side), a heat map
 of what drove the screening head blended only where it is salient, and a text banner above the
 image (result, probability, severity, T-score estimate and interval, model, NOT FOR DIAGNOSTIC
 USE). BurnedInAnnotation YES; laterality copied (dciodvfy requires it for a paired body part);

@@ -1,6 +1,6 @@
 """The study's screening report: a TID 1500 Measurement Report in a Comprehensive 3D SR.
 
-DESIGN.md section 7. One measurement group (TID 1501) per screened image, referencing it, plus
+One measurement group (TID 1501) per screened image, referencing it, plus
 one study-level summary group; evidence = the source images, so the SR lands in the source study
 with the patient and study modules copied. UNVERIFIED / PRELIMINARY (highdicom's defaults), and
 every UID derived (reporting/uids.py), so a rebuilt report is the same instance to PACS.
@@ -24,7 +24,7 @@ from agent.reporting.uids import result_uid, sr_input
 _NUMERIC_FIELDS = (
     "probability",
     "threshold",
-    "p_osteoporosis",
+    "p_osteoporosis_given_bone_loss",
     "t_score",
     "t_score_low",
     "t_score_high",
@@ -161,7 +161,7 @@ def _image_group(
     measurements = [
         hd.sr.Measurement(codes.PROBABILITY, _num(f.probability, 4), codes.UNIT_ONE, method=codes.P_BONE_LOSS_METHOD),
         hd.sr.Measurement(codes.THRESHOLD, _num(f.threshold, 4), codes.UNIT_ONE),
-        hd.sr.Measurement(codes.P_OSTEOPOROSIS, _num(f.p_osteoporosis, 4), codes.UNIT_ONE),
+        hd.sr.Measurement(codes.P_OSTEOPOROSIS, _num(f.p_osteoporosis_given_bone_loss, 4), codes.UNIT_ONE),
         hd.sr.Measurement(
             codes.ESTIMATED_T_SCORE,
             t,

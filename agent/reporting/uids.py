@@ -1,4 +1,4 @@
-"""Deterministic UIDs for the objects the agent writes back to PACS (DESIGN.md section 6).
+"""Deterministic UIDs for the objects the agent writes back to PACS; see docs/sr-content.md).
 
 A resend after a crash must carry the same SOP Instance UIDs so that PACS deduplicates instead of
 storing a second copy, so every result UID is derived, never generated:

@@ -1,7 +1,7 @@
 """The admin web: FastAPI with server-rendered Jinja2 templates (no front-end build step).
 
 ``create_app`` receives everything it needs (settings, database, callables); it builds nothing
-else (DESIGN.md section 4). ``agent/app.py`` runs it in a thread of ``strnet serve``.
+else. ``agent/app.py`` runs it in a thread of ``strnet serve``.
 """
 
 from __future__ import annotations
@@ -16,9 +16,10 @@ from fastapi import FastAPI, Request, Response
 from fastapi.responses import HTMLResponse, PlainTextResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 
-from agent.audit.db import Database
-from agent.audit.worklist import record_access
 from agent.config import Settings
+from agent.db.engine import Database
+from agent.db.worklist import record_access
+from agent.dicom_values import format_da
 from agent.domain import ServedModel
 from agent.logging import get_logger
 from agent.web.auth import (
@@ -66,7 +67,7 @@ def _templates() -> jinja2.Environment:
         undefined=jinja2.StrictUndefined,
     )
     env.filters["dt"] = lambda v: v.strftime("%Y-%m-%d %H:%M") if v else ""
-    env.filters["dicom_date"] = lambda d: f"{d[:4]}-{d[4:6]}-{d[6:8]}" if d and len(d) == 8 else (d or "")
+    env.filters["dicom_date"] = format_da
     env.filters["pname"] = lambda n: (n or "").replace("^", " ").strip()
     return env
 

@@ -22,9 +22,9 @@ from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatc
 from fastapi import Depends, Request
 from itsdangerous import BadSignature, URLSafeTimedSerializer
 
-from agent.audit import users
-from agent.audit.db import Database
-from agent.audit.users import SessionView
+from agent.db import users
+from agent.db.engine import Database
+from agent.db.users import SessionView
 
 SESSION_COOKIE = "strnet_session"
 LOGIN_COOKIE = "strnet_login"
@@ -43,7 +43,7 @@ def hash_password(password: str) -> str:
 
 
 def password_checker(password: str):  # type: ignore[no-untyped-def]
-    """A ``verify(hash)`` callable for :func:`agent.audit.users.login`."""
+    """A ``verify(hash)`` callable for :func:`agent.db.users.login`."""
 
     def verify(stored: str | None) -> bool:
         try:

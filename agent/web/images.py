@@ -11,7 +11,7 @@ import numpy as np
 import pydicom
 from PIL import Image
 
-from agent.audit.worklist import TrendPoint
+from agent.db.worklist import TrendPoint
 
 _plot_lock = threading.Lock()
 

@@ -19,8 +19,8 @@ ConfigOpt = Annotated[
 
 
 def _db(config: Path | None):  # type: ignore[no-untyped-def]
-    from agent.app import open_database
     from agent.config import load_settings
+    from agent.db.engine import open_database
 
     return open_database(load_settings(config))
 
@@ -33,7 +33,7 @@ def users_add(
     config: ConfigOpt = None,
 ) -> None:
     """Add a user; the password is asked for (or read from stdin) and stored as an argon2 hash."""
-    from agent.audit.users import ROLES, add_user
+    from agent.db.users import ROLES, add_user
     from agent.web.auth import hash_password
 
     if role not in ROLES:
@@ -59,8 +59,8 @@ def users_add(
 @users_app.command("list")
 def users_list(config: ConfigOpt = None) -> None:
     """List users, their role and whether they are disabled or locked."""
-    from agent.audit.users import list_users
     from agent.clock import utcnow
+    from agent.db.users import list_users
 
     now = utcnow()
     rows = list_users(_db(config))
@@ -74,7 +74,7 @@ def users_list(config: ConfigOpt = None) -> None:
 @users_app.command("disable")
 def users_disable(name: Annotated[str, typer.Argument(help="User name.")], config: ConfigOpt = None) -> None:
     """Disable a user and end their sessions (the row stays, for the audit trail)."""
-    from agent.audit.users import disable_user
+    from agent.db.users import disable_user
 
     if not disable_user(_db(config), name):
         typer.echo(f"no such user: {name}", err=True)

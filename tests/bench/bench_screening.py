@@ -268,8 +268,8 @@ def test_bench_screening_through_orthanc(tmp_path: Path) -> None:
         )
     from sqlalchemy import select
 
-    from agent.audit.db import Database
-    from agent.audit.models import Instance, OutboxItem, Result, StudyReport
+    from agent.db.engine import Database
+    from agent.db.models import Instance, OutboxItem, Result, StudyReport
     from agent.demo.orthanc import LocalOrthanc
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per REST call otherwise

@@ -25,10 +25,10 @@ from conftest import AGENT_AET, TEST_SCU_AET, require_tool
 from serve_process import ServeProcess, config_port, write_config
 from sqlalchemy import select
 
-from agent.audit.db import Database
-from agent.audit.models import Instance, Job
+from agent.db.engine import Database
+from agent.db.models import Instance, Job
 from agent.ingest.reconcile import split_file
-from agent.ingest.spool import QUARANTINE_DIR, Spool
+from agent.spool import QUARANTINE_DIR, Spool
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

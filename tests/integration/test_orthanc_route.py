@@ -21,7 +21,7 @@ from conftest import AGENT_AET, require_tool
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless
 from sqlalchemy import select
 
-from agent.audit.models import Instance
+from agent.db.models import Instance
 from agent.demo.orthanc import LocalOrthanc
 from agent.domain import JobState
 from agent.queue.store import list_jobs

@@ -43,9 +43,9 @@ from serve_process import ServeProcess
 from sqlalchemy import select
 
 from agent.app import Agent
-from agent.audit.db import Database
-from agent.audit.models import Instance, Result, Study
-from agent.audit.repository import list_flagged, study_results
+from agent.db.engine import Database
+from agent.db.models import Instance, Result, Study
+from agent.db.registry import list_flagged, study_results
 from agent.demo.orthanc import LocalOrthanc, OrthancError
 from agent.domain import JobState
 from agent.queue import outbox
@@ -55,7 +55,7 @@ from model.checkpoint import SHIPPED
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR (DESIGN.md 7)
+SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR (docs/sr-content.md)
 SC_CLASS = factory.SECONDARY_CAPTURE
 RESULT_CLASSES = {SR_CLASS, SC_CLASS}
 STRNET = str(Path(sys.executable).with_name("strnet"))

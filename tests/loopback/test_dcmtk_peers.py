@@ -30,7 +30,7 @@ from pydicom.uid import (
 from sqlalchemy import select
 
 from agent.app import Agent
-from agent.audit.models import Instance
+from agent.db.models import Instance
 from agent.domain import JobState
 from agent.queue.store import list_jobs
 

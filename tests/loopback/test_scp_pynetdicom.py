@@ -19,7 +19,7 @@ from pynetdicom.association import Association
 from sqlalchemy import select
 
 from agent.app import Agent
-from agent.audit.models import Instance
+from agent.db.models import Instance
 from agent.domain import JobState
 from agent.pacs import status
 from agent.queue.store import list_jobs
@@ -256,7 +256,7 @@ def test_orphan_spool_file_is_adopted_at_restart(make_agent: Any, tmp_path: Path
     again = AgentCls.build(agent.settings)
     from sqlalchemy import delete
 
-    from agent.audit.models import Job
+    from agent.db.models import Job
 
     with again.db.transaction() as s:  # forget everything: the spool must be enough
         s.execute(delete(Job))

@@ -19,7 +19,7 @@ from pacs_peer import PACS_AET, PacsPeer
 from screening_helpers import bilateral_study, send_study, wait_for
 
 from agent.app import Agent
-from agent.audit.repository import list_flagged
+from agent.db.registry import list_flagged
 from agent.domain import JobState
 from agent.pacs import status
 from agent.queue import outbox, screening

@@ -15,9 +15,9 @@ import pytest
 from pacs_peer import PACS_AET, PacsPeer
 from serve_process import write_config
 
-from agent.app import open_database
-from agent.audit.repository import list_flagged
 from agent.config import load_settings
+from agent.db.engine import open_database
+from agent.db.registry import list_flagged
 from agent.ops.backup import backup_sqlite, prune
 from agent.ops.digest import write_digest
 
@@ -152,7 +152,7 @@ def test_installed_model_is_swapped_in_and_the_next_results_carry_its_version(
 ) -> None:
     from screening_helpers import bilateral_study, send_study, wait_for
 
-    from agent.audit.models import Result
+    from agent.db.models import Result
     from agent.pipeline.models import install
     from model.checkpoint import update_metadata
 

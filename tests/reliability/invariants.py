@@ -1,4 +1,4 @@
-"""The durability invariants checked after every crash run (issue 6, DESIGN.md section 6).
+"""The durability invariants checked after every crash run (issue 6, docs/architecture.md).
 
 Reads the SQLite database directly (read-only) and the data directory; the audit chain goes
 through ``agent.audit.trail.verify``. Each check returns a list of human-readable violations, so
@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from agent.audit import trail
-from agent.audit.db import Database
+from agent.db.engine import Database
 
 TERMINAL_JOB = {"DONE", "SKIPPED", "DEAD"}
 PENDING_JOB = {"RECEIVED", "QUEUED", "RUNNING", "FAILED"}

@@ -49,7 +49,7 @@ from serve_fork import ServeFork
 from sqlalchemy import select
 
 from agent.app import Agent
-from agent.audit.models import Instance, Study
+from agent.db.models import Instance, Study
 from agent.domain import JobState
 from agent.pacs import status
 from agent.queue.store import list_jobs

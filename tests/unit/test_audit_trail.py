@@ -8,8 +8,8 @@ import pytest
 from sqlalchemy import delete, update
 
 from agent.audit import trail
-from agent.audit.db import Database, upgrade
-from agent.audit.models import AuditEvent
+from agent.db.engine import Database, upgrade
+from agent.db.models import AuditEvent
 
 
 @pytest.fixture()

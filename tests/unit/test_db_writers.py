@@ -1,4 +1,4 @@
-"""The writers of one process queue on a lock of their own before SQLite's (agent/audit/db.py),
+"""The writers of one process queue on a lock of their own before SQLite's (agent/db/engine.py),
 shared by every Database of the file; a holder that keeps it past the busy timeout fails the
 waiter with the process lock's StorageError (SQLite's own would say "database is locked"), and a
 forked child starts with the lock free. That a waiter then starts at once instead of sleeping in
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text
 
-from agent.audit.db import Database, _writer_lock, upgrade
+from agent.db.engine import Database, _writer_lock, upgrade
 from agent.errors import StorageError
 
 

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from agent.audit.db import Database, upgrade
-from agent.audit.models import AuditEvent
-from agent.audit.repository import list_flagged
 from agent.cli import app
+from agent.db.engine import Database, upgrade
+from agent.db.models import AuditEvent
+from agent.db.registry import list_flagged
 from agent.domain import AlgorithmInfo, Eligibility, Findings, IncomingInstance, InstanceRef
 from agent.queue import screening, store
 
@@ -47,7 +47,8 @@ def screen(
     )
     (job,) = store.lease(db, OWNER, 1, 60.0)
     findings = Findings(
-        probability=p, threshold=0.4, bone_loss=p >= 0.4, p_osteoporosis=0.5, severity=severity, t_score=t,
+        probability=p, threshold=0.4, bone_loss=p >= 0.4, p_osteoporosis_given_bone_loss=0.5, severity=severity,
+        t_score=t,
         t_score_low=t - 1, t_score_high=t + 1, interval_coverage=0.9,
         algorithm=AlgorithmInfo("STR-Net", "test", "0" * 64),
     )
@@ -99,7 +100,7 @@ def test_two_studies_of_one_day_show_the_more_suspicious(db: Database) -> None:
 
 
 def test_a_closed_patient_is_reopened_by_a_newer_film_not_by_an_old_one(db: Database) -> None:
-    from agent.audit.models import FlaggedPatient
+    from agent.db.models import FlaggedPatient
 
     screen(db, "1.9.1", "20260115", 0.80, "osteoporosis", -2.6)
     with db.transaction() as s:

@@ -1,4 +1,4 @@
-"""`make lint` in the test run: ruff and mypy over agent/ and model/ (DESIGN.md section 11).
+"""`make lint` in the test run: ruff and mypy over agent/ and model/.
 
 `make lint` alone was not run by CI, and 47 mypy errors piled up unseen; here a new one fails
 `make test`. mypy's cache (.mypy_cache, ignored by git) makes the second run quick.

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from agent.audit import trail
-from agent.audit.db import Database, upgrade
+from agent.db.engine import Database, upgrade
 from agent.domain import Eligibility, IncomingInstance, InstanceRef, JobState
 from agent.queue import store
 
@@ -142,7 +142,7 @@ def test_requeue_running_at_startup(db: Database) -> None:
 def test_lease_due_takes_srs_first_and_a_share_of_what_is_due(db: Database) -> None:
     from sqlalchemy import select
 
-    from agent.audit.models import Study
+    from agent.db.models import Study
     from agent.queue import outbox
 
     store.record_instance(db, incoming(1))

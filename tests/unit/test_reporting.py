@@ -1,6 +1,6 @@
 """The SR and the overlay: built, written, validated by dciodvfy and dsrdump, re-read and checked.
 
-DESIGN.md section 7: both objects pass dciodvfy with zero errors, dsrdump renders the SR, they
+Both objects pass dciodvfy with zero errors, dsrdump renders the SR, they
 land in the source study with deterministic UIDs, and a later report names its predecessor.
 """
 
@@ -37,16 +37,16 @@ def _findings(rng: np.random.Generator) -> list[Findings]:
         return (rng.random((24, 24)) * 0.8).astype(np.float32)  # the model's input grid
 
     return [
-        Findings(0.8731, bone_loss=True, p_osteoporosis=0.71, severity="osteoporosis",
+        Findings(0.8731, bone_loss=True, p_osteoporosis_given_bone_loss=0.71, severity="osteoporosis",
                  t_score=-2.73, t_score_low=-3.41, t_score_high=-1.96, saliency=saliency(),
                  **common),
-        Findings(0.6402, bone_loss=True, p_osteoporosis=0.22, severity="osteopenia",
+        Findings(0.6402, bone_loss=True, p_osteoporosis_given_bone_loss=0.22, severity="osteopenia",
                  t_score=-1.62, t_score_low=-2.35, t_score_high=-0.88, saliency=saliency(),
                  **common),
-        Findings(0.1523, bone_loss=False, p_osteoporosis=0.05, severity=None,
+        Findings(0.1523, bone_loss=False, p_osteoporosis_given_bone_loss=0.05, severity=None,
                  t_score=-0.41, t_score_low=-1.12, t_score_high=0.33, saliency=saliency(),
                  **common),
-        Findings(0.2089, bone_loss=False, p_osteoporosis=0.07, severity=None,
+        Findings(0.2089, bone_loss=False, p_osteoporosis_given_bone_loss=0.07, severity=None,
                  t_score=0.12, t_score_low=-0.61, t_score_high=0.86, saliency=None, **common),
     ]  # fmt: skip
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import structlog
 
-from agent.ingest.spool import Spool
 from agent.logging import _warning_to_log, configure_logging, get_logger, hash_uid
+from agent.spool import Spool
 
 
 def test_write_is_complete_and_named_by_us(tmp_path: Path) -> None:

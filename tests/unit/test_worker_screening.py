@@ -25,18 +25,19 @@ from test_helper import ended
 from test_report_builder import _unstamped
 from test_reporting import _findings
 
-from agent.app import load_screening, open_database
-from agent.audit.models import Job, Result
+from agent.app import load_screening
 from agent.config import Settings
+from agent.db.engine import open_database
+from agent.db.models import Job, Result
 from agent.domain import Eligibility, IncomingInstance, InstanceRef, JobState, LeasedJob
 from agent.errors import ConfigError
-from agent.ingest.spool import Spool
 from agent.pipeline.process import InlineScreening, ScreeningProcess
 from agent.pipeline.run import Failed, Screened, finish
 from agent.queue import outbox, store
 from agent.queue.outbox import OutboxState
 from agent.queue.worker import Worker
 from agent.reporting.builder import encode
+from agent.spool import Spool
 
 
 def _settings(tmp_path: Path, weights: Path, process: bool = True, **over: Any) -> Settings:

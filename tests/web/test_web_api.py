@@ -21,10 +21,10 @@ from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 from web_seed import DEAD_PATIENT, PASSWORDS, PATIENTS, SCRIPT_NAME, Seeded, phi_strings, screened_agent, wait_for
 
-from agent.audit.db import Database
-from agent.audit.models import AuditEvent, FlaggedPatient, OutboxItem, User
-from agent.audit.users import add_user
-from agent.audit.worklist import verify_chain
+from agent.db.engine import Database
+from agent.db.models import AuditEvent, FlaggedPatient, OutboxItem, User
+from agent.db.users import add_user
+from agent.db.worklist import verify_chain
 from agent.web.app import create_app
 from agent.web.auth import hash_password
 from agent.web.server import WebServer

@@ -5,8 +5,8 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import RedirectResponse
 
-from agent.audit import worklist
-from agent.audit.worklist import record_access
+from agent.db import worklist
+from agent.db.worklist import record_access
 from agent.queue import outbox, store
 from agent.web.app import render
 from agent.web.auth import AdminSession, AnySession, AuditorSession, check_csrf

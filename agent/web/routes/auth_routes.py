@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import RedirectResponse
 
-from agent.audit import users
+from agent.db import users
 from agent.web.app import render
 from agent.web.auth import (
     LOCK_S,

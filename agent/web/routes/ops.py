@@ -7,7 +7,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from agent import metrics
-from agent.audit.worklist import flagged_count, ping
+from agent.db.worklist import flagged_count, ping
 from agent.errors import AgentError
 from agent.queue import outbox, store
 

@@ -14,11 +14,11 @@ from urllib.parse import urlencode
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import RedirectResponse
 
-from agent.audit import worklist
-from agent.audit.repository import FOLLOW_UP_STATUSES, spreadsheet_cell
-from agent.audit.users import SessionView
-from agent.audit.worklist import FOLLOW_UP_ACTIONS, SEVERITIES, SORTS, FlaggedFilter, record_access
 from agent.clock import utcnow
+from agent.db import worklist
+from agent.db.registry import FOLLOW_UP_STATUSES, spreadsheet_cell
+from agent.db.users import SessionView
+from agent.db.worklist import FOLLOW_UP_ACTIONS, SEVERITIES, SORTS, FlaggedFilter, record_access
 from agent.web import images
 from agent.web.app import render
 from agent.web.auth import PhiSession, check_csrf

@@ -12,9 +12,9 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from agent.audit import trail
-from agent.audit.db import Database
-from agent.audit.models import FlaggedPatient, Instance, Result, Study
 from agent.clock import utcnow
+from agent.db.engine import Database
+from agent.db.models import FlaggedPatient, Instance, Result, Study
 
 FOLLOW_UP_STATUSES = ("new", "reviewed", "dxa_ordered", "dxa_done", "closed")
 IN_FOLLOW_UP = ("reviewed", "dxa_ordered", "dxa_done")

@@ -16,9 +16,9 @@ from datetime import datetime, timedelta
 from sqlalchemy import delete, select
 
 from agent.audit import trail
-from agent.audit.db import Database
-from agent.audit.models import User, WebSession
 from agent.clock import utcnow
+from agent.db.engine import Database
+from agent.db.models import User, WebSession
 
 ROLES = ("viewer", "admin", "auditor")
 

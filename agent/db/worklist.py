@@ -1,8 +1,8 @@
 """What the admin web reads and writes: the flagged worklist, patient detail, follow-up,
 observed performance, dead letters, status and the audit log.
 
-The web reads through here (DESIGN.md section 4: only ``audit/`` and ``queue/store.py`` touch
-SQLAlchemy). Identifiers handed to the web are row ids, never patient or DICOM identifiers.
+The web reads through here, never through SQLAlchemy itself. Identifiers handed to the web are
+row ids, never patient or DICOM identifiers.
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ from typing import Any
 from sqlalchemy import Select, func, select
 
 from agent.audit import trail
-from agent.audit.db import Database
-from agent.audit.models import (
+from agent.clock import utcnow
+from agent.db.engine import Database
+from agent.db.models import (
     AuditEvent,
     FlaggedPatient,
     FollowUpEvent,
@@ -26,8 +27,8 @@ from agent.audit.models import (
     Result,
     Study,
 )
-from agent.audit.repository import FOLLOW_UP_STATUSES, FlaggedRow
-from agent.clock import utcnow
+from agent.db.registry import FOLLOW_UP_STATUSES, FlaggedRow
+from agent.dicom_values import parse_da
 
 FOLLOW_UP_ACTIONS = ("reviewed", "dxa_ordered", "dxa_done", "closed")
 SEVERITIES = ("osteopenia", "osteoporosis")
@@ -241,8 +242,8 @@ def trend(db: Database, flagged_id: int) -> list[TrendPoint]:
     for st in detail.studies:
         if not st.results:
             continue
-        d = st.study_date
-        label = f"{d[:4]}-{d[4:6]}-{d[6:8]}" if d and len(d) == 8 else st.received_at.date().isoformat()
+        study_day = parse_da(st.study_date or "")
+        label = (study_day or st.received_at.date()).isoformat()
         out.append(
             TrendPoint(
                 label,

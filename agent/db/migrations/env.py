@@ -1,11 +1,11 @@
-"""Alembic environment: run against the connection handed over by agent.audit.db.upgrade()."""
+"""Alembic environment: run against the connection handed over by agent.db.engine.upgrade()."""
 
 from __future__ import annotations
 
 from alembic import context
 from sqlalchemy import create_engine
 
-from agent.audit.models import Base
+from agent.db.models import Base
 
 config = context.config
 target_metadata = Base.metadata

@@ -1,6 +1,6 @@
-"""SQLAlchemy 2 typed models of the audit database (DESIGN.md section 8).
+"""SQLAlchemy 2 typed models of the audit database.
 
-Every schema change goes through an Alembic migration in ``agent/audit/migrations``.
+Every schema change goes through an Alembic migration in ``agent/db/migrations``.
 """
 
 from __future__ import annotations
@@ -130,7 +130,8 @@ class Result(Base):
     probability: Mapped[float] = mapped_column(Float)
     threshold: Mapped[float] = mapped_column(Float)
     bone_loss: Mapped[bool] = mapped_column(Boolean)
-    p_osteoporosis: Mapped[float] = mapped_column(Float)
+    # P(osteoporosis | bone loss); the column keeps its first name
+    p_osteoporosis_given_bone_loss: Mapped[float] = mapped_column("p_osteoporosis", Float)
     severity: Mapped[str | None] = mapped_column(String(16))
     t_score: Mapped[float] = mapped_column(Float)
     t_score_low: Mapped[float] = mapped_column(Float)

@@ -28,6 +28,7 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
+from agent.config import Settings
 from agent.errors import StorageError
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
@@ -169,3 +170,13 @@ def current_revision(db: Database) -> str | None:
 
 def head_revision() -> str | None:
     return ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
+
+
+def open_database(settings: Settings, migrate: bool = True) -> Database:
+    """The database the settings name, migrated to the newest schema unless ``migrate=False``."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    # busy timeout is a setting: a write blocked past it fails cleanly (0xA700), never hangs a C-STORE
+    db = Database(settings.database_url, busy_timeout_ms=int(settings.agent.db_busy_timeout_s * 1000))
+    if migrate:
+        upgrade(db)
+    return db
