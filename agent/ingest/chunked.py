@@ -1,8 +1,8 @@
 """Receive C-STORE datasets straight into the spool, while they arrive (pynetdicom chunked mode).
 
 pynetdicom can write an incoming dataset to a file fragment by fragment instead of collecting it
-in memory (``_config.STORE_RECV_CHUNKED_DATASET``); it opens that file with the
-``NamedTemporaryFile`` name of its ``dimse_messages`` module. We hand it ``SpoolingFile`` there:
+in memory (its chunked receive); ``pynetdicom_internals.install_chunked_receive`` has it open
+``SpoolingFile`` for that (agent/compat/pynetdicom_internals.py, ADR 0010):
 
 - the file lies in the spool's own ``tmp`` folder, so keeping it is a rename, not a copy;
 - a writer thread does the disk writes (the network thread only queues fragments) and starts
@@ -37,6 +37,7 @@ from typing import Any
 
 from pydicom import dcmread
 
+from agent.compat import pynetdicom_internals, warn_once
 from agent.logging import get_logger
 
 log = get_logger(__name__)
@@ -146,7 +147,7 @@ class SpoolingFile:
     def write(self, data: bytes | bytearray | memoryview) -> int:
         if self._pending is not None:
             self._pending.append(bytes(data))
-            if len(self._pending) == 3:  # preamble, b"DICM", pynetdicom's group 2
+            if len(self._pending) == pynetdicom_internals.FILE_HEAD_WRITES:  # preamble, b"DICM", group 2
                 self._writer.put(self._make_head(self._pending))
                 self._pending = None
             return len(data)
@@ -160,7 +161,7 @@ class SpoolingFile:
         try:
             meta = dcmread(BytesIO(head)).file_meta  # the meta alone: nothing else is there yet
             return bytes(self._head(meta, threading.current_thread()))
-        except Exception as exc:  # keep pynetdicom's own meta: still a valid Part 10 file
+        except Exception as exc:  # noqa: BLE001 - keep pynetdicom's own meta: still a valid Part 10 file
             log.warning("file_meta_kept_as_received", error=exc.__class__.__name__)
             return head
 
@@ -237,17 +238,15 @@ def receiving(path: Path) -> SpoolingFile | None:
         return _open_files.get(str(path))
 
 
-def _open(*_args: Any, **_kwargs: Any) -> Any:
-    """Stands in for ``NamedTemporaryFile(delete=False, mode="wb", suffix=".dcm")``: a
-    ``SpoolingFile`` for an association of an SCP registered with ``receive_into``, pynetdicom's
-    own temporary file for any other SCP in the process."""
+def _open() -> SpoolingFile | None:
+    """The file pynetdicom receives a dataset into: a ``SpoolingFile`` for an association of an SCP
+    registered with ``receive_into``; None, for pynetdicom's own temporary file, for any other SCP
+    in the process."""
     assoc = association_of(threading.current_thread())
     with _lock:
         target = _targets.get(id(getattr(assoc, "ae", None)))
     if target is None:
-        from tempfile import NamedTemporaryFile
-
-        return NamedTemporaryFile(delete=False, mode="wb", suffix=".dcm")
+        return None
     folder, head = target
     return SpoolingFile(folder, head)
 
@@ -258,18 +257,16 @@ def receive_into(ae: Any, folder: Path, head: Any) -> bool:
     ``head(pynetdicom_meta, association_thread) -> bytes`` builds the preamble and file meta to
     write instead of pynetdicom's. pynetdicom's switch is process-wide; other SCPs in the process
     keep pynetdicom's own temporary files (written in full before their handlers run).
-    Returns False, leaving pynetdicom as it was, when its chunked receive is not available.
+    Returns False, leaving pynetdicom as it was, when its chunked receive is not available; the
+    first time, ``library_patch_missing`` says so (the in-memory path then keeps every instance).
     """
-    try:
-        from pynetdicom import _config, dimse_messages
-    except ImportError:
-        return False
-    if not hasattr(_config, "STORE_RECV_CHUNKED_DATASET") or not hasattr(dimse_messages, "NamedTemporaryFile"):
-        return False
     with _lock:
-        _targets[id(ae)] = (Path(folder), head)
-        dimse_messages.NamedTemporaryFile = _open  # type: ignore[attr-defined]
-        _config.STORE_RECV_CHUNKED_DATASET = True
+        missing = pynetdicom_internals.install_chunked_receive(_open)
+        if missing is None:
+            _targets[id(ae)] = (Path(folder), head)
+    if missing is not None:
+        warn_once(log, missing)
+        return False
     return True
 
 

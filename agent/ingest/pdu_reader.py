@@ -8,23 +8,32 @@ SCP's connections (``install``): the body is read once into a buffer of the anno
 (``RecvGuard``) and the P-DATA-TF values handed on as views of that buffer, down to the spool
 file's writer. Every other PDU type goes through pynetdicom's own decoder.
 
-The state machine sees what it saw before: the same events (Evt10 for P-DATA-TF, Evt17 when the
-connection breaks, Evt19 for an unknown or malformed PDU) and a PDU object whose
-``to_primitive`` gives the P-DATA primitive. Two things differ, both stricter or quieter: a
-PDV item whose length runs past its PDU, or that is too short to hold a context ID and a
-control byte, is a malformed PDU (Evt19, the association is aborted) where pynetdicom would
-truncate it or fail later in another thread; and P-DATA-TF PDUs do not fire ``EVT_DATA_RECV``
-/ ``EVT_PDU_RECV`` (our SCP binds neither; they exist for debug logging).
+The state machine sees what it saw before: the same events (``EVT_P_DATA_TF`` for P-DATA-TF,
+``EVT_CONNECTION_CLOSED`` when the connection breaks, ``EVT_INVALID_PDU`` for an unknown or
+malformed PDU) and a PDU object whose ``to_primitive`` gives the P-DATA primitive. Two things
+differ, both stricter or quieter: a PDV item whose length runs past its PDU, or that is too short
+to hold a context ID and a control byte, is a malformed PDU (``EVT_INVALID_PDU``, the association
+is aborted) where pynetdicom would truncate it or fail later in another thread; and P-DATA-TF PDUs
+do not fire ``EVT_DATA_RECV`` / ``EVT_PDU_RECV`` (our SCP binds neither; they exist for debug
+logging).
+
+What this takes of pynetdicom's internals (the DUL's PDU queue and decoder, the state machine's
+event names, a P-DATA primitive holding views) goes through agent/compat/pynetdicom_internals.py.
 """
 
 from __future__ import annotations
 
-import functools
 import select
 import struct
 from typing import Any
 
 from pynetdicom.pdu_primitives import P_DATA
+
+from agent.compat import pynetdicom_internals, warn_once
+from agent.compat.pynetdicom_internals import EVT_CONNECTION_CLOSED, EVT_INVALID_PDU, EVT_P_DATA_TF
+from agent.logging import get_logger
+
+log = get_logger(__name__)
 
 _HEADER = struct.Struct(">BBL")
 _ITEM_LENGTH = struct.Struct(">L")
@@ -45,10 +54,7 @@ class ReceivedPData:
         self.items = items  # [context ID, value view (control byte first)] per PDV
 
     def to_primitive(self) -> P_DATA:
-        primitive = P_DATA()
-        # the public setter insists on bytes; the views hold the same bytes without a copy
-        primitive._presentation_data_value_list = self.items  # type: ignore[assignment]
-        return primitive
+        return pynetdicom_internals.pdata_primitive_from_views(self.items)
 
 
 def split_pdvs(body: memoryview) -> list[list[Any]]:
@@ -80,18 +86,18 @@ def _read_one(sock: Any) -> tuple[int, bytes, bytes] | str:
     try:
         head = sock.recv(6)
     except OSError:  # timeouts included
-        return "Evt17"
+        return EVT_CONNECTION_CLOSED
     if len(head) != 6:
-        return "Evt17"
+        return EVT_CONNECTION_CLOSED
     pdu_type, _, length = _HEADER.unpack(head)
     if pdu_type not in _KNOWN_TYPES:
-        return "Evt19"
+        return EVT_INVALID_PDU
     try:
         body = sock.recv(length)
     except OSError:
-        return "Evt17"
+        return EVT_CONNECTION_CLOSED
     if len(body) != length:  # the peer closed mid-PDU
-        return "Evt17"
+        return EVT_CONNECTION_CLOSED
     return pdu_type, head, body
 
 
@@ -114,12 +120,12 @@ def _ends_message(items: list[list[Any]]) -> bool:
 
 def _queue_other(dul: Any, head: bytes, body: bytes) -> None:
     try:
-        pdu, event = dul._decode_pdu(bytearray(head) + body)
+        pdu, event = pynetdicom_internals.decode_pdu(dul, bytearray(head) + body)
     except Exception:  # noqa: BLE001 - pynetdicom's reader treats any decode failure so
-        dul.event_queue.put("Evt19")
+        dul.event_queue.put(EVT_INVALID_PDU)
         return
     dul.event_queue.put(event)
-    dul._recv_pdu.put(pdu)
+    pynetdicom_internals.put_received_pdu(dul, pdu)
 
 
 def read_pdu(dul: Any) -> None:
@@ -146,7 +152,7 @@ def read_pdu(dul: Any) -> None:
     try:
         items = split_pdvs(memoryview(body))
     except MalformedPdu:
-        dul.event_queue.put("Evt19")
+        dul.event_queue.put(EVT_INVALID_PDU)
         return
     after: str | tuple[bytes, bytes] | None = None
     last, merged, size = items, 1, len(body)
@@ -162,13 +168,13 @@ def read_pdu(dul: Any) -> None:
         try:
             last = split_pdvs(memoryview(body))
         except MalformedPdu:
-            after = "Evt19"
+            after = EVT_INVALID_PDU
             break
         items += last
         merged += 1
         size += len(body)
-    dul.event_queue.put("Evt10")
-    dul._recv_pdu.put(ReceivedPData(items))
+    dul.event_queue.put(EVT_P_DATA_TF)
+    pynetdicom_internals.put_received_pdu(dul, ReceivedPData(items))
     if isinstance(after, str):
         dul.event_queue.put(after)
     elif after is not None:
@@ -176,11 +182,12 @@ def read_pdu(dul: Any) -> None:
 
 
 def install(dul: Any) -> bool:
-    """Make ``dul`` (one connection's DUL provider) read its PDUs with ``read_pdu``.
-
-    Returns False, leaving pynetdicom's reader, where the provider does not look as expected.
-    """
-    if not all(hasattr(dul, name) for name in ("_read_pdu_data", "_decode_pdu", "_recv_pdu", "event_queue")):
-        return False
-    dul._read_pdu_data = functools.partial(read_pdu, dul)
-    return True
+    """Make ``dul`` (one connection's DUL provider) read its PDUs with ``read_pdu``; returns whether
+    it does. Where pynetdicom's provider lacks what the reader relies on, the connection keeps
+    pynetdicom's own reader (correct, slower) and the first such connection logs
+    ``library_patch_missing``."""
+    missing = pynetdicom_internals.install_pdu_reader(dul, read_pdu)
+    if missing is None:
+        return True
+    warn_once(log, missing)
+    return False

@@ -43,6 +43,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 from pynetdicom.transport import ThreadedAssociationServer
 
+from agent.compat import pynetdicom_internals
 from agent.config import ScpSection
 from agent.errors import StoreRefused
 from agent.ingest import chunked, pdu_reader
@@ -127,7 +128,7 @@ def handle_requested(event: Event, peers: PeerPolicy) -> None:
     host = normal_address(str(event.assoc.requestor.address))
     try:
         allowed = peers.allows(ae, host)
-    except Exception as exc:  # pynetdicom logs and ignores a handler's exception: the caller would get in
+    except Exception as exc:  # noqa: BLE001 - pynetdicom logs and ignores a handler's exception: the caller gets in
         log.error("peer_check_failed", calling_ae=ae, peer_host=host, error=exc.__class__.__name__)
         allowed = False
     if not allowed:
@@ -168,7 +169,7 @@ class RecvGuard:
     """Caps what one connection may make pynetdicom buffer (the PDU-length guard), and reads PDUs
     in large pieces.
 
-    pynetdicom reads a PDU of whatever length the peer announces (``dul._read_pdu_data`` calls
+    pynetdicom reads a PDU of whatever length the peer announces (its reader, and ours, call
     ``recv(pdu_length)``, which keeps appending until that many bytes arrived), and it keeps the
     P-DATA fragments of a DIMSE message in memory until the message is complete. Without a cap a
     peer announcing a 2 GB PDU, or streaming endless fragments, grows the process until it dies.
@@ -240,7 +241,7 @@ def handle_conn_open(event: Event, limit_bytes: int, network_timeout_s: float, p
         host = normal_address(str(address[0]) if address else "")  # an IPv4 peer on a dual-stack socket
         try:
             known = peers is None or peers.known(host)
-        except Exception as exc:  # fail closed: pynetdicom would ignore the exception and go on
+        except Exception as exc:  # noqa: BLE001 - fail closed: pynetdicom would ignore the exception and go on
             log.error("peer_check_failed", peer_host=host, error=exc.__class__.__name__)
             known = False
         if not known:
@@ -254,7 +255,7 @@ def handle_conn_open(event: Event, limit_bytes: int, network_timeout_s: float, p
             # the acceptor thread would otherwise wait the whole ACSE timeout for a request that never comes
             event.assoc.acse_timeout = 0.01
     if not isinstance(getattr(sock, "recv", None), RecvGuard):
-        sock.recv = RecvGuard(sock.recv, limit_bytes, raw)  # type: ignore[method-assign]
+        pynetdicom_internals.replace_socket_recv(sock, RecvGuard(sock.recv, limit_bytes, raw))
     pdu_reader.install(event.assoc.dul)  # P-DATA values as views of the received buffer
 
 
@@ -308,7 +309,7 @@ def _decode(raw: bytes, ts: UID, max_bytes: int) -> Any:
 
 def _received(event: Event) -> tuple[Path | None, bytes]:
     """(file the dataset was received into, the dataset's bytes): chunked receive or in memory."""
-    path = getattr(event.request, "_dataset_path", None)
+    path = getattr(event, "dataset_path", None)  # a Path with chunked receive (None, or absent, without)
     if isinstance(path, Path):
         spooling = chunked.receiving(path)
         if spooling is not None:  # the bytes are still in memory: no read-back
@@ -344,7 +345,7 @@ def handle_store(event: Event, ingestor: Ingestor, tracker: AssociationTracker |
                 "instance_refused", status=status.name(exc.status), reason=exc.reason, calling_ae=_calling_ae(event)
             )
             return exc.status
-        except Exception:
+        except Exception:  # noqa: BLE001 - pydicom raises many kinds for a dataset it cannot decode
             log.warning(
                 "instance_refused",
                 status="cannot_understand",

@@ -27,9 +27,11 @@ from typing import Any
 
 from pydicom import dcmread
 from pydicom.uid import Comprehensive3DSRStorage, ExplicitVRLittleEndian, SecondaryCaptureImageStorage
-from pynetdicom import AE, _config
+from pynetdicom import AE
 
 from agent import failpoints
+from agent.compat import PatchMissing, pynetdicom_internals, warn_once
+from agent.compat.pynetdicom_internals import AWAITING_RELEASE_RESPONSE, DATA_TRANSFER, dul_state
 from agent.config import PacsSection, SenderSection
 from agent.db.engine import Database
 from agent.errors import StorageError
@@ -68,8 +70,15 @@ class Lane:
 
 
 #: pynetdicom's own loop delay of a connection's thread (DUL), and ours while an association is idle
-BUSY_LOOP_S = 0.001
+BUSY_LOOP_S = pynetdicom_internals.DUL_LOOP_DELAY_S
 IDLE_LOOP_S = 0.02
+
+
+def _reported(missing: PatchMissing | None) -> None:
+    """Say once (``library_patch_missing``) that a pynetdicom patch could not act: the sender goes
+    on over pynetdicom's public path, at its cost."""
+    if missing is not None:
+        warn_once(log, missing)
 
 
 def quiet(assoc: Any) -> None:
@@ -84,29 +93,25 @@ def quiet(assoc: Any) -> None:
     release request from the PACS still moves the DUL's state machine: ``usable`` reads that.
     """
     if assoc.is_established:
-        assoc._reactor_checkpoint.clear()  # noqa: SLF001
-        deadline = time.monotonic() + 1.0
-        while not assoc._is_paused and time.monotonic() < deadline:  # noqa: SLF001 - a loop turn, at most
-            time.sleep(0.0005)
-        assoc.dul._run_loop_delay = IDLE_LOOP_S  # noqa: SLF001
+        _reported(pynetdicom_internals.pause_reactor(assoc, wait_s=1.0))  # a loop turn, at most
+        _reported(pynetdicom_internals.set_dul_loop_delay(assoc, IDLE_LOOP_S))
 
 
 def busy(assoc: Any) -> None:
     """Undo ``quiet``'s slower DUL turn before sending (the reactor resumes by itself)."""
-    assoc.dul._run_loop_delay = BUSY_LOOP_S  # noqa: SLF001
+    _reported(pynetdicom_internals.set_dul_loop_delay(assoc, BUSY_LOOP_S))
 
 
 def release_requested(assoc: Any) -> bool:
-    """The PACS asked to release while the reactor was paused (the DUL waits in Sta8 for our
-    answer, which only the reactor gives)."""
-    return bool(assoc.dul.is_alive() and assoc.dul.state_machine.current_state == "Sta8")
+    """The PACS asked to release while the reactor was paused (the DUL waits for our answer, which
+    only the reactor gives)."""
+    return bool(assoc.dul.is_alive() and dul_state(assoc) == AWAITING_RELEASE_RESPONSE)
 
 
 def usable(assoc: Any) -> bool:
-    """Established, and its connection still in the data-transfer state (Sta6): False once the
-    PACS aborted it, closed the connection or asked to release, even while its reactor is paused."""
-    dul = assoc.dul
-    return bool(assoc.is_established and dul.is_alive() and dul.state_machine.current_state == "Sta6")
+    """Established, and its connection still in the data-transfer state: False once the PACS
+    aborted it, closed the connection or asked to release, even while its reactor is paused."""
+    return bool(assoc.is_established and assoc.dul.is_alive() and dul_state(assoc) == DATA_TRANSFER)
 
 
 class Wake:
@@ -154,7 +159,7 @@ class Sender:
         self.wake = Wake()
         self._holding: Counter[str] = Counter()  # destination -> lanes holding an association
         self._holding_lock = threading.Lock()
-        _config.STORE_SEND_CHUNKED_DATASET = True  # send_c_store(path) streams the stored bytes
+        _reported(pynetdicom_internals.enable_chunked_send())  # send_c_store(path) streams the stored bytes
 
     def start(self) -> None:
         n = self.cfg.connections
@@ -212,7 +217,7 @@ class Sender:
                 assoc.release()
             elif release_requested(assoc):  # the PACS released it: let pynetdicom answer and end it
                 busy(assoc)
-                assoc._reactor_checkpoint.set()  # noqa: SLF001 - resumes the reactor paused by quiet()
+                _reported(pynetdicom_internals.resume_reactor(assoc))  # paused by quiet()
             else:  # a release request would wait for an answer that will not come
                 assoc.abort()
         except Exception as exc:  # noqa: BLE001 - a PACS gone mid-release: nothing left to do

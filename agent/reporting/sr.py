@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from contextlib import nullcontext
 
 import highdicom as hd
 from pydicom import Dataset
@@ -17,9 +18,13 @@ from pydicom.sr.codedict import codes as std
 from pydicom.sr.coding import Code
 from pydicom.uid import Comprehensive3DSRStorage, ExplicitVRLittleEndian
 
+from agent.compat import highdicom_internals, warn_once
 from agent.domain import Findings
+from agent.logging import get_logger
 from agent.reporting import codes
 from agent.reporting.uids import result_uid, sr_input
+
+log = get_logger(__name__)
 
 _NUMERIC_FIELDS = (
     "probability",
@@ -105,22 +110,23 @@ def build_sr(
     # highdicom deep-copies the content to parse the copy for its ``content`` property (a third of
     # the build: 80 of 265 ms for a three-image study). This tree is built for this SR alone and
     # never used again, so it may be parsed in place: the encoded SR is the same to the byte
-    # (tests/unit/test_reporting.py). copy.deepcopy honours an instance's __deepcopy__.
-    if PARSE_IN_PLACE:
-        root.__dict__["__deepcopy__"] = lambda memo: root
-    sr = hd.sr.Comprehensive3DSR(
-        evidence=list(sources),
-        content=root,
-        series_instance_uid=result_uid(study_uid, version, "sr-series"),
-        series_number=series_number,
-        sop_instance_uid=result_uid(sr_input(study_uid, revision), version, "sr"),
-        instance_number=instance_number,
-        manufacturer=manufacturer,
-        previous_versions=previous,
-        transfer_syntax_uid=ExplicitVRLittleEndian,
-        series_description=DESCRIPTION,
-    )
-    root.__dict__.pop("__deepcopy__", None)  # the SR's content copies normally from here on
+    # (tests/unit/test_reporting.py). After the block the SR's content copies normally.
+    in_place = highdicom_internals.keep_content_uncopied(root) if PARSE_IN_PLACE else nullcontext(None)
+    with in_place as kept:
+        sr = hd.sr.Comprehensive3DSR(
+            evidence=list(sources),
+            content=root,
+            series_instance_uid=result_uid(study_uid, version, "sr-series"),
+            series_number=series_number,
+            sop_instance_uid=result_uid(sr_input(study_uid, revision), version, "sr"),
+            instance_number=instance_number,
+            manufacturer=manufacturer,
+            previous_versions=previous,
+            transfer_syntax_uid=ExplicitVRLittleEndian,
+            series_description=DESCRIPTION,
+        )
+    if kept is not None and (missing := kept.missing()) is not None:  # highdicom copied another way
+        warn_once(log, missing)
     # SOP Common: declare our private coding scheme so a reader can tell whose codes these are.
     sr.CodingSchemeIdentificationSequence = [codes.coding_scheme_identification()]
     return sr

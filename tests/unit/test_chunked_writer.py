@@ -15,8 +15,12 @@ from typing import Any
 
 import pytest
 
+from agent.compat.pynetdicom_internals import FILE_HEAD_WRITES
 from agent.ingest import chunked
 from agent.ingest.chunked import SpoolingFile
+
+# the file head as pynetdicom's chunked receive writes it (problems() checks the count in its probe)
+PYNETDICOM_HEAD_WRITES = (b"\x00" * 128, b"DICM", b"meta-not-parsed")
 
 
 def _head(meta: Any, thread: Any) -> bytes:
@@ -24,7 +28,8 @@ def _head(meta: Any, thread: Any) -> bytes:
 
 
 def _feed(f: SpoolingFile, payload: bytes) -> None:
-    for part in (b"\x00" * 128, b"DICM", b"meta-not-parsed", payload):
+    assert len(PYNETDICOM_HEAD_WRITES) == FILE_HEAD_WRITES
+    for part in (*PYNETDICOM_HEAD_WRITES, payload):
         f.write(part)
 
 
