@@ -342,9 +342,9 @@ def model_install(
     db = open_database(settings)
     with db.transaction() as s:
         trail.append(s, "application_activity", actor="strnet-cli", action="U", object_type="model",
-                     object_id=str(meta["model_version"]),
-                     detail={"activity": "model_install", "weights_sha256": meta["weights_sha256"]})
-    typer.echo(f"installed {meta['model_version']} (sha256 {meta['weights_sha256']})")
+                     object_id=str(meta.model_version),
+                     detail={"activity": "model_install", "weights_sha256": meta.weights_sha256})
+    typer.echo(f"installed {meta.model_version} (sha256 {meta.weights_sha256})")
 
 
 def model_info(config: ConfigOpt = None) -> None:

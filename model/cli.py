@@ -207,7 +207,7 @@ def calibrate(
     from model.train import fit_operating_point
 
     pred = Predictor(weights, device=device)
-    cfg = TrainConfig.from_dict(pred.meta.get("train_config", {}))
+    cfg = TrainConfig.from_dict(pred.meta.train_config)
     changes: dict[str, Any] = {
         k: v for k, v in dict(target_sensitivity=target_sensitivity, served_threshold=served).items() if v is not None
     }
@@ -217,9 +217,9 @@ def calibrate(
     raw = score_arrays(pred, cache, clinical_features(rows), [r.path for r in rows], workers)
     op = fit_operating_point(raw, targets(rows), cfg)
     if op["conformal"] is None:
-        op["conformal"] = pred.meta.get("conformal")
+        op["conformal"] = pred.meta.conformal
         typer.echo("no T-scores in the manifest: conformal quantile kept from the checkpoint")
-    metrics = dict(pred.meta.get("metrics", {}))
+    metrics = dict(pred.meta.metrics)
     metrics["recalibration"] = op.pop("calibration_set")
     op.update(
         metrics=metrics,
@@ -268,11 +268,11 @@ def fit_texture_cmd(
     from model.train import fit_operating_point, fit_texture, severity_auroc
 
     pred = Predictor(weights, device=device)
-    cfg = TrainConfig.from_dict(pred.meta.get("train_config", {}))
+    cfg = TrainConfig.from_dict(pred.meta.train_config)
     cfg = replace(cfg, texture=True, texture_l2=cfg.texture_l2 if l2 is None else l2)
     rows = [r for r in read_manifests(tuple(manifest)) if np.isfinite(r.label)]
     cache = build_cache(rows, pred.spec, workers=workers, dtype=cfg.cache_dtype)
-    same_data = data_hash(rows, cache) == pred.meta.get("training_data", {}).get("sha256")
+    same_data = data_hash(rows, cache) == pred.meta.training_data_sha256
     tg, clin = targets(rows), clinical_features(rows)
     train_idx, val_idx = patient_split(rows, cfg.val_fraction, cfg.seed)
     val_tg = {k: v[val_idx] for k, v in tg.items()}
@@ -282,7 +282,7 @@ def fit_texture_cmd(
     fused, stage = fit_texture(raw, rows, tg, train_idx, val_idx, cfg, workers, True, extra)
     stage["extra_manifests"] = [str(m) for m in texture_manifest or []]
     op = fit_operating_point(fused, val_tg, cfg)
-    metrics = dict(pred.meta.get("metrics", {}))
+    metrics = dict(pred.meta.metrics)
     metrics["validation"] = op.pop("calibration_set")
     metrics["validation"]["network_severity_auroc"] = network_sev
     changes = {

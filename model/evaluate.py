@@ -11,7 +11,9 @@ from typing import Any
 import numpy as np
 
 from model.calibration import apply_linear, apply_temperature, brier, ece
+from model.checkpoint import CheckpointMeta
 from model.conformal import interval_coverage
+from model.fitting import add_intercept, fit_logistic
 from model.metrics import (
     auroc,
     average_precision,
@@ -23,24 +25,6 @@ from model.metrics import (
     rmse,
     wilson_interval,
 )
-
-
-def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float = 1e-2, iters: int = 50) -> np.ndarray:
-    """L2-penalised logistic regression by Newton's method; returns weights with the intercept
-    last. Features are used as given (standardise them first)."""
-    xa = np.c_[x, np.ones(len(x))]
-    w = np.zeros(xa.shape[1])
-    pen = l2 * np.eye(xa.shape[1])
-    pen[-1, -1] = 0.0
-    for _ in range(iters):
-        p = 1.0 / (1.0 + np.exp(-np.clip(xa @ w, -30, 30)))
-        grad = xa.T @ (p - y) + pen @ w
-        hess = xa.T @ (xa * (p * (1 - p))[:, None]) + pen + 1e-9 * np.eye(len(w))
-        step = np.linalg.solve(hess, grad)
-        w -= step
-        if np.abs(step).max() < 1e-8:
-            break
-    return w
 
 
 def grouped_cv_scores(x: np.ndarray, y: np.ndarray, groups: list[str], folds: int = 5, seed: int = 0) -> np.ndarray:
@@ -55,7 +39,7 @@ def grouped_cv_scores(x: np.ndarray, y: np.ndarray, groups: list[str], folds: in
         tr = ~te
         mu, sd = x[tr].mean(0), x[tr].std(0) + 1e-6
         w = fit_logistic((x[tr] - mu) / sd, y[tr])
-        scores[te] = np.c_[(x[te] - mu) / sd, np.ones(te.sum())] @ w
+        scores[te] = add_intercept((x[te] - mu) / sd) @ w
     return scores
 
 
@@ -69,7 +53,7 @@ def _oriented_auroc(y: np.ndarray, s: np.ndarray) -> tuple[float, float]:
 def compute_metrics(
     raw: dict[str, np.ndarray],
     tg: dict[str, np.ndarray],
-    meta: dict[str, Any],
+    meta: CheckpointMeta,
     clinical: np.ndarray,
     patient_ids: list[str],
     intensity: dict[str, np.ndarray],
@@ -77,7 +61,7 @@ def compute_metrics(
 ) -> dict[str, Any]:
     """All metrics of the report from raw model outputs and the targets."""
     y = tg["label"].astype(int)
-    temp = float(meta.get("temperature", 1.0))
+    temp = meta.temperature
     p0 = apply_temperature(raw["screen_logit"], 1.0)
     p = apply_temperature(raw["screen_logit"], temp)
     auc, lo, hi, _ = delong_ci(y, p)
@@ -93,14 +77,12 @@ def compute_metrics(
         "auprc_ci": list(ap_ci),
         "temperature": temp,
     }
-    served = meta.get("served_threshold", "conservative")
+    served = meta.served_threshold
     m["served_threshold"] = served
     m["operating_points"] = {}
-    for name, th in meta.get("thresholds", {}).items():
-        if not isinstance(th, dict) or "threshold" not in th:
-            continue
-        rates = binary_rates(y, p >= th["threshold"])
-        rates["threshold"] = th["threshold"]
+    for name, th in meta.thresholds.items():
+        rates = binary_rates(y, p >= th)
+        rates["threshold"] = th
         m["operating_points"][name] = rates
     if served in m["operating_points"]:
         op = m["operating_points"][served]
@@ -141,7 +123,7 @@ def compute_metrics(
     tp_, tt = raw["tscore"][t_ok], tg["tscore"][t_ok]
     r, r_lo, r_hi = pearson_r(tp_, tt)
     diff = tp_ - tt
-    qconf = float(meta.get("conformal", {}).get("quantile", float("nan")))
+    qconf = meta.conformal_quantile
     cov, width = interval_coverage(tp_, tt, qconf)
     k = int(round(cov * len(tt)))
     m.update(
@@ -156,7 +138,7 @@ def compute_metrics(
             float(diff.mean() - 1.96 * diff.std(ddof=1)),
             float(diff.mean() + 1.96 * diff.std(ddof=1)),
         ],
-        conformal_target=float(meta.get("conformal", {}).get("coverage", 0.9)),
+        conformal_target=meta.conformal_coverage,
         conformal_quantile=qconf,
         conformal_coverage=cov,
         conformal_coverage_ci=list(wilson_interval(k, len(tt))),
@@ -222,7 +204,7 @@ def evaluate(
     t_dec = time.time()
     tg, clin = targets(rows), clinical_features(rows)
     raw = score_arrays(pred, cache, clin, [r.path for r in rows], workers, progress)
-    raw["tscore"] = apply_linear(raw["tscore"], pred.meta.get("tscore_calibration"))
+    raw["tscore"] = apply_linear(raw["tscore"], pred.meta.tscore_calibration)
     t_inf = time.time()
     intensity = {"preprocessed_mean": cache.astype(np.float32).mean(axis=(1, 2))}
     intensity.update(stats)
@@ -231,9 +213,9 @@ def evaluate(
     )
     metrics["checkpoint"] = {
         "weights": str(weights),
-        "model_version": pred.meta.get("model_version"),
-        "weights_sha256": pred.meta.get("weights_sha256"),
-        "trained_on_synthetic_data": bool(pred.meta.get("synthetic", False)),
+        "model_version": pred.meta.model_version,
+        "weights_sha256": pred.meta.weights_sha256,
+        "trained_on_synthetic_data": pred.meta.synthetic,
     }
     metrics["manifest"] = ", ".join(str(m) for m in manifests)
     metrics["timing_s"] = {

@@ -99,6 +99,8 @@ class Predictor:
     device : ``auto`` (CUDA if present), ``cpu`` or ``cuda``.
     threshold : ``served`` (the checkpoint's choice, conservative by default), ``point``,
         ``conservative`` or a probability.
+
+    ``meta`` is the checkpoint's parsed metadata (``model.checkpoint.CheckpointMeta``).
     """
 
     def __init__(
@@ -109,13 +111,12 @@ class Predictor:
     ) -> None:
         self.device = resolve_device(device)
         self.model, self.meta = load_checkpoint(weights, device=self.device)
-        self.temperature = float(self.meta.get("temperature", 1.0))
-        self.tscore_q = float(self.meta.get("conformal", {}).get("quantile", float("nan")))
-        self.tscore_coverage = float(self.meta.get("conformal", {}).get("coverage", 0.9))
+        self.temperature = self.meta.temperature
+        self.tscore_q = self.meta.conformal_quantile
+        self.tscore_coverage = self.meta.conformal_coverage
         self.threshold_name, self.threshold = operating_threshold(self.meta, threshold)
         self._spec: Any = None
-        stage = self.meta.get("texture")
-        self.texture = TextureStage.from_dict(stage) if stage else None
+        self.texture = TextureStage.from_dict(self.meta.texture) if self.meta.texture else None
 
     @property
     def spec(self) -> Any:
@@ -123,12 +124,12 @@ class Predictor:
         if self._spec is None:
             from model.preprocess import PreprocessSpec
 
-            self._spec = PreprocessSpec.from_dict(self.meta["preprocess"])
+            self._spec = PreprocessSpec.from_dict(self.meta.preprocess)
         return self._spec
 
     @property
     def input_size(self) -> int:
-        return int(self.meta["preprocess"].get("input_size", 256))
+        return self.meta.input_size
 
     def _as_batch(self, batch: torch.Tensor | np.ndarray) -> torch.Tensor:
         x = torch.as_tensor(np.asarray(batch) if isinstance(batch, np.ndarray) else batch)
@@ -185,7 +186,7 @@ class Predictor:
         results = []
         for i in range(n):
             positive = bool(p[i] >= self.threshold)
-            t = float(apply_linear(raw["tscore"][i], self.meta.get("tscore_calibration")))
+            t = float(apply_linear(raw["tscore"][i], self.meta.tscore_calibration))
             severity = ("osteoporosis" if q[i] >= 0.5 else "osteopenia") if positive else "normal"
             results.append(
                 {
@@ -199,8 +200,8 @@ class Predictor:
                     "t_score": t,
                     "t_score_interval": [t - self.tscore_q, t + self.tscore_q],
                     "t_score_interval_coverage": self.tscore_coverage,
-                    "model_version": self.meta.get("model_version", "unknown"),
-                    "trained_on_synthetic_data": bool(self.meta.get("synthetic", False)),
+                    "model_version": self.meta.model_version or "unknown",
+                    "trained_on_synthetic_data": self.meta.synthetic,
                 }
             )
         return results

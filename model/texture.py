@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from model.evaluate import fit_logistic
+from model.fitting import add_intercept, fit_logistic, fit_ridge
 
 FEATURE_VERSION = 1
 CANONICAL_ROWS = 1024
@@ -218,18 +218,7 @@ def texture_matrix(paths: list[Any], workers: int = 2, progress: bool = False) -
     return out
 
 
-# -- fitting -----------------------------------------------------------------------------------
-
-
-def _design(z: np.ndarray) -> np.ndarray:
-    return np.c_[z, np.ones(len(z))]
-
-
-def fit_ridge(x: np.ndarray, y: np.ndarray, l2: float) -> np.ndarray:
-    """Ridge regression with an unpenalised intercept (last column of ``x``)."""
-    pen = np.full(x.shape[1], float(l2))
-    pen[-1] = 0.0
-    return np.linalg.solve(x.T @ x + np.diag(pen + 1e-9), x.T @ y)
+# -- fitting (the regressions: model.fitting) --------------------------------------------------
 
 
 @dataclass
@@ -249,7 +238,7 @@ class TextureStage:
         f = np.asarray(feats, dtype=np.float64)
         if f.ndim != 2 or f.shape[1] != len(self.mean):
             raise ValueError(f"expected texture features of shape (N, {len(self.mean)}), got {f.shape}")
-        x = _design((f - self.mean) / self.scale)
+        x = add_intercept((f - self.mean) / self.scale)
         return x @ self.w_severity, x @ self.w_tscore
 
     def apply(self, raw: dict[str, np.ndarray], feats: np.ndarray) -> dict[str, np.ndarray]:
@@ -290,7 +279,7 @@ class TextureStage:
         sev, ts = (tuple(float(v) for v in d[k]) for k in ("stack_severity", "stack_tscore"))
         if len(sev) != 3 or len(ts) != 3:
             raise ValueError("texture stage stacks need three numbers each")
-        return cls(stack_severity=sev, stack_tscore=ts, l2=float(d["l2"]), feature_version=version, **arrays)  # type: ignore[arg-type]
+        return cls(stack_severity=sev, stack_tscore=ts, l2=float(d["l2"]), feature_version=version, **arrays)
 
 
 def fit_stage(
@@ -315,7 +304,7 @@ def fit_stage(
     if len(tr_sev) < 10 or len(np.unique(severity[tr_sev])) < 2 or len(tr_t) < 10:
         raise ValueError("too few labelled training images to fit the texture stage")
     w_sev = fit_logistic(z[tr_sev], severity[tr_sev], l2)
-    w_t = fit_ridge(_design(z[tr_t]), tscore[tr_t], l2)
+    w_t = fit_ridge(add_intercept(z[tr_t]), tscore[tr_t], l2)
     stage = TextureStage(mean, scale, w_sev, w_t, (1.0, 0.0, 0.0), (1.0, 0.0, 0.0), l2)
     tex_sev, tex_t = stage.texture_outputs(f[val_idx])
     v_sev = sev_ok[val_idx]

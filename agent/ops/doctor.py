@@ -23,7 +23,7 @@ class Check:
 def _run(name: str, fn: Callable[[], str]) -> Check:
     try:
         return Check(name, True, fn())
-    except Exception as exc:  # each check reports its own failure and the rest still run
+    except Exception as exc:  # noqa: BLE001 - each check reports its own failure and the rest still run
         return Check(name, False, str(exc) or exc.__class__.__name__)
 
 
@@ -72,17 +72,14 @@ def run_checks(settings: Settings, config_source: str) -> list[Check]:
         path = served_weights(settings)
         meta = verify(path)
         name, value = served_threshold(meta, settings.worker.threshold)
-        return (
-            f"{meta['model_version']} ({path.name}, sha256 {str(meta['weights_sha256'])[:12]}), "
-            f"threshold {name} {value:.4f}"
-        )
+        return f"{meta.model_version} ({path.name}, sha256 {meta.weights_sha256[:12]}), threshold {name} {value:.4f}"
 
     if settings.worker.enabled:
         checks.append(_run("model", model))
 
     for dest in settings.pacs:
 
-        def ping(d=dest) -> str:  # type: ignore[no-untyped-def]
+        def ping(d=dest) -> str:
             ok, detail = echo(
                 d.host,
                 d.port,

@@ -16,7 +16,7 @@ import torch
 
 from agent.domain import AlgorithmInfo, Findings, ServedModel
 from agent.errors import ConfigError, ProcessingError
-from model.checkpoint import SHIPPED, UnknownThreshold, named_thresholds
+from model.checkpoint import SHIPPED, UnknownThreshold
 from model.predict import Predictor
 from model.preprocess import preprocess
 from model.texture import texture_features
@@ -49,8 +49,8 @@ class Screener:
         meta = self.predictor.meta
         self.algorithm = AlgorithmInfo(
             name=MODEL_NAME,
-            version=str(meta.get("model_version", "unknown")),
-            checkpoint_sha256=str(meta.get("weights_sha256", "")),
+            version=meta.model_version or "unknown",
+            checkpoint_sha256=meta.weights_sha256,
         )
         self.saliency = saliency
         self.device = self.predictor.device
@@ -63,7 +63,7 @@ class Screener:
         return ServedModel(
             algorithm=self.algorithm,
             threshold=self.threshold,
-            thresholds=named_thresholds(self.predictor.meta),
+            thresholds=dict(self.predictor.meta.thresholds),
             tscore_coverage=float(self.predictor.tscore_coverage),
             device=str(self.device),
         )

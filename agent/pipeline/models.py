@@ -17,15 +17,15 @@ from agent.config import Settings
 from agent.errors import ConfigError
 from model.checkpoint import (
     SHIPPED,
+    CheckpointMeta,
     UnknownThreshold,
     load_checkpoint,
     metadata_path,
-    named_thresholds,
     operating_threshold,
-    read_metadata,
+    read_checkpoint_meta,
 )
 
-REQUIRED = ("model_version", "preprocess", "thresholds", "weights_sha256")
+REQUIRED = ("model_version", "preprocess", "thresholds", "weights_sha256")  # what a served model needs
 
 
 def pointer(settings: Settings) -> Path:
@@ -42,14 +42,10 @@ def served_weights(settings: Settings) -> Path:
     return Path(SHIPPED)
 
 
-def verify(path: Path) -> dict[str, Any]:
+def verify(path: Path) -> CheckpointMeta:
     """Load and check a checkpoint; ConfigError names the file and the problem."""
-    try:
-        meta = read_metadata(path)
-        missing = [k for k in REQUIRED if k not in meta]
-        if missing:
-            raise ValueError(f"metadata lacks {', '.join(missing)}")
-        load_checkpoint(path, device="cpu", verify=True)
+    try:  # the metadata ("metadata lacks ...") is checked before the weights are read
+        _, meta = load_checkpoint(path, device="cpu", verify=True, require=REQUIRED)
     except FileNotFoundError as exc:
         raise ConfigError("model", f"{path}: file not found ({exc.filename})") from None
     except (ValueError, KeyError, RuntimeError, OSError) as exc:
@@ -57,17 +53,17 @@ def verify(path: Path) -> dict[str, Any]:
     return meta
 
 
-def install(settings: Settings, path: Path) -> dict[str, Any]:
+def install(settings: Settings, path: Path) -> CheckpointMeta:
     """Verify ``path`` and make it the served model; returns its metadata."""
     meta = verify(path)
     src_json = metadata_path(path)
-    version = str(meta["model_version"])
+    version = str(meta.model_version)
     if not version.replace("-", "").replace(".", "").replace("_", "").isalnum():
         raise ConfigError("model", f"model_version {version!r} is not a safe folder name")
     target = settings.data_dir / "models" / version
     target.mkdir(parents=True, exist_ok=True)
     shutil.copy2(src_json, target / src_json.name)
-    shutil.copy2(src_json.parent / meta["weights_file"], target / meta["weights_file"])
+    shutil.copy2(src_json.parent / meta.weights_file, target / meta.weights_file)
     verify(target / src_json.name)  # the copy is what will be served
     p = pointer(settings)
     tmp = p.with_name("current.part")
@@ -76,7 +72,7 @@ def install(settings: Settings, path: Path) -> dict[str, Any]:
     return meta
 
 
-def served_threshold(meta: dict[str, Any], setting: str) -> tuple[str, float]:
+def served_threshold(meta: CheckpointMeta, setting: str) -> tuple[str, float]:
     """(name, value) of the operating point ``worker.threshold`` picks in this checkpoint."""
     try:
         return operating_threshold(meta, setting)
@@ -85,16 +81,17 @@ def served_threshold(meta: dict[str, Any], setting: str) -> tuple[str, float]:
 
 
 def describe(path: Path) -> dict[str, Any]:
-    meta = read_metadata(path)
+    """What ``strnet model info`` prints about a checkpoint."""
+    meta = read_checkpoint_meta(path)
     return {
         "weights": str(metadata_path(path)),
-        "model_version": meta.get("model_version"),
-        "weights_sha256": meta.get("weights_sha256"),
-        "trained_on_synthetic_data": meta.get("synthetic"),
-        "served_threshold": meta.get("served_threshold"),
-        "thresholds": named_thresholds(meta),
-        "target_sensitivity": meta.get("thresholds", {}).get("target_sensitivity"),
-        "temperature": meta.get("temperature"),
-        "conformal": meta.get("conformal"),
-        "preprocess": meta.get("preprocess"),
+        "model_version": meta.model_version,
+        "weights_sha256": meta.weights_sha256,
+        "trained_on_synthetic_data": meta.synthetic,
+        "served_threshold": meta.served_threshold,
+        "thresholds": dict(meta.thresholds),
+        "target_sensitivity": meta.target_sensitivity,
+        "temperature": meta.temperature,
+        "conformal": meta.conformal,
+        "preprocess": meta.preprocess,
     }

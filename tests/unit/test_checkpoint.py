@@ -12,7 +12,9 @@ import torch
 
 from model.checkpoint import (
     CheckpointError,
+    CheckpointMeta,
     load_checkpoint,
+    read_checkpoint_meta,
     read_metadata,
     save_checkpoint,
     update_metadata,
@@ -58,8 +60,8 @@ def test_round_trip_same_outputs(ckpt: Path) -> None:
                 mod.running_mean.uniform_(-0.1, 0.1)
     ref.eval()
     model, meta = load_checkpoint(ckpt)
-    assert meta["model_config"]["channels_last"] is True
-    assert meta["preprocess"] == {"input_size": S}
+    assert meta.model_config["channels_last"] is True
+    assert meta.preprocess == {"input_size": S}
     x = torch.randn(2, 1, S, S)
     with torch.no_grad():
         a, b = ref(x), model(x)
@@ -67,7 +69,7 @@ def test_round_trip_same_outputs(ckpt: Path) -> None:
         assert torch.equal(a[k], b[k])
     # loading by the .safetensors path finds the same metadata
     _, meta2 = load_checkpoint(ckpt.with_suffix(".safetensors"))
-    assert meta2["weights_sha256"] == meta["weights_sha256"]
+    assert meta2.weights_sha256 == meta.weights_sha256
 
 
 def test_files_are_json_and_safetensors(ckpt: Path) -> None:
@@ -97,11 +99,53 @@ def test_bad_metadata_is_refused(tmp_path: Path) -> None:
         load_checkpoint(tmp_path / "missing.json")
 
 
+def test_metadata_is_parsed_once_into_typed_fields(ckpt: Path) -> None:
+    meta = read_checkpoint_meta(ckpt)
+    assert meta == load_checkpoint(ckpt)[1]
+    assert (meta.model_version, meta.synthetic, meta.served_threshold) == ("tiny-test", True, "conservative")
+    assert meta.thresholds == {"point": 0.6, "conservative": 0.4}
+    assert (meta.temperature, meta.conformal_quantile, meta.conformal_coverage) == (1.5, 0.8, 0.9)
+    assert meta.conformal == {"coverage": 0.9, "quantile": 0.8, "n": 100} and meta.input_size == S
+    assert meta.weights_file == "tiny.safetensors" and len(meta.weights_sha256) == 64
+    assert meta.raw == read_metadata(ckpt)  # every key, for writers that round-trip the unknown ones
+    assert meta.tscore_calibration is None and meta.texture is None and meta.target_sensitivity is None
+    assert meta.train_config == {} and meta.metrics == {} and meta.training_data_sha256 is None
+
+
+def test_absent_optional_metadata_takes_the_readers_defaults() -> None:
+    meta = CheckpointMeta.parse(
+        {"model_config": {}, "preprocess": {}, "weights_file": "w.safetensors", "weights_sha256": "ab",
+         "thresholds": {"target_sensitivity": 0.86, "n_pos": 3, "point": {"threshold": 0.5}}, "conformal": None}
+    )
+    assert meta.model_version is None and meta.synthetic is False and meta.served_threshold == "conservative"
+    assert meta.thresholds == {"point": 0.5} and meta.target_sensitivity == 0.86
+    assert meta.temperature == 1.0 and meta.conformal is None and np.isnan(meta.conformal_quantile)
+    assert meta.conformal_coverage == 0.9 and meta.input_size == 256
+
+
+def test_missing_metadata_is_named_in_one_error(ckpt: Path) -> None:
+    raw = read_metadata(ckpt)
+    for key in ("model_version", "thresholds", "weights_file"):
+        del raw[key]
+    with pytest.raises(CheckpointError, match=r"^metadata lacks model_version, thresholds, weights_file$"):
+        CheckpointMeta.parse(raw, require=("model_version", "preprocess", "thresholds"))
+    with pytest.raises(CheckpointError, match="metadata 'temperature' is not a number"):
+        CheckpointMeta.parse(dict(read_metadata(ckpt), temperature="warm"))
+    no_version = update_metadata(ckpt, {}, ckpt.parent / "nv.json")
+    raw = read_metadata(no_version)
+    del raw["model_version"]
+    no_version.write_text(json.dumps(raw))
+    assert load_checkpoint(no_version)[1].model_version is None
+    no_version.with_suffix(".safetensors").unlink()
+    with pytest.raises(CheckpointError, match="metadata lacks model_version"):  # before the weights are read
+        load_checkpoint(no_version, require=("model_version",))
+
+
 def test_update_metadata_copies_weights(ckpt: Path, tmp_path: Path) -> None:
     out = update_metadata(ckpt, {"temperature": 2.0}, tmp_path / "site" / "cal.json")
     model, meta = load_checkpoint(out)
-    assert meta["temperature"] == 2.0
-    assert meta["weights_sha256"] == read_metadata(ckpt)["weights_sha256"]
+    assert meta.temperature == 2.0
+    assert meta.weights_sha256 == read_metadata(ckpt)["weights_sha256"]
 
 
 def test_predictor_outputs(ckpt: Path) -> None:

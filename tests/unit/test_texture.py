@@ -93,6 +93,20 @@ def test_fit_stage_refuses_too_few_labels() -> None:
         fit_stage(feats, tg, {k: v[va] for k, v in net.items()}, tr, va)
 
 
+def test_serving_loads_no_evaluation_or_training_code() -> None:
+    """The stage fits with model.fitting: the worker's imports stop short of evaluation code."""
+    import subprocess
+    import sys
+
+    upper = ("model.evaluate", "model.train", "model.report", "model.threshold", "model.cli")
+    code = (
+        "import sys, agent.pipeline.infer, model.texture, model.predict; "
+        f"print([m for m in {upper!r} if m in sys.modules])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
 def test_stage_round_trips_through_json_and_checks_versions() -> None:
     feats, tg, net, tr, va = _problem()
     stage = fit_stage(feats, tg, {k: v[va] for k, v in net.items()}, tr, va)
