@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
+
+from apscheduler.schedulers.background import BackgroundScheduler
 
 from agent.audit import trail
 from agent.config import Settings
@@ -17,8 +19,19 @@ from agent.ingest.handlers import Ingestor
 from agent.ingest.reconcile import reconcile
 from agent.ingest.scp import AssociationTracker, StorageSCP
 from agent.logging import get_logger
+from agent.pacs.sender import Sender
+from agent.pipeline.models import served_weights
+from agent.pipeline.process import InlineScreening, ScreeningEngine, ScreeningProcess
 from agent.queue import outbox
+from agent.queue.reporter import StudyReporter
+from agent.queue.worker import Worker
+from agent.scheduler import build_scheduler
 from agent.spool import Spool
+from agent.web.app import ModelInfo, create_app
+from agent.web.server import WebServer
+
+if TYPE_CHECKING:  # torch: loaded by load_screener only
+    from agent.pipeline.infer import Screener
 
 log = get_logger(__name__)
 
@@ -34,10 +47,9 @@ def make_rules(settings: Settings) -> Rules:
     )
 
 
-def load_screener(settings: Settings) -> Any:
+def load_screener(settings: Settings) -> Screener:
     """The STR-Net screener, in this process (imports torch)."""
     from agent.pipeline.infer import Screener
-    from agent.pipeline.models import served_weights
 
     cfg = settings.worker
     return Screener(
@@ -46,12 +58,9 @@ def load_screener(settings: Settings) -> Any:
     )
 
 
-def load_screening(settings: Settings) -> Any:
+def load_screening(settings: Settings) -> ScreeningEngine:
     """Where the worker screens: a screening process that has loaded the served model
     (``worker.process``), else a screener in this process. Raises ConfigError for a bad checkpoint."""
-    from agent.pipeline.models import served_weights
-    from agent.pipeline.process import InlineScreening, ScreeningProcess
-
     max_pixels, overlay = settings.eligibility.max_pixels, settings.reporting.overlay
     if settings.worker.process:
         return ScreeningProcess(served_weights(settings), settings.worker, max_pixels, overlay).start()
@@ -60,7 +69,7 @@ def load_screening(settings: Settings) -> Any:
 
 @dataclass
 class Agent:
-    """The running service: ingest, worker, sender and scheduler."""
+    """The running service: ingest, worker, study reporter, sender and scheduler."""
 
     settings: Settings
     db: Database
@@ -69,19 +78,17 @@ class Agent:
     ingestor: Ingestor
     scp: StorageSCP
     tracker: AssociationTracker
-    worker: Any = None
-    sender: Any = None
-    scheduler: Any = None
-    web: Any = None
+    worker: Worker | None = None
+    reporter: StudyReporter | None = None
+    sender: Sender | None = None
+    scheduler: BackgroundScheduler | None = None
+    web: WebServer | None = None
     stopped: threading.Event = field(default_factory=threading.Event)
 
     @classmethod
     def build(cls, settings: Settings, *, worker: bool | None = None, web: bool = False) -> Agent:
         """Build the agent; ``worker=False`` builds ingest only (no model is loaded);
         ``web=True`` adds the admin web (``strnet serve`` asks for it)."""
-        from agent.pacs.sender import Sender
-        from agent.scheduler import build_scheduler
-
         db = open_database(settings)
         spool = Spool(settings.spool_dir, min_free_bytes=settings.agent.min_free_disk_mb * 1024 * 1024)
         results = Spool(settings.results_dir)
@@ -91,21 +98,22 @@ class Agent:
         agent = cls(settings, db, spool, results, ingestor, scp, tracker)
         run_worker = settings.worker.enabled if worker is None else worker
         if run_worker:
-            from agent.queue.worker import Worker
-
-            agent.sender = Sender(db, results, settings.pacs, settings.sender, settings.scp.ae_title)
-            agent.worker = Worker(settings, db, spool, results, load_screening(settings), tracker,
-                                  reload=lambda: load_screening(settings), on_outbox=agent.sender.wake.set)
+            sender = Sender(db, results, settings.pacs, settings.sender, settings.scp.ae_title)
+            # the SR build warms up in the worker thread, after the screening path (reporter: made next)
+            screening_worker = Worker(settings, db, spool, results, load_screening(settings),
+                                      reload=lambda: load_screening(settings), on_outbox=sender.wake.set,
+                                      also_warm_up=lambda: reporter.warm_up())  # fmt: skip
+            reporter = StudyReporter(settings, db, spool, results,
+                                     served_model=lambda: screening_worker.screening.model,
+                                     study_arriving=tracker.receiving, on_outbox=sender.wake.set)  # fmt: skip
+            agent.sender, agent.worker, agent.reporter = sender, screening_worker, reporter
         agent.scheduler = build_scheduler(
             db, spool, settings.retention.spool_days * 86400,
-            report_sweep=agent.worker.report_ready_studies if agent.worker else None,
+            report_sweep=agent.reporter.report_ready_studies if agent.reporter else None,
             sender_wake=agent.sender.wake.set if agent.sender else None,
             settings=settings,
         )
         if web:
-            from agent.web.app import ModelInfo, create_app
-            from agent.web.server import WebServer
-
             agent.web = WebServer(create_app(
                 settings, db, model_info=lambda: ModelInfo.of(agent.worker.screening.model if agent.worker else None),
                 on_replay=agent.sender.wake.set if agent.sender else None,
@@ -124,16 +132,23 @@ class Agent:
         self.scp.start()
         if self.worker is not None:
             self.worker.start()
+        if self.sender is not None:
             self.sender.start()
-        self.scheduler.start()
+        if self.scheduler is not None:
+            self.scheduler.start()
 
     def stop(self, grace_s: float = 10.0) -> None:
         if self.web is not None:
             self.web.stop()
         self.scp.stop(grace_s)
-        self.scheduler.shutdown(wait=False)
-        if self.worker is not None:
-            self.worker.stop()
+        if self.scheduler is not None:
+            self.scheduler.shutdown(wait=False)
+        if self.reporter is not None:
+            self.reporter.stop()  # a study-completion sweep under way ends before its next study
+        abandoned = self.worker.stop() if self.worker is not None else 0
+        if self.reporter is not None:
+            self.reporter.close(wait=not abandoned)  # as the screening process: killed if it was
+        if self.sender is not None:
             self.sender.stop()
         with self.db.transaction() as s:
             trail.append(s, "application_activity", actor="strnet", detail={"activity": "stop"})

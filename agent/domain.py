@@ -24,6 +24,22 @@ class JobState(enum.StrEnum):
         return self in (JobState.DONE, JobState.SKIPPED, JobState.DEAD)
 
 
+class OutboxState(enum.StrEnum):
+    """Delivery state of one result object for one destination (agent/queue/outbox.py)."""
+
+    PENDING = "PENDING"
+    SENDING = "SENDING"
+    DELIVERED = "DELIVERED"
+    RETRY = "RETRY"
+    DEAD = "DEAD"
+    SHADOW = "SHADOW"
+    DISCARDED = "DISCARDED"  # a dead letter given up by an admin, with the reason in last_error
+
+
+# still to be delivered: what the status page and /metrics count as the outbox backlog
+OUTBOX_BACKLOG = (OutboxState.PENDING, OutboxState.SENDING, OutboxState.RETRY)
+
+
 @dataclass(frozen=True)
 class InstanceRef:
     """Identifiers of one stored instance; never carries PHI."""

@@ -12,6 +12,8 @@ from collections.abc import Iterator, Mapping
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 
+from agent.domain import OUTBOX_BACKLOG
+
 REGISTRY = CollectorRegistry(auto_describe=True)
 
 INSTANCES_RECEIVED = Counter(
@@ -26,9 +28,6 @@ INFERENCE_SECONDS = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
     registry=REGISTRY,
 )
-
-OUTBOX_BACKLOG_STATES = ("PENDING", "SENDING", "RETRY")
-
 
 class _Snapshot:
     """A one-shot collector over figures read from the database for this scrape."""
@@ -48,7 +47,7 @@ class _Snapshot:
         yield GaugeMetricFamily(
             "strnet_outbox_backlog",
             "Result objects not yet delivered (pending, sending, retry).",
-            value=sum(self.outbox.get(s, 0) for s in OUTBOX_BACKLOG_STATES),
+            value=sum(self.outbox.get(s, 0) for s in OUTBOX_BACKLOG),
         )
         yield GaugeMetricFamily("strnet_flagged_patients", "Patients in the flagged registry.", value=self.flagged)
 
@@ -56,5 +55,5 @@ class _Snapshot:
 def render(jobs: Mapping[str, int], outbox: Mapping[str, int], flagged: int) -> bytes:
     """The Prometheus text exposition: process counters plus the database snapshot."""
     snap = CollectorRegistry(auto_describe=False)
-    snap.register(_Snapshot(jobs, outbox, flagged))  # type: ignore[arg-type]
+    snap.register(_Snapshot(jobs, outbox, flagged))
     return generate_latest(REGISTRY) + generate_latest(snap)

@@ -8,6 +8,7 @@ row ids, never patient or DICOM identifiers.
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta
 from typing import Any
@@ -29,6 +30,7 @@ from agent.db.models import (
 )
 from agent.db.registry import FOLLOW_UP_STATUSES, FlaggedRow
 from agent.dicom_values import parse_da
+from agent.domain import JobState, OutboxState
 
 FOLLOW_UP_ACTIONS = ("reviewed", "dxa_ordered", "dxa_done", "closed")
 SEVERITIES = ("osteopenia", "osteoporosis")
@@ -349,12 +351,10 @@ def performance(db: Database) -> Performance:
     mae = sum(abs(p - m) for p, m in pairs) / n
     r = None
     if n >= 2:
-        mp = sum(p for p, _ in pairs) / n
-        mm = sum(m for _, m in pairs) / n
-        sp = math.sqrt(sum((p - mp) ** 2 for p, _ in pairs))
-        sm = math.sqrt(sum((m - mm) ** 2 for _, m in pairs))
-        if sp > 0 and sm > 0:
-            r = sum((p - mp) * (m - mm) for p, m in pairs) / (sp * sm)
+        try:
+            r = statistics.correlation([p for p, _ in pairs], [m for _, m in pairs])
+        except statistics.StatisticsError:  # either side constant: no r
+            r = None
     return Performance(n, low, low / n, mae, r, pairs)
 
 
@@ -375,35 +375,16 @@ def dead_letters(db: Database) -> list[DeadLetter]:
     with db.reading() as s:
         return [
             DeadLetter(o.id, o.kind, o.destination, o.study_id, o.attempts, o.last_status, o.last_error, o.updated_at)
-            for o in s.execute(select(OutboxItem).where(OutboxItem.state == "DEAD").order_by(OutboxItem.id)).scalars()
+            for o in s.execute(
+                select(OutboxItem).where(OutboxItem.state == OutboxState.DEAD.value).order_by(OutboxItem.id)
+            ).scalars()
         ]
 
 
 def dead_letter_study(db: Database, item_id: int) -> int | None:
     with db.reading() as s:
         o = s.get(OutboxItem, item_id)
-        return o.study_id if o is not None and o.state == "DEAD" else None
-
-
-def discard_dead_letter(db: Database, item_id: int, actor: str, reason: str) -> bool:
-    """DEAD -> DISCARDED: never sent; the reason is kept in last_error and in the audit trail."""
-    with db.transaction() as s:
-        o = s.get(OutboxItem, item_id)
-        if o is None or o.state != "DEAD":
-            return False
-        o.state = "DISCARDED"
-        o.last_error = f"discarded by {actor}: {reason} (was: {o.last_error or o.last_status or 'unknown'})"
-        o.updated_at = utcnow()
-        trail.append(
-            s,
-            "application_activity",
-            actor=actor,
-            action="D",
-            object_type="outbox_item",
-            object_id=str(o.id),
-            detail={"change": "dead_letter_discarded", "reason": reason},
-        )
-        return True
+        return o.study_id if o is not None and o.state == OutboxState.DEAD.value else None
 
 
 # -- status and audit log ------------------------------------------------------------------
@@ -443,13 +424,19 @@ def status_summary(db: Database, limit: int = 20) -> StatusSummary:
         errors = [
             ErrorLine("job", j.id, j.state, j.updated_at, j.reason)
             for j in s.execute(
-                select(Job).where(Job.state.in_(["FAILED", "DEAD"])).order_by(Job.updated_at.desc()).limit(limit)
+                select(Job)
+                .where(Job.state.in_([JobState.FAILED.value, JobState.DEAD.value]))
+                .order_by(Job.updated_at.desc())
+                .limit(limit)
             ).scalars()
         ]
         errors += [
             ErrorLine("outbox", o.id, o.state, o.updated_at, o.last_error or o.last_status)
             for o in s.execute(
-                select(OutboxItem).where(OutboxItem.state == "DEAD").order_by(OutboxItem.updated_at.desc()).limit(limit)
+                select(OutboxItem)
+                .where(OutboxItem.state == OutboxState.DEAD.value)
+                .order_by(OutboxItem.updated_at.desc())
+                .limit(limit)
             ).scalars()
         ]
         errors.sort(key=lambda e: e.at, reverse=True)

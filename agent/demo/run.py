@@ -116,6 +116,7 @@ def run_demo(
         )
         t_load = time.monotonic()
         agent = Agent.build(settings)
+        assert agent.worker is not None  # the demo's settings run the worker
         agent.start()
         echo(
             f"  agent STRNET on port {agent_port}, model {agent.worker.screening.model.algorithm.version} "

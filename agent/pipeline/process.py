@@ -4,14 +4,12 @@ its own thread.
 The screening path (decode, preprocess, texture features, STR-Net, overlay build) costs about
 200 ms of CPU per 10 MB film, much of it Python that holds the interpreter lock. In the process
 that also receives (C-STORE), records and sends, that lock was the limit under sustained load
-(docs/architecture.md, Threads): the main process needed more than one core's worth of it at
+(docs/benchmarks.md): the main process needed more than one core's worth of it at
 15,000 images per hour. A screening process (agent/helper.py) takes the model, torch and the
 overlay builds to the other core; it reads the spooled files itself, and only job descriptions
 go in and findings with the encoded overlays come back. The main process never imports torch.
 
-Both engines have the same face: ``model`` (what is served), ``submit(jobs, paths)`` (a Future
-of one recordable outcome per job, in order), ``warm_up()``, ``kill()`` (a stuck batch) and
-``close()``.
+Both engines have the same face, ``ScreeningEngine``.
 """
 
 from __future__ import annotations
@@ -19,12 +17,33 @@ from __future__ import annotations
 import os
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from agent.domain import LeasedJob, ServedModel
 from agent.helper import HelperProcess
 from agent.logging import get_logger
 from agent.pipeline.run import Recordable, screen_and_report, warm_up
+
+
+class ScreeningEngine(Protocol):
+    """What the worker screens with: ``InlineScreening`` or ``ScreeningProcess``."""
+
+    @property
+    def model(self) -> ServedModel:
+        """What is served."""
+        ...
+
+    def submit(self, jobs: list[LeasedJob], paths: dict[str, Path]) -> Future[list[Recordable]]:
+        """A Future of one recordable outcome per job, in order."""
+        ...
+
+    def warm_up(self) -> None: ...
+
+    def kill(self) -> None:
+        """Give up a stuck batch (its Future fails for a retry)."""
+        ...
+
+    def close(self, wait: bool = True) -> None: ...
 
 
 class InlineScreening:
@@ -87,7 +106,7 @@ def _loaded() -> Any:
 
 
 def _describe() -> ServedModel:
-    return _loaded().describe()  # type: ignore[no-any-return]
+    return _loaded().describe()
 
 
 def _screen(jobs: list[LeasedJob], paths: dict[str, Path]) -> list[Recordable]:
@@ -117,15 +136,22 @@ class ScreeningProcess:
         args = (str(weights), worker_cfg.device, worker_cfg.threshold, worker_cfg.saliency,
                 worker_cfg.cpu_threads or default_threads(), max_pixels, overlay)  # fmt: skip
         self.helper = HelperProcess("screening", 1, _setup, args, title="strnet-screen")
-        self.model: ServedModel | None = None
+        self._model: ServedModel | None = None
 
     def start(self) -> ScreeningProcess:
         try:
-            self.model = self.helper.call(_describe)
+            self._model = self.helper.call(_describe)
         except BaseException:
             self.helper.close(wait=False)
             raise
         return self
+
+    @property
+    def model(self) -> ServedModel:
+        """What the process serves; known once ``start()`` has returned."""
+        if self._model is None:
+            raise RuntimeError("the screening process has not been started")
+        return self._model
 
     def warm_up(self) -> None:
         pass  # the process warmed up when it started; a replacement warms up before its first batch

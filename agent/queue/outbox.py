@@ -8,26 +8,18 @@ deduplicates).
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from sqlalchemy import case, func, select, update
 from sqlalchemy.orm import Session
 
+from agent.audit import trail
 from agent.clock import utcnow
 from agent.db.engine import Database
 from agent.db.models import OutboxItem
-
-
-class OutboxState(enum.StrEnum):
-    PENDING = "PENDING"
-    SENDING = "SENDING"
-    DELIVERED = "DELIVERED"
-    RETRY = "RETRY"
-    DEAD = "DEAD"
-    SHADOW = "SHADOW"
-    DISCARDED = "DISCARDED"  # a dead letter given up by an admin, with the reason in last_error
+from agent.domain import OutboxState
+from agent.spool import Spool
 
 
 @dataclass(frozen=True)
@@ -38,6 +30,13 @@ class OutgoingObject:
     sop_class_uid: str
     sop_instance_uid: str
     path: str
+
+
+def write_object(results: Spool, kind: str, data: bytes, sop_class_uid: str, sop_instance_uid: str) -> OutgoingObject:
+    """Write a built result object into the results folder, named by its SOP Instance UID."""
+    rel = f"{sop_instance_uid}.dcm"  # our own deterministic UID: a safe file name
+    results.write_named(rel, [data])
+    return OutgoingObject(kind, sop_class_uid, sop_instance_uid, rel)
 
 
 @dataclass(frozen=True)
@@ -174,7 +173,29 @@ def replay_dead(db: Database, study_ids: list[int] | None = None) -> int:
         res = s.execute(
             q.values(state=OutboxState.PENDING.value, attempts=0, next_attempt_at=None, updated_at=utcnow())
         )
-        return res.rowcount  # type: ignore[attr-defined,no-any-return]
+        return res.rowcount  # type: ignore[attr-defined]
+
+
+def discard_dead(db: Database, item_id: int, actor: str, reason: str) -> bool:
+    """DEAD -> DISCARDED: never sent; the reason is kept in last_error and in the audit trail.
+    False when the row is gone or no longer DEAD."""
+    with db.transaction() as s:
+        o = s.get(OutboxItem, item_id)
+        if o is None or o.state != OutboxState.DEAD.value:
+            return False
+        o.state = OutboxState.DISCARDED.value
+        o.last_error = f"discarded by {actor}: {reason} (was: {o.last_error or o.last_status or 'unknown'})"
+        o.updated_at = utcnow()
+        trail.append(
+            s,
+            "application_activity",
+            actor=actor,
+            action="D",
+            object_type="outbox_item",
+            object_id=str(o.id),
+            detail={"change": "dead_letter_discarded", "reason": reason},
+        )
+        return True
 
 
 def requeue_sending(db: Database) -> int:
@@ -185,12 +206,12 @@ def requeue_sending(db: Database) -> int:
             .where(OutboxItem.state == OutboxState.SENDING.value)
             .values(state=OutboxState.PENDING.value, updated_at=utcnow())
         )
-        return res.rowcount  # type: ignore[attr-defined,no-any-return]
+        return res.rowcount  # type: ignore[attr-defined]
 
 
 def count_by_state(db: Database) -> dict[str, int]:
     with db.reading() as s:
-        return dict(s.execute(select(OutboxItem.state, func.count()).group_by(OutboxItem.state)).all())  # type: ignore[arg-type]
+        return dict(s.execute(select(OutboxItem.state, func.count()).group_by(OutboxItem.state)).all())
 
 
 def items(db: Database, state: OutboxState | None = None) -> list[OutboxItem]:

@@ -12,11 +12,42 @@ from agent.clock import utcnow
 from agent.db import registry
 from agent.db.engine import Database
 from agent.db.models import Instance, Job, Result, Study, StudyReport
-from agent.domain import Findings, JobState
+from agent.domain import AlgorithmInfo, Findings, JobState, ServedModel
 from agent.queue import outbox
 from agent.queue.outbox import OutgoingObject
 
 TERMINAL = (JobState.DONE.value, JobState.SKIPPED.value, JobState.DEAD.value)
+
+
+def store_findings(result: Result, findings: Findings) -> None:
+    """Write ``findings`` into a result row (not kept: the saliency map, the coverage, the algorithm name)."""
+    result.probability = findings.probability
+    result.threshold = findings.threshold
+    result.bone_loss = findings.bone_loss
+    result.p_osteoporosis_given_bone_loss = findings.p_osteoporosis_given_bone_loss
+    result.severity = findings.severity
+    result.t_score = findings.t_score
+    result.t_score_low = findings.t_score_low
+    result.t_score_high = findings.t_score_high
+    result.model_version = findings.algorithm.version
+    result.checkpoint_sha256 = findings.algorithm.checkpoint_sha256
+
+
+def findings_of(result: Result, served: ServedModel) -> Findings:
+    """The findings a result row stores, as ``store_findings`` wrote them. What the row does not
+    keep comes from the model being served: the algorithm's name and the interval's coverage."""
+    return Findings(
+        probability=result.probability,
+        threshold=result.threshold,
+        bone_loss=result.bone_loss,
+        p_osteoporosis_given_bone_loss=result.p_osteoporosis_given_bone_loss,
+        severity=result.severity,
+        t_score=result.t_score,
+        t_score_low=result.t_score_low,
+        t_score_high=result.t_score_high,
+        interval_coverage=served.tscore_coverage,
+        algorithm=AlgorithmInfo(served.algorithm.name, result.model_version, result.checkpoint_sha256),
+    )
 
 
 def record_screening(
@@ -46,16 +77,7 @@ def record_screening(
         if result is None:
             result = Result(job_id=job_id, instance_id=inst.id, study_id=study.id, created_at=now)
             s.add(result)
-        result.probability = findings.probability
-        result.threshold = findings.threshold
-        result.bone_loss = findings.bone_loss
-        result.p_osteoporosis_given_bone_loss = findings.p_osteoporosis_given_bone_loss
-        result.severity = findings.severity
-        result.t_score = findings.t_score
-        result.t_score_low = findings.t_score_low
-        result.t_score_high = findings.t_score_high
-        result.model_version = findings.algorithm.version
-        result.checkpoint_sha256 = findings.algorithm.checkpoint_sha256
+        store_findings(result, findings)
         result.overlay_sop_instance_uid = overlay.sop_instance_uid if overlay else None
         result.timings_ms = timings_ms
         s.flush()

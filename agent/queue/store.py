@@ -16,13 +16,14 @@ from sqlalchemy.exc import IntegrityError
 from agent.audit import trail
 from agent.clock import utcnow
 from agent.db.engine import Database
-from agent.db.models import Instance, Job, Study
+from agent.db.models import Instance, Job, OutboxItem, Study
 from agent.domain import (
     IncomingInstance,
     InstanceRef,
     JobState,
     JobView,
     LeasedJob,
+    OutboxState,
     StoreOutcome,
 )
 
@@ -179,7 +180,7 @@ def list_jobs(db: Database, state: JobState | None = None, limit: int = 1000) ->
 
 def count_by_state(db: Database) -> dict[str, int]:
     with db.reading() as s:
-        return dict(s.execute(select(Job.state, func.count()).group_by(Job.state)).all())  # type: ignore[arg-type]
+        return dict(s.execute(select(Job.state, func.count()).group_by(Job.state)).all())
 
 
 def known_spool_paths(db: Database) -> set[str]:
@@ -261,7 +262,7 @@ def replay(db: Database, job_ids: list[int] | None = None) -> int:
         else:
             q = q.where(Job.id.in_(job_ids), Job.state.in_([JobState.DEAD.value, JobState.FAILED.value]))
         res = s.execute(q.values(state=JobState.QUEUED.value, attempts=0, not_before=None, updated_at=now))
-        return res.rowcount  # type: ignore[attr-defined,no-any-return]
+        return res.rowcount  # type: ignore[attr-defined]
 
 
 def study_ids_of_jobs(db: Database, job_ids: list[int]) -> list[int]:
@@ -282,7 +283,7 @@ def reap_expired_leases(db: Database) -> int:
             .where(Job.state == JobState.RUNNING.value, Job.lease_expires_at < now)
             .values(state=JobState.QUEUED.value, lease_owner=None, lease_expires_at=None, updated_at=now)
         )
-        return res.rowcount  # type: ignore[attr-defined,no-any-return]
+        return res.rowcount  # type: ignore[attr-defined]
 
 
 def requeue_running(db: Database) -> int:
@@ -294,15 +295,12 @@ def requeue_running(db: Database) -> int:
             .where(Job.state == JobState.RUNNING.value)
             .values(state=JobState.QUEUED.value, lease_owner=None, lease_expires_at=None, updated_at=now)
         )
-        return res.rowcount  # type: ignore[attr-defined,no-any-return]
+        return res.rowcount  # type: ignore[attr-defined]
 
 
 def spool_removable(db: Database, older_than_s: float, limit: int = 500) -> list[tuple[int, str]]:
     """(instance id, spool path) whose job is terminal, whose study has nothing left to deliver,
     and which were received more than ``older_than_s`` ago."""
-    from agent.db.models import OutboxItem
-    from agent.queue.outbox import OutboxState
-
     cutoff = utcnow() - timedelta(seconds=older_than_s)
     undelivered = select(OutboxItem.study_id).where(
         OutboxItem.state.not_in([OutboxState.DELIVERED.value, OutboxState.SHADOW.value, OutboxState.DISCARDED.value])

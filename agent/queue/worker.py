@@ -7,7 +7,7 @@ Screening (decode, STR-Net, overlay build) runs in the screening process (``work
 agent/pipeline/process.py): the worker thread hands a leased batch over and leases the next while
 it is screened, and a completion thread records each batch, in order, once its outcomes are back.
 Until then its jobs stay leased. With ``worker.process = false`` the batch is screened and
-recorded in the worker thread.
+recorded in the worker thread. A study's SR is the study reporter's (agent/queue/reporter.py).
 """
 
 from __future__ import annotations
@@ -20,21 +20,17 @@ from collections import deque
 from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass
-from typing import Any
-
-from pydicom import dcmread
 
 from agent import failpoints, metrics
 from agent.config import Settings
 from agent.db.engine import Database
-from agent.domain import AlgorithmInfo, Findings, JobState, LeasedJob
+from agent.domain import JobState, LeasedJob
 from agent.errors import HelperClosed, HelperDied, ProcessingError, StorageError
-from agent.ingest.scp import AssociationTracker
 from agent.logging import get_logger
+from agent.pipeline.process import ScreeningEngine
 from agent.pipeline.run import Failed, Finished, Recordable, Rejected
 from agent.queue import screening, store
-from agent.queue.outbox import OutgoingObject
-from agent.reporting.builder import ReportBuilder, blank_source
+from agent.queue.outbox import write_object
 from agent.spool import Spool
 
 log = get_logger(__name__)
@@ -48,7 +44,6 @@ class WorkerStats:
     screened: int = 0
     skipped: int = 0
     failed: int = 0
-    reports: int = 0
 
 
 @dataclass
@@ -63,8 +58,9 @@ class _Pending:
 class Worker:
     """One screening worker (a thread of ``strnet serve``, screening in its screening process).
 
-    ``screening``: an engine of agent/pipeline/process.py (``model``, ``submit``, ``warm_up``,
-    ``kill``, ``close``); ``reload`` makes a new one when `strnet model install` changes the served model.
+    ``screening``: the engine it screens with; ``reload`` makes a new one when `strnet model install`
+    changes the served model. ``also_warm_up`` is called in the worker thread once the screening
+    path is warm (the composition root warms the SR build up there).
     """
 
     def __init__(
@@ -73,17 +69,16 @@ class Worker:
         db: Database,
         spool: Spool,
         results: Spool,
-        screening: Any,
-        tracker: AssociationTracker | None = None,
-        reload: Callable[[], Any] | None = None,
+        screening: ScreeningEngine,
+        reload: Callable[[], ScreeningEngine] | None = None,
         on_outbox: Callable[[], object] | None = None,
+        also_warm_up: Callable[[], object] | None = None,
     ) -> None:
         self.settings = settings
         self.db = db
         self.spool = spool
         self.results = results
         self.screening = screening
-        self.tracker = tracker
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
         self.destinations = [p.name for p in settings.pacs]
         self.stats = WorkerStats()
@@ -94,7 +89,7 @@ class Worker:
         self._model_stamp = self._pointer_stamp()
         # called after each commit that queued objects for PACS (wakes the sender at once)
         self.on_outbox = on_outbox
-        self.report_builder = ReportBuilder(settings.reporting.build_processes)
+        self.also_warm_up = also_warm_up
         self._stats_lock = threading.Lock()  # the worker and the completion thread both count
         # batches handed to the screening process, oldest first (the completion thread's)
         self._pending: deque[_Pending] = deque()
@@ -116,7 +111,7 @@ class Worker:
         self._model_stamp = stamp
         try:
             new = self._reload()
-        except Exception as exc:  # keep serving the old model rather than stop
+        except Exception as exc:  # noqa: BLE001 - keep serving the old model rather than stop
             log.error("model_reload_failed", error=str(exc))
             return
         while self._pending and not self._stop.is_set():  # the old model's batches first
@@ -133,12 +128,12 @@ class Worker:
         self._thread = threading.Thread(target=self._loop, name="strnet-worker", daemon=True)
         self._thread.start()
 
-    def stop(self, timeout_s: float = 30.0) -> None:
-        """Stop screening, record what the screening process finishes within ``timeout_s``, close
-        it and the SR helper.
+    def stop(self, timeout_s: float = 30.0) -> int:
+        """Stop screening, record what the screening process finishes within ``timeout_s`` and
+        close it; returns how many jobs were abandoned.
 
         Batches still pending then are abandoned: their jobs stay leased (the lease reaper or the
-        next start-up hands them out again)."""
+        next start-up hands them out again), and the screening process is killed."""
         deadline = time.monotonic() + timeout_s
         self._stop.set()
         self.wake.set()
@@ -155,7 +150,7 @@ class Worker:
         if left:
             log.warning("worker_batches_abandoned", jobs=left)
         self.screening.close(wait=not left)  # a batch that did not finish: its process is killed
-        self.report_builder.close(wait=not left)
+        return left
 
     def drain(self, timeout_s: float) -> int:
         """Wait until every handed-over batch is recorded; returns how many jobs are still pending."""
@@ -166,17 +161,16 @@ class Worker:
             return sum(len(p.jobs) for p in self._pending)
 
     def warm_up(self) -> None:
-        """Warm up the screening path (inline; a screening process did at its start) and the SR
-        build (in the helper, in the background), writing nothing: a process's first inference,
-        Grad-CAM, font load and highdicom build cost about a second, paid here instead of by the
-        first study's latency."""
+        """Warm up the screening path (inline; a screening process did at its start), then what
+        ``also_warm_up`` warms (the SR build, in its helper, in the background), writing nothing: a
+        process's first inference, Grad-CAM, font load and highdicom build cost about a second,
+        paid here instead of by the first study's latency."""
         t0 = time.perf_counter()
-        m = self.screening.model
         try:
             self.screening.warm_up()
-            findings = Findings(0.5, m.threshold, False, 0.5, None, 0.0, -1.0, 1.0, m.tscore_coverage, m.algorithm)
-            self.report_builder.warm_up(blank_source(), [findings])
-        except Exception as exc:  # a warm-up problem must not stop the worker; the real path reports
+            if self.also_warm_up is not None:
+                self.also_warm_up()
+        except Exception as exc:  # noqa: BLE001 - a warm-up problem must not stop the worker; the real path reports
             log.warning("worker_warm_up_failed", error=exc.__class__.__name__)
             return
         log.info("worker_warmed_up", ms=round((time.perf_counter() - t0) * 1000, 1))
@@ -327,7 +321,8 @@ class Worker:
         """Write the overlay, then result, outbox rows and job DONE in one commit."""
         overlay_obj = None
         if o.overlay is not None:
-            overlay_obj = self._write_result("sc", o.overlay.data, o.overlay.sop_class_uid, o.overlay.sop_instance_uid)
+            ov = o.overlay
+            overlay_obj = write_object(self.results, "sc", ov.data, ov.sop_class_uid, ov.sop_instance_uid)
         failpoints.hit("results_built")
         ok = screening.record_screening(
             self.db,
@@ -369,65 +364,3 @@ class Worker:
         else:
             store.fail(self.db, job.job_id, self.owner, RETRY_DELAY_S + extra_delay_s, error)
             log.warning("job_failed", job_id=job.job_id, error=error, attempt=job.attempts)
-
-    def _write_result(self, kind: str, data: bytes, sop_class_uid: str, sop_instance_uid: str) -> OutgoingObject:
-        rel = f"{sop_instance_uid}.dcm"  # our own deterministic UID: a safe file name
-        self.results.write_named(rel, [data])
-        return OutgoingObject(kind, sop_class_uid, sop_instance_uid, rel)
-
-    # -- study reports ---------------------------------------------------------------------
-    def report_ready_studies(self) -> int:
-        """Build the SR of every study that is complete and quiet (the study-completion sweep)."""
-        built = 0
-        for ready in screening.ready_studies(self.db, self.settings.reporting.quiet_period_s):
-            if self.tracker is not None and self.tracker.receiving(ready.study_instance_uid):
-                continue  # an association that brought this study is still open: more may come
-            if self._stop.is_set():
-                break  # stopping: the next start reports it
-            try:
-                built += self._report(ready)
-            except HelperClosed:
-                break  # stopped meanwhile: the next start reports it
-            except (ProcessingError, ValueError, TypeError, OSError) as exc:
-                log.error("report_failed", study_instance_uid=ready.study_instance_uid, error=str(exc))
-        return built
-
-    def _report(self, ready: screening.ReadyStudy) -> int:
-        t0 = time.perf_counter()
-        rows = screening.study_findings(self.db, ready.study_id)
-        sources = [dcmread(self.spool.path(p), stop_before_pixels=True) for p, _ in rows]
-        findings = [
-            Findings(
-                probability=r.probability,
-                threshold=r.threshold,
-                bone_loss=r.bone_loss,
-                p_osteoporosis_given_bone_loss=r.p_osteoporosis_given_bone_loss,
-                severity=r.severity,
-                t_score=r.t_score,
-                t_score_low=r.t_score_low,
-                t_score_high=r.t_score_high,
-                interval_coverage=self.screening.model.tscore_coverage,
-                algorithm=AlgorithmInfo(self.screening.model.algorithm.name, r.model_version, r.checkpoint_sha256),
-            )
-            for _, r in rows
-        ]
-        sr = self.report_builder.build_sr(sources, findings, ready.revision, ready.predecessor)
-        obj = self._write_result("sr", sr.data, sr.sop_class_uid, sr.sop_instance_uid)
-        recorded = screening.record_report(
-            self.db, ready, obj, sr.series_instance_uid, self.destinations, self.settings.sender.send
-        )
-        if recorded:
-            if self.on_outbox is not None:
-                self.on_outbox()
-            with self._stats_lock:
-                self.stats.reports += 1
-            log.info(
-                "report_built",
-                study_instance_uid=ready.study_instance_uid,
-                revision=ready.revision,
-                images=len(rows),
-                sop_instance_uid=obj.sop_instance_uid,
-                ms=round((time.perf_counter() - t0) * 1000, 1),  # read sources, build, write, record
-            )
-            return 1
-        return 0

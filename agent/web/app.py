@@ -2,6 +2,10 @@
 
 ``create_app`` receives everything it needs (settings, database, callables); it builds nothing
 else. ``agent/app.py`` runs it in a thread of ``strnet serve``.
+
+Imports in ``agent/web`` point one way: this module (the application, its middleware and error
+pages) includes the routers of ``routes/``; they and this module render pages with
+``render.py`` and check sessions with ``auth.py``, which import neither.
 """
 
 from __future__ import annotations
@@ -11,15 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import jinja2
 from fastapi import FastAPI, Request, Response
-from fastapi.responses import HTMLResponse, PlainTextResponse, RedirectResponse
+from fastapi.responses import PlainTextResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 
 from agent.config import Settings
 from agent.db.engine import Database
 from agent.db.worklist import record_access
-from agent.dicom_values import format_da
 from agent.domain import ServedModel
 from agent.logging import get_logger
 from agent.web.auth import (
@@ -30,6 +32,8 @@ from agent.web.auth import (
     WebContext,
     load_secret,
 )
+from agent.web.render import render, templates
+from agent.web.routes import admin, auth_routes, ops, patients
 
 log = get_logger(__name__)
 HERE = Path(__file__).parent
@@ -60,18 +64,6 @@ class ModelInfo:
         return cls(version=model.algorithm.version, threshold=model.threshold, thresholds=dict(model.thresholds))
 
 
-def _templates() -> jinja2.Environment:
-    env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(HERE / "templates"),
-        autoescape=True,  # every template, whatever its name
-        undefined=jinja2.StrictUndefined,
-    )
-    env.filters["dt"] = lambda v: v.strftime("%Y-%m-%d %H:%M") if v else ""
-    env.filters["dicom_date"] = format_da
-    env.filters["pname"] = lambda n: (n or "").replace("^", " ").strip()
-    return env
-
-
 def create_app(
     settings: Settings,
     db: Database,
@@ -92,7 +84,7 @@ def create_app(
         secure_cookies=bool(web.tls_cert_file) or web.behind_tls_proxy,
     )
     app.state.settings = settings
-    app.state.templates = _templates()
+    app.state.templates = templates()
     app.state.login_forms = LoginForms(load_secret(web.session_secret, settings.data_dir))
     app.state.model_info = model_info or ModelInfo
     app.state.on_replay = on_replay or (lambda: None)
@@ -150,24 +142,9 @@ def create_app(
         message = "The form was not valid any more. Reload the page and try again."
         return render(request, "error.html", {"title": "Form expired", "message": message}, 403)
 
-    from agent.web.routes import admin, auth_routes, ops, patients
-
     app.include_router(ops.router)
     app.include_router(auth_routes.router)
     app.include_router(patients.router)
     app.include_router(admin.router)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     return app
-
-
-def render(request: Request, template: str, context: dict[str, Any], status_code: int = 200) -> HTMLResponse:
-    """Render a page; the session (if any) gives the user and the CSRF token for its forms."""
-    sess = getattr(request.state, "session", None)
-    env: jinja2.Environment = request.app.state.templates
-    html = env.get_template(template).render(
-        user=sess.user if sess else None,
-        csrf_token=sess.csrf_token if sess else "",
-        path=request.url.path,
-        **context,
-    )
-    return HTMLResponse(html, status_code=status_code)

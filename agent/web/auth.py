@@ -13,6 +13,7 @@ from __future__ import annotations
 import hmac
 import os
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
@@ -42,7 +43,7 @@ def hash_password(password: str) -> str:
     return _hasher.hash(password)
 
 
-def password_checker(password: str):  # type: ignore[no-untyped-def]
+def password_checker(password: str) -> Callable[[str | None], bool]:
     """A ``verify(hash)`` callable for :func:`agent.db.users.login`."""
 
     def verify(stored: str | None) -> bool:
@@ -120,7 +121,7 @@ def current_session(request: Request) -> SessionView:
     return sess
 
 
-def require(*roles: str):  # type: ignore[no-untyped-def]
+def require(*roles: str) -> Callable[[Request], SessionView]:
     """A dependency: the live session, whose user holds one of ``roles``."""
 
     def dep(request: Request) -> SessionView:

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from agent.errors import ConfigError
+
+if TYPE_CHECKING:
+    from agent.db.engine import Database
 
 users_app = typer.Typer(help="Admin-web users (roles: viewer, admin, auditor).", no_args_is_help=True)
 
@@ -18,7 +21,7 @@ ConfigOpt = Annotated[
 ]
 
 
-def _db(config: Path | None):  # type: ignore[no-untyped-def]
+def _db(config: Path | None) -> Database:
     from agent.config import load_settings
     from agent.db.engine import open_database
 

@@ -47,9 +47,8 @@ from agent.db.engine import Database
 from agent.db.models import Instance, Result, Study
 from agent.db.registry import list_flagged, study_results
 from agent.demo.orthanc import LocalOrthanc, OrthancError
-from agent.domain import JobState
+from agent.domain import JobState, OutboxState
 from agent.queue import outbox
-from agent.queue.outbox import OutboxState
 from agent.queue.store import list_jobs
 from model.checkpoint import SHIPPED
 

@@ -20,10 +20,9 @@ from screening_helpers import bilateral_study, send_study, wait_for
 
 from agent.app import Agent
 from agent.db.registry import list_flagged
-from agent.domain import JobState
+from agent.domain import JobState, OutboxState
 from agent.pacs import status
 from agent.queue import outbox, screening
-from agent.queue.outbox import OutboxState
 from agent.queue.store import list_jobs
 
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"

@@ -26,9 +26,9 @@ from pacs_peer import PACS_AET, PacsPeer
 from rel_helpers import serve_config, store_all, wait_until
 from screening_helpers import send_study
 
+from agent.domain import OutboxState
 from agent.pacs import status
 from agent.queue import outbox
-from agent.queue.outbox import OutboxState
 from agent.queue.store import list_jobs
 
 

@@ -21,8 +21,8 @@ from pynetdicom import evt
 from rel_helpers import associate, wait_until
 from screening_helpers import send_study
 
+from agent.domain import OutboxState
 from agent.queue import outbox
-from agent.queue.outbox import OutboxState
 from agent.queue.store import list_jobs
 
 

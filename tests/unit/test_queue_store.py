@@ -157,3 +157,22 @@ def test_lease_due_takes_srs_first_and_a_share_of_what_is_due(db: Database) -> N
     assert [i.sop_instance_uid for i in second] == ["1.2.3.1"]
     assert [i.sop_instance_uid for i in outbox.lease_due(db)] == ["1.2.3.2"]
     assert outbox.lease_due(db) == []
+
+
+def test_findings_stored_in_a_result_row_read_back_the_same() -> None:
+    """screening.store_findings and findings_of are each other's inverse, but for what the row
+    does not keep (the saliency map; the coverage and the algorithm's name come from the served model)."""
+    import dataclasses
+
+    from agent.db.models import Result
+    from agent.domain import AlgorithmInfo, Findings, ServedModel
+    from agent.queue import screening
+
+    for severity, bone_loss in (("osteoporosis", True), (None, False)):
+        found = Findings(0.8731, 0.4217, bone_loss, 0.71, severity, -2.73, -3.41, -1.96, 0.9,
+                         AlgorithmInfo("STR-Net", "v1", "ab" * 32), saliency=[[0.5]])  # fmt: skip
+        row = Result()
+        screening.store_findings(row, found)
+        served = ServedModel(AlgorithmInfo("STR-Net", "v2", "cd" * 32), 0.5, {}, 0.8, "cpu")
+        back = screening.findings_of(row, served)
+        assert back == dataclasses.replace(found, saliency=None, interval_coverage=0.8)

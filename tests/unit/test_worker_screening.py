@@ -29,12 +29,11 @@ from agent.app import load_screening
 from agent.config import Settings
 from agent.db.engine import open_database
 from agent.db.models import Job, Result
-from agent.domain import Eligibility, IncomingInstance, InstanceRef, JobState, LeasedJob
+from agent.domain import Eligibility, IncomingInstance, InstanceRef, JobState, LeasedJob, OutboxState
 from agent.errors import ConfigError
 from agent.pipeline.process import InlineScreening, ScreeningProcess
 from agent.pipeline.run import Failed, Screened, finish
 from agent.queue import outbox, store
-from agent.queue.outbox import OutboxState
 from agent.queue.worker import Worker
 from agent.reporting.builder import encode
 from agent.spool import Spool
@@ -282,6 +281,9 @@ class _Outcomes:
         return f
 
     def warm_up(self) -> None:
+        pass
+
+    def kill(self) -> None:
         pass
 
     def close(self, wait: bool = True) -> None:

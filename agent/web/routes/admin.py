@@ -7,9 +7,10 @@ from fastapi.responses import RedirectResponse
 
 from agent.db import worklist
 from agent.db.worklist import record_access
+from agent.domain import OUTBOX_BACKLOG
 from agent.queue import outbox, store
-from agent.web.app import render
 from agent.web.auth import AdminSession, AnySession, AuditorSession, check_csrf
+from agent.web.render import render
 
 router = APIRouter()
 
@@ -61,7 +62,7 @@ async def discard(item_id: int, request: Request, sess: AdminSession) -> Respons
             {"items": worklist.dead_letters(db), "done": None, "error": "Give a reason for discarding."},
             400,
         )
-    ok = worklist.discard_dead_letter(db, item_id, sess.user.username, reason)
+    ok = outbox.discard_dead(db, item_id, sess.user.username, reason)
     return RedirectResponse(f"/dead-letters?done={'discarded' if ok else 'gone'}", status_code=303)
 
 
@@ -78,7 +79,7 @@ def status(request: Request, sess: AnySession) -> Response:
         {
             "jobs": dict(sorted(jobs.items())),
             "outbox": dict(sorted(items.items())),
-            "backlog": sum(items.get(s, 0) for s in ("PENDING", "SENDING", "RETRY")),
+            "backlog": sum(items.get(s, 0) for s in OUTBOX_BACKLOG),
             "s": summary,
             "chain": chain,
             "model": request.app.state.model_info(),

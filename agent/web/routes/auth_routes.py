@@ -6,7 +6,6 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import RedirectResponse
 
 from agent.db import users
-from agent.web.app import render
 from agent.web.auth import (
     LOCK_S,
     LOGIN_COOKIE,
@@ -16,6 +15,7 @@ from agent.web.auth import (
     check_csrf,
     password_checker,
 )
+from agent.web.render import render
 
 router = APIRouter()
 

@@ -20,8 +20,8 @@ from agent.db.registry import FOLLOW_UP_STATUSES, spreadsheet_cell
 from agent.db.users import SessionView
 from agent.db.worklist import FOLLOW_UP_ACTIONS, SEVERITIES, SORTS, FlaggedFilter, record_access
 from agent.web import images
-from agent.web.app import render
 from agent.web.auth import PhiSession, check_csrf
+from agent.web.render import render
 
 router = APIRouter()
 PER_PAGE = 25

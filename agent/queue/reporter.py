@@ -1,0 +1,115 @@
+"""The study reporter: a study's SR once every image of it is screened and it has gone quiet.
+
+The scheduler's study-completion sweep calls ``report_ready_studies``; each SR is built in the SR
+helper process (``reporting.build_processes``, agent/reporting/builder.py), written to the results
+folder and recorded with its outbox rows in one commit. A study an association is still bringing
+waits for it (``study_arriving``: the composition root passes the SCP's association tracker).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+from pydicom import dcmread
+
+from agent.config import Settings
+from agent.db.engine import Database
+from agent.domain import Findings, ServedModel
+from agent.errors import HelperClosed, ProcessingError
+from agent.logging import get_logger
+from agent.queue import screening
+from agent.queue.outbox import write_object
+from agent.reporting.builder import ReportBuilder, blank_source
+from agent.spool import Spool
+
+log = get_logger(__name__)
+
+
+class StudyReporter:
+    """Builds and records the SR of each complete, quiet study (the study-completion sweep).
+
+    ``served_model``: the model the worker screens with now (the SR names its algorithm and the
+    T-score interval's coverage); ``study_arriving(study_instance_uid)``: True while an association
+    that brought instances of the study is still open, so more may come.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        db: Database,
+        spool: Spool,
+        results: Spool,
+        served_model: Callable[[], ServedModel],
+        study_arriving: Callable[[str], bool] | None = None,
+        on_outbox: Callable[[], object] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.db = db
+        self.spool = spool
+        self.results = results
+        self.served_model = served_model
+        self.study_arriving = study_arriving
+        self.destinations = [p.name for p in settings.pacs]
+        # called after each commit that queued objects for PACS (wakes the sender at once)
+        self.on_outbox = on_outbox
+        self.report_builder = ReportBuilder(settings.reporting.build_processes)
+        self.reports = 0  # SRs recorded
+        self._stop = threading.Event()
+
+    def warm_up(self) -> None:
+        """Build a throw-away SR, writing nothing: in the helper, in the background (inline: now)."""
+        m = self.served_model()
+        findings = Findings(0.5, m.threshold, False, 0.5, None, 0.0, -1.0, 1.0, m.tscore_coverage, m.algorithm)
+        self.report_builder.warm_up(blank_source(), [findings])
+
+    def stop(self) -> None:
+        """A sweep in progress ends before its next study (the next start reports the rest)."""
+        self._stop.set()
+
+    def close(self, wait: bool = True) -> None:
+        """Close the SR helper (``wait=False``: without waiting for the SR it is building)."""
+        self.report_builder.close(wait=wait)
+
+    def report_ready_studies(self) -> int:
+        """Build the SR of every study that is complete and quiet (the study-completion sweep)."""
+        built = 0
+        for ready in screening.ready_studies(self.db, self.settings.reporting.quiet_period_s):
+            if self.study_arriving is not None and self.study_arriving(ready.study_instance_uid):
+                continue  # an association that brought this study is still open: more may come
+            if self._stop.is_set():
+                break  # stopping: the next start reports it
+            try:
+                built += self._report(ready)
+            except HelperClosed:
+                break  # stopped meanwhile: the next start reports it
+            except (ProcessingError, ValueError, TypeError, OSError) as exc:
+                log.error("report_failed", study_instance_uid=ready.study_instance_uid, error=str(exc))
+        return built
+
+    def _report(self, ready: screening.ReadyStudy) -> int:
+        t0 = time.perf_counter()
+        rows = screening.study_findings(self.db, ready.study_id)
+        sources = [dcmread(self.spool.path(p), stop_before_pixels=True) for p, _ in rows]
+        served = self.served_model()
+        findings = [screening.findings_of(r, served) for _, r in rows]
+        sr = self.report_builder.build_sr(sources, findings, ready.revision, ready.predecessor)
+        obj = write_object(self.results, "sr", sr.data, sr.sop_class_uid, sr.sop_instance_uid)
+        recorded = screening.record_report(
+            self.db, ready, obj, sr.series_instance_uid, self.destinations, self.settings.sender.send
+        )
+        if recorded:
+            if self.on_outbox is not None:
+                self.on_outbox()
+            self.reports += 1
+            log.info(
+                "report_built",
+                study_instance_uid=ready.study_instance_uid,
+                revision=ready.revision,
+                images=len(rows),
+                sop_instance_uid=obj.sop_instance_uid,
+                ms=round((time.perf_counter() - t0) * 1000, 1),  # read sources, build, write, record
+            )
+            return 1
+        return 0
