@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any, Self
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -117,6 +118,15 @@ class FlaggedRow:
     severity: str | None
     t_score: float
 
+    @classmethod
+    def of(cls, r: FlaggedPatient, **more: Any) -> Self:
+        """The row's fields, plus ``more`` for a subclass's own."""
+        return cls(
+            r.id, r.patient_id, r.patient_name, r.patient_birth_date, r.patient_sex, r.status,
+            r.first_flagged_at, r.last_flagged_at, r.last_study_date, r.probability, r.severity, r.t_score,
+            **more,
+        )
+
 
 @dataclass(frozen=True)
 class FlaggedView(FlaggedRow):
@@ -141,23 +151,7 @@ def list_flagged(db: Database, status: str | None = None, since: datetime | None
                 .where(Result.bone_loss.is_(True))
                 .where((Study.patient_id == r.patient_id) if r.patient_id else (Study.id == r.last_study_id))
             ).scalar_one()
-            out.append(
-                FlaggedView(
-                    r.id,
-                    r.patient_id,
-                    r.patient_name,
-                    r.patient_birth_date,
-                    r.patient_sex,
-                    r.status,
-                    r.first_flagged_at,
-                    r.last_flagged_at,
-                    r.last_study_date,
-                    r.probability,
-                    r.severity,
-                    r.t_score,
-                    int(n),
-                )
-            )
+            out.append(FlaggedView.of(r, studies=int(n)))
         return out
 
 

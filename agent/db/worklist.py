@@ -111,23 +111,6 @@ def _filtered(f: FlaggedFilter) -> Select[Any]:
     return q
 
 
-def _row(r: FlaggedPatient) -> FlaggedRow:
-    return FlaggedRow(
-        r.id,
-        r.patient_id,
-        r.patient_name,
-        r.patient_birth_date,
-        r.patient_sex,
-        r.status,
-        r.first_flagged_at,
-        r.last_flagged_at,
-        r.last_study_date,
-        r.probability,
-        r.severity,
-        r.t_score,
-    )
-
-
 def flagged_page(db: Database, f: FlaggedFilter, paginate: bool = True) -> tuple[list[FlaggedRow], int]:
     """The rows of one page (or all rows) and the total count matching the filter."""
     col = SORTS.get(f.sort, SORTS["flagged"])
@@ -137,7 +120,7 @@ def flagged_page(db: Database, f: FlaggedFilter, paginate: bool = True) -> tuple
         q = base.order_by(col.desc() if f.descending else col.asc(), FlaggedPatient.id)
         if paginate:
             q = q.limit(f.per_page).offset((max(1, f.page) - 1) * f.per_page)
-        return [_row(r) for r in s.execute(q).scalars()], total
+        return [FlaggedRow.of(r) for r in s.execute(q).scalars()], total
 
 
 # -- patient detail ------------------------------------------------------------------------
@@ -225,7 +208,7 @@ def patient_detail(db: Database, flagged_id: int) -> PatientDetail | None:
                 select(FollowUpEvent).where(FollowUpEvent.flagged_id == fp.id).order_by(FollowUpEvent.id)
             ).scalars()
         ]
-        return PatientDetail(_row(fp), blocks, events)
+        return PatientDetail(FlaggedRow.of(fp), blocks, events)
 
 
 @dataclass(frozen=True)
