@@ -141,4 +141,4 @@ def configure_logging(level: str = "info", fmt: str = "auto", salt: str = "strne
 
 
 def get_logger(name: str) -> structlog.stdlib.BoundLogger:
-    return structlog.stdlib.get_logger(name)  # type: ignore[no-any-return]
+    return structlog.stdlib.get_logger(name)

@@ -89,7 +89,7 @@ def _from_dataset(ds: Dataset, max_pixels: int | None) -> np.ndarray:
         arr = pixel_array(ds, index=0) if int(ds.get("NumberOfFrames", 1) or 1) > 1 else None
         if arr is None:
             arr = ds.pixel_array
-    except Exception as exc:  # noqa: BLE001 - any decoder failure is "undecodable"
+    except Exception as exc:
         raise ValueError(f"pixel data cannot be decoded: {type(exc).__name__}: {exc}") from exc
     if arr.ndim == 3 and arr.shape[0] >= 1 and arr.shape[1:] == (rows, cols):
         arr = arr[0]
@@ -104,7 +104,7 @@ def _transform(arr: np.ndarray, ds: Dataset, photometric: str, present: Present 
     """Modality LUT, VOI and MONOCHROME1 inversion, element by element, in float64."""
     try:
         values = np.asarray(apply_modality_lut(arr, ds), dtype=np.float64)
-    except Exception as exc:  # noqa: BLE001 - malformed LUT or rescale attributes
+    except Exception as exc:
         raise ValueError(f"Modality LUT cannot be applied: {exc}") from exc
     out = _voi(values, arr, ds, present)
     if photometric == "MONOCHROME1":
@@ -134,7 +134,7 @@ def _via_lookup(arr: np.ndarray, ds: Dataset, photometric: str) -> np.ndarray:
 def _first(value: object) -> float:
     """First value of a possibly multi-valued DS."""
     if isinstance(value, (list, tuple)) or hasattr(value, "__getitem__") and not isinstance(value, str):
-        value = value[0]  # type: ignore[index]
+        value = value[0]
     return float(value)  # type: ignore[arg-type]
 
 
@@ -157,7 +157,7 @@ def _voi(values: np.ndarray, raw: np.ndarray, ds: Dataset, present: Present = No
             lut_out = np.asarray(apply_voi(raw if "ModalityLUTSequence" in ds else values, ds), float)
             bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
             return np.clip(lut_out / float((1 << bits) - 1), 0.0, 1.0)
-        except Exception as exc:  # noqa: BLE001 - a malformed LUT
+        except Exception as exc:
             raise ValueError(f"VOI LUT Sequence cannot be applied: {exc}") from exc
     return _minmax(values, present)
 

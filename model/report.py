@@ -10,11 +10,11 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
-from model.calibration import apply_temperature, reliability  # noqa: E402
-from model.metrics import pr_curve, roc_curve  # noqa: E402
+from model.calibration import apply_temperature, reliability
+from model.metrics import pr_curve, roc_curve
 
 DPI = 80
 PAPER = {  # arXiv 2604.20268, held-out test (n = 224); T-score from a pilot of n = 31

@@ -13,8 +13,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/dicom_factory.py
 
-from agent.app import Agent  # noqa: E402
-from agent.config import Settings, load_settings  # noqa: E402
+from agent.app import Agent
+from agent.config import Settings, load_settings
 
 TEST_SCU_AET = "TESTSCU"
 AGENT_AET = "STRNET_T"

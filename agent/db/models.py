@@ -113,7 +113,7 @@ class AuditEvent(Base):
     actor: Mapped[str] = mapped_column(String(128))
     object_type: Mapped[str | None] = mapped_column(String(32))
     object_id: Mapped[str | None] = mapped_column(String(128))
-    detail: Mapped[dict | None] = mapped_column(JSON)  # type: ignore[type-arg]
+    detail: Mapped[dict | None] = mapped_column(JSON)
     prev_hash: Mapped[str] = mapped_column(String(64))
     hash: Mapped[str] = mapped_column(String(64), unique=True)
 
@@ -139,7 +139,7 @@ class Result(Base):
     model_version: Mapped[str] = mapped_column(String(64))
     checkpoint_sha256: Mapped[str] = mapped_column(String(64))
     overlay_sop_instance_uid: Mapped[str | None] = mapped_column(String(64))
-    timings_ms: Mapped[dict | None] = mapped_column(JSON)  # type: ignore[type-arg]
+    timings_ms: Mapped[dict | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 

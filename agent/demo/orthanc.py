@@ -173,7 +173,7 @@ class LocalOrthanc:
         assert self._dir is not None
         cfg_path = self._dir / "orthanc.json"
         cfg_path.write_text(json.dumps(self.config(), indent=2), encoding="utf-8")
-        self._log_file = open(self.log_path, "ab")  # noqa: SIM115 - closed in _kill
+        self._log_file = open(self.log_path, "ab")
         self._proc = subprocess.Popen(
             [self.binary, str(cfg_path)],
             stdin=subprocess.DEVNULL,

@@ -61,7 +61,7 @@ def adopt(ingestor: Ingestor, spool: Spool, rel: str) -> bool:
             peer_host=None,
         )
         outcome = store.record_instance(ingestor.db, ingestor.incoming(req, rel, hashlib.sha256(raw).hexdigest()))
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - whatever makes a spool file unreadable, it is quarantined, never lost
         spool.quarantine(rel)
         log.error("spool_file_quarantined", file=path.name, error=exc.__class__.__name__)
         return False

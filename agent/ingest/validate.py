@@ -45,7 +45,7 @@ def parse_fully(ds: Dataset) -> None:
         _walk(ds, 0)
     except StoreRefused:
         raise
-    except Exception as exc:  # pydicom raises many types on corrupt streams
+    except Exception as exc:  # noqa: BLE001 - pydicom raises many types on corrupt streams
         raise StoreRefused(status.CANNOT_UNDERSTAND, f"dataset cannot be parsed ({exc.__class__.__name__})") from None
 
 
@@ -96,7 +96,7 @@ def check_pixel_data(ds: Dataset, transfer_syntax: UID) -> None:
     if transfer_syntax.is_encapsulated:
         try:
             n = sum(1 for _ in generate_fragments(pixel))
-        except Exception:
+        except Exception:  # noqa: BLE001 - pydicom raises many types on a corrupt fragment stream
             raise StoreRefused(status.CANNOT_UNDERSTAND, "encapsulated pixel data is malformed") from None
         if n < 1 or (frames > 1 and n < frames):
             raise StoreRefused(status.CANNOT_UNDERSTAND, "fewer pixel data fragments than frames")

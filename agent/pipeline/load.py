@@ -46,7 +46,7 @@ def load(path: Path, max_pixels: int) -> LoadedImage:
     t0 = time.perf_counter()
     try:
         ds = dcmread(path)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - a missing or corrupt file raises many types; the job gets the reason
         raise InputRejected(f"cannot read the stored instance ({exc.__class__.__name__})") from None
     rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
     frames = int(ds.get("NumberOfFrames", 1) or 1)
@@ -56,6 +56,6 @@ def load(path: Path, max_pixels: int) -> LoadedImage:
         pixels = read_pixels(ds, max_pixels=max_pixels)
     except ValueError as exc:
         raise InputRejected(f"pixel data cannot be decoded: {exc}") from None
-    except Exception as exc:  # codec plugins raise their own types on corrupt streams
+    except Exception as exc:  # noqa: BLE001 - codec plugins raise their own types on corrupt streams
         raise InputRejected(f"pixel data cannot be decoded ({exc.__class__.__name__})") from None
     return LoadedImage(ds, pixels, clinical_variables(ds), (time.perf_counter() - t0) * 1000)

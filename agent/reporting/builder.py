@@ -105,7 +105,7 @@ class ReportBuilder:
         if self.helper is None:
             return build_sr_bytes(sources, findings, revision, predecessor)
         try:
-            return self.helper.call(build_sr_bytes, sources, findings, revision, predecessor)  # type: ignore[no-any-return]
+            return self.helper.call(build_sr_bytes, sources, findings, revision, predecessor)
         except HelperDied as exc:
             raise ProcessingError("the SR helper process died; the study is reported again at the next sweep") from exc
 

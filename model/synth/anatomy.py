@@ -147,7 +147,7 @@ def render(maps: Maps, pose: Pose, shape: KneeShape, bone: BoneParams, bmi: floa
     _patella(maps, pose, shape, bone, out_shape)
 
 
-def _vtable(v: np.ndarray, fn) -> list[np.ndarray]:  # noqa: ANN001
+def _vtable(v: np.ndarray, fn) -> list[np.ndarray]:
     """Evaluate 1-D profiles ``fn(v_1d) -> tuple of arrays`` at integer steps of ``v`` and
     gather them back onto the 2-D grid: many full-frame passes become one gather each."""
     v0 = float(np.floor(v.min()))

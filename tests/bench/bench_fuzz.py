@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "reliability"))
-from fuzz_core import DatasetFuzzer, PduFuzzer, assert_healthy  # noqa: E402
+from fuzz_core import DatasetFuzzer, PduFuzzer, assert_healthy
 
 CASES = int(os.environ.get("STRNET_FUZZ_BENCH_CASES", "5000"))
 FUZZ_SCP = {"acse_timeout_s": 2.0, "network_timeout_s": 2.0, "dimse_timeout_s": 5.0, "max_instance_mb": 4}

@@ -33,7 +33,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "reliability"))
-from serve_fork import ServeFork  # noqa: E402
+from serve_fork import ServeFork
 
 MINUTES = float(os.environ.get("STRNET_BENCH_MINUTES", "5"))
 BURST = int(os.environ.get("STRNET_BENCH_BURST", "1000"))

@@ -42,11 +42,11 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: conftest, serve_process
 
-from bench.throttle import cpu_quota  # noqa: E402
-from conftest import AGENT_AET, free_port  # noqa: E402
-from serve_process import ServeProcess  # noqa: E402
+from bench.throttle import cpu_quota
+from conftest import AGENT_AET, free_port
+from serve_process import ServeProcess
 
-from model.checkpoint import SHIPPED  # noqa: E402
+from model.checkpoint import SHIPPED
 
 K_STUDIES = int(os.environ.get("BENCH_K", "20"))
 # 0: the K studies are routed back to back (a burst: throughput, and latency under a queue).

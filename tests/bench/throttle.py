@@ -2,7 +2,7 @@
 and every process it starts afterwards (Orthanc, ``strnet serve`` and its helpers).
 
 The machines this project is measured on differ in speed from session to session by up to about
-a factor of two (docs/architecture.md, Threads). ``BENCH_CPUS=1.1`` gives the bench 1.1 cores'
+a factor of two (docs/benchmarks.md). ``BENCH_CPUS=1.1`` gives the bench 1.1 cores'
 worth of CPU time per wall second, spread over both cores (a 10 ms scheduling period, so the
 stalls stay short): on a fast machine it shows what the figures would be on a slower one, with the
 same code measured in the same session. A quota is not a slower core: a step that would take

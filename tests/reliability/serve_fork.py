@@ -33,7 +33,7 @@ def _child(config: Path, log_path: Path, failpoint: str | None) -> None:
         os.dup2(fd, 1)
         os.dup2(fd, 2)
         # pytest's capture replaced sys.stdout/err with its own files: write to the log instead
-        sys.stdout = sys.stderr = open(fd, "w", buffering=1, closefd=False)  # noqa: SIM115
+        sys.stdout = sys.stderr = open(fd, "w", buffering=1, closefd=False)
         os.setpgid(0, 0)  # its own group: the parent's signals (Ctrl-C in pytest) are not its own
         from agent import failpoints
 
@@ -54,7 +54,7 @@ def _child(config: Path, log_path: Path, failpoint: str | None) -> None:
         code = 0
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    except BaseException:
+    except BaseException:  # noqa: BLE001 - the forked child must reach os._exit whatever happened
         traceback.print_exc()
         code = 1
     finally:
@@ -63,17 +63,8 @@ def _child(config: Path, log_path: Path, failpoint: str | None) -> None:
 
 def preload(worker: bool) -> None:
     """Import in the parent what the child would import on its first job, so each fork starts warm."""
-    import agent.app  # noqa: F401
-    import agent.cli  # noqa: F401
-    import agent.pacs.sender  # noqa: F401
-    import agent.scheduler  # noqa: F401
 
     if worker:
-        import agent.pipeline.infer  # noqa: F401
-        import agent.pipeline.run  # noqa: F401
-        import agent.queue.worker  # noqa: F401
-        import agent.reporting.overlay  # noqa: F401
-        import agent.reporting.sr  # noqa: F401
 
         _warm_reporting()
 

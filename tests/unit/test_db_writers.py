@@ -2,7 +2,7 @@
 shared by every Database of the file; a holder that keeps it past the busy timeout fails the
 waiter with the process lock's StorageError (SQLite's own would say "database is locked"), and a
 forked child starts with the lock free. That a waiter then starts at once instead of sleeping in
-SQLite's busy handler is what the screening bench measures (ADR 0009), not asserted here."""
+SQLite's busy handler is what the screening bench measures (ADR 0012), not asserted here."""
 
 from __future__ import annotations
 
