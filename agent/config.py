@@ -65,7 +65,10 @@ class AgentSection(_Section):
     data_dir: Path = Field(Path("var"), description="Database, spool and everything else the agent writes.")
     database_url: str | None = Field(
         None,
-        description="SQLAlchemy URL of the audit database; default: SQLite file in data_dir.",
+        description=(
+            "SQLAlchemy URL of the database; default: SQLite file in data_dir. Only SQLite is supported "
+            "today (docs/architecture.md, Scaling out)."
+        ),
     )
     min_free_disk_mb: int = Field(
         1024,
