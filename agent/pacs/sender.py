@@ -208,8 +208,7 @@ class Sender:
         held = lane.held.pop(name, None)
         if held is None:
             return
-        with self._holding_lock:
-            self._holding[name] -= 1
+        self._not_holding(name)
         assoc = held.assoc
         try:
             if usable(assoc):
@@ -318,7 +317,17 @@ class Sender:
             for item in items:
                 self._transient(item, None, f"TLS set-up failed: {exc}")
             return None
-        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls)
+        # counted from the attempt, not from its success: a lane the PACS refuses meanwhile must see
+        # this one as connected (it is, to the PACS), or it counts the refusal as a failed attempt
+        with self._holding_lock:
+            self._holding[dest.name] += 1
+        try:
+            assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls)
+        except BaseException:
+            self._not_holding(dest.name)
+            raise
+        if not assoc.is_established:
+            self._not_holding(dest.name)
         if not assoc.is_established and self._held_elsewhere(lane, dest.name):
             # Refused while another lane is connected with the same AE titles: the PACS's limit of
             # associations per AE, not a fault. The items go back to that lane, no attempt counted.
@@ -346,9 +355,11 @@ class Sender:
         held = _Held(assoc, proposed, time.monotonic())
         lane.held[dest.name] = held
         lane.refused_until.pop(dest.name, None)
-        with self._holding_lock:
-            self._holding[dest.name] += 1
         return held
+
+    def _not_holding(self, name: str) -> None:
+        with self._holding_lock:
+            self._holding[name] -= 1
 
     def _send_one(self, assoc: object, dest: PacsSection, item: DueItem) -> None:
         path = self.results.path(item.path)
