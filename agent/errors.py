@@ -1,6 +1,41 @@
-"""The exception hierarchy of the agent. Nothing else defines exceptions."""
+"""The exception hierarchy of the agent (nothing else defines exceptions), and the one rule by
+which an exception becomes text that may be shown or logged (``reason_of``, ``redact``)."""
 
 from __future__ import annotations
+
+import re
+
+#: a UID in a message (a study UID is logged only hashed)
+_UID = re.compile(r"\b\d+(?:\.\d+){3,}\b")
+#: the longest reason kept (a job's reason column, a log field)
+MAX_REASON = 400
+
+
+def redact(text: str) -> str:
+    """A message up to the first value it quotes (a quoted value may itself hold a quote, as in
+    O'Brien, so nothing after it is kept), with the UIDs it names replaced.
+
+    Libraries (pydicom, highdicom, codecs) quote the element value they fail on, and that value
+    may be a patient's name, ID or birth date: their messages pass through here before they
+    reach a job reason, a log line or a page."""
+    cut = min((i for i in (text.find("'"), text.find('"')) if i >= 0), default=-1)
+    if cut >= 0:
+        text = text[:cut] + "[value]"
+    return _UID.sub("[uid]", text)
+
+
+def reason_of(exc: BaseException) -> str:
+    """An exception as a job reason or a log field: never an element value.
+
+    The agent's own errors (``AgentError``) keep their wording (they are written to be shown);
+    any other exception is its message and its class, ``Unable to convert [value] (ValueError)``.
+    Both go through ``redact``."""
+    if isinstance(exc, AgentError):
+        text = redact(str(exc))
+    else:
+        message = redact(str(exc)).strip()
+        text = f"{message} ({exc.__class__.__name__})" if message else exc.__class__.__name__
+    return text[:MAX_REASON]
 
 
 class AgentError(Exception):
@@ -41,6 +76,12 @@ class StoreRefused(AgentError):
 
 class ProcessingError(AgentError):
     """A deterministic failure in preprocessing, inference or reporting: the job FAILS."""
+
+
+class BuildError(ProcessingError, ValueError):
+    """A result object (SR, overlay) could not be built from its inputs. The message is already a
+    reason (``reason_of``): it names no element value. A ValueError too, for callers that catch
+    the builders' ValueError."""
 
 
 class HelperDied(ProcessingError):

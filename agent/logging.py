@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import re
 import sys
 import warnings
 from pathlib import Path
 from typing import Any
 
 import structlog
+
+from agent.errors import redact
 
 # Field names that denote PHI; values under these keys never reach a log line.
 PHI_KEYS = frozenset(
@@ -42,9 +43,6 @@ PHI_KEYS = frozenset(
 _salt = b"strnet"
 _config: tuple[str, str, str] | None = None  # what configure_logging was given: helper processes repeat it
 
-# a UID in a library warning's text (a study UID is logged only hashed)
-_UID = re.compile(r"\b\d+(?:\.\d+){3,}\b")
-
 
 def hash_uid(uid: str | None) -> str | None:
     """A short salted hash of a study UID: correlates log lines without revealing the UID."""
@@ -65,12 +63,9 @@ def scrub_phi(_logger: Any, _method: str, event_dict: dict[str, Any]) -> dict[st
 
 
 def redact_warning(text: str) -> str:
-    """A library warning's text up to the first value it quotes (a quoted value may itself hold a
-    quote, as in O'Brien, so nothing after it is kept), with the UIDs it names replaced."""
-    cut = min((i for i in (text.find("'"), text.find('"')) if i >= 0), default=-1)
-    if cut >= 0:
-        text = text[:cut] + "[value]"
-    return _UID.sub("[uid]", text)
+    """A library warning's text up to the first value it quotes, with the UIDs it names replaced:
+    the rule job reasons follow too (``agent.errors.redact``)."""
+    return redact(text)
 
 
 def _warning_to_log(

@@ -16,10 +16,9 @@ from pathlib import Path
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_file_meta_info
-from pydicom.multival import MultiValue
 from pydicom.uid import UID
 
-from agent import failpoints, metrics
+from agent import dicom_values, failpoints, metrics
 from agent.db.engine import Database
 from agent.domain import IncomingInstance, InstanceRef, JobState, StoreOutcome
 from agent.errors import StorageError, StoreRefused
@@ -71,15 +70,10 @@ def file_head(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str, c
 
 
 def _text(ds: Dataset, keyword: str, limit: int) -> str | None:
-    value = ds.get(keyword)
-    if value is None or value == "":
-        return None
-    if isinstance(value, bytes | bytearray):
-        # a value too long for its VR arrives as UN (raw bytes): keep its text, not "b'...'"
-        value = bytes(value[: limit * 4]).decode("latin-1", "replace").strip("\x00 ")
-    elif isinstance(value, MultiValue):  # backslash-separated values: keep the DICOM form
-        value = "\\".join(str(v) for v in value)
-    return str(value)[:limit] or None
+    """A text value for the database (names, IDs shown to coordinators): decoded under the
+    dataset's character set (a value too long for its VR, arriving as UN, too), several values in
+    the DICOM form, cut to the column's length; None when empty."""
+    return dicom_values.text_of(ds, keyword).strip(" \x00")[:limit] or None
 
 
 def _sha256(data: bytes) -> str:
@@ -157,7 +151,12 @@ class Ingestor:
             validate.check_pixel_data(ds, req.transfer_syntax)
         prior = store.existing_contents(self.db, req.sop_instance_uid)
         hashing = None
-        if prior:  # a resend: recognise an identical copy before writing anything
+        # A resend: an identical copy (same dataset bytes) is recognised before writing anything.
+        # The same image re-encoded (another transfer syntax, even lossless) has other bytes and is
+        # recorded as a conflict, on purpose: telling a lossless re-encoding from altered pixels
+        # needs both decoded and compared, which the receive path does not do; the first copy is
+        # screened, the newcomer is kept and SKIPPED (docs/dicom-values.md, "Resends").
+        if prior:
             sha = _sha256(req.raw)
             if sha in prior:
                 return StoreOutcome(prior[sha], duplicate=True, conflict=False, state=JobState.QUEUED)
@@ -220,14 +219,16 @@ class Ingestor:
             calling_ae=req.calling_ae,
             peer_host=req.peer_host,
             eligibility=evaluate(ds, self.rules),
-            modality=_text(ds, "Modality", 16),
-            body_part=_text(ds, "BodyPartExamined", 64),
-            laterality=_text(ds, "ImageLaterality", 16) or _text(ds, "Laterality", 16),
-            view_position=_text(ds, "ViewPosition", 16),
+            # coded values and dates as agent/dicom_values.py reads them (docs/dicom-values.md):
+            # normalised, or None, never a raw value that a page would show as a date
+            modality=dicom_values.read_cs(ds, "Modality"),
+            body_part=dicom_values.read_cs(ds, "BodyPartExamined"),
+            laterality=dicom_values.read_laterality(ds)[0],
+            view_position=dicom_values.read_cs(ds, "ViewPosition"),
             patient_id=_text(ds, "PatientID", 64),
             patient_name=_text(ds, "PatientName", 324),
-            patient_birth_date=_text(ds, "PatientBirthDate", 8),
-            patient_sex=_text(ds, "PatientSex", 16),
-            study_date=_text(ds, "StudyDate", 8),
+            patient_birth_date=dicom_values.read_da(dicom_values.value_of(ds, "PatientBirthDate")),
+            patient_sex=dicom_values.read_sex(dicom_values.value_of(ds, "PatientSex")) or None,
+            study_date=dicom_values.read_da(dicom_values.value_of(ds, "StudyDate")),
             accession_number=_text(ds, "AccessionNumber", 16),
         )

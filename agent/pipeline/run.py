@@ -1,7 +1,8 @@
 """One pass of the screening pipeline over a batch of leased jobs: load, preprocess, score,
 build each screened image's overlay.
 
-Steps return values and never touch the database: the worker turns each outcome into rows.
+Steps return values and never touch the database: the worker turns each outcome into rows. Every
+error becomes a reason here through ``agent.errors.reason_of``: no element value is ever in one.
 ``screen_and_report`` runs wherever the worker screens (its screening process, or its thread);
 what it returns is picklable and small (findings and the encoded overlay, no pixels).
 """
@@ -17,8 +18,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from pydicom.dataset import Dataset
 
+from agent.dicom_values import read_positive_int, value_of
 from agent.domain import Findings, LeasedJob
-from agent.errors import InputRejected, ProcessingError
+from agent.errors import BuildError, InputRejected, ProcessingError, reason_of
 from agent.pipeline.load import load
 from agent.reporting.builder import BuiltOverlay, blank_source, build_overlay_bytes
 
@@ -37,12 +39,16 @@ class Screened:
 
 @dataclass(frozen=True)
 class Rejected:
+    """Not screenable (SKIPPED); ``reason`` names no element value."""
+
     job: LeasedJob
     reason: str
 
 
 @dataclass(frozen=True)
 class Failed:
+    """Failed (retried, then DEAD); ``error`` names no element value."""
+
     job: LeasedJob
     error: str
 
@@ -77,9 +83,9 @@ def screen_batch(
             ready.append((job, image, tensor, (time.perf_counter() - t0) * 1000))
             textures.append(texture)
         except InputRejected as exc:
-            outcomes[job.job_id] = Rejected(job, exc.reason)
+            outcomes[job.job_id] = Rejected(job, reason_of(exc))
         except ProcessingError as exc:
-            outcomes[job.job_id] = Failed(job, str(exc))
+            outcomes[job.job_id] = Failed(job, reason_of(exc))
     if ready:
         batch = np.stack([t for _, _, t, _ in ready])
         try:
@@ -87,7 +93,7 @@ def screen_batch(
             findings, infer_ms = screener.score(batch, [img.clinical for _, img, _, _ in ready], features)
         except ProcessingError as exc:
             for job, *_ in ready:
-                outcomes[job.job_id] = Failed(job, str(exc))
+                outcomes[job.job_id] = Failed(job, reason_of(exc))
         else:
             per_image = infer_ms / len(ready)
             for (job, img, _, prep_ms), f in zip(ready, findings, strict=True):
@@ -105,11 +111,11 @@ def finish(screened: Screened, overlay: bool) -> Finished | Failed:
     built = None
     t0 = time.perf_counter()
     if overlay:
-        number = int(screened.dataset.get("InstanceNumber") or 1)
+        number = read_positive_int(value_of(screened.dataset, "InstanceNumber")) or 1
         try:
             built = build_overlay_bytes(screened.dataset, screened.pixels, screened.findings, number)
-        except (ValueError, TypeError) as exc:
-            return Failed(screened.job, f"overlay could not be built: {exc}")
+        except BuildError as exc:  # its message is already a reason (no element value)
+            return Failed(screened.job, reason_of(exc))
     timings = {**screened.timings_ms, "report": round((time.perf_counter() - t0) * 1000, 1)}
     return Finished(screened.job, replace(screened.findings, saliency=None), timings, built)
 

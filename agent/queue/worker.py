@@ -25,7 +25,7 @@ from agent import failpoints, metrics
 from agent.config import Settings
 from agent.db.engine import Database
 from agent.domain import JobState, LeasedJob
-from agent.errors import HelperClosed, HelperDied, ProcessingError, StorageError
+from agent.errors import HelperClosed, HelperDied, ProcessingError, StorageError, reason_of
 from agent.logging import get_logger
 from agent.pipeline.process import ScreeningEngine
 from agent.pipeline.run import Failed, Finished, Recordable, Rejected
@@ -294,11 +294,11 @@ class Worker:
             # a new screening process takes the retry; batch-mates are retried a little apart, so
             # an image that kills the process does not take the same images down with it again
             for n, job in enumerate(p.jobs):
-                self._failed(job, f"{exc}; the image is screened again", extra_delay_s=2.0 * n)
+                self._failed(job, f"{reason_of(exc)}; the image is screened again", extra_delay_s=2.0 * n)
             return
         except ProcessingError as exc:
             for job in p.jobs:
-                self._failed(job, str(exc))
+                self._failed(job, reason_of(exc))
             return
         except Exception as exc:  # a bug in the screening path: retried, then DEAD, never lost
             log.exception("screening_crashed", error=exc.__class__.__name__)
@@ -356,6 +356,8 @@ class Worker:
         )
 
     def _failed(self, job: LeasedJob, error: str, extra_delay_s: float = 0.0) -> None:
+        """``error``: a reason (``agent.errors.reason_of``), never an exception's raw text: it is
+        the job's reason on the status page and in the ``job_failed`` log line."""
         with self._stats_lock:
             self.stats.failed += 1
         if job.attempts >= self.settings.worker.max_attempts:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from io import BytesIO
 from typing import Any
 
-from agent.errors import HelperDied, ProcessingError
+from agent.errors import BuildError, HelperDied, ProcessingError, reason_of
 from agent.helper import HelperProcess
 from agent.logging import get_logger
 
@@ -48,20 +48,37 @@ def encode(ds: Any) -> bytes:
     return buf.getvalue()
 
 
+#: what building or encoding a result raises on inputs it cannot use (highdicom and pydicom
+#: quote the offending value in the message: it never leaves here as it is)
+_BUILD_ERRORS = (ValueError, TypeError, AttributeError, KeyError, IndexError)
+
+
 def build_sr_bytes(sources: list[Any], findings: list[Any], revision: int, predecessor: Any) -> BuiltSr:
-    """Build and encode one study's SR (runs in the SR helper process or in the caller)."""
+    """Build and encode one study's SR (runs in the SR helper process or in the caller).
+
+    Raises BuildError (a ProcessingError and a ValueError) whose message names no element value."""
     from agent.reporting.sr import build_sr
 
-    sr = build_sr(sources, findings, revision=revision, predecessor=predecessor)
-    return BuiltSr(encode(sr), str(sr.SOPClassUID), str(sr.SOPInstanceUID), str(sr.SeriesInstanceUID))
+    try:
+        sr = build_sr(sources, findings, revision=revision, predecessor=predecessor)
+        data = encode(sr)
+    except _BUILD_ERRORS as exc:
+        raise BuildError(f"SR could not be built: {reason_of(exc)}") from None
+    return BuiltSr(data, str(sr.SOPClassUID), str(sr.SOPInstanceUID), str(sr.SeriesInstanceUID))
 
 
 def build_overlay_bytes(source: Any, image: Any, finding: Any, instance_number: int) -> BuiltOverlay:
-    """Build and encode one image's overlay (where the image was screened)."""
+    """Build and encode one image's overlay (where the image was screened).
+
+    Raises BuildError (a ProcessingError and a ValueError) whose message names no element value."""
     from agent.reporting.overlay import build_overlay
 
-    sc = build_overlay(source, image, finding, instance_number=instance_number)
-    return BuiltOverlay(encode(sc), str(sc.SOPClassUID), str(sc.SOPInstanceUID))
+    try:
+        sc = build_overlay(source, image, finding, instance_number=instance_number)
+        data = encode(sc)
+    except _BUILD_ERRORS as exc:
+        raise BuildError(f"overlay could not be built: {reason_of(exc)}") from None
+    return BuiltOverlay(data, str(sc.SOPClassUID), str(sc.SOPInstanceUID))
 
 
 def blank_source() -> Any:
@@ -100,8 +117,9 @@ class ReportBuilder:
         self.helper = HelperProcess("SR", processes, _setup) if processes > 0 else None
 
     def build_sr(self, sources: list[Any], findings: list[Any], revision: int, predecessor: Any) -> BuiltSr:
-        """Raises what ``build_sr`` raises (ValueError, TypeError), or ProcessingError when the
-        helper process died (it is replaced for the next call) or is closed."""
+        """Raises BuildError (a ProcessingError and a ValueError, its message naming no element
+        value) when the SR cannot be built, or ProcessingError when the helper process died (it
+        is replaced for the next call) or is closed."""
         if self.helper is None:
             return build_sr_bytes(sources, findings, revision, predecessor)
         try:

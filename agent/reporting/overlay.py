@@ -4,6 +4,7 @@ It holds the radiograph (downscaled to at most 1024 px on the long side), a heat
 of what drove the screening head blended only where it is salient, and a text banner above the
 image (result, probability, severity, T-score estimate and interval, model, NOT FOR DIAGNOSTIC
 USE). BurnedInAnnotation YES; laterality copied (dciodvfy requires it for a paired body part);
+patient and study values as reporting/source.py reads them;
 UIDs derived (reporting/uids.py) so a resend deduplicates in PACS.
 """
 
@@ -16,6 +17,7 @@ from pydicom import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
 from agent.domain import Findings
+from agent.reporting.source import reference_dataset
 from agent.reporting.sr import DESCRIPTION
 from agent.reporting.uids import result_uid
 
@@ -43,7 +45,8 @@ def build_overlay(
     Parameters
     ----------
     source
-        The screened image's dataset (patient, study, laterality and UIDs are taken from it).
+        The screened image's dataset (patient, study, laterality and UIDs are taken from it, as
+        ``reference_dataset`` reads them: normalised, or left empty or out; UTF-8).
     image
         The decoded radiograph, 2-D float in [0, 1], MONOCHROME2 sense (bright = bone), any size.
     finding
@@ -53,6 +56,8 @@ def build_overlay(
         raise ValueError(f"image must be a non-empty 2-D array, not shape {image.shape}")
     rgb = render(image, finding)
     version = finding.algorithm.version
+    # what the overlay copies, each value read leniently (reporting/source.py): never the source's
+    source = reference_dataset(source)
     study_uid = str(source.StudyInstanceUID)
     laterality = str(source.get("ImageLaterality") or source.get("Laterality") or "")
     orientation = _orientation(source)

@@ -2,7 +2,8 @@
 
 One measurement group (TID 1501) per screened image, referencing it, plus
 one study-level summary group; evidence = the source images, so the SR lands in the source study
-with the patient and study modules copied. UNVERIFIED / PRELIMINARY (highdicom's defaults), and
+with the patient and study modules copied (as reporting/source.py reads them: normalised, or left
+empty where a value cannot be read; UTF-8). UNVERIFIED / PRELIMINARY (highdicom's defaults), and
 every UID derived (reporting/uids.py), so a rebuilt report is the same instance to PACS.
 """
 
@@ -22,6 +23,7 @@ from agent.compat import highdicom_internals, warn_once
 from agent.domain import Findings
 from agent.logging import get_logger
 from agent.reporting import codes
+from agent.reporting.source import reference_dataset
 from agent.reporting.uids import result_uid, sr_input
 
 log = get_logger(__name__)
@@ -57,7 +59,8 @@ def build_sr(
     Parameters
     ----------
     sources
-        The screened images (datasets with patient/study modules), all of one study.
+        The screened images (datasets with patient/study modules), all of one study. The SR copies
+        their values as ``reference_dataset`` reads them (agent/reporting/source.py), never as is.
     findings
         STR-Net's answer per image, in the order of ``sources``.
     revision
@@ -87,6 +90,9 @@ def build_sr(
         for field in _NUMERIC_FIELDS:
             if not math.isfinite(getattr(f, field)):  # NaN would reach PACS as a number
                 raise ValueError(f"findings[{i}].{field} is not finite")
+    # what the SR copies (patient, study, equipment) and references (the images' UIDs), each value
+    # read leniently: a value the hospital sent can never make the SR invalid (reporting/source.py)
+    refs = [reference_dataset(ds) for ds in sources]
     algorithm = findings[0].algorithm
     version = algorithm.version
     algorithm_id = hd.sr.AlgorithmIdentification(
@@ -96,9 +102,9 @@ def build_sr(
     )
 
     groups = [
-        _image_group(ds, f, algorithm_id, version) for ds, f in zip(sources, findings, strict=True)
+        _image_group(ds, f, algorithm_id, version) for ds, f in zip(refs, findings, strict=True)
     ]
-    groups.append(_summary_group(sources, findings, algorithm_id, version, study_uid, revision))
+    groups.append(_summary_group(refs, findings, algorithm_id, version, study_uid, revision))
     report = hd.sr.MeasurementReport(
         observation_context=_observation_context(algorithm.name, version, manufacturer),
         procedure_reported=codes.PLAIN_XRAY_KNEE,
@@ -114,7 +120,7 @@ def build_sr(
     in_place = highdicom_internals.keep_content_uncopied(root) if PARSE_IN_PLACE else nullcontext(None)
     with in_place as kept:
         sr = hd.sr.Comprehensive3DSR(
-            evidence=list(sources),
+            evidence=refs,
             content=root,
             series_instance_uid=result_uid(study_uid, version, "sr-series"),
             series_number=series_number,

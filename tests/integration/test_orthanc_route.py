@@ -24,6 +24,7 @@ from sqlalchemy import select
 from agent.db.models import Instance
 from agent.demo.orthanc import LocalOrthanc
 from agent.domain import JobState
+from agent.ingest.eligibility import LATERAL_REASON
 from agent.queue.store import list_jobs
 
 pytestmark = pytest.mark.integration
@@ -79,7 +80,10 @@ def test_orthanc_routes_a_knee_study_to_the_agent(make_agent: Any, tmp_path: Pat
 
     jobs = list_jobs(agent.db)
     assert len(jobs) == 3, [(j.sop_instance_uid, j.state, j.reason) for j in jobs]
-    assert {j.state for j in jobs} == {JobState.QUEUED}
+    lateral = str(sent["left_lat"].SOPInstanceUID)  # kept, not screened (docs/dicom-values.md)
+    assert {j.state for j in jobs if j.sop_instance_uid != lateral} == {JobState.QUEUED}
+    [lat_job] = [j for j in jobs if j.sop_instance_uid == lateral]
+    assert lat_job.state == JobState.SKIPPED and LATERAL_REASON in (lat_job.reason or "")
     assert {j.study_instance_uid for j in jobs} == {study_uid}
     assert {j.calling_ae for j in jobs} == {"ORTHANC"}
     assert {j.sop_instance_uid for j in jobs} == {str(d.SOPInstanceUID) for d in sent.values()}
@@ -114,7 +118,10 @@ def test_orthanc_routes_a_knee_study_to_the_agent(make_agent: Any, tmp_path: Pat
     }
     for item in listed:
         assert required <= item.keys()
-        assert item["state"] == "QUEUED" and item["reason"] is None
+        if item["sop_instance_uid"] == str(sent["left_lat"].SOPInstanceUID):
+            assert item["state"] == "SKIPPED" and LATERAL_REASON in item["reason"]
+        else:
+            assert item["state"] == "QUEUED" and item["reason"] is None
         assert item["study_instance_uid"] == study_uid
     assert {i["sop_instance_uid"] for i in listed} == {str(d.SOPInstanceUID) for d in sent.values()}
     assert {i["job_id"] for i in listed} == {j.job_id for j in jobs}

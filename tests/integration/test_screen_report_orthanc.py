@@ -48,6 +48,7 @@ from agent.db.models import Instance, Result, Study
 from agent.db.registry import list_flagged, study_results
 from agent.demo.orthanc import LocalOrthanc, OrthancError
 from agent.domain import JobState, OutboxState
+from agent.ingest.eligibility import BODY_PART_REASON
 from agent.queue import outbox
 from agent.queue.store import list_jobs
 from model.checkpoint import SHIPPED
@@ -179,17 +180,14 @@ def knee_study(
                 patient_name=f"TEST^{patient}",
             )
             ds.InstanceNumber = v + 1
-            ds.ViewPosition = "AP" if v == 0 else "LL"
+            ds.ViewPosition = "AP" if v == 0 else "PA"
             files.append(factory.write(ds, folder / f"{patient}_{study[-8:]}_{side}{v}.dcm"))
     return study, files
 
 
 def synthetic_bilateral_two_view(folder: Path, seed: int = 4) -> tuple[str, list[Path], str]:
-    """L/R x AP/lateral of one synthetic patient (model.synth), one study, two series.
-
-    The generator renders frontal films only; the second film of each knee is a fresh rendering
-    labelled as the lateral view (ViewPosition LL): the content does not matter to the plumbing.
-    """
+    """L/R x AP/PA of one synthetic patient (model.synth), one study, two series (laterals are
+    not screened: docs/dicom-values.md)."""
     from model.synth.acquisition import VENDOR_PROFILES
     from model.synth.dicom_writer import ImageHeader, build_dataset
     from model.synth.generate import generate_one
@@ -201,7 +199,7 @@ def synthetic_bilateral_two_view(folder: Path, seed: int = 4) -> tuple[str, list
     when = dt.datetime(2026, 1, 5, 10, 15)
     for side in ("L", "R"):
         series_uid = generate_uid()
-        for n, view in enumerate(("AP", "LL")):
+        for n, view in enumerate(("AP", "PA")):
             img, patient = generate_one(rng, patient=patient, laterality=side, view="AP", profile="acme_dx")
             hdr = ImageHeader(
                 patient_id=patient.patient_id,
@@ -310,7 +308,7 @@ def test_non_knee_is_skipped_and_nothing_sent(make_agent: Any, tiny_weights: Pat
         time.sleep(2.5)  # another study-completion sweep and several sender polls
         jobs = {j.sop_instance_uid: j for j in list_jobs(agent.db)}
         skipped = jobs[str(chest.SOPInstanceUID)]
-        assert skipped.state == JobState.SKIPPED and "CHEST" in (skipped.reason or ""), skipped
+        assert skipped.state == JobState.SKIPPED and BODY_PART_REASON in (skipped.reason or ""), skipped
         assert results_in(pacs, str(chest.StudyInstanceUID)) == []
         assert [i["SOPInstanceUID"] for i in pacs.instances_of_study(str(chest.StudyInstanceUID))] == [
             str(chest.SOPInstanceUID)

@@ -21,6 +21,7 @@ from sqlalchemy import select
 from agent.app import Agent
 from agent.db.models import Instance
 from agent.domain import JobState
+from agent.ingest.eligibility import BODY_PART_REASON
 from agent.pacs import status
 from agent.queue.store import list_jobs
 
@@ -236,7 +237,7 @@ def test_oversized_instance_is_refused(make_agent: Any) -> None:
 def test_ineligible_instance_is_accepted_and_skipped(agent: Agent, assoc: Association) -> None:
     assert send(assoc, knee_dx(body_part="CHEST")) == status.SUCCESS
     job = list_jobs(agent.db)[0]
-    assert job.state == JobState.SKIPPED and "CHEST" in (job.reason or "")
+    assert job.state == JobState.SKIPPED and BODY_PART_REASON in (job.reason or "")
 
 
 def test_orphan_spool_file_is_adopted_at_restart(make_agent: Any, tmp_path: Path) -> None:

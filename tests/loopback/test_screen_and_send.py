@@ -21,6 +21,7 @@ from screening_helpers import bilateral_study, send_study, wait_for
 from agent.app import Agent
 from agent.db.registry import list_flagged
 from agent.domain import JobState, OutboxState
+from agent.ingest.eligibility import BODY_PART_REASON
 from agent.pacs import status
 from agent.queue import outbox, screening
 from agent.queue.store import list_jobs
@@ -94,7 +95,7 @@ def test_non_knee_is_skipped_and_nothing_is_sent(make_agent: Any, tiny_weights: 
         time.sleep(2.5)  # quiet period and sweeps pass
         assert pacs.received == []
         (job,) = list_jobs(agent.db)
-        assert job.state == JobState.SKIPPED and "CHEST" in (job.reason or "")
+        assert job.state == JobState.SKIPPED and BODY_PART_REASON in (job.reason or "")
         assert outbox.items(agent.db) == []
 
 

@@ -5,12 +5,21 @@ from __future__ import annotations
 import copy
 
 import pytest
-from dicom_factory import knee_dx
+from dicom_factory import as_received, knee_dx
+from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from agent.errors import StoreRefused
 from agent.ingest import validate
-from agent.ingest.eligibility import Rules, evaluate
+from agent.ingest.eligibility import (
+    BODY_PART_REASON,
+    GENERIC_BODY_PART_REASON,
+    LATERAL_REASON,
+    MODALITY_REASON,
+    OBLIQUE_REASON,
+    Rules,
+    evaluate,
+)
 from agent.pacs import status
 
 RULES = Rules(
@@ -96,8 +105,8 @@ def test_eligible_knee() -> None:
 @pytest.mark.parametrize(
     ("change", "reason_part"),
     [
-        ({"Modality": "CT"}, "modality CT"),
-        ({"BodyPartExamined": "CHEST"}, "body part CHEST"),
+        ({"Modality": "CT"}, MODALITY_REASON),
+        ({"BodyPartExamined": "CHEST"}, BODY_PART_REASON),
         ({"PatientBirthDate": "20200101"}, "younger than 18"),
         ({"PatientAge": "012Y"}, "younger than 18"),
     ],
@@ -112,8 +121,6 @@ def test_ineligible_reasons(change: dict[str, str], reason_part: str) -> None:
 
 
 def test_knee_by_anatomic_region_code() -> None:
-    from pydicom.dataset import Dataset
-
     ds = knee_dx(body_part="")
     item = Dataset()
     item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = "72696002", "SCT", "Knee"
@@ -125,3 +132,100 @@ def test_too_many_pixels_is_skipped_not_decoded() -> None:
     ds = knee_dx()
     ds.Rows, ds.Columns = 5000, 5000
     assert "exceeds the decoding limit" in (evaluate(ds, RULES).reason or "")
+
+
+# ---- views, body parts and ages as hospitals send them (docs/dicom-values.md) ---------------------------
+
+
+def _coded(value: str, scheme: str, meaning: str) -> Dataset:
+    item = Dataset()
+    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, scheme, meaning
+    return item
+
+
+@pytest.mark.parametrize(
+    ("view", "reason"),
+    [
+        ("LL", LATERAL_REASON), ("RL", LATERAL_REASON), ("LAT", LATERAL_REASON), ("lateral", LATERAL_REASON),
+        (" ll ", LATERAL_REASON), ("LLO", OBLIQUE_REASON), ("rlo", OBLIQUE_REASON), ("OBLIQUE", OBLIQUE_REASON),
+        ("AP", None), ("pa", None), ("", None), ("RLD", None),
+    ],
+)  # fmt: skip
+def test_lateral_and_oblique_views_are_skipped(view: str, reason: str | None) -> None:
+    result = evaluate(as_received(knee_dx(), ViewPosition=view), RULES)
+    assert (result.eligible, result.reason) == (reason is None, reason)
+
+
+@pytest.mark.parametrize(
+    ("code", "reason"),
+    [
+        (("399067008", "SCT", "lateral"), LATERAL_REASON),
+        (("R-10236", "SRT", "left lateral"), LATERAL_REASON),
+        (("399099002", "SCT", "latero-medial oblique"), OBLIQUE_REASON),
+        (("R-10242", "SRT", "medio-lateral oblique"), OBLIQUE_REASON),
+        (("399348003", "SCT", "antero-posterior"), None),
+        (("272479007", "SCT", "postero-anterior"), None),
+    ],
+)
+def test_a_view_code_of_a_lateral_or_oblique_view_is_skipped(code: tuple[str, str, str], reason: str | None) -> None:
+    ds = knee_dx()
+    del ds.ViewPosition
+    ds.ViewCodeSequence = [_coded(*code)]
+    result = evaluate(as_received(ds), RULES)
+    assert (result.eligible, result.reason) == (reason is None, reason)
+
+
+@pytest.mark.parametrize(
+    ("body_part", "descriptions", "eligible"),
+    [
+        ("knee ", {}, True),
+        (" Knee", {}, True),
+        ("EXTREMITY", {"StudyDescription": "XR KNEE 2 VIEWS"}, True),
+        ("LEG", {"SeriesDescription": "Knie links a.p."}, True),
+        ("", {"ProtocolName": "GENOU_FACE"}, True),
+        (None, {"StudyDescription": "Rodilla derecha"}, True),
+        ("EXTREMITY", {"ProtocolName": "Ginocchio^AP"}, True),
+        ("LEG", {"StudyDescription": "RX JOELHO"}, True),
+        ("EXTREMITY", {}, False),
+        ("LEG", {"StudyDescription": "XR ANKLE"}, False),
+        ("", {"StudyDescription": "kneecap"}, False),  # a word, not a part of one
+        (None, {}, False),
+        ("CHEST", {"StudyDescription": "knee"}, False),  # a specific body part is believed
+    ],
+)
+def test_body_part_variants(body_part: str | None, descriptions: dict[str, str], eligible: bool) -> None:
+    ds = as_received(knee_dx(), BodyPartExamined=body_part, **descriptions)
+    result = evaluate(ds, RULES)
+    assert result.eligible is eligible, result.reason
+    if not eligible:
+        assert result.reason in (GENERIC_BODY_PART_REASON, BODY_PART_REASON)
+        assert result.reason == (BODY_PART_REASON if body_part == "CHEST" else GENERIC_BODY_PART_REASON)
+
+
+def test_a_generic_body_part_with_a_knee_code_is_screened() -> None:
+    ds = knee_dx(body_part="EXTREMITY")
+    ds.AnatomicRegionSequence = [_coded("72696002", "SCT", "Knee")]
+    assert evaluate(as_received(ds), RULES).eligible
+
+
+@pytest.mark.parametrize(
+    ("values", "eligible"),
+    [
+        ({"PatientAge": "000Y", "PatientBirthDate": "20200101"}, False),  # 000Y is unknown: the dates say
+        ({"PatientAge": "000Y", "PatientBirthDate": "19450325"}, True),
+        ({"PatientAge": "8", "PatientBirthDate": ""}, True),  # unit-less: unknown age is screened
+        ({"PatientAge": "012Y"}, False),  # paediatric: min_age_years
+        ({"PatientAge": "", "PatientBirthDate": "25/03/1945"}, True),  # unreadable: unknown
+        ({"PatientAge": "", "PatientBirthDate": "2020-01-01"}, False),  # year-first dates are read
+    ],
+)
+def test_age_decisions(values: dict[str, str], eligible: bool) -> None:
+    result = evaluate(as_received(knee_dx(), **values), RULES)
+    assert result.eligible is eligible, result.reason
+
+
+def test_reasons_name_no_value() -> None:
+    ds = as_received(knee_dx(), Modality="Zyxwvut", BodyPartExamined="Qwertyuiop")
+    assert "Zyxwvut" not in (evaluate(ds, RULES).reason or "")
+    ds = as_received(knee_dx(), BodyPartExamined="QWERTY")
+    assert "QWERTY" not in (evaluate(ds, RULES).reason or "")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import subprocess
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ import numpy as np
 import pydicom
 import pytest
 from conftest import require_tool
-from dicom_factory import knee_dx, write
+from dicom_factory import BAD_VALUES, PHI_ID, PHI_NAME, RESULT_TYPE2, as_received, knee_dx, set_raw, write
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from agent.domain import AlgorithmInfo, Findings
@@ -377,3 +378,122 @@ def test_banner_says_what_the_numbers_are(probability: float, threshold: float, 
     assert lines[1] == expected[0]
     assert lines[2].startswith(expected[1])
     assert "-0.0" not in lines[2]
+
+
+# ---- what hospitals send: bad and missing values never make a result invalid -----------------------------
+
+# what each bad value becomes in the results ("" where it cannot be read: Type 2, present and empty)
+_READ_AS = {("PatientBirthDate", "1945-03-25"): "19450325", ("PatientSex", "male"): "M", ("PatientSex", "f"): "F"}
+_CASES = [pytest.param({k: v}, id=f"{k}={v}") for k, v in BAD_VALUES] + [
+    pytest.param({k: None}, id=f"no-{k}") for k in RESULT_TYPE2
+]
+
+
+def _built(source: pydicom.Dataset, out: Path) -> tuple[Path, Path]:
+    """The SR and overlay of ``source``, written; each checked by dciodvfy (0 errors) and re-read
+    by highdicom."""
+    finding = _findings(np.random.default_rng(5))[0]
+    image = np.random.default_rng(2).random((int(source.Rows), int(source.Columns))).astype(np.float32)
+    sr_path, sc_path = out / "sr.dcm", out / "sc.dcm"
+    build_sr([source], [finding]).save_as(sr_path, enforce_file_format=True)
+    build_overlay(source, image, finding).save_as(sc_path, enforce_file_format=True)
+    for path in (sr_path, sc_path):
+        errors, text = _dciodvfy(path)
+        assert errors == 0, f"{path.name}:\n{text}"
+    sr = hd.sr.Comprehensive3DSR.from_dataset(pydicom.dcmread(sr_path))
+    [group] = [g for g in sr.content.get_image_measurement_groups() if g.source_images]
+    assert group.source_images[0].referenced_sop_instance_uid == source.SOPInstanceUID
+    hd.Image.from_dataset(pydicom.dcmread(sc_path))
+    return sr_path, sc_path
+
+
+@pytest.mark.parametrize("raw", _CASES)
+def test_results_of_a_source_with_a_bad_or_missing_value_are_valid(raw: dict[str, Any], tmp_path: Path) -> None:
+    source = as_received(knee_dx(rows=64, cols=64), **raw)
+    [(keyword, value)] = raw.items()
+    for path in _built(source, tmp_path):
+        ds = pydicom.dcmread(path)
+        assert ds.SpecificCharacterSet == "ISO_IR 192"  # the decoded text, always UTF-8
+        for type2 in RESULT_TYPE2:
+            assert type2 in ds, type2  # present, empty where the source has no valid value
+        if keyword != "SpecificCharacterSet":
+            assert str(ds[keyword].value or "") == _READ_AS.get((keyword, value), ""), keyword
+        # the values the source had right are still there
+        assert str(ds.PatientName) == (PHI_NAME if keyword != "PatientName" else "")
+        assert ds.PatientID == (PHI_ID if keyword != "PatientID" else "")
+        assert ds.StudyInstanceUID == source.StudyInstanceUID
+
+
+@pytest.mark.parametrize(
+    ("charset", "name"),
+    [(["", "ISO 2022 IR 87"], "Yamada^Tarou=山田^太郎=やまだ^たろう"), ("ISO-8859-1", "Müller^Jürgen"),
+     ("ISO_IR 100", "Müller^Jürgen"), ("ISO_IR 6", "Doe^Jane")],
+)  # fmt: skip
+def test_names_are_decoded_from_the_source_character_set_and_written_as_utf8(
+    charset: Any, name: str, tmp_path: Path
+) -> None:
+    source = knee_dx(rows=64, cols=64)
+    set_raw(source, "SpecificCharacterSet", charset)
+    source.PatientName = name
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom's word on a misspelt character set
+        received = as_received(source)
+        paths = _built(received, tmp_path)
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        assert (ds.SpecificCharacterSet, str(ds.PatientName)) == ("ISO_IR 192", name)
+
+
+def test_values_that_cannot_be_read_are_left_empty_or_out_never_cut(tmp_path: Path) -> None:
+    source = as_received(
+        knee_dx(rows=64, cols=64),
+        PatientID="P" * 65,  # LO holds 64: a cut ID could name another patient
+        AccessionNumber="A" * 17,
+        PatientName="A^B^C^D^E^F",
+        ReferringPhysicianName="Dr\tWho",
+        StudyDescription="x" * 70,
+        InstitutionName="Hospital\\Annex",
+        Manufacturer="M" * 80,
+        PatientAge="8",
+        PatientOrientation=["L", "Feet"],
+        BodyPartExamined="knee ",
+        ViewPosition="ap",
+        ImageLaterality="l",
+        Laterality="l",
+        AcquisitionDateTime="2023-02-11 10:15",
+    )
+    sr_path, sc_path = _built(source, tmp_path)
+    for path in (sr_path, sc_path):
+        ds = pydicom.dcmread(path)
+        names = str(ds.PatientName), str(ds.ReferringPhysicianName)
+        assert (ds.PatientID, ds.AccessionNumber, *names) == ("", "", "", "")
+        for keyword in ("StudyDescription", "InstitutionName", "PatientAge"):
+            assert keyword not in ds, keyword
+    sc = pydicom.dcmread(sc_path)
+    assert (sc.BodyPartExamined, sc.Laterality, sc.PatientOrientation) == ("KNEE", "L", "")
+    text = _dsrdump(sr_path)
+    assert '(7771000,SCT,"Left")' in text and "Knee L AP" in text
+
+
+def test_contradicting_lateralities_are_left_out_and_logged_without_values(tmp_path: Path) -> None:
+    from structlog.testing import capture_logs
+
+    source = as_received(knee_dx(rows=64, cols=64), ImageLaterality="R", Laterality="L")
+    with capture_logs() as logs:
+        sr_path, sc_path = _built(source, tmp_path)
+    conflicts = [e for e in logs if e["event"] == "laterality_conflict"]
+    assert conflicts and all(e["log_level"] == "warning" for e in conflicts)
+    assert all(set(e) <= {"event", "log_level", "sop_instance_uid"} for e in conflicts), conflicts
+    text = _dsrdump(sr_path)
+    assert '"Left")' not in text and '"Right")' not in text and "Laterality" not in text
+    assert pydicom.dcmread(sc_path).Laterality == ""  # Type 2C for a knee: present, empty
+
+
+def test_a_build_error_names_no_value() -> None:
+    from agent.errors import BuildError
+    from agent.reporting.builder import build_overlay_bytes
+
+    finding = _findings(np.random.default_rng(3))[0]
+    with pytest.raises(BuildError) as err:
+        build_overlay_bytes(knee_dx(patient_name="Doe^Jane"), np.zeros((2, 2, 2), np.float32), finding, 1)
+    assert str(err.value).startswith("overlay could not be built: image must be") and "Doe" not in str(err.value)

@@ -18,7 +18,7 @@ import numpy as np
 import pydicom
 import pytest
 from conftest import agent_settings, free_port
-from dicom_factory import SECONDARY_CAPTURE, knee_dx
+from dicom_factory import PHI_ID, PHI_NAME, SECONDARY_CAPTURE, as_received, knee_dx, set_pixels
 from pydicom.uid import generate_uid
 from sqlalchemy import select
 from test_helper import ended
@@ -28,7 +28,7 @@ from test_reporting import _findings
 from agent.app import load_screening
 from agent.config import Settings
 from agent.db.engine import open_database
-from agent.db.models import Job, Result
+from agent.db.models import Instance, Job, Result
 from agent.domain import Eligibility, IncomingInstance, InstanceRef, JobState, LeasedJob, OutboxState
 from agent.errors import ConfigError
 from agent.pipeline.process import InlineScreening, ScreeningProcess
@@ -55,12 +55,18 @@ def _worker(tmp_path: Path, weights: Path, process: bool = True, screening: Any 
     return Worker(settings, db, Spool(settings.spool_dir), Spool(settings.results_dir), engine)
 
 
-def _queue(worker: Worker, n: int) -> list[pydicom.Dataset]:
-    """``n`` knee images spooled and queued (one study), as the C-STORE handler leaves them."""
+def _queue(worker: Worker, n: int, pixels: np.ndarray | None = None, **raw: Any) -> list[pydicom.Dataset]:
+    """``n`` knee images spooled and queued (one study), as the C-STORE handler leaves them;
+    ``pixels``: 12-bit stored values instead of the factory's; ``raw``: values set as a sender puts
+    them on the wire (dicom_factory.as_received)."""
     study, out = generate_uid(), []
     for i in range(n):
         ds = knee_dx(study_uid=study, laterality="LR"[i % 2], seed=i, rows=96, cols=80)
         ds.InstanceNumber = i + 1
+        if pixels is not None:
+            set_pixels(ds, pixels, bits_stored=12)
+        if raw:
+            ds = as_received(ds, **raw)
         data = encode(ds)
         rel = worker.spool.write_named(f"{ds.SOPInstanceUID}.dcm", [data])
         ref = InstanceRef(str(ds.SOPClassUID), str(ds.SOPInstanceUID), study, str(ds.SeriesInstanceUID),
@@ -305,6 +311,7 @@ def test_an_overlay_build_error_fails_the_job_with_the_reason(tmp_path: Path, ti
         [job] = store.list_jobs(worker.db)
         assert job.state == JobState.FAILED
         assert job.reason is not None and job.reason.startswith("overlay could not be built: image must be")
+        assert job.reason.endswith("(ValueError)")  # agent.errors.reason_of
         assert outbox.items(worker.db) == [] and worker.stats.failed == 1
     finally:
         worker.stop(5)
@@ -328,5 +335,122 @@ def test_a_batch_never_mixes_studies(tmp_path: Path, tiny_weights: Path) -> None
         batches = [worker._lease_batch(), worker._lease_batch(), worker._lease_batch()]
         uids = [[j.ref.sop_instance_uid for j in b] for b in batches]
         assert uids == [[str(first[0].SOPInstanceUID)], [str(d.SOPInstanceUID) for d in second], []]
+    finally:
+        worker.stop(5)
+
+
+# ---- what hospitals send: a bad value never costs a screening, and no value reaches a log or a reason -------------
+
+_BAD = {"PatientBirthDate": "25/03/1945", "StudyTime": "12:30 PM", "PatientSex": "male"}
+
+
+def _no_phi(text: str) -> None:
+    for phi in ("1945", "25/03", PHI_NAME, PHI_NAME.split("^")[0], PHI_ID):
+        assert phi not in text, phi
+
+
+def test_a_film_with_a_day_first_birth_date_is_screened_and_leaves_no_phi(
+    tmp_path: Path, tiny_weights: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """25/03/1945 made the overlay build fail (the job went DEAD, the date in three job_failed
+    lines and on the status page): now the film is screened, the results carry an empty birth
+    date, and no log line, reason or result holds the value, the name or the ID."""
+    import logging
+
+    import structlog
+
+    from agent.logging import configure_logging
+    from agent.reporting.builder import build_sr_bytes
+
+    configure_logging("info", "json", salt="s")
+    worker = _worker(tmp_path, tiny_weights, process=False)
+    try:
+        [ds] = _queue(worker, 1, **_BAD)
+        assert worker.run_once() == 1
+        [job] = store.list_jobs(worker.db)
+        assert job.state == JobState.DONE and job.reason is None
+        with worker.db.reading() as s:
+            assert len(s.execute(select(Result)).scalars().all()) == 1
+        [item] = outbox.items(worker.db)
+        sc = pydicom.dcmread(worker.results.path(item.path))
+        assert (sc.PatientBirthDate, sc.PatientSex, sc.StudyTime) == ("", "M", "")
+        # the study's SR, as the sweep builds it from the spooled header
+        with worker.db.reading() as s:
+            [path] = s.execute(select(Instance.spool_path)).scalars().all()
+        header = pydicom.dcmread(worker.spool.path(path), stop_before_pixels=True)
+        sr = build_sr_bytes([header], [_findings(np.random.default_rng(3))[0]], 1, None)
+        assert b"1945" not in sr.data and b"1945" not in worker.results.path(item.path).read_bytes()
+        assert str(ds.PatientBirthDate) == "25/03/1945"  # the value was there to leak
+    finally:
+        worker.stop(5)
+        logging.getLogger().handlers[0].flush()
+        err = capsys.readouterr().err
+        structlog.reset_defaults()
+    assert "inference_done" in err
+    _no_phi(err)
+
+
+def test_a_bone_loss_film_with_bad_values_is_recorded_and_flagged(tmp_path: Path, tiny_weights: Path) -> None:
+    """The overlay is built from the header as it was received (the stand-in engine forces a
+    bone-loss finding: the tiny model cannot be made to give one)."""
+    from agent.db.registry import list_flagged
+
+    finding = _findings(np.random.default_rng(3))[0]
+    assert finding.bone_loss
+
+    def screened(jobs: list[LeasedJob]) -> list[Any]:
+        out = []
+        for j in jobs:
+            header = pydicom.dcmread(worker.spool.path(j.spool_path))
+            out.append(finish(Screened(j, header, np.zeros((96, 80), np.float32), finding, {"decode": 1.0}), True))
+        return out
+
+    model = load_screening(_settings(tmp_path, tiny_weights, process=False)).model
+    worker = _worker(tmp_path, tiny_weights, screening=_Outcomes(screened, model))
+    try:
+        _queue(worker, 1, **_BAD, SpecificCharacterSet="ISO-8859-1", StudyDate="11.02.2023")
+        worker.run_once()
+        [job] = store.list_jobs(worker.db)
+        assert (job.state, job.reason) == (JobState.DONE, None)
+        assert len(list_flagged(worker.db)) == 1
+    finally:
+        worker.stop(5)
+
+
+@pytest.mark.parametrize(
+    ("value", "noise", "window"),
+    [(0, 0, True), (4095, 0, True), (2048, 0, False), (2048, 2, True), (2048, 2, False), (2048, 20, True)],
+)
+def test_blank_and_nearly_uniform_films_are_told_from_films(value: int, noise: int, window: bool) -> None:
+    """agent/pipeline/load.py's thresholds against the factory's films (docs/dicom-values.md)."""
+    from dicom_factory import pixels as factory_pixels
+
+    from agent.pipeline.load import is_blank
+    from model.io import read_pixels
+
+    arr = np.full((320, 256), value, np.int32)
+    if noise:
+        arr += np.random.default_rng(5).integers(-noise, noise + 1, size=arr.shape)
+    blank = set_pixels(knee_dx(rows=320, cols=256), arr, bits_stored=12)
+    if not window:
+        del blank.WindowCenter, blank.WindowWidth
+    assert is_blank(read_pixels(blank))
+    for bits in (8, 12, 16):
+        film = set_pixels(knee_dx(rows=320, cols=256), factory_pixels(320, 256, bits=bits), bits_stored=bits)
+        film.WindowCenter, film.WindowWidth = 2 ** (bits - 1), 2**bits
+        assert not is_blank(read_pixels(film)), bits
+
+
+def test_a_blank_film_is_skipped_not_failed(tmp_path: Path, tiny_weights: Path) -> None:
+    """A uniform film was screened and reported as bone loss (P 0.95): now SKIPPED, with the reason."""
+    from agent.pipeline.load import BLANK_REASON
+
+    worker = _worker(tmp_path, tiny_weights, process=False)
+    try:
+        _queue(worker, 1, pixels=np.full((96, 80), 2048, np.int32))
+        assert worker.run_once() == 1
+        [job] = store.list_jobs(worker.db)
+        assert (job.state, job.reason) == (JobState.SKIPPED, BLANK_REASON)
+        assert outbox.items(worker.db) == [] and worker.stats.failed == 0
     finally:
         worker.stop(5)
