@@ -146,12 +146,15 @@ def jobs_list(
 def jobs_retry(
     job_ids: Annotated[list[int] | None, typer.Argument(help="Job ids to replay.")] = None,
     config: ConfigOpt = None,
-    dead: Annotated[bool, typer.Option("--dead", help="Replay every DEAD job and dead letter.")] = False,
+    dead: Annotated[
+        bool, typer.Option("--dead", help="Replay every DEAD job, dead letter and SR given up.")
+    ] = False,
 ) -> None:
-    """Replay failed or dead jobs and their undelivered results (the running agent picks them up)."""
+    """Replay failed or dead jobs, their undelivered results and their studies' SRs that could not
+    be built (the running agent picks them up)."""
     from agent.audit import trail
     from agent.db.engine import open_database
-    from agent.queue import outbox, store
+    from agent.queue import outbox, screening, store
 
     if not job_ids and not dead:
         raise ConfigError("jobs retry", "give job ids or --dead")
@@ -159,14 +162,17 @@ def jobs_retry(
     if dead:
         jobs_n = store.replay(db, None)
         items_n = outbox.replay_dead(db, None)
+        reports_n = screening.replay_failed_reports(db, None)
     else:
         ids = list(job_ids or [])
         jobs_n = store.replay(db, ids)
-        items_n = outbox.replay_dead(db, store.study_ids_of_jobs(db, ids))
+        study_ids = store.study_ids_of_jobs(db, ids)
+        items_n = outbox.replay_dead(db, study_ids)
+        reports_n = screening.replay_failed_reports(db, study_ids)
     with db.transaction() as s:
         trail.append(s, "application_activity", actor="strnet-cli", action="U",
-                     detail={"activity": "replay", "jobs": jobs_n, "results": items_n})
-    typer.echo(f"requeued {jobs_n} job(s) and {items_n} undelivered result(s)")
+                     detail={"activity": "replay", "jobs": jobs_n, "results": items_n, "reports": reports_n})
+    typer.echo(f"requeued {jobs_n} job(s) and {items_n} undelivered result(s); {reports_n} SR(s) to build again")
 
 
 FLAGGED_FIELDS = (
@@ -218,10 +224,13 @@ def flagged_list(
     ]
     if fmt == "json":
         typer.echo(json.dumps(records, indent=2))
-    elif fmt == "csv":
+    elif fmt == "csv":  # for a spreadsheet: dates as YYYY-MM-DD, formulas neutralised (no BOM on stdout)
         writer = csv.DictWriter(sys.stdout, fieldnames=FLAGGED_FIELDS)  # the same columns when empty
         writer.writeheader()
-        writer.writerows({k: spreadsheet_cell(v) for k, v in r.items()} for r in records)
+        writer.writerows(
+            {k: spreadsheet_cell(format_da(str(v or "")) if k == "last_study_date" else v) for k, v in r.items()}
+            for r in records
+        )
     else:
         typer.echo(
             f"{'PATIENT ID':<16} {'NAME':<24} {'STATUS':<12} {'P(LOSS)':>7} {'SEVERITY':<12} {'T':>5} "

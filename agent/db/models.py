@@ -159,6 +159,32 @@ class StudyReport(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
+# StudyReportFailure.state: retried after next_attempt_at, or given up (replayed by an operator)
+REPORT_RETRY = "retry"
+REPORT_DEAD = "dead"
+
+
+class StudyReportFailure(Base):
+    """Why a study's SR could not be built, and when it is tried again (one row per study).
+
+    Gone once an SR of the study is recorded. ``last_error`` is a redacted reason (the exception
+    class and a fixed text, never an element value); ``study_received_at`` is the study's last
+    receipt when the failure was recorded: a later instance starts the attempts afresh.
+    """
+
+    __tablename__ = "study_report_failures"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), unique=True)
+    state: Mapped[str] = mapped_column(String(16))  # REPORT_RETRY | REPORT_DEAD
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_error: Mapped[str | None] = mapped_column(Text)
+    study_received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
 class OutboxItem(Base):
     """A result object waiting for (or done with) delivery to one destination."""
 

@@ -5,6 +5,8 @@ The CLI and the web read through here; the worker calls ``upsert_flag`` inside i
 
 from __future__ import annotations
 
+import re
+import unicodedata
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Self
@@ -93,10 +95,34 @@ def upsert_flag(session: Session, study: Study, result: Result) -> FlaggedPatien
     return row
 
 
+# What a spreadsheet may read as the start of a formula: = + - @, and their full-width forms
+_FORMULA_STARTS = frozenset("=+-@\uff1d\uff0b\uff0d\uff20")
+# a plain number (T-score -2.1, +1.5e-3): a spreadsheet reads it as a number, never a formula
+_PLAIN_NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
+
+
+def _skipped_before_formula(ch: str) -> bool:
+    """Characters a spreadsheet may pass over before it sees ``=``: any Unicode whitespace
+    (space, NBSP, ideographic space ...), control and format characters (zero-width space, BOM)."""
+    return ch.isspace() or unicodedata.category(ch) in ("Cc", "Cf")
+
+
 def spreadsheet_cell(v: object) -> object:
     """A CSV export's cell: text that a spreadsheet would run as a formula (a patient name such
-    as ``=HYPERLINK(...)`` arrives from any modality) is quoted with a leading apostrophe."""
-    if isinstance(v, str) and v[:1] in ("=", "+", "-", "@", "\t", "\r"):
+    as ``=HYPERLINK(...)`` arrives from any modality) is quoted with a leading apostrophe.
+
+    That is text starting with a tab or CR, or whose first character that is not whitespace (a
+    space, NBSP or any other Unicode space) nor an invisible format character is = + - @ (or a
+    full-width one). A plain number, such as a T-score of -2.1 as text, stays as it is; numbers
+    (int, float) are never text."""
+    if not isinstance(v, str) or not v:
+        return v
+    if v[0] in ("\t", "\r"):
+        return "'" + v
+    i = 0
+    while i < len(v) and _skipped_before_formula(v[i]):
+        i += 1
+    if v[i : i + 1] in _FORMULA_STARTS and not _PLAIN_NUMBER.fullmatch(v[i:].strip()):
         return "'" + v
     return v
 

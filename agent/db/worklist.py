@@ -7,10 +7,12 @@ row ids, never patient or DICOM identifiers.
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta
+from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 from typing import Any
 
 from sqlalchemy import Select, func, select
@@ -19,6 +21,8 @@ from agent.audit import trail
 from agent.clock import utcnow
 from agent.db.engine import Database
 from agent.db.models import (
+    REPORT_DEAD,
+    REPORT_RETRY,
     AuditEvent,
     FlaggedPatient,
     FollowUpEvent,
@@ -27,12 +31,15 @@ from agent.db.models import (
     OutboxItem,
     Result,
     Study,
+    StudyReportFailure,
 )
 from agent.db.registry import FOLLOW_UP_STATUSES, FlaggedRow
 from agent.dicom_values import parse_da
 from agent.domain import JobState, OutboxState
+from agent.logging import hash_uid
 
 FOLLOW_UP_ACTIONS = ("reviewed", "dxa_ordered", "dxa_done", "closed")
+ACTION_LABELS = {"reviewed": "Reviewed", "dxa_ordered": "DXA ordered", "dxa_done": "DXA done", "closed": "Closed"}
 SEVERITIES = ("osteopenia", "osteoporosis")
 SORTS = {
     "flagged": FlaggedPatient.last_flagged_at,
@@ -43,6 +50,40 @@ SORTS = {
     "study_date": FlaggedPatient.last_study_date,
 }
 OSTEOPENIA_T = -1.0  # WHO: a measured T-score at or below -1.0 is low bone mass
+
+# Probabilities are shown with three decimals, rounded down (0.996 is 0.996, 0.9996 is 0.999: never
+# 1.000 unless it is 1), and the worklist's minimum compares with that shown value.
+PROBABILITY_STEP = Decimal("0.001")
+
+
+def shown_probability(p: float) -> str:
+    """A probability as the web shows it: three decimals, rounded down.
+
+    ``repr`` gives the shortest decimal that is this float, so 0.5378 is 0.537, not 0.5379999...
+    floored to 0.537 by accident of binary, nor 0.538 by rounding half up."""
+    return str(Decimal(repr(float(p))).quantize(PROBABILITY_STEP, rounding=ROUND_FLOOR))
+
+
+def probability_bound(minimum: float) -> float:
+    """What ``probability >= bound`` must compare with so that a row passes exactly when its
+    shown probability (:func:`shown_probability`) is at least ``minimum``: the minimum rounded up
+    to the shown step (0.54 stays 0.54; 0.5375 becomes 0.538, as 0.5378 is shown 0.537)."""
+    return float(Decimal(repr(float(minimum))).quantize(PROBABILITY_STEP, rounding=ROUND_CEILING))
+
+
+def shown_number(v: object, decimals: int = 4) -> str:
+    """A number for people (thresholds, settings): at most ``decimals`` decimals, no trailing zeros
+    (0.41234567890123456 is 0.4123, 0.5 is 0.5); anything else as text."""
+    if v is None:
+        return ""
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        return str(v)
+    if isinstance(v, int) or not math.isfinite(v):
+        return str(v)
+    text = f"{v:.{decimals}f}"
+    if "." in text:
+        text = text.rstrip("0").rstrip(".")
+    return "0" if text == "-0" else text
 
 
 def record_access(
@@ -106,8 +147,8 @@ def _filtered(f: FlaggedFilter) -> Select[Any]:
         q = q.where(FlaggedPatient.last_flagged_at >= datetime.combine(f.date_from, time.min))
     if f.date_to:
         q = q.where(FlaggedPatient.last_flagged_at < datetime.combine(f.date_to + timedelta(days=1), time.min))
-    if f.min_probability is not None:
-        q = q.where(FlaggedPatient.probability >= f.min_probability)
+    if f.min_probability is not None:  # compared as shown: see probability_bound
+        q = q.where(FlaggedPatient.probability >= probability_bound(f.min_probability))
     return q
 
 
@@ -259,17 +300,34 @@ def overlay_of_result(db: Database, result_id: int) -> tuple[str, int | None] | 
         return str(path), fp_id
 
 
+class FollowUpInvalid(ValueError):
+    """A follow-up that cannot be recorded as submitted; ``field`` names the form field at fault."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
 def add_follow_up(
     db: Database, flagged_id: int, actor: str, action: str, note: str | None, measured_t_score: float | None
 ) -> bool:
-    """Record a coordinator's action and move the patient's status; audited in the same transaction."""
+    """Record a coordinator's action and move the patient's status; audited in the same transaction.
+
+    A measured T-score belongs to "DXA done" and nowhere else: with any other action it is refused
+    (FollowUpInvalid), never dropped, so that a value typed with the wrong action is not lost."""
     if action not in FOLLOW_UP_ACTIONS:
-        raise ValueError(f"action must be one of {', '.join(FOLLOW_UP_ACTIONS)}")
+        raise FollowUpInvalid("action", f"Choose an action: {', '.join(ACTION_LABELS.values())}.")
     if action == "dxa_done":
         if measured_t_score is None or not math.isfinite(measured_t_score) or not -10 <= measured_t_score <= 10:
-            raise ValueError("DXA done needs the measured T-score (between -10 and 10)")
-    else:
-        measured_t_score = None
+            raise FollowUpInvalid(
+                "measured_t_score", "DXA done needs the measured T-score (between -10 and 10), e.g. -2.1."
+            )
+    elif measured_t_score is not None:
+        raise FollowUpInvalid(
+            "measured_t_score",
+            f'A measured T-score belongs to "DXA done". Choose DXA done to record it, or clear the T-score '
+            f'to record "{ACTION_LABELS[action]}".',
+        )
     with db.transaction() as s:
         fp = s.get(FlaggedPatient, flagged_id)
         if fp is None:
@@ -354,20 +412,45 @@ class DeadLetter:
     updated_at: datetime
 
 
-def dead_letters(db: Database) -> list[DeadLetter]:
+def dead_letters(db: Database, page: int = 1, per_page: int = 25) -> tuple[list[DeadLetter], int, int]:
+    """One page of dead letters (oldest first), their total, and the page shown: a page past the
+    end shows the last one (after a replay the list is shorter)."""
+    dead = OutboxItem.state == OutboxState.DEAD.value
     with db.reading() as s:
-        return [
-            DeadLetter(o.id, o.kind, o.destination, o.study_id, o.attempts, o.last_status, o.last_error, o.updated_at)
-            for o in s.execute(
-                select(OutboxItem).where(OutboxItem.state == OutboxState.DEAD.value).order_by(OutboxItem.id)
-            ).scalars()
-        ]
+        total = int(s.execute(select(func.count()).select_from(OutboxItem).where(dead)).scalar_one())
+        page = min(max(1, page), max(1, -(-total // per_page)))
+        rows = s.execute(
+            select(OutboxItem).where(dead).order_by(OutboxItem.id).limit(per_page).offset((page - 1) * per_page)
+        ).scalars()
+        return (
+            [
+                DeadLetter(
+                    o.id, o.kind, o.destination, o.study_id, o.attempts, o.last_status, o.last_error, o.updated_at
+                )
+                for o in rows
+            ],
+            total,
+            page,
+        )
 
 
 def dead_letter_study(db: Database, item_id: int) -> int | None:
     with db.reading() as s:
         o = s.get(OutboxItem, item_id)
         return o.study_id if o is not None and o.state == OutboxState.DEAD.value else None
+
+
+def dead_letter_studies(db: Database, item_ids: list[int]) -> dict[int, int]:
+    """{item id: study row id} of those items that are still dead letters, by item id."""
+    if not item_ids:
+        return {}
+    with db.reading() as s:
+        rows = s.execute(
+            select(OutboxItem.id, OutboxItem.study_id)
+            .where(OutboxItem.id.in_(item_ids), OutboxItem.state == OutboxState.DEAD.value)
+            .order_by(OutboxItem.id)
+        ).all()
+        return {int(i): int(st) for i, st in rows}
 
 
 # -- status and audit log ------------------------------------------------------------------
@@ -381,6 +464,20 @@ class ErrorLine:
 
 
 @dataclass(frozen=True)
+class ReportFailureLine:
+    """A study whose SR could not be built: ids and the redacted reason, no patient data."""
+
+    id: int  # the failure's row
+    study_id: int  # the study's row
+    study: str | None  # the study UID hashed as the log's report_failed events show it
+    state: str  # "retry" | "dead"
+    attempts: int
+    at: datetime  # the last failure
+    next_attempt_at: datetime | None
+    reason: str | None
+
+
+@dataclass(frozen=True)
 class StatusSummary:
     screened_last_hour: int
     screened_last_day: int
@@ -390,9 +487,30 @@ class StatusSummary:
     model_version: str | None
     threshold: float | None
     flagged_by_status: dict[str, int]
+    reports_dead: int = 0  # studies whose SR was given up (`strnet jobs retry --dead` replays them)
+    reports_retrying: int = 0  # studies whose SR failed and waits for its next attempt
+    report_failures: list[ReportFailureLine] = field(default_factory=list)  # the latest failing
 
 
-def status_summary(db: Database, limit: int = 20) -> StatusSummary:
+def _report_failures(s: Any, limit: int) -> tuple[int, int, list[ReportFailureLine]]:
+    """(given up, waiting for a retry, the latest ``limit`` failing studies)."""
+    by_state = dict(s.execute(select(StudyReportFailure.state, func.count()).group_by(StudyReportFailure.state)).all())
+    rows = s.execute(
+        select(StudyReportFailure, Study.study_instance_uid)
+        .join(Study, Study.id == StudyReportFailure.study_id)
+        .order_by(StudyReportFailure.updated_at.desc(), StudyReportFailure.id.desc())
+        .limit(limit)
+    ).all()
+    lines = [
+        ReportFailureLine(
+            f.id, f.study_id, hash_uid(uid), f.state, f.attempts, f.updated_at, f.next_attempt_at, f.last_error
+        )
+        for f, uid in rows
+    ]
+    return int(by_state.get(REPORT_DEAD, 0)), int(by_state.get(REPORT_RETRY, 0)), lines
+
+
+def status_summary(db: Database, limit: int = 20, report_failures: int = 5) -> StatusSummary:
     now = utcnow()
     hour, day = now - timedelta(hours=1), now - timedelta(days=1)
     with db.reading() as s:
@@ -425,6 +543,7 @@ def status_summary(db: Database, limit: int = 20) -> StatusSummary:
         errors.sort(key=lambda e: e.at, reverse=True)
         last = s.execute(select(Result.model_version, Result.threshold).order_by(Result.id.desc()).limit(1)).first()
         by_status = dict(s.execute(select(FlaggedPatient.status, func.count()).group_by(FlaggedPatient.status)).all())
+        reports_dead, reports_retrying, failing = _report_failures(s, report_failures)
     return StatusSummary(
         screened_h,
         screened_d,
@@ -434,6 +553,9 @@ def status_summary(db: Database, limit: int = 20) -> StatusSummary:
         last[0] if last else None,
         float(last[1]) if last else None,
         {st: int(by_status.get(st, 0)) for st in FOLLOW_UP_STATUSES},
+        reports_dead=reports_dead,
+        reports_retrying=reports_retrying,
+        report_failures=failing,
     )
 
 
@@ -445,6 +567,12 @@ def flagged_count(db: Database) -> int:
 def verify_chain(db: Database) -> trail.ChainReport:
     with db.reading() as s:
         return trail.verify(s)
+
+
+# PS3.15 EventActionCode and EventOutcomeIndicator, as the audit log names them
+AUDIT_ACTIONS = {"C": "Create", "R": "Read", "U": "Update", "D": "Delete", "E": "Execute"}
+AUDIT_OUTCOMES = {0: "Success", 4: "Minor failure", 8: "Serious failure", 12: "Major failure"}
+_EVENT_NAMES = {code: name for code, name in trail.EVENTS.values()}
 
 
 @dataclass(frozen=True)
@@ -460,12 +588,61 @@ class AuditLine:
     object_id: str | None
     detail: dict[str, Any] | None
 
+    @property
+    def event_label(self) -> str:
+        """The PS3.15 name of the event code (the stored name for a code the trail no longer emits)."""
+        return _EVENT_NAMES.get(self.event_code, self.event_name)
 
-def audit_page(db: Database, page: int = 1, per_page: int = 50) -> tuple[list[AuditLine], int]:
+    @property
+    def action_name(self) -> str:
+        return AUDIT_ACTIONS.get(self.action, "")
+
+    @property
+    def outcome_name(self) -> str:
+        return AUDIT_OUTCOMES.get(self.outcome, "")
+
+    @property
+    def detail_text(self) -> str:
+        """The detail as JSON people can read: Unicode as it is (the page escapes it for HTML)."""
+        if not self.detail:
+            return ""
+        return json.dumps(self.detail, ensure_ascii=False, sort_keys=True, default=str)
+
+
+@dataclass(frozen=True)
+class AuditFilter:
+    kind: str | None = None  # a short name of trail.EVENTS
+    actor: str | None = None  # exact
+    date_from: date | None = None  # UTC, inclusive
+    date_to: date | None = None  # UTC, inclusive
+
+    def as_detail(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "actor": self.actor,
+            "date_from": self.date_from.isoformat() if self.date_from else None,
+            "date_to": self.date_to.isoformat() if self.date_to else None,
+        }
+
+
+def audit_page(
+    db: Database, f: AuditFilter | None = None, page: int = 1, per_page: int = 50
+) -> tuple[list[AuditLine], int]:
+    """One page of the audit events matching ``f``, newest first, and their total."""
+    f = f or AuditFilter()
+    q = select(AuditEvent)
+    if f.kind:
+        q = q.where(AuditEvent.event_code == trail.EVENTS[f.kind][0])
+    if f.actor:
+        q = q.where(AuditEvent.actor == f.actor)
+    if f.date_from:
+        q = q.where(AuditEvent.at >= datetime.combine(f.date_from, time.min))
+    if f.date_to:
+        q = q.where(AuditEvent.at < datetime.combine(f.date_to + timedelta(days=1), time.min))
     with db.reading() as s:
-        total = int(s.execute(select(func.count()).select_from(AuditEvent)).scalar_one())
+        total = int(s.execute(select(func.count()).select_from(q.subquery())).scalar_one())
         rows = s.execute(
-            select(AuditEvent).order_by(AuditEvent.id.desc()).limit(per_page).offset((max(1, page) - 1) * per_page)
+            q.order_by(AuditEvent.id.desc()).limit(per_page).offset((max(1, page) - 1) * per_page)
         ).scalars()
         return [
             AuditLine(

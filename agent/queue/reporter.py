@@ -4,10 +4,16 @@ The scheduler's study-completion sweep calls ``report_ready_studies``; each SR i
 helper process (``reporting.build_processes``, agent/reporting/builder.py), written to the results
 folder and recorded with its outbox rows in one commit. A study an association is still bringing
 waits for it (``study_arriving``: the composition root passes the SCP's association tracker).
+
+Each study is built on its own: whatever its SR build raises is recorded against that study
+(``screening.record_report_failure``: tried again with backoff, given up after
+``screening.SR_MAX_ATTEMPTS``), logged as ``report_failed`` with a redacted reason, and the sweep
+goes on to the next study.
 """
 
 from __future__ import annotations
 
+import random
 import threading
 import time
 from collections.abc import Callable
@@ -17,7 +23,7 @@ from pydicom import dcmread
 from agent.config import Settings
 from agent.db.engine import Database
 from agent.domain import Findings, ServedModel
-from agent.errors import HelperClosed, ProcessingError
+from agent.errors import HelperClosed, StorageError
 from agent.logging import get_logger
 from agent.queue import screening
 from agent.queue.outbox import write_object
@@ -32,7 +38,8 @@ class StudyReporter:
 
     ``served_model``: the model the worker screens with now (the SR names its algorithm and the
     T-score interval's coverage); ``study_arriving(study_instance_uid)``: True while an association
-    that brought instances of the study is still open, so more may come.
+    that brought instances of the study is still open, so more may come; ``jitter()`` in [0, 1)
+    spreads the retries of failed SR builds.
     """
 
     def __init__(
@@ -44,6 +51,7 @@ class StudyReporter:
         served_model: Callable[[], ServedModel],
         study_arriving: Callable[[str], bool] | None = None,
         on_outbox: Callable[[], object] | None = None,
+        jitter: Callable[[], float] = random.random,
     ) -> None:
         self.settings = settings
         self.db = db
@@ -54,8 +62,10 @@ class StudyReporter:
         self.destinations = [p.name for p in settings.pacs]
         # called after each commit that queued objects for PACS (wakes the sender at once)
         self.on_outbox = on_outbox
+        self.jitter = jitter
         self.report_builder = ReportBuilder(settings.reporting.build_processes)
         self.reports = 0  # SRs recorded
+        self.failures = 0  # SR builds that failed (each counted against its study)
         self._stop = threading.Event()
 
     def warm_up(self) -> None:
@@ -84,9 +94,39 @@ class StudyReporter:
                 built += self._report(ready)
             except HelperClosed:
                 break  # stopped meanwhile: the next start reports it
-            except (ProcessingError, ValueError, TypeError, OSError) as exc:
-                log.error("report_failed", study_instance_uid=ready.study_instance_uid, error=str(exc))
+            except Exception as exc:  # noqa: BLE001 - one study's failure, whatever it is, must not hold up the next
+                if self._stop.is_set():
+                    break  # the helper was stopped under the build: not the study's fault
+                self._failed(ready, exc)
         return built
+
+    def _failed(self, ready: screening.ReadyStudy, exc: Exception) -> None:
+        """Count the failure against this study (retried later, or given up) and log it once."""
+        self.failures += 1
+        reason = screening.report_failure_reason(exc)  # never str(exc): it may quote an element value
+        try:
+            failure = screening.record_report_failure(self.db, ready, reason, self.jitter())
+        except StorageError:
+            # the database is unavailable: the sweep ends here and the next one tries again
+            log.error(
+                "report_failed",
+                study_instance_uid=ready.study_instance_uid,
+                study_id=ready.study_id,
+                revision=ready.revision,
+                reason=reason,
+                recorded=False,
+            )
+            raise
+        log.error(
+            "report_failed",
+            study_instance_uid=ready.study_instance_uid,  # logged hashed (agent/logging.py)
+            study_id=ready.study_id,
+            revision=ready.revision,
+            reason=reason,
+            attempt=failure.attempts,
+            gave_up=failure.dead,
+            next_attempt_at=failure.next_attempt_at.isoformat() if failure.next_attempt_at else None,
+        )
 
     def _report(self, ready: screening.ReadyStudy) -> int:
         t0 = time.perf_counter()

@@ -1,22 +1,44 @@
-"""Rows written when an image is screened or a study's report is built, each in one commit."""
+"""Rows written when an image is screened or a study's report is built, each in one commit.
+
+A study whose SR cannot be built is recorded against that study alone (``record_report_failure``):
+retried with backoff, given up after ``SR_MAX_ATTEMPTS`` (audited, on the status page) and replayed
+by an operator (``replay_failed_reports``); it never holds up another study's SR.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
-from sqlalchemy import func, select
+from sqlalchemy import and_, delete, func, or_, select, update
 
 from agent.audit import trail
 from agent.clock import utcnow
 from agent.db import registry
 from agent.db.engine import Database
-from agent.db.models import Instance, Job, Result, Study, StudyReport
+from agent.db.models import (
+    REPORT_DEAD,
+    REPORT_RETRY,
+    Instance,
+    Job,
+    Result,
+    Study,
+    StudyReport,
+    StudyReportFailure,
+)
 from agent.domain import AlgorithmInfo, Findings, JobState, ServedModel
+from agent.errors import BuildError
 from agent.queue import outbox
 from agent.queue.outbox import OutgoingObject
 
 TERMINAL = (JobState.DONE.value, JobState.SKIPPED.value, JobState.DEAD.value)
+
+# A study's SR that fails to build is tried again after SR_RETRY_BASE_S doubling up to
+# SR_RETRY_MAX_S (times a jitter factor in [0.5, 1.5)), and given up after SR_MAX_ATTEMPTS builds:
+# about an hour of tries, then an operator's `strnet jobs retry --dead`.
+SR_MAX_ATTEMPTS = 8
+SR_RETRY_BASE_S = 30.0
+SR_RETRY_MAX_S = 3600.0
 
 
 def store_findings(result: Result, findings: Findings) -> None:
@@ -103,11 +125,17 @@ class ReadyStudy:
     predecessor_id: int | None
     spool_paths: list[str]  # screened instances, for the SR's evidence
     result_count: int
+    last_received_at: datetime | None = None  # the study's last receipt when it was found ready
+    failed_attempts: int | None = None  # SR builds failed so far (None: no failure recorded)
 
 
 def ready_studies(db: Database, quiet_period_s: float) -> list[ReadyStudy]:
-    """Studies quiet for the period, with every job terminal and results not yet reported."""
-    cutoff = utcnow() - timedelta(seconds=quiet_period_s)
+    """Studies quiet for the period, with every job terminal and results not yet reported.
+
+    A study whose SR failed waits for its next attempt; one given up waits for an operator's
+    replay. Either comes back at once when an instance of it arrived after the failure."""
+    now = utcnow()
+    cutoff = now - timedelta(seconds=quiet_period_s)
     out: list[ReadyStudy] = []
     # Only studies with more results than their latest report covers: the sweep runs every few
     # seconds and must not walk every study ever screened (its cost would grow with the history).
@@ -118,11 +146,25 @@ def ready_studies(db: Database, quiet_period_s: float) -> list[ReadyStudy]:
         .correlate(Study)
         .scalar_subquery()
     )
+    failure = StudyReportFailure
+    due = or_(
+        failure.id.is_(None),
+        failure.study_received_at < Study.last_received_at,  # arrived since: it may fix the cause
+        and_(
+            failure.state == REPORT_RETRY,
+            or_(failure.next_attempt_at.is_(None), failure.next_attempt_at <= now),
+        ),
+    )
     with db.reading() as s:
-        candidates = (
-            s.execute(select(Study).where(Study.last_received_at <= cutoff).where(n_results > reported)).scalars().all()
-        )
-        for study in candidates:
+        candidates = s.execute(
+            select(Study, failure.attempts)
+            .outerjoin(failure, failure.study_id == Study.id)
+            .where(Study.last_received_at <= cutoff)
+            .where(n_results > reported)
+            .where(due)
+            .order_by(Study.id)  # oldest first, each on its own
+        ).all()
+        for study, failed_attempts in candidates:
             pending = s.execute(
                 select(func.count())
                 .select_from(Job)
@@ -157,6 +199,8 @@ def ready_studies(db: Database, quiet_period_s: float) -> list[ReadyStudy]:
                     predecessor_id=last.id if last else None,
                     spool_paths=[p for _, p in results],
                     result_count=len(results),
+                    last_received_at=study.last_received_at,
+                    failed_attempts=failed_attempts,
                 )
             )
     return out
@@ -177,8 +221,11 @@ def study_findings(db: Database, study_id: int) -> list[tuple[str, Result]]:
 def record_report(
     db: Database, ready: ReadyStudy, sr: OutgoingObject, series_uid: str, destinations: list[str], send: bool
 ) -> bool:
-    """The report row and its outbox rows; False when this revision was recorded already."""
+    """The report row and its outbox rows; False when this revision was recorded already.
+    A failure recorded for the study's SR is cleared."""
     with db.transaction() as s:
+        if ready.failed_attempts is not None:
+            s.execute(delete(StudyReportFailure).where(StudyReportFailure.study_id == ready.study_id))
         exists = s.execute(
             select(StudyReport.id).where(StudyReport.study_id == ready.study_id, StudyReport.revision == ready.revision)
         ).first()
@@ -206,3 +253,88 @@ def record_report(
             detail={"study_id": ready.study_id, "revision": ready.revision},
         )
         return True
+
+
+def report_failure_reason(exc: BaseException) -> str:
+    """Why an SR build failed, without any element value (PHI): a BuildError's text, already made
+    by ``agent.errors.reason_of`` where the build failed; any other error (raised in the sweep
+    itself, where a message may hold an unquoted value) only by its class and a fixed text."""
+    if isinstance(exc, BuildError):
+        return str(exc)
+    return f"{exc.__class__.__name__}: the SR could not be built"
+
+
+@dataclass(frozen=True)
+class ReportFailure:
+    attempts: int  # failed builds of the study's SR so far (a later instance starts them afresh)
+    dead: bool  # given up: waits for an operator's replay
+    next_attempt_at: datetime | None  # when the sweep tries again (None when given up)
+
+
+def record_report_failure(
+    db: Database,
+    ready: ReadyStudy,
+    reason: str,
+    jitter: float,
+    max_attempts: int = SR_MAX_ATTEMPTS,
+    base_s: float = SR_RETRY_BASE_S,
+    max_s: float = SR_RETRY_MAX_S,
+) -> ReportFailure:
+    """Count a failed SR build against this study alone: tried again after a backoff, given up
+    (and audited) at the ``max_attempts``-th. ``reason`` must hold no element value (``report_failure_reason``);
+    ``jitter`` in [0, 1) spreads the retries."""
+    now = utcnow()
+    with db.transaction() as s:
+        received = ready.last_received_at
+        if received is None:
+            study = s.get(Study, ready.study_id)
+            assert study is not None
+            received = study.last_received_at
+        row = s.execute(
+            select(StudyReportFailure).where(StudyReportFailure.study_id == ready.study_id)
+        ).scalar_one_or_none()
+        if row is None:
+            row = StudyReportFailure(study_id=ready.study_id, attempts=0, created_at=now)
+            s.add(row)
+        elif row.study_received_at < received:
+            row.attempts = 0  # an instance arrived since the last failure: it may have fixed the cause
+        row.attempts += 1
+        row.study_received_at = received
+        row.last_error = reason
+        row.updated_at = now
+        dead = row.attempts >= max_attempts
+        if dead:
+            row.state = REPORT_DEAD
+            row.next_attempt_at = None
+            trail.append(
+                s,
+                "application_activity",
+                actor="strnet-worker",
+                action="E",
+                outcome=8,  # serious failure: the study gets no SR until an operator replays it
+                object_type="study",
+                object_id=str(ready.study_id),
+                detail={
+                    "change": "report_dead",
+                    "revision": ready.revision,
+                    "attempts": row.attempts,
+                    "reason": reason,
+                },
+            )
+        else:
+            row.state = REPORT_RETRY
+            row.next_attempt_at = outbox.next_attempt(row.attempts, base_s, max_s, jitter)
+        return ReportFailure(row.attempts, dead, row.next_attempt_at)
+
+
+def replay_failed_reports(db: Database, study_ids: list[int] | None = None) -> int:
+    """SRs given up (of these studies in any failed state, or every one given up) are due again at
+    the next sweep, with a fresh attempt count; the last reason stays until a build succeeds."""
+    with db.transaction() as s:
+        q = update(StudyReportFailure)
+        if study_ids is None:
+            q = q.where(StudyReportFailure.state == REPORT_DEAD)
+        else:
+            q = q.where(StudyReportFailure.study_id.in_(study_ids))
+        res = s.execute(q.values(state=REPORT_RETRY, attempts=0, next_attempt_at=None, updated_at=utcnow()))
+        return res.rowcount  # type: ignore[attr-defined]

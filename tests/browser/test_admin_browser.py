@@ -1,7 +1,8 @@
 """The admin web in Debian's Chromium, driven by Playwright (never `playwright install`).
 
 A coordinator logs in, filters the worklist, opens a patient, sees the overlay, records DXA
-ordered, exports CSV and logs out, against a live uvicorn over real screening data.
+ordered, exports CSV and logs out, against a live uvicorn over real screening data. The layout
+holds with a 120-character name and a 64-character patient ID in a 1280 px window.
 Set STRNET_SCREENSHOTS=1 to refresh docs/images/worklist.png and patient.png from this run.
 """
 
@@ -18,6 +19,7 @@ import pytest
 from conftest import free_port
 from web_seed import PASSWORDS, SCRIPT_NAME, Seeded, phi_strings, screened_agent
 
+from agent.db.models import FlaggedPatient
 from agent.web.app import create_app
 from agent.web.server import WebServer
 
@@ -141,7 +143,8 @@ def test_coordinator_works_a_patient_through_the_browser(
         download = info.value
         name = download.suggested_filename
         assert name.startswith("strnet-flagged-") and name.endswith(".csv")
-        with open(download.path(), newline="", encoding="utf-8") as f:
+        assert Path(download.path()).read_bytes()[:3] == b"\xef\xbb\xbf"  # the BOM: Excel reads UTF-8
+        with open(download.path(), newline="", encoding="utf-8-sig") as f:
             rows = list(csv.DictReader(f))
         assert len(rows) == 1
         assert rows[0]["patient_id"] == "WEBP-0001" and rows[0]["patient_name"] == "Doe^Jane"
@@ -161,3 +164,66 @@ def test_coordinator_works_a_patient_through_the_browser(
     for url in urls:  # no patient identifier in any URL the browser asked for
         for secret in [*phi_strings(), *seeded.study_uids, "WEBP"]:
             assert secret not in url, url
+
+
+LONG_NAME = "Wolfeschlegelsteinhausenbergerdorff-Featherstonehaugh^Maria-Magdalena-Hildegard^" + "X" * 40
+LONG_ID = "ID" + "7" * 62  # the longest PatientID (LO, 64 characters), without a space to break at
+
+
+def test_the_worklist_fits_a_1280_px_window_with_a_120_character_name(
+    live: tuple[str, Seeded], browser: Any, tmp_path: Path
+) -> None:
+    base, seeded = live
+    db = seeded.agent.db
+    assert len(LONG_NAME) == 120
+    with db.reading() as s:
+        row = s.query(FlaggedPatient).filter(FlaggedPatient.patient_id == "WEBP-0003").one()
+        saved = (row.id, row.patient_name, row.patient_id)
+    with db.transaction() as s:
+        s.query(FlaggedPatient).filter(FlaggedPatient.id == saved[0]).update(
+            {"patient_name": LONG_NAME, "patient_id": LONG_ID}
+        )
+    context = browser.new_context(viewport={"width": 1280, "height": 860})
+    page = context.new_page()
+    try:
+        page.goto(f"{base}/login")
+        page.fill("#username", "vera")
+        page.fill("#password", PASSWORDS["vera"][1])
+        page.click("#login")
+        page.wait_for_url(f"{base}/flagged")
+        shown = LONG_NAME.replace("^", " ")
+        assert page.locator("a.patient", has_text=shown[:40]).count() == 1
+        widths = page.evaluate(
+            """() => ({
+                table: document.querySelector('#worklist').scrollWidth,
+                tableBox: document.querySelector('#worklist').getBoundingClientRect().right,
+                page: document.documentElement.scrollWidth,
+                window: document.documentElement.clientWidth,
+            })"""
+        )
+        assert widths["window"] <= 1280
+        assert widths["page"] <= widths["window"], widths  # no sideways scrolling
+        assert widths["table"] <= widths["window"] and widths["tableBox"] <= widths["window"], widths
+        # the sorted column shows its direction (default: last flagged, newest first)
+        sorted_th = page.locator("#worklist th[aria-sort]")
+        assert sorted_th.count() == 1 and sorted_th.get_attribute("aria-sort") == "descending"
+        assert "▼" in sorted_th.inner_text()
+        page.click("#sort-probability")
+        page.wait_for_url(lambda url: "sort=probability" in url)
+        sorted_th = page.locator("#worklist th[aria-sort]")
+        assert sorted_th.get_attribute("aria-sort") == "descending" and "Probability" in sorted_th.inner_text()
+        page.click("#sort-probability")
+        page.wait_for_url(lambda url: "order=asc" in url)
+        assert "▲" in page.locator("#worklist th[aria-sort]").inner_text()
+        page.screenshot(path=str(tmp_path / "worklist-long-name.png"), full_page=True)  # to look at, not for docs
+        # the patient page too: the name and the ID wrap, the page does not scroll sideways
+        page.click("a.patient:has-text('Wolfeschlegel')")
+        page.wait_for_url(f"{base}/patients/*")
+        page.wait_for_function("() => [...document.images].every(i => i.complete)")
+        assert page.evaluate("() => document.documentElement.scrollWidth <= document.documentElement.clientWidth")
+    finally:
+        context.close()
+        with db.transaction() as s:
+            s.query(FlaggedPatient).filter(FlaggedPatient.id == saved[0]).update(
+                {"patient_name": saved[1], "patient_id": saved[2]}
+            )

@@ -2,17 +2,35 @@
 
 from __future__ import annotations
 
+import re
+from datetime import date
+from urllib.parse import urlencode
+
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import RedirectResponse
 
+from agent.audit.trail import EVENTS
 from agent.db import worklist
-from agent.db.worklist import record_access
+from agent.db.engine import Database
+from agent.db.users import SessionView
+from agent.db.worklist import AuditFilter, record_access, shown_number
 from agent.domain import OUTBOX_BACKLOG
-from agent.queue import outbox, store
+from agent.queue import outbox, screening, store
 from agent.web.auth import AdminSession, AnySession, AuditorSession, check_csrf
 from agent.web.render import render
 
 router = APIRouter()
+DEAD_PER_PAGE = 25  # at most; fewer where the form-field limit is lower (dead_letters_per_page)
+AUDIT_PER_PAGE = 50
+_DONE = ("replayed", "discarded", "gone")
+_ROW_ID = re.compile(r"[0-9]{1,18}")  # a row id SQLite can hold
+
+
+def _page_number(request: Request) -> int:
+    try:
+        return max(1, int(request.query_params.get("page") or 1))
+    except ValueError:
+        return 1
 
 
 @router.get("/performance")
@@ -21,12 +39,68 @@ def performance(request: Request, sess: AnySession) -> Response:
     return render(request, "performance.html", {"perf": perf})
 
 
+# -- dead letters --------------------------------------------------------------------------
+def dead_letters_per_page(request: Request) -> int:
+    """Dead letters per page: DEAD_PER_PAGE, or fewer, so that "Replay selected" with every row of
+    a page ticked stays within ``web.max_form_fields`` (one field per ticked row, plus the CSRF
+    token, the button and the list of rows shown)."""
+    return max(1, min(DEAD_PER_PAGE, request.app.state.ctx.max_form_fields - 3))
+
+
+def _dead_letters_page(
+    request: Request, page: int, done: str | None = None, error: str | None = None, status_code: int = 200
+) -> Response:
+    db = request.app.state.ctx.db
+    per_page = dead_letters_per_page(request)
+    items, total, page = worklist.dead_letters(db, page, per_page)
+    pages = max(1, -(-total // per_page))
+    try:
+        replayed = int(request.query_params.get("n") or 0)
+    except ValueError:
+        replayed = 0
+    return render(
+        request,
+        "dead_letters.html",
+        {
+            "items": items,
+            "total": total,
+            "page": page,
+            "pages": pages,
+            "done": done if done in _DONE else None,
+            "replayed": replayed,
+            "error": error,
+        },
+        status_code,
+    )
+
+
 @router.get("/dead-letters")
 def dead_letters(request: Request, sess: AdminSession) -> Response:
-    db = request.app.state.ctx.db
-    return render(
-        request, "dead_letters.html", {"items": worklist.dead_letters(db), "done": request.query_params.get("done")}
-    )
+    return _dead_letters_page(request, _page_number(request), request.query_params.get("done"))
+
+
+def _replay_studies(db: Database, sess: SessionView, items: dict[int, int], scope: str) -> int:
+    """Replay the studies of these dead letters ({item id: study id}), one study at a time, each
+    audited as a single replay is (the first of its items named); the number of rows replayed."""
+    replayed = 0
+    seen: set[int] = set()
+    for item_id, study_id in items.items():
+        if study_id in seen:
+            continue
+        seen.add(study_id)
+        n = outbox.replay_dead(db, [study_id])  # every dead letter of that study goes back together
+        screening.replay_failed_reports(db, [study_id])  # and its SR, if its build was given up
+        replayed += n
+        record_access(
+            db,
+            "application_activity",
+            actor=sess.user.username,
+            action="U",
+            object_type="outbox_item",
+            object_id=str(item_id),
+            detail={"change": "dead_letters_replayed", "study_id": study_id, "items": n, "scope": scope},
+        )
+    return replayed
 
 
 @router.post("/dead-letters/{item_id}/replay")
@@ -36,18 +110,31 @@ async def replay(item_id: int, request: Request, sess: AdminSession) -> Response
     study_id = worklist.dead_letter_study(db, item_id)
     if study_id is None:
         return RedirectResponse("/dead-letters?done=gone", status_code=303)
-    n = outbox.replay_dead(db, [study_id])  # every dead letter of that study goes back together
-    record_access(
-        db,
-        "application_activity",
-        actor=sess.user.username,
-        action="U",
-        object_type="outbox_item",
-        object_id=str(item_id),
-        detail={"change": "dead_letters_replayed", "study_id": study_id, "items": n},
-    )
+    n = _replay_studies(db, sess, {item_id: study_id}, "one")
     request.app.state.on_replay()
-    return RedirectResponse("/dead-letters?done=replayed", status_code=303)
+    return RedirectResponse(f"/dead-letters?done=replayed&n={n}", status_code=303)
+
+
+@router.post("/dead-letters/bulk-replay")
+async def replay_many(request: Request, sess: AdminSession) -> Response:
+    """Replay the ticked rows ("Replay selected") or every row of the page ("Replay all shown")."""
+    await check_csrf(request, sess)
+    form = await request.form()  # as check_csrf read it (Starlette keeps it): the repeated fields
+    if form.get("scope") == "shown":  # the page's rows, as it showed them: "12,13,14"
+        field, values = "shown", str(form.get("shown") or "").split(",")
+    else:
+        field, values = "selected", [v for v in form.getlist("item") if isinstance(v, str)]
+    ids = [int(v) for v in values[:DEAD_PER_PAGE] if _ROW_ID.fullmatch(v.strip())]
+    if not ids:
+        error = "Tick the dead letters to replay, or use Replay all shown."
+        return _dead_letters_page(request, 1, error=error, status_code=400)
+    db = request.app.state.ctx.db
+    found = worklist.dead_letter_studies(db, ids)
+    if not found:
+        return RedirectResponse("/dead-letters?done=gone", status_code=303)
+    n = _replay_studies(db, sess, found, field)
+    request.app.state.on_replay()
+    return RedirectResponse(f"/dead-letters?done=replayed&n={n}", status_code=303)
 
 
 @router.post("/dead-letters/{item_id}/discard")
@@ -56,16 +143,13 @@ async def discard(item_id: int, request: Request, sess: AdminSession) -> Respons
     reason = form.get("reason", "").strip()[:500]
     db = request.app.state.ctx.db
     if not reason:
-        return render(
-            request,
-            "dead_letters.html",
-            {"items": worklist.dead_letters(db), "done": None, "error": "Give a reason for discarding."},
-            400,
-        )
+        error = "Give a reason for discarding."
+        return _dead_letters_page(request, _page_number(request), error=error, status_code=400)
     ok = outbox.discard_dead(db, item_id, sess.user.username, reason)
     return RedirectResponse(f"/dead-letters?done={'discarded' if ok else 'gone'}", status_code=303)
 
 
+# -- status --------------------------------------------------------------------------------
 @router.get("/status")
 def status(request: Request, sess: AnySession) -> Response:
     db = request.app.state.ctx.db
@@ -83,19 +167,65 @@ def status(request: Request, sess: AnySession) -> Response:
             "s": summary,
             "chain": chain,
             "model": request.app.state.model_info(),
+            "num": shown_number,
         },
     )
+
+
+# -- audit log -----------------------------------------------------------------------------
+class _BadAuditFilter(ValueError):
+    pass
+
+
+def _audit_filter(request: Request) -> AuditFilter:
+    q = request.query_params
+    kind = q.get("kind", "").strip() or None
+    if kind is not None and kind not in EVENTS:
+        raise _BadAuditFilter("event")
+    actor = q.get("actor", "").strip()[:128] or None
+    try:
+        date_from = date.fromisoformat(q["date_from"]) if q.get("date_from", "").strip() else None
+        date_to = date.fromisoformat(q["date_to"]) if q.get("date_to", "").strip() else None
+    except ValueError:
+        raise _BadAuditFilter("date") from None
+    return AuditFilter(kind, actor, date_from, date_to)
+
+
+def _audit_query(f: AuditFilter, page: int) -> str:
+    params = {
+        "kind": f.kind or "",
+        "actor": f.actor or "",
+        "date_from": f.date_from.isoformat() if f.date_from else "",
+        "date_to": f.date_to.isoformat() if f.date_to else "",
+        "page": page,
+    }
+    return urlencode({k: v for k, v in params.items() if v != ""})
 
 
 @router.get("/audit")
 def audit(request: Request, sess: AuditorSession) -> Response:
     db = request.app.state.ctx.db
     try:
-        page = max(1, int(request.query_params.get("page") or 1))
-    except ValueError:
-        page = 1
-    per_page = 50
-    rows, total = worklist.audit_page(db, page, per_page)
-    record_access(db, "query", actor=sess.user.username, object_type="audit_log", detail={"page": page})
-    pages = max(1, (total + per_page - 1) // per_page)
-    return render(request, "audit.html", {"rows": rows, "total": total, "page": page, "pages": pages})
+        f = _audit_filter(request)
+    except _BadAuditFilter as exc:
+        return render(request, "error.html", {"title": "Bad filter", "message": f"Check the {exc} field."}, 400)
+    page = _page_number(request)
+    rows, total = worklist.audit_page(db, f, page, AUDIT_PER_PAGE)
+    record_access(
+        db, "query", actor=sess.user.username, object_type="audit_log", detail={**f.as_detail(), "page": page}
+    )
+    pages = max(1, -(-total // AUDIT_PER_PAGE))
+    return render(
+        request,
+        "audit.html",
+        {
+            "rows": rows,
+            "total": total,
+            "page": page,
+            "pages": pages,
+            "f": f,
+            "events": {kind: f"{name} ({code})" for kind, (code, name) in EVENTS.items()},
+            "prev_q": _audit_query(f, page - 1) if page > 1 else None,
+            "next_q": _audit_query(f, page + 1) if page < pages else None,
+        },
+    )

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import io
+from collections.abc import Mapping
 from datetime import date
 from pathlib import Path
 from urllib.parse import urlencode
@@ -18,13 +19,33 @@ from agent.clock import utcnow
 from agent.db import worklist
 from agent.db.registry import FOLLOW_UP_STATUSES, spreadsheet_cell
 from agent.db.users import SessionView
-from agent.db.worklist import FOLLOW_UP_ACTIONS, SEVERITIES, SORTS, FlaggedFilter, record_access
+from agent.db.worklist import (
+    ACTION_LABELS,
+    SEVERITIES,
+    SORTS,
+    FlaggedFilter,
+    FollowUpInvalid,
+    record_access,
+    shown_number,
+    shown_probability,
+)
+from agent.dicom_values import format_da
 from agent.web import images
 from agent.web.auth import PhiSession, check_csrf
 from agent.web.render import render
 
 router = APIRouter()
 PER_PAGE = 25
+# the patient page's overlay: a JPEG the browser may keep for this long, for this user only
+OVERLAY_MAX_AGE_S = 600
+SORT_LABELS = {
+    "name": "Patient",
+    "probability": "Probability",
+    "t_score": "Est. T-score",
+    "study_date": "Last study",
+    "flagged": "Flagged (UTC)",
+    "status": "Follow-up",
+}
 
 
 class BadFilter(ValueError):
@@ -114,6 +135,8 @@ def flagged(request: Request, sess: PhiSession) -> Response:
             "sort_q": {
                 k: _query(f, sort=k, order="asc" if f.sort == k and f.descending else "desc", page=1) for k in SORTS
             },
+            "sort_labels": SORT_LABELS,
+            "prob": shown_probability,
         },
     )
 
@@ -136,6 +159,9 @@ CSV_FIELDS = (
 
 @router.get("/flagged/export.csv")
 def export_csv(request: Request, sess: PhiSession) -> Response:
+    """The filtered rows as CSV for a spreadsheet: UTF-8 with a byte order mark (without it Excel
+    reads the file as the local code page and garbles CJK, Arabic or emoji names), dates as
+    YYYY-MM-DD, and text that a spreadsheet would run as a formula neutralised."""
     db = request.app.state.ctx.db
     try:
         f = _parse_filter(request)
@@ -143,18 +169,22 @@ def export_csv(request: Request, sess: PhiSession) -> Response:
         return Response("bad filter", status_code=400, media_type="text/plain")
     rows, total = worklist.flagged_page(db, f, paginate=False)
     buf = io.StringIO()
+    buf.write("\ufeff")
     w = csv.writer(buf)
     w.writerow(CSV_FIELDS)
     for r in rows:
         w.writerow(
             [
                 r.id,
-                *(spreadsheet_cell(v) for v in (r.patient_id, r.patient_name, r.patient_birth_date, r.patient_sex)),
+                *(
+                    spreadsheet_cell(v)
+                    for v in (r.patient_id, r.patient_name, format_da(r.patient_birth_date), r.patient_sex)
+                ),
                 r.status,
                 r.severity,
                 round(r.probability, 4),
                 round(r.t_score, 2),
-                r.last_study_date,
+                spreadsheet_cell(format_da(r.last_study_date)),
                 r.first_flagged_at.isoformat(timespec="seconds"),
                 r.last_flagged_at.isoformat(timespec="seconds"),
             ]
@@ -168,15 +198,23 @@ def export_csv(request: Request, sess: PhiSession) -> Response:
     )
     name = f"strnet-flagged-{utcnow():%Y%m%d-%H%M}.csv"
     return Response(
-        buf.getvalue(),
+        buf.getvalue().encode("utf-8"),
         media_type="text/csv; charset=utf-8",
         headers={"Content-Disposition": f'attachment; filename="{name}"'},
     )
 
 
 def _patient_page(
-    request: Request, sess: SessionView, flagged_id: int, error: str | None = None, status_code: int = 200
+    request: Request,
+    sess: SessionView,
+    flagged_id: int,
+    *,
+    form: Mapping[str, str] | None = None,
+    errors: Mapping[str, str] | None = None,
+    status_code: int = 200,
 ) -> Response:
+    """The patient page; after a refused follow-up, ``form`` (what was submitted) fills the form
+    again and ``errors`` ({field: message}) are shown beside their fields."""
     db = request.app.state.ctx.db
     detail = worklist.patient_detail(db, flagged_id)
     if detail is None:
@@ -192,7 +230,15 @@ def _patient_page(
     return render(
         request,
         "patient.html",
-        {"d": detail, "p": detail.patient, "actions": FOLLOW_UP_ACTIONS, "error": error},
+        {
+            "d": detail,
+            "p": detail.patient,
+            "actions": ACTION_LABELS,
+            "form": dict(form or {}),
+            "errors": dict(errors or {}),
+            "prob": shown_probability,
+            "num": shown_number,
+        },
         status_code,
     )
 
@@ -219,16 +265,16 @@ def patient_trend(flagged_id: int, request: Request, sess: PhiSession) -> Respon
     return Response(images.trend_png(points, points[-1].threshold), media_type="image/png")
 
 
-@router.get("/results/{result_id}/overlay.png")
-def overlay(result_id: int, request: Request, sess: PhiSession) -> Response:
+def _overlay_file(request: Request, sess: SessionView, result_id: int) -> Path | None:
+    """The stored overlay of a result (inside the results folder), its view audited; else None."""
     db = request.app.state.ctx.db
     found = worklist.overlay_of_result(db, result_id)
     root: Path = request.app.state.results_dir.resolve()
     if found is None:
-        return Response("not found", status_code=404, media_type="text/plain")
+        return None
     path = (root / found[0]).resolve()
     if not path.is_relative_to(root) or not path.is_file():
-        return Response("not found", status_code=404, media_type="text/plain")
+        return None
     record_access(
         db,
         "patient_record",
@@ -237,23 +283,53 @@ def overlay(result_id: int, request: Request, sess: PhiSession) -> Response:
         object_id=str(result_id),
         detail={"view": "overlay_image", "flagged_patient": found[1]},
     )
+    return path
+
+
+@router.get("/results/{result_id}/overlay.png")
+def overlay(result_id: int, request: Request, sess: PhiSession) -> Response:
+    """The overlay at its full stored size, lossless (opened from the patient page's link)."""
+    path = _overlay_file(request, sess, result_id)
+    if path is None:
+        return Response("not found", status_code=404, media_type="text/plain")
     return Response(images.sc_to_png(path), media_type="image/png")
+
+
+@router.get("/results/{result_id}/overlay.jpg")
+def overlay_jpeg(result_id: int, request: Request, sess: PhiSession) -> Response:
+    """The overlay the patient page shows: a downscaled JPEG, built once per stored file and kept
+    in a bounded cache; the browser may keep it privately (patient data: never ``public``)."""
+    path = _overlay_file(request, sess, result_id)
+    if path is None:
+        return Response("not found", status_code=404, media_type="text/plain")
+    return Response(
+        images.overlay_jpeg(path),
+        media_type="image/jpeg",
+        headers={"Cache-Control": f"private, max-age={OVERLAY_MAX_AGE_S}"},
+    )
 
 
 @router.post("/patients/{flagged_id}/follow-up")
 async def follow_up(flagged_id: int, request: Request, sess: PhiSession) -> Response:
     form = await check_csrf(request, sess)
-    action = form.get("action", "")
-    note = form.get("note", "").strip()[:2000] or None
-    raw_t = form.get("measured_t_score", "").strip()
+    submitted = {
+        "action": form.get("action", "")[:32],
+        "note": form.get("note", "").strip()[:2000],
+        "measured_t_score": form.get("measured_t_score", "").strip()[:32],
+    }
+    raw_t = submitted["measured_t_score"]
     try:
         measured = float(raw_t) if raw_t else None
     except ValueError:
-        return _patient_page(request, sess, flagged_id, "The measured T-score must be a number, e.g. -2.1.", 400)
+        errors = {"measured_t_score": "The measured T-score must be a number, e.g. -2.1."}
+        return _patient_page(request, sess, flagged_id, form=submitted, errors=errors, status_code=400)
+    db = request.app.state.ctx.db
     try:
-        ok = worklist.add_follow_up(request.app.state.ctx.db, flagged_id, sess.user.username, action, note, measured)
-    except ValueError as exc:
-        return _patient_page(request, sess, flagged_id, str(exc), 400)
+        ok = worklist.add_follow_up(
+            db, flagged_id, sess.user.username, submitted["action"], submitted["note"], measured
+        )
+    except FollowUpInvalid as exc:  # shown again as submitted, the message beside its field
+        return _patient_page(request, sess, flagged_id, form=submitted, errors={exc.field: str(exc)}, status_code=400)
     if not ok:
         return render(request, "error.html", {"title": "Not found", "message": "No such patient in the registry."}, 404)
     return RedirectResponse(f"/patients/{flagged_id}", status_code=303)
