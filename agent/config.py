@@ -271,8 +271,77 @@ class WebSection(_Section):
         None, description="Key that signs the login-form token; default: a random key kept in data_dir/web_secret."
     )
     idle_timeout_s: float = Field(900.0, gt=0, description="Idle time after which a web session is logged off.")
+    trusted_proxies: list[str] = Field(
+        default_factory=list,
+        description=(
+            "Addresses (or networks) of reverse proxies whose X-Forwarded-For and X-Forwarded-Proto headers are "
+            "believed: the audit trail and the login throttle then see the browser's address. Empty: those "
+            "headers are ignored, whoever sends them (set the proxy's address, e.g. 127.0.0.1, with "
+            "behind_tls_proxy; any local process can then claim an address)."
+        ),
+    )
+    request_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        le=3600,
+        description=(
+            "A request whose headers and body have not all arrived this long after its first byte (or after "
+            "the connection opened) is cut off, its connection closed."
+        ),
+    )
+    max_form_bytes: int = Field(
+        32768, ge=1024, description="Largest request body (a form) the web accepts; larger ones get 413 unread."
+    )
+    max_login_bytes: int = Field(
+        8192, ge=1024, description="Largest body of a login attempt (POST /login); larger ones get 413 unread."
+    )
+    max_form_fields: int = Field(16, ge=4, le=1000, description="Most fields a submitted form may have (else 400).")
+    login_concurrency: int = Field(
+        1,
+        ge=1,
+        le=16,
+        description=(
+            "Password checks (argon2, about 0.4 s of CPU each) that may run at the same time, in threads of "
+            "their own, never on the web's event loop."
+        ),
+    )
+    login_queue: int = Field(
+        8,
+        ge=0,
+        le=1000,
+        description="Login attempts that may wait for a password check; more are answered 503 at once.",
+    )
+    login_free_failures: int = Field(
+        5,
+        ge=1,
+        description=(
+            "Failed logins for one user name from one client address before that pair is throttled (attempts "
+            "are refused unchecked until a back-off ends; other addresses are not affected)."
+        ),
+    )
+    login_free_failures_per_client: int = Field(
+        20, ge=1, description="Failed logins from one client address, any user names, before that address is throttled."
+    )
+    login_backoff_s: float = Field(
+        1.0, gt=0, description="First back-off of a throttled pair or address; it doubles with each further failure."
+    )
+    login_backoff_max_s: float = Field(
+        900.0,
+        gt=0,
+        description="Longest back-off; a pair or address quiet this long after its back-off is forgotten.",
+    )
 
     _host = field_validator("bind")(_check_host)
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxies(cls, value: list[str]) -> list[str]:
+        for item in value:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise ValueError(f"not an IP address or network: {item!r}") from None
+        return value
 
 
 class Settings(BaseSettings):

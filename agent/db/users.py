@@ -1,15 +1,16 @@
 """Admin-web users and server-side sessions (the web and ``strnet users`` go through here).
 
-Passwords arrive already hashed or are checked by a ``verify`` callable: this module knows no
-hashing scheme. Lockout: ``max_failures`` wrong passwords in a row lock the account for
-``lock_s`` seconds; every outcome is written to the audit trail by the caller's transaction.
+Passwords arrive already hashed: this module knows no hashing scheme. A login attempt is read
+(``login_candidate``, no write lock), checked by the caller outside any transaction, and its
+outcome written in one short transaction (``record_login``) with its audit events. There is no
+hard lock: the web throttles failed attempts per client address (``agent/web/auth.py``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import secrets
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -90,51 +91,75 @@ def disable_user(db: Database, username: str, actor: str = "strnet-cli") -> bool
 
 
 @dataclass(frozen=True)
+class LoginCandidate:
+    """What a login attempt is checked against, read outside any write transaction: the user (None
+    when no user has that name) and the stored password hash."""
+
+    user: UserView | None
+    password_hash: str | None
+
+
+def login_candidate(db: Database, username: str) -> LoginCandidate:
+    """The user named ``username`` and their password hash (a read: takes no write lock)."""
+    with db.reading() as s:
+        u = s.execute(select(User).where(User.username == username)).scalar_one_or_none()
+        return LoginCandidate(None, None) if u is None else LoginCandidate(_view(u), u.password_hash)
+
+
+@dataclass(frozen=True)
 class LoginResult:
     ok: bool
     user: UserView | None = None
-    reason: str | None = None  # "unknown", "disabled", "locked", "bad_password", "locked_now"
+    reason: str | None = None  # "unknown", "disabled", "bad_password", "throttled"
 
 
-def login(
+@dataclass(frozen=True)
+class ThrottleAlert:
+    """Throttling of failed logins started: for the user name from one client address
+    (``scope="account"``) or for the client address whatever the names (``scope="client"``)."""
+
+    scope: str
+    backoff_s: float
+
+
+def record_login(
     db: Database,
     username: str,
-    verify: Callable[[str | None], bool],
     *,
-    max_failures: int,
-    lock_s: float,
+    verified_hash: str | None,
+    throttled: bool = False,
     client: str | None = None,
+    refused: int | None = None,
+    alerts: Sequence[ThrottleAlert] = (),
 ) -> LoginResult:
-    """Check a login attempt, count failures, lock after ``max_failures``; audited either way.
+    """Write the outcome of a login attempt in one short transaction, audited either way.
 
-    ``verify(hash)`` checks the offered password against the stored hash (``None``: no such user,
-    verify against a dummy to keep timing alike).
+    ``verified_hash`` is the stored hash that the offered password was verified against outside
+    any transaction (None: it did not match, or there was no user); the attempt succeeds only if
+    the user still has that hash and is not disabled. ``throttled``: the attempt was refused
+    unchecked (``refused``: how many were, so far, for its throttled pair or address).
+    ``alerts``: throttling that this failure started, each a ``Security Alert``. No hard lock: a
+    user's ``failed_logins`` counts consecutive failures for the record only.
     """
-    now = utcnow()
     with db.transaction() as s:
         u = s.execute(select(User).where(User.username == username)).scalar_one_or_none()
-        if u is None:
-            verify(None)
+        if throttled:
+            result = LoginResult(False, _view(u) if u else None, "throttled")
+        elif u is None:
             result = LoginResult(False, None, "unknown")
         elif u.disabled:
-            verify(u.password_hash)
             result = LoginResult(False, _view(u), "disabled")
-        elif u.locked_until is not None and u.locked_until > now:
-            result = LoginResult(False, _view(u), "locked")
-        elif verify(u.password_hash):
+        elif verified_hash is not None and verified_hash == u.password_hash:
             u.failed_logins = 0
             u.locked_until = None
             result = LoginResult(True, _view(u))
         else:
             u.failed_logins += 1
-            if u.failed_logins >= max_failures:
-                u.locked_until = now + timedelta(seconds=lock_s)
-                u.failed_logins = 0
-                result = LoginResult(False, _view(u), "locked_now")
-            else:
-                result = LoginResult(False, _view(u), "bad_password")
+            result = LoginResult(False, _view(u), "bad_password")
         actor = username[:64] if u is not None else "unknown-user"
-        detail = {"client": client, "reason": result.reason}
+        detail: dict[str, object] = {"client": client, "reason": result.reason}
+        if refused is not None:
+            detail["refused_so_far"] = refused
         if not result.ok and u is None:
             detail["username"] = username[:64]
         trail.append(
@@ -147,7 +172,7 @@ def login(
             object_id=str(u.id) if u else None,
             detail=detail,
         )
-        if result.reason == "locked_now":
+        for alert in alerts:
             trail.append(
                 s,
                 "security_alert",
@@ -156,7 +181,12 @@ def login(
                 outcome=8,
                 object_type="user",
                 object_id=str(u.id) if u else None,
-                detail={"alert": "account_locked", "for_s": lock_s, "client": client},
+                detail={
+                    "alert": "login_throttled",
+                    "scope": alert.scope,
+                    "backoff_s": alert.backoff_s,
+                    "client": client,
+                },
             )
         return result
 

@@ -1,4 +1,10 @@
-"""Run the admin web in a thread of ``strnet serve`` (uvicorn), start and stop on demand."""
+"""Run the admin web in a thread of ``strnet serve`` (uvicorn), start and stop on demand.
+
+uvicorn speaks HTTP/1.1 through its h11 protocol with a deadline on each request's arrival
+(``web.request_timeout_s``, ``agent/compat/uvicorn_internals.py``), keeps idle connections
+``KEEP_ALIVE_S``, bounds a request's line and headers to ``MAX_HEADER_BYTES``, and believes
+X-Forwarded-For and X-Forwarded-Proto only from ``web.trusted_proxies`` (none by default).
+"""
 
 from __future__ import annotations
 
@@ -8,11 +14,19 @@ from typing import Any
 
 import uvicorn
 
+from agent.compat import PatchMissing, uvicorn_internals, warn_once
 from agent.config import WebSection
 from agent.errors import ConfigError
 from agent.logging import get_logger
 
 log = get_logger(__name__)
+
+KEEP_ALIVE_S = 5  # an idle kept-alive connection is closed after this (uvicorn's default)
+MAX_HEADER_BYTES = 16 * 1024  # request line and headers; more: 400 and the connection closed
+
+
+def _timed_out(client: tuple[str, int] | None) -> None:
+    log.debug("web_request_timed_out", client=client[0] if client else None)
 
 
 class WebServer:
@@ -23,16 +37,27 @@ class WebServer:
         kwargs: dict[str, Any] = {}
         if web.tls_cert_file and web.tls_key_file:
             kwargs = {"ssl_certfile": str(web.tls_cert_file), "ssl_keyfile": str(web.tls_key_file)}
-        if web.behind_tls_proxy:
-            kwargs.update(proxy_headers=True, forwarded_allow_ips="127.0.0.1")
+        if web.trusted_proxies:
+            kwargs.update(proxy_headers=True, forwarded_allow_ips=list(web.trusted_proxies))
+        else:  # uvicorn would believe 127.0.0.1 by default: any local process could name the client
+            kwargs.update(proxy_headers=False)
+            if web.behind_tls_proxy:
+                log.info("web_proxy_headers_ignored", reason="web.trusted_proxies is empty")
+        http: Any = uvicorn_internals.request_timeout_protocol(web.request_timeout_s, on_timeout=_timed_out)
+        if isinstance(http, PatchMissing):
+            warn_once(log, http)
+            http = "h11"
         config = uvicorn.Config(
             app,
             host=web.bind,
             port=web.port,
+            http=http,
             log_config=None,
             access_log=False,
             server_header=False,
             lifespan="off",
+            timeout_keep_alive=KEEP_ALIVE_S,
+            h11_max_incomplete_event_size=MAX_HEADER_BYTES,
             **kwargs,
         )
         self.server = uvicorn.Server(config)

@@ -61,15 +61,14 @@ def users_add(
 
 @users_app.command("list")
 def users_list(config: ConfigOpt = None) -> None:
-    """List users, their role and whether they are disabled or locked."""
-    from agent.clock import utcnow
+    """List users, their role and whether they are disabled (failed logins are throttled per client
+    address, never locked: docs/security.md)."""
     from agent.db.users import list_users
 
-    now = utcnow()
     rows = list_users(_db(config))
     typer.echo(f"{'USER':<24} {'ROLE':<8} {'STATE':<10} CREATED (UTC)")
     for u in rows:
-        state = "disabled" if u.disabled else ("locked" if u.locked_until and u.locked_until > now else "active")
+        state = "disabled" if u.disabled else "active"
         typer.echo(f"{u.username:<24} {u.role:<8} {state:<10} {u.created_at:%Y-%m-%d %H:%M}")
     typer.echo(f"{len(rows)} user(s)")
 

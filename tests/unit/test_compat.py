@@ -31,7 +31,7 @@ from pynetdicom.dul import DULServiceProvider
 
 from agent import compat
 from agent.app import Agent
-from agent.compat import highdicom_internals, pynetdicom_internals
+from agent.compat import highdicom_internals, pynetdicom_internals, uvicorn_internals
 from agent.domain import AlgorithmInfo, Findings
 from agent.ingest import chunked, pdu_reader
 from agent.ingest.scp import RecvGuard
@@ -388,3 +388,11 @@ def test_an_sr_build_whose_copy_the_patch_misses_says_so_once(monkeypatch: pytes
         small_sr()
         small_sr()
     assert patch_warnings(logs) == [highdicom_internals.SR_CONTENT_IN_PLACE]
+
+
+def test_each_compat_module_was_checked_against_the_range_pyproject_pins() -> None:
+    """A pin widened in pyproject.toml without a new check of the internals fails here."""
+    pins = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())["project"]
+    specs = {d.split(">")[0].split("<")[0].split("=")[0].strip(): d for d in pins["dependencies"]}
+    for module in (pynetdicom_internals, highdicom_internals, uvicorn_internals):
+        assert specs[module.DISTRIBUTION] == module.DISTRIBUTION + module.CHECKED_VERSIONS, module.__name__

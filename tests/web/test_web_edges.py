@@ -1,0 +1,479 @@
+"""What a hostile web client meets (issue 19): request sizes, slow requests, login throttling
+without a hard lock, one answer for known and unknown names, error pages with the security
+headers, the deep link after the login and the forwarded client address.
+
+In process (FastAPI's TestClient over a fresh database with three users) where the application
+alone is tested; ``strnet serve`` as a subprocess where the server, the process's memory or the
+client's address matter. No timings are asserted here except the request deadline (configured
+short, with a wide margin); tests/bench/bench_login_flood.py measures latencies.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import selectors
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+from conftest import agent_settings, free_port
+from fastapi.testclient import TestClient
+from serve_process import ServeProcess, write_config
+from web_seed import wait_for
+
+from agent.config import Settings, load_settings
+from agent.db.engine import Database, open_database
+from agent.db.models import AuditEvent, User
+from agent.db.users import add_user, disable_user, open_session
+from agent.web import auth
+from agent.web.app import create_app
+from agent.web.auth import LoginThrottle, hash_password, safe_next
+from agent.web.routes.auth_routes import LOGIN_FAILED
+
+USERS = {  # name: (role, password); "gone" is disabled
+    "admin": ("admin", "admin-pass-19"),
+    "vera": ("viewer", "viewer-pass-19"),
+    "gone": ("viewer", "gone-pass-19"),
+}
+HUGE = "99999999999999999999999"
+HEADERS_ON_EVERY_ANSWER = ("content-security-policy", "x-content-type-options", "x-frame-options", "cache-control")
+
+
+def add_users(db: Database) -> None:
+    for name, (role, password) in USERS.items():
+        add_user(db, name, role, hash_password(password))
+    disable_user(db, "gone")
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Settings, Database]]:
+    settings = agent_settings(tmp_path_factory.mktemp("web-edges"), web={"enabled": False})
+    db = open_database(settings)
+    add_users(db)
+    yield settings, db
+    db.dispose()
+
+
+def make_app(base: tuple[Settings, Database], **web: Any) -> Any:
+    """A fresh application (its own login throttle) over the module's database."""
+    settings, db = base
+    return create_app(settings.model_copy(update={"web": settings.web.model_copy(update=web)}), db)
+
+
+def client_at(app: Any, address: str) -> TestClient:
+    return TestClient(app, client=(address, 40000))
+
+
+def login_token(http: TestClient | httpx.Client) -> str:
+    page = http.get("/login")
+    assert page.status_code == 200
+    return re.search(r'name="login_token" value="([^"]+)"', page.text).group(1)  # type: ignore[union-attr]
+
+
+def attempt(http: TestClient | httpx.Client, user: str, password: str, **extra: str) -> httpx.Response:
+    data = {"login_token": login_token(http), "username": user, "password": password, **extra}
+    return http.post("/login", data=data, follow_redirects=False)
+
+
+def error_of(r: httpx.Response) -> str:
+    found = re.search(r'<p class="error" role="alert">([^<]*)</p>', r.text)
+    return found.group(1) if found else ""
+
+
+def audit(db: Database) -> list[AuditEvent]:
+    with db.reading() as s:
+        return list(s.query(AuditEvent).order_by(AuditEvent.id))
+
+
+def user_id(db: Database, name: str) -> int:
+    with db.reading() as s:
+        return int(s.query(User).filter(User.username == name).one().id)
+
+
+def assert_secured(r: httpx.Response, what: str) -> None:
+    for name in HEADERS_ON_EVERY_ANSWER:
+        assert name in r.headers, f"{name} missing on {what} ({r.status_code})"
+    assert "frame-ancestors 'none'" in r.headers["content-security-policy"], what
+
+
+# --- in process ---------------------------------------------------------------------------------
+
+
+def test_wrong_password_unknown_name_disabled_user_and_throttled_attempt_get_one_answer(
+    base: tuple[Settings, Database],
+) -> None:
+    settings, db = base
+    app = make_app(base, login_free_failures=2, login_backoff_s=60.0)
+    before = len(audit(db))
+    answers = {
+        "wrong password": attempt(client_at(app, "10.0.1.1"), "admin", "not-the-password"),
+        "unknown name": attempt(client_at(app, "10.0.1.2"), "nobody-at-all", "not-the-password"),
+        "disabled user": attempt(client_at(app, "10.0.1.3"), "gone", USERS["gone"][1]),
+    }
+    throttled = client_at(app, "10.0.1.4")
+    for _ in range(2):
+        attempt(throttled, "admin", "still-not-it")
+    answers["throttled, right password"] = attempt(throttled, "admin", USERS["admin"][1])
+    for what, r in answers.items():
+        assert (r.status_code, error_of(r)) == (401, LOGIN_FAILED), what
+        assert "strnet_session" not in r.headers.get("set-cookie", ""), what
+    events = audit(db)[before:]
+    reasons = [(e.detail or {}).get("reason") for e in events if e.event_code == "110122"]
+    assert reasons == ["bad_password", "unknown", "disabled", "bad_password", "bad_password", "throttled"]
+    [alert] = [e for e in events if (e.detail or {}).get("alert") == "login_throttled"]
+    assert alert.object_id == str(user_id(db, "admin")) and alert.detail["scope"] == "account"
+    assert alert.detail["client"] == "10.0.1.4" and alert.outcome == 8
+    for e in events:  # no password ever reaches the audit trail
+        text = json.dumps(e.detail)
+        assert not any(p in text for p in ("not-the-password", "still-not-it", *(pw for _r, pw in USERS.values())))
+    with db.reading() as s:  # no hard lock is written
+        assert s.query(User).filter(User.username == "admin").one().locked_until is None
+
+
+def test_a_throttled_pair_does_not_lock_the_account_elsewhere_nor_for_ever(base: tuple[Settings, Database]) -> None:
+    app = make_app(base, login_free_failures=3, login_backoff_s=1.0)
+    a, b = client_at(app, "10.0.2.1"), client_at(app, "10.0.2.2")
+    for _ in range(3):
+        assert attempt(a, "vera", "wrong-guess-1").status_code == 401
+    assert attempt(a, "vera", USERS["vera"][1]).status_code == 401  # throttled: refused unchecked
+    r = attempt(b, "vera", USERS["vera"][1])  # another address: the right password logs in
+    assert r.status_code == 303 and "strnet_session=" in r.headers["set-cookie"]
+    time.sleep(1.2)  # A's back-off (1 s) is over: the right password logs in there too
+    assert attempt(a, "vera", USERS["vera"][1]).status_code == 303
+
+
+def test_the_unknown_name_path_verifies_a_password_in_the_login_pool_outside_any_transaction(
+    base: tuple[Settings, Database], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings, db = base
+    real = auth.verify_password
+    calls: list[tuple[str | None, str, bool]] = []
+
+    def counted(stored: str | None, password: str) -> bool:
+        # a write from another thread completes meanwhile: no write transaction (nor the
+        # process's writer lock) is held while the password is checked
+        writer = threading.Thread(target=open_session, args=(db, user_id(db, "vera")))
+        writer.start()
+        writer.join(10)
+        calls.append((stored, threading.current_thread().name, not writer.is_alive()))
+        return real(stored, password)
+
+    monkeypatch.setattr(auth, "verify_password", counted)
+    app = make_app(base)
+    assert attempt(client_at(app, "10.0.3.1"), "no-such-user-19", "some-password").status_code == 401
+    assert attempt(client_at(app, "10.0.3.2"), "vera", "wrong-password").status_code == 401
+    assert attempt(client_at(app, "10.0.3.3"), "vera", USERS["vera"][1]).status_code == 303
+    assert [c[0] is None for c in calls] == [True, False, False]
+    assert all(name.startswith("strnet-login") and wrote for _s, name, wrote in calls), calls
+
+
+def test_login_throttle_backs_off_doubling_and_forgets() -> None:
+    now = [1000.0]
+    t = LoginThrottle(3, 10, 1.0, 8.0, clock=lambda: now[0], max_keys=50)
+    assert [t.failed("Admin", "10.0.0.1") for _ in range(2)] == [[], []]
+    assert t.wait_s("admin", "10.0.0.1") == 0  # names are keyed case-blind
+    [started] = t.failed("admin", "10.0.0.1")
+    assert (started.scope, started.backoff_s) == ("account", 1.0)
+    assert t.wait_s("admin", "10.0.0.1") == 1.0 and t.wait_s("admin", "10.0.0.2") == 0
+    assert t.refused("admin", "10.0.0.1") == 1 and t.refused("admin", "10.0.0.1") == 2
+    for expected in (2.0, 4.0, 8.0, 8.0):  # doubling, at most backoff_max_s
+        assert t.failed("admin", "10.0.0.1") == []
+        assert t.wait_s("admin", "10.0.0.1") == expected
+    now[0] += 8.0 + 8.0 + 0.1  # quiet for backoff_max_s after the wait: forgotten
+    assert t.wait_s("admin", "10.0.0.1") == 0 and t.failed("admin", "10.0.0.1") == []
+    # one address, many names: the address is throttled after its own free failures
+    for i in range(9):
+        t.failed(f"name-{i}", "10.0.0.9")
+    assert [a.scope for a in t.failed("name-9", "10.0.0.9")] == ["client"]
+    assert t.wait_s("anyone-else", "10.0.0.9") == 1.0
+    for i in range(100):  # the table stays bounded
+        t.failed(f"spray-{i}", f"10.1.{i}.1")
+    assert len(t._keys) <= 50
+    t.succeeded("admin", "10.0.0.1")
+
+
+@pytest.mark.parametrize(
+    ("value", "safe"),
+    [
+        ("/patients/12", True),
+        ("/flagged?status=new&page=2", True),
+        ("//evil.example", False),
+        ("https://evil.example", False),
+        ("/\\evil", False),
+        ("/\t/evil.example", False),
+        ("javascript:alert(1)", False),
+        ("/login?next=/flagged", False),
+        ("", False),
+        (None, False),
+    ],
+)
+def test_safe_next(value: str | None, safe: bool) -> None:
+    assert safe_next(value) == (value if safe else None)
+
+
+def test_the_deep_link_asked_for_while_logged_out_is_where_the_login_goes(base: tuple[Settings, Database]) -> None:
+    app = make_app(base)
+    browser = client_at(app, "10.0.4.1")
+    r = browser.get("/patients/7?from=list", follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"] == "/login"
+    page = browser.get("/login")
+    assert 'name="next" value="/patients/7?from=list"' in page.text
+    token = re.search(r'name="login_token" value="([^"]+)"', page.text).group(1)  # type: ignore[union-attr]
+    r = browser.post(
+        "/login",
+        data={"login_token": token, "username": "vera", "password": USERS["vera"][1], "next": "/patients/7?from=list"},
+        follow_redirects=False,
+    )
+    assert r.status_code == 303 and r.headers["location"] == "/patients/7?from=list"
+    # ?next= works too; a link off the site is never followed
+    assert 'name="next" value="/status"' in client_at(app, "10.0.4.2").get("/login?next=/status").text
+    assert 'name="next"' not in client_at(app, "10.0.4.3").get("/login?next=//evil.example").text
+    for i, evil in enumerate(("//evil.example", "https://evil.example", "/\\evil", "/\t/evil.example")):
+        r = attempt(client_at(app, f"10.0.5.{i}"), "vera", USERS["vera"][1], next=evil)
+        assert r.status_code == 303 and r.headers["location"] == "/flagged", evil
+
+
+def test_errors_are_pages_with_the_security_headers(base: tuple[Settings, Database]) -> None:
+    """Starlette's own 404 and 405, a path that is not a row id, integers beyond SQLite's range in
+    path and query, a malformed session cookie: each a 4xx (a redirect to the login for the
+    cookie on a page) with the headers, never a 500 (TestClient re-raises server errors)."""
+    app = make_app(base)
+    viewer = client_at(app, "10.0.6.1")
+    assert attempt(viewer, "vera", USERS["vera"][1]).status_code == 303
+    expected = {
+        "/no-such-page": 404,
+        "/patients/abc": 404,
+        f"/patients/{HUGE}": 404,
+        f"/results/{HUGE}/overlay.png": 404,
+        f"/patients/{HUGE}/trend.png": 404,
+        f"/flagged?page={HUGE}": 422,
+        "/flagged?page=400000000000000000": 404,  # a row offset beyond SQLite's range
+        "/audit": 403,
+    }
+    for path, status in expected.items():
+        r = viewer.get(path, follow_redirects=False)
+        assert r.status_code == status, (path, r.status_code, r.text[:200])
+        assert_secured(r, path)
+    r = viewer.put("/login")
+    assert r.status_code == 405 and "GET" in r.headers["allow"]
+    assert_secured(r, "PUT /login")
+    anonymous = client_at(app, "10.0.6.2")
+    for path, status in (("/flagged", 303), ("/results/1/overlay.png", 401), ("/healthz", 200)):
+        r = anonymous.get(path, headers={"cookie": b"strnet_session=\xe9"}, follow_redirects=False)  # type: ignore[dict-item]
+        assert r.status_code == status, path
+        assert_secured(r, f"malformed cookie on {path}")
+
+
+def test_bodies_over_the_limits_are_refused_before_any_route_reads_them(base: tuple[Settings, Database]) -> None:
+    app = make_app(base, max_login_bytes=4096, max_form_bytes=8192, max_form_fields=8)
+    client = client_at(app, "10.0.7.1")
+    token = login_token(client)
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    big = b"username=vera&password=" + b"x" * 5000
+    r = client.post("/login", content=big, headers=form)
+    assert r.status_code == 413 and r.headers["connection"] == "close"
+    assert_secured(r, "413")
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: counted as it streams
+        yield b"username=vera&password="
+        for _ in range(10):
+            yield b"y" * 1000
+
+    r = client.post("/login", content=chunks(), headers=form)
+    assert r.status_code == 413
+    r = client.post("/login", content=b"--b\r\n\r\n", headers={"Content-Type": "multipart/form-data; boundary=b"})
+    assert r.status_code == 415
+    assert_secured(r, "415")
+    many = {f"f{i}": "v" for i in range(20)}
+    r = client.post("/login", data={"login_token": token, "username": "vera", "password": "p", **many})
+    assert r.status_code == 400
+    assert_secured(r, "too many fields")
+    r = client.post("/logout", content=b"csrf_token=" + b"z" * 9000, headers=form, follow_redirects=False)
+    assert r.status_code == 413  # every route, not only the login
+
+
+# --- strnet serve ---------------------------------------------------------------------------------
+
+SERVE_WEB = """
+[web]
+request_timeout_s = 3.0
+trusted_proxies = ["127.0.0.2"]
+login_free_failures = 3
+login_free_failures_per_client = 1000
+login_backoff_s = 120.0
+"""
+REQUEST_TIMEOUT_S = 3.0
+
+
+class Serve:
+    def __init__(self, proc: ServeProcess, url: str, db: Database, log: Path) -> None:
+        self.proc, self.url, self.db, self.log = proc, url, db, log
+
+    def client(self, source: str = "127.0.0.1", **kw: Any) -> httpx.Client:
+        transport = httpx.HTTPTransport(local_address=source)
+        return httpx.Client(base_url=self.url, transport=transport, timeout=30, **kw)
+
+
+@pytest.fixture(scope="module")
+def serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serve]:
+    tmp = tmp_path_factory.mktemp("serve-edges")
+    config = write_config(tmp / "agent.toml", tmp / "var", extra=SERVE_WEB)
+    db = open_database(load_settings(config))
+    add_users(db)
+    web_port = free_port()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("STRNET_WEB__PORT", str(web_port))
+        proc = ServeProcess(config, tmp / "serve.log").start()
+    try:
+        url = f"http://127.0.0.1:{web_port}"
+        wait_for(lambda: _answers(f"{url}/healthz"), timeout_s=30, what="web answering")
+        yield Serve(proc, url, db, tmp / "serve.log")
+        log = (tmp / "serve.log").read_text()
+        assert "Traceback" not in log and "Exception in ASGI" not in log, log[-3000:]
+    finally:
+        proc.close()
+        db.dispose()
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def test_a_200_mb_form_to_login_gets_413_and_serve_stays_small(serve: Serve) -> None:
+    process = psutil.Process(serve.proc.pid)
+    before = process.memory_info().rss
+
+    def body() -> Iterator[bytes]:  # chunked: this test never holds more than 1 MiB of it
+        yield b"login_token=x&username=admin&password="
+        chunk = b"a" * (1 << 20)
+        for _ in range(200):
+            yield chunk
+
+    with serve.client() as http:
+        r = http.post("/login", content=body(), headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 413
+    assert_secured(r, "413 from serve")
+    grown = process.memory_info().rss - before
+    assert grown < 60 * 2**20, f"serve grew by {grown / 2**20:.0f} MB"
+    # 500 MB announced as a multipart upload: refused at once, nothing read
+    with socket.create_connection(("127.0.0.1", int(serve.url.rsplit(":", 1)[1])), timeout=10) as raw:
+        raw.sendall(
+            b"POST /login HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+            b"Content-Length: 524288000\r\n\r\n--b\r\n"
+        )
+        assert _read_all(raw).startswith(b"HTTP/1.1 415")
+
+
+def test_while_client_a_is_throttled_for_admin_client_b_logs_in(serve: Serve) -> None:
+    with serve.client("127.0.0.1") as a, serve.client("127.0.0.2") as b:
+        for _ in range(3):
+            assert attempt(a, "admin", "a-wrong-guess").status_code == 401
+        throttled = attempt(a, "admin", USERS["admin"][1])
+        assert (throttled.status_code, error_of(throttled)) == (401, LOGIN_FAILED)
+        r = attempt(b, "admin", USERS["admin"][1])
+        assert r.status_code == 303 and r.headers["location"] == "/flagged"
+        assert b.get("/flagged").status_code == 200
+        assert attempt(a, "admin", USERS["admin"][1]).status_code == 401  # A still waits
+        unknown = attempt(a, "no-such-admin", "a-wrong-guess")
+        assert (unknown.status_code, error_of(unknown)) == (401, LOGIN_FAILED)
+    alerts = [e for e in audit(serve.db) if (e.detail or {}).get("alert") == "login_throttled"]
+    assert [(e.actor, e.detail["client"]) for e in alerts] == [("admin", "127.0.0.1")]
+
+
+def test_slow_partial_requests_are_closed_within_the_timeout(serve: Serve) -> None:
+    port = int(serve.url.rsplit(":", 1)[1])
+    sockets = []
+    for i in range(50):
+        s = socket.create_connection(("127.0.0.1", port), timeout=10)
+        if i % 5:  # half a request line
+            s.sendall(b"GET /healthz HT")
+        else:  # whole headers, a tenth of the body announced
+            s.sendall(b"POST /login HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nusername=a")
+        sockets.append(s)
+    sent = time.monotonic()
+    with serve.client() as http:  # the web answers meanwhile
+        assert http.get("/healthz").status_code == 200
+    margin_s = 5.0
+    closed = _wait_closed(sockets, sent + REQUEST_TIMEOUT_S + margin_s)
+    for s in sockets:
+        s.close()
+    assert len(closed) == 50, f"{50 - len(closed)} of 50 still open after {REQUEST_TIMEOUT_S} s + {margin_s} s"
+    assert max(closed) - sent <= REQUEST_TIMEOUT_S + margin_s
+
+
+def test_x_forwarded_for_counts_only_from_a_trusted_proxy(serve: Serve) -> None:
+    with serve.client("127.0.0.1", headers={"X-Forwarded-For": "203.0.113.7"}) as local:
+        attempt(local, "xff-from-anyone", "a-wrong-guess")
+    with serve.client("127.0.0.2", headers={"X-Forwarded-For": "198.51.100.9"}) as proxy:
+        attempt(proxy, "xff-from-proxy", "a-wrong-guess")
+    clients = {
+        (e.detail or {}).get("username"): (e.detail or {}).get("client")
+        for e in audit(serve.db)
+        if e.event_code == "110122"
+    }
+    assert clients["xff-from-anyone"] == "127.0.0.1"  # the header of an untrusted address is ignored
+    assert clients["xff-from-proxy"] == "198.51.100.9"
+
+
+def test_malformed_cookie_and_huge_integers_on_the_real_server(serve: Serve) -> None:
+    port = int(serve.url.rsplit(":", 1)[1])
+    for path, status in ((b"/flagged", b"303"), (b"/results/1/overlay.png", b"401")):
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+            cookie = b"Cookie: strnet_session=\xe9\r\n"
+            raw.sendall(b"GET " + path + b" HTTP/1.1\r\nHost: x\r\n" + cookie + b"Connection: close\r\n\r\n")
+            answer = _read_all(raw)
+        assert answer.startswith(b"HTTP/1.1 " + status) and b"content-security-policy" in answer.lower(), answer[:300]
+    with serve.client("127.0.0.2") as viewer:
+        assert attempt(viewer, "vera", USERS["vera"][1]).status_code == 303
+        for path, status in (
+            (f"/flagged?page={HUGE}", 422),
+            (f"/patients/{HUGE}", 404),
+            (f"/results/{HUGE}/overlay.png", 404),
+            ("/flagged?page=400000000000000000", 404),
+        ):
+            r = viewer.get(path)
+            assert r.status_code == status, path
+            assert_secured(r, path)
+
+
+def _read_all(sock: socket.socket) -> bytes:
+    data = b""
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+    except ConnectionResetError:
+        pass
+    return data
+
+
+def _wait_closed(sockets: list[socket.socket], deadline: float) -> list[float]:
+    """When each socket was closed by the server (monotonic times), until ``deadline``."""
+    sel = selectors.DefaultSelector()
+    for s in sockets:
+        s.setblocking(False)
+        sel.register(s, selectors.EVENT_READ)
+    closed: list[float] = []
+    while len(closed) < len(sockets) and time.monotonic() < deadline:
+        for key, _ in sel.select(timeout=max(0.0, deadline - time.monotonic())):
+            sock: Any = key.fileobj
+            try:
+                data = sock.recv(65536)
+            except ConnectionResetError:
+                data = b""
+            except BlockingIOError:
+                continue
+            if not data:
+                closed.append(time.monotonic())
+                sel.unregister(sock)
+    sel.close()
+    return closed
