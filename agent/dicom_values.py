@@ -180,9 +180,23 @@ def text_of(ds: Dataset, keyword: str) -> str:
         return ""
     if isinstance(value, bytes | bytearray):  # a value too long for its VR can arrive as UN
         return _decode(bytes(value), ds)
-    if isinstance(value, MultiValue | list | tuple):
-        return "\\".join(str(v) for v in value)
-    return str(value)
+    text = "\\".join(str(v) for v in value) if isinstance(value, MultiValue | list | tuple) else str(value)
+    return _utf8_undeclared(text, ds)
+
+
+def _utf8_undeclared(text: str, ds: Dataset) -> str:
+    """Text that a sender wrote in UTF-8 without declaring it (no SpecificCharacterSet, or the
+    default ISO_IR 6): pydicom then reads each byte as one Latin-1 character ("ZoÃ«"). Read as
+    UTF-8 when the bytes are valid UTF-8; a real Latin-1 name ("Müller") is not, and stays."""
+    if not any("\x80" <= c <= "\xff" for c in text):
+        return text
+    declared = value_of(ds, "SpecificCharacterSet")
+    if declared and str(declared).strip().upper() not in ("ISO_IR 6", "ISO 2022 IR 6"):
+        return text
+    try:
+        return text.encode("latin-1").decode("utf-8")
+    except (UnicodeEncodeError, UnicodeDecodeError):
+        return text
 
 
 def read_string(ds: Dataset, keyword: str, vr: str) -> str | None:

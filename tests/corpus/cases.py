@@ -513,8 +513,16 @@ CASES: list[Case] = [
     ),
     case("charset-ISO_IR-6", variant(SpecificCharacterSet="ISO_IR 6")),
     case("charset-wrong-term-ISO-8859-1", raw_name("ISO-8859-1", LATIN1_NAME.encode("latin-1"))),
-    case("charset-none-declared-latin1-bytes", raw_name(None, LATIN1_NAME.encode("latin-1"))),
-    case("charset-none-declared-utf8-bytes", raw_name(None, "ZZPHI-Ωμέγα^Zoë".encode())),
+    case(
+        "charset-none-declared-latin1-bytes",
+        raw_name(None, LATIN1_NAME.encode("latin-1")),
+        sr={"PatientName": re.escape(LATIN1_NAME)},
+    ),
+    case(  # undeclared UTF-8 is read as UTF-8, not as Latin-1 mojibake (docs/dicom-values.md)
+        "charset-none-declared-utf8-bytes",
+        raw_name(None, "ZZPHI-Ωμέγα^Zoë".encode()),
+        sr={"PatientName": "ZZPHI-Ωμέγα\\^Zoë"},
+    ),
     # -- descriptions at and over their length limit
     case(
         "descriptions-at-the-64-character-limit",

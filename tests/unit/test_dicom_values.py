@@ -240,3 +240,24 @@ def test_pydicom_reads_what_the_factory_writes() -> None:
     ds = as_received(knee_dx(), PatientBirthDate="25/03/1945")
     assert isinstance(ds, pydicom.Dataset) and str(ds.PatientBirthDate) == "25/03/1945"
     assert dv.read_da(ds.PatientBirthDate) is None
+
+
+def test_undeclared_utf8_is_read_as_utf8_and_latin1_stays() -> None:
+    from pydicom.dataelem import RawDataElement
+    from pydicom.dataset import Dataset
+    from pydicom.tag import Tag
+
+    from agent.dicom_values import read_pn
+
+    def with_raw_name(raw: bytes, charset: str | None) -> Dataset:
+        ds = Dataset()
+        if charset is not None:
+            ds.SpecificCharacterSet = charset
+        ds[0x00100010] = RawDataElement(Tag(0x00100010), "PN", len(raw), raw, 0, False, True)
+        return ds
+
+    assert read_pn(with_raw_name("Ωμέγα^Zoë".encode(), None), "PatientName") == "Ωμέγα^Zoë"
+    assert read_pn(with_raw_name("Ωμέγα^Zoë".encode(), "ISO_IR 6"), "PatientName") == "Ωμέγα^Zoë"
+    assert read_pn(with_raw_name("Müller^Jörg".encode("latin-1"), None), "PatientName") == "Müller^Jörg"
+    # declared Latin-1 is Latin-1, whatever the bytes would make as UTF-8
+    assert read_pn(with_raw_name("ZoÃ«".encode("latin-1"), "ISO_IR 100"), "PatientName") == "ZoÃ«"
