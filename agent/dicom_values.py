@@ -27,6 +27,8 @@ _PER_YEAR = {"D": 365.25, "W": 52.18, "M": 12.0, "Y": 1.0}
 MAX_AGE_YEARS = 120.0
 
 _DA = re.compile(r"(\d{4})(\d{2})(\d{2})")
+#: the years a date of a patient or a study can fall in; others are placeholders
+YEARS = (1800, 2200)
 _DA_YEAR_FIRST = re.compile(r"(\d{4})([-/.])(\d{2})\2(\d{2})")  # 1945-03-25, 1945/03/25, 1945.03.25
 _TM = re.compile(r"(\d{2})(?:(\d{2})(?:(\d{2})(\.\d{1,6})?)?)?")
 _TM_COLONS = re.compile(r"(\d{2}):(\d{2})(?::(\d{2})(\.\d{1,6})?)?")
@@ -68,6 +70,8 @@ def read_da(value: Any) -> str | None:
         date(int(y), int(mo), int(d))
     except ValueError:
         return None
+    if not YEARS[0] <= int(y) <= YEARS[1]:  # 00010101, 99991231: placeholders (and dciodvfy refuses them)
+        return None
     return f"{y}{mo}{d}"
 
 
@@ -87,13 +91,13 @@ def read_tm(value: Any) -> str | None:
     """A time as DICOM TM (HH, HHMM, HHMMSS or HHMMSS.ffffff), or None.
 
     HH:MM, HH:MM:SS[.ffffff] are normalised (the colons dropped). A 12-hour time (12:30 PM) or
-    anything out of range is not read."""
+    anything out of range (a leap second 60 too: validators refuse it) is not read."""
     v = _plain(value)
     m = _TM.fullmatch(v) or _TM_COLONS.fullmatch(v)
     if m is None:
         return None
     hh, mm, ss, frac = m.group(1), m.group(2), m.group(3), m.group(4)
-    if int(hh) > 23 or (mm is not None and int(mm) > 59) or (ss is not None and int(ss) > 60):
+    if int(hh) > 23 or (mm is not None and int(mm) > 59) or (ss is not None and int(ss) > 59):
         return None
     return hh + (mm or "") + (ss or "") + (frac or "")
 

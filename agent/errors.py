@@ -27,15 +27,14 @@ def redact(text: str) -> str:
 def reason_of(exc: BaseException) -> str:
     """An exception as a job reason or a log field: never an element value.
 
-    The agent's own errors (``AgentError``) keep their wording (they are written to be shown);
-    any other exception is its message and its class, ``Unable to convert [value] (ValueError)``.
-    Both go through ``redact``."""
+    The agent's own errors (``AgentError``) keep their wording: they are written to be shown, name
+    rules and never values (``redact`` still replaces a UID). Any other exception is named by its
+    class only: a library's message may hold the value it failed on, quoted or not (``Unable to
+    convert 25/03/1945``), so none of it is kept; the traceback's frames, logged without the
+    message (``agent.logging``), say where it happened."""
     if isinstance(exc, AgentError):
-        text = redact(str(exc))
-    else:
-        message = redact(str(exc)).strip()
-        text = f"{message} ({exc.__class__.__name__})" if message else exc.__class__.__name__
-    return text[:MAX_REASON]
+        return redact(str(exc))[:MAX_REASON]
+    return exc.__class__.__name__
 
 
 class AgentError(Exception):

@@ -10,13 +10,15 @@ from __future__ import annotations
 import hashlib
 import logging
 import sys
+import traceback
 import warnings
+from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any
 
 import structlog
 
-from agent.errors import redact
+from agent.errors import reason_of, redact
 
 # Field names that denote PHI; values under these keys never reach a log line.
 PHI_KEYS = frozenset(
@@ -59,6 +61,20 @@ def scrub_phi(_logger: Any, _method: str, event_dict: dict[str, Any]) -> dict[st
     study = event_dict.pop("study_instance_uid", None)
     if study is not None:
         event_dict["study"] = hash_uid(str(study))
+    return event_dict
+
+
+def redact_exception(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """A logged exception as its traceback's frames and ``reason_of``: the last line of a plain
+    traceback is the exception's message, which may hold the element value it failed on."""
+    exc_info = event_dict.pop("exc_info", None)
+    if exc_info is True:
+        exc_info = sys.exc_info()
+    elif isinstance(exc_info, BaseException):
+        exc_info = (type(exc_info), exc_info, exc_info.__traceback__)
+    if isinstance(exc_info, tuple) and len(exc_info) == 3 and exc_info[1] is not None:
+        frames = "".join(traceback.format_tb(exc_info[2]))
+        event_dict["exception"] = f"Traceback (most recent call last):\n{frames}{reason_of(exc_info[1])}"
     return event_dict
 
 
@@ -112,6 +128,7 @@ def configure_logging(level: str = "info", fmt: str = "auto", salt: str = "strne
         foreign_pre_chain=shared,
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            redact_exception,  # before format_exc_info, which would print the message
             structlog.processors.format_exc_info,
             renderer,
         ],

@@ -69,13 +69,6 @@ def file_head(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str, c
     return buf.getvalue()
 
 
-def _text(ds: Dataset, keyword: str, limit: int) -> str | None:
-    """A text value for the database (names, IDs shown to coordinators): decoded under the
-    dataset's character set (a value too long for its VR, arriving as UN, too), several values in
-    the DICOM form, cut to the column's length; None when empty."""
-    return dicom_values.text_of(ds, keyword).strip(" \x00")[:limit] or None
-
-
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -225,10 +218,11 @@ class Ingestor:
             body_part=dicom_values.read_cs(ds, "BodyPartExamined"),
             laterality=dicom_values.read_laterality(ds)[0],
             view_position=dicom_values.read_cs(ds, "ViewPosition"),
-            patient_id=_text(ds, "PatientID", 64),
-            patient_name=_text(ds, "PatientName", 324),
+            # never cut short: a shortened ID could be another patient's (the registry keys on it)
+            patient_id=dicom_values.read_string(ds, "PatientID", "LO"),
+            patient_name=dicom_values.read_pn(ds, "PatientName"),
             patient_birth_date=dicom_values.read_da(dicom_values.value_of(ds, "PatientBirthDate")),
             patient_sex=dicom_values.read_sex(dicom_values.value_of(ds, "PatientSex")) or None,
             study_date=dicom_values.read_da(dicom_values.value_of(ds, "StudyDate")),
-            accession_number=_text(ds, "AccessionNumber", 16),
+            accession_number=dicom_values.read_string(ds, "AccessionNumber", "SH"),
         )

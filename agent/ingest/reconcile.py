@@ -17,6 +17,7 @@ from pydicom import dcmread
 from pydicom.uid import UID
 
 from agent.db.engine import Database
+from agent.errors import StorageError
 from agent.ingest.handlers import Ingestor, StoreRequest
 from agent.logging import get_logger
 from agent.queue import store
@@ -61,6 +62,8 @@ def adopt(ingestor: Ingestor, spool: Spool, rel: str) -> bool:
             peer_host=None,
         )
         outcome = store.record_instance(ingestor.db, ingestor.incoming(req, rel, hashlib.sha256(raw).hexdigest()))
+    except StorageError:
+        raise  # the database, not the file: it stays where it is for the next start to adopt
     except Exception as exc:  # noqa: BLE001 - whatever makes a spool file unreadable, it is quarantined, never lost
         spool.quarantine(rel)
         log.error("spool_file_quarantined", file=path.name, error=exc.__class__.__name__)

@@ -11,6 +11,7 @@ from pydicom.dataset import Dataset
 from pydicom.encaps import generate_fragments
 from pydicom.uid import UID
 
+from agent.dicom_values import read_positive_int, value_of
 from agent.errors import StoreRefused
 from agent.pacs import status
 
@@ -89,7 +90,8 @@ def check_pixel_data(ds: Dataset, transfer_syntax: UID) -> None:
     rows, cols = int(ds.Rows), int(ds.Columns)
     bits = int(ds.BitsAllocated)
     samples = int(ds.get("SamplesPerPixel", 1) or 1)
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    raw_frames = value_of(ds, "NumberOfFrames")
+    frames = 1 if raw_frames in (None, "") else read_positive_int(raw_frames) or 0  # IS: text from the wire
     if rows <= 0 or cols <= 0 or bits not in (1, 8, 16, 32) or samples not in (1, 3) or frames < 1:
         raise StoreRefused(status.CANNOT_UNDERSTAND, "image attributes out of range")
     pixel = ds["PixelData"].value

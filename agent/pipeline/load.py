@@ -16,7 +16,7 @@ import numpy as np
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
-from agent.dicom_values import patient_age_years, read_sex, value_of
+from agent.dicom_values import patient_age_years, read_positive_int, read_sex, value_of
 from agent.errors import InputRejected, reason_of
 from model.io import read_pixels
 
@@ -63,7 +63,7 @@ def load(path: Path, max_pixels: int) -> LoadedImage:
     except Exception as exc:  # noqa: BLE001 - a missing or corrupt file raises many types; the job gets the reason
         raise InputRejected(f"cannot read the stored instance ({exc.__class__.__name__})") from None
     rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    frames = read_positive_int(value_of(ds, "NumberOfFrames")) or 1
     if rows * cols > max_pixels or frames > 1 and rows * cols * frames > max_pixels * 4:
         raise InputRejected(f"image of {rows}x{cols}x{frames} pixels exceeds the decoding limit")
     try:

@@ -117,6 +117,11 @@ class StudyReporter:
                 recorded=False,
             )
             raise
+        except Exception as record_exc:  # noqa: BLE001 - not recorded, but the sweep goes on to the next study
+            log.error("report_failed", study_instance_uid=ready.study_instance_uid, study_id=ready.study_id,
+                      revision=ready.revision, reason=reason, recorded=False,
+                      not_recorded=record_exc.__class__.__name__)  # fmt: skip
+            return
         log.error(
             "report_failed",
             study_instance_uid=ready.study_instance_uid,  # logged hashed (agent/logging.py)

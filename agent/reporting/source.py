@@ -119,6 +119,8 @@ def _read_dt(value: object) -> str | None:
         return None
     if m.group(2) and dv.read_tm(m.group(2)) is None:
         return None
+    if m.group(3) and not m.group(2):  # an offset with no time part: validators refuse it
+        return m.group(1)
     return v
 
 

@@ -213,20 +213,21 @@ def test_read_uid() -> None:
 # ---- reasons ----------------------------------------------------------------------------------
 
 
-def test_reason_of_cuts_before_the_first_quoted_value_and_names_the_class() -> None:
-    exc = ValueError("Unable to convert '25/03/1945' to 'DA' object")
-    assert reason_of(exc) == "Unable to convert [value] (ValueError)"
-    assert reason_of(KeyError("PatientID")) == "[value] (KeyError)"
-    assert reason_of(AttributeError()) == "AttributeError"
-    assert "1.2.840.113619" not in reason_of(TypeError("study 1.2.840.113619.2.55.3 has no series"))
+def test_reason_of_names_a_library_error_by_its_class_only() -> None:
+    """A library's message may hold the value it failed on, quoted or not: none of it is kept."""
+    assert reason_of(ValueError("Unable to convert '25/03/1945' to 'DA' object")) == "ValueError"
+    assert reason_of(ValueError("invalid date 25/03/1945")) == "ValueError"
+    assert reason_of(AttributeError("Zyxwvut^Qwertyuiop (PID-98765-PHI): no AccessionNumber")) == "AttributeError"
+    assert reason_of(KeyError("PatientID")) == "KeyError"
 
 
 def test_reason_of_keeps_the_agents_own_wording() -> None:
     assert reason_of(InputRejected("blank or nearly uniform image")) == "blank or nearly uniform image"
     assert reason_of(ProcessingError("the SR helper process died")) == "the SR helper process died"
-    built = BuildError("overlay could not be built: Unable to convert [value] (ValueError)")
+    built = BuildError("overlay could not be built: ValueError")
     assert isinstance(built, ValueError) and reason_of(built) == str(built)
-    assert len(reason_of(ValueError("x" * 5000))) <= 400
+    assert len(reason_of(InputRejected("x" * 5000))) <= 400
+    assert "1.2.840.113619" not in reason_of(InputRejected("study 1.2.840.113619.2.55.3 has no series"))
 
 
 def test_logging_redacts_library_warnings_by_the_same_rule() -> None:
@@ -261,3 +262,34 @@ def test_undeclared_utf8_is_read_as_utf8_and_latin1_stays() -> None:
     assert read_pn(with_raw_name("Müller^Jörg".encode("latin-1"), None), "PatientName") == "Müller^Jörg"
     # declared Latin-1 is Latin-1, whatever the bytes would make as UTF-8
     assert read_pn(with_raw_name("ZoÃ«".encode("latin-1"), "ISO_IR 100"), "PatientName") == "ZoÃ«"
+
+
+def test_a_logged_traceback_keeps_its_frames_but_not_the_message() -> None:
+    """``log.exception`` printed the exception's message as the traceback's last line; a library's
+    message may hold the value it failed on (int('CANARY') for a NumberOfFrames of CANARY)."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import logging\n"
+        "from agent.logging import configure_logging, get_logger\n"
+        "configure_logging('info', 'json')\n"
+        "try:\n    int('CANARY-25/03/1945')\nexcept ValueError:\n    get_logger('probe').exception('boom')\n"
+        "try:\n    raise KeyError('ZZPHI^NAME')\nexcept KeyError:\n    logging.getLogger('lib').exception('lib boom')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60).stderr
+    assert "boom" in out and "lib boom" in out and "Traceback" in out
+    assert "ValueError" in out and "KeyError" in out
+    assert "CANARY" not in out.replace("int('CANARY-25/03/1945')", "")  # the source line is code, not data
+    assert "ZZPHI" not in out.replace("raise KeyError('ZZPHI^NAME')", "")
+
+
+def test_placeholder_years_leap_seconds_and_date_only_offsets_are_not_copied() -> None:
+    """Each of these made dciodvfy report errors in the SR and the overlay."""
+    from agent.reporting.source import _read_dt
+
+    assert dv.read_da("19450325") == "19450325" and dv.read_da("18000101") == "18000101"
+    assert dv.read_da("00010101") is None and dv.read_da("0001-01-01") is None
+    assert dv.read_da("99991231") is None and dv.read_da("30000101") is None
+    assert dv.read_tm("235959") == "235959" and dv.read_tm("235960") is None
+    assert _read_dt("20230211+0100") == "20230211" and _read_dt("20230211120000+0100") == "20230211120000+0100"

@@ -229,3 +229,12 @@ def test_reasons_name_no_value() -> None:
     assert "Zyxwvut" not in (evaluate(ds, RULES).reason or "")
     ds = as_received(knee_dx(), BodyPartExamined="QWERTY")
     assert "QWERTY" not in (evaluate(ds, RULES).reason or "")
+
+
+def test_a_number_of_frames_that_is_not_a_number_is_refused_as_not_understood() -> None:
+    """int('CANARY') escaped as a ValueError and was answered 0xA700, which a PACS retries for ever."""
+    for bad in ("CANARY", "0", "-3"):
+        ds = as_received(knee_dx(), NumberOfFrames=bad)
+        with pytest.raises(StoreRefused) as refused:
+            validate.check_pixel_data(ds, UID(ExplicitVRLittleEndian))
+        assert refused.value.status == status.CANNOT_UNDERSTAND and bad not in str(refused.value)

@@ -44,6 +44,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                       "model.metrics", "model.fitting")),
     ("model: pixels and settings", ("model.io", "model.preprocess", "model.config", "model")),
 ]
+# the three service layers are ordered only so that none of them imports another
+SERVICES = frozenset({"receiving", "screening and reporting", "sending"})
 # agent/ reaches the model through the screening pipeline only (and the CLI and demo that mount
 # or drive it): nothing else in the service process loads torch.
 MODEL_IMPORTERS = ("agent.pipeline", "agent.cli", "agent.demo")
@@ -117,6 +119,8 @@ def upward(edges: list[Import]) -> list[str]:
         src, dst = layer_of(e.source), layer_of(e.target)
         if dst < src:
             bad.append(f"{e} (layer '{LAYERS[src][0]}' may not import layer '{LAYERS[dst][0]}')")
+        elif dst > src and LAYERS[src][0] in SERVICES and LAYERS[dst][0] in SERVICES:
+            bad.append(f"{e} (service '{LAYERS[src][0]}' may not import service '{LAYERS[dst][0]}')")
         if e.source.startswith("model") and e.target.startswith("agent"):
             bad.append(f"{e} (model/ never imports agent/)")
         if e.target.startswith("model") and e.source.startswith("agent") and not any(
@@ -220,3 +224,10 @@ def test_model_never_imports_the_agent(copy_of_tree: Path) -> None:
 def test_a_new_module_needs_a_layer(copy_of_tree: Path) -> None:
     (copy_of_tree / "agent" / "wiring.py").write_text('"""A module nobody placed."""\n')
     assert any("agent.wiring is in no layer" in p for p in problems(copy_of_tree))
+
+
+def test_a_service_importing_another_service_is_named(copy_of_tree: Path) -> None:
+    where = _plant(copy_of_tree, "agent.ingest.scp", "from agent.queue.worker import Worker  # noqa: F401")
+    found = problems(copy_of_tree)
+    assert any(where in p and "service 'receiving' may not import service 'screening and reporting'" in p
+               for p in found), found

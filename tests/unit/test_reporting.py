@@ -496,4 +496,4 @@ def test_a_build_error_names_no_value() -> None:
     finding = _findings(np.random.default_rng(3))[0]
     with pytest.raises(BuildError) as err:
         build_overlay_bytes(knee_dx(patient_name="Doe^Jane"), np.zeros((2, 2, 2), np.float32), finding, 1)
-    assert str(err.value).startswith("overlay could not be built: image must be") and "Doe" not in str(err.value)
+    assert str(err.value).startswith("overlay could not be built: ValueError") and "Doe" not in str(err.value)
