@@ -210,6 +210,15 @@ class ReportingSection(_Section):
             "hold up receive and recording; 0 = build in the study-completion sweep's thread."
         ),
     )
+    build_timeout_s: float = Field(
+        120.0,
+        gt=0,
+        description=(
+            "A study's SR build in a helper process that takes longer is stopped (the helper is "
+            "replaced) and counted as a failure of that study, so one stuck build cannot hold up "
+            "every later SR. Builds in the sweep's thread (build_processes = 0) are not timed."
+        ),
+    )
 
 
 class SenderSection(_Section):
@@ -265,7 +274,11 @@ class WebSection(_Section):
     tls_cert_file: Path | None = Field(None, description="PEM certificate chain: serve the admin web over HTTPS.")
     tls_key_file: Path | None = Field(None, description="PEM private key for tls_cert_file.")
     behind_tls_proxy: bool = Field(
-        False, description="A reverse proxy terminates TLS in front of the web: cookies are marked Secure."
+        False,
+        description=(
+            "A reverse proxy terminates TLS in front of the web: cookies are marked Secure; with trusted_proxies "
+            "empty, X-Forwarded-For from 127.0.0.1 is believed."
+        ),
     )
     session_secret: str | None = Field(
         None, description="Key that signs the login-form token; default: a random key kept in data_dir/web_secret."
@@ -275,9 +288,9 @@ class WebSection(_Section):
         default_factory=list,
         description=(
             "Addresses (or networks) of reverse proxies whose X-Forwarded-For and X-Forwarded-Proto headers are "
-            "believed: the audit trail and the login throttle then see the browser's address. Empty: those "
-            "headers are ignored, whoever sends them (set the proxy's address, e.g. 127.0.0.1, with "
-            "behind_tls_proxy; any local process can then claim an address)."
+            "believed: the audit trail and the login throttle then see the browser's address. Empty: "
+            "127.0.0.1 when behind_tls_proxy is set (a TLS proxy on the same machine), else nobody: the "
+            "headers are ignored, whoever sends them. A local proxy lets any local process claim an address."
         ),
     )
     request_timeout_s: float = Field(

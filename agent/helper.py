@@ -24,6 +24,7 @@ from concurrent.futures.process import BrokenProcessPool
 from functools import partial
 from typing import Any
 
+from agent.compat.futures_internals import pool_processes
 from agent.errors import HelperClosed, HelperDied
 from agent.logging import configure_logging, current_config, get_logger
 
@@ -114,7 +115,7 @@ class HelperProcess:
     def pids(self) -> list[int]:
         """The helper processes running now (none before the first call)."""
         with self._lock:
-            return list(self._pool._processes) if self._pool is not None else []  # noqa: SLF001
+            return list(pool_processes(self._pool)) if self._pool is not None else []
 
     def _discard(self, pool: ProcessPoolExecutor, exc: BaseException) -> None:
         """Forget a pool whose helper died (once, whoever notices first); the next call starts one."""
@@ -175,7 +176,7 @@ class HelperProcess:
         with self._lock:
             pool = self._pool
         if pool is not None:
-            _kill(list(pool._processes.values()))  # noqa: SLF001
+            _kill(list(pool_processes(pool).values()))
 
     def close(self, wait: bool = True) -> None:
         """Stop the helpers; calls not started are cancelled (HelperClosed). ``wait=False``: kill
@@ -186,7 +187,7 @@ class HelperProcess:
             pool, self._pool = self._pool, None
         if pool is None:
             return
-        processes = list(pool._processes.values())  # noqa: SLF001 - to kill them, below
+        processes = list(pool_processes(pool).values())  # to kill them, below
         pool.shutdown(wait=wait, cancel_futures=True)
         if not wait:
             _kill(processes)

@@ -1,8 +1,9 @@
 """Every use of a library's internals lives here, one module per library.
 
-``pynetdicom_internals``, ``highdicom_internals`` and ``uvicorn_internals`` hold every private
-attribute, module-global swap, state-machine name and assumption about a library's call sequence
-that the agent relies on (ADR 0010); the rest of the agent uses the libraries' public API and the small functions of
+``pynetdicom_internals``, ``highdicom_internals``, ``uvicorn_internals`` and ``futures_internals``
+(the standard library's process pool) hold every private attribute, module-global swap,
+state-machine name and assumption about a library's call sequence that the agent relies on
+(ADR 0010); the rest of the agent uses the libraries' public API and the small functions of
 these modules. Each module names the version range it was checked against (``CHECKED_VERSIONS``,
 the range pyproject.toml pins) and offers ``problems()``: one readable line per internal that no
 longer holds with the installed version, empty when all is well (tests/unit/test_compat.py).

@@ -122,6 +122,13 @@ class ThrottleAlert:
     backoff_s: float
 
 
+def typed_name_hash(username: str, salt: str) -> str:
+    """A short salted SHA-256 of a user name that no user has (16 hex digits): attempts with the
+    same typed name can be correlated in the audit trail, and a password typed into the name
+    field is not kept."""
+    return hashlib.sha256(salt.encode("utf-8") + b"\0" + username.encode("utf-8", "replace")).hexdigest()[:16]
+
+
 def record_login(
     db: Database,
     username: str,
@@ -131,6 +138,7 @@ def record_login(
     client: str | None = None,
     refused: int | None = None,
     alerts: Sequence[ThrottleAlert] = (),
+    salt: str = "strnet",
 ) -> LoginResult:
     """Write the outcome of a login attempt in one short transaction, audited either way.
 
@@ -139,7 +147,8 @@ def record_login(
     the user still has that hash and is not disabled. ``throttled``: the attempt was refused
     unchecked (``refused``: how many were, so far, for its throttled pair or address).
     ``alerts``: throttling that this failure started, each a ``Security Alert``. No hard lock: a
-    user's ``failed_logins`` counts consecutive failures for the record only.
+    user's ``failed_logins`` counts consecutive failures for the record only. A name no user has
+    is audited only as ``username_sha256`` (:func:`typed_name_hash` with ``salt``, the site salt).
     """
     with db.transaction() as s:
         u = s.execute(select(User).where(User.username == username)).scalar_one_or_none()
@@ -160,8 +169,8 @@ def record_login(
         detail: dict[str, object] = {"client": client, "reason": result.reason}
         if refused is not None:
             detail["refused_so_far"] = refused
-        if not result.ok and u is None:
-            detail["username"] = username[:64]
+        if not result.ok and u is None:  # often a password typed into the name field: never kept
+            detail["username_sha256"] = typed_name_hash(username, salt)
         trail.append(
             s,
             "login",

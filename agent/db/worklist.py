@@ -112,6 +112,19 @@ def record_access(
 
 
 # -- flagged worklist ----------------------------------------------------------------------
+# the dates a filter may name: the queries add a day to the last one (date.max would overflow)
+FILTER_DATE_MIN, FILTER_DATE_MAX = date(1900, 1, 1), date(2200, 12, 31)
+
+
+def filter_date(text: str) -> date:
+    """A filter's date from YYYY-MM-DD; ValueError if it is not one or lies outside the years
+    1900..2200 (a date picker offers 9999-12-31)."""
+    day = date.fromisoformat(text)
+    if not FILTER_DATE_MIN <= day <= FILTER_DATE_MAX:
+        raise ValueError(f"a date between {FILTER_DATE_MIN} and {FILTER_DATE_MAX}")
+    return day
+
+
 @dataclass(frozen=True)
 class FlaggedFilter:
     status: str | None = None

@@ -63,7 +63,7 @@ class StudyReporter:
         # called after each commit that queued objects for PACS (wakes the sender at once)
         self.on_outbox = on_outbox
         self.jitter = jitter
-        self.report_builder = ReportBuilder(settings.reporting.build_processes)
+        self.report_builder = ReportBuilder(settings.reporting.build_processes, settings.reporting.build_timeout_s)
         self.reports = 0  # SRs recorded
         self.failures = 0  # SR builds that failed (each counted against its study)
         self._stop = threading.Event()

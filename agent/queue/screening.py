@@ -27,7 +27,7 @@ from agent.db.models import (
     StudyReportFailure,
 )
 from agent.domain import AlgorithmInfo, Findings, JobState, ServedModel
-from agent.errors import BuildError
+from agent.errors import AgentError, reason_of
 from agent.queue import outbox
 from agent.queue.outbox import OutgoingObject
 
@@ -256,11 +256,11 @@ def record_report(
 
 
 def report_failure_reason(exc: BaseException) -> str:
-    """Why an SR build failed, without any element value (PHI): a BuildError's text, already made
-    by ``agent.errors.reason_of`` where the build failed; any other error (raised in the sweep
-    itself, where a message may hold an unquoted value) only by its class and a fixed text."""
-    if isinstance(exc, BuildError):
-        return str(exc)
+    """Why an SR build failed, without any element value (PHI): the agent's own errors by their
+    wording (a BuildError's text was made by ``agent.errors.reason_of`` where the build failed);
+    any other error (raised in the sweep itself) only by its class and a fixed text."""
+    if isinstance(exc, AgentError):  # BuildError, a helper that died or timed out: our own wording
+        return reason_of(exc)
     return f"{exc.__class__.__name__}: the SR could not be built"
 
 

@@ -11,6 +11,7 @@ encoded objects with their UIDs.
 from __future__ import annotations
 
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from io import BytesIO
 from typing import Any
@@ -112,8 +113,9 @@ def _setup() -> None:
 class ReportBuilder:
     """Builds study SRs in ``processes`` helper processes (0: in the calling thread)."""
 
-    def __init__(self, processes: int) -> None:
+    def __init__(self, processes: int, timeout_s: float = 120.0) -> None:
         self.processes = processes
+        self.timeout_s = timeout_s  # reporting.build_timeout_s
         self.helper = HelperProcess("SR", processes, _setup) if processes > 0 else None
 
     def build_sr(self, sources: list[Any], findings: list[Any], revision: int, predecessor: Any) -> BuiltSr:
@@ -122,10 +124,14 @@ class ReportBuilder:
         is replaced for the next call) or is closed."""
         if self.helper is None:
             return build_sr_bytes(sources, findings, revision, predecessor)
+        future = self.helper.submit(build_sr_bytes, sources, findings, revision, predecessor)
         try:
-            return self.helper.call(build_sr_bytes, sources, findings, revision, predecessor)
+            return future.result(timeout=self.timeout_s)
         except HelperDied as exc:
-            raise ProcessingError("the SR helper process died; the study is reported again at the next sweep") from exc
+            raise ProcessingError("the SR helper process died") from exc
+        except FutureTimeout:
+            self.helper.kill()  # the stuck build ends with its helper; the next call starts a new one
+            raise ProcessingError("the SR build took longer than reporting.build_timeout_s") from None
 
     def warm_up(self, source: Any, findings: list[Any]) -> None:
         """Start the helper and build a throw-away SR in it, without waiting (its imports take a

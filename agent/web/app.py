@@ -10,7 +10,8 @@ pages) includes the routers of ``routes/``; they and this module render pages wi
 What a hostile client meets before any route runs (docs/security.md): ``_SecurityHeaders``
 (outermost: every answer, errors included, carries the security headers) and ``_RequestLimits``
 (bodies over ``web.max_form_bytes``, or ``web.max_login_bytes`` for a login, get 413 unread,
-whether announced by Content-Length or counted as they stream; multipart gets 415; an integer
+whether announced by Content-Length or counted as they stream; multipart, in any of several
+Content-Type headers, gets 415; an integer
 in the path or query beyond SQLite's range gets 404 or 422). Every error is a page of
 ``error.html``; client errors log no traceback.
 """
@@ -120,8 +121,9 @@ class BodyTooLarge(Exception):
 
 class _SecurityHeaders:
     """Adds the security headers to every answer that passes through, whoever made it. A route
-    may let the browser keep an answer for its user alone (``Cache-Control: private, ...``, the
-    patient page's overlay JPEG); every other answer outside /static/ is ``no-store``."""
+    may let the browser keep an answer for its user alone (``Cache-Control: private, ...``: the
+    patient page's overlay JPEG, ``private, no-cache`` with an ETag); every other answer outside
+    /static/ is ``no-store``."""
 
     def __init__(self, app: ASGIApp, secure: bool) -> None:
         self.app = app
@@ -190,9 +192,11 @@ class _RequestLimits:
 
     def _refusal(self, scope: Scope) -> tuple[int, str, bool] | None:
         """(status, message, close the connection) for a request refused before routing."""
-        headers = {k: v for k, v in scope.get("headers", []) if k in (b"content-type", b"content-length")}
-        if headers.get(b"content-type", b"").strip().lower().startswith(b"multipart/"):
+        raw = scope.get("headers", [])
+        # every Content-Type: Starlette parses the first of several, a dict would see the last
+        if any(v.strip().lower().startswith(b"multipart/") for k, v in raw if k == b"content-type"):
             return 415, "This site takes no uploads.", True
+        headers = {k: v for k, v in raw if k == b"content-length"}
         limit = self.max_login_body if scope["path"] == "/login" else self.max_body
         length = headers.get(b"content-length")
         if length is not None:
@@ -249,7 +253,7 @@ def create_app(
     app.state.settings = settings
     app.state.templates = templates()
     app.state.login_forms = LoginForms(load_secret(web.session_secret, settings.data_dir))
-    app.state.login_gate = LoginGate(db, web)
+    app.state.login_gate = LoginGate(db, web, salt=settings.agent.site_salt)
     app.state.model_info = model_info or ModelInfo
     app.state.on_replay = on_replay or (lambda: None)
     app.state.results_dir = settings.results_dir

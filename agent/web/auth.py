@@ -235,8 +235,9 @@ class LoginOutcome:
 class LoginGate:
     """Checks login attempts: throttle, password check in the bounded pool, outcome recorded."""
 
-    def __init__(self, db: Database, web: WebSection) -> None:
+    def __init__(self, db: Database, web: WebSection, salt: str = "strnet") -> None:
         self.db = db
+        self.salt = salt  # agent.site_salt: hashes a user name that no user has, in the audit trail
         self.throttle = LoginThrottle(
             web.login_free_failures, web.login_free_failures_per_client, web.login_backoff_s, web.login_backoff_max_s
         )
@@ -251,7 +252,14 @@ class LoginGate:
             await asyncio.sleep(self._check_s)  # as long as a check would take, without its CPU
             refused = self.throttle.refused(username, client)
             if refused & (refused - 1) == 0:  # audit the 1st, 2nd, 4th, 8th ... refusal of a key
-                record = partial(users.record_login, verified_hash=None, throttled=True, client=client, refused=refused)
+                record = partial(
+                    users.record_login,
+                    verified_hash=None,
+                    throttled=True,
+                    client=client,
+                    refused=refused,
+                    salt=self.salt,
+                )
                 await run_in_threadpool(record, self.db, username)
             return LoginOutcome()
         checked = await self._check(username, password)
@@ -259,7 +267,7 @@ class LoginGate:
             return LoginOutcome(busy=True)
         verified_hash, disabled = checked
         alerts = [] if verified_hash is not None and not disabled else self.throttle.failed(username, client)
-        record = partial(users.record_login, verified_hash=verified_hash, client=client, alerts=alerts)
+        record = partial(users.record_login, verified_hash=verified_hash, client=client, alerts=alerts, salt=self.salt)
         result = await run_in_threadpool(record, self.db, username)
         if result.ok:
             self.throttle.succeeded(username, client)

@@ -396,3 +396,19 @@ def test_each_compat_module_was_checked_against_the_range_pyproject_pins() -> No
     specs = {d.split(">")[0].split("<")[0].split("=")[0].strip(): d for d in pins["dependencies"]}
     for module in (pynetdicom_internals, highdicom_internals, uvicorn_internals):
         assert specs[module.DISTRIBUTION] == module.DISTRIBUTION + module.CHECKED_VERSIONS, module.__name__
+
+
+def test_the_process_pool_internal_the_helpers_use_holds() -> None:
+    """agent/helper.py names and kills its helpers through ProcessPoolExecutor._processes."""
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+
+    from agent.compat import futures_internals
+
+    assert futures_internals.problems() == []
+    pool = ProcessPoolExecutor(max_workers=1)
+    try:
+        child = pool.submit(os.getpid).result(timeout=60)
+        assert child in futures_internals.pool_processes(pool)
+    finally:
+        pool.shutdown()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
+import time
 from io import BytesIO
 from typing import Any
 
@@ -62,6 +63,29 @@ def test_a_dead_helper_is_a_processing_error_and_is_replaced() -> None:
         assert builder.build_sr(sources, findings, 1, None).data  # a new helper
     finally:
         builder.close()
+
+
+def test_a_stuck_build_is_stopped_after_the_timeout_and_its_helper_killed() -> None:
+    """One stuck build held up every later SR (the sweep waited on it for ever). The helper here
+    is a stand-in whose call never ends; killing a real helper is test_a_dead_helper_... above."""
+    from concurrent.futures import Future
+
+    class StuckHelper:
+        killed = 0
+
+        def submit(self, *_args: object) -> Future[object]:
+            return Future()  # never completes
+
+        def kill(self) -> None:
+            self.killed += 1
+
+    sources, findings = _inputs()
+    builder = ReportBuilder(processes=0, timeout_s=0.5)
+    builder.helper = StuckHelper()  # type: ignore[assignment]
+    t0 = time.monotonic()
+    with pytest.raises(ProcessingError, match="build_timeout_s"):
+        builder.build_sr(sources, findings, 1, None)
+    assert 0.4 < time.monotonic() - t0 < 10 and builder.helper.killed == 1  # type: ignore[attr-defined]
 
 
 def test_zero_processes_builds_in_the_caller_and_errors_pass_through() -> None:

@@ -31,11 +31,12 @@ from web_seed import wait_for
 from agent.config import Settings, load_settings
 from agent.db.engine import Database, open_database
 from agent.db.models import AuditEvent, User
-from agent.db.users import add_user, disable_user, open_session
+from agent.db.users import add_user, disable_user, open_session, typed_name_hash
 from agent.web import auth
 from agent.web.app import create_app
 from agent.web.auth import LoginThrottle, hash_password, safe_next
 from agent.web.routes.auth_routes import LOGIN_FAILED
+from agent.web.server import WebServer, trusted_proxies
 
 USERS = {  # name: (role, password); "gone" is disabled
     "admin": ("admin", "admin-pass-19"),
@@ -130,6 +131,11 @@ def test_wrong_password_unknown_name_disabled_user_and_throttled_attempt_get_one
     [alert] = [e for e in events if (e.detail or {}).get("alert") == "login_throttled"]
     assert alert.object_id == str(user_id(db, "admin")) and alert.detail["scope"] == "account"
     assert alert.detail["client"] == "10.0.1.4" and alert.outcome == 8
+    [unknown] = [e for e in events if (e.detail or {}).get("reason") == "unknown"]
+    # a name no user has (often a password in the wrong field) is kept only as a salted hash
+    assert unknown.detail["username_sha256"] == typed_name_hash("nobody-at-all", settings.agent.site_salt)
+    assert "username" not in unknown.detail and "nobody-at-all" not in json.dumps(unknown.detail)
+    assert typed_name_hash("nobody-at-all", "another-site") != unknown.detail["username_sha256"]
     for e in events:  # no password ever reaches the audit trail
         text = json.dumps(e.detail)
         assert not any(p in text for p in ("not-the-password", "still-not-it", *(pw for _r, pw in USERS.values())))
@@ -291,12 +297,91 @@ def test_bodies_over_the_limits_are_refused_before_any_route_reads_them(base: tu
     r = client.post("/login", content=b"--b\r\n\r\n", headers={"Content-Type": "multipart/form-data; boundary=b"})
     assert r.status_code == 415
     assert_secured(r, "415")
+    # two Content-Type headers: Starlette would parse the first, so every one is checked
+    multipart, urlencoded = ("Content-Type", "multipart/form-data; boundary=b"), tuple(form.items())[0]
+    for pair in ([multipart, urlencoded], [urlencoded, multipart]):
+        r = client.post("/login", content=b"--b\r\n\r\n", headers=pair)
+        assert r.status_code == 415, pair
+        assert_secured(r, "415 with two Content-Types")
     many = {f"f{i}": "v" for i in range(20)}
     r = client.post("/login", data={"login_token": token, "username": "vera", "password": "p", **many})
     assert r.status_code == 400
     assert_secured(r, "too many fields")
     r = client.post("/logout", content=b"csrf_token=" + b"z" * 9000, headers=form, follow_redirects=False)
     assert r.status_code == 413  # every route, not only the login
+
+
+@pytest.mark.parametrize(
+    ("web", "believed"),
+    [
+        ({}, []),
+        ({"behind_tls_proxy": True}, ["127.0.0.1"]),  # a TLS proxy on this machine
+        ({"behind_tls_proxy": True, "trusted_proxies": ["10.0.0.5"]}, ["10.0.0.5"]),
+        ({"trusted_proxies": ["10.0.0.0/8"]}, ["10.0.0.0/8"]),
+    ],
+)
+def test_which_addresses_may_name_the_client(
+    base: tuple[Settings, Database], web: dict[str, Any], believed: list[str]
+) -> None:
+    """Behind a TLS proxy with no trusted_proxies, 127.0.0.1 is believed: else every browser would
+    have the proxy's address and share one per-address login throttle."""
+    settings = base[0]
+    section = settings.web.model_copy(update=web)
+    assert trusted_proxies(section) == believed
+    config = WebServer(make_app(base, **web), section).server.config
+    assert config.proxy_headers == bool(believed)
+    if believed:
+        assert config.forwarded_allow_ips == believed
+
+
+def test_a_post_waiting_for_the_database_writer_does_not_stall_the_web(
+    base: tuple[Settings, Database],
+) -> None:
+    """A follow-up whose write waits for the writer lock (held by another thread, as the worker
+    or the receiver may) waits off the event loop: /healthz answers meanwhile. A live uvicorn (in
+    this process, so that the writer lock is the one the web waits on); a generous bound."""
+    settings, db = base
+    web = settings.web.model_copy(update={"enabled": True, "port": free_port()})
+    server = WebServer(make_app(base), web)
+    server.start()
+    url = f"http://127.0.0.1:{web.port}"
+    holding, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with db.transaction():
+            holding.set()
+            release.wait(2.0)  # about 2 s, then the follow-up's write goes through
+
+    try:
+        with httpx.Client(base_url=url, timeout=10) as http:
+            assert attempt(http, "vera", USERS["vera"][1]).status_code == 303
+            csrf = re.search(r'name="csrf_token" value="([^"]+)"', http.get("/flagged").text).group(1)  # type: ignore[union-attr]
+            cookie = f"strnet_session={http.cookies['strnet_session']}"
+        body = f"csrf_token={csrf}&action=reviewed&note=".encode()
+        with socket.create_connection(("127.0.0.1", web.port), timeout=10) as raw:
+            raw.sendall(  # the headers first: the session is checked (a write) while the lock is free
+                b"POST /patients/999999/follow-up HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                b"Content-Type: application/x-www-form-urlencoded\r\n"
+                + f"Cookie: {cookie}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+            )
+            time.sleep(0.5)
+            holder = threading.Thread(target=hold)
+            holder.start()
+            assert holding.wait(10)
+            raw.sendall(body)  # now the route's own write waits for the lock
+            time.sleep(0.3)
+            assert holder.is_alive(), "the writer lock was released before /healthz was asked"
+            started = time.monotonic()
+            health = httpx.get(f"{url}/healthz", timeout=10)
+            took = time.monotonic() - started
+            answer = _read_all(raw)
+        holder.join(10)
+        assert took < 0.5, f"/healthz took {took:.2f} s while a follow-up waited for the writer lock"
+        assert health.status_code == 200
+        assert answer.startswith(b"HTTP/1.1 404"), answer[:200]  # the follow-up itself then finished
+    finally:
+        release.set()
+        server.stop()
 
 
 # --- strnet serve ---------------------------------------------------------------------------------
@@ -313,8 +398,8 @@ REQUEST_TIMEOUT_S = 3.0
 
 
 class Serve:
-    def __init__(self, proc: ServeProcess, url: str, db: Database, log: Path) -> None:
-        self.proc, self.url, self.db, self.log = proc, url, db, log
+    def __init__(self, proc: ServeProcess, url: str, db: Database, log: Path, settings: Settings) -> None:
+        self.proc, self.url, self.db, self.log, self.settings = proc, url, db, log, settings
 
     def client(self, source: str = "127.0.0.1", **kw: Any) -> httpx.Client:
         transport = httpx.HTTPTransport(local_address=source)
@@ -325,7 +410,8 @@ class Serve:
 def serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serve]:
     tmp = tmp_path_factory.mktemp("serve-edges")
     config = write_config(tmp / "agent.toml", tmp / "var", extra=SERVE_WEB)
-    db = open_database(load_settings(config))
+    settings = load_settings(config)
+    db = open_database(settings)
     add_users(db)
     web_port = free_port()
     with pytest.MonkeyPatch.context() as mp:
@@ -334,7 +420,7 @@ def serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serve]:
     try:
         url = f"http://127.0.0.1:{web_port}"
         wait_for(lambda: _answers(f"{url}/healthz"), timeout_s=30, what="web answering")
-        yield Serve(proc, url, db, tmp / "serve.log")
+        yield Serve(proc, url, db, tmp / "serve.log", settings)
         log = (tmp / "serve.log").read_text()
         assert "Traceback" not in log and "Exception in ASGI" not in log, log[-3000:]
     finally:
@@ -370,6 +456,13 @@ def test_a_200_mb_form_to_login_gets_413_and_serve_stays_small(serve: Serve) -> 
         raw.sendall(
             b"POST /login HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
             b"Content-Length: 524288000\r\n\r\n--b\r\n"
+        )
+        assert _read_all(raw).startswith(b"HTTP/1.1 415")
+    # the same behind a harmless first Content-Type, on the real server
+    with socket.create_connection(("127.0.0.1", int(serve.url.rsplit(":", 1)[1])), timeout=10) as raw:
+        raw.sendall(
+            b"POST /login HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+            b"Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 524288000\r\n\r\n--b\r\n"
         )
         assert _read_all(raw).startswith(b"HTTP/1.1 415")
 
@@ -417,12 +510,14 @@ def test_x_forwarded_for_counts_only_from_a_trusted_proxy(serve: Serve) -> None:
     with serve.client("127.0.0.2", headers={"X-Forwarded-For": "198.51.100.9"}) as proxy:
         attempt(proxy, "xff-from-proxy", "a-wrong-guess")
     clients = {
-        (e.detail or {}).get("username"): (e.detail or {}).get("client")
+        (e.detail or {}).get("username_sha256"): (e.detail or {}).get("client")
         for e in audit(serve.db)
         if e.event_code == "110122"
     }
-    assert clients["xff-from-anyone"] == "127.0.0.1"  # the header of an untrusted address is ignored
-    assert clients["xff-from-proxy"] == "198.51.100.9"
+    salt = serve.settings.agent.site_salt
+    # the header of an untrusted address is ignored
+    assert clients[typed_name_hash("xff-from-anyone", salt)] == "127.0.0.1"
+    assert clients[typed_name_hash("xff-from-proxy", salt)] == "198.51.100.9"
 
 
 def test_malformed_cookie_and_huge_integers_on_the_real_server(serve: Serve) -> None:

@@ -236,6 +236,25 @@ def test_probabilities_are_shown_as_the_filter_compares_them(app: Any, seeded: S
     assert ">1.00<" not in page and ">1.000<" not in page
 
 
+def test_the_csv_export_shows_probabilities_as_the_page_does(app: Any, seeded: Seeded) -> None:
+    """Three decimals rounded down, as on the page: 0.99996 is 0.999 (not 1.0), 0.5378 is 0.537."""
+    db = seeded.agent.db
+    before = {pid: patient(db, pid).probability for pid in ("WEBP-0001", "WEBP-0002")}
+    set_patient(db, "WEBP-0001", probability=0.99996)
+    set_patient(db, "WEBP-0002", probability=0.5378)
+    try:
+        client = login(app, "vera")
+        r = client.get("/flagged/export.csv")
+        rows = {row["patient_id"]: row for row in csv.DictReader(io.StringIO(r.content.decode("utf-8-sig")))}
+        assert rows["WEBP-0001"]["probability"] == "0.999"
+        assert rows["WEBP-0002"]["probability"] == "0.537"
+        shown = {name: row[4] for name, row in worklist_cells(client.get("/flagged").text).items()}
+        assert {"0.999", "0.537"} <= set(shown.values())  # the same figures as the page
+    finally:
+        for pid, p in before.items():
+            set_patient(db, pid, probability=p)
+
+
 # -- 6 and 7: sort mark, thresholds ---------------------------------------------------------
 def test_the_sorted_column_is_marked_with_direction_and_an_accessible_label(app: Any, seeded: Seeded) -> None:
     client = login(app, "vera")
@@ -481,17 +500,39 @@ def test_the_patient_page_shows_the_overlay_as_a_small_private_jpeg_with_the_png
 
 
 def test_the_overlay_jpeg_may_be_kept_privately_by_the_browser(app: Any, seeded: Seeded) -> None:
-    """Private (this browser only, never a shared cache) for a while: going back to a patient does
-    not fetch the overlays again. Every other answer with patient data stays no-store."""
+    """Private (this browser only, never a shared cache) and asked for again at every view
+    (no-cache): an unchanged image is a 304 without a body, answered only after the login, the role
+    check and the audit of the view, as a 200 is. Every other answer with patient data stays no-store."""
+    db = seeded.agent.db
     client = login(app, "vera")
-    page = client.get(f"/patients/{patient(seeded.agent.db, 'WEBP-0001').id}")
+    page = client.get(f"/patients/{patient(db, 'WEBP-0001').id}")
     assert page.headers["cache-control"] == "no-store"
     src = re.findall(r'<img class="overlay" src="(/results/\d+/overlay\.jpg)"', page.text)[0]
-    cache = client.get(src).headers["cache-control"]
-    assert cache == "private, max-age=600", (
+    rid = src.split("/")[2]
+
+    def views() -> int:
+        return sum(1 for e in rows_of(db, AuditEvent) if e.object_type == "result" and e.object_id == rid)
+
+    first = client.get(src)
+    cache = first.headers["cache-control"]
+    assert cache == "private, no-cache", (
         f"Cache-Control {cache!r}: the security-headers middleware of agent/web/app.py must keep the "
         "route's private Cache-Control for /results/<id>/overlay.jpg"
     )
+    assert "pragma" not in first.headers
+    etag = first.headers["etag"]
+    assert etag.startswith('"') and etag.endswith('"')
+    before = views()
+    again = client.get(src, headers={"If-None-Match": etag})
+    assert again.status_code == 304 and again.content == b""
+    assert again.headers["etag"] == etag and again.headers["cache-control"] == "private, no-cache"
+    assert views() == before + 1  # the repeat view is audited like the first
+    other = client.get(src, headers={"If-None-Match": '"something-else"'})
+    assert other.status_code == 200 and other.content == first.content
+    # no 304 without the login or the role, whatever the browser offers
+    anonymous = TestClient(app).get(src, headers={"If-None-Match": etag}, follow_redirects=False)
+    assert anonymous.status_code in (401, 303)
+    assert login(app, "audrey").get(src, headers={"If-None-Match": etag}).status_code == 403
     assert client.get(src.replace(".jpg", ".png")).headers["cache-control"] == "no-store"
 
 
@@ -623,3 +664,18 @@ def test_cli_csv_neutralises_formulas_and_formats_dates(
         assert rows[pid]["patient_name"] == "'" + name
         assert rows[pid]["t_score"] == "-2.1"
         assert re.fullmatch(r"\d{4}-\d{2}-\d{2}", rows[pid]["last_study_date"])
+
+
+def test_dates_out_of_range_are_a_bad_filter_not_a_missing_page(app: Any) -> None:
+    """A date picker offers 9999-12-31; the queries add a day to the last date: 400, never 404."""
+    viewer, auditor = login(app, "vera"), login(app, "audrey")
+    for q in ("date_to=9999-12-31", "date_from=0001-01-01", "date_from=2024-01-01&date_to=2201-01-01"):
+        r = viewer.get(f"/flagged?{q}")
+        assert r.status_code == 400 and "Check the date" in r.text, q
+        assert viewer.get(f"/flagged/export.csv?{q}").status_code == 400, q
+        r = auditor.get(f"/audit?{q}")
+        assert r.status_code == 400 and "Check the date" in r.text, q
+    for q in ("date_from=1900-01-01&date_to=2200-12-31", "date_to=2024-02-29"):
+        assert viewer.get(f"/flagged?{q}").status_code == 200, q
+        assert viewer.get(f"/flagged/export.csv?{q}").status_code == 200, q
+        assert auditor.get(f"/audit?{q}").status_code == 200, q

@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import re
-from datetime import date
 from urllib.parse import urlencode
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import RedirectResponse
+from starlette.concurrency import run_in_threadpool
 
 from agent.audit.trail import EVENTS
 from agent.db import worklist
 from agent.db.engine import Database
 from agent.db.users import SessionView
-from agent.db.worklist import AuditFilter, record_access, shown_number
+from agent.db.worklist import AuditFilter, filter_date, record_access, shown_number
 from agent.domain import OUTBOX_BACKLOG
 from agent.queue import outbox, screening, store
 from agent.web.auth import AdminSession, AnySession, AuditorSession, check_csrf
@@ -106,6 +106,10 @@ def _replay_studies(db: Database, sess: SessionView, items: dict[int, int], scop
 @router.post("/dead-letters/{item_id}/replay")
 async def replay(item_id: int, request: Request, sess: AdminSession) -> Response:
     await check_csrf(request, sess)
+    return await run_in_threadpool(_replay_one, request, sess, item_id)  # writes: off the event loop
+
+
+def _replay_one(request: Request, sess: SessionView, item_id: int) -> Response:
     db = request.app.state.ctx.db
     study_id = worklist.dead_letter_study(db, item_id)
     if study_id is None:
@@ -125,6 +129,10 @@ async def replay_many(request: Request, sess: AdminSession) -> Response:
     else:
         field, values = "selected", [v for v in form.getlist("item") if isinstance(v, str)]
     ids = [int(v) for v in values[:DEAD_PER_PAGE] if _ROW_ID.fullmatch(v.strip())]
+    return await run_in_threadpool(_replay_ids, request, sess, ids, field)  # writes: off the event loop
+
+
+def _replay_ids(request: Request, sess: SessionView, ids: list[int], field: str) -> Response:
     if not ids:
         error = "Tick the dead letters to replay, or use Replay all shown."
         return _dead_letters_page(request, 1, error=error, status_code=400)
@@ -141,11 +149,14 @@ async def replay_many(request: Request, sess: AdminSession) -> Response:
 async def discard(item_id: int, request: Request, sess: AdminSession) -> Response:
     form = await check_csrf(request, sess)
     reason = form.get("reason", "").strip()[:500]
-    db = request.app.state.ctx.db
+    return await run_in_threadpool(_discard, request, sess, item_id, reason)  # writes: off the event loop
+
+
+def _discard(request: Request, sess: SessionView, item_id: int, reason: str) -> Response:
     if not reason:
         error = "Give a reason for discarding."
         return _dead_letters_page(request, _page_number(request), error=error, status_code=400)
-    ok = outbox.discard_dead(db, item_id, sess.user.username, reason)
+    ok = outbox.discard_dead(request.app.state.ctx.db, item_id, sess.user.username, reason)
     return RedirectResponse(f"/dead-letters?done={'discarded' if ok else 'gone'}", status_code=303)
 
 
@@ -184,8 +195,8 @@ def _audit_filter(request: Request) -> AuditFilter:
         raise _BadAuditFilter("event")
     actor = q.get("actor", "").strip()[:128] or None
     try:
-        date_from = date.fromisoformat(q["date_from"]) if q.get("date_from", "").strip() else None
-        date_to = date.fromisoformat(q["date_to"]) if q.get("date_to", "").strip() else None
+        date_from = filter_date(q["date_from"].strip()) if q.get("date_from", "").strip() else None
+        date_to = filter_date(q["date_to"].strip()) if q.get("date_to", "").strip() else None
     except ValueError:
         raise _BadAuditFilter("date") from None
     return AuditFilter(kind, actor, date_from, date_to)

@@ -8,12 +8,12 @@ from __future__ import annotations
 import csv
 import io
 from collections.abc import Mapping
-from datetime import date
 from pathlib import Path
 from urllib.parse import urlencode
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import RedirectResponse
+from starlette.concurrency import run_in_threadpool
 
 from agent.clock import utcnow
 from agent.db import worklist
@@ -25,6 +25,7 @@ from agent.db.worklist import (
     SORTS,
     FlaggedFilter,
     FollowUpInvalid,
+    filter_date,
     record_access,
     shown_number,
     shown_probability,
@@ -36,8 +37,9 @@ from agent.web.render import render
 
 router = APIRouter()
 PER_PAGE = 25
-# the patient page's overlay: a JPEG the browser may keep for this long, for this user only
-OVERLAY_MAX_AGE_S = 600
+# the patient page's overlay: the browser may keep it for this user only, and must ask each time
+# (an unchanged image is then a 304): every view is audited, and none outlives the session unasked
+OVERLAY_CACHE_CONTROL = "private, no-cache"
 SORT_LABELS = {
     "name": "Patient",
     "probability": "Probability",
@@ -65,8 +67,11 @@ def _parse_filter(request: Request) -> FlaggedFilter:
     if severity and severity not in SEVERITIES:
         raise BadFilter("severity")
     try:
-        date_from = date.fromisoformat(q["date_from"]) if opt("date_from") else None
-        date_to = date.fromisoformat(q["date_to"]) if opt("date_to") else None
+        date_from = filter_date(q["date_from"]) if opt("date_from") else None
+        date_to = filter_date(q["date_to"]) if opt("date_to") else None
+    except ValueError:
+        raise BadFilter("date") from None
+    try:
         min_p = float(q["min_probability"]) if opt("min_probability") else None
         page = max(1, int(q.get("page") or 1))
     except ValueError:
@@ -182,7 +187,7 @@ def export_csv(request: Request, sess: PhiSession) -> Response:
                 ),
                 r.status,
                 r.severity,
-                round(r.probability, 4),
+                shown_probability(r.probability),  # as the page shows it: 3 decimals, rounded down
                 round(r.t_score, 2),
                 spreadsheet_cell(format_da(r.last_study_date)),
                 r.first_flagged_at.isoformat(timespec="seconds"),
@@ -298,15 +303,26 @@ def overlay(result_id: int, request: Request, sess: PhiSession) -> Response:
 @router.get("/results/{result_id}/overlay.jpg")
 def overlay_jpeg(result_id: int, request: Request, sess: PhiSession) -> Response:
     """The overlay the patient page shows: a downscaled JPEG, built once per stored file and kept
-    in a bounded cache; the browser may keep it privately (patient data: never ``public``)."""
-    path = _overlay_file(request, sess, result_id)
+    in a bounded cache. The browser may keep it for this user (``private``: patient data, never
+    ``public``) but asks again each time (``no-cache``): every view is checked and audited, and
+    an unchanged image (``If-None-Match`` matching its ETag) is answered 304 without a body."""
+    path = _overlay_file(request, sess, result_id)  # login, role and the audit of the view first
     if path is None:
         return Response("not found", status_code=404, media_type="text/plain")
-    return Response(
-        images.overlay_jpeg(path),
-        media_type="image/jpeg",
-        headers={"Cache-Control": f"private, max-age={OVERLAY_MAX_AGE_S}"},
-    )
+    stat = path.stat()
+    etag = f'"{result_id}-{stat.st_mtime_ns:x}-{stat.st_size:x}"'
+    headers = {"Cache-Control": OVERLAY_CACHE_CONTROL, "ETag": etag}
+    if _etag_matches(request.headers.get("if-none-match"), etag):
+        return Response(status_code=304, headers=headers)
+    return Response(images.overlay_jpeg(path), media_type="image/jpeg", headers=headers)
+
+
+def _etag_matches(if_none_match: str | None, etag: str) -> bool:
+    """Whether an If-None-Match header names ``etag`` (weak comparison, as RFC 9110 asks)."""
+    if not if_none_match:
+        return False
+    tags = [t.strip().removeprefix("W/") for t in if_none_match.split(",")]
+    return "*" in tags or etag in tags
 
 
 @router.post("/patients/{flagged_id}/follow-up")
@@ -317,6 +333,11 @@ async def follow_up(flagged_id: int, request: Request, sess: PhiSession) -> Resp
         "note": form.get("note", "").strip()[:2000],
         "measured_t_score": form.get("measured_t_score", "").strip()[:32],
     }
+    # the database writes (and a page that reads it) wait for the writer lock: off the event loop
+    return await run_in_threadpool(_follow_up, request, sess, flagged_id, submitted)
+
+
+def _follow_up(request: Request, sess: SessionView, flagged_id: int, submitted: dict[str, str]) -> Response:
     raw_t = submitted["measured_t_score"]
     try:
         measured = float(raw_t) if raw_t else None
