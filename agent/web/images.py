@@ -138,28 +138,11 @@ def trend_figure(points: list[TrendPoint], threshold: float | None = None) -> Fi
     ax.set_ylabel("probability")
     ax2 = ax.twinx()
     ax2.plot(x, [p.t_score for p in points], "s--", color="#1f4e79", label="estimated T-score")
-    ax2.axhline(-1.0, color="#888888", linewidth=0.8)
-    ax2.axhline(-2.5, color="#444444", linewidth=0.8)
-    ax2.text(
-        1.0,
-        -1.0,
-        " -1.0 osteopenia",
-        transform=ax2.get_yaxis_transform(),
-        fontsize=6,
-        va="bottom",
-        ha="right",
-        color="#666666",
-    )
-    ax2.text(
-        1.0,
-        -2.5,
-        " -2.5 osteoporosis",
-        transform=ax2.get_yaxis_transform(),
-        fontsize=6,
-        va="bottom",
-        ha="right",
-        color="#444444",
-    )
+    thresholds = ((-1.0, "osteopenia", "#888888", "#666666"), (-2.5, "osteoporosis", "#444444", "#444444"))
+    for t, label, line, text in thresholds:
+        ax2.axhline(t, color=line, linewidth=0.8)
+        ax2.text(1.0, t, f" {t:.1f} {label}", transform=ax2.get_yaxis_transform(), fontsize=6, va="bottom",
+                 ha="right", color=text)  # fmt: skip
     ts = [p.t_score for p in points] or [0.0]
     ax2.set_ylim(min(-4.0, min(ts) - 0.5), max(2.0, max(ts) + 0.5))
     ax2.set_ylabel("T-score")
