@@ -23,7 +23,7 @@ from pydicom import dcmread
 from agent.config import Settings
 from agent.db.engine import Database
 from agent.domain import Findings, ServedModel
-from agent.errors import HelperClosed, StorageError
+from agent.errors import HelperClosed, StorageError, reason_of
 from agent.logging import get_logger
 from agent.queue import screening
 from agent.queue.outbox import write_object
@@ -103,7 +103,7 @@ class StudyReporter:
     def _failed(self, ready: screening.ReadyStudy, exc: Exception) -> None:
         """Count the failure against this study (retried later, or given up) and log it once."""
         self.failures += 1
-        reason = screening.report_failure_reason(exc)  # never str(exc): it may quote an element value
+        reason = reason_of(exc)  # never str(exc): it may hold an element value
         try:
             failure = screening.record_report_failure(self.db, ready, reason, self.jitter())
         except StorageError:

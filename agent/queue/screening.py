@@ -27,7 +27,6 @@ from agent.db.models import (
     StudyReportFailure,
 )
 from agent.domain import AlgorithmInfo, Findings, JobState, ServedModel
-from agent.errors import AgentError, reason_of
 from agent.queue import outbox
 from agent.queue.outbox import OutgoingObject
 
@@ -255,15 +254,6 @@ def record_report(
         return True
 
 
-def report_failure_reason(exc: BaseException) -> str:
-    """Why an SR build failed, without any element value (PHI): the agent's own errors by their
-    wording (a BuildError's text was made by ``agent.errors.reason_of`` where the build failed);
-    any other error (raised in the sweep itself) only by its class and a fixed text."""
-    if isinstance(exc, AgentError):  # BuildError, a helper that died or timed out: our own wording
-        return reason_of(exc)
-    return f"{exc.__class__.__name__}: the SR could not be built"
-
-
 @dataclass(frozen=True)
 class ReportFailure:
     attempts: int  # failed builds of the study's SR so far (a later instance starts them afresh)
@@ -281,7 +271,7 @@ def record_report_failure(
     max_s: float = SR_RETRY_MAX_S,
 ) -> ReportFailure:
     """Count a failed SR build against this study alone: tried again after a backoff, given up
-    (and audited) at the ``max_attempts``-th. ``reason`` must hold no element value (``report_failure_reason``);
+    (and audited) at the ``max_attempts``-th. ``reason`` must hold no element value (``agent.errors.reason_of``);
     ``jitter`` in [0, 1) spreads the retries."""
     now = utcnow()
     with db.transaction() as s:

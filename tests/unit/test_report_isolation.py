@@ -204,7 +204,7 @@ def test_a_failing_sr_does_not_hold_up_a_later_study(reporter: StudyReporter, bu
         assert [o.kind for o in s.execute(select(OutboxItem)).scalars()] == ["sr"]
     failure = _failure(reporter.db, bad)
     assert failure is not None and failure.state == REPORT_RETRY and failure.attempts == 1
-    assert failure.last_error == "AttributeError: the SR could not be built"
+    assert failure.last_error == "AttributeError"
     # logged once, by hashed UID, with the redacted reason; the good study as before
     failed = [line for line in log.splitlines() if "report_failed" in line]
     assert len(failed) == 1, log
@@ -254,7 +254,7 @@ def test_a_failing_sr_backs_off_then_is_given_up_audited_and_shown_without_phi(
     (event,) = events
     assert event.object_id == str(_study_id(reporter.db, bad)) and event.outcome == 8
     assert event.detail == {"change": "report_dead", "revision": 1, "attempts": screening.SR_MAX_ATTEMPTS,
-                            "reason": "AttributeError: the SR could not be built"}  # fmt: skip
+                            "reason": "AttributeError"}  # fmt: skip
     # on the status page: counts and the study's ids, attempts and reason, no patient data
     summary = status_summary(reporter.db)
     assert (summary.reports_dead, summary.reports_retrying) == (1, 0)
@@ -265,9 +265,9 @@ def test_a_failing_sr_backs_off_then_is_given_up_audited_and_shown_without_phi(
         REPORT_DEAD,
         screening.SR_MAX_ATTEMPTS,
     )
-    assert line.reason == "AttributeError: the SR could not be built"
+    assert line.reason == "AttributeError"
     page = _status_block(summary)
-    assert 'id="sr-dead">1<' in page and "AttributeError: the SR could not be built" in page
+    assert 'id="sr-dead">1<' in page and "AttributeError" in page
     assert hash_uid(bad) in page and bad not in page
     _no_phi(log + repr(summary) + page + repr(event.detail))
 
