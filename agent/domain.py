@@ -138,7 +138,8 @@ class ServedModel:
 
 @dataclass(frozen=True)
 class Findings:
-    """STR-Net's answer for one screened image. ``saliency`` is (H, W) in [0, 1] or None."""
+    """STR-Net's answer for one screened image. ``saliency`` is (H, W) in [0, 1] or None, over
+    ``region`` of the source image."""
 
     probability: float  # calibrated P(bone loss)
     threshold: float  # the served operating threshold
@@ -151,3 +152,7 @@ class Findings:
     interval_coverage: float  # nominal coverage of that interval, e.g. 0.9
     algorithm: AlgorithmInfo
     saliency: Any = None  # numpy array; Any keeps numpy out of the domain types
+    # the square the model assessed, in the source image's pixel coordinates (row0, col0, row1,
+    # col1; ends exclusive; may reach past the edges when the film was padded); the saliency map
+    # covers exactly this square. None: not known (results recorded before it was kept).
+    region: tuple[int, int, int, int] | None = None

@@ -24,7 +24,7 @@ import numpy as np
 
 from model.io import read_pixels
 
-__all__ = ["PreprocessSpec", "crop_resize", "preprocess", "preprocess_file", "resize_mask"]
+__all__ = ["PreprocessSpec", "crop_box", "crop_resize", "preprocess", "preprocess_file", "resize_mask"]
 
 _CROPS = ("center", "full")
 _NORMS = ("percentile", "none")
@@ -100,18 +100,29 @@ def _validate(pixels: np.ndarray) -> np.ndarray:
     return arr
 
 
-def _square(arr: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
-    h, w = arr.shape
+def crop_box(shape: tuple[int, ...], spec: PreprocessSpec) -> tuple[int, int, int, int]:
+    """The square the network sees, in the image's own pixel coordinates: (row0, col0, row1,
+    col1), ends exclusive. For ``"full"`` the square reaches past the short side's edges (the
+    padding). The agent reports it as the assessed region and places the saliency map on it."""
+    h, w = int(shape[0]), int(shape[1])
     if spec.crop == "center":
         side = max(1, int(round(spec.crop_fraction * min(h, w))))
         r0, c0 = (h - side) // 2, (w - side) // 2
-        return arr[r0 : r0 + side, c0 : c0 + side]
-    side = max(h, w)
+    else:
+        side = max(h, w)
+        r0, c0 = -((side - h) // 2), -((side - w) // 2)
+    return r0, c0, r0 + side, c0 + side
+
+
+def _square(arr: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    h, w = arr.shape
+    r0, c0, r1, c1 = crop_box(arr.shape, spec)
+    if spec.crop == "center":
+        return arr[r0:r1, c0:c1]
     if h == w:
         return arr
-    out = np.full((side, side), np.median(arr), dtype=np.float32)
-    r0, c0 = (side - h) // 2, (side - w) // 2
-    out[r0 : r0 + h, c0 : c0 + w] = arr
+    out = np.full((r1 - r0, c1 - c0), np.median(arr), dtype=np.float32)
+    out[-r0 : -r0 + h, -c0 : -c0 + w] = arr
     return out
 
 

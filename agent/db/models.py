@@ -139,6 +139,8 @@ class Result(Base):
     model_version: Mapped[str] = mapped_column(String(64))
     checkpoint_sha256: Mapped[str] = mapped_column(String(64))
     overlay_sop_instance_uid: Mapped[str | None] = mapped_column(String(64))
+    # [row0, col0, row1, col1] of the square the model assessed (Findings.region); the SR draws it
+    assessed_region: Mapped[list | None] = mapped_column(JSON)
     timings_ms: Mapped[dict | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import and_, delete, func, or_, select, update
 
@@ -52,6 +53,7 @@ def store_findings(result: Result, findings: Findings) -> None:
     result.t_score_high = findings.t_score_high
     result.model_version = findings.algorithm.version
     result.checkpoint_sha256 = findings.algorithm.checkpoint_sha256
+    result.assessed_region = None if findings.region is None else [int(v) for v in findings.region]
 
 
 def findings_of(result: Result, served: ServedModel) -> Findings:
@@ -68,7 +70,15 @@ def findings_of(result: Result, served: ServedModel) -> Findings:
         t_score_high=result.t_score_high,
         interval_coverage=served.tscore_coverage,
         algorithm=AlgorithmInfo(served.algorithm.name, result.model_version, result.checkpoint_sha256),
+        region=_region(result.assessed_region),
     )
+
+
+def _region(stored: Any) -> tuple[int, int, int, int] | None:
+    if not isinstance(stored, list) or len(stored) != 4:
+        return None
+    r0, c0, r1, c1 = (int(v) for v in stored)
+    return r0, c0, r1, c1
 
 
 def record_screening(

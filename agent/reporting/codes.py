@@ -22,7 +22,10 @@ MAXIMUM = Code("56851009", "SCT", "Maximum")  # CID 7464 derivation: the study s
 
 # ---- standard: concept names ------------------------------------------------------------------
 
-FINDING = Code("121071", "DCM", "Finding")  # TID 1501 row "Finding" (highdicom finding_type)
+FINDING = Code("121071", "DCM", "Finding")  # TID 1410 row "Finding" (highdicom finding_type)
+IMPRESSION = Code("121073", "DCM", "Impression")  # the report's plain-text statement
+QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")  # TID 1500 row 12
+IMAGE_REGION = Code("111030", "DCM", "Image Region")  # TID 1410 row 7, the assessed square
 SEVERITY = Code("246112005", "SCT", "Severity")  # SNOMED attribute; value Osteopenia/Osteoporosis
 PROBABILITY = Code("122157", "DCM", "Probability")  # calibrated P(bone loss), unit 1
 THRESHOLD = Code("122411", "DCM", "Threshold Value")  # the served operating threshold, unit 1
@@ -44,7 +47,7 @@ REPORT_TITLE = Code("126000", "DCM", "Imaging Measurement Report")  # CID 7021 (
 
 # ---- units (UCUM) -----------------------------------------------------------------------------
 
-UNIT_ONE = Code("1", "UCUM", "no units")  # probabilities, thresholds, coverage
+UNIT_PERCENT = Code("%", "UCUM", "percent")  # probabilities, threshold, interval coverage
 UNIT_T_SCORE = Code("{T-score}", "UCUM", "T-score")  # UCUM annotation: dimensionless, labelled
 
 # ---- private (99STRNET): no standard concept exists -------------------------------------------
@@ -57,8 +60,8 @@ BONE_LOSS_SUSPECTED = Code("BONE-LOSS", SCHEME, "Bone loss suspected")
 # The model's estimate of the DXA T-score from the radiograph (no DXA was done).
 ESTIMATED_T_SCORE = Code("T-SCORE-EST", SCHEME, "Estimated T-score")
 # Bounds and nominal coverage of the split-conformal interval around the estimated T-score.
-T_SCORE_LOWER = Code("T-SCORE-LO", SCHEME, "Estimated T-score interval lower bound")
-T_SCORE_UPPER = Code("T-SCORE-HI", SCHEME, "Estimated T-score interval upper bound")
+T_SCORE_LOWER = Code("T-SCORE-LO", SCHEME, "Estimated T-score lower bound")
+T_SCORE_UPPER = Code("T-SCORE-HI", SCHEME, "Estimated T-score upper bound")
 INTERVAL_COVERAGE = Code("T-SCORE-COV", SCHEME, "Estimated T-score interval nominal coverage")
 # Measurement Method of DCM 122157 "Probability": says what it is the probability of (beside a
 # Finding "Osteopenia", a bare "Probability" reads as P(osteopenia)).

@@ -1,10 +1,18 @@
 """The study's screening report: a TID 1500 Measurement Report in a Comprehensive 3D SR.
 
-One measurement group (TID 1501) per screened image, referencing it, plus
-one study-level summary group; evidence = the source images, so the SR lands in the source study
-with the patient and study modules copied (as reporting/source.py reads them: normalised, or left
-empty where a value cannot be read; UTF-8). UNVERIFIED / PRELIMINARY (highdicom's defaults), and
-every UID derived (reporting/uids.py), so a rebuilt report is the same instance to PACS.
+One planar ROI group (TID 1410) per screened image: its image region is the square the model
+assessed (a closed POLYLINE on the source image), and the first measurement is INFERRED FROM the
+same region, which is what image viewers need to draw it (OHIF v3 hydrates exactly this shape as
+a rectangle labelled with the finding; docs/viewing-results.md). The study summary and a
+plain-text impression sit in the document's Qualitative Evaluations container (TID 1500 row 12),
+not in a measurement group: a group without an image region stops OHIF loading the whole report.
+Every container is SEPARATE, so text renderers (dsr2html) print each value with its name.
+
+Evidence = the source images, so the SR lands in the source study with the patient and study
+modules copied (as reporting/source.py reads them: normalised, or left empty where a value cannot
+be read; UTF-8). UNVERIFIED / PRELIMINARY (highdicom's defaults), Contributing Equipment and the
+observer device name the model (reporting/equipment.py, IHE AIR), and every UID is derived
+(reporting/uids.py), so a rebuilt report is the same instance to PACS.
 """
 
 from __future__ import annotations
@@ -12,17 +20,20 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from contextlib import nullcontext
+from datetime import datetime
 
 import highdicom as hd
+import numpy as np
 from pydicom import Dataset
 from pydicom.sr.codedict import codes as std
 from pydicom.sr.coding import Code
 from pydicom.uid import Comprehensive3DSRStorage, ExplicitVRLittleEndian
 
 from agent.compat import highdicom_internals, warn_once
-from agent.domain import Findings
+from agent.domain import AlgorithmInfo, Findings
 from agent.logging import get_logger
 from agent.reporting import codes
+from agent.reporting.equipment import contributing_equipment, device_uid, identify, model_name
 from agent.reporting.source import reference_dataset
 from agent.reporting.uids import result_uid, sr_input
 
@@ -53,6 +64,7 @@ def build_sr(
     series_number: int = 9901,
     instance_number: int = 1,
     manufacturer: str = "strnet-agent",
+    now: datetime | None = None,
 ) -> Dataset:
     """Build the screening SR of one study.
 
@@ -62,12 +74,15 @@ def build_sr(
         The screened images (datasets with patient/study modules), all of one study. The SR copies
         their values as ``reference_dataset`` reads them (agent/reporting/source.py), never as is.
     findings
-        STR-Net's answer per image, in the order of ``sources``.
+        STR-Net's answer per image, in the order of ``sources``; ``region`` is drawn as the
+        assessed square (the whole image when it is None).
     revision
         1 for the first report of the study, +1 for each later one (late instances).
     predecessor
         (StudyInstanceUID, SeriesInstanceUID, SOPInstanceUID) of the report this one replaces;
         referenced in PredecessorDocumentsSequence so nothing is silently overwritten.
+    now
+        When the report is made (local time, as DICOM dates are): Series and Content Date/Time.
 
     Raises
     ------
@@ -90,6 +105,7 @@ def build_sr(
         for field in _NUMERIC_FIELDS:
             if not math.isfinite(getattr(f, field)):  # NaN would reach PACS as a number
                 raise ValueError(f"findings[{i}].{field} is not finite")
+    now = (now or datetime.now()).replace(microsecond=0)
     # what the SR copies (patient, study, equipment) and references (the images' UIDs), each value
     # read leniently: a value the hospital sent can never make the SR invalid (reporting/source.py)
     refs = [reference_dataset(ds) for ds in sources]
@@ -101,18 +117,17 @@ def build_sr(
         parameters=[f"checkpoint_sha256={algorithm.checkpoint_sha256}"],
     )
 
-    groups = [
-        _image_group(ds, f, algorithm_id, version) for ds, f in zip(refs, findings, strict=True)
-    ]
-    groups.append(_summary_group(refs, findings, algorithm_id, version, study_uid, revision))
+    groups = [_image_group(ds, f, algorithm_id, version) for ds, f in zip(refs, findings, strict=True)]
     report = hd.sr.MeasurementReport(
-        observation_context=_observation_context(algorithm.name, version, manufacturer),
+        observation_context=_observation_context(algorithm, manufacturer),
         procedure_reported=codes.PLAIN_XRAY_KNEE,
         imaging_measurements=groups,
         title=codes.REPORT_TITLE,
     )
     previous = [_predecessor_ref(*predecessor)] if predecessor is not None else None
     root = report[0]
+    root.ContentSequence.append(_study_summary(refs, findings))
+    _separate(root)
     # highdicom deep-copies the content to parse the copy for its ``content`` property (a third of
     # the build: 80 of 265 ms for a three-image study). This tree is built for this SR alone and
     # never used again, so it may be parsed in place: the encoded SR is the same to the byte
@@ -130,9 +145,15 @@ def build_sr(
             previous_versions=previous,
             transfer_syntax_uid=ExplicitVRLittleEndian,
             series_description=DESCRIPTION,
+            contributing_equipment=[contributing_equipment(algorithm, manufacturer, now)],
+            content_date=now.date(),
+            content_time=now.time(),
+            series_date=now.date(),
+            series_time=now.time(),
         )
     if kept is not None and (missing := kept.missing()) is not None:  # highdicom copied another way
         warn_once(log, missing)
+    identify(sr, algorithm)
     # SOP Common: declare our private coding scheme so a reader can tell whose codes these are.
     sr.CodingSchemeIdentificationSequence = [codes.coding_scheme_identification()]
     return sr
@@ -143,9 +164,27 @@ def _num(value: float, ndigits: int) -> float:
     return round(float(value), ndigits)
 
 
+def _percent(value: float) -> float:
+    """A probability in [0, 1] as a percentage with two decimals (what a reader sees in a viewer's
+    measurement label: "Probability: 87.31 %", not "0.87 1")."""
+    return round(float(value) * 100.0, 2)
+
+
 def _laterality(ds: Dataset) -> str | None:
     value = ds.get("ImageLaterality") or ds.get("Laterality")
     return str(value) if value in codes.LATERALITY else None
+
+
+_SIDE_WORDS = {"L": "Left", "R": "Right", "B": "Both"}
+
+
+def image_label(ds: Dataset) -> str:
+    """What a reader calls the image: "Right knee AP", "Knee" when side and view are unknown."""
+    laterality = _laterality(ds)
+    view = str(ds.get("ViewPosition") or "").strip()
+    side = _SIDE_WORDS.get(laterality or "")
+    knee = f"{side} knee" if side and side != "Both" else ("Both knees" if side else "Knee")
+    return f"{knee} {view}".strip()
 
 
 def _finding_site(laterality: str | None) -> hd.sr.FindingSite:
@@ -153,14 +192,26 @@ def _finding_site(laterality: str | None) -> hd.sr.FindingSite:
     return hd.sr.FindingSite(anatomic_location=codes.KNEE, laterality=lat_code)
 
 
+def _assessed_square(ds: Dataset, f: Findings) -> np.ndarray:
+    """The assessed square as a closed POLYLINE of (column, row) points on the source image,
+    clipped to it (SCOORD pixel coordinates: (0, 0) is the top left corner of the first pixel)."""
+    rows, cols = int(ds.get("Rows") or 1), int(ds.get("Columns") or 1)
+    r0, c0, r1, c1 = f.region if f.region is not None else (0, 0, rows, cols)
+    r0, r1 = max(0, min(r0, rows)), max(0, min(r1, rows))
+    c0, c1 = max(0, min(c0, cols)), max(0, min(c1, cols))
+    if r1 <= r0 or c1 <= c0:  # a region outside the image (never from the model): the whole image
+        r0, c0, r1, c1 = 0, 0, rows, cols
+    corners = [(c0, r0), (c1, r0), (c1, r1), (c0, r1), (c0, r0)]
+    return np.array(corners, dtype=np.float32)
+
+
 def _image_group(
     ds: Dataset, f: Findings, algorithm_id: hd.sr.AlgorithmIdentification, version: str
-) -> hd.sr.MeasurementsAndQualitativeEvaluations:
-    """TID 1501 group for one screened image."""
+) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
+    """TID 1410 group for one screened image, its region the assessed square."""
     laterality = _laterality(ds)
-    view = str(ds.get("ViewPosition") or "").strip()
-    label = " ".join(x for x in ("Knee", laterality or "", view) if x)
     severity = _severity_code(f)
+    square = _assessed_square(ds, f)
     qualitative = [
         hd.sr.QualitativeEvaluation(
             codes.SCREENING_RESULT, codes.BONE_LOSS_SUSPECTED if f.bone_loss else codes.NORMAL
@@ -170,10 +221,15 @@ def _image_group(
         qualitative.append(hd.sr.QualitativeEvaluation(codes.SEVERITY, severity))
     t = _num(f.t_score, 2)
     lo, hi = _num(f.t_score_low, 2), _num(f.t_score_high, 2)
+    # The order is what a viewer shows: OHIF labels a drawn region with its first five numbers,
+    # and takes the region to track from the first one's INFERRED FROM coordinates.
     measurements = [
-        hd.sr.Measurement(codes.PROBABILITY, _num(f.probability, 4), codes.UNIT_ONE, method=codes.P_BONE_LOSS_METHOD),
-        hd.sr.Measurement(codes.THRESHOLD, _num(f.threshold, 4), codes.UNIT_ONE),
-        hd.sr.Measurement(codes.P_OSTEOPOROSIS, _num(f.p_osteoporosis_given_bone_loss, 4), codes.UNIT_ONE),
+        hd.sr.Measurement(
+            codes.PROBABILITY,
+            _percent(f.probability),
+            codes.UNIT_PERCENT,
+            method=codes.P_BONE_LOSS_METHOD,
+        ),
         hd.sr.Measurement(
             codes.ESTIMATED_T_SCORE,
             t,
@@ -183,34 +239,48 @@ def _image_group(
         ),
         hd.sr.Measurement(codes.T_SCORE_LOWER, lo, codes.UNIT_T_SCORE),
         hd.sr.Measurement(codes.T_SCORE_UPPER, hi, codes.UNIT_T_SCORE),
-        hd.sr.Measurement(codes.INTERVAL_COVERAGE, _num(f.interval_coverage, 4), codes.UNIT_ONE),
+        hd.sr.Measurement(codes.THRESHOLD, _percent(f.threshold), codes.UNIT_PERCENT),
+        hd.sr.Measurement(codes.P_OSTEOPOROSIS, _percent(f.p_osteoporosis_given_bone_loss), codes.UNIT_PERCENT),
+        hd.sr.Measurement(codes.INTERVAL_COVERAGE, _percent(f.interval_coverage), codes.UNIT_PERCENT),
     ]
-    return hd.sr.MeasurementsAndQualitativeEvaluations(
+    group = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=result_uid(str(ds.SOPInstanceUID), version, "group"),
-            identifier=label,
+            identifier=image_label(ds),
+        ),
+        referenced_region=hd.sr.ImageRegion(
+            graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+            graphic_data=square,
+            source_image=hd.sr.SourceImageForRegion.from_source_image(ds),
         ),
         finding_type=severity or (codes.BONE_LOSS_SUSPECTED if f.bone_loss else codes.NORMAL),
         algorithm_id=algorithm_id,
         finding_sites=[_finding_site(laterality)],
         measurements=measurements,
         qualitative_evaluations=qualitative,
-        source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(ds)],
     )
+    # The probability is INFERRED FROM the same region (TID 300 row 8, TID 320). highdicom's
+    # TID 1410 takes no coordinates on its measurements, so they are added to the built item;
+    # OHIF v3 tracks a group only when its first measurement carries them.
+    probability = next(
+        item
+        for item in group[0].ContentSequence
+        if item.ValueType == "NUM" and item.ConceptNameCodeSequence[0].CodeValue == codes.PROBABILITY.value
+    )
+    probability.ContentSequence.append(
+        hd.sr.CoordinatesForMeasurement(
+            graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+            graphic_data=square,
+            source_image=hd.sr.SourceImageForRegion.from_source_image(ds),
+        )
+    )
+    return group
 
 
-def _summary_group(
-    sources: Sequence[Dataset],
-    findings: Sequence[Findings],
-    algorithm_id: hd.sr.AlgorithmIdentification,
-    version: str,
-    study_uid: str,
-    revision: int,
-) -> hd.sr.MeasurementsAndQualitativeEvaluations:
-    """Study-level summary: any image positive, the worst severity, the maximum probability.
-
-    No source images: TID 1501 then means "all images in the document", i.e. the study.
-    """
+def _study_summary(sources: Sequence[Dataset], findings: Sequence[Findings]) -> hd.sr.ContainerContentItem:
+    """TID 1500's Qualitative Evaluations: the study's result (positive if any image is), the worst
+    severity, and the impression in words, which names the index image (the highest P(bone
+    loss)) with its estimated T-score and interval."""
     positive = any(f.bone_loss for f in findings)
     severities = [s for s in (_severity_code(f) for f in findings) if s is not None]
     worst = (
@@ -218,37 +288,79 @@ def _summary_group(
         if codes.OSTEOPOROSIS in severities
         else (codes.OSTEOPENIA if severities else None)
     )
-    qualitative = [
-        hd.sr.QualitativeEvaluation(
-            codes.SCREENING_RESULT, codes.BONE_LOSS_SUSPECTED if positive else codes.NORMAL
+    items: list[hd.sr.ContentItem] = [
+        hd.sr.CodeContentItem(
+            name=codes.SCREENING_RESULT,
+            value=codes.BONE_LOSS_SUSPECTED if positive else codes.NORMAL,
+            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
         )
     ]
     if worst is not None:
-        qualitative.append(hd.sr.QualitativeEvaluation(codes.SEVERITY, worst))
-    # The site of a positive summary is the positive knees only; of a negative one, all screened.
-    relevant = [ds for ds, f in zip(sources, findings, strict=True) if f.bone_loss or not positive]
-    sides = {lat for lat in (_laterality(ds) for ds in relevant) if lat is not None}
-    side = "B" if {"L", "R"} <= sides or "B" in sides else (sides.pop() if sides else None)
-    max_probability = max(f.probability for f in findings)
-    return hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=result_uid(sr_input(study_uid, revision), version, "summary"),
-            identifier="Study summary",
-        ),
-        finding_type=worst or (codes.BONE_LOSS_SUSPECTED if positive else codes.NORMAL),
-        algorithm_id=algorithm_id,
-        finding_sites=[_finding_site(side)],
-        measurements=[
-            hd.sr.Measurement(
-                codes.PROBABILITY,
-                _num(max_probability, 4),
-                codes.UNIT_ONE,
-                method=codes.P_BONE_LOSS_METHOD,
-                derivation=codes.MAXIMUM,
+        items.append(
+            hd.sr.CodeContentItem(
+                name=codes.SEVERITY, value=worst, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
             )
-        ],
-        qualitative_evaluations=qualitative,
+        )
+    items.append(
+        hd.sr.TextContentItem(
+            name=codes.IMPRESSION,
+            value=impression(sources, findings),
+            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+        )
     )
+    container = hd.sr.ContainerContentItem(
+        name=codes.QUALITATIVE_EVALUATIONS,
+        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+    )
+    container.ContentSequence = hd.sr.ContentSequence(items)
+    return container
+
+
+def impression(sources: Sequence[Dataset], findings: Sequence[Findings]) -> str:
+    """The report in words, as a text renderer or a reader without a viewer sees it (at most
+    1024 characters: the TEXT value's limit is far above, this keeps it readable)."""
+    positive = any(f.bone_loss for f in findings)
+    index = max(range(len(findings)), key=lambda i: findings[i].probability)
+    top = findings[index]
+    algorithm = top.algorithm
+    result = "Bone loss suspected" if positive else "No bone loss detected"
+    lines = [
+        f"{result} ({len(findings)} image{'s' if len(findings) != 1 else ''} screened). "
+        f"Highest probability of bone loss {_p(top.probability)} ({image_label(sources[index])}), "
+        f"threshold {_p(top.threshold)}; its estimated T-score {_t(top.t_score)}, "
+        f"{top.interval_coverage:.0%} interval {_t(top.t_score_low)} to {_t(top.t_score_high)}."
+    ]
+    for ds, f in zip(sources, findings, strict=True):
+        severity = f" ({f.severity})" if f.bone_loss and f.severity else ""
+        lines.append(
+            f"{image_label(ds)}: {'bone loss suspected' if f.bone_loss else 'normal'}{severity}, "
+            f"P {_p(f.probability)}, T-score {_t(f.t_score)} [{_t(f.t_score_low)}, {_t(f.t_score_high)}]."
+        )
+    lines.append(
+        f"{algorithm.name} {algorithm.version}, not reviewed by a radiologist. "
+        "Research software, NOT FOR DIAGNOSTIC USE."
+    )
+    text = "\n".join(lines)
+    if len(text) > 1024:  # a study of many images: keep the summary, the first and the last lines
+        text = "\n".join([lines[0], *lines[1:4], "...", lines[-1]])
+    return text
+
+
+def _p(value: float) -> str:
+    return f"{value * 100:.1f} %"
+
+
+def _t(value: float) -> str:
+    return f"{round(value, 1) + 0.0:+.1f}"
+
+
+def _separate(item: Dataset) -> None:
+    """Every container SEPARATE: its items are separate statements, and text renderers print
+    each with its name (highdicom writes CONTINUOUS: dsr2html then ran the values together)."""
+    if item.get("ValueType") == "CONTAINER":
+        item.ContinuityOfContent = "SEPARATE"
+    for child in item.get("ContentSequence", []):
+        _separate(child)
 
 
 def _uncertainty(upper: float, lower: float, unit: Code) -> hd.sr.MeasurementProperties:
@@ -274,13 +386,14 @@ def _severity_code(f: Findings) -> Code | None:
     raise ValueError(f"severity must be 'osteopenia' or 'osteoporosis', not {f.severity!r}")
 
 
-def _observation_context(name: str, version: str, manufacturer: str) -> hd.sr.ObservationContext:
-    # The observer is the model (a device), not a person: nobody has read this report.
+def _observation_context(algorithm: AlgorithmInfo, manufacturer: str) -> hd.sr.ObservationContext:
+    # The observer is the model (a device), not a person: nobody has read this report. The same
+    # Device UID and model name as the Contributing Equipment item (IHE AIR).
     device = hd.sr.DeviceObserverIdentifyingAttributes(
-        uid=result_uid(name, version, "device"),
-        name=name,
+        uid=device_uid(algorithm),
+        name=algorithm.name,
         manufacturer_name=manufacturer,
-        model_name=f"{name} {version}",
+        model_name=model_name(algorithm),
     )
     return hd.sr.ObservationContext(
         observer_device_context=hd.sr.ObserverContext(

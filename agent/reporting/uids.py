@@ -24,8 +24,7 @@ KINDS: dict[str, str] = {
     "sc": "source SOP Instance UID",
     "sc-series": "study UID",
     "group": "source SOP Instance UID (tracking UID of the image's measurement group)",
-    "summary": "study UID + '#' + report revision (tracking UID of the study summary group)",
-    "device": "algorithm name (Device Observer UID of the model that made the observations)",
+    "device": "algorithm name + '#' + checkpoint SHA-256 (Device UID of the model: new weights, new device)",
 }
 
 _UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")

@@ -168,9 +168,9 @@ def test_findings_stored_in_a_result_row_read_back_the_same() -> None:
     from agent.domain import AlgorithmInfo, Findings, ServedModel
     from agent.queue import screening
 
-    for severity, bone_loss in (("osteoporosis", True), (None, False)):
+    for severity, bone_loss, region in (("osteoporosis", True, (48, -30, 300, 222)), (None, False, None)):
         found = Findings(0.8731, 0.4217, bone_loss, 0.71, severity, -2.73, -3.41, -1.96, 0.9,
-                         AlgorithmInfo("STR-Net", "v1", "ab" * 32), saliency=[[0.5]])  # fmt: skip
+                         AlgorithmInfo("STR-Net", "v1", "ab" * 32), saliency=[[0.5]], region=region)  # fmt: skip
         row = Result()
         screening.store_findings(row, found)
         served = ServedModel(AlgorithmInfo("STR-Net", "v2", "cd" * 32), 0.5, {}, 0.8, "cpu")

@@ -7,9 +7,11 @@ land in the source study with deterministic UIDs, and a later report names its p
 from __future__ import annotations
 
 import dataclasses
+import html
 import re
 import subprocess
 import warnings
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -40,15 +42,16 @@ def _findings(rng: np.random.Generator) -> list[Findings]:
     return [
         Findings(0.8731, bone_loss=True, p_osteoporosis_given_bone_loss=0.71, severity="osteoporosis",
                  t_score=-2.73, t_score_low=-3.41, t_score_high=-1.96, saliency=saliency(),
-                 **common),
+                 region=(48, 18, 252, 222), **common),
         Findings(0.6402, bone_loss=True, p_osteoporosis_given_bone_loss=0.22, severity="osteopenia",
                  t_score=-1.62, t_score_low=-2.35, t_score_high=-0.88, saliency=saliency(),
-                 **common),
+                 region=(0, -30, 300, 270), **common),
         Findings(0.1523, bone_loss=False, p_osteoporosis_given_bone_loss=0.05, severity=None,
                  t_score=-0.41, t_score_low=-1.12, t_score_high=0.33, saliency=saliency(),
                  **common),
         Findings(0.2089, bone_loss=False, p_osteoporosis_given_bone_loss=0.07, severity=None,
-                 t_score=0.12, t_score_low=-0.61, t_score_high=0.86, saliency=None, **common),
+                 t_score=0.12, t_score_low=-0.61, t_score_high=0.86, saliency=None,
+                 region=(48, 18, 252, 222), **common),
     ]  # fmt: skip
 
 
@@ -145,27 +148,113 @@ def test_dsrdump_renders_findings(study: dict[str, Any]) -> None:
         '(312894000,SCT,"Osteopenia")',
         '(17621005,SCT,"Normal")',
         '(BONE-LOSS,99STRNET,"Bone loss suspected")',
-        '"Probability")="0.8731" (1,UCUM,"no units")',
+        '"Probability")="87.31" (%,UCUM,"percent")',
         # what it is the probability of, beside a Finding that names a severity
         '"Measurement Method")=(P-BONE-LOSS,99STRNET,"Calibrated probability of bone loss (screening head)")',
-        '"Threshold Value")="0.4217"',
+        '"Threshold Value")="42.17" (%,UCUM,"percent")',
         '"Estimated T-score")="-2.73" ({T-score},UCUM,"T-score")',
-        '"Estimated T-score interval lower bound")="-3.41"',
+        '"Estimated T-score lower bound")="-3.41"',
         # TID 310's uncertainty range in the T-score's unit (highdicom would write "no units")
         '"+, range of upper measurement uncertainty")="0.77" ({T-score},UCUM,"T-score")',
         '"-, range of lower measurement uncertainty")="0.68" ({T-score},UCUM,"T-score")',
-        '"Estimated T-score interval upper bound")="-1.96"',
+        '"Estimated T-score upper bound")="-1.96"',
         '"Algorithm Name")="STR-Net"',
         '"Algorithm Version")="0.3.1-test"',
         '(7771000,SCT,"Left")',
         '(24028007,SCT,"Right")',
-        '(56851009,SCT,"Maximum")',
+        '"Tracking Identifier")="Left knee AP"',
+        '"Tracking Identifier")="Right knee LL"',
+        # the assessed region, drawn by viewers; the probability is inferred from it
+        '<contains SCOORD:(,,"Image Region")=(POLYLINE,',
+        '<inferred from SCOORD:(,,"Source")=(POLYLINE,',
+        '<contains CONTAINER:(,,"Qualitative Evaluations")=SEPARATE>',
+        '<contains TEXT:(,,"Impression")="Bone loss suspected',
         "NOT FOR DIAGNOSTIC USE",
         "UNVERIFIED",
     ):
         assert expected in text, expected
-    # One group per image plus the study summary.
-    assert text.count('CONTAINER:(,,"Measurement Group")') == len(VIEWS) + 1
+    # One planar ROI group per image; the summary is in Qualitative Evaluations, not a group
+    # (a group without an image region stops OHIF v3 loading the whole report).
+    assert text.count('CONTAINER:(,,"Measurement Group")') == len(VIEWS)
+    # every container SEPARATE: text renderers then print each value with its name
+    assert "=CONTINUOUS>" not in text and text.count("=SEPARATE>") == len(VIEWS) + 3
+
+
+def _text_of_html(path: Path) -> str:
+    html_text = path.read_text(encoding="utf-8", errors="replace")
+    text = html.unescape(re.sub(r"<[^>]+>", " ", html_text))
+    return re.sub(r"\s+", " ", text)
+
+
+def test_dsr2html_shows_names_beside_values_and_the_disclaimer(study: dict[str, Any], tmp_path: Path) -> None:
+    """What a text-rendering viewer shows (DCMTK dsr2html): each number after its name."""
+    tool = require_tool("dsr2html")
+    out = tmp_path / "sr.html"
+    proc = subprocess.run([tool, str(study["sr_path"]), str(out)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    text = _text_of_html(out)
+    assert re.search(r"Probability: 87\.31 %", text), text[:3000]
+    assert re.search(r"Estimated T-score: -2\.73 \{T-score\}", text), text[:3000]
+    assert re.search(r"Threshold Value: 42\.17 %", text)
+    assert "Impression: Bone loss suspected (4 images screened). Highest probability of bone loss 87.3 %" in text
+    assert "its estimated T-score -2.7, 90% interval -3.4 to -2.0" in text
+    assert "NOT FOR DIAGNOSTIC USE" in text.split("Impression:")[1]
+
+
+def test_the_drawn_region_is_the_assessed_square_and_the_probability_is_inferred_from_it(
+    study: dict[str, Any],
+) -> None:
+    """What OHIF v3 needs to draw and track a group: a group-level SCOORD on the source image,
+    and the same SCOORD INFERRED FROM under the group's first NUM (tests/viewer shows it drawn)."""
+    sr = hd.sr.Comprehensive3DSR.from_dataset(pydicom.dcmread(study["sr_path"]))
+    groups = sr.content.get_planar_roi_measurement_groups()
+    assert len(groups) == len(VIEWS)
+    for src, f, group in zip(study["sources"], study["findings"], groups, strict=True):
+        region = group.roi
+        assert region.graphic_type == hd.sr.GraphicTypeValues.POLYLINE
+        points = region.value.tolist()
+        rows, cols = int(src.Rows), int(src.Columns)
+        r0, c0, r1, c1 = f.region if f.region is not None else (0, 0, rows, cols)
+        r0, c0, r1, c1 = max(r0, 0), max(c0, 0), min(r1, rows), min(c1, cols)
+        assert points == [[c0, r0], [c1, r0], [c1, r1], [c0, r1], [c0, r0]]  # closed, (column, row)
+        assert region.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == src.SOPInstanceUID
+        first_num = next(item for item in group[0].ContentSequence if item.ValueType == "NUM")
+        assert first_num.ConceptNameCodeSequence[0].CodeMeaning == "Probability"
+        [inferred] = [i for i in first_num.ContentSequence if i.ValueType == "SCOORD"]
+        assert inferred.RelationshipType == "INFERRED FROM"
+        assert list(inferred.GraphicData) == [v for p in points for v in p]
+        assert inferred.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == src.SOPInstanceUID
+
+
+def test_ihe_air_identity_dates_and_evidence(study: dict[str, Any]) -> None:
+    """IHE AI Results items: the model in Contributing Equipment and General Equipment, the same
+    device as the observer, a Device UID that changes with the checkpoint, Series Date/Time, every
+    source image in the evidence, and no VOI LUT Function (OHIF 3.13 refuses "LINEAR")."""
+    sr = pydicom.dcmread(study["sr_path"])
+    [ours] = [
+        e
+        for e in sr.ContributingEquipmentSequence
+        if e.PurposeOfReferenceCodeSequence[0].CodeValue == "109102" and e.Manufacturer == "strnet-agent"
+    ]
+    assert ours.ManufacturerModelName == "STR-Net 0.3.1-test" and ours.SoftwareVersions == "0.3.1-test"
+    assert sr.ManufacturerModelName == "STR-Net 0.3.1-test" and sr.SoftwareVersions == "0.3.1-test"
+    observer = [i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "121012"]
+    assert observer[0].UID == sr.DeviceUID
+    assert re.fullmatch(r"\d{8}", sr.SeriesDate) and re.fullmatch(r"\d{6}", sr.SeriesTime)
+    assert (sr.SeriesDate, sr.SeriesTime) <= (sr.ContentDate, sr.ContentTime)
+    evidence = {
+        ref.ReferencedSOPInstanceUID
+        for study_item in sr.CurrentRequestedProcedureEvidenceSequence
+        for series in study_item.ReferencedSeriesSequence
+        for ref in series.ReferencedSOPSequence
+    }
+    assert evidence == {str(src.SOPInstanceUID) for src in study["sources"]}
+    assert "VOILUTFunction" not in sr
+    # new weights (same name and version): a new device
+    other = dataclasses.replace(ALGO, checkpoint_sha256="ab" * 32)
+    findings = [dataclasses.replace(f, algorithm=other) for f in study["findings"]]
+    rebuilt = build_sr(study["sources"], findings)
+    assert rebuilt.DeviceUID != sr.DeviceUID
 
 
 # ---- identity and placement -------------------------------------------------------------------
@@ -265,33 +354,48 @@ def test_bad_inputs_are_refused(study: dict[str, Any]) -> None:
 
 
 def test_sr_round_trips(study: dict[str, Any]) -> None:
+    """highdicom's reader gives back the findings: per image (probabilities in %), and the study."""
     ds = pydicom.dcmread(study["sr_path"])
     assert ds.SOPInstanceUID == study["sr"].SOPInstanceUID
     assert ds.CodingSchemeIdentificationSequence[0].CodingSchemeDesignator == codes.SCHEME
     sr = hd.sr.Comprehensive3DSR.from_dataset(ds)
-    groups = sr.content.get_image_measurement_groups()
-    assert len(groups) == len(VIEWS) + 1
-    by_image = {
-        g.source_images[0].referenced_sop_instance_uid: g for g in groups if g.source_images
-    }
+    groups = sr.content.get_planar_roi_measurement_groups()
+    assert len(groups) == len(VIEWS)
+    by_image = {g.roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID: g for g in groups}
     for src, f in zip(study["sources"], study["findings"], strict=True):
         group = by_image[src.SOPInstanceUID]
         (probability,) = group.get_measurements(name=codes.PROBABILITY)
-        assert probability.value == pytest.approx(f.probability, abs=1e-4)
+        assert probability.value == pytest.approx(f.probability * 100, abs=1e-2)
+        assert probability.unit == codes.UNIT_PERCENT
+        (threshold,) = group.get_measurements(name=codes.THRESHOLD)
+        assert threshold.value == pytest.approx(f.threshold * 100, abs=1e-2)
+        (p_osteoporosis,) = group.get_measurements(name=codes.P_OSTEOPOROSIS)
+        assert p_osteoporosis.value == pytest.approx(f.p_osteoporosis_given_bone_loss * 100, abs=1e-2)
         (t_score,) = group.get_measurements(name=codes.ESTIMATED_T_SCORE)
         assert t_score.value == pytest.approx(f.t_score, abs=1e-2)
         assert t_score.unit == codes.UNIT_T_SCORE
+        (low,) = group.get_measurements(name=codes.T_SCORE_LOWER)
+        (high,) = group.get_measurements(name=codes.T_SCORE_UPPER)
+        assert (low.value, high.value) == pytest.approx((f.t_score_low, f.t_score_high), abs=1e-2)
+        (coverage,) = group.get_measurements(name=codes.INTERVAL_COVERAGE)
+        assert coverage.value == pytest.approx(f.interval_coverage * 100)
         (result,) = group.get_qualitative_evaluations(name=codes.SCREENING_RESULT)
         assert result.value == (codes.BONE_LOSS_SUSPECTED if f.bone_loss else codes.NORMAL)
+        severity = [q.value for q in group.get_qualitative_evaluations(name=codes.SEVERITY)]
+        expected = codes.OSTEOPOROSIS if f.severity == "osteoporosis" else codes.OSTEOPENIA
+        assert severity == ([expected] if f.bone_loss else [])
+        assert group.finding_type == (severity[0] if severity else codes.NORMAL)
         (site,) = group.finding_sites
         assert site.value == codes.KNEE
         assert site.laterality == codes.LATERALITY[src.ImageLaterality]
-    (summary,) = [g for g in groups if not g.source_images]
-    (result,) = summary.get_qualitative_evaluations(name=codes.SCREENING_RESULT)
-    assert result.value == codes.BONE_LOSS_SUSPECTED
-    (severity,) = summary.get_qualitative_evaluations(name=codes.SEVERITY)
-    assert severity.value == codes.OSTEOPOROSIS
-    assert summary.finding_sites[0].laterality == codes.LEFT  # only the left knee is positive
+    # the study: Qualitative Evaluations with the result, the worst severity and the impression
+    [summary] = [
+        i for i in ds.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == codes.QUALITATIVE_EVALUATIONS.value
+    ]
+    by_name = {i.ConceptNameCodeSequence[0].CodeMeaning: i for i in summary.ContentSequence}
+    assert by_name["Bone loss screening result"].ConceptCodeSequence[0].CodeValue == codes.BONE_LOSS_SUSPECTED.value
+    assert by_name["Severity"].ConceptCodeSequence[0].CodeValue == codes.OSTEOPOROSIS.value
+    assert by_name["Impression"].TextValue.startswith("Bone loss suspected (4 images screened)")
 
 
 def test_sr_parsed_in_place_is_the_same_to_the_byte(study: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
@@ -302,7 +406,7 @@ def test_sr_parsed_in_place_is_the_same_to_the_byte(study: dict[str, Any], monke
     from agent.reporting import sr as sr_module
 
     def encoded() -> bytes:
-        ds = build_sr(study["sources"], study["findings"])
+        ds = build_sr(study["sources"], study["findings"], now=datetime(2026, 1, 1))
         ds.ContentDate, ds.ContentTime = "20260101", "000000"
         ds.InstanceCreationDate, ds.InstanceCreationTime = "20260101", "000000"
         for item in ds.get("ContributingEquipmentSequence", []):
@@ -401,8 +505,8 @@ def _built(source: pydicom.Dataset, out: Path) -> tuple[Path, Path]:
         errors, text = _dciodvfy(path)
         assert errors == 0, f"{path.name}:\n{text}"
     sr = hd.sr.Comprehensive3DSR.from_dataset(pydicom.dcmread(sr_path))
-    [group] = [g for g in sr.content.get_image_measurement_groups() if g.source_images]
-    assert group.source_images[0].referenced_sop_instance_uid == source.SOPInstanceUID
+    [group] = sr.content.get_planar_roi_measurement_groups()
+    assert group.roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
     hd.Image.from_dataset(pydicom.dcmread(sc_path))
     return sr_path, sc_path
 
@@ -472,7 +576,7 @@ def test_values_that_cannot_be_read_are_left_empty_or_out_never_cut(tmp_path: Pa
     sc = pydicom.dcmread(sc_path)
     assert (sc.BodyPartExamined, sc.Laterality, sc.PatientOrientation) == ("KNEE", "L", "")
     text = _dsrdump(sr_path)
-    assert '(7771000,SCT,"Left")' in text and "Knee L AP" in text
+    assert '(7771000,SCT,"Left")' in text and '"Tracking Identifier")="Left knee AP"' in text
 
 
 def test_contradicting_lateralities_are_left_out_and_logged_without_values(tmp_path: Path) -> None:
