@@ -1,7 +1,8 @@
 """Manifests, patient-level splits, a cached torch Dataset and batched augmentation.
 
 A manifest is a CSV with at least ``path`` (relative to the manifest's folder, DICOM or PNG),
-``patient_id`` and ``label``; ``severity``, ``t_score``, ``age``, ``sex`` and ``bmi`` may be empty.
+``patient_id`` and ``label``; ``severity``, ``t_score``, ``age``, ``sex`` and ``bmi`` may be empty;
+``mask_path`` (the generator's label mask, same folder rule) is read when present.
 Every image goes through ``model.preprocess.preprocess_file`` (the one decode + preprocessing
 path shared with serving), once: the results are cached in memory, so later epochs never decode.
 """
@@ -51,6 +52,7 @@ class ManifestRow:
     study_instance_uid: str = ""
     sop_instance_uid: str = ""
     profile: str = ""
+    mask_path: Path | None = None  # the generator's label mask (0 background, 1 cortex, 2 trabecular)
 
 
 def read_manifest(csv_path: str | Path) -> list[ManifestRow]:
@@ -65,6 +67,7 @@ def read_manifest(csv_path: str | Path) -> list[ManifestRow]:
             raise ValueError(f"manifest {csv_path} lacks columns {sorted(missing)}")
         for rec in reader:
             p = Path(rec["path"])
+            mask = Path(rec["mask_path"]) if rec.get("mask_path") else None
             rows.append(
                 ManifestRow(
                     path=p if p.is_absolute() else base / p,
@@ -79,6 +82,7 @@ def read_manifest(csv_path: str | Path) -> list[ManifestRow]:
                     study_instance_uid=rec.get("study_instance_uid", "") or "",
                     sop_instance_uid=rec.get("sop_instance_uid", "") or "",
                     profile=rec.get("profile", "") or "",
+                    mask_path=None if mask is None else (mask if mask.is_absolute() else base / mask),
                 )
             )
     if not rows:

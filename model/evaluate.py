@@ -1,10 +1,13 @@
 """Evaluation of a checkpoint on a labelled manifest: every figure of the report, plus the
-baselines computed in the same run (clinical-variables-only logistic, global intensity only)."""
+baselines computed in the same run (clinical-variables-only logistic, global intensity only),
+and, where the manifest has the generator's label masks, where the served saliency map lies
+(``saliency_in_bone``)."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -178,6 +181,107 @@ def compute_metrics(
     return m
 
 
+def _bone_shares(job: tuple[str, str, np.ndarray, dict[str, Any]]) -> tuple[float, float, float]:
+    """One image: the share of its served saliency map (Grad-CAM restricted to the estimated
+    bone, as the agent serves it) and of its unrestricted Grad-CAM that lies on the generator's
+    bone mask (labels 1 and 2), both in network-input geometry; and the served map's mass."""
+    from PIL import Image
+
+    from model.io import read_pixels
+    from model.preprocess import PreprocessSpec, crop_box, resize_mask
+    from model.saliency import bone_share, restrict_to_bone
+
+    path, mask_path, cam, spec_dict = job
+    spec = PreprocessSpec.from_dict(spec_dict)
+    film = read_pixels(Path(path))
+    with Image.open(mask_path) as im:
+        mask = np.asarray(im)
+    if mask.shape != film.shape:
+        raise ValueError(f"{mask_path}: mask shape {mask.shape} is not the image's {film.shape}")
+    bone = resize_mask(mask, spec)  # fraction of each cell that is cortex or trabecular bone
+    served = restrict_to_bone(film, crop_box(film.shape, spec), cam)
+    return bone_share(served, bone), bone_share(cam, bone), float(served.sum(dtype=np.float64))
+
+
+def _mean_ci(values: np.ndarray, n_boot: int = 2000, seed: int = 0) -> list[float]:
+    """95 % percentile-bootstrap interval of the mean (images resampled with replacement)."""
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, len(values), (n_boot, len(values)))].mean(axis=1)
+    return [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
+
+
+def saliency_in_bone(
+    pred: Any, rows: Sequence[Any], cache: np.ndarray, positive: np.ndarray, workers: int = 2, batch: int = 32
+) -> dict[str, Any]:
+    """Where the served saliency map lies, on the images of ``rows`` that have a ``mask_path``:
+    ``saliency_in_bone`` is the mean over those images of the share of the map's mass on the
+    generator's bone mask; empty dict when no row has a mask file (a mask_path whose file is
+    missing is counted, not measured). ``positive``: the served decision
+    per row (the overlay shows the map only there)."""
+    with_mask = [i for i, r in enumerate(rows) if getattr(r, "mask_path", None)]
+    idx = [i for i in with_mask if Path(rows[i].mask_path).is_file()]
+    if not idx:
+        return {}
+    spec = pred.spec.to_dict()
+    jobs = []
+    for start in range(0, len(idx), batch):
+        part = idx[start : start + batch]
+        cams = np.asarray(pred.saliency(cache[part].astype(np.float32)[:, None]), dtype=np.float32)
+        cams = cams.reshape(len(part), *cams.shape[-2:])
+        jobs += [(str(rows[i].path), str(rows[i].mask_path), cams[k], spec) for k, i in enumerate(part)]
+    if workers <= 1:
+        shares = [_bone_shares(j) for j in jobs]
+    else:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            shares = list(pool.map(_bone_shares, jobs, chunksize=8))
+    served, raw, mass = (np.asarray(v, dtype=np.float64) for v in zip(*shares, strict=True))
+    shown = np.isfinite(served)  # no bone found: the served map is empty (nothing drawn)
+    pos = np.asarray(positive, bool)[idx] & shown
+    s = served[shown]
+    return {
+        "saliency_in_bone": float(s.mean()) if s.size else float("nan"),
+        "saliency_in_bone_ci": _mean_ci(s) if s.size else [float("nan")] * 2,
+        "saliency_in_bone_pooled": float((s * mass[shown]).sum() / mass[shown].sum()) if s.size else float("nan"),
+        "saliency_in_bone_positives": float(served[pos].mean()) if pos.any() else float("nan"),
+        "saliency_in_bone_detail": {
+            "n_images": len(idx),
+            "n_mask_missing": len(with_mask) - len(idx),  # a mask_path whose file is not there
+            "n_empty_map": int((~shown).sum()),
+            "n_positives": int(pos.sum()),
+            "min": float(s.min()) if s.size else float("nan"),
+            "p10": float(np.percentile(s, 10)) if s.size else float("nan"),
+            "gradcam_unrestricted": float(np.nanmean(raw)),
+            "method": (
+                "per image: share of the served map's mass (Grad-CAM of the screening head "
+                "restricted to the estimated bone of the assessed square, model.saliency) on "
+                "the generator's bone mask (labels 1 and 2, resize_mask into the same (S, S) "
+                "geometry); saliency_in_bone is the mean over images with a mask and a non-empty "
+                "map, its interval a 95 % percentile bootstrap over images; _pooled the share of "
+                "all those maps' mass together (each map as served, maximum 1); _positives the mean "
+                "over the served positives (the overlays that show the map); "
+                "gradcam_unrestricted the same mean for the raw Grad-CAM over the square"
+            ),
+        },
+    }
+
+
+def _served_maps(
+    pred: Any, rows: Sequence[Any], cache: np.ndarray, picks: list[tuple[str, int]]
+) -> dict[int, np.ndarray]:
+    """The served saliency maps (``model.saliency.restrict_to_bone``) of the report's Grad-CAM
+    picks, by image index."""
+    from model.io import read_pixels
+    from model.preprocess import crop_box
+    from model.saliency import restrict_to_bone
+
+    out = {}
+    for _, i in picks:
+        film = read_pixels(Path(rows[i].path))
+        cam = np.asarray(pred.saliency(cache[i].astype(np.float32)[None, None]), dtype=np.float32)
+        out[i] = restrict_to_bone(film, crop_box(film.shape, pred.spec), cam.reshape(cam.shape[-2:]))
+    return out
+
+
 def evaluate(
     weights: str | Path,
     manifest: str | Path | Sequence[str | Path],
@@ -193,7 +297,7 @@ def evaluate(
 
     from model.data import build_cache, clinical_features, read_manifests, targets
     from model.predict import Predictor, score_arrays
-    from model.report import write_report
+    from model.report import gradcam_picks, write_report
 
     t0 = time.time()
     torch.set_num_threads(max(1, workers))
@@ -211,6 +315,10 @@ def evaluate(
     metrics = compute_metrics(
         raw, tg, pred.meta, clin, [r.patient_id for r in rows], intensity, [r.profile for r in rows]
     )
+    served_p = apply_temperature(raw["screen_logit"], pred.meta.temperature)
+    t_met = time.time()
+    metrics.update(saliency_in_bone(pred, rows, cache, served_p >= pred.threshold, workers))
+    t_sal = time.time()
     metrics["checkpoint"] = {
         "weights": str(weights),
         "model_version": pred.meta.model_version,
@@ -222,6 +330,9 @@ def evaluate(
         "decode_preprocess": round(t_dec - t0, 1),
         "inference": round(t_inf - t_dec, 1),
     }
-    write_report(Path(out_dir), metrics, raw, tg, cache, pred, n_gradcam=n_gradcam)
+    if "saliency_in_bone" in metrics:
+        metrics["timing_s"]["saliency_in_bone"] = round(t_sal - t_met, 1)
+    served_maps = _served_maps(pred, rows, cache, gradcam_picks(served_p, tg["label"].astype(int), n_gradcam))
+    write_report(Path(out_dir), metrics, raw, tg, cache, pred, n_gradcam=n_gradcam, served_maps=served_maps)
     metrics["timing_s"]["total"] = round(time.time() - t0, 1)
     return metrics

@@ -52,6 +52,18 @@ def _ci(m: dict[str, Any], key: str) -> str:
     return f"{_fmt(m.get(key))} ({_fmt(ci[0])} to {_fmt(ci[1])})" if ci else _fmt(m.get(key))
 
 
+def gradcam_picks(p: np.ndarray, y: np.ndarray, n: int) -> list[tuple[str, int]]:
+    """The images the Grad-CAM figure shows: (title, index), at most ``n``."""
+    order = np.argsort(p)
+    pos, neg = order[y[order] == 1], order[y[order] == 0]
+    picks: list[tuple[str, int]] = []
+    if len(pos):
+        picks += [("TP, highest score", int(pos[-1])), ("FN/lowest positive", int(pos[0]))]
+    if len(neg):
+        picks += [("TN, lowest score", int(neg[0])), ("FP/highest negative", int(neg[-1]))]
+    return picks[:n]
+
+
 def plot_all(
     out: Path,
     m: dict[str, Any],
@@ -60,8 +72,10 @@ def plot_all(
     cache: np.ndarray,
     predictor: Any,
     n_gradcam: int = 4,
+    served_maps: dict[int, np.ndarray] | None = None,
 ) -> list[tuple[str, str]]:
-    """Write every plot; returns (title, file name) pairs."""
+    """Write every plot; returns (title, file name) pairs. ``served_maps``: the served saliency
+    maps (``model.saliency``) of the Grad-CAM picks (``gradcam_picks``), by image index."""
     y = tg["label"].astype(int)
     p = apply_temperature(raw["screen_logit"], m["temperature"])
     p0 = apply_temperature(raw["screen_logit"], 1.0)
@@ -176,24 +190,33 @@ def plot_all(
         plots.append(("Routing gate weights per task (mean over the test set)", "gates.png"))
 
     if n_gradcam > 0 and predictor is not None:
-        order = np.argsort(p)
-        pos, neg = order[y[order] == 1], order[y[order] == 0]
-        picks = []
-        if len(pos):
-            picks += [("TP, highest score", pos[-1]), ("FN/lowest positive", pos[0])]
-        if len(neg):
-            picks += [("TN, lowest score", neg[0]), ("FP/highest negative", neg[-1])]
-        picks = picks[:n_gradcam]
-        fig, axes = plt.subplots(1, len(picks), figsize=(2.4 * len(picks), 2.7))
-        for ax, (title, i) in zip(np.atleast_1d(axes), picks, strict=True):
+        picks = gradcam_picks(p, y, n_gradcam)
+        served = served_maps or {}
+        n_rows = 2 if served else 1
+        fig, axes = plt.subplots(n_rows, len(picks), figsize=(2.4 * len(picks), 2.7 * n_rows), squeeze=False)
+        for col, (title, i) in enumerate(picks):
             img = cache[i].astype(np.float32)
             cam = predictor.saliency(img[None, None])
-            ax.imshow(img, cmap="gray")
-            ax.imshow(cam, cmap="jet", alpha=0.35, vmin=0, vmax=1)
-            ax.set_title(f"{title}\np={p[i]:.2f}", fontsize=7)
-            ax.axis("off")
+            maps = [("Grad-CAM", cam)] + ([("served, on bone", served.get(int(i)))] if served else [])
+            for row, (what, heat) in enumerate(maps):
+                ax = axes[row, col]
+                ax.imshow(img, cmap="gray")
+                if heat is not None:
+                    ax.imshow(np.ma.masked_less(heat, 0.25), cmap="autumn_r", alpha=0.55, vmin=0, vmax=1)
+                ax.set_title(f"{title}\np={p[i]:.2f}, {what}", fontsize=7)
+                ax.axis("off")
         _save(fig, out / "gradcam.png")
-        plots.append(("Grad-CAM of the screening head", "gradcam.png"))
+        if served:
+            plots.append(
+                (
+                    "Grad-CAM of the screening head (top) and the served map, restricted to the "
+                    "estimated bone (bottom; the overlays draw it on positive results only); both "
+                    "drawn where >= 0.25",
+                    "gradcam.png",
+                )
+            )
+        else:
+            plots.append(("Grad-CAM of the screening head", "gradcam.png"))
     return plots
 
 
@@ -290,6 +313,23 @@ def render_markdown(m: dict[str, Any], plots: list[tuple[str, str]]) -> str:
             "|---|---|---|",
         ]
         lines += [f"| {k} | {v['n']} | {_fmt(v['auroc'])} |" for k, v in m["by_profile"].items()]
+    if "saliency_in_bone" in m:
+        d = m["saliency_in_bone_detail"]
+        lines += [
+            "",
+            "## Where the saliency map lies",
+            "",
+            f"The served map (Grad-CAM of the screening head restricted to the estimated bone of the "
+            f"assessed square, as the overlays show it; model/saliency.py): {_ci(m, 'saliency_in_bone')} "
+            f"of its mass on the generator's bone mask (mean of per-image shares over "
+            f"{d['n_images'] - d['n_empty_map']} images; {d['n_empty_map']} with no bone found and no "
+            f"map; lowest {_fmt(d['min'])}, 10th percentile {_fmt(d['p10'])}; pooled "
+            f"{_fmt(m['saliency_in_bone_pooled'])}); "
+            f"{_fmt(m['saliency_in_bone_positives'])} on the {d['n_positives']} served positives, the "
+            f"only overlays that show it. The unrestricted Grad-CAM over the square puts "
+            f"{_fmt(d['gradcam_unrestricted'])} of its mass on bone: the restriction, not the network, "
+            "keeps the map on bone.",
+        ]
     lines += ["", "## Plots", ""]
     lines += [f"### {title}\n\n![{title}]({name})\n" for title, name in plots]
     return "\n".join(lines) + "\n"
@@ -315,9 +355,10 @@ def write_report(
     cache: np.ndarray,
     predictor: Any,
     n_gradcam: int = 4,
+    served_maps: dict[int, np.ndarray] | None = None,
 ) -> None:
     """Write ``metrics.json``, the plots and ``report.md`` into ``out``."""
     out.mkdir(parents=True, exist_ok=True)
-    plots = plot_all(out, metrics, raw, tg, cache, predictor, n_gradcam)
+    plots = plot_all(out, metrics, raw, tg, cache, predictor, n_gradcam, served_maps)
     (out / "metrics.json").write_text(json.dumps(_jsonable(metrics), indent=2) + "\n")
     (out / "report.md").write_text(render_markdown(metrics, plots))

@@ -102,6 +102,17 @@ def screen_batch(
                     "preprocess": round(prep_ms, 1),
                     "infer": round(per_image, 1),
                 }
+                region = screener.region(img.pixels.shape)
+                saliency = f.saliency
+                if saliency is not None:  # the map the overlay shows: on the bone of the region
+                    t0 = time.perf_counter()
+                    try:
+                        saliency = screener.bone_saliency(img.pixels, region, saliency)
+                    except ProcessingError as exc:
+                        outcomes[job.job_id] = Failed(job, reason_of(exc))
+                        continue
+                    timings["saliency"] = round((time.perf_counter() - t0) * 1000, 1)
+                f = replace(f, region=region, saliency=saliency)
                 outcomes[job.job_id] = Screened(job, img.dataset, img.pixels, f, timings)
     return [outcomes[j.job_id] for j in jobs]
 
@@ -138,5 +149,7 @@ def warm_up(screener: Screener, overlay: bool) -> None:
     texture = screener.texture(np.zeros((64, 48), np.float32))
     features = None if texture is None else texture[None]
     findings, _ = screener.score(blank, [{"age": None, "sex": None, "bmi": None}], features)
+    if findings[0].saliency is not None:  # scipy's import and the first bone estimate
+        screener.bone_saliency(np.zeros((64, 48), np.float32), screener.region((64, 48)), findings[0].saliency)
     if overlay:
         build_overlay_bytes(blank_source(), np.zeros((64, 48), np.float32), findings[0], 1)

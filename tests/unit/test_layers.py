@@ -42,7 +42,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                                         "model.losses", "model.synth")),
     ("model: parts", ("model.backbone", "model.heads", "model.routing", "model.calibration", "model.conformal",
                       "model.metrics", "model.fitting")),
-    ("model: pixels and settings", ("model.io", "model.preprocess", "model.config", "model")),
+    ("model: pixels and settings", ("model.io", "model.preprocess", "model.saliency", "model.config", "model")),
 ]
 # the three service layers are ordered only so that none of them imports another
 SERVICES = frozenset({"receiving", "screening and reporting", "sending"})

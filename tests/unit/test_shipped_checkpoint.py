@@ -40,6 +40,7 @@ def _fresh_test_set(root: Path) -> Path:
             with open(m, newline="") as fh:
                 for row in csv.DictReader(fh):
                     row["path"] = f"s{seed}/{row['path']}"
+                    row["mask_path"] = f"s{seed}/{row['mask_path']}"
                     row["patient_id"] = f"{seed}-{row['patient_id']}"
                     if writer is None:
                         writer = csv.DictWriter(out, fieldnames=list(row))
@@ -71,6 +72,7 @@ def fresh_eval(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
         "conformal_coverage",
         "baseline_clinical_auroc",
         "baseline_intensity_auroc",
+        "saliency_in_bone",
     ):
         print(f"{key}: {m[key]}")
     return m, root / "eval"
@@ -103,6 +105,8 @@ def test_shipped_checkpoint_meets_acceptance(fresh_eval: tuple[dict, Path]) -> N
     assert 0.85 <= m["conformal_coverage"] <= 0.95
     assert m["baseline_clinical_auroc"] <= 0.78
     assert m["baseline_intensity_auroc"] <= 0.62
+    # issue 20: the served saliency map lies on bone (the generator's masks)
+    assert m["saliency_in_bone_detail"]["n_images"] == m["n"] and m["saliency_in_bone"] >= 0.80
     for name in ("metrics.json", "report.md", "roc.png"):
         assert (out / name).is_file()
 
