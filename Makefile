@@ -7,13 +7,17 @@ PY      ?= python3
 VENV    := .venv
 VPY     := $(VENV)/bin/python
 TORCH   := torch==2.13.0
-DEBS    := orthanc dcmtk dicom3tools chromium
-# executables that tell us each Debian package is present
+DEBS    := orthanc orthanc-dicomweb dcmtk dicom3tools chromium
+# executables, and files (plugins), that tell us each Debian package is present
 DEB_BINS := Orthanc storescu dciodvfy chromium
+DEB_FILES := /usr/share/orthanc/plugins/libOrthancDicomWeb.so
+# the OHIF v3 viewer for tests/viewer: npm's prebuilt dist, unpacked once into a folder git ignores
+OHIF_VERSION := 3.13.2
+OHIF_DIR := $(VENV)/ohif-$(OHIF_VERSION)
 PYTEST_ARGS ?=
 BENCH ?= tests/bench
 
-.PHONY: all install venv system demo test bench lint typecheck gpu clean help
+.PHONY: all install venv system ohif demo test bench lint typecheck gpu clean help
 
 help:
 	@echo "make demo    install everything missing, run the end-to-end demo"
@@ -21,12 +25,13 @@ help:
 	@echo "make bench   run the benchmarks under tests/bench, or BENCH=one file (not part of make test)"
 	@echo "make lint    ruff + mypy"
 
-install: system venv
+install: system venv ohif
 
-# --- Debian packages (Orthanc as the test PACS, DCMTK as a real peer, dicom3tools as validator,
-#     Chromium for the admin-web browser tests)
+# --- Debian packages (Orthanc with its DICOMweb plugin as the test PACS, DCMTK as a real peer,
+#     dicom3tools as validator, Chromium for the admin-web and viewer browser tests)
 system:
 	@missing=""; for b in $(DEB_BINS); do command -v $$b >/dev/null 2>&1 || missing="yes"; done; \
+	for f in $(DEB_FILES); do [ -e $$f ] || missing="yes"; done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = "0" ]; then \
 	    echo "installing Debian packages: $(DEBS)"; \
@@ -37,6 +42,19 @@ system:
 	    exit 1; \
 	  fi; \
 	fi
+
+# --- OHIF v3 (tests/viewer): `npm pack` the published app and keep its prebuilt dist/ (about
+#     200 MB) under the venv; done once, a no-op while $(OHIF_DIR)/dist/index.html is there
+ohif:
+	@test -f $(OHIF_DIR)/dist/index.html || { \
+	  command -v npm >/dev/null 2>&1 || if [ "$$(id -u)" = "0" ]; then \
+	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q npm; \
+	  else echo "npm not found; run as root: sudo apt-get install -y npm"; exit 1; fi; \
+	  echo "fetching OHIF $(OHIF_VERSION) (npm pack @ohif/app@$(OHIF_VERSION))"; \
+	  tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+	  (cd "$$tmp" && npm pack -q @ohif/app@$(OHIF_VERSION) >/dev/null && tar xzf ohif-app-$(OHIF_VERSION).tgz package/dist) && \
+	  mkdir -p $(OHIF_DIR) && rm -rf $(OHIF_DIR)/dist.tmp && mv "$$tmp/package/dist" $(OHIF_DIR)/dist.tmp && \
+	  test -f $(OHIF_DIR)/dist.tmp/index.html && mv $(OHIF_DIR)/dist.tmp $(OHIF_DIR)/dist; }
 
 # --- Python environment: torch first and pinned (a CPU wheel), then the project with dev extras
 venv:

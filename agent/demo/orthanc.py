@@ -14,6 +14,10 @@ interpreter exit, and, on Linux, by the kernel when the thread that started it d
 SIGKILLed test run leaves no Orthanc behind; start it from a long-lived thread).
 Orthanc 1.10 binds all interfaces: storage stays closed to anyone not declared as a modality
 (``DicomAlwaysAllowStore`` false, host checked) and REST answers loopback only.
+
+``LocalOrthanc(dicomweb=True)`` also loads Debian's DICOMweb plugin (package orthanc-dicomweb):
+QIDO-RS/WADO-RS under ``/dicom-web/`` and WADO-URI at ``/wado``, with full study and series
+metadata (what a web viewer such as OHIF v3 reads; tests/viewer).
 """
 
 from __future__ import annotations
@@ -37,6 +41,15 @@ import httpx
 # Ports that other programs on a shared machine may own: never use them.
 RESERVED_PORTS = frozenset({104, 4242, 8042, 11112})
 START_TIMEOUT_S = 15.0
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+DICOMWEB_CONFIG: dict[str, Any] = {
+    "Enable": True,
+    "Root": "/dicom-web/",
+    "EnableWado": True,
+    "WadoRoot": "/wado",
+    "StudiesMetadata": "Full",
+    "SeriesMetadata": "Full",
+}
 _PR_SET_PDEATHSIG = 1
 
 _live: weakref.WeakSet[LocalOrthanc] = weakref.WeakSet()
@@ -86,8 +99,12 @@ class LocalOrthanc:
         extra_config: dict[str, Any] | None = None,
         work_dir: Path | None = None,
         kill_with_parent: bool = True,
+        dicomweb: bool = False,
+        dicomweb_plugin: Path = DICOMWEB_PLUGIN,
     ) -> None:
         self.aet = aet
+        self.dicomweb = dicomweb
+        self.dicomweb_plugin = Path(dicomweb_plugin)
         self.binary = binary
         self._initial_modalities = dict(modalities or {})
         self._extra_config = dict(extra_config or {})
@@ -105,6 +122,11 @@ class LocalOrthanc:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def dicomweb_url(self) -> str:
+        """Root of QIDO-RS/WADO-RS (``dicomweb=True``), without a trailing slash."""
+        return f"{self.url}/dicom-web"
 
     @property
     def log_path(self) -> Path:
@@ -131,9 +153,11 @@ class LocalOrthanc:
                 name: [aet, host, port]
                 for name, (aet, host, port) in self._initial_modalities.items()
             },
-            "Plugins": [],
+            "Plugins": [str(self.dicomweb_plugin)] if self.dicomweb else [],
             "SaveJobs": False,
         }
+        if self.dicomweb:
+            cfg["DicomWeb"] = dict(DICOMWEB_CONFIG)
         cfg.update(self._extra_config)
         return cfg
 
@@ -147,6 +171,11 @@ class LocalOrthanc:
         if shutil.which(self.binary) is None:
             raise OrthancError(
                 f"{self.binary} not found: install the Debian package orthanc (make test does)"
+            )
+        if self.dicomweb and not self.dicomweb_plugin.is_file():
+            raise OrthancError(
+                f"DICOMweb plugin {self.dicomweb_plugin} not found: install the Debian package "
+                "orthanc-dicomweb (make test does)"
             )
         if self._given_dir is not None:
             self._dir = self._given_dir
@@ -191,6 +220,7 @@ class LocalOrthanc:
                 )
             try:
                 if self._client.get("/system", timeout=1.0).status_code == 200:
+                    self._check_plugins()
                     return
             except httpx.TransportError:
                 pass
@@ -198,6 +228,14 @@ class LocalOrthanc:
         raise OrthancError(
             f"Orthanc did not answer within {START_TIMEOUT_S:.0f} s:\n{self.log_tail()}"
         )
+
+    def _check_plugins(self) -> None:
+        assert self._client is not None
+        if not self.dicomweb:
+            return
+        plugins = self._client.get("/plugins", timeout=5.0).json()
+        if "dicom-web" not in plugins:
+            raise OrthancError(f"Orthanc did not load {self.dicomweb_plugin} (plugins: {plugins}):\n{self.log_tail()}")
 
     def log_tail(self, lines: int = 40) -> str:
         try:

@@ -155,7 +155,7 @@ def build_dataset(stored: np.ndarray, hdr: ImageHeader, profile: VendorProfile) 
     # Vendor default window: the full processed range, in modality (rescaled) units.
     ds.WindowCenter = f"{slope * top / 2 + intercept:.1f}"
     ds.WindowWidth = f"{slope * (top + 1):.1f}"
-    ds.VOILUTFunction = "LINEAR"
+    # no VOI LUT Function: LINEAR is the default, and OHIF 3.13 refuses to show an image that names it
     ds.PixelData = np.ascontiguousarray(stored, dtype="<u2").tobytes()
     return ds
 
