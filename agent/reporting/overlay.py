@@ -32,7 +32,8 @@ from agent.domain import Findings
 from agent.reporting.equipment import contributing_equipment, identify
 from agent.reporting.source import reference_dataset
 from agent.reporting.sr import DESCRIPTION
-from agent.reporting.uids import result_uid
+from agent.reporting.uids import model_key, result_uid
+from agent.reporting.wording import probability_pair, t_score
 
 MAX_SIDE_PX = 1024
 MIN_WIDTH_PX = 320
@@ -95,9 +96,9 @@ def build_overlay(
         photometric_interpretation="RGB",
         bits_allocated=8,
         coordinate_system="PATIENT",
-        series_instance_uid=result_uid(study_uid, version, "sc-series"),
+        series_instance_uid=result_uid(study_uid, model_key(finding.algorithm), "sc-series"),
         series_number=series_number,
-        sop_instance_uid=result_uid(str(source.SOPInstanceUID), version, "sc"),
+        sop_instance_uid=result_uid(str(source.SOPInstanceUID), model_key(finding.algorithm), "sc"),
         instance_number=instance_number,
         manufacturer=manufacturer,
         laterality=laterality if laterality in ("L", "R") else None,
@@ -260,12 +261,12 @@ def banner_lines(finding: Findings, anatomy: str = "") -> list[str]:
     and view (``anatomy``, when given), what the colours mean, the model."""
     result = "BONE LOSS SUSPECTED" if finding.bone_loss else "NO BONE LOSS DETECTED"
     severity = (finding.severity or "").capitalize() if finding.bone_loss else ""
-    probability, threshold = _probability_pair(finding.probability, finding.threshold)
+    probability, threshold = probability_pair(finding.probability, finding.threshold)
     lines = [
         result + (f" - {severity}" if severity else ""),
         f"P(bone loss) {probability} (threshold {threshold})",
-        f"Est. T-score {_t(finding.t_score)} "
-        f"[{_t(finding.t_score_low)}, {_t(finding.t_score_high)}] "
+        f"Est. T-score {t_score(finding.t_score)} "
+        f"[{t_score(finding.t_score_low)}, {t_score(finding.t_score_high)}] "
         f"{finding.interval_coverage:.0%} interval",
     ]
     if anatomy:
@@ -276,31 +277,6 @@ def banner_lines(finding: Findings, anatomy: str = "") -> list[str]:
         lines.append(LEGEND_HEAT if shows_heat(finding) else LEGEND_NO_HEAT)
     lines.append(f"{finding.algorithm.name} {finding.algorithm.version} - NOT FOR DIAGNOSTIC USE")
     return lines
-
-
-def _probability_pair(probability: float, threshold: float) -> tuple[str, str]:
-    """P(bone loss) and the threshold as the banner prints them: two decimals, more where two
-    would print both alike (0.4195 against 0.4217 is not "0.42 (threshold 0.42)"), and never a
-    certainty the model does not claim ("> 0.99", not "1.00")."""
-    digits = 2
-    while digits < 4 and f"{probability:.{digits}f}" == f"{threshold:.{digits}f}":
-        digits += 1
-    top, bottom = 1 - 10**-digits, 10**-digits
-    if f"{probability:.{digits}f}" == f"{threshold:.{digits}f}":  # still alike: say which side
-        side = ">=" if probability >= threshold else "<"
-        return f"{side} {threshold:.{digits}f}", f"{threshold:.{digits}f}"
-    if probability > top:
-        shown = f"> {top:.{digits}f}"
-    elif probability < bottom:
-        shown = f"< {bottom:.{digits}f}"
-    else:
-        shown = f"{probability:.{digits}f}"
-    return shown, f"{threshold:.{digits}f}"
-
-
-def _t(value: float) -> str:
-    """A T-score to one decimal with its sign; -0.04 is +0.0, not -0.0."""
-    return f"{round(value, 1) + 0.0:+.1f}"
 
 
 def _block_mean(values: np.ndarray, k: int) -> np.ndarray:

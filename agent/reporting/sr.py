@@ -30,12 +30,14 @@ from pydicom.sr.coding import Code
 from pydicom.uid import Comprehensive3DSRStorage, ExplicitVRLittleEndian
 
 from agent.compat import highdicom_internals, warn_once
+from agent.dicom_values import read_positive_int, value_of
 from agent.domain import AlgorithmInfo, Findings
 from agent.logging import get_logger
 from agent.reporting import codes
 from agent.reporting.equipment import contributing_equipment, device_uid, identify, model_name
 from agent.reporting.source import reference_dataset
-from agent.reporting.uids import result_uid, sr_input
+from agent.reporting.uids import model_key, result_uid, sr_input
+from agent.reporting.wording import probability_pair, t_score
 
 log = get_logger(__name__)
 
@@ -49,6 +51,8 @@ _NUMERIC_FIELDS = (
     "interval_coverage",
 )
 DESCRIPTION = "STR-Net bone-loss screening (research, NOT FOR DIAGNOSTIC USE)"
+#: image lines in the Impression before "n more normal images not listed" (positives always listed)
+IMPRESSION_IMAGES = 12
 
 
 #: skip highdicom's deep copy of the content tree (build_sr); off only to compare the two in a test
@@ -111,13 +115,18 @@ def build_sr(
     refs = [reference_dataset(ds) for ds in sources]
     algorithm = findings[0].algorithm
     version = algorithm.version
+    key = model_key(algorithm)  # new weights under the same version string: new objects
+    # a multi-frame source was screened on its first frame: the region is drawn on that frame
+    frames = [1 if (read_positive_int(value_of(ds, "NumberOfFrames")) or 1) > 1 else None for ds in sources]
     algorithm_id = hd.sr.AlgorithmIdentification(
         name=algorithm.name,
         version=version,
         parameters=[f"checkpoint_sha256={algorithm.checkpoint_sha256}"],
     )
 
-    groups = [_image_group(ds, f, algorithm_id, version) for ds, f in zip(refs, findings, strict=True)]
+    groups = [
+        _image_group(ds, f, algorithm_id, key, frame) for ds, f, frame in zip(refs, findings, frames, strict=True)
+    ]
     report = hd.sr.MeasurementReport(
         observation_context=_observation_context(algorithm, manufacturer),
         procedure_reported=codes.PLAIN_XRAY_KNEE,
@@ -137,9 +146,9 @@ def build_sr(
         sr = hd.sr.Comprehensive3DSR(
             evidence=refs,
             content=root,
-            series_instance_uid=result_uid(study_uid, version, "sr-series"),
+            series_instance_uid=result_uid(study_uid, key, "sr-series"),
             series_number=series_number,
-            sop_instance_uid=result_uid(sr_input(study_uid, revision), version, "sr"),
+            sop_instance_uid=result_uid(sr_input(study_uid, revision), key, "sr"),
             instance_number=instance_number,
             manufacturer=manufacturer,
             previous_versions=previous,
@@ -165,9 +174,10 @@ def _num(value: float, ndigits: int) -> float:
 
 
 def _percent(value: float) -> float:
-    """A probability in [0, 1] as a percentage with two decimals (what a reader sees in a viewer's
-    measurement label: "Probability: 87.31 %", not "0.87 1")."""
-    return round(float(value) * 100.0, 2)
+    """A probability in [0, 1] as a percentage (what a reader sees in a viewer's measurement
+    label: "Probability: 87.31 %", not "0.87 1"), to 4 decimals: a probability just below the
+    threshold must not read as equal to it."""
+    return round(float(value) * 100.0, 4)
 
 
 def _laterality(ds: Dataset) -> str | None:
@@ -195,7 +205,9 @@ def _finding_site(laterality: str | None) -> hd.sr.FindingSite:
 def _assessed_square(ds: Dataset, f: Findings) -> np.ndarray:
     """The assessed square as a closed POLYLINE of (column, row) points on the source image,
     clipped to it (SCOORD pixel coordinates: (0, 0) is the top left corner of the first pixel)."""
-    rows, cols = int(ds.get("Rows") or 1), int(ds.get("Columns") or 1)
+    rows, cols = read_positive_int(value_of(ds, "Rows")), read_positive_int(value_of(ds, "Columns"))
+    if rows is None or cols is None:  # never from a screened film: it was decoded
+        raise ValueError("the source has no valid Rows and Columns to draw the assessed square on")
     r0, c0, r1, c1 = f.region if f.region is not None else (0, 0, rows, cols)
     r0, r1 = max(0, min(r0, rows)), max(0, min(r1, rows))
     c0, c1 = max(0, min(c0, cols)), max(0, min(c1, cols))
@@ -205,10 +217,19 @@ def _assessed_square(ds: Dataset, f: Findings) -> np.ndarray:
     return np.array(corners, dtype=np.float32)
 
 
+def _region_source(ds: Dataset, frame: int | None) -> hd.sr.SourceImageForRegion:
+    return hd.sr.SourceImageForRegion(
+        referenced_sop_class_uid=str(ds.SOPClassUID),
+        referenced_sop_instance_uid=str(ds.SOPInstanceUID),
+        referenced_frame_numbers=[frame] if frame else None,
+    )
+
+
 def _image_group(
-    ds: Dataset, f: Findings, algorithm_id: hd.sr.AlgorithmIdentification, version: str
+    ds: Dataset, f: Findings, algorithm_id: hd.sr.AlgorithmIdentification, key: str, frame: int | None
 ) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
-    """TID 1410 group for one screened image, its region the assessed square."""
+    """TID 1410 group for one screened image, its region the assessed square (on ``frame`` of a
+    multi-frame source)."""
     laterality = _laterality(ds)
     severity = _severity_code(f)
     square = _assessed_square(ds, f)
@@ -245,13 +266,13 @@ def _image_group(
     ]
     group = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=result_uid(str(ds.SOPInstanceUID), version, "group"),
+            uid=result_uid(str(ds.SOPInstanceUID), key, "group"),
             identifier=image_label(ds),
         ),
         referenced_region=hd.sr.ImageRegion(
             graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
             graphic_data=square,
-            source_image=hd.sr.SourceImageForRegion.from_source_image(ds),
+            source_image=_region_source(ds, frame),
         ),
         finding_type=severity or (codes.BONE_LOSS_SUSPECTED if f.bone_loss else codes.NORMAL),
         algorithm_id=algorithm_id,
@@ -271,7 +292,7 @@ def _image_group(
         hd.sr.CoordinatesForMeasurement(
             graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
             graphic_data=square,
-            source_image=hd.sr.SourceImageForRegion.from_source_image(ds),
+            source_image=_region_source(ds, frame),
         )
     )
     return group
@@ -317,41 +338,41 @@ def _study_summary(sources: Sequence[Dataset], findings: Sequence[Findings]) -> 
 
 
 def impression(sources: Sequence[Dataset], findings: Sequence[Findings]) -> str:
-    """The report in words, as a text renderer or a reader without a viewer sees it (at most
-    1024 characters: the TEXT value's limit is far above, this keeps it readable)."""
-    positive = any(f.bone_loss for f in findings)
+    """The report in words, as a text renderer or a reader without a viewer sees it: the study's
+    result with its index image (the highest probability of bone loss), one line per image with
+    the positive ones first, the model and the disclaimer. Numbers print as on the overlay's
+    banner (agent/reporting/wording.py). At most ``IMPRESSION_IMAGES`` image lines: a longer
+    study says how many are left out, never a positive one."""
+    positive = [i for i, f in enumerate(findings) if f.bone_loss]
     index = max(range(len(findings)), key=lambda i: findings[i].probability)
     top = findings[index]
     algorithm = top.algorithm
-    result = "Bone loss suspected" if positive else "No bone loss detected"
+    p, threshold = probability_pair(top.probability, top.threshold)
+    n = len(findings)
+    result = f"Bone loss suspected in {len(positive)} of {n}" if positive else f"No bone loss detected in {n}"
     lines = [
-        f"{result} ({len(findings)} image{'s' if len(findings) != 1 else ''} screened). "
-        f"Highest probability of bone loss {_p(top.probability)} ({image_label(sources[index])}), "
-        f"threshold {_p(top.threshold)}; its estimated T-score {_t(top.t_score)}, "
-        f"{top.interval_coverage:.0%} interval {_t(top.t_score_low)} to {_t(top.t_score_high)}."
+        f"{result} screened image{'s' if n != 1 else ''}. Highest probability of bone loss {p} "
+        f"({image_label(sources[index])}), threshold {threshold}; its estimated T-score "
+        f"{t_score(top.t_score)}, {top.interval_coverage:.0%} interval {t_score(top.t_score_low)} "
+        f"to {t_score(top.t_score_high)}."
     ]
-    for ds, f in zip(sources, findings, strict=True):
+    order = positive + [i for i in range(n) if not findings[i].bone_loss]
+    shown = order if len(order) <= IMPRESSION_IMAGES else order[: max(IMPRESSION_IMAGES, len(positive))]
+    for i in shown:
+        ds, f = sources[i], findings[i]
         severity = f" ({f.severity})" if f.bone_loss and f.severity else ""
+        p, _ = probability_pair(f.probability, f.threshold)
         lines.append(
             f"{image_label(ds)}: {'bone loss suspected' if f.bone_loss else 'normal'}{severity}, "
-            f"P {_p(f.probability)}, T-score {_t(f.t_score)} [{_t(f.t_score_low)}, {_t(f.t_score_high)}]."
+            f"P {p}, T-score {t_score(f.t_score)} [{t_score(f.t_score_low)}, {t_score(f.t_score_high)}]."
         )
+    if len(shown) < n:
+        lines.append(f"{n - len(shown)} more normal image{'s' if n - len(shown) != 1 else ''} not listed.")
     lines.append(
         f"{algorithm.name} {algorithm.version}, not reviewed by a radiologist. "
         "Research software, NOT FOR DIAGNOSTIC USE."
     )
-    text = "\n".join(lines)
-    if len(text) > 1024:  # a study of many images: keep the summary, the first and the last lines
-        text = "\n".join([lines[0], *lines[1:4], "...", lines[-1]])
-    return text
-
-
-def _p(value: float) -> str:
-    return f"{value * 100:.1f} %"
-
-
-def _t(value: float) -> str:
-    return f"{round(value, 1) + 0.0:+.1f}"
+    return "\n".join(lines)
 
 
 def _separate(item: Dataset) -> None:

@@ -3,7 +3,7 @@
 A resend after a crash must carry the same SOP Instance UIDs so that PACS deduplicates instead of
 storing a second copy, so every result UID is derived, never generated:
 
-    "2.25." + int(uuid5(NAMESPACE, f"{input_uid}|{model_version}|{kind}"))
+    "2.25." + int(uuid5(NAMESPACE, f"{input_uid}|{model}|{kind}"))   (model: model_key, version#hash)
 
 The 2.25 root (PS3.5 B.2) turns a UUID into an OID without a registered root of our own; a
 128-bit integer has at most 39 digits, so the UID is at most 44 characters.
@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import re
 import uuid
+
+from agent.domain import AlgorithmInfo
 
 # Fixed for the life of the project: changing it changes every result UID ever written.
 NAMESPACE = uuid.UUID("6c0e4f3a-8d5b-4b61-9a7e-2f1c9d3e5a70")
@@ -46,6 +48,13 @@ def result_uid(input_uid: str, model_version: str, kind: str) -> str:
     uid = f"2.25.{uuid.uuid5(NAMESPACE, name).int}"
     assert len(uid) <= 64 and _UID_RE.match(uid), uid  # holds by construction
     return uid
+
+
+def model_key(algorithm: AlgorithmInfo) -> str:
+    """What a result UID says about the model: its version AND its checkpoint's hash, so new
+    weights under an unchanged version string make new objects instead of colliding with the
+    old ones in PACS."""
+    return f"{algorithm.version}#{algorithm.checkpoint_sha256}"
 
 
 def sr_input(study_uid: str, revision: int) -> str:

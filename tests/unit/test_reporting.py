@@ -168,7 +168,7 @@ def test_dsrdump_renders_findings(study: dict[str, Any]) -> None:
         '<contains SCOORD:(,,"Image Region")=(POLYLINE,',
         '<inferred from SCOORD:(,,"Source")=(POLYLINE,',
         '<contains CONTAINER:(,,"Qualitative Evaluations")=SEPARATE>',
-        '<contains TEXT:(,,"Impression")="Bone loss suspected',
+        '<contains TEXT:(,,"Impression")="Bone loss suspected in 2 of',
         "NOT FOR DIAGNOSTIC USE",
         "UNVERIFIED",
     ):
@@ -196,7 +196,7 @@ def test_dsr2html_shows_names_beside_values_and_the_disclaimer(study: dict[str, 
     assert re.search(r"Probability: 87\.31 %", text), text[:3000]
     assert re.search(r"Estimated T-score: -2\.73 \{T-score\}", text), text[:3000]
     assert re.search(r"Threshold Value: 42\.17 %", text)
-    assert "Impression: Bone loss suspected (4 images screened). Highest probability of bone loss 87.3 %" in text
+    assert "Impression: Bone loss suspected in 2 of 4 screened images. Highest probability of bone loss 0.87" in text
     assert "its estimated T-score -2.7, 90% interval -3.4 to -2.0" in text
     assert "NOT FOR DIAGNOSTIC USE" in text.split("Impression:")[1]
 
@@ -395,7 +395,7 @@ def test_sr_round_trips(study: dict[str, Any]) -> None:
     by_name = {i.ConceptNameCodeSequence[0].CodeMeaning: i for i in summary.ContentSequence}
     assert by_name["Bone loss screening result"].ConceptCodeSequence[0].CodeValue == codes.BONE_LOSS_SUSPECTED.value
     assert by_name["Severity"].ConceptCodeSequence[0].CodeValue == codes.OSTEOPOROSIS.value
-    assert by_name["Impression"].TextValue.startswith("Bone loss suspected (4 images screened)")
+    assert by_name["Impression"].TextValue.startswith("Bone loss suspected in 2 of 4 screened images")
 
 
 def test_sr_parsed_in_place_is_the_same_to_the_byte(study: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
@@ -601,3 +601,75 @@ def test_a_build_error_names_no_value() -> None:
     with pytest.raises(BuildError) as err:
         build_overlay_bytes(knee_dx(patient_name="Doe^Jane"), np.zeros((2, 2, 2), np.float32), finding, 1)
     assert str(err.value).startswith("overlay could not be built: ValueError") and "Doe" not in str(err.value)
+
+
+# ---- the Impression and edge cases (review of issue 20) ------------------------------------------
+
+
+def test_impression_reads_like_the_banner_and_never_rounds_a_probability_onto_the_threshold() -> None:
+    from agent.reporting.sr import impression
+
+    source = knee_dx(laterality="R")
+    source.ViewPosition = "AP"
+    base = _findings(np.random.default_rng(3))[2]
+    just_below = dataclasses.replace(base, probability=0.37781, threshold=0.3778246, bone_loss=False)
+    text = impression([source], [just_below])
+    assert text.startswith("No bone loss detected in 1 screened image. Highest probability of bone loss < 0.3778")
+    assert "(Right knee AP), threshold 0.3778;" in text
+    certain = dataclasses.replace(base, probability=0.9999991, threshold=0.42, bone_loss=True, severity="osteoporosis")
+    assert "probability of bone loss > 0.99 " in impression([source], [certain])
+    # the NUMs keep 4 decimals of a percentage: 37.781 % and 37.7825 % are not the same number
+    sr = build_sr([source], [just_below])
+    text = _dsrdump_ds(sr)
+    assert '"Probability")="37.781"' in text and '"Threshold Value")="37.7825"' in text
+
+
+def _dsrdump_ds(ds: pydicom.Dataset) -> str:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "sr.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        return _dsrdump(path)
+
+
+def test_a_long_study_lists_every_positive_image_and_counts_the_normal_ones_left_out() -> None:
+    from agent.reporting.sr import IMPRESSION_IMAGES, impression
+
+    n = IMPRESSION_IMAGES + 3
+    study_uid = generate_uid()
+    sources = [knee_dx(study_uid=study_uid, laterality="LR"[i % 2], seed=i, rows=32, cols=32) for i in range(n)]
+    negative = _findings(np.random.default_rng(4))[2]
+    positive = _findings(np.random.default_rng(4))[0]
+    findings = [negative] * n
+    findings[n - 1] = positive  # the positive is the last film: it must still be listed
+    text = impression(sources, findings)
+    assert text.count("bone loss suspected (osteoporosis)") == 1
+    assert text.splitlines()[1].endswith("[-3.4, -2.0].") and "bone loss suspected" in text.splitlines()[1]
+    assert f"{n - IMPRESSION_IMAGES} more normal images not listed." in text
+    assert text.endswith("NOT FOR DIAGNOSTIC USE.")
+
+
+def test_new_weights_under_the_same_version_make_new_objects() -> None:
+    """PACS deduplicates by SOP Instance UID: a new checkpoint must not reuse the old UIDs."""
+    source = knee_dx(laterality="L")
+    f = _findings(np.random.default_rng(6))[0]
+    other = dataclasses.replace(f, algorithm=dataclasses.replace(ALGO, checkpoint_sha256="ab" * 32))
+    a, b = build_sr([source], [f]), build_sr([source], [other])
+    assert a.SOPInstanceUID != b.SOPInstanceUID and a.SeriesInstanceUID != b.SeriesInstanceUID
+    image = np.zeros((int(source.Rows), int(source.Columns)), np.float32)
+    assert build_overlay(source, image, f).SOPInstanceUID != build_overlay(source, image, other).SOPInstanceUID
+    assert build_sr([source], [f]).SOPInstanceUID == a.SOPInstanceUID  # and the same weights, the same UID
+
+
+def test_a_multi_frame_source_gets_its_region_on_frame_one_and_no_size_no_region() -> None:
+    source = knee_dx(laterality="L")
+    f = _findings(np.random.default_rng(6))[0]
+    source.NumberOfFrames = 2
+    sr = hd.sr.Comprehensive3DSR.from_dataset(build_sr([source], [f]))
+    [group] = sr.content.get_planar_roi_measurement_groups()
+    assert group.roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedFrameNumber == 1
+    del source.NumberOfFrames
+    del source.Rows
+    with pytest.raises(ValueError, match="Rows and Columns"):
+        build_sr([source], [f])
