@@ -181,15 +181,21 @@ def compute_metrics(
     return m
 
 
-def _bone_shares(job: tuple[str, str, np.ndarray, dict[str, Any]]) -> tuple[float, float, float]:
-    """One image: the share of its served saliency map (Grad-CAM restricted to the estimated
-    bone, as the agent serves it) and of its unrestricted Grad-CAM that lies on the generator's
-    bone mask (labels 1 and 2), both in network-input geometry; and the served map's mass."""
+_STATES = ("drawn", "off_bone", "no_bone")  # what the overlay shows for an image's served map
+
+
+def _bone_shares(job: tuple[str, str, np.ndarray, dict[str, Any]]) -> dict[str, float]:
+    """One image, in network-input geometry, against the generator's bone mask (labels 1 and 2):
+    the share on it of the served map (``model.saliency.on_bone``, as the agent serves it; NaN
+    when nothing is drawn), of the raw Grad-CAM, of a flat map over the square (chance), of the
+    inverted map (max - map) and of a flat map restricted to the bone estimate (the estimate's
+    precision); the share of the raw map's mass kept on the estimate and the share a flat map
+    keeps there (chance); the served map's mass; what the overlay shows (index in ``_STATES``)."""
     from PIL import Image
 
     from model.io import read_pixels
     from model.preprocess import PreprocessSpec, crop_box, resize_mask
-    from model.saliency import bone_share, restrict_to_bone
+    from model.saliency import bone_share, on_bone
 
     path, mask_path, cam, spec_dict = job
     spec = PreprocessSpec.from_dict(spec_dict)
@@ -199,25 +205,67 @@ def _bone_shares(job: tuple[str, str, np.ndarray, dict[str, Any]]) -> tuple[floa
     if mask.shape != film.shape:
         raise ValueError(f"{mask_path}: mask shape {mask.shape} is not the image's {film.shape}")
     bone = resize_mask(mask, spec)  # fraction of each cell that is cortex or trabecular bone
-    served = restrict_to_bone(film, crop_box(film.shape, spec), cam)
-    return bone_share(served, bone), bone_share(cam, bone), float(served.sum(dtype=np.float64))
+    served = on_bone(film, crop_box(film.shape, spec), cam)
+    raw = np.clip(np.nan_to_num(np.asarray(cam, dtype=np.float32)), 0.0, None)
+    state = 0 if served.drawn else (1 if served.bone_found else 2)
+    return {
+        "served": bone_share(served.heat, bone) if served.drawn else float("nan"),
+        "served_mass": float(np.nansum(served.heat, dtype=np.float64)),
+        "raw": bone_share(raw, bone),
+        "uniform": float(bone.mean(dtype=np.float64)),  # a flat map's share: chance on the mask
+        "inverted": bone_share(raw.max() - raw, bone),
+        "estimate_precision": bone_share(served.bone, bone) if served.bone_found else float("nan"),
+        "kept": served.kept_share,
+        "chance": served.chance_share,
+        "state": float(state),
+    }
 
 
-def _mean_ci(values: np.ndarray, n_boot: int = 2000, seed: int = 0) -> list[float]:
-    """95 % percentile-bootstrap interval of the mean (images resampled with replacement)."""
-    rng = np.random.default_rng(seed)
-    means = values[rng.integers(0, len(values), (n_boot, len(values)))].mean(axis=1)
-    return [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
+def _cluster_weights(groups: Sequence[str], n_boot: int = 2000, seed: int = 0) -> np.ndarray:
+    """(n_boot, n_images) bootstrap weights that resample whole patients (``groups``) with
+    replacement: each image weighs as often as its patient was drawn (images of one patient are
+    not independent; 620 test images come from 283 patients)."""
+    _, g = np.unique(np.asarray(groups), return_inverse=True)
+    k = int(g.max()) + 1
+    draws = np.random.default_rng(seed).integers(0, k, (n_boot, k))
+    counts = np.bincount((draws + k * np.arange(n_boot)[:, None]).ravel(), minlength=n_boot * k)
+    return counts.reshape(n_boot, k)[:, g].astype(np.float64)
+
+
+def _interval(stats: np.ndarray) -> list[float]:
+    """95 % percentile interval of bootstrap statistics (NaN draws left out)."""
+    stats = stats[np.isfinite(stats)]
+    if not stats.size:
+        return [float("nan")] * 2
+    return [float(np.percentile(stats, 2.5)), float(np.percentile(stats, 97.5))]
+
+
+def _ratio_ci(w: np.ndarray, num: np.ndarray, den: np.ndarray, sel: np.ndarray) -> list[float]:
+    """Interval of sum(num) / sum(den) over ``sel`` under the bootstrap weights ``w``
+    (den = 1: a mean)."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return _interval((w[:, sel] @ num[sel]) / (w[:, sel] @ den[sel]))
+
+
+def _nan_stat(fn: Any, values: np.ndarray) -> float:
+    return float(fn(values)) if values.size else float("nan")
 
 
 def saliency_in_bone(
     pred: Any, rows: Sequence[Any], cache: np.ndarray, positive: np.ndarray, workers: int = 2, batch: int = 32
 ) -> dict[str, Any]:
-    """Where the served saliency map lies, on the images of ``rows`` that have a ``mask_path``:
-    ``saliency_in_bone`` is the mean over those images of the share of the map's mass on the
-    generator's bone mask; empty dict when no row has a mask file (a mask_path whose file is
-    missing is counted, not measured). ``positive``: the served decision
-    per row (the overlay shows the map only there)."""
+    """Where the served saliency map lies, and whether that depends on the network, on the images
+    of ``rows`` that have a ``mask_path``; empty dict when no row has a mask file (a mask_path
+    whose file is missing is counted, not measured). ``positive``: the served decision per row
+    (the overlay shows the map only there).
+
+    ``saliency_in_bone``: the mean over the images whose served map is drawn of that map's share
+    on the generator's bone mask (issue 20); it says where the heat is drawn, and the restriction
+    alone keeps it high. The network-dependent figures: ``saliency_in_bone_raw`` (the raw
+    Grad-CAM's share), ``saliency_in_bone_uniform`` (a flat map's: chance), their ratio
+    ``saliency_lift``, ``saliency_in_bone_inverted`` (the map turned inside out: the null twin of
+    the test gate) and ``saliency_kept_share`` (the share of the raw mass the restriction keeps).
+    Intervals: 95 % percentile bootstrap over patients."""
     with_mask = [i for i, r in enumerate(rows) if getattr(r, "mask_path", None)]
     idx = [i for i in with_mask if Path(rows[i].mask_path).is_file()]
     if not idx:
@@ -230,36 +278,74 @@ def saliency_in_bone(
         cams = cams.reshape(len(part), *cams.shape[-2:])
         jobs += [(str(rows[i].path), str(rows[i].mask_path), cams[k], spec) for k, i in enumerate(part)]
     if workers <= 1:
-        shares = [_bone_shares(j) for j in jobs]
+        per = [_bone_shares(j) for j in jobs]
     else:
         with ProcessPoolExecutor(max_workers=workers) as pool:
-            shares = list(pool.map(_bone_shares, jobs, chunksize=8))
-    served, raw, mass = (np.asarray(v, dtype=np.float64) for v in zip(*shares, strict=True))
-    shown = np.isfinite(served)  # no bone found: the served map is empty (nothing drawn)
-    pos = np.asarray(positive, bool)[idx] & shown
-    s = served[shown]
+            per = list(pool.map(_bone_shares, jobs, chunksize=8))
+    v = {key: np.asarray([p[key] for p in per], dtype=np.float64) for key in per[0]}
+    state = v["state"].astype(int)
+    drawn, found = state == 0, state != 2
+    pos_all = np.asarray(positive, bool)[idx]
+    pos = pos_all & drawn
+    s, mass = v["served"][drawn], v["served_mass"][drawn]
+    has_raw = np.isfinite(v["raw"])  # a map with mass
+    has_inv = has_raw & np.isfinite(v["inverted"])  # and not flat (a flat map's inverse has no mass)
+    w = _cluster_weights([str(getattr(rows[i], "patient_id", None) or i) for i in idx])
+    ones = np.ones(len(idx))
+    raw_mean, uni_mean = _nan_stat(np.mean, v["raw"][has_raw]), _nan_stat(np.mean, v["uniform"][has_raw])
+    kept_ok = found & np.isfinite(v["kept"])
+    above = (v["raw"] > v["uniform"]).astype(np.float64)
     return {
-        "saliency_in_bone": float(s.mean()) if s.size else float("nan"),
-        "saliency_in_bone_ci": _mean_ci(s) if s.size else [float("nan")] * 2,
-        "saliency_in_bone_pooled": float((s * mass[shown]).sum() / mass[shown].sum()) if s.size else float("nan"),
-        "saliency_in_bone_positives": float(served[pos].mean()) if pos.any() else float("nan"),
+        "saliency_in_bone": _nan_stat(np.mean, s),
+        "saliency_in_bone_ci": _ratio_ci(w, v["served"], ones, drawn),
+        "saliency_in_bone_pooled": float((s * mass).sum() / mass.sum()) if s.size else float("nan"),
+        "saliency_in_bone_positives": _nan_stat(np.mean, v["served"][pos]),
+        "saliency_in_bone_raw": raw_mean,
+        "saliency_in_bone_raw_ci": _ratio_ci(w, v["raw"], ones, has_raw),
+        "saliency_in_bone_uniform": uni_mean,
+        "saliency_in_bone_uniform_ci": _ratio_ci(w, v["uniform"], ones, has_raw),
+        "saliency_in_bone_inverted": _nan_stat(np.mean, v["inverted"][has_inv]),
+        "saliency_lift": raw_mean / uni_mean if uni_mean > 0 else float("nan"),
+        "saliency_lift_ci": _ratio_ci(w, v["raw"], v["uniform"], has_raw),
+        "saliency_kept_share": _nan_stat(np.mean, v["kept"][kept_ok]),
+        "saliency_kept_share_ci": _ratio_ci(w, np.nan_to_num(v["kept"]), ones, kept_ok),
         "saliency_in_bone_detail": {
             "n_images": len(idx),
             "n_mask_missing": len(with_mask) - len(idx),  # a mask_path whose file is not there
-            "n_empty_map": int((~shown).sum()),
-            "n_positives": int(pos.sum()),
-            "min": float(s.min()) if s.size else float("nan"),
-            "p10": float(np.percentile(s, 10)) if s.size else float("nan"),
-            "gradcam_unrestricted": float(np.nanmean(raw)),
+            "n_drawn": int(drawn.sum()),
+            "n_off_bone": int((state == 1).sum()),  # attention on the estimate at or below chance: no heat
+            "n_no_bone": int((state == 2).sum()),  # no bone found in the square: no heat
+            "n_positives": int(pos_all.sum()),
+            "n_positives_drawn": int(pos.sum()),
+            "min": _nan_stat(np.min, s),
+            "p10": _nan_stat(lambda x: np.percentile(x, 10), s),
+            "raw_positives": _nan_stat(np.mean, v["raw"][has_raw & pos_all]),
+            "uniform_positives": _nan_stat(np.mean, v["uniform"][has_raw & pos_all]),
+            "raw_above_uniform_fraction": _nan_stat(np.mean, above[has_raw]),
+            "raw_above_uniform_fraction_ci": _ratio_ci(w, above, ones, has_raw),
+            "kept_share_chance": _nan_stat(np.mean, v["chance"][kept_ok]),
+            "kept_share_lift_ci": _ratio_ci(w, np.nan_to_num(v["kept"]), v["chance"], kept_ok),
+            "kept_share_p10": _nan_stat(lambda x: np.percentile(x, 10), v["kept"][kept_ok]),
+            "kept_share_min": _nan_stat(np.min, v["kept"][kept_ok]),
+            "estimate_precision": _nan_stat(np.mean, v["estimate_precision"][found]),
             "method": (
-                "per image: share of the served map's mass (Grad-CAM of the screening head "
-                "restricted to the estimated bone of the assessed square, model.saliency) on "
-                "the generator's bone mask (labels 1 and 2, resize_mask into the same (S, S) "
-                "geometry); saliency_in_bone is the mean over images with a mask and a non-empty "
-                "map, its interval a 95 % percentile bootstrap over images; _pooled the share of "
-                "all those maps' mass together (each map as served, maximum 1); _positives the mean "
-                "over the served positives (the overlays that show the map); "
-                "gradcam_unrestricted the same mean for the raw Grad-CAM over the square"
+                "per image, in the network's (S, S) geometry, shares of a map's mass on the "
+                "generator's bone mask (labels 1 and 2, model.preprocess.resize_mask). "
+                "saliency_in_bone: the served map (model.saliency.on_bone: Grad-CAM of the screening "
+                "head kept on the estimated bone of the assessed square, divided by the raw map's "
+                "maximum, drawn only when the share of the raw mass it keeps exceeds chance, the "
+                "estimate's area share), mean over the images where it is drawn (n_drawn); _pooled "
+                "all those maps' mass together; _positives over the drawn served positives (the "
+                "overlays that show it). saliency_in_bone_raw: the raw Grad-CAM over the square, "
+                "mean over all images; _uniform: a flat map over the square (chance); "
+                "saliency_lift: raw / uniform (ratio of the means); _inverted: max - map (NaN for "
+                "flat maps); "
+                "raw_above_uniform_fraction: images whose raw share exceeds chance. "
+                "saliency_kept_share: share of the raw map's mass on the bone estimate, mean over "
+                "images with bone found; kept_share_chance: the same for a flat map (the estimate's "
+                "area share); estimate_precision: a flat map restricted to the estimate, no floor "
+                "(what the restriction alone gives whatever the map). Intervals: 95 % percentile "
+                "bootstrap over patients (2000 draws, seed 0)"
             ),
         },
     }
@@ -268,8 +354,8 @@ def saliency_in_bone(
 def _served_maps(
     pred: Any, rows: Sequence[Any], cache: np.ndarray, picks: list[tuple[str, int]]
 ) -> dict[int, np.ndarray]:
-    """The served saliency maps (``model.saliency.restrict_to_bone``) of the report's Grad-CAM
-    picks, by image index."""
+    """The served saliency maps (``model.saliency.restrict_to_bone``: zero where not drawn, NaN
+    where no bone was found) of the report's Grad-CAM picks, by image index."""
     from model.io import read_pixels
     from model.preprocess import crop_box
     from model.saliency import restrict_to_bone

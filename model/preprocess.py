@@ -114,14 +114,17 @@ def crop_box(shape: tuple[int, ...], spec: PreprocessSpec) -> tuple[int, int, in
     return r0, c0, r0 + side, c0 + side
 
 
-def _square(arr: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+def _square(arr: np.ndarray, spec: PreprocessSpec, pad_value: float | None = None) -> np.ndarray:
+    """The square of ``crop_box``; for ``"full"`` the padding is ``pad_value`` (None: the image's
+    median, the training path's choice for pixels; a mask pads with 0, outside it)."""
     h, w = arr.shape
     r0, c0, r1, c1 = crop_box(arr.shape, spec)
     if spec.crop == "center":
         return arr[r0:r1, c0:c1]
     if h == w:
         return arr
-    out = np.full((r1 - r0, c1 - c0), np.median(arr), dtype=np.float32)
+    pad = np.median(arr) if pad_value is None else pad_value
+    out = np.full((r1 - r0, c1 - c0), pad, dtype=np.float32)
     out[-r0 : -r0 + h, -c0 : -c0 + w] = arr
     return out
 
@@ -178,10 +181,11 @@ def _resize(arr: np.ndarray, size: int) -> np.ndarray:
     return np.ascontiguousarray(_area_axis(_area_axis(arr, size, 0), size, 1))
 
 
-def crop_resize(pixels: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
-    """Geometric part only: crop and resample to (S, S) float32, values unchanged in scale."""
+def crop_resize(pixels: np.ndarray, spec: PreprocessSpec, pad_value: float | None = None) -> np.ndarray:
+    """Geometric part only: crop and resample to (S, S) float32, values unchanged in scale.
+    ``pad_value``: what fills the padding of crop ``"full"`` (None: the image's median)."""
     arr = _validate(pixels)
-    return _resize(_square(arr, spec), spec.input_size).astype(np.float32, copy=False)
+    return _resize(_square(arr, spec, pad_value), spec.input_size).astype(np.float32, copy=False)
 
 
 def resize_mask(mask: np.ndarray, spec: PreprocessSpec, label: int | None = None) -> np.ndarray:
@@ -189,7 +193,7 @@ def resize_mask(mask: np.ndarray, spec: PreprocessSpec, label: int | None = None
     ``label`` (or is non-zero when ``label`` is None), float32 (S, S) in [0, 1]."""
     m = np.asarray(mask)
     binary = (m != 0) if label is None else (m == label)
-    return crop_resize(binary.astype(np.float32), spec)
+    return crop_resize(binary.astype(np.float32), spec, pad_value=0.0)  # the padding has no label
 
 
 def preprocess(pixels: np.ndarray, spec: PreprocessSpec) -> np.ndarray:

@@ -197,7 +197,7 @@ def plot_all(
         for col, (title, i) in enumerate(picks):
             img = cache[i].astype(np.float32)
             cam = predictor.saliency(img[None, None])
-            maps = [("Grad-CAM", cam)] + ([("served, on bone", served.get(int(i)))] if served else [])
+            maps = [("Grad-CAM", cam)] + ([(_served_title(served.get(int(i))), served.get(int(i)))] if served else [])
             for row, (what, heat) in enumerate(maps):
                 ax = axes[row, col]
                 ax.imshow(img, cmap="gray")
@@ -209,15 +209,76 @@ def plot_all(
         if served:
             plots.append(
                 (
-                    "Grad-CAM of the screening head (top) and the served map, restricted to the "
-                    "estimated bone (bottom; the overlays draw it on positive results only); both "
-                    "drawn where >= 0.25",
+                    "Grad-CAM of the screening head (top) and the served map (bottom): the part "
+                    "on the estimated bone at its own strength, none where that attention is not "
+                    "on bone more than chance (the overlays draw it on positive results only); "
+                    "both drawn where >= 0.25",
                     "gradcam.png",
                 )
             )
         else:
             plots.append(("Grad-CAM of the screening head", "gradcam.png"))
     return plots
+
+
+def _served_title(heat: np.ndarray | None) -> str:
+    """What a served map of the Grad-CAM figure is (model.saliency.restrict_to_bone)."""
+    if heat is None:
+        return "not served"
+    if not np.isfinite(heat).any():
+        return "none: no bone found"
+    return "served, on bone" if np.nanmax(heat) > 0 else "none: not on bone > chance"
+
+
+def _verdict(lift: float, low: float) -> str:
+    """A plain sentence on the raw Grad-CAM's lift over chance (point, interval's lower end)."""
+    if not (math.isfinite(lift) and math.isfinite(low)) or low <= 1.0:
+        return "The network's attention is not shown to be on bone more than chance."
+    if lift < 1.25:
+        return "The network's attention is barely more on bone than chance."
+    return "The network's attention is on bone more than chance."
+
+
+def _saliency_lines(m: dict[str, Any]) -> list[str]:
+    """The report's saliency section (model.evaluate.saliency_in_bone)."""
+    d = m["saliency_in_bone_detail"]
+    lift = m.get("saliency_lift_ci") or [math.nan, math.nan]
+    above = d.get("raw_above_uniform_fraction_ci") or [math.nan, math.nan]
+    kept_lift = d.get("kept_share_lift_ci") or [math.nan, math.nan]
+    chance = d.get("kept_share_chance", math.nan)
+    kept = m.get("saliency_kept_share", math.nan)
+    return [
+        "",
+        "## Where the saliency map lies",
+        "",
+        "Shares of a map's mass on the generator's bone mask, in the network's geometry, over "
+        f"{d['n_images']} images; intervals: 95 % bootstrap over patients.",
+        "",
+        "What the network does (Grad-CAM of the screening head over the assessed square): "
+        f"{_ci(m, 'saliency_in_bone_raw')} of its mass on bone, against "
+        f"{_ci(m, 'saliency_in_bone_uniform')} for a flat map (chance): a lift of "
+        f"{_fmt(m.get('saliency_lift'))} ({_fmt(lift[0])} to {_fmt(lift[1])}); the map turned "
+        f"inside out (max - map) gets {_fmt(m.get('saliency_in_bone_inverted'))}. The raw share beats "
+        f"chance on {_fmt(d['raw_above_uniform_fraction'])} of the images ({_fmt(above[0])} to "
+        f"{_fmt(above[1])}); on the served positives the raw share is {_fmt(d['raw_positives'])} against "
+        f"{_fmt(d['uniform_positives'])}. {_verdict(m.get('saliency_lift', math.nan), lift[0])}",
+        "",
+        f"The restriction (model/saliency.py) keeps {_ci(m, 'saliency_kept_share')} of Grad-CAM's mass "
+        f"on the estimated bone (10th percentile {_fmt(d['kept_share_p10'])}, lowest "
+        f"{_fmt(d['kept_share_min'])}); a flat map keeps {_fmt(chance)} there (lift "
+        f"{_fmt(kept / chance if chance else math.nan)}, {_fmt(kept_lift[0])} to {_fmt(kept_lift[1])}). "
+        "The served map is drawn only where the kept share exceeds that chance share, at the "
+        f"strength it has (divided by the raw map's maximum): drawn on {d['n_drawn']} images, not "
+        f"drawn on {d['n_off_bone']} (attention not on bone more than chance) and on {d['n_no_bone']} "
+        f"(no bone found); drawn on {d['n_positives_drawn']} of the {d['n_positives']} served positives.",
+        "",
+        f"Where it is drawn, the served map puts {_ci(m, 'saliency_in_bone')} of its mass on bone "
+        f"(lowest {_fmt(d['min'])}, 10th percentile {_fmt(d['p10'])}; pooled "
+        f"{_fmt(m['saliency_in_bone_pooled'])}; {_fmt(m['saliency_in_bone_positives'])} on the drawn "
+        f"positives). That figure is the bone estimate's, not the network's: a flat map restricted "
+        f"to the estimate gets {_fmt(d['estimate_precision'])}. It says where the heat is drawn, not "
+        "what the network looks at.",
+    ]
 
 
 def render_markdown(m: dict[str, Any], plots: list[tuple[str, str]]) -> str:
@@ -314,22 +375,7 @@ def render_markdown(m: dict[str, Any], plots: list[tuple[str, str]]) -> str:
         ]
         lines += [f"| {k} | {v['n']} | {_fmt(v['auroc'])} |" for k, v in m["by_profile"].items()]
     if "saliency_in_bone" in m:
-        d = m["saliency_in_bone_detail"]
-        lines += [
-            "",
-            "## Where the saliency map lies",
-            "",
-            f"The served map (Grad-CAM of the screening head restricted to the estimated bone of the "
-            f"assessed square, as the overlays show it; model/saliency.py): {_ci(m, 'saliency_in_bone')} "
-            f"of its mass on the generator's bone mask (mean of per-image shares over "
-            f"{d['n_images'] - d['n_empty_map']} images; {d['n_empty_map']} with no bone found and no "
-            f"map; lowest {_fmt(d['min'])}, 10th percentile {_fmt(d['p10'])}; pooled "
-            f"{_fmt(m['saliency_in_bone_pooled'])}); "
-            f"{_fmt(m['saliency_in_bone_positives'])} on the {d['n_positives']} served positives, the "
-            f"only overlays that show it. The unrestricted Grad-CAM over the square puts "
-            f"{_fmt(d['gradcam_unrestricted'])} of its mass on bone: the restriction, not the network, "
-            "keeps the map on bone.",
-        ]
+        lines += _saliency_lines(m)
     lines += ["", "## Plots", ""]
     lines += [f"### {title}\n\n![{title}]({name})\n" for title, name in plots]
     return "\n".join(lines) + "\n"

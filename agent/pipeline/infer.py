@@ -17,11 +17,11 @@ import torch
 
 from agent.domain import AlgorithmInfo, Findings, ServedModel
 from agent.errors import ConfigError, ProcessingError
+from agent.pipeline.decode import PrepSpec, preprocess_pixels, texture_of
 from model.checkpoint import SHIPPED, UnknownThreshold
 from model.predict import Predictor
-from model.preprocess import crop_box, preprocess
+from model.preprocess import crop_box
 from model.saliency import restrict_to_bone
-from model.texture import texture_features
 
 MODEL_NAME = "STR-Net"
 
@@ -71,19 +71,22 @@ class Screener:
         )
 
     def preprocess(self, pixels: np.ndarray) -> np.ndarray:
-        try:
-            return np.asarray(preprocess(pixels, self.predictor.spec), dtype=np.float32)
-        except ValueError as exc:
-            raise ProcessingError(f"preprocessing failed: {exc}") from None
+        return preprocess_pixels(pixels, self.predictor.spec)
+
+    def prep_spec(self, max_pixels: int) -> PrepSpec:
+        """What preparing a film for this checkpoint takes (``agent.pipeline.decode.prepare``)."""
+        return PrepSpec(max_pixels, self.predictor.spec, self.predictor.texture is not None)
 
     def region(self, shape: tuple[int, ...]) -> tuple[int, int, int, int]:
         """The square of a film of ``shape`` that the model assesses (source pixel coordinates)."""
         return crop_box(shape, self.predictor.spec)
 
     def bone_saliency(self, pixels: np.ndarray, region: tuple[int, int, int, int], saliency: np.ndarray) -> np.ndarray:
-        """The Grad-CAM map of a film (over ``region``, from ``score``) kept on the bone of that
-        region and scaled to a maximum of 1 (all zero where no bone is found): what the overlay
-        shows. A few ms on the CPU at S = 256, whatever the film's size."""
+        """The Grad-CAM map of a film (over ``region``, from ``score``) kept on the estimated bone
+        of that region at its own strength (divided by the whole map's maximum): what the overlay
+        shows (``model.saliency.restrict_to_bone``). All zero when the map's attention is not on
+        that bone more than chance (the overlay then draws no heat and says so); all NaN when no
+        bone is found in the region. A few ms on the CPU at S = 256, whatever the film's size."""
         try:
             return restrict_to_bone(pixels, region, saliency)
         except ValueError as exc:
@@ -93,10 +96,7 @@ class Screener:
         """The film's texture features when the checkpoint has a texture stage, else None."""
         if self.predictor.texture is None:
             return None
-        try:
-            return texture_features(pixels)
-        except ValueError as exc:
-            raise ProcessingError(f"texture features failed: {exc}") from None
+        return texture_of(pixels)
 
     def score(
         self, batch: np.ndarray, clinical: Sequence[dict[str, Any]], texture: np.ndarray | None = None

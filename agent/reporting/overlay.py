@@ -1,15 +1,20 @@
 """The overlay a radiologist opens in any viewer: a secondary capture of the radiograph.
 
-It holds the radiograph (downscaled to at most 1024 px on the long side), on a positive result a
-heat map of the bone that drove the screening head, and a text banner above the image (result,
-probability, severity, T-score estimate and interval, knee and view, what the colours mean,
-model, NOT FOR DIAGNOSTIC USE), its lines centred so that a viewer's own corner text (OHIF v3,
-the Orthanc viewers: four or five lines in each corner) leaves them visible.
+It holds the radiograph (downscaled to at most 1024 px on the long side), on a positive result
+where the model's attention favours bone a heat map of that attention on bone, and a text banner
+above the image (result, probability, severity, T-score estimate and interval, knee and view,
+what the colours mean or why there is no heat map, model, NOT FOR DIAGNOSTIC USE), its lines
+centred so that a viewer's own corner text (OHIF v3, the Orthanc viewers: four or five lines in
+each corner) leaves them visible.
 
 The heat map is ``finding.saliency`` as the screening path serves it: Grad-CAM of the screening
-head already restricted to the bone of the assessed square (``model.saliency``), placed here on
-exactly that square (``finding.region``, clipped to the image) and blended only where it is
-salient. A negative result, or a finding without its square, gets no heat colour at all.
+head already kept on the estimated bone of the assessed square at its own strength, and all zero
+when that attention is not on bone more than chance (``model.saliency``), placed here on exactly
+that square (``finding.region``, clipped to the image) and blended only where it is salient. It
+shows where the model's attention lay, not a lesion: on the synthetic test set Grad-CAM puts
+barely more of its mass on bone than a flat map would (docs/model-card.md). A negative result
+gets no heat colour at all, and every positive without heat says why in the legend line
+(``heat_legend``).
 
 BurnedInAnnotation YES; laterality copied (dciodvfy requires it for a paired body part);
 patient and study values (StudyDescription too) as reporting/source.py reads them; the model
@@ -43,9 +48,12 @@ POSITIVE_RGB = (255, 80, 64)
 NEGATIVE_RGB = (96, 220, 96)
 TEXT_RGB = (235, 235, 235)
 LEGEND_RGB = (255, 176, 48)  # the legend of a heat map, in the map's own colours
-LEGEND_HEAT = "Red-yellow: bone regions that raised the score"
+LEGEND_HEAT = "Red-yellow: model attention on bone, not a lesion"
 LEGEND_NEGATIVE = "No heat map: screening negative"
-LEGEND_NO_HEAT = "No heat map: no bone region to show"
+LEGEND_OFF_BONE = "No heat map: model attention not focused on bone"  # at or below chance, or faint
+LEGEND_NO_BONE = "No heat map: no bone found in the assessed square"  # the served map is all NaN
+LEGEND_NO_MAP = "No heat map: attention map not computed"  # saliency off (worker.saliency)
+LEGEND_NO_REGION = "No heat map: assessed square not recorded"
 # The banner's lines are centred and, where the font stays legible, no wider than this share of
 # the picture: a viewer's corner text (OHIF v3 draws four or five lines in each corner) then
 # falls beside them, not on them.
@@ -123,8 +131,8 @@ def build_overlay(
         sc.BodyPartExamined = source.BodyPartExamined
     sc.BurnedInAnnotation = "YES"
     sc.ImageComments = (
-        "NOT FOR DIAGNOSTIC USE. Banner and, on a positive result, a heat map of the bone that "
-        "raised the score burned in by STR-Net."
+        "NOT FOR DIAGNOSTIC USE. Banner and, on a positive result where the model's attention "
+        "favours bone, that attention on bone (Grad-CAM; not a lesion) burned in by STR-Net."
     )
     sc.DerivationDescription = f"{finding.algorithm.name} {version} screening overlay of the referenced image"
     ref = Dataset()
@@ -198,13 +206,29 @@ def _banner_height(n_lines: int, line_h: int) -> int:
     return line_h * n_lines + 2 * (line_h // 2)
 
 
-def shows_heat(finding: Findings) -> bool:
-    """Whether the overlay draws a heat map: a positive result whose map (over a known square)
-    is salient somewhere. Negative results never get heat colours."""
-    if not finding.bone_loss or finding.saliency is None or finding.region is None:
-        return False
+def heat_legend(finding: Findings) -> str:
+    """The banner's legend line: what the colours mean, or why there is no heat map. Only a
+    positive result whose served map (over a known square) is salient somewhere draws heat;
+    negative results never get heat colours."""
+    if not finding.bone_loss:
+        return LEGEND_NEGATIVE
+    if finding.saliency is None:
+        return LEGEND_NO_MAP
+    if finding.region is None:
+        return LEGEND_NO_REGION
     heat = np.asarray(finding.saliency, dtype=np.float32)
-    return heat.ndim == 2 and min(heat.shape) > 0 and bool(np.nanmax(heat) >= SALIENT_FROM)
+    if heat.ndim != 2 or min(heat.shape) == 0:
+        return LEGEND_NO_MAP
+    finite = np.isfinite(heat)
+    if not finite.any():  # model.saliency: no bone found in the square
+        return LEGEND_NO_BONE
+    # all zero: the attention was not on bone more than chance; below SALIENT_FROM: faint there
+    return LEGEND_HEAT if bool(heat[finite].max() >= SALIENT_FROM) else LEGEND_OFF_BONE
+
+
+def shows_heat(finding: Findings) -> bool:
+    """Whether the overlay draws a heat map (``heat_legend``)."""
+    return heat_legend(finding) == LEGEND_HEAT
 
 
 def _placed_heat(
@@ -271,10 +295,7 @@ def banner_lines(finding: Findings, anatomy: str = "") -> list[str]:
     ]
     if anatomy:
         lines.append(anatomy)
-    if not finding.bone_loss:
-        lines.append(LEGEND_NEGATIVE)
-    else:
-        lines.append(LEGEND_HEAT if shows_heat(finding) else LEGEND_NO_HEAT)
+    lines.append(heat_legend(finding))
     lines.append(f"{finding.algorithm.name} {finding.algorithm.version} - NOT FOR DIAGNOSTIC USE")
     return lines
 

@@ -73,6 +73,11 @@ def fresh_eval(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
         "baseline_clinical_auroc",
         "baseline_intensity_auroc",
         "saliency_in_bone",
+        "saliency_in_bone_raw",
+        "saliency_in_bone_uniform",
+        "saliency_in_bone_inverted",
+        "saliency_lift",
+        "saliency_kept_share",
     ):
         print(f"{key}: {m[key]}")
     return m, root / "eval"
@@ -105,8 +110,16 @@ def test_shipped_checkpoint_meets_acceptance(fresh_eval: tuple[dict, Path]) -> N
     assert 0.85 <= m["conformal_coverage"] <= 0.95
     assert m["baseline_clinical_auroc"] <= 0.78
     assert m["baseline_intensity_auroc"] <= 0.62
-    # issue 20: the served saliency map lies on bone (the generator's masks)
-    assert m["saliency_in_bone_detail"]["n_images"] == m["n"] and m["saliency_in_bone"] >= 0.80
+    # issue 20: where the served saliency map is drawn it lies on bone (the generator's masks) ...
+    d = m["saliency_in_bone_detail"]
+    assert d["n_images"] == m["n"] and d["n_drawn"] > 0 and m["saliency_in_bone"] >= 0.80
+    # ... which the bone estimate alone gives; what depends on the network: the raw Grad-CAM puts
+    # more of its mass on bone than a flat map (chance) and than its own inverse (max - map).
+    # Null twins cannot pass: a flat map's raw share is chance (and it is never drawn, so its
+    # served figure is NaN); the inverse's inverse is the map, so only one of the two beats it.
+    raw, flat, inverse = m["saliency_in_bone_raw"], m["saliency_in_bone_uniform"], m["saliency_in_bone_inverted"]
+    assert raw > flat and raw > inverse, (raw, flat, inverse)
+    assert m["saliency_lift_ci"][0] > 1.0, m["saliency_lift_ci"]
     for name in ("metrics.json", "report.md", "roc.png"):
         assert (out / name).is_file()
 
