@@ -7,10 +7,10 @@ PY      ?= python3
 VENV    := .venv
 VPY     := $(VENV)/bin/python
 TORCH   := torch==2.13.0
-DEBS    := orthanc orthanc-dicomweb dcmtk dicom3tools chromium
+DEBS    := orthanc orthanc-dicomweb orthanc-webviewer dcmtk dicom3tools chromium
 # executables, and files (plugins), that tell us each Debian package is present
 DEB_BINS := Orthanc storescu dciodvfy chromium
-DEB_FILES := /usr/share/orthanc/plugins/libOrthancDicomWeb.so
+DEB_FILES := /usr/share/orthanc/plugins/libOrthancDicomWeb.so /usr/share/orthanc/plugins/libOrthancWebViewer.so
 # the OHIF v3 viewer for tests/viewer: npm's prebuilt dist, unpacked once into a folder git ignores
 OHIF_VERSION := 3.13.2
 OHIF_DIR := $(VENV)/ohif-$(OHIF_VERSION)
@@ -27,8 +27,8 @@ help:
 
 install: system venv ohif
 
-# --- Debian packages (Orthanc with its DICOMweb plugin as the test PACS, DCMTK as a real peer,
-#     dicom3tools as validator, Chromium for the admin-web and viewer browser tests)
+# --- Debian packages (Orthanc with its DICOMweb and Web Viewer plugins as the test PACS, DCMTK as
+#     a real peer, dicom3tools as validator, Chromium for the admin-web and viewer browser tests)
 system:
 	@missing=""; for b in $(DEB_BINS); do command -v $$b >/dev/null 2>&1 || missing="yes"; done; \
 	for f in $(DEB_FILES); do [ -e $$f ] || missing="yes"; done; \

@@ -18,6 +18,9 @@ Orthanc 1.10 binds all interfaces: storage stays closed to anyone not declared a
 ``LocalOrthanc(dicomweb=True)`` also loads Debian's DICOMweb plugin (package orthanc-dicomweb):
 QIDO-RS/WADO-RS under ``/dicom-web/`` and WADO-URI at ``/wado``, with full study and series
 metadata (what a web viewer such as OHIF v3 reads; tests/viewer).
+``LocalOrthanc(webviewer=True)`` loads Debian's Orthanc Web Viewer plugin (package
+orthanc-webviewer, 2.8): a series opens at ``/web-viewer/app/viewer.html?series=<Orthanc series
+id>`` (``web_viewer_url``); its image cache lives in the temporary folder.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ DICOMWEB_CONFIG: dict[str, Any] = {
     "StudiesMetadata": "Full",
     "SeriesMetadata": "Full",
 }
+WEBVIEWER_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancWebViewer.so")
 _PR_SET_PDEATHSIG = 1
 
 _live: weakref.WeakSet[LocalOrthanc] = weakref.WeakSet()
@@ -101,10 +105,14 @@ class LocalOrthanc:
         kill_with_parent: bool = True,
         dicomweb: bool = False,
         dicomweb_plugin: Path = DICOMWEB_PLUGIN,
+        webviewer: bool = False,
+        webviewer_plugin: Path = WEBVIEWER_PLUGIN,
     ) -> None:
         self.aet = aet
         self.dicomweb = dicomweb
         self.dicomweb_plugin = Path(dicomweb_plugin)
+        self.webviewer = webviewer
+        self.webviewer_plugin = Path(webviewer_plugin)
         self.binary = binary
         self._initial_modalities = dict(modalities or {})
         self._extra_config = dict(extra_config or {})
@@ -127,6 +135,10 @@ class LocalOrthanc:
     def dicomweb_url(self) -> str:
         """Root of QIDO-RS/WADO-RS (``dicomweb=True``), without a trailing slash."""
         return f"{self.url}/dicom-web"
+
+    def web_viewer_url(self, orthanc_series_id: str) -> str:
+        """The Orthanc Web Viewer's page for a series (``webviewer=True``)."""
+        return f"{self.url}/web-viewer/app/viewer.html?series={orthanc_series_id}"
 
     @property
     def log_path(self) -> Path:
@@ -153,11 +165,13 @@ class LocalOrthanc:
                 name: [aet, host, port]
                 for name, (aet, host, port) in self._initial_modalities.items()
             },
-            "Plugins": [str(self.dicomweb_plugin)] if self.dicomweb else [],
+            "Plugins": self._plugins(),
             "SaveJobs": False,
         }
         if self.dicomweb:
             cfg["DicomWeb"] = dict(DICOMWEB_CONFIG)
+        if self.webviewer:  # its decoded-image cache in the temporary folder, not Debian's /tmp one
+            cfg["WebViewer"] = {"CachePath": str(self._dir / "webviewer-cache"), "Threads": 2}
         cfg.update(self._extra_config)
         return cfg
 
@@ -176,6 +190,11 @@ class LocalOrthanc:
             raise OrthancError(
                 f"DICOMweb plugin {self.dicomweb_plugin} not found: install the Debian package "
                 "orthanc-dicomweb (make test does)"
+            )
+        if self.webviewer and not self.webviewer_plugin.is_file():
+            raise OrthancError(
+                f"Web Viewer plugin {self.webviewer_plugin} not found: install the Debian package "
+                "orthanc-webviewer (make test does)"
             )
         if self._given_dir is not None:
             self._dir = self._given_dir
@@ -229,13 +248,21 @@ class LocalOrthanc:
             f"Orthanc did not answer within {START_TIMEOUT_S:.0f} s:\n{self.log_tail()}"
         )
 
+    def _plugins(self) -> list[str]:
+        plugins = [str(self.dicomweb_plugin)] if self.dicomweb else []
+        return plugins + ([str(self.webviewer_plugin)] if self.webviewer else [])
+
     def _check_plugins(self) -> None:
         assert self._client is not None
-        if not self.dicomweb:
+        wanted = {"dicom-web": self.dicomweb_plugin} if self.dicomweb else {}
+        if self.webviewer:
+            wanted["web-viewer"] = self.webviewer_plugin
+        if not wanted:
             return
         plugins = self._client.get("/plugins", timeout=5.0).json()
-        if "dicom-web" not in plugins:
-            raise OrthancError(f"Orthanc did not load {self.dicomweb_plugin} (plugins: {plugins}):\n{self.log_tail()}")
+        for name, path in wanted.items():
+            if name not in plugins:
+                raise OrthancError(f"Orthanc did not load {path} (plugins: {plugins}):\n{self.log_tail()}")
 
     def log_tail(self, lines: int = 40) -> str:
         try:

@@ -276,8 +276,9 @@ def test_bilateral_two_view_study_gets_valid_sr_and_overlays(
             text = dump.stdout
             assert re.search(r'"Algorithm Name"\)="STR-Net"', text), text[:3000]
             finding = r'CODE:\(,,"Finding"\)=\([^)]*"(Normal|Bone loss suspected|Osteopenia|Osteoporosis)"'
-            assert len(re.findall(finding, text)) >= 4, text[:3000]  # one per image (+ summary)
-            probabilities = [float(v) for v in re.findall(r'NUM:\(,,"Probability"\)="([^"]+)"', text)]
+            assert len(re.findall(finding, text)) == 4, text[:3000]  # one per image
+            # percentages in the SR (UCUM %), fractions in the findings
+            probabilities = [float(v) / 100 for v in re.findall(r'NUM:\(,,"Probability"\)="([^"]+)" \(%,UCUM', text)]
             t_scores = [float(v) for v in re.findall(r'NUM:\(,,"Estimated T-score"\)="([^"]+)"', text)]
             for f in findings:  # every image's probability and T-score, as computed, in the SR
                 assert any(abs(p - f.probability) < 1e-3 for p in probabilities), (

@@ -10,7 +10,8 @@ so they point back at this proxy.
 
 ``open_sr(page, base_url, study_uid)`` opens ``/viewer?StudyInstanceUIDs=<uid>``, double-clicks the
 SR's thumbnail in the study browser (its series description starts ``SR_SERIES_PREFIX``), waits for
-the SR viewport and returns what it shows (``SrView``).
+the SR viewport and returns what it shows (``SrView``). ``open_series(page, base_url, study_uid,
+modality="OT")`` does the same for an image series (the agent's overlays) and returns ``SeriesView``.
 """
 
 from __future__ import annotations
@@ -266,6 +267,9 @@ class SrView:
     svg_texts: list[str] = field(default_factory=list)  # text boxes in the SR viewport's SVG layer
     svg_shapes: list[str] = field(default_factory=list)  # annotation shapes there (tag names)
     has_shape: bool = False
+    # OHIF showed the SR viewport without drawing its annotation and drew it only once the viewport
+    # was redrawn (the window resized by a pixel and back): an OHIF race, 3 in about 80 openings here
+    redrawn: bool = False
     steps: list[dict[str, Any]] = field(default_factory=list)  # per measurement, via the viewport's arrows
     hydrate_prompt: str | None = None  # "Do you want to continue tracking measurements ...?"
     hydrated: bool = False  # the prompt was answered Yes
@@ -404,6 +408,26 @@ def _prompt(page: Any) -> str | None:
     return " ".join(" ".join(texts).split()) or None
 
 
+def _thumbnail(thumbs: Any, modality: str, prefix: str) -> Any:
+    """The first study-browser thumbnail that reads "<modality> <prefix>...", else None."""
+    want = f"{modality} {prefix}" if modality else prefix
+    for i, text in enumerate(thumbs.all_inner_texts()):
+        if " ".join(text.split()).startswith(want):
+            return thumbs.nth(i)
+    return None
+
+
+def _redraw(page: Any) -> None:
+    """Make OHIF render its viewports again: the window one pixel wider, then as it was."""
+    size = page.viewport_size
+    if not size:
+        return
+    page.set_viewport_size({"width": size["width"] + 1, "height": size["height"]})
+    page.wait_for_timeout(400)
+    page.set_viewport_size(size)
+    page.wait_for_timeout(400)
+
+
 def _hydrate(page: Any, view: SrView, marks: dict[str, int], t_sr: float) -> None:
     """Answer the prompt Yes: OHIF turns the SR's measurements into tracked ones (the panel's)."""
     yes = page.locator("[data-cy=yes-hydrate-btn]")
@@ -428,6 +452,7 @@ def open_sr(
     walk: bool = False,
     load_timeout_s: float = 90.0,
     sr_timeout_s: float = 60.0,
+    draw_timeout_s: float = 6.0,
 ) -> SrView:
     """Open a study in OHIF, double-click its SR's thumbnail and report what the viewer shows.
 
@@ -439,6 +464,10 @@ def open_sr(
     for what the viewer does: failures go to ``SrView.error``.
     ``screenshot``: the SR as opened is saved there, the final state (panel open) beside it as
     ``<stem>-panel.png``, and the study before the SR as ``<stem>-study.png``.
+    Now and then OHIF 3.13.2 shows the SR viewport without drawing the annotation until the
+    viewport renders again (a mouse move does not do it, a window resize does): when nothing is
+    drawn ``draw_timeout_s`` after the SR viewport showed, the window is resized by a pixel and
+    back and ``SrView.redrawn`` says so.
     """
     base_url = base_url.rstrip("/")
     url = f"{base_url}/viewer?StudyInstanceUIDs={study_uid}"
@@ -502,20 +531,31 @@ def open_sr(
             view.image_mean = _canvas_mean(page)
         shot("study")
 
-        sr_thumb = thumbs.filter(has_text=sr_prefix)
-        if sr_thumb.count() == 0:
-            view.error = crashed() or f"no series whose description starts {sr_prefix!r}: {view.series}"
+        # the SR's thumbnail: modality SR and the prefix (the agent's overlays, modality OT, share
+        # the SR's series description)
+        sr_thumb = _thumbnail(thumbs, "SR", sr_prefix)
+        if sr_thumb is None:
+            view.error = crashed() or f"no SR series whose description starts {sr_prefix!r}: {view.series}"
             return view
-        view.sr_series = " ".join(sr_thumb.first.inner_text().split())
+        view.sr_series = " ".join(sr_thumb.inner_text().split())
         marks["sr"] = len(view.console)
         t_sr = time.monotonic()
-        sr_thumb.first.dblclick()
+        sr_thumb.dblclick()
 
         def sr_shown() -> bool:
             state = page.evaluate(_VIEWPORT_STATE_JS)
             return bool(state and state["badge"].split()[-1:] == ["SR"] and state["canvas"])
 
         _poll(page, lambda: sr_shown() or crashed(marks["sr"]), sr_timeout_s)
+
+        def drawn_shapes() -> bool:
+            state = page.evaluate(_VIEWPORT_STATE_JS)
+            return bool(state and any(s != "link" for s in state["shapes"]))
+
+        if sr_shown() and not _poll(page, lambda: drawn_shapes() or crashed(marks["sr"]), draw_timeout_s):
+            _redraw(page)
+            view.redrawn = True
+            view.notes.append(f"SR viewport drew no annotation within {draw_timeout_s:.0f} s; redrawn (resize)")
         state = _settle(page, timeout_s=min(20.0, sr_timeout_s), quiet_s=1.5)
         view.sr_opened = sr_shown() and not crashed(marks["sr"])
         view.timings["sr_open_s"] = round(time.monotonic() - t_sr, 2)
@@ -569,6 +609,159 @@ def open_sr(
         view.error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         with contextlib.suppress(Exception):
             shot("error")
+    finally:
+        view.timings["total_s"] = round(time.monotonic() - t0, 2)
+    return view
+
+
+# OHIF's record of what the active viewport shows: its display sets (series)
+_ACTIVE_DISPLAY_SETS_JS = """() => {
+  const s = window.services;
+  if (!s || !s.viewportGridService || !s.displaySetService) return null;
+  const grid = s.viewportGridService.getState();
+  const vps = grid.viewports;
+  const vp = vps && (typeof vps.get === 'function' ? vps.get(grid.activeViewportId) : vps[grid.activeViewportId]);
+  if (!vp) return null;
+  return (vp.displaySetInstanceUIDs || []).map(u => {
+    const d = s.displaySetService.getDisplaySetByUID(u);
+    return d ? {Modality: d.Modality || '', SeriesDescription: String(d.SeriesDescription || ''),
+                SeriesInstanceUID: d.SeriesInstanceUID || '', SeriesNumber: d.SeriesNumber,
+                images: (d.images || d.instances || []).length} : null;
+  }).filter(d => d);
+}"""
+
+
+@dataclass
+class SeriesView:
+    """What OHIF showed for one image series of a study (``open_series``)."""
+
+    study_uid: str
+    url: str
+    study_loaded: bool = False
+    series: list[str] = field(default_factory=list)  # "MODALITY description" per thumbnail
+    opened_series: str | None = None  # the thumbnail double-clicked
+    display_sets: list[dict[str, Any]] = field(default_factory=list)  # the active viewport's, at the end
+    image_rendered: bool = False  # the viewport shows the series and drew it (W/L overlay has values)
+    image_mean: float | None = None  # mean gray (0-255) of the viewport's canvas
+    image_std: float | None = None  # its spread: ~0 is a blank (one-colour) canvas
+    top_left: str = ""  # the viewport's top-left overlay (date, series description)
+    cine_closed: bool = False  # OHIF opened its cine player on the series (2+ images) and it was closed
+    console: list[str] = field(default_factory=list)  # warnings, errors, page errors
+    external_requests: list[str] = field(default_factory=list)
+    error: str | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    screenshots: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, ensure_ascii=False)
+
+
+def canvas_stats(png: bytes) -> tuple[float, float]:
+    """Mean and standard deviation of the gray levels (0-255) of a PNG (a canvas screenshot)."""
+    import io
+
+    from PIL import Image, ImageStat
+
+    stat = ImageStat.Stat(Image.open(io.BytesIO(png)).convert("L"))
+    return round(stat.mean[0], 1), round(stat.stddev[0], 1)
+
+
+def open_series(
+    page: Any,
+    base_url: str,
+    study_uid: str,
+    *,
+    modality: str = "OT",
+    prefix: str = SR_SERIES_PREFIX,
+    screenshot: Path | None = None,
+    close_cine: bool = True,
+    load_timeout_s: float = 90.0,
+    series_timeout_s: float = 60.0,
+) -> SeriesView:
+    """Open a study in OHIF, double-click the thumbnail of its ``modality`` series whose
+    description starts ``prefix`` (default: the agent's overlays) and report what the viewport
+    shows once it displays that series and its SVG layer and overlays settle. Never raises for what
+    the viewer does: failures go to ``SeriesView.error``. ``close_cine``: close the cine player
+    OHIF opens over a series of several images (it covers the top of the image). ``screenshot``:
+    the page at the end."""
+    base_url = base_url.rstrip("/")
+    url = f"{base_url}/viewer?StudyInstanceUIDs={study_uid}"
+    view = SeriesView(study_uid=study_uid, url=url)
+    t0 = time.monotonic()
+    origin = urlsplit(base_url)
+
+    def on_console(msg: Any) -> None:
+        if msg.type in ("warning", "error", "assert") or "Error Boundary" in msg.text:
+            view.console.append(f"{msg.type}: {msg.text}")
+
+    def on_request(req: Any) -> None:
+        parts = urlsplit(req.url)
+        if parts.scheme in ("http", "https", "ws", "wss") and parts.netloc != origin.netloc:
+            view.external_requests.append(req.url)
+
+    page.on("console", on_console)
+    page.on("pageerror", lambda exc: view.console.append(f"pageerror: {exc}"))
+    page.on("request", on_request)
+    page.add_init_script(_TOUR_KEY_JS)
+
+    def crashed() -> str | None:
+        for line in view.console:
+            if line.startswith("pageerror:") or "Error Boundary" in line:
+                return line.split("\n", 1)[0][:400]
+        return None
+
+    def shown() -> list[dict[str, Any]]:
+        sets = page.evaluate(_ACTIVE_DISPLAY_SETS_JS) or []
+        return [d for d in sets if d["Modality"] == modality and d["SeriesDescription"].startswith(prefix)]
+
+    def drawn() -> bool:
+        state = page.evaluate(_VIEWPORT_STATE_JS)
+        return bool(state and state["canvas"] and re.search(r"W:\s*-?\d", state["bottomLeft"]))
+
+    try:
+        page.goto(url, wait_until="domcontentloaded", timeout=load_timeout_s * 1000)
+        thumbs = page.locator("[data-cy^=study-browser-thumbnail]")
+        _poll(page, lambda: thumbs.count() > 0 or crashed(), load_timeout_s)
+        view.series = [" ".join(t.split()) for t in thumbs.all_inner_texts()]
+        view.study_loaded = bool(view.series)
+        view.timings["study_browser_s"] = round(time.monotonic() - t0, 2)
+        if not view.study_loaded:
+            view.error = crashed() or f"no series listed for the study within {load_timeout_s:.0f} s"
+            return view
+        _poll(page, lambda: drawn() or crashed(), load_timeout_s)  # the first series, as OHIF opens it
+        thumb = _thumbnail(thumbs, modality, prefix)
+        if thumb is None:
+            view.error = crashed() or f"no {modality} series whose description starts {prefix!r}: {view.series}"
+            return view
+        view.opened_series = " ".join(thumb.inner_text().split())
+        t_series = time.monotonic()
+        thumb.dblclick()
+        _poll(page, lambda: (shown() and drawn()) or crashed(), series_timeout_s)
+        state = _settle(page, timeout_s=15.0, quiet_s=1.0)
+        cine = page.locator("[data-cy=cine-player-close]")
+        if close_cine and cine.count():
+            cine.first.click()
+            view.cine_closed = True
+            state = _settle(page, timeout_s=5.0, quiet_s=0.5) or state
+        view.display_sets = page.evaluate(_ACTIVE_DISPLAY_SETS_JS) or []
+        view.image_rendered = bool(shown()) and drawn() and not crashed()
+        view.timings["series_s"] = round(time.monotonic() - t_series, 2)
+        if state:
+            view.top_left = " | ".join(state["topLeft"].split("\n"))
+        canvas = page.locator("[data-cy=viewport-pane] canvas.cornerstone-canvas").first
+        with contextlib.suppress(Exception):
+            view.image_mean, view.image_std = canvas_stats(canvas.screenshot(timeout=5000))
+        if screenshot is not None:
+            Path(screenshot).parent.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(screenshot))
+            view.screenshots.append(str(screenshot))
+        if not view.image_rendered:
+            view.error = crashed() or f"OHIF did not show the {modality} series within {series_timeout_s:.0f} s"
+    except Exception as exc:  # noqa: BLE001 - the report says what failed; the caller asserts
+        view.error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
     finally:
         view.timings["total_s"] = round(time.monotonic() - t0, 2)
     return view
