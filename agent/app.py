@@ -18,11 +18,13 @@ from agent.ingest.eligibility import Rules
 from agent.ingest.handlers import Ingestor
 from agent.ingest.reconcile import reconcile
 from agent.ingest.scp import AssociationTracker, StorageSCP
+from agent.ingest.sweep import Sweeper, archive_for
 from agent.logging import get_logger
+from agent.pacs.commitment import CommitmentRecorder
 from agent.pacs.sender import Sender
 from agent.pipeline.models import served_weights
-from agent.pipeline.process import InlineScreening, ScreeningEngine, ScreeningProcess
-from agent.queue import outbox
+from agent.pipeline.process import InlineScreening, ScreeningEngine, ScreeningProcess, decode_processes
+from agent.queue import outbox, sweeps
 from agent.queue.reporter import StudyReporter
 from agent.queue.worker import Worker
 from agent.scheduler import build_scheduler
@@ -37,14 +39,7 @@ log = get_logger(__name__)
 
 
 def make_rules(settings: Settings) -> Rules:
-    e = settings.eligibility
-    return Rules(
-        modalities=frozenset(m.upper() for m in e.modalities),
-        body_parts=frozenset(b.upper() for b in e.body_parts),
-        anatomic_region_codes=frozenset(e.anatomic_region_codes),
-        min_age_years=e.min_age_years,
-        max_pixels=e.max_pixels,
-    )
+    return Rules.from_section(settings.eligibility)
 
 
 def load_screener(settings: Settings) -> Screener:
@@ -64,7 +59,7 @@ def load_screening(settings: Settings) -> ScreeningEngine:
     max_pixels, overlay = settings.eligibility.max_pixels, settings.reporting.overlay
     if settings.worker.process:
         return ScreeningProcess(served_weights(settings), settings.worker, max_pixels, overlay).start()
-    return InlineScreening(load_screener(settings), max_pixels, overlay)
+    return InlineScreening(load_screener(settings), max_pixels, overlay, decode_processes(settings.worker))
 
 
 @dataclass
@@ -83,6 +78,7 @@ class Agent:
     sender: Sender | None = None
     scheduler: BackgroundScheduler | None = None
     web: WebServer | None = None
+    sweeper: Sweeper | None = None
     stopped: threading.Event = field(default_factory=threading.Event)
 
     @classmethod
@@ -94,24 +90,35 @@ class Agent:
         results = Spool(settings.results_dir)
         ingestor = Ingestor(db, spool, make_rules(settings), settings.scp.max_instance_mb * 1024 * 1024)
         tracker = AssociationTracker()
-        scp = StorageSCP(settings.scp, ingestor, tracker)
+        # storage commitment reports that a PACS sends on an association of its own, to the listener
+        retry = outbox.RetryPolicy(settings.sender.max_attempts, settings.sender.backoff_base_s,
+                                   settings.sender.backoff_max_s)  # fmt: skip
+        reports = CommitmentRecorder(db, retry) if any(p.storage_commitment for p in settings.pacs) else None
+        scp = StorageSCP(settings.scp, ingestor, tracker, commitment_reports=reports)
         agent = cls(settings, db, spool, results, ingestor, scp, tracker)
         run_worker = settings.worker.enabled if worker is None else worker
         if run_worker:
             sender = Sender(db, results, settings.pacs, settings.sender, settings.scp.ae_title)
+            if reports is not None:  # a failed commitment sends objects again: wake the sender
+                reports.on_outbox = sender.wake.set
             # the SR build warms up in the worker thread, after the screening path (reporter: made next)
             screening_worker = Worker(settings, db, spool, results, load_screening(settings),
                                       reload=lambda: load_screening(settings), on_outbox=sender.wake.set,
                                       also_warm_up=lambda: reporter.warm_up())  # fmt: skip
             reporter = StudyReporter(settings, db, spool, results,
                                      served_model=lambda: screening_worker.screening.model,
-                                     study_arriving=tracker.receiving, on_outbox=sender.wake.set)  # fmt: skip
+                                     study_arriving=lambda uid: tracker.receiving(uid)
+                                     or sweeps.being_retrieved(db, uid),  # a sweep brings the rest
+                                     on_outbox=sender.wake.set)  # fmt: skip
             agent.sender, agent.worker, agent.reporter = sender, screening_worker, reporter
+        if settings.sweep.enabled:  # the scheduled archive sweep: C-MOVE to our listener, or C-GET into ingestor
+            agent.sweeper = Sweeper(settings, db, make_rules(settings), archive_for(settings), ingestor)
         agent.scheduler = build_scheduler(
             db, spool, settings.retention.spool_days * 86400,
             report_sweep=agent.reporter.report_ready_studies if agent.reporter else None,
             sender_wake=agent.sender.wake.set if agent.sender else None,
             settings=settings,
+            archive_sweep=agent.sweeper.scheduled if agent.sweeper else None,
         )
         if web:
             agent.web = WebServer(create_app(
@@ -140,6 +147,8 @@ class Agent:
     def stop(self, grace_s: float = 10.0) -> None:
         if self.web is not None:
             self.web.stop()
+        if self.sweeper is not None:
+            self.sweeper.stop()  # before the listener: a sweep under way ends before its next study
         self.scp.stop(grace_s)
         if self.scheduler is not None:
             self.scheduler.shutdown(wait=False)

@@ -9,6 +9,7 @@ import json
 import signal
 import sys
 import threading
+from collections import Counter
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -35,6 +36,8 @@ app.add_typer(config_app, name="config")
 flagged_app = typer.Typer(help="The flagged-patient registry.", no_args_is_help=True)
 app.add_typer(flagged_app, name="flagged")
 app.add_typer(users_app, name="users")
+outbox_app = typer.Typer(help="The results being delivered to PACS, and what became of each.", no_args_is_help=True)
+app.add_typer(outbox_app, name="outbox")
 
 ConfigOpt = Annotated[
     Path | None,
@@ -173,6 +176,64 @@ def jobs_retry(
         trail.append(s, "application_activity", actor="strnet-cli", action="U",
                      detail={"activity": "replay", "jobs": jobs_n, "results": items_n, "reports": reports_n})
     typer.echo(f"requeued {jobs_n} job(s) and {items_n} undelivered result(s); {reports_n} SR(s) to build again")
+
+
+def _utc(when: Any) -> str | None:
+    """A stored time (UTC, without its zone in SQLite) as ISO 8601 with Z."""
+    return None if when is None else when.replace(tzinfo=None).isoformat() + "Z"
+
+
+@outbox_app.command("list")
+def outbox_list(
+    config: ConfigOpt = None,
+    state: Annotated[
+        str | None,
+        typer.Option(help="Only deliveries in this state (PENDING, SENDING, SENT, RETRY, DELIVERED, COMMITTED, "
+                     "DEAD, DISCARDED, SHADOW)."),
+    ] = None,
+    fmt: Annotated[str, typer.Option("--format", help="table or json.")] = "table",
+    limit: Annotated[int | None, typer.Option(help="Only the newest this many (default: all).")] = None,
+) -> None:
+    """List every delivery of a result (SR or overlay) to a destination: its state, attempts and last
+    error (no patient data is shown)."""
+    from agent.db.engine import open_database
+    from agent.domain import OutboxState
+    from agent.queue import outbox
+
+    settings = _settings(config)
+    wanted = None
+    if state:
+        try:
+            wanted = OutboxState(state.upper())
+        except ValueError:
+            raise ConfigError("--state", f"one of {', '.join(s.value for s in OutboxState)}") from None
+    if fmt not in ("table", "json"):
+        raise ConfigError("--format", "table or json")
+    rows = outbox.items(open_database(settings), wanted, limit)
+    if fmt == "json":
+        typer.echo(json.dumps([
+            {
+                "id": o.id, "kind": o.kind, "destination": o.destination, "state": o.state, "attempts": o.attempts,
+                "last_status": o.last_status, "last_error": o.last_error, "sop_class_uid": o.sop_class_uid,
+                "sop_instance_uid": o.sop_instance_uid, "study_id": o.study_id,
+                "created_at": _utc(o.created_at), "updated_at": _utc(o.updated_at),
+                "delivered_at": _utc(o.delivered_at), "next_attempt_at": _utc(o.next_attempt_at),
+                "commitment_uid": o.commitment_uid, "commitment_asked_at": _utc(o.commitment_asked_at),
+            }
+            for o in rows
+        ], indent=2))
+        return
+    typer.echo(
+        f"{'ID':>6}  {'KIND':<4}  {'DESTINATION':<16}  {'STATE':<9}  {'TRIES':>5}  {'UPDATED (UTC)':<19}  "
+        "SOP INSTANCE UID / LAST ERROR"
+    )
+    for o in rows:
+        typer.echo(
+            f"{o.id:>6}  {o.kind:<4}  {o.destination[:16]:<16}  {o.state:<9}  {o.attempts:>5}  "
+            f"{o.updated_at:%Y-%m-%d %H:%M:%S}  {o.sop_instance_uid}" + (f"  ({o.last_error})" if o.last_error else "")
+        )
+    counts = ", ".join(f"{n} {s}" for s, n in sorted(Counter(o.state for o in rows).items()))
+    typer.echo(f"{len(rows)} deliver{'y' if len(rows) == 1 else 'ies'}" + (f": {counts}" if counts else ""))
 
 
 FLAGGED_FIELDS = (
@@ -324,6 +385,84 @@ def doctor(config: ConfigOpt = None) -> None:
         typer.echo(f"doctor: {len(failed)} check(s) failed: {', '.join(failed)}")
         raise typer.Exit(1)
     typer.echo(f"doctor: all {len(checks)} checks OK")
+
+
+@app.command()
+def sweep(
+    date_from: Annotated[str, typer.Option("--from", help="First study date, YYYY-MM-DD.")],
+    date_to: Annotated[str, typer.Option("--to", help="Last study date, YYYY-MM-DD (inclusive).")],
+    config: ConfigOpt = None,
+    pacs: Annotated[
+        str | None, typer.Option("--pacs", help="The [[pacs]] to sweep (default: every one with query = true).")
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Query and print what would be retrieved; retrieve nothing.")
+    ] = False,
+) -> None:
+    """Screen the archive: find the knee studies of a date range the agent has not screened and
+    retrieve them (C-MOVE to the running agent, or C-GET), within sweep.max_studies_per_hour.
+    Resumes where an interrupted sweep of the same range stopped."""
+    from datetime import datetime
+
+    from agent.db.engine import open_database
+    from agent.ingest.eligibility import Rules
+    from agent.ingest.handlers import Ingestor
+    from agent.ingest.sweep import Sweeper, archive_for
+    from agent.pacs.archive import ArchiveError
+    from agent.spool import Spool
+
+    settings = _settings(config)
+    try:
+        first = datetime.strptime(date_from, "%Y-%m-%d").date()
+        last = datetime.strptime(date_to, "%Y-%m-%d").date()
+    except ValueError:
+        raise ConfigError("--from/--to", "dates as YYYY-MM-DD") from None
+    if last < first:
+        raise ConfigError("--to", "the range ends before it starts")
+    targets = [p for p in settings.pacs if p.query and (pacs is None or p.name == pacs)]
+    if not targets:
+        raise ConfigError("--pacs", f"no [[pacs]] {'named ' + pacs + ' ' if pacs else ''}with query = true")
+    db = open_database(settings)
+    rules = Rules.from_section(settings.eligibility)
+    ingestor = None
+    if settings.sweep.retrieve == "get" and not dry_run:  # C-GET: the instances come to this process
+        spool = Spool(settings.spool_dir, min_free_bytes=settings.agent.min_free_disk_mb * 1024 * 1024)
+        ingestor = Ingestor(db, spool, rules, settings.scp.max_instance_mb * 1024 * 1024)
+    sweeper = Sweeper(settings, db, rules, archive_for(settings), ingestor)
+    signal.signal(signal.SIGTERM, lambda *_: sweeper.stop())
+    failed = False
+    for target in targets:
+        try:
+            report = sweeper.sweep(target, first, last, dry_run=dry_run, echo=typer.echo)
+        except ArchiveError as exc:
+            typer.echo(f"{target.name}: query failed: {exc}")
+            failed = True
+            continue
+        if dry_run:
+            typer.echo(f"{'STUDY INSTANCE UID':<64}  {'DATE':<10}  {'MODALITIES':<10}  SERIES  INSTANCES  ACTION")
+            for p in report.planned:
+                typer.echo(
+                    f"{p.study_instance_uid:<64}  {format_da(p.study_date or ''):<10}  "
+                    f"{'/'.join(p.modalities):<10}  {len(p.series):>6}  {p.instances:>9}  "
+                    + ("skip (screened)" if p.screened else "retrieve")
+                )
+            todo = [p for p in report.planned if not p.screened]
+            typer.echo(
+                f"{target.name}: dry run, {report.days} day(s), {report.studies_found} studies found, "
+                f"{len(report.planned)} with knee series, would retrieve {len(todo)} "
+                f"({sum(p.instances for p in todo)} instances); nothing retrieved"
+            )
+            continue
+        for line in report.failed:
+            typer.echo(f"failed: {line}")
+        typer.echo(
+            f"{target.name}: {report.days} day(s), {report.studies_found} studies found, "
+            f"{len(report.planned)} with knee series, {report.retrieved} retrieved, "
+            f"{report.already_screened} already screened"
+            + ("" if report.finished else f"; stopped ({report.paused}), run again to resume")
+        )
+        failed = failed or bool(report.failed)
+    raise typer.Exit(1 if failed else 0)
 
 
 @app.command()

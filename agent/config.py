@@ -12,6 +12,7 @@ import re
 import tomllib
 from pathlib import Path
 from typing import Any, ClassVar, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import (
@@ -43,6 +44,22 @@ def _check_host(value: str) -> str:
         if len(value) > 253 or not all(label.fullmatch(x) for x in labels):
             raise ValueError(f"not an IP address or host name: {value!r}") from None
     return value
+
+
+def _check_web_url(value: str | None) -> str | None:
+    """An http(s) URL with a host and no user, query or fragment (credentials go in files), without
+    its trailing slash."""
+    if value is None:
+        return None
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("an http:// or https:// URL with a host")
+    if parts.username or parts.password:
+        raise ValueError("no user or password in the URL: use auth, username and password_file")
+    if parts.query or parts.fragment:
+        raise ValueError("the DICOMweb root, without query or fragment")
+    _check_host(parts.hostname)
+    return value.rstrip("/")
 
 
 def _check_threshold(value: str) -> str:
@@ -130,22 +147,66 @@ class ScpSection(_Section):
 
 class PacsSection(_Section):
     name: str = Field(description="Name of the destination (used in logs and the database).")
-    ae_title: str = Field(description="Called AE title of the destination.")
-    host: str = Field(description="Address of the destination.")
-    port: int = Field(ge=1, le=65535, description="Port of the destination.")
+    kind: Literal["dimse", "dicomweb"] = Field(
+        "dimse",
+        description="How results reach it: dimse (C-STORE to ae_title at host:port) or dicomweb "
+        "(STOW-RS to url; docs/dicom-conformance.md, DICOMweb).",
+    )
+    ae_title: str = Field("", description="Called AE title of the destination (dimse: required).")
+    host: str = Field("", description="Address of the destination (dimse: required).")
+    port: int = Field(0, ge=1, le=65535, description="Port of the destination (dimse: required).")
+    url: str | None = Field(
+        None,
+        description="DICOMweb root of the destination (dicomweb: required), e.g. "
+        "https://pacs.example.org/dicom-web: results are posted to <url>/studies.",
+    )
+    auth: Literal["none", "basic", "bearer"] = Field(
+        "none",
+        description="dicomweb: HTTP authentication: basic (username, password_file) or bearer (token_file).",
+    )
+    username: str | None = Field(None, description="dicomweb, auth = basic: the user name.")
+    password_file: Path | None = Field(
+        None, description="dicomweb, auth = basic: a file holding the password (read for every request)."
+    )
+    token_file: Path | None = Field(
+        None, description="dicomweb, auth = bearer: a file holding the token (read for every request)."
+    )
     calling_ae_title: str | None = Field(None, description="Our AE title towards it; default scp.ae_title.")
     tls: bool = Field(False, description="Send to this destination over TLS (1.2 or later), verifying its certificate.")
     ca_file: Path | None = Field(
-        None, description="PEM CA bundle that verifies the destination's certificate; default: the system store."
+        None,
+        description="PEM CA bundle that verifies the destination's certificate (dimse with tls, or an https "
+        "url); default: the system store.",
     )
-    cert_file: Path | None = Field(None, description="PEM client certificate chain, when the destination asks for one.")
+    cert_file: Path | None = Field(
+        None, description="PEM client certificate chain, when the destination asks for one (dimse with tls, or https)."
+    )
     key_file: Path | None = Field(None, description="PEM private key for cert_file.")
     tls_server_name: str | None = Field(
         None, description="Name the destination's certificate must carry; default: host."
     )
+    query: bool = Field(
+        False,
+        description="The retrospective sweep may query (C-FIND) and retrieve (C-MOVE/C-GET) from this "
+        "destination ([sweep], `strnet sweep`).",
+    )
+    storage_commitment: bool = Field(
+        False,
+        description="Ask this destination to commit to keeping each result (Storage Commitment Push Model, "
+        "N-ACTION after the C-STORE): the result is COMMITTED once its N-EVENT-REPORT says so, on the same "
+        "association or on one the PACS opens to the agent's listener (scp.ae_title; the PACS's calling AE "
+        "title must be in scp.peers). dimse only.",
+    )
+    storage_commitment_timeout_s: float = Field(
+        600.0,
+        gt=0,
+        description="A result whose commitment is not confirmed this long after it was asked goes back to "
+        "RETRY: sent again, then asked again (DEAD after sender.max_attempts).",
+    )
 
     _ae = field_validator("ae_title")(_check_ae_title)
     _host = field_validator("host")(_check_host)
+    _url = field_validator("url")(_check_web_url)
 
 
 class EligibilitySection(_Section):
@@ -159,6 +220,77 @@ class EligibilitySection(_Section):
     max_pixels: int = Field(
         60_000_000, ge=1, description="Largest Rows x Columns decoded (a pixel bomb guard)."
     )
+
+
+_WINDOW_RE = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)-([01]\d|2[0-3]):([0-5]\d)$")
+_DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+
+
+class SweepSection(_Section):
+    enabled: bool = Field(
+        False,
+        description="Sweep the archive on a schedule while serving: query every [[pacs]] with query = true "
+        "for knee studies since `since` and retrieve the unscreened ones (docs/operations.md, Sweep).",
+    )
+    since: str | None = Field(
+        None,
+        description="Oldest study date (YYYY-MM-DD) the scheduled sweep screens; it walks day by day up to "
+        "yesterday. Required when enabled.",
+    )
+    window: str = Field(
+        "20:00-06:00",
+        description="Local time window (HH:MM-HH:MM, may cross midnight) in which the scheduled sweep "
+        "retrieves; `strnet sweep` runs when started.",
+    )
+    max_studies_per_hour: int = Field(
+        60, ge=1, description="Most studies the sweep retrieves in any hour (scheduled and `strnet sweep`)."
+    )
+    modalities: list[str] = Field(
+        ["CR", "DX"],
+        description="Modalities queried (ModalitiesInStudy, one C-FIND each); series are then kept by "
+        "the [eligibility] body-part rules.",
+    )
+    retrieve: Literal["move", "get"] = Field(
+        "move",
+        description="move: C-MOVE to move_ae_title, the instances arrive at the agent's listener; get: "
+        "C-GET, the instances arrive on the query association.",
+    )
+    move_ae_title: str | None = Field(
+        None, description="Move destination (the PACS must know it); default scp.ae_title."
+    )
+    send_results: bool = Field(
+        True,
+        description="Send SRs and overlays of swept studies to PACS; false: only the flagged-patient "
+        "registry (results recorded as shadow).",
+    )
+    timeout_s: float = Field(60.0, gt=0, description="Association and DIMSE timeout of queries and retrieves.")
+
+    @field_validator("window")
+    @classmethod
+    def _window(cls, value: str) -> str:
+        if not _WINDOW_RE.match(value.strip()):
+            raise ValueError("a time window as HH:MM-HH:MM (24 h, local time)")
+        return value.strip()
+
+    @field_validator("since")
+    @classmethod
+    def _since(cls, value: str | None) -> str | None:
+        if value is not None and not _DATE_RE.match(value):
+            raise ValueError("a date as YYYY-MM-DD")
+        return value
+
+    @field_validator("move_ae_title")
+    @classmethod
+    def _move_ae(cls, value: str | None) -> str | None:
+        return None if value is None else _check_ae_title(value)
+
+    @field_validator("modalities")
+    @classmethod
+    def _modalities(cls, value: list[str]) -> list[str]:
+        out = [m.strip().upper() for m in value]
+        if not out or not all(re.fullmatch(r"[A-Z0-9 _]{1,16}", m) for m in out):
+            raise ValueError("one or more modality values (CS, e.g. CR, DX)")
+        return out
 
 
 class WorkerSection(_Section):
@@ -188,6 +320,15 @@ class WorkerSection(_Section):
         0, ge=0, le=256,
         description="Threads torch may use for CPU inference; 0 = automatic: one fewer than the cores in "
         "the screening process (the main process uses the other), torch's default (one per core) inline.",
+    )
+    decode_processes: int | None = Field(
+        None,
+        ge=0,
+        le=64,
+        description="Processes that decode and preprocess a batch's compressed films in parallel (JPEG 2000: "
+        "about 550 ms a 2500 x 2000 film on one core), started at the first batch with two or more of them; "
+        "unset = none on fewer than 4 cores (no gain measured on 2), else one fewer than the cores, at most 4; "
+        "0 = decode in the screening process, one film after another.",
     )
 
     _threshold = field_validator("threshold")(_check_threshold)
@@ -380,6 +521,7 @@ class Settings(BaseSettings):
     backup: BackupSection = Field(default_factory=BackupSection)
     digest: DigestSection = Field(default_factory=DigestSection)
     web: WebSection = Field(default_factory=WebSection)
+    sweep: SweepSection = Field(default_factory=SweepSection)
 
     @classmethod
     def settings_customise_sources(
@@ -469,8 +611,79 @@ def _check_consistency(settings: Settings) -> None:
     for i, dest in enumerate(settings.pacs):
         if (dest.cert_file is None) != (dest.key_file is None):
             raise ConfigError(f"pacs[{i}].cert_file", "set both cert_file and key_file, or neither")
-        if not dest.tls and (dest.ca_file or dest.cert_file):
+        _check_destination_kind(i, dest)
+        if dest.kind == "dimse" and not dest.tls and (dest.ca_file or dest.cert_file):
             raise ConfigError(f"pacs[{i}].tls", "ca_file/cert_file are set but tls is false")
     names = [p.name for p in settings.pacs]
     if len(names) != len(set(names)):
         raise ConfigError("pacs.name", "destination names must be unique")
+    for i, dest in enumerate(settings.pacs):
+        _check_storage_commitment(i, dest, settings)
+    if settings.sweep.enabled and settings.sweep.since is None:
+        raise ConfigError("sweep.since", "the scheduled sweep is enabled but has no oldest date")
+    if settings.sweep.enabled and not any(p.query for p in settings.pacs):
+        raise ConfigError("sweep.enabled", "the scheduled sweep is enabled but no [[pacs]] has query = true")
+
+
+def _check_destination_kind(i: int, dest: PacsSection) -> None:
+    """A dimse destination has an AE title, host and port; a dicomweb one a url and its
+    authentication, and none of the other kind's settings (a mix is a mistake worth naming)."""
+    at = f"pacs[{i}]"
+    web_only: dict[str, object] = {
+        "url": dest.url,
+        "username": dest.username,
+        "password_file": dest.password_file,
+        "token_file": dest.token_file,
+        "auth": dest.auth != "none" or None,
+    }
+    dimse_only: dict[str, object] = {
+        "ae_title": dest.ae_title,
+        "host": dest.host,
+        "port": dest.port,
+        "tls": dest.tls or None,
+        "calling_ae_title": dest.calling_ae_title,
+        "tls_server_name": dest.tls_server_name,
+        "storage_commitment": getattr(dest, "storage_commitment", False) or None,  # DIMSE's alone
+    }
+    if dest.kind == "dimse":
+        for key in ("ae_title", "host", "port"):
+            if not dimse_only[key]:
+                raise ConfigError(f"{at}.{key}", "required for a dimse destination")
+        for key, value in web_only.items():
+            if value:
+                raise ConfigError(f"{at}.{key}", "only for kind = \"dicomweb\"")
+        return
+    for key, other in dimse_only.items():
+        if other:
+            raise ConfigError(f"{at}.{key}", "not for kind = \"dicomweb\" (it is reached at url)")
+    if not dest.url:
+        raise ConfigError(f"{at}.url", "required for a dicomweb destination")
+    if (dest.ca_file or dest.cert_file) and not dest.url.startswith("https://"):
+        raise ConfigError(f"{at}.ca_file", "ca_file/cert_file are set but url is not https")
+    needed = {"basic": ("username", "password_file"), "bearer": ("token_file",), "none": ()}[dest.auth]
+    for key in needed:
+        if not web_only[key]:
+            raise ConfigError(f"{at}.{key}", f"required with auth = \"{dest.auth}\"")
+    for key in ("username", "password_file", "token_file"):
+        if key not in needed and web_only[key]:
+            raise ConfigError(f"{at}.{key}", f"not used with auth = \"{dest.auth}\"")
+
+
+def _check_storage_commitment(i: int, dest: PacsSection, settings: Settings) -> None:
+    """A PACS reports storage commitment to the AE title that asked, at the agent's listener, which
+    answers only scp.ae_title; and a commitment is asked up to sender.keep_open_s after the C-STORE."""
+    if not dest.storage_commitment:
+        return
+    if dest.kind != "dimse":
+        raise ConfigError(f"pacs[{i}].storage_commitment", "only for kind = \"dimse\" (DICOMweb has none)")
+    if dest.calling_ae_title and dest.calling_ae_title != settings.scp.ae_title:
+        raise ConfigError(
+            f"pacs[{i}].calling_ae_title",
+            "with storage_commitment the PACS reports to the AE title that asked, and the agent's "
+            "listener answers only scp.ae_title: leave calling_ae_title unset or equal to it",
+        )
+    if dest.storage_commitment_timeout_s <= settings.sender.keep_open_s:
+        raise ConfigError(
+            f"pacs[{i}].storage_commitment_timeout_s",
+            "must be longer than sender.keep_open_s (a commitment is asked up to that long after the C-STORE)",
+        )

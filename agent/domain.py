@@ -29,15 +29,18 @@ class OutboxState(enum.StrEnum):
 
     PENDING = "PENDING"
     SENDING = "SENDING"
-    DELIVERED = "DELIVERED"
+    DELIVERED = "DELIVERED"  # stored (C-STORE success) where no storage commitment is asked
+    SENT = "SENT"  # stored; the destination's storage commitment is asked or about to be (still to do)
+    COMMITTED = "COMMITTED"  # the destination committed to keeping it (N-EVENT-REPORT)
     RETRY = "RETRY"
     DEAD = "DEAD"
     SHADOW = "SHADOW"
     DISCARDED = "DISCARDED"  # a dead letter given up by an admin, with the reason in last_error
 
 
-# still to be delivered: what the status page and /metrics count as the outbox backlog
-OUTBOX_BACKLOG = (OutboxState.PENDING, OutboxState.SENDING, OutboxState.RETRY)
+# still to be delivered: what the status page and /metrics count as the outbox backlog (SENT
+# waits for its storage commitment)
+OUTBOX_BACKLOG = (OutboxState.PENDING, OutboxState.SENDING, OutboxState.SENT, OutboxState.RETRY)
 
 
 @dataclass(frozen=True)
@@ -139,7 +142,8 @@ class ServedModel:
 @dataclass(frozen=True)
 class Findings:
     """STR-Net's answer for one screened image. ``saliency`` is (H, W) in [0, 1] or None, over
-    ``region`` of the source image."""
+    ``region`` of the source image (served: restricted to bone by model/saliency.py; all NaN when
+    no bone was found in the square)."""
 
     probability: float  # calibrated P(bone loss)
     threshold: float  # the served operating threshold

@@ -19,6 +19,7 @@ POINTS = (
     "results_built",  # SR/SC written to disk, rows not committed
     "mid_send",  # association open, object not yet sent
     "after_ack",  # PACS acknowledged, outbox row not updated
+    "mid_sweep",  # a swept study retrieved, not yet marked done
 )
 
 _spec = os.environ.get("STRNET_FAILPOINT", "")

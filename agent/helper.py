@@ -124,7 +124,11 @@ class HelperProcess:
                 return
             self._pool = None
         log.error("helper_process_died", helper=self.name, error=exc.__class__.__name__)
+        # A broken pool ends its other processes with SIGTERM, which helpers ignore (_init), and then
+        # waits for them: its thread, and the interpreter's exit, would wait forever. Kill them.
+        survivors = list(pool_processes(pool).values())
         pool.shutdown(wait=False, cancel_futures=True)
+        _kill(survivors)
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
         """Run ``fn(*args)`` in the helper; returns at once. The Future raises what ``fn`` raised,

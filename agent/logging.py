@@ -148,6 +148,7 @@ def configure_logging(level: str = "info", fmt: str = "auto", salt: str = "strne
     logging.getLogger("openjpeg").setLevel(logging.WARNING)
     logging.getLogger("highdicom").setLevel(logging.WARNING)
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    logging.getLogger("dicomweb_client").setLevel(logging.WARNING)  # a line per object sent at INFO
     logging.getLogger("alembic").setLevel(logging.WARNING)  # migrations run on every command
     logging.getLogger("sqlalchemy").setLevel(logging.WARNING)
 

@@ -46,7 +46,7 @@ class _Snapshot:
         yield o
         yield GaugeMetricFamily(
             "strnet_outbox_backlog",
-            "Result objects not yet delivered (pending, sending, retry).",
+            "Result objects not yet delivered (pending, sending, sent awaiting storage commitment, retry).",
             value=sum(self.outbox.get(s, 0) for s in OUTBOX_BACKLOG),
         )
         yield GaugeMetricFamily("strnet_flagged_patients", "Patients in the flagged registry.", value=self.flagged)

@@ -1,5 +1,5 @@
 """Periodic work inside ``strnet serve`` (apscheduler): lease reaper, outbox retry sweep,
-study-completion sweep, spool retention and a heartbeat."""
+study-completion sweep, spool retention, the scheduled archive sweep and a heartbeat."""
 
 from __future__ import annotations
 
@@ -79,6 +79,7 @@ def build_scheduler(
     sender_wake: Callable[[], Any] | None,
     sweep_s: float = 2.0,
     settings: Settings | None = None,
+    archive_sweep: Callable[[], Any] | None = None,
 ) -> BackgroundScheduler:
     sched = BackgroundScheduler(daemon=True, job_defaults={"coalesce": True, "max_instances": 1})
     sched.add_job(_guarded("lease_reaper", lambda: reap_leases(db)), "interval", seconds=30, id="lease_reaper")
@@ -93,6 +94,11 @@ def build_scheduler(
         id="spool_retention",
     )
     sched.add_job(_guarded("heartbeat", lambda: heartbeat(db)), "interval", seconds=60, id="heartbeat")
+    if archive_sweep is not None:
+        # each tick retrieves for up to ~50 s (within the window and the rate limit); apscheduler's own
+        # thread pool, so the study-completion sweep and the rest go on beside it
+        sched.add_job(_guarded("archive_sweep", archive_sweep), "interval", seconds=60, id="archive_sweep",
+                      next_run_time=datetime.now(UTC) + timedelta(seconds=5))  # fmt: skip
     if settings is not None and settings.backup.enabled and settings.database_url.startswith("sqlite"):
         # checked every 10 minutes; a backup is taken when the newest one is older than every_hours
         sched.add_job(

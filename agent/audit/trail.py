@@ -29,6 +29,7 @@ EVENTS: dict[str, tuple[str, str]] = {
     "logout": ("110123", "Logout"),
     "security_alert": ("110113", "Security Alert"),
     "query": ("110112", "Query"),
+    "begin_transferring": ("110102", "Begin Transferring DICOM Instances"),
 }
 
 

@@ -95,8 +95,50 @@ class Job(Base):
     not_before: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    # leased lowest first: 0 live traffic, SWEEP_PRIORITY (agent/queue/sweeps.py) retrieved by a sweep
+    priority: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
     instance: Mapped[Instance] = relationship(back_populates="job")
+
+
+class SweepStudy(Base):
+    """One study a retrospective sweep found in an archive, and how far its retrieval got.
+
+    state: pending (found, not yet retrieved), retrieving (a C-MOVE/C-GET was started: instances
+    arriving now are the sweep's), done (retrieved, or already screened), failed (its retrieval
+    failed; retried by the next sweep). No PHI: identifiers, date and counts only.
+    """
+
+    __tablename__ = "sweep_studies"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    pacs: Mapped[str] = mapped_column(String(64))
+    study_date: Mapped[str | None] = mapped_column(String(8))
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    series: Mapped[int] = mapped_column(Integer, default=0)
+    instances: Mapped[int] = mapped_column(Integer, default=0)
+    send_results: Mapped[bool] = mapped_column(Boolean, default=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    found_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    retrieve_started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), index=True)
+    done_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class SweepCursor(Base):
+    """Where a sweep over a date range stands: every study date before ``next_date`` is done.
+
+    ``key``: "<pacs>:<from>:<to>" for `strnet sweep`, "<pacs>:scheduled" for the scheduled sweep.
+    """
+
+    __tablename__ = "sweep_cursors"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    key: Mapped[str] = mapped_column(String(128), unique=True)
+    next_date: Mapped[str] = mapped_column(String(8))
+    finished: Mapped[bool] = mapped_column(Boolean, default=False)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
 class AuditEvent(Base):
@@ -211,6 +253,10 @@ class OutboxItem(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # storage commitment (a destination with storage_commitment = true): the Transaction UID of
+    # the N-ACTION that asked for this object, and when; its N-EVENT-REPORT is matched by it
+    commitment_uid: Mapped[str | None] = mapped_column(String(64), index=True)
+    commitment_asked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class FlaggedPatient(Base):

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 
+from agent.config import EligibilitySection
 from agent.dicom_values import patient_age_years, read_cs, value_of, words_of
 from agent.domain import Eligibility
 
@@ -73,6 +74,17 @@ class Rules:
     min_age_years: int
     max_pixels: int
     sop_classes: frozenset[str] = SCREENED_SOP_CLASSES
+
+    @classmethod
+    def from_section(cls, e: EligibilitySection) -> Rules:
+        """The rules of the [eligibility] settings (the listener and the sweep use the same)."""
+        return cls(
+            modalities=frozenset(m.upper() for m in e.modalities),
+            body_parts=frozenset(b.upper() for b in e.body_parts),
+            anatomic_region_codes=frozenset(e.anatomic_region_codes),
+            min_age_years=e.min_age_years,
+            max_pixels=e.max_pixels,
+        )
 
 
 def _region_codes(ds: Dataset) -> set[str]:

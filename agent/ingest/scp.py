@@ -1,4 +1,5 @@
-"""The DICOM listener: Verification and X-ray storage (docs/dicom-conformance.md).
+"""The DICOM listener: Verification, X-ray storage and, when a destination asks for storage
+commitment, the reports of that commitment (docs/dicom-conformance.md).
 
 Handlers are plain functions bound to pynetdicom events with their dependencies passed at
 binding. Calling AE titles are allowed only from the host each is bound to; everything else is
@@ -51,7 +52,7 @@ from agent.ingest.handlers import Ingestor, StoreRequest, file_head
 from agent.ingest.peers import PeerPolicy, normal_address
 from agent.ingest.reconcile import split_file
 from agent.logging import get_logger
-from agent.pacs import status
+from agent.pacs import commitment, status
 from agent.pacs.identity import identify
 
 log = get_logger(__name__)
@@ -373,7 +374,14 @@ def handle_store(event: Event, ingestor: Ingestor, tracker: AssociationTracker |
         return status.OUT_OF_RESOURCES
 
 
-def build_ae(cfg: ScpSection) -> AE:
+def handle_commitment_report(event: Event, recorder: commitment.CommitmentRecorder) -> tuple[int, Any]:
+    """N-EVENT-REPORT of the Storage Commitment Push Model on an association the PACS opened to us:
+    recorded by its Transaction UID (``CommitmentRecorder``), answered Success once recorded."""
+    _message_done(event)
+    return recorder.handle(event)
+
+
+def build_ae(cfg: ScpSection, commitment_reports: bool = False) -> AE:
     ae = identify(AE(ae_title=cfg.ae_title))
     ae.maximum_pdu_size = 0  # unlimited: fewer, larger PDUs cut receive CPU
     ae.maximum_associations = cfg.max_associations
@@ -384,6 +392,12 @@ def build_ae(cfg: ScpSection) -> AE:
     ae.add_supported_context(Verification, [ImplicitVRLittleEndian, ExplicitVRLittleEndian])
     for sop_class in (*STORAGE_SOP_CLASSES, *KEPT_NOT_SCREENED_SOP_CLASSES):
         ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
+    if commitment_reports:
+        # the PACS proposes itself as SCP (role selection): accepted, the agent being the SCU; a
+        # proposal without role selection is accepted with the default roles
+        ae.add_supported_context(
+            commitment.STORAGE_COMMITMENT_PUSH_MODEL, commitment.TRANSFER_SYNTAXES, scu_role=False, scp_role=True
+        )
     return ae
 
 
@@ -422,10 +436,19 @@ def tls_context(cfg: ScpSection) -> ssl.SSLContext | None:
 class StorageSCP:
     """The listener; ``start()`` returns once it accepts connections."""
 
-    def __init__(self, cfg: ScpSection, ingestor: Ingestor, tracker: AssociationTracker | None = None) -> None:
+    def __init__(
+        self,
+        cfg: ScpSection,
+        ingestor: Ingestor,
+        tracker: AssociationTracker | None = None,
+        commitment_reports: commitment.CommitmentRecorder | None = None,
+    ) -> None:
+        """``commitment_reports``: accept storage commitment reports and record them (a destination
+        asks for storage commitment)."""
         self.cfg = cfg
         self.ingestor = ingestor
         self.tracker = tracker or AssociationTracker()
+        self.commitment_reports = commitment_reports
         self._server: ThreadedAssociationServer | None = None
         self._ae: AE | None = None
         peers: dict[str, set[str]] = {}
@@ -440,7 +463,7 @@ class StorageSCP:
         # the most one PDU or message may make us buffer: an instance up to twice the size cap still gets
         # its clear 0xA700 answer from the ingestor; anything beyond is cut off at the socket
         limit = (2 * self.cfg.max_instance_mb + 1) * 1024 * 1024
-        return [
+        handlers: list[Any] = [
             (evt.EVT_CONN_OPEN, handle_conn_open, [limit, self.cfg.network_timeout_s, self._peers]),
             (evt.EVT_CONN_CLOSE, handle_conn_close),
             (evt.EVT_REQUESTED, handle_requested, [self._peers]),
@@ -451,13 +474,16 @@ class StorageSCP:
             (evt.EVT_C_ECHO, handle_echo),
             (evt.EVT_C_STORE, handle_store, [self.ingestor, t]),
         ]
+        if self.commitment_reports is not None:
+            handlers.append((evt.EVT_N_EVENT_REPORT, handle_commitment_report, [self.commitment_reports]))
+        return handlers
 
     def _ssl_context(self) -> Any:
         ctx = tls_context(self.cfg)
         return None if ctx is None else DeferredHandshakeContext(ctx, self.cfg.network_timeout_s)
 
     def start(self) -> None:
-        ae = build_ae(self.cfg)
+        ae = build_ae(self.cfg, commitment_reports=self.commitment_reports is not None)
         # datasets arrive straight into the spool's tmp folder, written back to disk as they come
         chunked.receive_into(ae, self.ingestor.spool.tmp_dir, spool_head)
         self._ae = ae

@@ -30,6 +30,7 @@ def _run(name: str, fn: Callable[[], str]) -> Check:
 def run_checks(settings: Settings, config_source: str) -> list[Check]:
     from agent.audit import trail
     from agent.db.engine import current_revision, head_revision, open_database
+    from agent.pacs import dicomweb
     from agent.pacs.scu import echo, tls_args
 
     checks = [Check("configuration", True, f"loaded from {config_source}")]
@@ -92,7 +93,13 @@ def run_checks(settings: Settings, config_source: str) -> list[Check]:
                 raise RuntimeError(f"C-ECHO {d.ae_title}@{d.host}:{d.port}: {detail}")
             return f"C-ECHO {d.ae_title}@{d.host}:{d.port}: {detail}"
 
-        checks.append(_run(f"pacs {dest.name}", ping))
+        def web(d=dest) -> str:
+            ok, detail = dicomweb.check(d, settings.sender.timeout_s if settings.sender.timeout_s < 10 else 10)
+            if not ok:
+                raise RuntimeError(f"DICOMweb {d.url}: {detail}")
+            return f"DICOMweb {d.url}: {detail}"
+
+        checks.append(_run(f"pacs {dest.name}", web if dest.kind == "dicomweb" else ping))
     for db in db_holder:
         db.dispose()
     return checks

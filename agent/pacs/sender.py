@@ -1,4 +1,5 @@
-"""The result sender: outbox -> C-STORE SCU -> PACS, with backoff and a dead letter.
+"""The result sender: outbox -> C-STORE SCU -> PACS, with backoff and a dead letter (a destination
+of kind dicomweb gets each object by STOW-RS instead: agent/pacs/dicomweb.py, same states).
 
 Status classes by name: Success and warnings (B000, B006, B007) are delivered (warnings logged);
 out-of-resources and association or network failures are transient (exponential backoff with
@@ -13,6 +14,14 @@ open for ``sender.keep_open_s`` after its last send, so a stream of results (an 
 an SR per study) does not wait for an association set-up and release per object (47 ms each,
 ADR 0008). An association is released when idle or when the sender stops, and replaced when the
 PACS has released or aborted it.
+
+To a destination with ``storage_commitment = true`` a stored object is SENT, not DELIVERED: the
+objects stored over an association are asked for in one storage commitment request (N-ACTION,
+agent/pacs/commitment.py) when the association is let go, or once the first of them has waited
+``sender.keep_open_s``; the association then stays open a moment for a report on it, and the
+PACS may also report on a new association to the agent's listener. A refused request sends them
+back to RETRY (DEAD after ``sender.max_attempts``), or DEAD at once when the PACS does not do
+storage commitment; one not confirmed within ``storage_commitment_timeout_s`` goes back to RETRY.
 """
 
 from __future__ import annotations
@@ -27,7 +36,7 @@ from typing import Any
 
 from pydicom import dcmread
 from pydicom.uid import Comprehensive3DSRStorage, ExplicitVRLittleEndian, SecondaryCaptureImageStorage
-from pynetdicom import AE
+from pynetdicom import AE, evt
 
 from agent import failpoints
 from agent.compat import PatchMissing, pynetdicom_internals, warn_once
@@ -36,7 +45,8 @@ from agent.config import PacsSection, SenderSection
 from agent.db.engine import Database
 from agent.errors import StorageError
 from agent.logging import get_logger
-from agent.pacs import status
+from agent.pacs import commitment, status
+from agent.pacs.dicomweb import StowSender
 from agent.pacs.identity import identify
 from agent.pacs.scu import tls_args
 from agent.queue import outbox
@@ -51,12 +61,37 @@ RESULT_SOP_CLASSES = (Comprehensive3DSRStorage, SecondaryCaptureImageStorage)
 
 
 @dataclass
+class _Reports:
+    """Storage commitment reports that came on one association (the PACS may answer on the
+    association that asked while it is open): ``lock`` is held while one is being recorded."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    last_at: float = 0.0  # monotonic time of the last one
+
+
+@dataclass
 class _Held:
     """An association kept open towards one destination (one lane's alone)."""
 
     assoc: Any
     sop_classes: frozenset[str]
     last_used: float  # monotonic
+    # storage commitment: objects stored over it whose commitment is still to ask (asked in one
+    # N-ACTION when the association is let go, at most sender.keep_open_s after the first)
+    stored: list[DueItem] = field(default_factory=list)
+    first_stored: float = 0.0  # monotonic
+    reports: _Reports = field(default_factory=_Reports)
+
+
+@dataclass
+class _Asked:
+    """An association that has asked for storage commitment, kept open ``SAME_ASSOCIATION_S`` for
+    a report on it, then released (a PACS may also report on a new association of its own)."""
+
+    assoc: Any
+    destination: str
+    until: float  # monotonic
+    reports: _Reports
 
 
 @dataclass
@@ -67,11 +102,19 @@ class Lane:
 
     held: dict[str, _Held] = field(default_factory=dict)
     refused_until: dict[str, float] = field(default_factory=dict)
+    asked: list[_Asked] = field(default_factory=list)
 
 
 #: pynetdicom's own loop delay of a connection's thread (DUL), and ours while an association is idle
 BUSY_LOOP_S = pynetdicom_internals.DUL_LOOP_DELAY_S
 IDLE_LOOP_S = 0.02
+#: how long an association that asked for storage commitment stays open for a report on it (a PACS
+#: that answers on the same association does so at once; Orthanc opens a new one), and how long
+#: after a report came on it (its response goes out after our handler returns)
+SAME_ASSOCIATION_S = 1.0
+AFTER_REPORT_S = 0.2
+#: how often the sender looks for storage commitments past their timeout
+COMMITMENT_CHECK_S = 1.0
 
 
 def _reported(missing: PatchMissing | None) -> None:
@@ -159,6 +202,15 @@ class Sender:
         self.wake = Wake()
         self._holding: Counter[str] = Counter()  # destination -> lanes holding an association
         self._holding_lock = threading.Lock()
+        self.retry_policy = outbox.RetryPolicy(cfg.max_attempts, cfg.backoff_base_s, cfg.backoff_max_s, jitter)
+        # reports that come on the association that asked (else on a new one, to the listener)
+        self.commitment = commitment.CommitmentRecorder(db, self.retry_policy, on_outbox=self.wake.set)
+        self._commitment_timeouts = {
+            d.name: d.storage_commitment_timeout_s for d in destinations if d.storage_commitment
+        }
+        self._commitment_check_at = 0.0  # monotonic; the first pass looks (rows of an earlier configuration)
+        self._commitment_lock = threading.Lock()
+        self.stow = StowSender(cfg.timeout_s)  # destinations of kind dicomweb
         _reported(pynetdicom_internals.enable_chunked_send())  # send_c_store(path) streams the stored bytes
 
     def start(self) -> None:
@@ -178,6 +230,7 @@ class Sender:
         deadline = time.monotonic() + timeout_s
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
+        self.stow.close()
 
     def _loop(self) -> None:
         lane = Lane()
@@ -198,18 +251,51 @@ class Sender:
             self.release_idle(lane, all_=True)
 
     def release_idle(self, lane: Lane, all_: bool = False) -> None:
-        """Release ``lane``'s associations idle for ``sender.keep_open_s`` (``all_``: every one)."""
+        """Release ``lane``'s associations idle for ``sender.keep_open_s`` (``all_``: every one), and
+        those whose storage commitment is due to be asked (``_commitment_due``)."""
         now = time.monotonic()
         for name, held in list(lane.held.items()):
-            if all_ or now - held.last_used >= self.cfg.keep_open_s or not usable(held.assoc):
-                self._drop(lane, name)
+            idle = now - held.last_used >= self.cfg.keep_open_s
+            if all_ or idle or not usable(held.assoc) or self._commitment_due(held, now):
+                self._drop(lane, name, wait_for_report=not all_)
+        self._release_asked(lane, all_)
 
-    def _drop(self, lane: Lane, name: str) -> None:
+    def _commitment_due(self, held: _Held, now: float) -> bool:
+        """Objects stored over ``held`` have waited ``sender.keep_open_s`` for their commitment to be
+        asked: a stream of results that keeps the association busy is asked for at that pace."""
+        return bool(held.stored) and now - held.first_stored >= self.cfg.keep_open_s
+
+    def _release_asked(self, lane: Lane, all_: bool) -> None:
+        now = time.monotonic()
+        for asked in list(lane.asked):
+            reports = asked.reports
+            if not all_ and usable(asked.assoc) and now < max(asked.until, reports.last_at + AFTER_REPORT_S):
+                continue
+            lane.asked.remove(asked)
+            with reports.lock:  # not while a report on it is being recorded
+                self._let_go(asked.assoc, asked.destination)
+
+    def _drop(self, lane: Lane, name: str, wait_for_report: bool = True) -> None:
+        """Let ``lane``'s association to ``name`` go: ask for the storage commitment of what was stored
+        over it first (the association then stays open a moment for a report on it: ``lane.asked``)."""
         held = lane.held.pop(name, None)
         if held is None:
             return
         self._not_holding(name)
-        assoc = held.assoc
+        asked = False
+        if held.stored:
+            try:
+                asked = self._ask_commitment(held, name)
+            except StorageError as exc:  # the objects stay SENT: the commitment timeout sends them again
+                log.error("sender_database_error", error=str(exc))
+        if asked and wait_for_report:
+            _reported(pynetdicom_internals.set_dul_loop_delay(held.assoc, IDLE_LOOP_S))  # its reactor runs
+            lane.asked.append(_Asked(held.assoc, name, time.monotonic() + SAME_ASSOCIATION_S, held.reports))
+            return
+        self._let_go(held.assoc, name)
+
+    def _let_go(self, assoc: Any, name: str) -> None:
+        """Release ``assoc`` (or answer the PACS's release, or abort it when nothing else can end it)."""
         try:
             if usable(assoc):
                 busy(assoc)  # the release handshake at pynetdicom's pace
@@ -234,6 +320,7 @@ class Sender:
                 self.release_idle(lane, all_=True)
 
     def _send_due(self, lane: Lane, share: int) -> int:
+        self._expire_commitments()
         due = outbox.lease_due(self.db, share=share)
         by_dest: dict[str, list[DueItem]] = defaultdict(list)
         for item in due:
@@ -245,16 +332,114 @@ class Sender:
                 for item in items:
                     outbox.dead(self.db, item.id, None, f"destination {name!r} is no longer configured")
                 attempted += len(items)
+            elif dest.kind == "dicomweb":
+                attempted += self._stow_each(dest, items)
             elif lane.refused_until.get(name, 0.0) > time.monotonic() and self._held_elsewhere(lane, name):
                 outbox.unlease(self.db, [i.id for i in items])  # for the lane that has an association
             else:
                 attempted += self._send_to(lane, dest, items)
         return attempted
 
+    def _stow_each(self, dest: PacsSection, items: list[DueItem]) -> int:
+        """Send ``items`` to a DICOMweb destination by STOW-RS (agent/pacs/dicomweb.py), one
+        request each, and record what became of each as the C-STORE path does."""
+        for item in items:
+            failpoints.hit("mid_send")
+            out = self.stow.store(dest, self.results.path(item.path), item.sop_instance_uid)
+            failpoints.hit("after_ack")
+            if out.verdict in ("delivered", "warning"):
+                outbox.delivered(self.db, item.id, out.status or "")
+                event = "sr_delivered" if item.kind == "sr" else "overlay_delivered"
+                (log.warning if out.verdict == "warning" else log.info)(
+                    event, outbox_id=item.id, destination=dest.name, sop_instance_uid=item.sop_instance_uid,
+                    status=out.status, **({"warning": out.reason} if out.reason else {}),
+                )  # fmt: skip
+            elif out.verdict == "retry":
+                self._transient(item, out.status, out.reason)
+            else:
+                outbox.dead(self.db, item.id, out.status, out.reason)
+                log.error("result_dead", outbox_id=item.id, destination=dest.name, status=out.status, error=out.reason)
+        return len(items)
+
     def _held_elsewhere(self, lane: Lane, name: str) -> bool:
         """Another lane holds an association to destination ``name``."""
         with self._holding_lock:
             return self._holding[name] - (1 if name in lane.held else 0) > 0
+
+    def _expire_commitments(self) -> None:
+        """Storage commitments not confirmed within their destination's timeout: back to RETRY (sent
+        again, asked again) or DEAD after ``sender.max_attempts`` (``outbox.expire_commitments``).
+        Looked at once a second by whichever lane comes first; without a destination that asks for
+        commitment, only once (SENT rows left by an earlier configuration are sent again)."""
+        now = time.monotonic()
+        with self._commitment_lock:
+            if now < self._commitment_check_at:
+                return
+            self._commitment_check_at = now + COMMITMENT_CHECK_S if self._commitment_timeouts else float("inf")
+        for ex in outbox.expire_commitments(self.db, self._commitment_timeouts, self.retry_policy):
+            (log.error if ex.state == "DEAD" else log.warning)(
+                "commitment_timed_out", outbox_id=ex.id, destination=ex.destination, state=ex.state
+            )
+        # the rows back in RETRY are due after their backoff; the retry sweep or the next poll finds them
+
+    def _ask_commitment(self, held: _Held, name: str) -> bool:
+        """Ask ``name`` to commit to keeping the objects stored over ``held`` (one N-ACTION); True
+        when the request was accepted. A refusal sends them back to RETRY (DEAD after
+        ``sender.max_attempts``), or DEAD at once when the PACS does not do storage commitment."""
+        items, held.stored = held.stored, []
+        assoc = held.assoc
+        if not usable(assoc):
+            for item in items:
+                self._transient(item, None, "stored, but the association was lost before storage commitment was asked")
+            return False
+        transaction_uid = commitment.new_transaction_uid()
+        outbox.commitment_asked(self.db, [i.id for i in items], transaction_uid)  # before: the report may be quick
+        action = commitment.request(transaction_uid, [(i.sop_class_uid, i.sop_instance_uid) for i in items])
+        busy(assoc)
+        try:
+            rsp, _reply = assoc.send_n_action(
+                action,
+                commitment.REQUEST_STORAGE_COMMITMENT,
+                commitment.STORAGE_COMMITMENT_PUSH_MODEL,
+                commitment.STORAGE_COMMITMENT_INSTANCE,
+            )
+        except ValueError:  # the PACS did not accept the Storage Commitment Push Model context
+            for item in items:
+                self._refused(item, None, "the PACS did not accept the Storage Commitment Push Model SOP class")
+            return False
+        except RuntimeError:  # released or aborted meanwhile
+            for item in items:
+                self._transient(item, None, "stored, but the association was lost before storage commitment was asked")
+            return False
+        code = int(rsp.Status) if rsp is not None and "Status" in rsp else None
+        if code is None:
+            for item in items:
+                self._transient(item, None, "stored, but the storage commitment request (N-ACTION) got no answer")
+            return False
+        name_ = status.name(code)
+        if status.classify(code) in (status.StatusClass.SUCCESS, status.StatusClass.WARNING):
+            log.info("commitment_asked", destination=name, transaction_uid=transaction_uid, objects=len(items))
+            return True
+        for item in items:
+            if code in commitment.REFUSED_FOR_GOOD:
+                self._refused(item, name_, f"the PACS refused storage commitment ({name_})")
+            else:
+                self._transient(item, name_, f"stored, but the PACS refused storage commitment ({name_})")
+        return False
+
+    def _refused(self, item: DueItem, status_name: str | None, reason: str) -> None:
+        """Storage commitment that asking again cannot get: DEAD at once (the object is stored)."""
+        error = f"stored, not committed: {reason} (storage_commitment = true for this destination)"
+        outbox.dead(self.db, item.id, status_name, error)
+        log.error("result_dead", outbox_id=item.id, destination=item.destination, status=status_name, error=error)
+
+    def _on_report(self, event: Any, reports: _Reports) -> tuple[int, Any]:
+        """A storage commitment report on an association the sender opened."""
+        with reports.lock:
+            try:
+                return self.commitment.handle(event)
+            finally:
+                reports.last_at = time.monotonic()
 
     def _transient(self, item: DueItem, status_name: str | None, error: str) -> None:
         if item.attempts >= self.cfg.max_attempts:
@@ -287,10 +472,13 @@ class Sender:
                     for rest in items[n:]:
                         self._transient(rest, None, "association lost")
                     break
-                self._send_one(held.assoc, dest, item)
+                if self._send_one(held.assoc, dest, item) and dest.storage_commitment:
+                    if not held.stored:
+                        held.first_stored = time.monotonic()
+                    held.stored.append(item)
         finally:
             held.last_used = time.monotonic()
-            if not usable(held.assoc) or self.cfg.keep_open_s <= 0:
+            if not usable(held.assoc) or self.cfg.keep_open_s <= 0 or self._commitment_due(held, held.last_used):
                 self._drop(lane, dest.name)
             else:
                 quiet(held.assoc)
@@ -311,6 +499,11 @@ class Sender:
         proposed = frozenset(classes | set(RESULT_SOP_CLASSES))
         for sop_class in sorted(proposed):
             ae.add_requested_context(sop_class, ExplicitVRLittleEndian)
+        reports = _Reports()
+        handlers: list[Any] = []
+        if dest.storage_commitment:  # we are its SCU: the default roles
+            ae.add_requested_context(commitment.STORAGE_COMMITMENT_PUSH_MODEL, commitment.TRANSFER_SYNTAXES)
+            handlers.append((evt.EVT_N_EVENT_REPORT, self._on_report, [reports]))
         try:
             tls = tls_args(dest)
         except (OSError, ValueError) as exc:  # unreadable CA/cert/key file: an operator must fix it
@@ -322,7 +515,7 @@ class Sender:
         with self._holding_lock:
             self._holding[dest.name] += 1
         try:
-            assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls)
+            assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls, evt_handlers=handlers)
         except BaseException:
             self._not_holding(dest.name)
             raise
@@ -352,7 +545,7 @@ class Sender:
                 else:
                     self._transient(item, None, reason)
             return None
-        held = _Held(assoc, proposed, time.monotonic())
+        held = _Held(assoc, proposed, time.monotonic(), reports=reports)
         lane.held[dest.name] = held
         lane.refused_until.pop(dest.name, None)
         return held
@@ -361,13 +554,14 @@ class Sender:
         with self._holding_lock:
             self._holding[name] -= 1
 
-    def _send_one(self, assoc: object, dest: PacsSection, item: DueItem) -> None:
+    def _send_one(self, assoc: object, dest: PacsSection, item: DueItem) -> bool:
+        """C-STORE ``item`` and record what became of it; True when the PACS stored it."""
         path = self.results.path(item.path)
         try:
             dcmread(path, stop_before_pixels=True)  # readable, and a Part 10 file
         except (OSError, ValueError) as exc:
             outbox.dead(self.db, item.id, None, f"result file unreadable: {exc.__class__.__name__}")
-            return
+            return False
         failpoints.hit("mid_send")
         try:
             # a path, with chunked send on: the file's bytes go out as stored (no decode and
@@ -375,25 +569,31 @@ class Sender:
             rsp = assoc.send_c_store(path)  # type: ignore[attr-defined]
         except RuntimeError:  # no longer established: the PACS released or aborted it meanwhile
             self._transient(item, None, "association lost")
-            return
+            return False
         except ValueError as exc:  # no accepted context for this SOP class
             outbox.dead(self.db, item.id, None, f"PACS did not accept the SOP class: {exc}")
-            return
+            return False
         code = int(rsp.Status) if rsp is not None and "Status" in rsp else None
         if code is None:
             self._transient(item, None, "no response (timeout or abort)")
-            return
+            return False
         failpoints.hit("after_ack")
         cls = status.classify(code)
         name = status.name(code)
         if cls in (status.StatusClass.SUCCESS, status.StatusClass.WARNING):
-            outbox.delivered(self.db, item.id, name)
+            if dest.storage_commitment:  # SENT: delivered once committed
+                outbox.stored(self.db, item.id, name)
+            else:
+                outbox.delivered(self.db, item.id, name)
             event = "sr_delivered" if item.kind == "sr" else "overlay_delivered"
             (log.warning if cls is status.StatusClass.WARNING else log.info)(
-                event, outbox_id=item.id, destination=dest.name, sop_instance_uid=item.sop_instance_uid, status=name
-            )
-        elif cls is status.StatusClass.TRANSIENT:
+                event, outbox_id=item.id, destination=dest.name, sop_instance_uid=item.sop_instance_uid, status=name,
+                **({"storage_commitment": "to ask"} if dest.storage_commitment else {}),
+            )  # fmt: skip
+            return True
+        if cls is status.StatusClass.TRANSIENT:
             self._transient(item, name, f"PACS answered {name}")
         else:
             outbox.dead(self.db, item.id, name, f"PACS refused the object ({name})")
             log.error("result_dead", outbox_id=item.id, destination=dest.name, status=name)
+        return False

@@ -22,6 +22,7 @@ from typing import Any, Protocol
 from agent.domain import LeasedJob, ServedModel
 from agent.helper import HelperProcess
 from agent.logging import get_logger
+from agent.pipeline.decode import DecodePool, default_processes
 from agent.pipeline.run import Recordable, screen_and_report, warm_up
 
 
@@ -49,11 +50,12 @@ class ScreeningEngine(Protocol):
 class InlineScreening:
     """Screens in the calling thread (``worker.process = false``): ``submit`` returns done."""
 
-    def __init__(self, screener: Any, max_pixels: int, overlay: bool) -> None:
+    def __init__(self, screener: Any, max_pixels: int, overlay: bool, decode_processes: int = 0) -> None:
         self.screener = screener  # agent.pipeline.infer.Screener
         self.model: ServedModel = screener.describe()
         self.max_pixels = max_pixels
         self.overlay = overlay
+        self.decoder = DecodePool(decode_processes) if decode_processes > 0 else None
 
     def warm_up(self) -> None:
         warm_up(self.screener, self.overlay)
@@ -61,7 +63,9 @@ class InlineScreening:
     def submit(self, jobs: list[LeasedJob], paths: dict[str, Path]) -> Future[list[Recordable]]:
         future: Future[list[Recordable]] = Future()
         try:
-            future.set_result(screen_and_report(jobs, paths, self.screener, self.max_pixels, self.overlay))
+            future.set_result(
+                screen_and_report(jobs, paths, self.screener, self.max_pixels, self.overlay, self.decoder)
+            )
         except Exception as exc:  # noqa: BLE001 - handed to the reader, as the process engine does
             future.set_exception(exc)
         return future
@@ -70,7 +74,8 @@ class InlineScreening:
         pass  # nothing runs behind the worker's back: submit() returns once screened
 
     def close(self, wait: bool = True) -> None:
-        pass
+        if self.decoder is not None:
+            self.decoder.close(wait)
 
 
 # -- in the screening process --------------------------------------------------------------------
@@ -78,14 +83,17 @@ _screener: Any = None
 _load_error: BaseException | None = None
 _max_pixels = 0
 _overlay = True
+_decoder: DecodePool | None = None
 
 
 def _setup(weights: str, device: str, threshold: str, saliency: bool, threads: int | None,
-           max_pixels: int, overlay: bool) -> None:  # fmt: skip
+           max_pixels: int, overlay: bool, decode_processes: int = 0) -> None:  # fmt: skip
     """The screening process's start: load the model and warm the path up. An error is kept and
-    raised by every call (an initializer that raises would only break the pool, wordlessly)."""
-    global _screener, _load_error, _max_pixels, _overlay
+    raised by every call (an initializer that raises would only break the pool, wordlessly). The
+    decode processes start at the first batch that needs them (they end with this process)."""
+    global _screener, _load_error, _max_pixels, _overlay, _decoder
     _max_pixels, _overlay = max_pixels, overlay
+    _decoder = DecodePool(decode_processes) if decode_processes > 0 else None
     try:
         from agent.pipeline.infer import Screener  # torch: here, never in the service's process
 
@@ -110,7 +118,13 @@ def _describe() -> ServedModel:
 
 
 def _screen(jobs: list[LeasedJob], paths: dict[str, Path]) -> list[Recordable]:
-    return screen_and_report(jobs, paths, _loaded(), _max_pixels, _overlay)
+    return screen_and_report(jobs, paths, _loaded(), _max_pixels, _overlay, _decoder)
+
+
+def decode_processes(worker_cfg: Any) -> int:
+    """``worker.decode_processes``; unset: decode.default_processes(); 0: decode in line."""
+    n = getattr(worker_cfg, "decode_processes", None)
+    return default_processes() if n is None else int(n)
 
 
 def default_threads() -> int:
@@ -134,7 +148,8 @@ class ScreeningProcess:
 
     def __init__(self, weights: Path, worker_cfg: Any, max_pixels: int, overlay: bool) -> None:
         args = (str(weights), worker_cfg.device, worker_cfg.threshold, worker_cfg.saliency,
-                worker_cfg.cpu_threads or default_threads(), max_pixels, overlay)  # fmt: skip
+                worker_cfg.cpu_threads or default_threads(), max_pixels, overlay,
+                decode_processes(worker_cfg))  # fmt: skip
         self.helper = HelperProcess("screening", 1, _setup, args, title="strnet-screen")
         self._model: ServedModel | None = None
 

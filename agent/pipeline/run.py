@@ -1,5 +1,6 @@
-"""One pass of the screening pipeline over a batch of leased jobs: load, preprocess, score,
-build each screened image's overlay.
+"""One pass of the screening pipeline over a batch of leased jobs: load, preprocess (both in the
+decode processes for a batch of compressed films: pipeline/decode.py), score, build each screened
+image's overlay.
 
 Steps return values and never touch the database: the worker turns each outcome into rows. Every
 error becomes a reason here through ``agent.errors.reason_of``: no element value is ever in one.
@@ -20,8 +21,8 @@ from pydicom.dataset import Dataset
 
 from agent.dicom_values import read_positive_int, value_of
 from agent.domain import Findings, LeasedJob
-from agent.errors import BuildError, InputRejected, ProcessingError, reason_of
-from agent.pipeline.load import load
+from agent.errors import BuildError, ProcessingError, reason_of
+from agent.pipeline.decode import DecodePool, Refused, prepare
 from agent.reporting.builder import BuiltOverlay, blank_source, build_overlay_bytes
 
 if TYPE_CHECKING:  # torch: only where the model runs (the screening process)
@@ -68,24 +69,29 @@ Recordable = Finished | Rejected | Failed
 
 
 def screen_batch(
-    jobs: list[LeasedJob], spool_path: Callable[[str], Path], screener: Screener, max_pixels: int
+    jobs: list[LeasedJob],
+    spool_path: Callable[[str], Path],
+    screener: Screener,
+    max_pixels: int,
+    decoder: DecodePool | None = None,
 ) -> list[Outcome]:
-    """Load, preprocess and score ``jobs`` together; one outcome per job, in order."""
+    """Load, preprocess and score ``jobs`` together; one outcome per job, in order. With
+    ``decoder``, a batch's compressed films are decoded and preprocessed in its processes."""
     outcomes: dict[int, Outcome] = {}
     ready: list[tuple[LeasedJob, Any, np.ndarray, float]] = []
     textures: list[np.ndarray | None] = []
-    for job in jobs:
-        try:
-            image = load(Path(spool_path(job.spool_path)), max_pixels)
-            t0 = time.perf_counter()
-            tensor = screener.preprocess(image.pixels)
-            texture = screener.texture(image.pixels)
-            ready.append((job, image, tensor, (time.perf_counter() - t0) * 1000))
-            textures.append(texture)
-        except InputRejected as exc:
-            outcomes[job.job_id] = Rejected(job, reason_of(exc))
-        except ProcessingError as exc:
-            outcomes[job.job_id] = Failed(job, reason_of(exc))
+    how = screener.prep_spec(max_pixels)
+    paths = [Path(spool_path(job.spool_path)) for job in jobs]
+    if decoder is None:
+        prepared = [prepare(p, how) for p in paths]
+    else:
+        prepared = decoder.prepare_all(paths, how, lambda p: prepare(p, how))
+    for job, done in zip(jobs, prepared, strict=True):
+        if isinstance(done, Refused):
+            outcomes[job.job_id] = Rejected(job, done.reason) if done.rejected else Failed(job, done.reason)
+            continue
+        ready.append((job, done.image, done.tensor, done.prep_ms))
+        textures.append(done.texture)
     if ready:
         batch = np.stack([t for _, _, t, _ in ready])
         try:
@@ -132,11 +138,16 @@ def finish(screened: Screened, overlay: bool) -> Finished | Failed:
 
 
 def screen_and_report(
-    jobs: list[LeasedJob], paths: dict[str, Path], screener: Screener, max_pixels: int, overlay: bool
+    jobs: list[LeasedJob],
+    paths: dict[str, Path],
+    screener: Screener,
+    max_pixels: int,
+    overlay: bool,
+    decoder: DecodePool | None = None,
 ) -> list[Recordable]:
     """``screen_batch`` then ``finish``: one recordable outcome per job, in order. ``paths``: each
     job's spool entry (``job.spool_path``) as an absolute path."""
-    outcomes = screen_batch(jobs, paths.__getitem__, screener, max_pixels)
+    outcomes = screen_batch(jobs, paths.__getitem__, screener, max_pixels, decoder)
     return [finish(o, overlay) if isinstance(o, Screened) else o for o in outcomes]
 
 

@@ -1,14 +1,18 @@
 """The outbox: result objects and their delivery state per destination.
 
 States: PENDING -> SENDING -> DELIVERED | RETRY(at) -> DEAD (-> DISCARDED by an admin, with a
-reason), and SHADOW (shadow mode: recorded, never sent). Every transition is one committed row
-change; SENDING rows found at start-up are sent again (the result UIDs are deterministic, so PACS
-deduplicates).
+reason), and SHADOW (shadow mode: recorded, never sent). To a destination with storage commitment,
+SENDING -> SENT (stored; its commitment asked by Transaction UID) -> COMMITTED, or back to RETRY
+when the PACS reports a failure or does not answer within the destination's timeout. Every
+transition is one committed row change; SENDING rows found at start-up are sent again (the result
+UIDs are deterministic, so PACS deduplicates).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import random
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from sqlalchemy import case, func, select, update
@@ -199,11 +203,15 @@ def discard_dead(db: Database, item_id: int, actor: str, reason: str) -> bool:
 
 
 def requeue_sending(db: Database) -> int:
-    """At start-up: a SENDING row was interrupted; send it again."""
+    """At start-up: a SENDING row was interrupted, or a SENT one whose storage commitment was never
+    asked (the process ended between its C-STORE and the N-ACTION); send it again."""
     with db.transaction() as s:
         res = s.execute(
             update(OutboxItem)
-            .where(OutboxItem.state == OutboxState.SENDING.value)
+            .where(
+                (OutboxItem.state == OutboxState.SENDING.value)
+                | ((OutboxItem.state == OutboxState.SENT.value) & OutboxItem.commitment_uid.is_(None))
+            )
             .values(state=OutboxState.PENDING.value, updated_at=utcnow())
         )
         return res.rowcount  # type: ignore[attr-defined]
@@ -214,12 +222,16 @@ def count_by_state(db: Database) -> dict[str, int]:
         return dict(s.execute(select(OutboxItem.state, func.count()).group_by(OutboxItem.state)).all())
 
 
-def items(db: Database, state: OutboxState | None = None) -> list[OutboxItem]:
+def items(db: Database, state: OutboxState | None = None, limit: int | None = None) -> list[OutboxItem]:
+    """Outbox rows, oldest first (``limit``: the newest that many, still oldest first)."""
     with db.reading() as s:
-        q = select(OutboxItem).order_by(OutboxItem.id)
+        q = select(OutboxItem).order_by(OutboxItem.id.desc() if limit else OutboxItem.id)
         if state is not None:
             q = q.where(OutboxItem.state == state.value)
-        return list(s.execute(q).scalars())
+        if limit:
+            q = q.limit(limit)
+        rows = list(s.execute(q).scalars())
+        return rows[::-1] if limit else rows
 
 
 def backoff_s(attempt: int, base_s: float, max_s: float, jitter: float) -> float:
@@ -229,3 +241,166 @@ def backoff_s(attempt: int, base_s: float, max_s: float, jitter: float) -> float
 
 def next_attempt(attempt: int, base_s: float, max_s: float, jitter: float) -> datetime:
     return utcnow() + timedelta(seconds=backoff_s(attempt, base_s, max_s, jitter))
+
+
+# -- storage commitment (agent/pacs/commitment.py speaks it; the rows are kept here) -----------------
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """When an object that failed is sent again, and when it is given up (``sender.max_attempts``,
+    ``sender.backoff_*``): the sender's rule, also applied to failed or late storage commitments."""
+
+    max_attempts: int
+    backoff_base_s: float
+    backoff_max_s: float
+    jitter: Callable[[], float] = field(default=random.random, compare=False)
+
+    def next_at(self, attempts: int) -> datetime:
+        return next_attempt(attempts, self.backoff_base_s, self.backoff_max_s, self.jitter())
+
+
+def _fail(o: OutboxItem, policy: RetryPolicy, status_name: str | None, error: str, now: datetime) -> str:
+    """``o`` back to RETRY (sent again, then its commitment asked again), or DEAD once it has had
+    ``policy.max_attempts`` attempts; returns the new state."""
+    o.last_status = status_name
+    o.updated_at = now
+    if o.attempts >= policy.max_attempts:
+        o.state = OutboxState.DEAD.value
+        o.next_attempt_at = None
+        o.last_error = f"gave up after {o.attempts} attempts: {error}"
+    else:
+        o.state = OutboxState.RETRY.value
+        o.next_attempt_at = policy.next_at(o.attempts)
+        o.last_error = error
+    return o.state
+
+
+def stored(db: Database, item_id: int, status_name: str) -> None:
+    """C-STORE success to a destination that commits: SENT, its commitment not yet asked."""
+    _set(
+        db,
+        item_id,
+        state=OutboxState.SENT.value,
+        last_status=status_name,
+        last_error=None,
+        next_attempt_at=None,
+        commitment_uid=None,
+        commitment_asked_at=None,
+    )
+
+
+def commitment_asked(db: Database, item_ids: list[int], transaction_uid: str) -> None:
+    """These SENT rows are asked for in the storage commitment request ``transaction_uid``
+    (recorded before the N-ACTION goes out: the report may arrive before its response)."""
+    now = utcnow()
+    with db.transaction() as s:
+        s.execute(
+            update(OutboxItem)
+            .where(OutboxItem.id.in_(item_ids), OutboxItem.state == OutboxState.SENT.value)
+            .values(commitment_uid=transaction_uid, commitment_asked_at=now, updated_at=now)
+        )
+
+
+@dataclass(frozen=True)
+class CommitmentReport:
+    """What one N-EVENT-REPORT of the Storage Commitment Push Model says (UIDs only)."""
+
+    transaction_uid: str
+    committed: tuple[str, ...]  # SOP Instance UIDs of Referenced SOP Sequence
+    failed: tuple[tuple[str, str], ...]  # (SOP Instance UID, failure reason) of Failed SOP Sequence
+    reporter: str  # the calling AE title of the association it came on
+
+
+@dataclass(frozen=True)
+class CommitmentOutcome:
+    destination: str | None  # of the rows the transaction asked for (None: no such transaction)
+    committed: int
+    retried: int
+    dead: int
+    unknown: int  # UIDs of the report that match no SENT row of the transaction
+
+
+def record_commitment(db: Database, report: CommitmentReport, policy: RetryPolicy) -> CommitmentOutcome:
+    """Apply a storage commitment report to the rows its transaction asked for, in one commit with
+    its audit event: committed -> COMMITTED; failed -> RETRY (sent again, asked again) or DEAD
+    after ``policy.max_attempts``. Rows no longer SENT (timed out meanwhile) are left alone."""
+    now = utcnow()
+    committed = set(report.committed)
+    failed = dict(report.failed)
+    counts = {"committed": 0, "retried": 0, "dead": 0}
+    with db.transaction() as s:
+        rows = list(
+            s.execute(
+                select(OutboxItem).where(
+                    OutboxItem.commitment_uid == report.transaction_uid, OutboxItem.state == OutboxState.SENT.value
+                )
+            ).scalars()
+        )
+        matched: set[str] = set()
+        for o in rows:
+            if o.sop_instance_uid in committed:
+                o.state = OutboxState.COMMITTED.value
+                o.last_status = "committed"
+                o.last_error = None
+                o.next_attempt_at = None
+                o.delivered_at = now
+                o.updated_at = now
+                counts["committed"] += 1
+            elif o.sop_instance_uid in failed:
+                reason = failed[o.sop_instance_uid]
+                state = _fail(o, policy, reason, f"storage commitment failed: the PACS reported {reason}", now)
+                counts["dead" if state == OutboxState.DEAD.value else "retried"] += 1
+            else:
+                continue
+            matched.add(o.sop_instance_uid)
+        destination = rows[0].destination if rows else None
+        if matched:
+            trail.append(
+                s,
+                "instances_transferred",
+                actor=report.reporter,
+                action="R",
+                outcome=0 if not failed.keys() & matched else 4,
+                object_type="storage_commitment",
+                object_id=report.transaction_uid,
+                detail={"destination": destination, **counts},
+            )
+    unknown = len((committed | failed.keys()) - matched)
+    return CommitmentOutcome(destination, counts["committed"], counts["retried"], counts["dead"], unknown)
+
+
+@dataclass(frozen=True)
+class Expired:
+    id: int
+    destination: str
+    state: str  # RETRY or DEAD
+
+
+def expire_commitments(db: Database, timeouts: Mapping[str, float], policy: RetryPolicy) -> list[Expired]:
+    """SENT rows whose commitment was not confirmed within their destination's timeout (counted from
+    the request, or from the C-STORE while not yet asked) go back to RETRY, or DEAD after
+    ``policy.max_attempts``. A destination absent from ``timeouts`` (no longer asking for commitment,
+    or no longer configured) has its SENT rows sent again at once, under today's settings."""
+    now = utcnow()
+    out: list[Expired] = []
+    with db.transaction() as s:
+        rows = s.execute(select(OutboxItem).where(OutboxItem.state == OutboxState.SENT.value)).scalars()
+        for o in rows:
+            timeout_s = timeouts.get(o.destination)
+            since = o.commitment_asked_at or o.updated_at
+            if timeout_s is not None and _naive(since) > _naive(now) - timedelta(seconds=timeout_s):
+                continue
+            if timeout_s is None:
+                error = "stored, storage commitment no longer asked of this destination: sent again"
+            elif o.commitment_uid is None:
+                error = f"storage commitment not asked within {timeout_s:g} s of the C-STORE"
+            else:
+                error = f"storage commitment not confirmed within {timeout_s:g} s"
+            out.append(Expired(o.id, o.destination, _fail(o, policy, "commitment_timeout", error, now)))
+    return out
+
+
+def _naive(when: datetime) -> datetime:
+    """SQLite gives stored times back without their zone (all are UTC)."""
+    return when.replace(tzinfo=None)

@@ -28,7 +28,7 @@ from agent.db.models import (
     StudyReportFailure,
 )
 from agent.domain import AlgorithmInfo, Findings, JobState, ServedModel
-from agent.queue import outbox
+from agent.queue import outbox, sweeps
 from agent.queue.outbox import OutgoingObject
 
 TERMINAL = (JobState.DONE.value, JobState.SKIPPED.value, JobState.DEAD.value)
@@ -113,7 +113,7 @@ def record_screening(
         result.timings_ms = timings_ms
         s.flush()
         if overlay is not None:
-            outbox.add(s, study.id, overlay, destinations, send)
+            outbox.add(s, study.id, overlay, destinations, send and sweeps.sends_results(s, study.study_instance_uid))
         job.state = JobState.DONE.value
         job.reason = None
         job.lease_owner = None
@@ -251,7 +251,7 @@ def record_report(
                 created_at=utcnow(),
             )
         )
-        outbox.add(s, ready.study_id, sr, destinations, send)
+        outbox.add(s, ready.study_id, sr, destinations, send and sweeps.sends_results(s, ready.study_instance_uid))
         trail.append(
             s,
             "instances_transferred",

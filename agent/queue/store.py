@@ -26,6 +26,7 @@ from agent.domain import (
     OutboxState,
     StoreOutcome,
 )
+from agent.queue import sweeps
 
 CONFLICT_REASON = "conflict: SOP Instance UID already received with different content"
 
@@ -118,6 +119,7 @@ def record_instance(
                 attempts=0,
                 created_at=now,
                 updated_at=now,
+                priority=sweeps.priority_of(s, inc.ref.study_instance_uid),
             )
             s.add(job)
             s.flush()
@@ -199,7 +201,7 @@ def lease(db: Database, owner: str, limit: int, lease_s: float, study_uid: str |
             .join(Study, Instance.study_id == Study.id)
             .where(Job.state.in_([JobState.QUEUED.value, JobState.FAILED.value]))
             .where((Job.not_before.is_(None)) | (Job.not_before <= now))
-            .order_by(Job.id)
+            .order_by(Job.priority, Job.id)  # live traffic first, then what a sweep retrieved
             .limit(limit)
         )
         if study_uid is not None:
@@ -303,7 +305,8 @@ def spool_removable(db: Database, older_than_s: float, limit: int = 500) -> list
     and which were received more than ``older_than_s`` ago."""
     cutoff = utcnow() - timedelta(seconds=older_than_s)
     undelivered = select(OutboxItem.study_id).where(
-        OutboxItem.state.not_in([OutboxState.DELIVERED.value, OutboxState.SHADOW.value, OutboxState.DISCARDED.value])
+        OutboxItem.state.not_in([OutboxState.DELIVERED.value, OutboxState.COMMITTED.value, OutboxState.SHADOW.value,
+                                 OutboxState.DISCARDED.value])
     )
     with db.reading() as s:
         rows = s.execute(

@@ -27,8 +27,10 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("receiving", ("agent.ingest",)),
     ("screening and reporting", ("agent.queue.worker", "agent.queue.reporter")),
     ("sending", ("agent.pacs.sender",)),
-    ("screening", ("agent.pipeline",)),
-    ("building and speaking DICOM", ("agent.reporting", "agent.pacs")),
+    ("screening", ("agent.pipeline", "agent.pipeline.decode")),  # decode: a batch's films, in decode processes
+    ("building and speaking DICOM", ("agent.reporting", "agent.pacs",
+                                     "agent.pacs.commitment",  # storage commitment: SCU's request, reports
+                                     "agent.pacs.dicomweb")),  # STOW-RS to a dicomweb destination
     ("records", ("agent.queue", "agent.db.registry", "agent.db.users", "agent.db.worklist", "agent.audit")),
     ("database", ("agent.db",)),
     ("support", ("agent.spool", "agent.helper", "agent.compat", "agent.config", "agent.logging", "agent.metrics",

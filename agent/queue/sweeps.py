@@ -1,0 +1,189 @@
+"""Records of the retrospective sweep: which archived studies it found, how far each retrieval
+got, where a sweep over a date range stands, and the audit events of its queries and retrieves.
+
+A study's row goes pending -> retrieving -> done (or failed, retried by the next sweep). While a
+study is ``retrieving`` the instances that arrive for it are the sweep's: their jobs get
+``SWEEP_PRIORITY`` and the worker leases live jobs first (agent/queue/store.py). A study whose
+row says ``send_results = false`` has its SR and overlays recorded as shadow (not sent).
+No PHI here: UIDs, dates, modalities and counts only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from agent.audit import trail
+from agent.clock import utcnow
+from agent.db.engine import Database
+from agent.db.models import Instance, Job, Result, Study, SweepCursor, SweepStudy
+from agent.domain import JobState
+
+SWEEP_PRIORITY = 10  # jobs are leased lowest first; live traffic is 0
+
+PENDING = "pending"
+RETRIEVING = "retrieving"
+DONE = "done"
+FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class FoundStudy:
+    """A study the sweep would retrieve: its knee series and their instances."""
+
+    study_instance_uid: str
+    study_date: str | None
+    series: int
+    instances: int
+
+
+# -- asked by the receive and record paths ----------------------------------------------------
+def priority_of(session: Session, study_uid: str) -> int:
+    """The priority of a job for an instance of ``study_uid``: the sweep's while it retrieves it."""
+    state = session.execute(
+        select(SweepStudy.state).where(SweepStudy.study_instance_uid == study_uid)
+    ).scalar_one_or_none()
+    return SWEEP_PRIORITY if state == RETRIEVING else 0
+
+
+def sends_results(session: Session, study_uid: str) -> bool:
+    """False for a swept study whose results go to the flagged registry only (sweep.send_results)."""
+    send = session.execute(
+        select(SweepStudy.send_results).where(SweepStudy.study_instance_uid == study_uid)
+    ).scalar_one_or_none()
+    return send is None or bool(send)
+
+
+def being_retrieved(db: Database, study_uid: str) -> bool:
+    """Whether a sweep is retrieving the study, or its retrieve failed and a later sweep will
+    finish it: its SR waits, so a swept study gets one SR with all its images."""
+    with db.reading() as s:
+        state = s.execute(
+            select(SweepStudy.state).where(SweepStudy.study_instance_uid == study_uid)
+        ).scalar_one_or_none()
+    return state in (RETRIEVING, FAILED)
+
+
+# -- the sweep's own ---------------------------------------------------------------------------
+def already_screened(db: Database, study_uids: list[str]) -> set[str]:
+    """Of ``study_uids``: those the agent has screened or is screening (a result, or a job still to
+    run), or that a sweep has retrieved before."""
+    if not study_uids:
+        return set()
+    busy = [JobState.QUEUED.value, JobState.RUNNING.value, JobState.FAILED.value]
+    with db.reading() as s:
+        with_results = s.execute(
+            select(Study.study_instance_uid)
+            .join(Result, Result.study_id == Study.id)
+            .where(Study.study_instance_uid.in_(study_uids))
+        ).scalars()
+        in_progress = s.execute(
+            select(Study.study_instance_uid)
+            .join(Instance, Instance.study_id == Study.id)
+            .join(Job, Job.instance_id == Instance.id)
+            .where(Study.study_instance_uid.in_(study_uids), Job.state.in_(busy))
+        ).scalars()
+        swept = s.execute(
+            select(SweepStudy.study_instance_uid).where(
+                SweepStudy.study_instance_uid.in_(study_uids), SweepStudy.state == DONE
+            )
+        ).scalars()
+        return set(with_results) | set(in_progress) | set(swept)
+
+
+def record_found(db: Database, pacs: str, found: list[FoundStudy], send_results: bool) -> None:
+    """A pending row for each study not seen before (a known study keeps its row)."""
+    now = utcnow()
+    with db.transaction() as s:
+        known = set(
+            s.execute(
+                select(SweepStudy.study_instance_uid).where(
+                    SweepStudy.study_instance_uid.in_([f.study_instance_uid for f in found])
+                )
+            ).scalars()
+        )
+        for f in found:
+            if f.study_instance_uid in known:
+                continue
+            s.add(SweepStudy(
+                study_instance_uid=f.study_instance_uid, pacs=pacs, study_date=f.study_date, state=PENDING,
+                series=f.series, instances=f.instances, send_results=send_results, attempts=0, found_at=now,
+            ))  # fmt: skip
+
+
+def mark_done(db: Database, study_uid: str) -> None:
+    """Screened already (live, or by an earlier sweep): nothing to retrieve."""
+    with db.transaction() as s:
+        row = s.execute(select(SweepStudy).where(SweepStudy.study_instance_uid == study_uid)).scalar_one()
+        if row.state != DONE:
+            row.state, row.done_at = DONE, utcnow()
+
+
+def begin_retrieve(db: Database, study_uid: str, actor: str, detail: dict[str, Any]) -> None:
+    """The study is being retrieved from now on (instances arriving for it are the sweep's), with
+    the Begin Transferring DICOM Instances audit event, in one commit."""
+    with db.transaction() as s:
+        row = s.execute(select(SweepStudy).where(SweepStudy.study_instance_uid == study_uid)).scalar_one()
+        row.state = RETRIEVING
+        row.attempts += 1
+        row.retrieve_started_at = utcnow()
+        trail.append(s, "begin_transferring", actor=actor, action="R", object_type="study", object_id=study_uid,
+                     detail={"pacs": row.pacs, **detail})  # fmt: skip
+
+
+def end_retrieve(db: Database, study_uid: str, error: str | None) -> None:
+    """Retrieved (``error`` None): done; else failed, with the reason (no PHI), retried later."""
+    with db.transaction() as s:
+        row = s.execute(select(SweepStudy).where(SweepStudy.study_instance_uid == study_uid)).scalar_one()
+        if error is None:
+            row.state, row.done_at, row.last_error = DONE, utcnow(), None
+        else:
+            row.state, row.last_error = FAILED, error
+
+
+def retrieves_since(db: Database, since: datetime) -> list[datetime]:
+    """When each retrieval started after ``since`` (oldest first): the rate limit counts these."""
+    with db.reading() as s:
+        rows = s.execute(
+            select(SweepStudy.retrieve_started_at)
+            .where(SweepStudy.retrieve_started_at >= since)
+            .order_by(SweepStudy.retrieve_started_at)
+        ).scalars()
+        return [r for r in rows if r is not None]
+
+
+def audit_query(db: Database, actor: str, pacs: str, level: str, detail: dict[str, Any], outcome: int = 0) -> None:
+    """A C-FIND as a PS3.15 Query event (keys and counts, no PHI)."""
+    with db.transaction() as s:
+        trail.append(s, "query", actor=actor, action="E", outcome=outcome, object_type=f"{level.lower()}_query",
+                     object_id=pacs, detail=detail)  # fmt: skip
+
+
+def cursor(db: Database, key: str) -> tuple[str, bool] | None:
+    """(next study date to sweep as YYYYMMDD, finished) of the sweep ``key``; None if never run."""
+    with db.reading() as s:
+        row = s.execute(select(SweepCursor).where(SweepCursor.key == key)).scalar_one_or_none()
+        return None if row is None else (row.next_date, bool(row.finished))
+
+
+def set_cursor(db: Database, key: str, next_date: str, finished: bool = False) -> None:
+    with db.transaction() as s:
+        row = s.execute(select(SweepCursor).where(SweepCursor.key == key)).scalar_one_or_none()
+        if row is None:
+            s.add(SweepCursor(key=key, next_date=next_date, finished=finished, updated_at=utcnow()))
+        else:
+            row.next_date, row.finished, row.updated_at = next_date, finished, utcnow()
+
+
+def counts(db: Database) -> dict[str, int]:
+    """Swept studies by state (status and heartbeat)."""
+    with db.reading() as s:
+        return dict(s.execute(select(SweepStudy.state, func.count()).group_by(SweepStudy.state)).all())
+
+
+def hour_ago() -> datetime:
+    return utcnow() - timedelta(hours=1)
