@@ -116,17 +116,13 @@ def build_sr(
     algorithm = findings[0].algorithm
     version = algorithm.version
     key = model_key(algorithm)  # new weights under the same version string: new objects
-    # a multi-frame source was screened on its first frame: the region is drawn on that frame
-    frames = [1 if (read_positive_int(value_of(ds, "NumberOfFrames")) or 1) > 1 else None for ds in sources]
     algorithm_id = hd.sr.AlgorithmIdentification(
         name=algorithm.name,
         version=version,
         parameters=[f"checkpoint_sha256={algorithm.checkpoint_sha256}"],
     )
 
-    groups = [
-        _image_group(ds, f, algorithm_id, key, frame) for ds, f, frame in zip(refs, findings, frames, strict=True)
-    ]
+    groups = [_image_group(ds, f, algorithm_id, key) for ds, f in zip(refs, findings, strict=True)]
     report = hd.sr.MeasurementReport(
         observation_context=_observation_context(algorithm, manufacturer),
         procedure_reported=codes.PLAIN_XRAY_KNEE,
@@ -217,19 +213,18 @@ def _assessed_square(ds: Dataset, f: Findings) -> np.ndarray:
     return np.array(corners, dtype=np.float32)
 
 
-def _region_source(ds: Dataset, frame: int | None) -> hd.sr.SourceImageForRegion:
+def _region_source(ds: Dataset) -> hd.sr.SourceImageForRegion:
+    # No Referenced Frame Number, even for a source with NumberOfFrames > 1 (screened on its first
+    # frame): DX and CR are single-frame SOP classes, and dciodvfy refuses a frame number for them.
     return hd.sr.SourceImageForRegion(
-        referenced_sop_class_uid=str(ds.SOPClassUID),
-        referenced_sop_instance_uid=str(ds.SOPInstanceUID),
-        referenced_frame_numbers=[frame] if frame else None,
+        referenced_sop_class_uid=str(ds.SOPClassUID), referenced_sop_instance_uid=str(ds.SOPInstanceUID)
     )
 
 
 def _image_group(
-    ds: Dataset, f: Findings, algorithm_id: hd.sr.AlgorithmIdentification, key: str, frame: int | None
+    ds: Dataset, f: Findings, algorithm_id: hd.sr.AlgorithmIdentification, key: str
 ) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
-    """TID 1410 group for one screened image, its region the assessed square (on ``frame`` of a
-    multi-frame source)."""
+    """TID 1410 group for one screened image, its region the assessed square."""
     laterality = _laterality(ds)
     severity = _severity_code(f)
     square = _assessed_square(ds, f)
@@ -272,7 +267,7 @@ def _image_group(
         referenced_region=hd.sr.ImageRegion(
             graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
             graphic_data=square,
-            source_image=_region_source(ds, frame),
+            source_image=_region_source(ds),
         ),
         finding_type=severity or (codes.BONE_LOSS_SUSPECTED if f.bone_loss else codes.NORMAL),
         algorithm_id=algorithm_id,
@@ -292,7 +287,7 @@ def _image_group(
         hd.sr.CoordinatesForMeasurement(
             graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
             graphic_data=square,
-            source_image=_region_source(ds, frame),
+            source_image=_region_source(ds),
         )
     )
     return group

@@ -662,14 +662,9 @@ def test_new_weights_under_the_same_version_make_new_objects() -> None:
     assert build_sr([source], [f]).SOPInstanceUID == a.SOPInstanceUID  # and the same weights, the same UID
 
 
-def test_a_multi_frame_source_gets_its_region_on_frame_one_and_no_size_no_region() -> None:
+def test_a_source_without_a_size_gets_no_square() -> None:
     source = knee_dx(laterality="L")
     f = _findings(np.random.default_rng(6))[0]
-    source.NumberOfFrames = 2
-    sr = hd.sr.Comprehensive3DSR.from_dataset(build_sr([source], [f]))
-    [group] = sr.content.get_planar_roi_measurement_groups()
-    assert group.roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedFrameNumber == 1
-    del source.NumberOfFrames
     del source.Rows
     with pytest.raises(ValueError, match="Rows and Columns"):
         build_sr([source], [f])
