@@ -93,7 +93,11 @@ class Agent:
         # storage commitment reports that a PACS sends on an association of its own, to the listener
         retry = outbox.RetryPolicy(settings.sender.max_attempts, settings.sender.backoff_base_s,
                                    settings.sender.backoff_max_s)  # fmt: skip
-        reports = CommitmentRecorder(db, retry) if any(p.storage_commitment for p in settings.pacs) else None
+        reports = (
+            CommitmentRecorder(db, retry, reporters={p.name: p.ae_title for p in settings.pacs})
+            if any(p.storage_commitment for p in settings.pacs)
+            else None
+        )
         scp = StorageSCP(settings.scp, ingestor, tracker, commitment_reports=reports)
         agent = cls(settings, db, spool, results, ingestor, scp, tracker)
         run_worker = settings.worker.enabled if worker is None else worker

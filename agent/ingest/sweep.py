@@ -205,8 +205,9 @@ class Sweeper:
         ))  # fmt: skip
         return code
 
-    def retrieve(self, source: ArchiveSource, study: PlannedStudy) -> str | None:
-        """Retrieve the study's knee series; None when all arrived, else the reason."""
+    def retrieve(self, source: ArchiveSource, study: PlannedStudy) -> tuple[str | None, str]:
+        """Retrieve the study's knee series: (None when all arrived, else the reason; the study's
+        sweep state after it)."""
         uid = study.study_instance_uid
         sweeps.begin_retrieve(self.db, uid, self.actor, {
             "method": source.method, "series": len(study.series), "instances": study.instances,
@@ -217,14 +218,16 @@ class Sweeper:
             outcome = source.retrieve(uid, [s.series_instance_uid for s in study.series], self._store)
         except ArchiveError as exc:
             error: str | None = str(exc)
+        except Exception as exc:  # noqa: BLE001 - any failure must end the retrieve, not leave it RETRIEVING
+            error = f"retrieve failed ({exc.__class__.__name__})"
         else:
             error = None if outcome.ok else f"{outcome.detail}; {outcome.failed} failed, {outcome.completed} completed"
         failpoints.hit("mid_sweep")
-        sweeps.end_retrieve(self.db, uid, error)
+        state = sweeps.end_retrieve(self.db, uid, error)
         log.info("sweep_study_retrieved" if error is None else "sweep_study_failed", study_instance_uid=uid,
                  pacs=source.name, series=len(study.series), error=error,
-                 ms=round((time.perf_counter() - t0) * 1000, 1))  # fmt: skip
-        return error
+                 state=state, ms=round((time.perf_counter() - t0) * 1000, 1))  # fmt: skip
+        return error, state
 
     # -- a range -------------------------------------------------------------------------------
     def sweep(
@@ -276,9 +279,11 @@ class Sweeper:
                 if not self._wait_for_slot(wait_for_rate, deadline, echo):
                     report.paused = "stopped" if self.stopping.is_set() else "rate limit"
                     return report
-                error = self.retrieve(source, study)
+                error, state = self.retrieve(source, study)
                 if error is not None:
                     report.failed.append(f"{study.study_instance_uid}: {error}")
+                    if state == sweeps.GIVEN_UP:  # tried enough: the sweep goes on without it
+                        continue
                     report.paused = "a retrieve failed"
                     return report
                 report.retrieved += 1

@@ -15,7 +15,7 @@ Datasets here carry UIDs only, never patient data.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from pydicom.dataset import Dataset
@@ -103,11 +103,16 @@ class CommitmentRecorder:
     delivered again (the sender's wake)."""
 
     def __init__(
-        self, db: Database, policy: outbox.RetryPolicy, on_outbox: Callable[[], Any] | None = None
+        self,
+        db: Database,
+        policy: outbox.RetryPolicy,
+        on_outbox: Callable[[], Any] | None = None,
+        reporters: Mapping[str, str] | None = None,
     ) -> None:
         self.db = db
         self.policy = policy
         self.on_outbox = on_outbox
+        self.reporters = reporters  # destination -> its AE title: the only one whose reports count
 
     def handle(self, event: Any) -> tuple[int, Dataset | None]:
         """The handler of ``evt.EVT_N_EVENT_REPORT``: (status of the N-EVENT-REPORT response, no reply)."""
@@ -127,7 +132,7 @@ class CommitmentRecorder:
             log.warning("commitment_report_refused", reporter=reporter, reason=f"undecodable: {exc.__class__.__name__}")
             return status.PROCESSING_FAILURE, None
         try:
-            out = outbox.record_commitment(self.db, report, self.policy)
+            out = outbox.record_commitment(self.db, report, self.policy, self.reporters)
         except StorageError as exc:  # the PACS may report again; else the timeout sends the objects again
             log.error("commitment_report_not_recorded", transaction_uid=report.transaction_uid, error=str(exc))
             return status.PROCESSING_FAILURE, None

@@ -123,8 +123,12 @@ def classify(code: int, answer: Dataset | None, sop_instance_uid: str) -> StowOu
         warnings = _codes(stored, "WarningReason")
         if warnings:
             return StowOutcome("warning", status, f"stored with warning reason {warnings}")
-        if code == HTTPStatus.OK or stored:
+        if stored:
             return StowOutcome("delivered", status, "")
+        if code == HTTPStatus.OK and answer is not None:  # a STOW-RS answer that lists nothing failed
+            return StowOutcome("delivered", status, "")
+        # no readable DICOM answer (a web page from a proxy at a wrong url, an empty body): not
+        # proof that anything was stored
         return StowOutcome("dead", status, f"{status}: the answer does not say the object was stored")
     if code in _RETRIED or code >= 500:
         hint = " (check username/password_file or token_file)" if code == HTTPStatus.UNAUTHORIZED else ""
@@ -207,6 +211,8 @@ class _Client:
             return StowOutcome("retry", None, "DICOMweb request timed out")
         except requests.RequestException as exc:  # connection refused, reset, TLS failure ...
             return StowOutcome("retry", None, f"DICOMweb destination unreachable ({exc.__class__.__name__})")
+        except OSError as exc:  # requests raises a plain OSError for a missing ca/cert/key file
+            return StowOutcome("retry", None, f"DICOMweb request could not be made ({exc.__class__.__name__})")
         except (ValueError, KeyError):  # the client could not read a successful answer: judged below
             pass
         response = self.capture.response

@@ -204,7 +204,9 @@ class Sender:
         self._holding_lock = threading.Lock()
         self.retry_policy = outbox.RetryPolicy(cfg.max_attempts, cfg.backoff_base_s, cfg.backoff_max_s, jitter)
         # reports that come on the association that asked (else on a new one, to the listener)
-        self.commitment = commitment.CommitmentRecorder(db, self.retry_policy, on_outbox=self.wake.set)
+        self.commitment = commitment.CommitmentRecorder(
+            db, self.retry_policy, on_outbox=self.wake.set, reporters={d.name: d.ae_title for d in destinations}
+        )
         self._commitment_timeouts = {
             d.name: d.storage_commitment_timeout_s for d in destinations if d.storage_commitment
         }

@@ -321,10 +321,14 @@ class CommitmentOutcome:
     unknown: int  # UIDs of the report that match no SENT row of the transaction
 
 
-def record_commitment(db: Database, report: CommitmentReport, policy: RetryPolicy) -> CommitmentOutcome:
+def record_commitment(
+    db: Database, report: CommitmentReport, policy: RetryPolicy, reporters: Mapping[str, str] | None = None
+) -> CommitmentOutcome:
     """Apply a storage commitment report to the rows its transaction asked for, in one commit with
     its audit event: committed -> COMMITTED; failed -> RETRY (sent again, asked again) or DEAD
-    after ``policy.max_attempts``. Rows no longer SENT (timed out meanwhile) are left alone."""
+    after ``policy.max_attempts``. Rows no longer SENT (timed out meanwhile) are left alone.
+    ``reporters``: destination name -> the AE title its reports must come from; a report from
+    another AE title changes nothing (a Transaction UID is no secret: it is logged and listed)."""
     now = utcnow()
     committed = set(report.committed)
     failed = dict(report.failed)
@@ -338,6 +342,9 @@ def record_commitment(db: Database, report: CommitmentReport, policy: RetryPolic
             ).scalars()
         )
         matched: set[str] = set()
+        expected = reporters.get(rows[0].destination) if (reporters is not None and rows) else None
+        if expected is not None and expected.strip() != report.reporter.strip():
+            rows = []  # not the destination that was asked: nothing recorded, reported unknown
         for o in rows:
             if o.sop_instance_uid in committed:
                 o.state = OutboxState.COMMITTED.value

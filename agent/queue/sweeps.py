@@ -29,6 +29,10 @@ PENDING = "pending"
 RETRIEVING = "retrieving"
 DONE = "done"
 FAILED = "failed"
+GIVEN_UP = "given_up"  # failed MAX_RETRIEVE_ATTEMPTS times: the sweep goes on without it
+
+#: retrieves of one study before the sweep gives it up (one bad study must not stop the sweep)
+MAX_RETRIEVE_ATTEMPTS = 3
 
 
 @dataclass(frozen=True)
@@ -71,7 +75,9 @@ def being_retrieved(db: Database, study_uid: str) -> bool:
 # -- the sweep's own ---------------------------------------------------------------------------
 def already_screened(db: Database, study_uids: list[str]) -> set[str]:
     """Of ``study_uids``: those the agent has screened or is screening (a result, or a job still to
-    run), or that a sweep has retrieved before."""
+    run), or that a sweep has retrieved or given up before. A study whose retrieve was cut short
+    (retrieving or failed) is not among them, whatever of it arrived: it is retrieved again, so
+    its SR has all its images."""
     if not study_uids:
         return set()
     busy = [JobState.QUEUED.value, JobState.RUNNING.value, JobState.FAILED.value]
@@ -89,10 +95,15 @@ def already_screened(db: Database, study_uids: list[str]) -> set[str]:
         ).scalars()
         swept = s.execute(
             select(SweepStudy.study_instance_uid).where(
-                SweepStudy.study_instance_uid.in_(study_uids), SweepStudy.state == DONE
+                SweepStudy.study_instance_uid.in_(study_uids), SweepStudy.state.in_([DONE, GIVEN_UP])
             )
         ).scalars()
-        return set(with_results) | set(in_progress) | set(swept)
+        unfinished = s.execute(
+            select(SweepStudy.study_instance_uid).where(
+                SweepStudy.study_instance_uid.in_(study_uids), SweepStudy.state.in_([RETRIEVING, FAILED])
+            )
+        ).scalars()
+        return (set(with_results) | set(in_progress) | set(swept)) - set(unfinished)
 
 
 def record_found(db: Database, pacs: str, found: list[FoundStudy], send_results: bool) -> None:
@@ -135,14 +146,17 @@ def begin_retrieve(db: Database, study_uid: str, actor: str, detail: dict[str, A
                      detail={"pacs": row.pacs, **detail})  # fmt: skip
 
 
-def end_retrieve(db: Database, study_uid: str, error: str | None) -> None:
-    """Retrieved (``error`` None): done; else failed, with the reason (no PHI), retried later."""
+def end_retrieve(db: Database, study_uid: str, error: str | None) -> str:
+    """Retrieved (``error`` None): done; else failed, with the reason (no PHI), retried later, or
+    given up after MAX_RETRIEVE_ATTEMPTS (its SR is then built from what arrived). Returns the
+    study's new state."""
     with db.transaction() as s:
         row = s.execute(select(SweepStudy).where(SweepStudy.study_instance_uid == study_uid)).scalar_one()
         if error is None:
             row.state, row.done_at, row.last_error = DONE, utcnow(), None
         else:
-            row.state, row.last_error = FAILED, error
+            row.state, row.last_error = (GIVEN_UP if row.attempts >= MAX_RETRIEVE_ATTEMPTS else FAILED), error
+        return str(row.state)
 
 
 def retrieves_since(db: Database, since: datetime) -> list[datetime]:

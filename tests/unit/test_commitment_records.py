@@ -266,3 +266,18 @@ def test_the_answers_to_a_report(db: Database) -> None:
     failed.FailedSOPSequence = [bad]
     assert recorder.handle(_Event(2, failed)) == (0x0000, None)
     assert row(db, item).state == "RETRY" and woken == [True]  # the sender is woken to send it again
+
+
+def test_a_report_counts_only_from_the_destination_that_was_asked(db: Database) -> None:
+    """A Transaction UID is logged and listed: a report for it from another AE title (another
+    allowed peer) must not mark the destination's results committed."""
+    (item,) = seed(db, [OutboxState.SENT])
+    outbox.commitment_asked(db, [item], "2.25.77")
+    uid = row(db, item).sop_instance_uid
+    recorder = commitment.CommitmentRecorder(db, POLICY, reporters={"pacs": "ORTHANC"})
+    assert recorder.handle(_Event(1, _info("2.25.77", uid))) == (0x0000, None)  # from "PACS": ignored
+    assert row(db, item).state == "SENT"
+    from_orthanc = _Event(1, _info("2.25.77", uid))
+    from_orthanc.assoc.requestor = type("User", (), {"ae_title": "ORTHANC"})()
+    assert recorder.handle(from_orthanc) == (0x0000, None)
+    assert row(db, item).state == "COMMITTED"

@@ -380,3 +380,33 @@ def test_doctor_check_of_a_dicomweb_destination(fake: Callable[..., FakeStow]) -
     assert server.seen[0].path == "/dicom-web/studies?limit=1"
     ok, detail = dicomweb.check(_load({"kind": "dicomweb", "url": f"http://127.0.0.1:{free_port()}/x"}), 5)
     assert not ok and detail == "unreachable (ConnectionError)"
+
+
+def test_a_200_without_a_dicom_answer_is_not_taken_for_stored() -> None:
+    """A web page from a proxy or a wrong url answers 200 too: only a DICOM answer (or one that
+    lists the object as stored) is proof of storage."""
+    from pydicom import Dataset
+
+    from agent.pacs.dicomweb import classify
+
+    assert classify(200, None, "1.2.3").verdict == "dead"
+    stored = Dataset.from_json({"00081199": {"vr": "SQ", "Value": [{"00081155": {"vr": "UI", "Value": ["1.2.3"]}}]}})
+    assert classify(200, stored, "1.2.3").verdict == "delivered"
+    assert classify(202, stored, "1.2.3").verdict == "delivered"
+
+
+def test_a_missing_ca_file_is_a_retry_not_a_crash_of_the_sender(tmp_path: Path) -> None:
+    """requests raises a plain OSError for a ca/cert file that is gone: it must come back as an
+    outcome (the sender lane would otherwise leave its leased rows SENDING until a restart)."""
+    from pydicom import Dataset
+
+    from agent.config import PacsSection
+    from agent.pacs.dicomweb import _Client
+
+    dest = PacsSection(name="web", kind="dicomweb", url="https://127.0.0.1:9/dicom-web", ca_file=tmp_path / "gone.pem")
+    client = _Client(dest, 2.0)
+    ds = Dataset()
+    ds.SOPInstanceUID = "1.2.3"
+    outcome = client.store(ds, "1.2.3")
+    assert outcome.verdict == "retry", outcome
+    client.close()

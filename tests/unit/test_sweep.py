@@ -74,6 +74,7 @@ class FakeArchive:
         self.days = days  # YYYYMMDD -> study UIDs (each: one knee series and one chest series, 2 images each)
         self.retrieved: list[tuple[str, list[str]]] = []
         self.fail: set[str] = set()
+        self.partial: set[str] = set()
 
     def find_studies(self, date_from: date, date_to: date, modality: str) -> list[StudyMatch]:
         assert date_from == date_to
@@ -87,6 +88,9 @@ class FakeArchive:
 
     def retrieve(self, study_uid: str, series_uids: list[str], store_cb: StoreCallback) -> RetrieveOutcome:
         self.retrieved.append((study_uid, series_uids))
+        if study_uid in self.partial:  # one image arrives, then the move fails
+            store.record_instance(self.db, incoming(study_uid, f"{series_uids[0]}.0"))
+            return RetrieveOutcome(False, 1, 1, 0, "C-MOVE status 0xA702")
         if study_uid in self.fail:
             return RetrieveOutcome(False, 0, 2, 0, "C-MOVE status 0xA702")
         for n in range(2):  # the listener records what arrives while the study is being retrieved
@@ -163,6 +167,36 @@ def test_a_failed_retrieve_stops_the_sweep_and_the_next_one_resumes_at_that_day(
     report = sweeper.sweep(settings.pacs[0], FROM, TO)
     assert report.finished and [u for u, _ in archive.retrieved] == ["1.9.1", "1.9.2", "1.9.2", "1.9.3"]
     assert not sweeps.being_retrieved(db, "1.9.2")
+
+
+def test_a_study_cut_off_mid_retrieve_is_retrieved_again_not_marked_done(db: Database, tmp_path: Path) -> None:
+    """One image of two arrived (and was queued) before the move failed: the next sweep must
+    retrieve the study again, not count it as screened because a job of it exists."""
+    sweeper, archive, settings = make(db, tmp_path, DAYS)
+    archive.partial = {"1.9.2"}
+    report = sweeper.sweep(settings.pacs[0], FROM, TO)
+    assert not report.finished and report.retrieved == 1
+    archive.partial = set()
+    report = sweeper.sweep(settings.pacs[0], FROM, TO)
+    assert report.finished and report.already_screened == 1  # 1.9.1 only
+    assert [u for u, _ in archive.retrieved] == ["1.9.1", "1.9.2", "1.9.2", "1.9.3"]
+    with db.reading() as s:
+        state = s.execute(select(SweepStudy.state).where(SweepStudy.study_instance_uid == "1.9.2")).scalar_one()
+    assert state == "done"
+
+
+def test_a_study_that_never_arrives_is_given_up_and_the_sweep_goes_on(db: Database, tmp_path: Path) -> None:
+    sweeper, archive, settings = make(db, tmp_path, DAYS)
+    archive.fail = {"1.9.2"}
+    for _ in range(sweeps.MAX_RETRIEVE_ATTEMPTS - 1):
+        report = sweeper.sweep(settings.pacs[0], FROM, TO)
+        assert not report.finished and report.paused == "a retrieve failed"
+    report = sweeper.sweep(settings.pacs[0], FROM, TO)  # the last attempt: given up, the sweep goes on
+    assert report.finished and [u for u, _ in archive.retrieved].count("1.9.2") == sweeps.MAX_RETRIEVE_ATTEMPTS
+    assert ("1.9.3", ["1.9.3.1"]) in archive.retrieved
+    assert not sweeps.being_retrieved(db, "1.9.2")  # its SR (of what arrived) is no longer held
+    report = sweeper.sweep(settings.pacs[0], FROM, TO)
+    assert [u for u, _ in archive.retrieved].count("1.9.2") == sweeps.MAX_RETRIEVE_ATTEMPTS  # not again
 
 
 def test_an_interrupted_sweep_resumes_from_its_cursor(db: Database, tmp_path: Path) -> None:
