@@ -28,7 +28,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("screening and reporting", ("agent.queue.worker", "agent.queue.reporter")),
     ("sending", ("agent.pacs.sender",)),
     ("screening", ("agent.pipeline", "agent.pipeline.decode")),  # decode: a batch's films, in decode processes
-    ("building and speaking DICOM", ("agent.reporting", "agent.pacs",
+    ("building and speaking DICOM", ("agent.reporting", "agent.pacs", "agent.ehr",  # + HL7 v2, FHIR
                                      "agent.pacs.commitment",  # storage commitment: SCU's request, reports
                                      "agent.pacs.dicomweb")),  # STOW-RS to a dicomweb destination
     ("records", ("agent.queue", "agent.db.registry", "agent.db.users", "agent.db.worklist", "agent.audit")),

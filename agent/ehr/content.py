@@ -1,0 +1,144 @@
+"""What a message about one screened study says, read once from the study's sources and findings.
+
+The same values the SR is built from (``reporting/source.py``: every value valid or absent, text
+decoded), so the HL7 and FHIR messages can never say something the SR does not. Builders take a
+``StudyResult`` and nothing else: no database, no network.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from agent.domain import AlgorithmInfo, Findings
+from agent.reporting import equipment, uids
+from agent.reporting.source import reference_dataset
+from agent.reporting.sr import image_label, impression
+
+
+@dataclass(frozen=True)
+class ImageResult:
+    """One screened image's findings, as the SR's measurement group states them."""
+
+    sop_instance_uid: str
+    series_instance_uid: str
+    label: str  # "Right knee AP": laterality, region and view in words
+    laterality: str | None  # "L" | "R" | "B" | None
+    view_position: str | None  # "AP" | "PA" | ... | None
+    bone_loss: bool
+    severity: str | None  # "osteopenia" | "osteoporosis" when bone_loss
+    probability: float  # calibrated P(bone loss), 0..1
+    threshold: float  # the served operating threshold, 0..1
+    p_osteoporosis_given_bone_loss: float
+    t_score: float  # estimated DXA T-score
+    t_score_low: float
+    t_score_high: float
+    interval_coverage: float  # e.g. 0.9
+
+
+@dataclass(frozen=True)
+class StudyResult:
+    """One study's screening result, as every message about it states it.
+
+    Patient and study values are the sanitized ones (None when the source had no valid value).
+    ``report_sop_instance_uid`` is the SR's: it identifies this revision of the result."""
+
+    patient_id: str | None
+    issuer_of_patient_id: str | None
+    patient_name: str | None  # DICOM PN form: Family^Given^Middle^Prefix^Suffix
+    patient_birth_date: str | None  # YYYYMMDD
+    patient_sex: str | None  # "M" | "F" | "O"
+    study_instance_uid: str
+    accession_number: str | None
+    study_date: str | None  # YYYYMMDD
+    study_time: str | None  # HHMMSS[.ffffff]
+    study_description: str | None
+    report_sop_instance_uid: str
+    report_series_instance_uid: str
+    revision: int  # 1 for the first SR of the study, then 2, 3 ... as later images arrive
+    reported_at: datetime  # when this result was recorded (aware, UTC)
+    positive: bool  # any image bone_loss
+    severity: str | None  # the worst severity of the positive images
+    index_image: ImageResult  # the image with the highest P(bone loss)
+    images: tuple[ImageResult, ...]
+    impression: str  # the SR's Impression text, disclaimer included
+    algorithm: AlgorithmInfo
+    model_key: str  # version#sha: what the result UIDs are derived from
+    device_uid: str  # the model's Device UID (= the SR's Device Observer UID)
+
+    @property
+    def disclaimer(self) -> str:
+        return (
+            f"{self.algorithm.name} {self.algorithm.version}: automated screening estimate, not "
+            "reviewed by a radiologist. Research software, NOT FOR DIAGNOSTIC USE."
+        )
+
+
+def _text(ds: Any, keyword: str) -> str | None:
+    value = str(ds.get(keyword, "") or "").strip()
+    return value or None
+
+
+def _image(ds: Any, f: Findings) -> ImageResult:
+    return ImageResult(
+        sop_instance_uid=str(ds.SOPInstanceUID),
+        series_instance_uid=str(ds.SeriesInstanceUID),
+        label=image_label(ds),
+        laterality=_text(ds, "ImageLaterality"),
+        view_position=_text(ds, "ViewPosition"),
+        bone_loss=f.bone_loss,
+        severity=f.severity if f.bone_loss else None,
+        probability=f.probability,
+        threshold=f.threshold,
+        p_osteoporosis_given_bone_loss=f.p_osteoporosis_given_bone_loss,
+        t_score=f.t_score,
+        t_score_low=f.t_score_low,
+        t_score_high=f.t_score_high,
+        interval_coverage=f.interval_coverage,
+    )
+
+
+def study_result(
+    sources: Sequence[Any],
+    findings: Sequence[Findings],
+    *,
+    report_sop_instance_uid: str,
+    report_series_instance_uid: str,
+    revision: int,
+    reported_at: datetime,
+) -> StudyResult:
+    """The result of one study from its sources' headers (as received) and their findings."""
+    if not sources or len(sources) != len(findings):
+        raise ValueError("a study result needs one finding per source, at least one")
+    refs = [reference_dataset(ds) for ds in sources]
+    images = tuple(_image(ds, f) for ds, f in zip(refs, findings, strict=True))
+    first = refs[0]
+    index = max(range(len(images)), key=lambda i: images[i].probability)
+    severities = {i.severity for i in images if i.bone_loss}
+    algorithm = findings[index].algorithm
+    return StudyResult(
+        patient_id=_text(first, "PatientID"),
+        issuer_of_patient_id=_text(first, "IssuerOfPatientID"),
+        patient_name=_text(first, "PatientName"),
+        patient_birth_date=_text(first, "PatientBirthDate"),
+        patient_sex=_text(first, "PatientSex"),
+        study_instance_uid=str(first.StudyInstanceUID),
+        accession_number=_text(first, "AccessionNumber"),
+        study_date=_text(first, "StudyDate"),
+        study_time=_text(first, "StudyTime"),
+        study_description=_text(first, "StudyDescription"),
+        report_sop_instance_uid=report_sop_instance_uid,
+        report_series_instance_uid=report_series_instance_uid,
+        revision=revision,
+        reported_at=reported_at,
+        positive=any(i.bone_loss for i in images),
+        severity="osteoporosis" if "osteoporosis" in severities else ("osteopenia" if severities else None),
+        index_image=images[index],
+        images=images,
+        impression=impression(refs, list(findings)),
+        algorithm=algorithm,
+        model_key=uids.model_key(algorithm),
+        device_uid=equipment.device_uid(algorithm),
+    )
