@@ -222,6 +222,75 @@ class EligibilitySection(_Section):
     )
 
 
+class Hl7Section(_Section):
+    name: str = Field(description="Name of the HL7 v2 destination (logs, the outbox, the database).")
+    host: str = Field(description="Address of the interface engine's MLLP listener.")
+    port: int = Field(ge=1, le=65535, description="Port of the MLLP listener.")
+    tls: bool = Field(False, description="MLLP over TLS (1.2 or later), verifying the listener's certificate.")
+    ca_file: Path | None = Field(None, description="PEM CA bundle for tls; default: the system store.")
+    cert_file: Path | None = Field(None, description="PEM client certificate chain, when the listener asks for one.")
+    key_file: Path | None = Field(None, description="PEM private key for cert_file.")
+    sending_application: str = Field("STRNET", description="MSH-3 Sending Application.")
+    sending_facility: str = Field("", description="MSH-4 Sending Facility.")
+    receiving_application: str = Field("", description="MSH-5 Receiving Application.")
+    receiving_facility: str = Field("", description="MSH-6 Receiving Facility.")
+    timeout_s: float = Field(30.0, gt=0, description="Connect and ACK wait of one delivery.")
+    send_swept: bool = Field(
+        True, description="Also send the results of studies the archive sweep retrieved (else the live ones only)."
+    )
+
+    _host = field_validator("host")(_check_host)
+
+
+class FhirSection(_Section):
+    name: str = Field(description="Name of the FHIR destination (logs, the outbox, the database).")
+    base_url: str = Field(description="FHIR R4 base URL; a transaction Bundle is posted to it.")
+    token_file: Path | None = Field(
+        None, description="A file holding a bearer token (read for every request); none: no Authorization."
+    )
+    ca_file: Path | None = Field(None, description="PEM CA bundle for an https base_url; default: the system store.")
+    cert_file: Path | None = Field(None, description="PEM client certificate chain (mTLS).")
+    key_file: Path | None = Field(None, description="PEM private key for cert_file.")
+    identifier_system: str = Field(
+        "urn:strnet-agent",
+        description="Prefix of the identifier systems of the resources the agent creates (conditional creates "
+        "are keyed on them).",
+    )
+    patient_identifier_system: str = Field(
+        "urn:oid:1.2.840.10008.2.16.4",
+        description="System of the Patient identifier (DICOM PatientID); IssuerOfPatientID, when present, is "
+        "appended as urn:dicom:issuer:<issuer>; set your MPI's system here.",
+    )
+    referral: Literal["service-request", "task", "none"] = Field(
+        "service-request",
+        description="What a newly flagged patient gets: a ServiceRequest proposing a DXA scan, a Task for the "
+        "fracture liaison service, or nothing.",
+    )
+    timeout_s: float = Field(30.0, gt=0, description="Connect and read timeout of one request.")
+    send_swept: bool = Field(
+        True, description="Also send the results of studies the archive sweep retrieved (else the live ones only)."
+    )
+
+    _url = field_validator("base_url")(_check_web_url)
+
+
+class AtnaSection(_Section):
+    enabled: bool = Field(
+        False, description="Also send every audit event to the hospital's audit repository (IHE ATNA, syslog)."
+    )
+    host: str = Field("127.0.0.1", description="Address of the audit repository's syslog listener.")
+    port: int = Field(6514, ge=1, le=65535, description="Its port (6514: syslog over TLS, RFC 5425).")
+    transport: Literal["tls", "udp"] = Field("tls", description="tls (RFC 5425) or udp (RFC 5426).")
+    ca_file: Path | None = Field(None, description="PEM CA bundle for tls; default: the system store.")
+    cert_file: Path | None = Field(None, description="PEM client certificate chain (mutual TLS, as ATNA asks).")
+    key_file: Path | None = Field(None, description="PEM private key for cert_file.")
+    app_name: str = Field("strnet", description="RFC 5424 APP-NAME.")
+    audit_source_id: str = Field("strnet-agent", description="AuditSourceIdentification AuditSourceID.")
+    timeout_s: float = Field(10.0, gt=0, description="Connect and send timeout.")
+
+    _host = field_validator("host")(_check_host)
+
+
 _WINDOW_RE = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)-([01]\d|2[0-3]):([0-5]\d)$")
 _DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 
@@ -522,6 +591,9 @@ class Settings(BaseSettings):
     digest: DigestSection = Field(default_factory=DigestSection)
     web: WebSection = Field(default_factory=WebSection)
     sweep: SweepSection = Field(default_factory=SweepSection)
+    hl7: list[Hl7Section] = Field(default_factory=list, description="HL7 v2 ORU^R01 destinations (MLLP).")
+    fhir: list[FhirSection] = Field(default_factory=list, description="FHIR R4 destinations.")
+    atna: AtnaSection = Field(default_factory=AtnaSection)
 
     @classmethod
     def settings_customise_sources(
@@ -614,9 +686,16 @@ def _check_consistency(settings: Settings) -> None:
         _check_destination_kind(i, dest)
         if dest.kind == "dimse" and not dest.tls and (dest.ca_file or dest.cert_file):
             raise ConfigError(f"pacs[{i}].tls", "ca_file/cert_file are set but tls is false")
-    names = [p.name for p in settings.pacs]
+    names = [p.name for p in settings.pacs] + [h.name for h in settings.hl7] + [f.name for f in settings.fhir]
     if len(names) != len(set(names)):
-        raise ConfigError("pacs.name", "destination names must be unique")
+        raise ConfigError("pacs.name", "destination names must be unique across [[pacs]], [[hl7]] and [[fhir]]")
+    for section, dests in (("hl7", settings.hl7), ("fhir", settings.fhir)):
+        for i, d in enumerate(dests):
+            if (d.cert_file is None) != (d.key_file is None):
+                raise ConfigError(f"{section}[{i}].cert_file", "set both cert_file and key_file, or neither")
+    atna = settings.atna
+    if (atna.cert_file is None) != (atna.key_file is None):
+        raise ConfigError("atna.cert_file", "set both cert_file and key_file, or neither")
     for i, dest in enumerate(settings.pacs):
         _check_storage_commitment(i, dest, settings)
     if settings.sweep.enabled and settings.sweep.since is None:

@@ -8,7 +8,7 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
-from agent.config import PacsSection, PeerSection, Settings
+from agent.config import FhirSection, Hl7Section, PacsSection, PeerSection, Settings
 
 HEADER = """# Configuration
 
@@ -57,6 +57,12 @@ def _section(title: str, model: type[BaseModel], lines: list[str]) -> None:
         _section(sub_title.strip("[]") if not sub_title.startswith("[") else f"[{sub_title}", sub, lines)
 
 
+_LISTS: dict[str, tuple[str, type[BaseModel]]] = {
+    "hl7": ("one table per HL7 v2 destination: ORU^R01 over MLLP", Hl7Section),
+    "fhir": ("one table per FHIR R4 destination", FhirSection),
+}
+
+
 def render() -> str:
     lines = [HEADER]
     for name, info in Settings.model_fields.items():
@@ -65,6 +71,12 @@ def render() -> str:
             lines.append("## `[[pacs]]` (one table per destination of results)\n")
             lines.append(f"Default: {_default(info)}\n")
             _fields(PacsSection, lines)
+            continue
+        if name in _LISTS:
+            title, model = _LISTS[name]
+            lines.append(f"## `[[{name}]]` ({title})\n")
+            lines.append("Default: none.\n")
+            _fields(model, lines)
             continue
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             _section(name, ann, lines)
