@@ -689,10 +689,11 @@ def _check_consistency(settings: Settings) -> None:
     names = [p.name for p in settings.pacs] + [h.name for h in settings.hl7] + [f.name for f in settings.fhir]
     if len(names) != len(set(names)):
         raise ConfigError("pacs.name", "destination names must be unique across [[pacs]], [[hl7]] and [[fhir]]")
-    for section, dests in (("hl7", settings.hl7), ("fhir", settings.fhir)):
-        for i, d in enumerate(dests):
-            if (d.cert_file is None) != (d.key_file is None):
-                raise ConfigError(f"{section}[{i}].cert_file", "set both cert_file and key_file, or neither")
+    pairs = [(f"hl7[{i}]", d.cert_file, d.key_file) for i, d in enumerate(settings.hl7)]
+    pairs += [(f"fhir[{i}]", d.cert_file, d.key_file) for i, d in enumerate(settings.fhir)]
+    for at, cert, key in pairs:
+        if (cert is None) != (key is None):
+            raise ConfigError(f"{at}.cert_file", "set both cert_file and key_file, or neither")
     atna = settings.atna
     if (atna.cert_file is None) != (atna.key_file is None):
         raise ConfigError("atna.cert_file", "set both cert_file and key_file, or neither")
