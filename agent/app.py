@@ -14,6 +14,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from agent.audit import trail
 from agent.config import Settings
 from agent.db.engine import Database, open_database
+from agent.ehr import messages
 from agent.ingest.eligibility import Rules
 from agent.ingest.handlers import Ingestor
 from agent.ingest.reconcile import reconcile
@@ -102,7 +103,9 @@ class Agent:
         agent = cls(settings, db, spool, results, ingestor, scp, tracker)
         run_worker = settings.worker.enabled if worker is None else worker
         if run_worker:
-            sender = Sender(db, results, settings.pacs, settings.sender, settings.scp.ae_title)
+            routes = messages.routes(settings)  # [[hl7]] and [[fhir]]: one message per SR each
+            sender = Sender(db, results, settings.pacs, settings.sender, settings.scp.ae_title,
+                            message_routes=routes, transports=messages.transports() if routes else None)  # fmt: skip
             if reports is not None:  # a failed commitment sends objects again: wake the sender
                 reports.on_outbox = sender.wake.set
             # the SR build warms up in the worker thread, after the screening path (reporter: made next)
@@ -113,7 +116,7 @@ class Agent:
                                      served_model=lambda: screening_worker.screening.model,
                                      study_arriving=lambda uid: tracker.receiving(uid)
                                      or sweeps.being_retrieved(db, uid),  # a sweep brings the rest
-                                     on_outbox=sender.wake.set)  # fmt: skip
+                                     on_outbox=sender.wake.set, message_routes=routes)  # fmt: skip
             agent.sender, agent.worker, agent.reporter = sender, screening_worker, reporter
         if settings.sweep.enabled:  # the scheduled archive sweep: C-MOVE to our listener, or C-GET into ingestor
             agent.sweeper = Sweeper(settings, db, make_rules(settings), archive_for(settings), ingestor)

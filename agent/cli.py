@@ -194,7 +194,7 @@ def outbox_list(
     fmt: Annotated[str, typer.Option("--format", help="table or json.")] = "table",
     limit: Annotated[int | None, typer.Option(help="Only the newest this many (default: all).")] = None,
 ) -> None:
-    """List every delivery of a result (SR or overlay) to a destination: its state, attempts and last
+    """List every delivery of a result (SR, overlay, HL7 or FHIR message) to a destination: its state, attempts and last
     error (no patient data is shown)."""
     from agent.db.engine import open_database
     from agent.domain import OutboxState

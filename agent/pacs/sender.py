@@ -1,5 +1,6 @@
 """The result sender: outbox -> C-STORE SCU -> PACS, with backoff and a dead letter (a destination
-of kind dicomweb gets each object by STOW-RS instead: agent/pacs/dicomweb.py, same states).
+of kind dicomweb gets each object by STOW-RS instead: agent/pacs/dicomweb.py, same states; an
+``[[hl7]]`` or ``[[fhir]]`` destination gets each message by its transport, agent/ehr/, same states).
 
 Status classes by name: Success and warnings (B000, B006, B007) are delivered (warnings logged);
 out-of-resources and association or network failures are transient (exponential backoff with
@@ -30,7 +31,7 @@ import random
 import threading
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +44,8 @@ from agent.compat import PatchMissing, pynetdicom_internals, warn_once
 from agent.compat.pynetdicom_internals import AWAITING_RELEASE_RESPONSE, DATA_TRANSFER, dul_state
 from agent.config import PacsSection, SenderSection
 from agent.db.engine import Database
+from agent.ehr.delivery import Delivery, MessageTransport
+from agent.ehr.messages import MessageRoute
 from agent.errors import StorageError
 from agent.logging import get_logger
 from agent.pacs import commitment, status
@@ -103,6 +106,7 @@ class Lane:
     held: dict[str, _Held] = field(default_factory=dict)
     refused_until: dict[str, float] = field(default_factory=dict)
     asked: list[_Asked] = field(default_factory=list)
+    transports: dict[str, MessageTransport] = field(default_factory=dict)  # by message kind
 
 
 #: pynetdicom's own loop delay of a connection's thread (DUL), and ours while an association is idle
@@ -190,8 +194,14 @@ class Sender:
         cfg: SenderSection,
         default_calling_ae: str,
         jitter: Callable[[], float] = random.random,
+        message_routes: Sequence[MessageRoute] = (),
+        transports: Mapping[str, Callable[[], MessageTransport]] | None = None,
     ) -> None:
         self.db = db
+        # HL7 and FHIR destinations by name, and a transport factory per message kind (one
+        # transport per lane: each keeps its own connections)
+        self.message_routes = {r.name: r for r in message_routes}
+        self.transports = dict(transports or {})
         self.results = results
         self.destinations = {d.name: d for d in destinations}
         self.cfg = cfg
@@ -261,6 +271,13 @@ class Sender:
             if all_ or idle or not usable(held.assoc) or self._commitment_due(held, now):
                 self._drop(lane, name, wait_for_report=not all_)
         self._release_asked(lane, all_)
+        if all_:  # the lane ends: its message transports close their connections
+            for kind, transport in list(lane.transports.items()):
+                del lane.transports[kind]
+                try:
+                    transport.close()
+                except Exception as exc:  # noqa: BLE001 - a peer gone while closing: nothing left to do
+                    log.warning("transport_close_failed", kind=kind, error=exc.__class__.__name__)
 
     def _commitment_due(self, held: _Held, now: float) -> bool:
         """Objects stored over ``held`` have waited ``sender.keep_open_s`` for their commitment to be
@@ -329,11 +346,13 @@ class Sender:
             by_dest[item.destination].append(item)
         attempted = 0
         for name, items in by_dest.items():
-            dest = self.destinations.get(name)
+            dest: PacsSection | MessageRoute | None = self.destinations.get(name) or self.message_routes.get(name)
             if dest is None:
                 for item in items:
                     outbox.dead(self.db, item.id, None, f"destination {name!r} is no longer configured")
                 attempted += len(items)
+            elif isinstance(dest, MessageRoute):
+                attempted += self._deliver_each(lane, dest, items)
             elif dest.kind == "dicomweb":
                 attempted += self._stow_each(dest, items)
             elif lane.refused_until.get(name, 0.0) > time.monotonic() and self._held_elsewhere(lane, name):
@@ -349,19 +368,47 @@ class Sender:
             failpoints.hit("mid_send")
             out = self.stow.store(dest, self.results.path(item.path), item.sop_instance_uid)
             failpoints.hit("after_ack")
-            if out.verdict in ("delivered", "warning"):
-                outbox.delivered(self.db, item.id, out.status or "")
-                event = "sr_delivered" if item.kind == "sr" else "overlay_delivered"
-                (log.warning if out.verdict == "warning" else log.info)(
-                    event, outbox_id=item.id, destination=dest.name, sop_instance_uid=item.sop_instance_uid,
-                    status=out.status, **({"warning": out.reason} if out.reason else {}),
-                )  # fmt: skip
-            elif out.verdict == "retry":
-                self._transient(item, out.status, out.reason)
-            else:
-                outbox.dead(self.db, item.id, out.status, out.reason)
-                log.error("result_dead", outbox_id=item.id, destination=dest.name, status=out.status, error=out.reason)
+            self._record(item, out.verdict, out.status, out.reason)
         return len(items)
+
+    def _deliver_each(self, lane: Lane, route: MessageRoute, items: list[DueItem]) -> int:
+        """Deliver messages to an HL7 or FHIR destination, one at a time over the lane's transport
+        of that kind, and record what became of each as the C-STORE path does."""
+        transport = lane.transports.get(route.kind)
+        if transport is None:
+            transport = lane.transports[route.kind] = self.transports[route.kind]()
+        for item in items:
+            failpoints.hit("mid_send")
+            try:
+                payload = self.results.path(item.path).read_bytes() if item.path else None
+            except OSError as exc:
+                payload, out = None, Delivery("dead", None, f"message file unreadable: {exc.__class__.__name__}")
+            else:
+                out = Delivery("dead", None, "message was never built (see the reason recorded before)")
+            if payload is not None:
+                try:
+                    out = transport.deliver(route.section, payload)
+                except Exception as exc:  # noqa: BLE001 - a transport's unforeseen error: retried, class only
+                    out = Delivery("retry", None, f"delivery failed: {exc.__class__.__name__}")
+            failpoints.hit("after_ack")
+            self._record(item, out.verdict, out.status, out.reason)
+        return len(items)
+
+    def _record(self, item: DueItem, verdict: str, status_name: str | None, reason: str) -> None:
+        """What became of one object or message sent by a one-request transport (STOW-RS, MLLP,
+        FHIR): delivered (a warning is logged), retried with backoff, or dead."""
+        if verdict in ("delivered", "warning"):
+            outbox.delivered(self.db, item.id, status_name or "")
+            event = {"sr": "sr_delivered", "sc": "overlay_delivered"}.get(item.kind, "message_delivered")
+            (log.warning if verdict == "warning" else log.info)(
+                event, outbox_id=item.id, destination=item.destination, kind=item.kind,
+                sop_instance_uid=item.sop_instance_uid, status=status_name, **({"warning": reason} if reason else {}),
+            )  # fmt: skip
+        elif verdict == "retry":
+            self._transient(item, status_name, reason)
+        else:
+            outbox.dead(self.db, item.id, status_name, reason)
+            log.error("result_dead", outbox_id=item.id, destination=item.destination, status=status_name, error=reason)
 
     def _held_elsewhere(self, lane: Lane, name: str) -> bool:
         """Another lane holds an association to destination ``name``."""

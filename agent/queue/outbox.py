@@ -30,8 +30,8 @@ from agent.spool import Spool
 class OutgoingObject:
     """A built result object on disk (path relative to the results folder)."""
 
-    kind: str  # "sr" | "sc"
-    sop_class_uid: str
+    kind: str  # "sr" | "sc" (DICOM objects), "hl7" | "fhir" (messages: agent/ehr/messages.py)
+    sop_class_uid: str  # a message's: what it is ("ORU^R01", "Bundle")
     sop_instance_uid: str
     path: str
 
@@ -41,6 +41,13 @@ def write_object(results: Spool, kind: str, data: bytes, sop_class_uid: str, sop
     rel = f"{sop_instance_uid}.dcm"  # our own deterministic UID: a safe file name
     results.write_named(rel, [data])
     return OutgoingObject(kind, sop_class_uid, sop_instance_uid, rel)
+
+
+def write_message(results: Spool, kind: str, data: bytes, label: str, key: str, rel: str) -> OutgoingObject:
+    """Write a built message (HL7, FHIR) into the results folder at ``rel`` (a name of ours); its
+    outbox rows are keyed by ``key``, the SR's SOP Instance UID."""
+    results.write_named(rel, [data])
+    return OutgoingObject(kind, label, key, rel)
 
 
 @dataclass(frozen=True)
@@ -54,8 +61,16 @@ class DueItem:
     attempts: int
 
 
-def add(session: Session, study_id: int, obj: OutgoingObject, destinations: list[str], send: bool) -> int:
-    """Queue ``obj`` for each destination inside the caller's transaction; existing rows stay."""
+def add(
+    session: Session,
+    study_id: int,
+    obj: OutgoingObject,
+    destinations: list[str],
+    send: bool,
+    failed: str | None = None,
+) -> int:
+    """Queue ``obj`` for each destination inside the caller's transaction; existing rows stay.
+    ``failed``: the object could not be built; its rows are DEAD with that reason (no PHI)."""
     now = utcnow()
     added = 0
     for dest in destinations:
@@ -74,7 +89,10 @@ def add(session: Session, study_id: int, obj: OutgoingObject, destinations: list
                 sop_class_uid=obj.sop_class_uid,
                 sop_instance_uid=obj.sop_instance_uid,
                 path=obj.path,
-                state=(OutboxState.PENDING if send else OutboxState.SHADOW).value,
+                state=(
+                    OutboxState.DEAD if failed else OutboxState.PENDING if send else OutboxState.SHADOW
+                ).value,
+                last_error=failed,
                 attempts=0,
                 created_at=now,
                 updated_at=now,

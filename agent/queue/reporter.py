@@ -16,18 +16,22 @@ from __future__ import annotations
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from pydicom import dcmread
 
+from agent.clock import utcnow
 from agent.config import Settings
 from agent.db.engine import Database
 from agent.domain import Findings, ServedModel
+from agent.ehr import messages
+from agent.ehr.content import study_result
 from agent.errors import HelperClosed, StorageError, reason_of
 from agent.logging import get_logger
 from agent.queue import screening
-from agent.queue.outbox import write_object
-from agent.reporting.builder import ReportBuilder, blank_source
+from agent.queue.outbox import OutgoingObject, write_message, write_object
+from agent.reporting.builder import BuiltSr, ReportBuilder, blank_source
 from agent.spool import Spool
 
 log = get_logger(__name__)
@@ -52,8 +56,11 @@ class StudyReporter:
         study_arriving: Callable[[str], bool] | None = None,
         on_outbox: Callable[[], object] | None = None,
         jitter: Callable[[], float] = random.random,
+        message_routes: list[messages.MessageRoute] | None = None,
     ) -> None:
         self.settings = settings
+        # the HL7 and FHIR destinations: one message each per SR, recorded in the SR's commit
+        self.message_routes = messages.routes(settings) if message_routes is None else message_routes
         self.db = db
         self.spool = spool
         self.results = results
@@ -142,8 +149,9 @@ class StudyReporter:
         sr = self.report_builder.build_sr(sources, findings, ready.revision, ready.predecessor)
         obj = write_object(self.results, "sr", sr.data, sr.sop_class_uid, sr.sop_instance_uid)
         recorded = screening.record_report(
-            self.db, ready, obj, sr.series_instance_uid, self.destinations, self.settings.sender.send
-        )
+            self.db, ready, obj, sr.series_instance_uid, self.destinations, self.settings.sender.send,
+            self._messages(ready, sources, findings, sr),
+        )  # fmt: skip
         if recorded:
             if self.on_outbox is not None:
                 self.on_outbox()
@@ -158,3 +166,39 @@ class StudyReporter:
             )
             return 1
         return 0
+
+    def _messages(
+        self, ready: screening.ReadyStudy, sources: Sequence[Any], findings: list[Findings], sr: BuiltSr
+    ) -> list[screening.OutgoingMessage]:
+        """The study's message for each HL7 and FHIR destination, written to the results folder.
+        One that cannot be built is recorded DEAD with the reason (the SR and the others go on)."""
+        if not self.message_routes:
+            return []
+        out: list[screening.OutgoingMessage] = []
+        try:
+            result = study_result(
+                sources, findings, report_sop_instance_uid=sr.sop_instance_uid,
+                report_series_instance_uid=sr.series_instance_uid, revision=ready.revision, reported_at=utcnow(),
+            )  # fmt: skip
+        except _MESSAGE_ERRORS as exc:
+            result, failed = None, f"message content could not be read: {reason_of(exc)}"
+        for route in self.message_routes:
+            if result is not None:
+                try:
+                    data = route.build(result)
+                except _MESSAGE_ERRORS as exc:
+                    failed = f"{route.kind} message could not be built: {reason_of(exc)}"
+                else:
+                    rel = route.file_name(sr.sop_instance_uid)
+                    obj = write_message(self.results, route.kind, data, route.label, sr.sop_instance_uid, rel)
+                    out.append(screening.OutgoingMessage(obj, route.name, route.send_swept))
+                    continue
+            log.error("message_build_failed", destination=route.name, kind=route.kind, error=failed)
+            blank = OutgoingObject(route.kind, route.label, sr.sop_instance_uid, "")
+            out.append(screening.OutgoingMessage(blank, route.name, route.send_swept, failed))
+        return out
+
+
+#: what building a message raises on inputs it cannot use (a library may quote the value: it
+#: leaves here only through reason_of)
+_MESSAGE_ERRORS = (ValueError, TypeError, KeyError, AttributeError, IndexError)

@@ -7,6 +7,7 @@ by an operator (``replay_failed_reports``); it never holds up another study's SR
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -227,11 +228,28 @@ def study_findings(db: Database, study_id: int) -> list[tuple[str, Result]]:
         return [(p, r) for p, r in rows]
 
 
+@dataclass(frozen=True)
+class OutgoingMessage:
+    """A message about the study (HL7, FHIR) for one destination, recorded with its SR."""
+
+    obj: OutgoingObject
+    destination: str
+    send_swept: bool  # also when the archive sweep retrieved the study
+    failed: str | None = None  # it could not be built: recorded DEAD with this reason
+
+
 def record_report(
-    db: Database, ready: ReadyStudy, sr: OutgoingObject, series_uid: str, destinations: list[str], send: bool
+    db: Database,
+    ready: ReadyStudy,
+    sr: OutgoingObject,
+    series_uid: str,
+    destinations: list[str],
+    send: bool,
+    messages: Sequence[OutgoingMessage] = (),
 ) -> bool:
-    """The report row and its outbox rows; False when this revision was recorded already.
-    A failure recorded for the study's SR is cleared."""
+    """The report row and its outbox rows (the SR for each PACS, each message for its
+    destination); False when this revision was recorded already. A failure recorded for the
+    study's SR is cleared."""
     with db.transaction() as s:
         if ready.failed_attempts is not None:
             s.execute(delete(StudyReportFailure).where(StudyReportFailure.study_id == ready.study_id))
@@ -251,7 +269,12 @@ def record_report(
                 created_at=utcnow(),
             )
         )
-        outbox.add(s, ready.study_id, sr, destinations, send and sweeps.sends_results(s, ready.study_instance_uid))
+        send = send and sweeps.sends_results(s, ready.study_instance_uid)
+        outbox.add(s, ready.study_id, sr, destinations, send)
+        swept = any(not m.send_swept for m in messages) and sweeps.was_swept(s, ready.study_instance_uid)
+        for m in messages:
+            if not (swept and not m.send_swept):
+                outbox.add(s, ready.study_id, m.obj, [m.destination], send, failed=m.failed)
         trail.append(
             s,
             "instances_transferred",

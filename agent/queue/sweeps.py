@@ -62,6 +62,15 @@ def sends_results(session: Session, study_uid: str) -> bool:
     return send is None or bool(send)
 
 
+def was_swept(session: Session, study_uid: str) -> bool:
+    """Whether an archive sweep retrieved (or is retrieving) the study: found and still pending
+    is not swept (it may arrive live first)."""
+    state = session.execute(
+        select(SweepStudy.state).where(SweepStudy.study_instance_uid == study_uid)
+    ).scalar_one_or_none()
+    return state is not None and state != PENDING
+
+
 def being_retrieved(db: Database, study_uid: str) -> bool:
     """Whether a sweep is retrieving the study, or its retrieve failed and a later sweep will
     finish it: its SR waits, so a swept study gets one SR with all its images."""
