@@ -77,7 +77,7 @@ def verdict(ack: Ack, control_id: str) -> Delivery:
     return Delivery("retry", ack.code, "the ACK has no known acknowledgment code in MSA-1")
 
 
-def _tls_context(dest: Hl7Section) -> ssl.SSLContext:
+def tls_context(dest: Hl7Section) -> ssl.SSLContext:
     ctx = ssl.create_default_context(cafile=str(dest.ca_file) if dest.ca_file else None)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     if dest.cert_file:
@@ -110,7 +110,7 @@ class MllpTransport:
     def __init__(self) -> None:
         self._connections: dict[tuple[str, str, int, bool], socket.socket] = {}
         self._contexts: dict[tuple[str, str, int, bool], ssl.SSLContext] = {}
-        self.connects = 0  # connections opened, for the status page and the tests
+        self.connects = 0  # connections opened so far
 
     def deliver(self, dest: object, payload: bytes) -> Delivery:
         if not isinstance(dest, Hl7Section):
@@ -158,7 +158,7 @@ class MllpTransport:
         try:
             if dest.tls:
                 if key not in self._contexts:
-                    self._contexts[key] = _tls_context(dest)
+                    self._contexts[key] = tls_context(dest)
                 sock = self._contexts[key].wrap_socket(sock, server_hostname=dest.host)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except BaseException:

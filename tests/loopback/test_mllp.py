@@ -6,6 +6,7 @@ with the openssl command-line tool; the listener asks for a client certificate).
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 import subprocess
 import threading
@@ -22,15 +23,16 @@ from ehr_sample import study
 
 from agent.config import Hl7Section
 from agent.ehr.hl7_oru import build_oru, control_id
-from agent.ehr.mllp import MllpTransport
+from agent.ehr.mllp import MllpTransport, tls_context
 
 PHI = ("MRN-0042", "Müller", "ACC-7781", "19470312")
 
 
 class Listener:
     """An MLLP listener answering each message as ``script`` says (then AA): an ACK code, "silent"
-    (no answer), "garbage" (bytes without MLLP framing), "wrong-id" (AA for another control id),
-    "close" (AA, then it closes the connection)."""
+    (no answer), "garbage" (bytes without MLLP framing), "no-msa" (a frame with an MSH only),
+    "wrong-id" (AA for another control id), "close" (AA, then it closes the connection), "hangup"
+    (it closes the connection without an answer)."""
 
     def __init__(self, tls: ssl.SSLContext | None = None) -> None:
         self.tls = tls
@@ -74,7 +76,11 @@ class Listener:
                 action = self.script.pop(0) if self.script else "AA"
                 if action == "silent":
                     continue
-                if action == "garbage":
+                if action == "hangup":
+                    break
+                if action == "no-msa":
+                    writer.writeblock(b"MSH|^~\\&|EHR||STRNET||20261201||ACK|X|P|2.5.1\r")
+                elif action == "garbage":
                     writer.write(b"MSA|AA|nonsense\r")
                 elif action == "wrong-id":
                     ack = message.create_ack("AA")
@@ -206,6 +212,9 @@ def test_ar_is_a_dead_letter(plain: Listener, transport: MllpTransport, payload:
     assert transport.deliver(dest(plain.port), payload).verdict == "retry"
     plain.reset("CA")
     assert transport.deliver(dest(plain.port), payload).verdict == "delivered"
+    plain.reset("ZZ")
+    unknown = transport.deliver(dest(plain.port), payload)
+    assert (unknown.verdict, unknown.status) == ("retry", "ZZ") and "MSA-1" in unknown.reason
 
 
 def test_no_ack_within_the_timeout_is_retried_on_a_new_connection(
@@ -223,13 +232,17 @@ def test_no_ack_within_the_timeout_is_retried_on_a_new_connection(
 
 
 def test_bad_frame_and_wrong_control_id_are_retried(plain: Listener, transport: MllpTransport, payload: bytes) -> None:
-    plain.reset("garbage", "wrong-id", "AA")
+    plain.reset("garbage", "no-msa", "wrong-id", "hangup", "AA")
     bad = transport.deliver(dest(plain.port), payload)
     assert bad.verdict == "retry" and "0x0B" in bad.reason
+    no_msa = transport.deliver(dest(plain.port), payload)
+    assert (no_msa.verdict, no_msa.reason) == ("retry", "bad answer: the answer has no MSA with MSA-1 and MSA-2")
     wrong = transport.deliver(dest(plain.port), payload)
     assert (wrong.verdict, wrong.status) == ("retry", "AA") and "MSA-2" in wrong.reason
+    hangup = transport.deliver(dest(plain.port), payload)
+    assert (hangup.verdict, hangup.reason) == ("retry", "bad answer: the listener closed the connection without an ACK")
     assert transport.deliver(dest(plain.port), payload).verdict == "delivered"
-    assert plain.connections == 3  # each out-of-step connection was dropped
+    assert plain.connections == 5  # each out-of-step connection was dropped
 
 
 def test_a_connection_the_listener_closed_while_idle_is_reopened(
@@ -280,3 +293,45 @@ def test_tls_without_a_client_certificate_is_refused_by_the_listener(
     tls_listener.reset()
     delivery = transport.deliver(dest(tls_listener.port, tls=True, ca_file=pki / "ca.crt"), payload)
     assert delivery.verdict == "retry" and tls_listener.received == []
+
+
+def test_a_payload_that_is_not_an_hl7_message_is_dead_without_connecting(transport: MllpTransport) -> None:
+    port = free_port()  # nothing listens: a connection attempt would be a retry
+    assert transport.deliver(dest(port), b"hello").verdict == "dead"
+    framed = transport.deliver(dest(port), b"MSH|^~\\&|A||||20261201||ORU^R01|X1|P|2.5.1\rPID|1||\x1c\r")
+    assert (framed.verdict, framed.reason) == ("dead", "the payload holds an MLLP frame character")
+    assert transport.connects == 0
+
+
+def test_tls_asks_for_1_2_or_later_and_checks_the_host_name(
+    tls_listener: Listener, transport: MllpTransport, payload: bytes, pki: Path
+) -> None:
+    tls_listener.reset()
+    to = dest(tls_listener.port, tls=True, ca_file=pki / "ca.crt", cert_file=pki / "agent.crt",
+              key_file=pki / "agent.key")  # fmt: skip
+    assert tls_context(to).minimum_version == ssl.TLSVersion.TLSv1_2
+    # the listener's certificate names 127.0.0.1 only: "localhost" is another host
+    wrong_name = transport.deliver(to.model_copy(update={"host": "localhost"}), payload)
+    assert (wrong_name.verdict, wrong_name.reason) == (
+        "retry",
+        "TLS: the listener's certificate is not trusted (ca_file)",
+    )
+    # without ca_file: the system store, which does not hold the test CA
+    system = transport.deliver(dest(tls_listener.port, tls=True, cert_file=pki / "agent.crt",
+                                    key_file=pki / "agent.key"), payload)  # fmt: skip
+    assert system.reason == "TLS: the listener's certificate is not trusted (ca_file)"
+    assert tls_listener.received == []
+
+
+def test_a_listener_that_never_answers_the_tls_handshake_is_retried_within_the_timeout(
+    transport: MllpTransport, pki: Path, payload: bytes
+) -> None:
+    # a stand-in for a hung listener (no MLLP server can be made to hang mid-handshake): the
+    # kernel accepts the TCP connection, nobody reads it
+    with socket.create_server(("127.0.0.1", 0)) as hung:
+        started = time.monotonic()
+        delivery = transport.deliver(dest(hung.getsockname()[1], tls=True, ca_file=pki / "ca.crt", timeout_s=0.5),
+                                     payload)  # fmt: skip
+        took = time.monotonic() - started
+    assert (delivery.verdict, delivery.reason) == ("retry", "cannot connect to the MLLP listener (TimeoutError)")
+    assert 0.45 <= took < 3

@@ -4,17 +4,24 @@ unescapes what it reads), and validated by hl7apy (v2.5.1, strict) from the byte
 from __future__ import annotations
 
 import dataclasses
+import re
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import hl7
 import pytest
-from ehr_sample import ALGO, study
+from ehr_sample import ALGO, findings, sources, study
 from hl7apy.consts import VALIDATION_LEVEL
 from hl7apy.parser import parse_message
+from pydicom.uid import generate_uid
 
 from agent.config import Hl7Section
-from agent.ehr.content import StudyResult
+from agent.ehr import hl7_oru
+from agent.ehr.content import StudyResult, study_result
+from agent.ehr.delivery import Delivery
 from agent.ehr.hl7_oru import build_oru, control_id
+from agent.ehr.mllp import parse_ack, verdict
 from agent.errors import BuildError, reason_of
 
 DEST = Hl7Section(name="ris", host="127.0.0.1", port=1, sending_facility="RADIOLOGY",
@@ -171,3 +178,81 @@ def test_control_id_is_deterministic_short_and_per_destination() -> None:
 def test_study_time_with_fraction_and_date_only() -> None:
     assert parsed(study(StudyTime="093015.123456"))["OBR.F7"] == "20261201093015.1234"
     assert parsed(study(StudyTime=""))["OBR.F7"] == "20261201"
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR DA")  # pydicom, on the planted date
+def test_invalid_header_values_are_left_empty() -> None:
+    msg = parsed(study(PatientSex="Q", PatientBirthDate="12/03/1947", PatientName="==Yamada^Taro"))
+    assert msg["PID.F8"] == "" and msg["PID.F7"] == ""
+    assert (msg["PID.F5.R1.C1"], msg["PID.F5.R1.C2"]) == ("Yamada", "Taro")  # the phonetic group, alone
+
+
+def test_a_message_that_fails_validation_is_not_built(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(hl7_oru, "NAME_UNKNOWN", "")  # PID-5, required, left empty
+    with pytest.raises(BuildError) as caught:
+        build_oru(study(PatientName=""), DEST, "CTRL0001")
+    assert reason_of(caught.value) == "the ORU^R01 failed HL7 v2.5.1 validation (ValidationError)"
+
+
+def test_control_characters_are_escaped_as_hex() -> None:
+    assert hl7_oru.escape("a\rb\nc|") == "a\\X0D\\b\\X0A\\c\\F\\"
+
+
+def test_a_later_revision_keeps_the_accession_with_its_own_time_and_control_id() -> None:
+    srcs = sources()
+    first, later = (
+        study_result(srcs, findings(), report_sop_instance_uid=generate_uid(), report_series_instance_uid="1.2.3",
+                     revision=n, reported_at=datetime(2026, 12, 1, 10, n, tzinfo=UTC))
+        for n in (1, 2)
+    )  # fmt: skip
+    a = parsed(first, control=control_id(first.report_sop_instance_uid, "ris"))
+    b = parsed(later, control=control_id(later.report_sop_instance_uid, "ris"))
+    assert a["OBR.F3"] == b["OBR.F3"] == "ACC-7781"
+    assert (a["OBR.F22"], b["OBR.F22"]) == ("20261201100100+0000", "20261201100200+0000")
+    assert a["MSH.F10"] != b["MSH.F10"]
+
+
+# ---- docs/hl7.md states what the builder does -------------------------------------------------
+
+DOC = (Path(__file__).parents[2] / "docs" / "hl7.md").read_text(encoding="utf-8")
+
+
+def _doc_block(after: str) -> str:
+    return DOC.split(after, 1)[1].split("```\n", 2)[1]
+
+
+def _example() -> str:
+    result = dataclasses.replace(study(), study_instance_uid="2.25.299792458314159265358979323846264338",
+                                 report_sop_instance_uid="2.25.161803398874989484820458683436563811")  # fmt: skip
+    dest = DEST.model_copy(update={"host": "ris.example.org", "port": 2575})
+    return build_oru(result, dest, control_id(result.report_sop_instance_uid, dest.name)).decode("utf-8")
+
+
+def test_docs_example_is_what_the_builder_sends() -> None:
+    assert _doc_block("## Example").replace("\n", "\r") == _example()
+
+
+def test_docs_field_table_names_every_filled_field_and_only_those() -> None:
+    table = DOC.split("### Fields", 1)[1].split("\n\n", 2)[2].split("\n\n", 1)[0]
+    documented = set(re.findall(r"^\| ([A-Z]{3}-\d+) \|", table, re.M))
+    filled = set()
+    for segment in _example().rstrip("\r").split("\r"):
+        fields = segment.split("|")
+        name = fields[0]
+        for n, value in enumerate(fields[1:], start=1):
+            if value and not (name == "MSH" and n == 1):  # MSH-2, the delimiters themselves
+                filled.add(f"{name}-{n if name != 'MSH' else n + 1}")
+    assert documented == filled
+
+
+def test_docs_observation_table_is_the_obx_order() -> None:
+    section = DOC.split("### Observations", 1)[1]
+    rows = re.findall(r"^\| (\d) \| (\w+) \| `([^`]+)` \| .*? \|\s*`?([^|`]*?)`?\s*\|$", section, re.M)
+    msg = hl7.parse(_example())
+    assert [(str(s(1)), str(s(2)), str(s(3)), str(s(6))) for s in msg.segments("OBX")] == rows
+
+
+def test_docs_ack_example_answers_the_example_message() -> None:
+    ack = parse_ack(_doc_block("Its ACK, for example:").replace("\n", "\r").encode())
+    control = hl7.parse(_example())["MSH.F10"]
+    assert verdict(ack, control) == Delivery("delivered", "AA")
