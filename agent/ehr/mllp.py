@@ -1,11 +1,13 @@
 """HL7 v2 messages over MLLP (0x0B message 0x1C 0x0D), optionally over TLS: one message, one ACK.
 
 A transport keeps one connection per destination between deliveries (one transport per sender
-lane, not shared between threads): a result is a few kB, and a TLS handshake per message would
-cost more than the message. Before reusing a connection it looks whether the listener closed it
-meanwhile (an interface engine drops idle connections) and then opens a new one, so an idle close
-costs no failed delivery. A connection that failed, timed out, or got a bad frame or an ACK for
-another message is closed: the next delivery opens a new one and never reads a late ACK.
+lane, not shared between threads): no TCP and TLS handshake per message (on loopback, with
+python-hl7's listener, 2.9 ms per message over a kept TLS connection against 4.0 ms with a new
+one each time; across a network the handshake's round trips cost more). Before reusing a
+connection it looks whether the listener closed it meanwhile (an interface engine drops idle
+connections) and then opens a new one, so an idle close costs no failed delivery. A connection
+that failed, timed out, or got a bad frame or an ACK for another message is closed: the next
+delivery opens a new one and never reads a late ACK.
 
 The verdict comes from MSA-1 of the ACK, checked to answer this message (MSA-2 = MSH-10): AA, CA
 delivered; AE, CE retry; AR, CR dead; anything else, or no ACK within ``timeout_s``, retry. The

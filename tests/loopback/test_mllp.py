@@ -55,6 +55,10 @@ class Listener:
         async def _close() -> None:
             self.server.close()
             await self.server.wait_closed()
+            clients = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in clients:  # connections a test left open
+                task.cancel()
+            await asyncio.gather(*clients, return_exceptions=True)
 
         asyncio.run_coroutine_threadsafe(_close(), self.loop).result(10)
         self.loop.call_soon_threadsafe(self.loop.stop)

@@ -23,6 +23,7 @@ from agent.ehr.delivery import Delivery
 from agent.ehr.hl7_oru import build_oru, control_id
 from agent.ehr.mllp import parse_ack, verdict
 from agent.errors import BuildError, reason_of
+from agent.reporting import equipment
 
 DEST = Hl7Section(name="ris", host="127.0.0.1", port=1, sending_facility="RADIOLOGY",
                   receiving_application="EHR", receiving_facility="GENERAL")  # fmt: skip
@@ -256,3 +257,16 @@ def test_docs_ack_example_answers_the_example_message() -> None:
     ack = parse_ack(_doc_block("Its ACK, for example:").replace("\n", "\r").encode())
     control = hl7.parse(_example())["MSH.F10"]
     assert verdict(ack, control) == Delivery("delivered", "AA")
+
+
+@pytest.mark.parametrize("sex", ["M", "F", "O"])
+def test_sex_is_sent_as_it_is(sex: str) -> None:
+    assert parsed(study(PatientSex=sex))["PID.F8"] == sex
+
+
+def test_obx18_names_the_checkpoint() -> None:
+    result = study()
+    other = dataclasses.replace(ALGO, checkpoint_sha256="f" * 64)
+    retrained = dataclasses.replace(result, algorithm=other, device_uid=equipment.device_uid(other))
+    a, b = parsed(result)["OBX.F18.R1.C3"], parsed(retrained)["OBX.F18.R1.C3"]
+    assert a == result.device_uid and b == equipment.device_uid(other) and a != b
