@@ -1,0 +1,249 @@
+"""Issue 21: the FHIR R4 transaction Bundle of a screened study against a real FHIR server.
+
+The server is Medplum's FHIR router over its in-memory repository (npm @medplum/fhir-router,
+tests/fhir_server/), started once for this module on a port the OS picks; each test uses its own
+patient and studies, so the tests share it. What the server stored is checked by Medplum's
+validateResource against the R4 StructureDefinitions (an independent validator: our bundle is
+built with fhirclient's models). Answers the server cannot be made to give (503, a slow answer) come
+from a small fault proxy in this file, in front of the real server: the answer it fakes is the
+only mock here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import threading
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import free_port
+from ehr_sample import study
+from fhir_server.medplum import MedplumServer
+from pydicom.uid import generate_uid
+
+from agent.config import FhirSection
+from agent.ehr.content import StudyResult
+from agent.ehr.fhir_bundle import build_bundle
+from agent.ehr.fhir_client import FhirTransport
+
+pytestmark = [pytest.mark.integration]
+
+KINDS = ("Patient", "Device", "ImagingStudy", "Observation", "DiagnosticReport", "ServiceRequest", "Task")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MedplumServer]:
+    s = MedplumServer(tmp_path_factory.mktemp("medplum"))
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+class FaultProxy:
+    """Forwards to the real server unless told to answer 503 or to be slow; records the
+    Authorization header of each request."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+        self.mode = "pass"
+        self.authorizations: list[str | None] = []
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                proxy.authorizations.append(self.headers.get("Authorization"))
+                if proxy.mode == "503":
+                    self.answer(503, {"resourceType": "OperationOutcome",
+                                      "issue": [{"severity": "error", "code": "transient"}]})  # fmt: skip
+                    return
+                if proxy.mode == "slow":
+                    time.sleep(1.5)
+                req = urllib.request.Request(proxy.target, data=body, method="POST",
+                                             headers={"Content-Type": "application/fhir+json"})  # fmt: skip
+                try:
+                    with urllib.request.urlopen(req, timeout=30) as r:
+                        self.answer(r.status, json.loads(r.read()))
+                except urllib.error.HTTPError as exc:
+                    self.answer(exc.code, json.loads(exc.read()))
+
+            def answer(self, code: int, body: Any) -> None:
+                data = json.dumps(body).encode()
+                try:
+                    self.send_response(code)
+                    self.send_header("Content-Type", "application/fhir+json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except OSError:
+                    pass  # the client gave up (the slow case)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/fhir"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture(scope="module")
+def proxy(server: MedplumServer) -> Iterator[FaultProxy]:
+    p = FaultProxy(server.base_url)
+    try:
+        yield p
+    finally:
+        p.close()
+
+
+@pytest.fixture
+def transport() -> Iterator[FhirTransport]:
+    t = FhirTransport()
+    try:
+        yield t
+    finally:
+        t.close()
+
+
+def dest(url: str, **kw: Any) -> FhirSection:
+    return FhirSection(name="ehr", base_url=url, **kw)
+
+
+def new_patient() -> dict[str, str]:
+    return {"PatientID": f"MRN-{uuid.uuid4().hex[:10]}", "IssuerOfPatientID": "HOSP-A"}
+
+
+def counts(server: MedplumServer, result: StudyResult) -> dict[str, int]:
+    """How many resources of each kind the server holds for this result's patient and study."""
+    patient = server.search(f"Patient?identifier=urn:dicom:issuer:HOSP-A|{result.patient_id}")
+    uid = "identifier=urn:dicom:uid|urn:oid:"
+    out = {
+        "Patient": len(patient),
+        "Device": len(server.search(f"Device?{uid}{result.device_uid}")),
+        "ImagingStudy": len(server.search(f"ImagingStudy?{uid}{result.study_instance_uid}")),
+    }
+    if patient:
+        ref = f"Patient/{patient[0]['id']}"
+        for kind in ("Observation", "DiagnosticReport", "ServiceRequest"):
+            out[kind] = len(server.search(f"{kind}?subject={ref}"))
+        out["Task"] = len(server.search(f"Task?patient={ref}"))
+    return out
+
+
+def test_the_bundle_is_stored_and_every_stored_resource_validates(
+    server: MedplumServer, transport: FhirTransport
+) -> None:
+    result = study(**new_patient())
+    d = transport.deliver(dest(server.base_url), build_bundle(result, dest(server.base_url)))
+    assert (d.verdict, d.status) == ("delivered", "HTTP 200")
+    assert counts(server, result) == {"Patient": 1, "Device": 1, "ImagingStudy": 1, "Observation": 3,
+                                      "DiagnosticReport": 1, "ServiceRequest": 1, "Task": 0}  # fmt: skip
+    patient = server.search(f"Patient?identifier=urn:dicom:issuer:HOSP-A|{result.patient_id}")[0]
+    reports = server.search(f"DiagnosticReport?subject=Patient/{patient['id']}")
+    report = reports[0]
+    assert report["status"] == "preliminary" and report["conclusion"] == result.impression
+    for ref in [*report["result"], *report["imagingStudy"]]:  # references resolved to what was stored
+        kind, rid = ref["reference"].split("/")
+        assert server.search(f"{kind}?_id={rid}")
+    stored = [r for kind in KINDS for r in server.search(f"{kind}?_count=1000")]
+    assert len(stored) >= 8
+    for resource in stored:
+        assert server.validate(resource) == [], resource["resourceType"]
+    broken = {k: v for k, v in report.items() if k != "code"}  # the validator does find faults
+    assert any("code" in json.dumps(i) for i in server.validate(broken))
+
+
+def test_a_resend_creates_no_duplicate(server: MedplumServer, transport: FhirTransport) -> None:
+    result = study(**new_patient())
+    payload = build_bundle(result, dest(server.base_url))
+    for _ in range(3):
+        assert transport.deliver(dest(server.base_url), payload).verdict == "delivered"
+    assert counts(server, result) == {"Patient": 1, "Device": 1, "ImagingStudy": 1, "Observation": 3,
+                                      "DiagnosticReport": 1, "ServiceRequest": 1, "Task": 0}  # fmt: skip
+
+
+def test_a_later_revision_updates_the_report(server: MedplumServer, transport: FhirTransport) -> None:
+    first = study(**new_patient())
+    second = dataclasses.replace(first, revision=2, report_sop_instance_uid=generate_uid(),
+                                 impression=first.impression + "\nRevision 2.")  # fmt: skip
+    for r in (first, second):
+        assert transport.deliver(dest(server.base_url), build_bundle(r, dest(server.base_url))).verdict == "delivered"
+    assert counts(server, first)["DiagnosticReport"] == 1 and counts(server, first)["Observation"] == 3
+    report = server.search(f"DiagnosticReport?identifier=urn:strnet-agent:diagnostic-report|{first.study_instance_uid}")
+    assert len(report) == 1 and report[0]["conclusion"].endswith("Revision 2.")
+    assert {"system": "urn:dicom:uid", "value": f"urn:oid:{second.report_sop_instance_uid}", "use": "secondary"} in (
+        report[0]["identifier"]
+    )
+
+
+@pytest.mark.parametrize("kind", ["service-request", "task"])
+def test_a_second_positive_study_of_the_patient_makes_no_second_referral(
+    server: MedplumServer, transport: FhirTransport, kind: str
+) -> None:
+    patient = new_patient()
+    one, two = study(**patient), study(**patient)
+    target = dest(server.base_url, referral=kind)
+    for r in (one, two):
+        assert transport.deliver(target, build_bundle(r, target)).verdict == "delivered"
+    c = counts(server, one)
+    assert c["DiagnosticReport"] == 2 and c["Patient"] == 1
+    assert (c["ServiceRequest"], c["Task"]) == ((1, 0) if kind == "service-request" else (0, 1))
+
+
+def test_a_5xx_is_retried_and_the_token_is_read_for_every_request(
+    server: MedplumServer, proxy: FaultProxy, transport: FhirTransport, tmp_path: Path
+) -> None:
+    token = tmp_path / "token"
+    token.write_text("first-token\n")
+    target = dest(proxy.url, token_file=token)
+    result = study(**new_patient())
+    payload = build_bundle(result, target)
+    proxy.mode, proxy.authorizations[:] = "503", []
+    d = transport.deliver(target, payload)
+    assert (d.verdict, d.status, d.reason) == ("retry", "HTTP 503", "FHIR server answered HTTP 503 (transient)")
+    assert counts(server, result)["Patient"] == 0
+    token.write_text("renewed-token\n")
+    proxy.mode = "pass"
+    assert transport.deliver(target, payload).verdict == "delivered"
+    assert proxy.authorizations == ["Bearer first-token", "Bearer renewed-token"]
+    assert counts(server, result)["DiagnosticReport"] == 1
+
+
+def test_a_timeout_and_a_refused_connection_are_retried(proxy: FaultProxy, transport: FhirTransport) -> None:
+    payload = build_bundle(study(**new_patient()), dest(proxy.url))
+    proxy.mode = "slow"
+    try:
+        d = transport.deliver(dest(proxy.url, timeout_s=0.3), payload)
+    finally:
+        proxy.mode = "pass"
+    assert (d.verdict, d.status, d.reason) == ("retry", None, "FHIR request timed out")
+    d = transport.deliver(dest(f"http://127.0.0.1:{free_port()}/fhir"), payload)
+    assert (d.verdict, d.status) == ("retry", None) and d.reason.startswith("FHIR server unreachable (")
+
+
+def test_a_bundle_the_server_refuses_is_dead_with_codes_only(server: MedplumServer, transport: FhirTransport) -> None:
+    target = dest(server.base_url)
+    not_a_bundle = json.dumps({"resourceType": "Patient", "identifier": [{"value": "MRN-SECRET"}]}).encode()
+    d = transport.deliver(target, not_a_bundle)  # Medplum answers 400 "Not a bundle"
+    assert (d.verdict, d.status, d.reason) == (
+        "dead",
+        "HTTP 400",
+        "FHIR server refused the bundle (HTTP 400) (invalid)",
+    )
+    patient = {"resourceType": "Patient", "identifier": [{"value": "MRN-SECRET"}]}
+    no_request = {"resourceType": "Bundle", "type": "transaction", "entry": [{"resource": patient}]}
+    d = transport.deliver(target, json.dumps(no_request).encode())  # 200, its entry 400
+    assert (d.verdict, d.status) == ("dead", "HTTP 200")
+    assert d.reason == "FHIR transaction entries not stored (status 400) (invalid)"
