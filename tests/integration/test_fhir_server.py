@@ -55,12 +55,16 @@ class FaultProxy:
         self.target = target
         self.mode = "pass"
         self.authorizations: list[str | None] = []
+        self.client_ports: list[int] = []
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive, as a FHIR server would
+
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 proxy.authorizations.append(self.headers.get("Authorization"))
+                proxy.client_ports.append(self.client_address[1])
                 if proxy.mode == "503":
                     self.answer(503, {"resourceType": "OperationOutcome",
                                       "issue": [{"severity": "error", "code": "transient"}]})  # fmt: skip
@@ -183,6 +187,7 @@ def test_a_later_revision_updates_the_report(server: MedplumServer, transport: F
     assert counts(server, first)["DiagnosticReport"] == 1 and counts(server, first)["Observation"] == 3
     report = server.search(f"DiagnosticReport?identifier=urn:strnet-agent:diagnostic-report|{first.study_instance_uid}")
     assert len(report) == 1 and report[0]["conclusion"].endswith("Revision 2.")
+    assert report[0]["extension"] == [{"url": "urn:strnet-agent:99STRNET:revision", "valueInteger": 2}]
     assert {"system": "urn:dicom:uid", "value": f"urn:oid:{second.report_sop_instance_uid}", "use": "secondary"} in (
         report[0]["identifier"]
     )
@@ -210,7 +215,7 @@ def test_a_5xx_is_retried_and_the_token_is_read_for_every_request(
     target = dest(proxy.url, token_file=token)
     result = study(**new_patient())
     payload = build_bundle(result, target)
-    proxy.mode, proxy.authorizations[:] = "503", []
+    proxy.mode, proxy.authorizations[:], proxy.client_ports[:] = "503", [], []
     d = transport.deliver(target, payload)
     assert (d.verdict, d.status, d.reason) == ("retry", "HTTP 503", "FHIR server answered HTTP 503 (transient)")
     assert counts(server, result)["Patient"] == 0
@@ -218,6 +223,7 @@ def test_a_5xx_is_retried_and_the_token_is_read_for_every_request(
     proxy.mode = "pass"
     assert transport.deliver(target, payload).verdict == "delivered"
     assert proxy.authorizations == ["Bearer first-token", "Bearer renewed-token"]
+    assert len(set(proxy.client_ports)) == 1  # one session per destination: the connection was kept
     assert counts(server, result)["DiagnosticReport"] == 1
 
 
@@ -247,3 +253,19 @@ def test_a_bundle_the_server_refuses_is_dead_with_codes_only(server: MedplumServ
     d = transport.deliver(target, json.dumps(no_request).encode())  # 200, its entry 400
     assert (d.verdict, d.status) == ("dead", "HTTP 200")
     assert d.reason == "FHIR transaction entries not stored (status 400) (invalid)"
+
+
+def test_a_patient_the_server_knows_is_referenced_not_overwritten(
+    server: MedplumServer, transport: FhirTransport
+) -> None:
+    patient = new_patient()
+    known = {"resourceType": "Patient", "name": [{"family": "Mpi-Name"}],
+             "identifier": [{"system": "urn:dicom:issuer:HOSP-A", "value": patient["PatientID"]}]}  # fmt: skip
+    status, stored = server.request("POST", f"{server.base_url}/Patient", known)
+    assert status == 201
+    result = study(**patient)
+    assert transport.deliver(dest(server.base_url), build_bundle(result, dest(server.base_url))).verdict == "delivered"
+    found = server.search(f"Patient?identifier=urn:dicom:issuer:HOSP-A|{result.patient_id}")
+    assert len(found) == 1 and found[0]["name"] == [{"family": "Mpi-Name"}] and found[0]["id"] == stored["id"]
+    report = server.search(f"DiagnosticReport?subject=Patient/{stored['id']}")
+    assert len(report) == 1
