@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import ssl
+import subprocess
 import threading
 import time
 import urllib.request
@@ -23,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import free_port
+from conftest import free_port, require_tool
 from ehr_sample import study
 from fhir_server.medplum import MedplumServer
 from pydicom.uid import generate_uid
@@ -51,7 +53,7 @@ class FaultProxy:
     """Forwards to the real server unless told to answer 503 or to be slow; records the
     Authorization header of each request."""
 
-    def __init__(self, target: str) -> None:
+    def __init__(self, target: str, tls: ssl.SSLContext | None = None) -> None:
         self.target = target
         self.mode = "pass"
         self.authorizations: list[str | None] = []
@@ -93,8 +95,16 @@ class FaultProxy:
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/fhir"
+        class Server(ThreadingHTTPServer):
+            def handle_error(self, request: Any, client_address: Any) -> None:
+                pass  # a refused TLS handshake: the client's side is what the tests look at
+
+        self.httpd = Server(("127.0.0.1", 0), Handler)
+        scheme = "http"
+        if tls is not None:
+            self.httpd.socket = tls.wrap_socket(self.httpd.socket, server_side=True)
+            scheme = "https"
+        self.url = f"{scheme}://127.0.0.1:{self.httpd.server_address[1]}/fhir"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
         self.thread.start()
 
@@ -269,3 +279,46 @@ def test_a_patient_the_server_knows_is_referenced_not_overwritten(
     assert len(found) == 1 and found[0]["name"] == [{"family": "Mpi-Name"}] and found[0]["id"] == stored["id"]
     report = server.search(f"DiagnosticReport?subject=Patient/{stored['id']}")
     assert len(report) == 1
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+def _pki(d: Path) -> Path:
+    """A CA, another CA, a server certificate for 127.0.0.1 and a client certificate."""
+    require_tool("openssl")
+    for ca in ("ca", "otherca"):
+        _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{ca}.key", "-out", f"{ca}.crt",
+                 "-days", "2", "-subj", f"/CN={ca}", cwd=d)  # fmt: skip
+    for name, san in (("server", "IP:127.0.0.1"), ("client", "DNS:strnet")):
+        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+                 "-subj", f"/CN={name}", cwd=d)  # fmt: skip
+        (d / f"{name}.ext").write_text(f"subjectAltName={san}\n")
+        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+                 "-out", f"{name}.crt", "-days", "2", "-extfile", f"{name}.ext", cwd=d)  # fmt: skip
+    return d
+
+
+def test_https_verifies_the_server_with_ca_file_and_presents_the_client_certificate(
+    server: MedplumServer, transport: FhirTransport, tmp_path: Path
+) -> None:
+    pki = _pki(tmp_path)
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(pki / "ca.crt"))
+    ctx.load_cert_chain(str(pki / "server.crt"), str(pki / "server.key"))
+    ctx.verify_mode = ssl.CERT_REQUIRED  # mutual TLS: a client without a certificate is refused
+    tls = FaultProxy(server.base_url, tls=ctx)
+    try:
+        client = {"cert_file": pki / "client.crt", "key_file": pki / "client.key"}
+        result = study(**new_patient())
+        payload = build_bundle(result, dest(tls.url))
+        d = transport.deliver(dest(tls.url, ca_file=pki / "ca.crt", **client), payload)
+        assert d.verdict == "delivered" and counts(server, result)["DiagnosticReport"] == 1
+        untrusted = transport.deliver(dest(tls.url, ca_file=pki / "otherca.crt", **client), payload)
+        assert untrusted.verdict == "retry" and untrusted.reason == "FHIR server unreachable (SSLError)"
+        no_cert = transport.deliver(dest(tls.url, ca_file=pki / "ca.crt"), payload)
+        assert no_cert.verdict == "retry" and len(tls.authorizations) == 1
+        no_ca = transport.deliver(dest(tls.url, ca_file=tmp_path / "gone.crt", **client), payload)
+        assert (no_ca.verdict, no_ca.reason) == ("retry", "FHIR request could not be made (OSError)")
+    finally:
+        tls.close()
