@@ -15,7 +15,7 @@ DEB_FILES := /usr/share/orthanc/plugins/libOrthancDicomWeb.so /usr/share/orthanc
 OHIF_VERSION := 3.13.2
 OHIF_DIR := $(VENV)/ohif-$(OHIF_VERSION)
 # Medplum's FHIR router and in-memory repository, the R4 server of tests/integration/test_fhir_server.py
-MEDPLUM_VERSION := 5.2.13
+MEDPLUM_VERSION := 4.5.2
 MEDPLUM_DIR := $(VENV)/medplum-$(MEDPLUM_VERSION)
 PYTEST_ARGS ?=
 BENCH ?= tests/bench

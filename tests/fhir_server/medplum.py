@@ -15,7 +15,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-MEDPLUM_VERSION = "5.2.13"  # the Makefile's MEDPLUM_VERSION
+MEDPLUM_VERSION = "4.5.2"  # the Makefile's MEDPLUM_VERSION
 MEDPLUM_DIR = Path(__file__).resolve().parents[2] / ".venv" / f"medplum-{MEDPLUM_VERSION}"
 SCRIPT = Path(__file__).with_name("medplum_server.js")
 
@@ -61,7 +61,8 @@ class MedplumServer:
         return [e["resource"] for e in bundle.get("entry", [])]
 
     def validate(self, resource: dict[str, Any]) -> list[dict[str, Any]]:
-        """Medplum's validateResource over the R4 StructureDefinitions: the issues (none: valid)."""
+        """Medplum's validateResource over the R4 StructureDefinitions, and the required bindings of
+        the ``code`` elements: the issues (none: valid)."""
         status, outcome = self.request("POST", f"{self.origin}/$validate", resource)
         assert status in (200, 422), (status, outcome)
         return list(outcome.get("issue", []))

@@ -171,12 +171,19 @@ def test_the_bundle_is_stored_and_every_stored_resource_validates(
     for ref in [*report["result"], *report["imagingStudy"]]:  # references resolved to what was stored
         kind, rid = ref["reference"].split("/")
         assert server.search(f"{kind}?_id={rid}")
+    task_dest = dest(server.base_url, referral="task")  # the other referral, stored and validated too
+    other = study(**new_patient())
+    assert transport.deliver(task_dest, build_bundle(other, task_dest)).verdict == "delivered"
     stored = [r for kind in KINDS for r in server.search(f"{kind}?_count=1000")]
-    assert len(stored) >= 8
+    assert {r["resourceType"] for r in stored} == set(KINDS)
     for resource in stored:
         assert server.validate(resource) == [], resource["resourceType"]
-    broken = {k: v for k, v in report.items() if k != "code"}  # the validator does find faults
-    assert any("code" in json.dumps(i) for i in server.validate(broken))
+    # the validator does find faults: a required element missing, a code outside its required binding
+    missing = server.validate({k: v for k, v in report.items() if k != "code"})
+    assert [i["expression"] for i in missing] == [["DiagnosticReport.code"]]
+    task = next(r for r in stored if r["resourceType"] == "Task")
+    unbound = server.validate({**task, "intent": "suggestion", "identifier": [{"use": "main", "value": "x"}]})
+    assert sorted(i["expression"][0] for i in unbound) == ["Task.identifier[0].use", "Task.intent"]
 
 
 def test_a_resend_creates_no_duplicate(server: MedplumServer, transport: FhirTransport) -> None:
