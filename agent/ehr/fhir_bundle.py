@@ -77,9 +77,17 @@ def _oid(uid: str) -> str:
     return f"urn:oid:{uid}"
 
 
+def _token(text: str) -> str:
+    """A system or value in a token search: FHIR's escapes for its separators (``\\``, ``,``, ``$``,
+    ``|``; R4 search 3.1.1.5.7), then those of a URL query."""
+    for char in ("\\", ",", "$", "|"):
+        text = text.replace(char, "\\" + char)
+    return quote(text, safe=":/.-_")
+
+
 def _search(system: str, value: str) -> str:
-    """``identifier=system|value`` as a search parameter (the characters of a query escaped)."""
-    return "identifier=" + quote(f"{system}|{value}", safe=":/.|-_")
+    """``identifier=system|value`` as a search parameter."""
+    return f"identifier={_token(system)}|{_token(value)}"
 
 
 def _full_url(resource_type: str, system: str, value: str) -> str:

@@ -195,6 +195,19 @@ def test_a_resend_creates_no_duplicate(server: MedplumServer, transport: FhirTra
                                       "DiagnosticReport": 1, "ServiceRequest": 1, "Task": 0}  # fmt: skip
 
 
+def test_a_patient_id_with_search_separators_is_still_found_on_a_resend(
+    server: MedplumServer, transport: FhirTransport
+) -> None:
+    """The conditional create's search escapes FHIR's separators and the URL's (R4 search 3.1.1.5.7)."""
+    odd = {"PatientID": f"MRN,{uuid.uuid4().hex[:6]} &+%$", "IssuerOfPatientID": "Hosp A/&"}
+    result = study(**odd)
+    payload = build_bundle(result, dest(server.base_url))
+    for _ in range(2):
+        assert transport.deliver(dest(server.base_url), payload).verdict == "delivered"
+    found = [p for p in server.search("Patient?_count=1000") if p["identifier"][0]["value"] == odd["PatientID"]]
+    assert len(found) == 1 and found[0]["identifier"][0]["system"] == "urn:dicom:issuer:Hosp%20A%2F%26"
+
+
 def test_a_later_revision_updates_the_report(server: MedplumServer, transport: FhirTransport) -> None:
     first = study(**new_patient())
     second = dataclasses.replace(first, revision=2, report_sop_instance_uid=generate_uid(),

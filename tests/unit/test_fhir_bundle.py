@@ -159,3 +159,10 @@ def test_a_value_r4_does_not_allow_is_refused_with_its_path_only() -> None:
         build_bundle(bad, dest())
     text = str(err.value)
     assert "valueInteger" in text and "MRN-0042" not in text
+
+
+def test_the_conditional_search_escapes_fhir_and_url_separators() -> None:
+    b = bundle(study(PatientID="A,B|C$D &E", IssuerOfPatientID=""))
+    assert by_type(b)["Patient"][0]["request"]["ifNoneExist"] == (
+        "identifier=urn:oid:1.2.840.10008.2.16.4|A%5C%2CB%5C%7CC%5C%24D%20%26E"
+    )
