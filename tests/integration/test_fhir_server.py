@@ -230,8 +230,13 @@ def test_a_second_positive_study_of_the_patient_makes_no_second_referral(
     patient = new_patient()
     one, two = study(**patient), study(**patient)
     target = dest(server.base_url, referral=kind)
-    for r in (one, two):
-        assert transport.deliver(target, build_bundle(r, target)).verdict == "delivered"
+    assert transport.deliver(target, build_bundle(one, target)).verdict == "delivered"
+    kind_name = "ServiceRequest" if kind == "service-request" else "Task"
+    patient_ref = "Patient/" + server.search(f"Patient?identifier=urn:dicom:issuer:HOSP-A|{one.patient_id}")[0]["id"]
+    first = server.search(f"{kind_name}?{'subject' if kind == 'service-request' else 'patient'}={patient_ref}")[0]
+    status, _ = server.request("PUT", f"{server.base_url}/{kind_name}/{first['id']}", {**first, "status": "completed"})
+    assert status == 200  # done already: a referral with any status still counts
+    assert transport.deliver(target, build_bundle(two, target)).verdict == "delivered"
     c = counts(server, one)
     assert c["DiagnosticReport"] == 2 and c["Patient"] == 1
     assert (c["ServiceRequest"], c["Task"]) == ((1, 0) if kind == "service-request" else (0, 1))
@@ -294,25 +299,35 @@ def test_a_patient_the_server_knows_is_referenced_not_overwritten(
     status, stored = server.request("POST", f"{server.base_url}/Patient", known)
     assert status == 201
     result = study(**patient)
+    uid = {"system": "urn:dicom:uid", "value": f"urn:oid:{result.study_instance_uid}"}
+    registered = {"resourceType": "ImagingStudy", "status": "available", "description": "from the PACS",
+                  "subject": {"reference": f"Patient/{stored['id']}"}, "identifier": [uid]}  # fmt: skip
+    assert server.request("POST", f"{server.base_url}/ImagingStudy", registered)[0] == 201
     assert transport.deliver(dest(server.base_url), build_bundle(result, dest(server.base_url))).verdict == "delivered"
     found = server.search(f"Patient?identifier=urn:dicom:issuer:HOSP-A|{result.patient_id}")
     assert len(found) == 1 and found[0]["name"] == [{"family": "Mpi-Name"}] and found[0]["id"] == stored["id"]
     report = server.search(f"DiagnosticReport?subject=Patient/{stored['id']}")
     assert len(report) == 1
+    studies = server.search(f"ImagingStudy?identifier=urn:dicom:uid|urn:oid:{result.study_instance_uid}")
+    assert len(studies) == 1 and studies[0]["description"] == "from the PACS"
+    assert report[0]["imagingStudy"] == [{"reference": f"ImagingStudy/{studies[0]['id']}"}]
 
 
 def _openssl(*args: str, cwd: Path) -> None:
     subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
 
 
+_EC_KEY = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
+
+
 def _pki(d: Path) -> Path:
     """A CA, another CA, a server certificate for 127.0.0.1 and a client certificate."""
     require_tool("openssl")
     for ca in ("ca", "otherca"):
-        _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{ca}.key", "-out", f"{ca}.crt",
+        _openssl("req", "-x509", *_EC_KEY, "-keyout", f"{ca}.key", "-out", f"{ca}.crt",
                  "-days", "2", "-subj", f"/CN={ca}", cwd=d)  # fmt: skip
     for name, san in (("server", "IP:127.0.0.1"), ("client", "DNS:strnet")):
-        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+        _openssl("req", *_EC_KEY, "-keyout", f"{name}.key", "-out", f"{name}.csr",
                  "-subj", f"/CN={name}", cwd=d)  # fmt: skip
         (d / f"{name}.ext").write_text(f"subjectAltName={san}\n")
         _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
@@ -340,5 +355,8 @@ def test_https_verifies_the_server_with_ca_file_and_presents_the_client_certific
         assert no_cert.verdict == "retry" and len(tls.authorizations) == 1
         no_ca = transport.deliver(dest(tls.url, ca_file=tmp_path / "gone.crt", **client), payload)
         assert (no_ca.verdict, no_ca.reason) == ("retry", "FHIR request could not be made (OSError)")
+        gone = {"cert_file": tmp_path / "gone.crt", "key_file": pki / "client.key"}
+        no_cert_file = transport.deliver(dest(tls.url, ca_file=pki / "ca.crt", **gone), payload)
+        assert no_cert_file.verdict == "retry" and len(tls.authorizations) == 1
     finally:
         tls.close()
