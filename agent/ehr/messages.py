@@ -60,9 +60,19 @@ def routes(settings: Settings) -> list[MessageRoute]:
     return [_hl7(d) for d in settings.hl7] + [_fhir(d) for d in settings.fhir]
 
 
-def transports() -> dict[str, Callable[[], MessageTransport]]:
-    """A transport factory per message kind (each sender lane makes its own)."""
-    from agent.ehr.fhir_client import FhirTransport
+def _mllp() -> MessageTransport:
     from agent.ehr.mllp import MllpTransport
 
-    return {HL7: MllpTransport, FHIR: FhirTransport}
+    return MllpTransport()
+
+
+def _fhir_transport() -> MessageTransport:
+    from agent.ehr.fhir_client import FhirTransport
+
+    return FhirTransport()
+
+
+def transports() -> dict[str, Callable[[], MessageTransport]]:
+    """A transport factory per message kind (each sender lane makes its own; a kind's library is
+    imported when a lane first needs it)."""
+    return {HL7: _mllp, FHIR: _fhir_transport}

@@ -17,6 +17,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Sequence
+from datetime import UTC
 from typing import Any
 
 from pydicom import dcmread
@@ -178,7 +179,8 @@ class StudyReporter:
         try:
             result = study_result(
                 sources, findings, report_sop_instance_uid=sr.sop_instance_uid,
-                report_series_instance_uid=sr.series_instance_uid, revision=ready.revision, reported_at=utcnow(),
+                report_series_instance_uid=sr.series_instance_uid, revision=ready.revision,
+                reported_at=utcnow().replace(tzinfo=UTC),  # aware: messages state the zone
             )  # fmt: skip
         except _MESSAGE_ERRORS as exc:
             result, failed = None, f"message content could not be read: {reason_of(exc)}"

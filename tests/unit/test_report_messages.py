@@ -52,11 +52,11 @@ def _route(name: str, kind: str, build: object, send_swept: bool = True) -> Mess
 def make_reporter(tmp_path: Path) -> Iterator[object]:
     made: list[StudyReporter] = []
 
-    def make(routes: list[MessageRoute], send: bool = True) -> StudyReporter:
+    def make(routes: list[MessageRoute] | None, send: bool = True, **over: object) -> StudyReporter:
         pacs = [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": free_port()}]
         settings = agent_settings(
             tmp_path / f"agent{len(made)}", pacs=pacs, sender={"send": send},
-            reporting={"build_processes": 0, "quiet_period_s": 0, "overlay": False},
+            reporting={"build_processes": 0, "quiet_period_s": 0, "overlay": False}, **over,
         )  # fmt: skip
         r = StudyReporter(settings, open_database(settings), Spool(settings.spool_dir), Spool(settings.results_dir),
                           served_model=lambda: SERVED, message_routes=routes)  # fmt: skip
@@ -134,3 +134,18 @@ def test_a_destination_without_send_swept_gets_live_studies_only(make_reporter: 
     _screened(live)
     assert live.report_ready_studies() == 1
     assert set(_rows(live)) == {"pacs", "all", "live-only"}
+
+
+def test_the_configured_hl7_and_fhir_builders_make_their_messages(make_reporter: object) -> None:
+    """The routes of [[hl7]] and [[fhir]] (agent/ehr/messages.py) with the real builders."""
+    reporter = make_reporter(  # type: ignore[operator]
+        None,
+        hl7=[{"name": "ehr-hl7", "host": "127.0.0.1", "port": free_port()}],
+        fhir=[{"name": "ehr-fhir", "base_url": "http://127.0.0.1:9/fhir"}],
+    )
+    _screened(reporter)
+    assert reporter.report_ready_studies() == 1
+    rows = _rows(reporter)
+    assert (rows["ehr-hl7"].state, rows["ehr-fhir"].state) == ("PENDING", "PENDING"), rows["ehr-fhir"].last_error
+    assert reporter.results.path(rows["ehr-hl7"].path).read_bytes().startswith(b"MSH|^~\\&|STRNET|")
+    assert b'"resourceType": "Bundle"' in reporter.results.path(rows["ehr-fhir"].path).read_bytes().replace(b'":"', b'": "')
