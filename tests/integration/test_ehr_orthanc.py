@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import dicom_factory as factory
 import hl7
 import pytest
 from conftest import AGENT_AET, free_port, require_tool
@@ -18,7 +19,6 @@ from fhir_server.medplum import MedplumServer
 from mllp_listener import Listener
 from screening_helpers import wait_for
 
-import dicom_factory as factory
 from agent.demo.orthanc import LocalOrthanc
 from agent.domain import OutboxState
 from agent.queue import outbox
