@@ -10,6 +10,7 @@ builders have their own tests); the reporter, outbox and database are the real o
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -148,4 +149,5 @@ def test_the_configured_hl7_and_fhir_builders_make_their_messages(make_reporter:
     rows = _rows(reporter)
     assert (rows["ehr-hl7"].state, rows["ehr-fhir"].state) == ("PENDING", "PENDING"), rows["ehr-fhir"].last_error
     assert reporter.results.path(rows["ehr-hl7"].path).read_bytes().startswith(b"MSH|^~\\&|STRNET|")
-    assert b'"resourceType": "Bundle"' in reporter.results.path(rows["ehr-fhir"].path).read_bytes().replace(b'":"', b'": "')
+    bundle = json.loads(reporter.results.path(rows["ehr-fhir"].path).read_bytes())
+    assert bundle["resourceType"] == "Bundle" and bundle["type"] == "transaction"
