@@ -123,12 +123,15 @@ def test_coordinator_works_a_patient_through_the_browser(
         assert page.eval_on_selector("#trend", "e => e.naturalWidth") > 0
         _shot(page, tmp_path, "patient.png")
 
-        # record DXA ordered with a note
+        # a radiologist confirmed the patient's flag (the pathway: tests/browser/test_fls_browser.py)
+        with seeded.agent.db.transaction() as s:
+            s.query(FlaggedPatient).filter(FlaggedPatient.patient_id == "WEBP-0001").update({"status": "confirmed"})
+        # record DXA referred with a note
         page.select_option("#fu-action", "dxa_ordered")
         page.fill("#fu-note", "DXA booked at the bone clinic")
         with page.expect_navigation():
             page.click("#fu-save")
-        expect(page.locator("#status")).to_have_text("dxa ordered")
+        expect(page.locator("#status")).to_have_text("DXA referred")
         assert "DXA booked at the bone clinic" in page.inner_text("#timeline")
 
         # back to the list, filter on the new status, export
