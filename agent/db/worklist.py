@@ -174,7 +174,10 @@ def flagged_page(db: Database, f: FlaggedFilter, paginate: bool = True) -> tuple
     with db.reading() as s:
         base = _filtered(f)
         total = int(s.execute(select(func.count()).select_from(base.subquery())).scalar_one())
-        q = base.order_by(col.desc() if f.descending else col.asc(), FlaggedPatient.id)
+        key = col.desc() if f.descending else col.asc()
+        if f.sort == "referred":  # never referred: last, whichever the direction
+            key = key.nulls_last()
+        q = base.order_by(key, FlaggedPatient.id)
         if paginate:
             q = q.limit(f.per_page).offset((max(1, f.page) - 1) * f.per_page)
         return [FlaggedRow.of(r) for r in s.execute(q).scalars()], total
