@@ -284,7 +284,7 @@ class FlaggedPatient(Base):
 
 
 class FollowUpEvent(Base):
-    """A coordinator's action on a flagged patient (reviewed, DXA ordered/done, closed)."""
+    """A coordinator's step on a flagged patient (DXA referred/done, treatment, closed; agent/db/fls.py)."""
 
     __tablename__ = "follow_up_events"
 

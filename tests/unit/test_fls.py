@@ -272,3 +272,32 @@ def test_migration_0008_turns_reviewed_into_new_and_starts_the_clock_of_the_refe
     with sqlite3.connect(path) as con:
         got = con.execute("SELECT id, status, referred_at FROM patients_flagged ORDER BY id").fetchall()
     assert got == [(1, "new", None), (2, "dxa_ordered", "2026-02-03 10:00:00.000000")]
+
+
+def test_the_scheduled_digest_writes_the_overdue_list_beside_the_new_flags(db: Database, tmp_path: Path) -> None:
+    from agent.config import load_settings
+    from agent.scheduler import build_scheduler
+    from agent.spool import Spool
+
+    folder = tmp_path / "digest"
+    settings = load_settings(None, search_default=False, digest={"folder": str(folder)}, fls={"overdue_days": 10})
+    sched = build_scheduler(db, Spool(tmp_path / "spool"), 3600.0, None, None, settings=settings)
+    job = sched.get_job("daily_digest")
+    assert job is not None
+    job.func()  # what the scheduler runs at [digest] hour_utc
+    day = f"{utcnow():%Y%m%d}"
+    assert sorted(p.name for p in folder.iterdir()) == [f"strnet-flags-{day}.csv", f"strnet-overdue-{day}.csv"]
+    # nobody overdue: a header line only; each file is an export event of the digest
+    assert (folder / f"strnet-overdue-{day}.csv").read_text().splitlines() == [
+        "registry_id,patient_id,patient_name,referred_at,days_waiting,overdue_days"
+    ]
+    screened(db, "FLS-8", [0.9])
+    set_state(db, flagged(db, "FLS-8").id, "dxa_ordered", utcnow() - timedelta(days=11))
+    job.func()
+    lines = (folder / f"strnet-overdue-{day}.csv").read_text().splitlines()
+    assert len(lines) == 2 and ",FLS-8," in lines[1] and lines[1].endswith(",11,10")
+    with db.reading() as s:
+        exports = [e for e in s.execute(select(AuditEvent).where(AuditEvent.event_code == "110106")).scalars()]
+    last = exports[-1]
+    assert (last.actor, (last.detail or {}).get("file")) == ("strnet-digest", f"strnet-overdue-{day}.csv")
+    assert sum(1 for e in exports if str((e.detail or {}).get("file", "")).startswith("strnet-overdue-")) == 2

@@ -94,9 +94,12 @@ def test_only_a_radiologist_confirms_or_rejects_and_a_refusal_is_audited(app: An
     assert 'action="/results/' not in viewer.get(f"/patients/{fp.id}").text
     assert f'action="/results/{finding}/assessment"' in rita.get(f"/patients/{fp.id}").text
     token = csrf_of(viewer.get(f"/patients/{fp.id}").text)
-    for client in (viewer, admin):
+    for client in (viewer, admin, auditor):
         r = client.post(f"/results/{finding}/assessment", data={"csrf_token": token, "verdict": "agree"})
         assert r.status_code == 403
+    # the radiologist otherwise works as a viewer: the worklist and its export, not dead letters or the audit log
+    assert rita.get("/flagged").status_code == 200 and rita.get("/flagged/export.csv").status_code == 200
+    assert rita.get("/dead-letters").status_code == 403 and rita.get("/audit").status_code == 403
     assert auditor.post(f"/patients/{fp.id}/follow-up", data={"action": "closed"}).status_code == 403
     assert rows_of(db, FindingAssessment) == [] and patient(db, "WEBP-0001").status == "new"
     alerts = [e for e in rows_of(db, AuditEvent) if e.event_code == "110113" and (e.detail or {}).get("refused")]
@@ -125,8 +128,13 @@ def test_a_step_out_of_order_is_409_and_records_nothing(app: Any, seeded: Seeded
     ):
         r = step(viewer, fp.id, action, **extra)
         assert r.status_code == 409, action
-        assert "a radiologist first confirms or rejects" in re.sub(r"\s+", " ", r.text)
+        beside = re.search(r'id="fu-action-error">([^<]+)<', r.text)
+        assert beside and "a radiologist first confirms or rejects" in beside.group(1)
         assert re.search(rf'<option value="{action}" selected>', r.text)  # the form keeps what was chosen
+    # a DXA date with another step: refused beside the date, kept as typed
+    r = step(viewer, fp.id, "closed", dxa_date="2026-01-02", note="x")
+    assert r.status_code == 400 and 'id="fu-d-error">A DXA date belongs to' in r.text
+    assert 'value="2026-01-02"' in r.text and re.search(r'<option value="closed" selected>', r.text)
     assert len(rows_of(db, FollowUpEvent)) == before and patient(db, "WEBP-0002").status == "new"
     assert "Waiting for a radiologist" in viewer.get(f"/patients/{fp.id}").text
 
@@ -195,6 +203,7 @@ def test_overdue_referrals_are_marked_filtered_and_sorted(app: Any, seeded: Seed
     assert viewer.get("/flagged?overdue=yes").status_code == 400
     export = list(csv.DictReader(io.StringIO(viewer.get("/flagged/export.csv?overdue=1").text.lstrip("\ufeff"))))
     assert [(r["patient_id"], r["overdue"]) for r in export] == [("WEBP-0003", "yes")]
+    assert export[0]["referred_utc"][:10] == (utcnow() - timedelta(days=50)).date().isoformat()
     # another site waits 60 days: the same referral is not overdue there
     settings = seeded.agent.settings
     later = create_app(settings.model_copy(update={"fls": settings.fls.model_copy(update={"overdue_days": 60})}), db)
