@@ -201,6 +201,7 @@ def test_overdue_referrals_are_marked_filtered_and_sorted(app: Any, seeded: Seed
         assert back is not None
         back.referred_at, back.status = None, "new"
     assert viewer.get("/flagged?overdue=yes").status_code == 400
+    assert re.search(r"<th>DXA referred</th><td>1</td>", viewer.get("/status").text)  # the status page's count
     export = list(csv.DictReader(io.StringIO(viewer.get("/flagged/export.csv?overdue=1").text.lstrip("\ufeff"))))
     assert [(r["patient_id"], r["overdue"]) for r in export] == [("WEBP-0003", "yes")]
     assert export[0]["referred_utc"][:10] == (utcnow() - timedelta(days=50)).date().isoformat()

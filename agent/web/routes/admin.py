@@ -215,6 +215,7 @@ def status(request: Request, sess: AnySession) -> Response:
             "backlog": sum(items.get(s, 0) for s in OUTBOX_BACKLOG),
             "s": summary,
             "chain": chain,
+            "labels": fls.STATUS_LABELS,
             "model": request.app.state.model_info(),
             "num": shown_number,
         },
