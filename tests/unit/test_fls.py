@@ -13,13 +13,15 @@ from datetime import date, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
 from sqlalchemy import select, update
 
 from agent.audit import trail
 from agent.clock import utcnow
 from agent.db import fls
 from agent.db.engine import Database, upgrade
-from agent.db.models import AuditEvent, FindingAssessment, FlaggedPatient, FollowUpEvent, Job, Result, Study
+from agent.db.models import AuditEvent, Base, FindingAssessment, FlaggedPatient, FollowUpEvent, Job, Result, Study
 from agent.db.registry import FOLLOW_UP_STATUSES, upsert_flag
 from agent.domain import Eligibility, IncomingInstance, InstanceRef
 from agent.ops.digest import write_overdue
@@ -272,6 +274,11 @@ def test_migration_0008_turns_reviewed_into_new_and_starts_the_clock_of_the_refe
     with sqlite3.connect(path) as con:
         got = con.execute("SELECT id, status, referred_at FROM patients_flagged ORDER BY id").fetchall()
     assert got == [(1, "new", None), (2, "dxa_ordered", "2026-02-03 10:00:00.000000")]
+    with db.engine.connect() as conn:  # the models and the migration agree on what 0008 touches
+        diffs = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+    touched = ("finding_assessments", "patients_flagged", "follow_up_events")
+    assert [d for d in diffs if any(t in str(d) for t in touched)] == []
+    db.dispose()
 
 
 def test_the_scheduled_digest_writes_the_overdue_list_beside_the_new_flags(db: Database, tmp_path: Path) -> None:
