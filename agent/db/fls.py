@@ -20,8 +20,10 @@ from __future__ import annotations
 import math
 import statistics
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -433,9 +435,24 @@ def _row(
     )
 
 
+def _month_range(patients: Sequence[Any]) -> list[str]:
+    """Every month from the first flag's to the last one's, those without a flag included."""
+    if not patients:
+        return []
+    firsts = [p[2] for p in patients]
+    y, m = min(firsts).year, min(firsts).month
+    last = (max(firsts).year, max(firsts).month)
+    out = []
+    while (y, m) <= last:
+        out.append(f"{y:04d}-{m:02d}")
+        y, m = (y + 1, 1) if m == 12 else (y, m + 1)
+    return out
+
+
 def evidence(db: Database) -> list[EvidenceRow]:
-    """Per month of first flag, oldest first, then "all": patients per current state, time from
-    flag to DXA (median, n) and observed PPV against the measured T-scores."""
+    """Per month of first flag, oldest first (a month without a flag has its row of zeros), then
+    "all": patients per current state, time from flag to DXA (median, n) and observed PPV against
+    the measured T-scores."""
     with db.reading() as s:
         patients = s.execute(
             select(FlaggedPatient.id, FlaggedPatient.status, FlaggedPatient.first_flagged_at).order_by(
@@ -451,9 +468,9 @@ def evidence(db: Database) -> list[EvidenceRow]:
     for fid, t, day, at in events:  # the latest counts; one without a date (before 0008) by its entry
         if t is not None:
             dxa[int(fid)] = (float(t), day or at.date())
-    months: dict[str, list[tuple[int, str, datetime]]] = {}
+    months: dict[str, list[tuple[int, str, datetime]]] = {m: [] for m in _month_range(patients)}
     for pid, status, first in patients:
-        months.setdefault(f"{first:%Y-%m}", []).append((int(pid), str(status), first))
+        months[f"{first:%Y-%m}"].append((int(pid), str(status), first))
     out = [
         _row(m, [(st, f) for _, st, f in rows], dxa, [i for i, _, _ in rows]) for m, rows in months.items()
     ]

@@ -176,6 +176,7 @@ def evidence_png(months: list[EvidenceRow]) -> bytes:
 def evidence_figure(months: list[EvidenceRow]) -> Figure:
     """The evidence chart as a figure, its legend below the plot. Call under ``_plot_lock``."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     fig = Figure(figsize=(7.0, 3.1), dpi=100, layout="constrained")
     ax = fig.add_subplot(1, 1, 1)
@@ -184,6 +185,7 @@ def evidence_figure(months: list[EvidenceRow]) -> Figure:
     ax.bar(x + 0.2, [m.dxa_n for m in months], 0.4, color="#1f4e79", label="with DXA result")
     ax.set_ylabel("patients")
     ax.set_ylim(0, max([1, *(m.flagged for m in months)]) * 1.15)
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax2 = ax.twinx()
     with_dxa = [i for i, m in enumerate(months) if m.dxa_n]
     ax2.plot(with_dxa, [months[i].low_n / months[i].dxa_n for i in with_dxa], "o-", color="#b03a2e",

@@ -221,7 +221,8 @@ def test_overdue_starts_after_overdue_days_and_ends_with_the_dxa(db: Database, t
 
 def test_evidence_per_month_counts_states_days_to_dxa_and_ppv(db: Database) -> None:
     measured = {"E-1": (-2.7, 10), "E-2": (-1.0, 20), "E-3": (0.5, 40), "E-4": (-1.5, 7)}
-    months = {"E-1": "2026-01-05", "E-2": "2026-01-20", "E-3": "2026-01-30", "E-4": "2026-02-03", "E-5": "2026-02-09"}
+    months = {"E-1": "2026-01-05", "E-2": "2026-01-20", "E-3": "2026-01-30", "E-4": "2026-02-03", "E-5": "2026-02-09",
+              "E-6": "2026-04-30"}  # fmt: skip
     for pid in months:
         screened(db, pid, [0.9])
     with db.transaction() as s:
@@ -239,7 +240,9 @@ def test_evidence_per_month_counts_states_days_to_dxa_and_ppv(db: Database) -> N
     assert fls.record_step(db, fp.id, "carol", "treatment", None)
     rows = {r.month: r for r in fls.evidence(db)}
     jan, feb, total = rows["2026-01"], rows["2026-02"], rows["all"]
-    assert list(rows) == ["2026-01", "2026-02", "all"]
+    assert list(rows) == ["2026-01", "2026-02", "2026-03", "2026-04", "all"]
+    assert (rows["2026-03"].flagged, rows["2026-03"].dxa_n, rows["2026-03"].ppv_low) == (0, 0, None)  # no flag: zeros
+    assert rows["2026-04"].flagged == 1
     assert (jan.flagged, jan.by_state["treatment"], jan.by_state["dxa_done"], jan.dxa_n) == (3, 1, 2, 3)
     assert (jan.days_to_dxa_median, jan.low_n, jan.osteoporosis_n) == (20.0, 2, 1)
     assert jan.ppv_low == pytest.approx(2 / 3) and jan.ppv_osteoporosis == pytest.approx(1 / 3)
@@ -247,12 +250,12 @@ def test_evidence_per_month_counts_states_days_to_dxa_and_ppv(db: Database) -> N
         2, 1, 1, 7.0, 1,
     )  # fmt: skip
     assert (total.flagged, total.dxa_n, total.days_to_dxa_median, total.low_n, total.osteoporosis_n) == (
-        5, 4, 15.0, 3, 1,
+        6, 4, 15.0, 3, 1,
     )  # fmt: skip
     cells = dict(zip(fls.EVIDENCE_COLUMNS, fls.evidence_cells(total), strict=True))
     assert (cells["ppv_t_le_-1.0"], cells["ppv_t_le_-2.5"]) == ("0.750", "0.250")
     assert cells["days_flag_to_dxa_median"] == "15"
-    assert sum(total.by_state.values()) == 5
+    assert sum(total.by_state.values()) == 6
 
 
 def test_migration_0008_turns_reviewed_into_new_and_starts_the_clock_of_the_referred(tmp_path: Path) -> None:
