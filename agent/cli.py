@@ -245,7 +245,10 @@ FLAGGED_FIELDS = (
 @flagged_app.command("list")
 def flagged_list(
     config: ConfigOpt = None,
-    status: Annotated[str | None, typer.Option(help="new, reviewed, dxa_ordered, dxa_done or closed.")] = None,
+    status: Annotated[
+        str | None,
+        typer.Option(help="new, confirmed, rejected, dxa_ordered, dxa_done, treatment, no_treatment or closed."),
+    ] = None,
     since: Annotated[
         str | None,
         typer.Option(help="Flagged (for the first time or again) on or after this date, UTC (YYYY-MM-DD)."),

@@ -477,6 +477,16 @@ class DigestSection(_Section):
     hour_utc: int = Field(6, ge=0, le=23, description="Hour (UTC) at which the daily digest is written.")
 
 
+class FlsSection(_Section):
+    overdue_days: int = Field(
+        42,
+        ge=1,
+        le=3650,
+        description="A patient referred for DXA with no DXA result after this many days is overdue "
+        "(worklist marker and filter, the daily digest's overdue list).",
+    )
+
+
 class WebSection(_Section):
     enabled: bool = Field(True, description="Serve the admin web from `strnet serve` (`--no-web` turns it off).")
     bind: str = Field("127.0.0.1", description="Address of the admin web.")
@@ -589,6 +599,7 @@ class Settings(BaseSettings):
     retention: RetentionSection = Field(default_factory=RetentionSection)
     backup: BackupSection = Field(default_factory=BackupSection)
     digest: DigestSection = Field(default_factory=DigestSection)
+    fls: FlsSection = Field(default_factory=FlsSection)
     web: WebSection = Field(default_factory=WebSection)
     sweep: SweepSection = Field(default_factory=SweepSection)
     hl7: list[Hl7Section] = Field(default_factory=list, description="HL7 v2 ORU^R01 destinations (MLLP).")

@@ -109,11 +109,16 @@ def build_scheduler(
             next_run_time=datetime.now(UTC) + timedelta(seconds=60),
         )
     if settings is not None and settings.digest.folder is not None:
-        from agent.ops.digest import write_digest
+        from agent.ops.digest import write_digest, write_overdue
 
-        folder = settings.digest.folder
+        folder, overdue_days = settings.digest.folder, settings.fls.overdue_days
+
+        def digest() -> None:
+            write_digest(db, folder)
+            write_overdue(db, folder, overdue_days)
+
         sched.add_job(
-            _guarded("daily_digest", lambda: write_digest(db, folder)),
+            _guarded("daily_digest", digest),
             "cron",
             hour=settings.digest.hour_utc,
             minute=0,

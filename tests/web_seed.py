@@ -39,6 +39,7 @@ PASSWORDS = {
     "vera": ("viewer", "viewer-pass-1"),
     "adam": ("admin", "admin-pass-1"),
     "audrey": ("auditor", "auditor-pass-1"),
+    "rita": ("radiologist", "radiologist-pass-1"),
 }
 
 

@@ -5,11 +5,12 @@ Every schema change goes through an Alembic migration in ``agent/db/migrations``
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import date, datetime
 
 from sqlalchemy import (
     JSON,
     Boolean,
+    Date,
     DateTime,
     Float,
     ForeignKey,
@@ -278,10 +279,12 @@ class FlaggedPatient(Base):
     probability: Mapped[float] = mapped_column(Float)
     severity: Mapped[str | None] = mapped_column(String(16))
     t_score: Mapped[float] = mapped_column(Float)
+    # FLS pathway: when the patient was referred for DXA (the overdue clock); cleared on reopening
+    referred_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), index=True)
 
 
 class FollowUpEvent(Base):
-    """A coordinator's action on a flagged patient (reviewed, DXA ordered/done, closed)."""
+    """A coordinator's step on a flagged patient (DXA referred/done, treatment, closed; agent/db/fls.py)."""
 
     __tablename__ = "follow_up_events"
 
@@ -292,10 +295,27 @@ class FollowUpEvent(Base):
     action: Mapped[str] = mapped_column(String(16))
     note: Mapped[str | None] = mapped_column(Text)
     measured_t_score: Mapped[float | None] = mapped_column(Float)
+    dxa_date: Mapped[date | None] = mapped_column(Date)  # "DXA done": the day the scan was done
+
+
+class FindingAssessment(Base):
+    """A radiologist's verdict on one screened image result (IHE AI Results Assessment): who,
+    when, agree or disagree, and why. Rows are only added; the latest per result counts."""
+
+    __tablename__ = "finding_assessments"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    result_id: Mapped[int] = mapped_column(ForeignKey("results.id"), index=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    flagged_id: Mapped[int] = mapped_column(ForeignKey("patients_flagged.id"), index=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    actor: Mapped[str] = mapped_column(String(128))
+    verdict: Mapped[str] = mapped_column(String(16))  # "agree" | "disagree"
+    reason: Mapped[str | None] = mapped_column(Text)
 
 
 class User(Base):
-    """A person who may use the admin web (argon2 password hash; role viewer, admin or auditor)."""
+    """A person who may use the admin web (argon2 password hash; role viewer, admin, auditor or radiologist)."""
 
     __tablename__ = "users"
 

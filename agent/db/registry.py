@@ -19,8 +19,18 @@ from agent.clock import utcnow
 from agent.db.engine import Database
 from agent.db.models import FlaggedPatient, Instance, Result, Study
 
-FOLLOW_UP_STATUSES = ("new", "reviewed", "dxa_ordered", "dxa_done", "closed")
-IN_FOLLOW_UP = ("reviewed", "dxa_ordered", "dxa_done")
+# the fracture-liaison pathway (agent/db/fls.py has its transitions and labels)
+FOLLOW_UP_STATUSES = (
+    "new",
+    "confirmed",
+    "rejected",
+    "dxa_ordered",
+    "dxa_done",
+    "treatment",
+    "no_treatment",
+    "closed",
+)
+IN_FOLLOW_UP = ("confirmed", "dxa_ordered", "dxa_done", "treatment", "no_treatment")
 
 
 def patient_key(study: Study) -> str:
@@ -68,6 +78,7 @@ def upsert_flag(session: Session, study: Study, result: Result) -> FlaggedPatien
         change = "updated"
         if row.status == "closed":  # a newer (or more suspicious) positive film is worth a new look
             row.status = "new"
+            row.referred_at = None
             change = "reopened"
     else:
         change = "counted"  # an older study, or a less suspicious image of the same one
@@ -143,6 +154,7 @@ class FlaggedRow:
     probability: float
     severity: str | None
     t_score: float
+    referred_at: datetime | None
 
     @classmethod
     def of(cls, r: FlaggedPatient, **more: Any) -> Self:
@@ -150,7 +162,7 @@ class FlaggedRow:
         return cls(
             r.id, r.patient_id, r.patient_name, r.patient_birth_date, r.patient_sex, r.status,
             r.first_flagged_at, r.last_flagged_at, r.last_study_date, r.probability, r.severity, r.t_score,
-            **more,
+            r.referred_at, **more,
         )
 
 

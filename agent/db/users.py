@@ -21,7 +21,7 @@ from agent.clock import utcnow
 from agent.db.engine import Database
 from agent.db.models import User, WebSession
 
-ROLES = ("viewer", "admin", "auditor")
+ROLES = ("viewer", "admin", "auditor", "radiologist")
 
 
 @dataclass(frozen=True)

@@ -38,8 +38,6 @@ from agent.dicom_values import parse_da
 from agent.domain import JobState, OutboxState
 from agent.logging import hash_uid
 
-FOLLOW_UP_ACTIONS = ("reviewed", "dxa_ordered", "dxa_done", "closed")
-ACTION_LABELS = {"reviewed": "Reviewed", "dxa_ordered": "DXA ordered", "dxa_done": "DXA done", "closed": "Closed"}
 SEVERITIES = ("osteopenia", "osteoporosis")
 SORTS = {
     "flagged": FlaggedPatient.last_flagged_at,
@@ -48,6 +46,7 @@ SORTS = {
     "status": FlaggedPatient.status,
     "name": FlaggedPatient.patient_name,
     "study_date": FlaggedPatient.last_study_date,
+    "referred": FlaggedPatient.referred_at,
 }
 OSTEOPENIA_T = -1.0  # WHO: a measured T-score at or below -1.0 is low bone mass
 
@@ -132,6 +131,7 @@ class FlaggedFilter:
     date_from: date | None = None
     date_to: date | None = None
     min_probability: float | None = None
+    overdue_before: datetime | None = None  # only patients referred for DXA at or before this, still waiting
     sort: str = "flagged"
     descending: bool = True
     page: int = 1
@@ -145,6 +145,7 @@ class FlaggedFilter:
             "date_from": self.date_from.isoformat() if self.date_from else None,
             "date_to": self.date_to.isoformat() if self.date_to else None,
             "min_probability": self.min_probability,
+            "overdue": self.overdue_before is not None,
             "sort": self.sort,
             "descending": self.descending,
         }
@@ -162,6 +163,8 @@ def _filtered(f: FlaggedFilter) -> Select[Any]:
         q = q.where(FlaggedPatient.last_flagged_at < datetime.combine(f.date_to + timedelta(days=1), time.min))
     if f.min_probability is not None:  # compared as shown: see probability_bound
         q = q.where(FlaggedPatient.probability >= probability_bound(f.min_probability))
+    if f.overdue_before is not None:
+        q = q.where(FlaggedPatient.status == "dxa_ordered", FlaggedPatient.referred_at <= f.overdue_before)
     return q
 
 
@@ -171,7 +174,10 @@ def flagged_page(db: Database, f: FlaggedFilter, paginate: bool = True) -> tuple
     with db.reading() as s:
         base = _filtered(f)
         total = int(s.execute(select(func.count()).select_from(base.subquery())).scalar_one())
-        q = base.order_by(col.desc() if f.descending else col.asc(), FlaggedPatient.id)
+        key = col.desc() if f.descending else col.asc()
+        if f.sort == "referred":  # never referred: last, whichever the direction
+            key = key.nulls_last()
+        q = base.order_by(key, FlaggedPatient.id)
         if paginate:
             q = q.limit(f.per_page).offset((max(1, f.page) - 1) * f.per_page)
         return [FlaggedRow.of(r) for r in s.execute(q).scalars()], total
@@ -210,6 +216,7 @@ class FollowUp:
     action: str
     note: str | None
     measured_t_score: float | None
+    dxa_date: date | None = None
 
 
 @dataclass(frozen=True)
@@ -257,7 +264,7 @@ def patient_detail(db: Database, flagged_id: int) -> PatientDetail | None:
             ]
             blocks.append(StudyBlock(st.id, st.study_date, st.accession_number, st.first_received_at, results))
         events = [
-            FollowUp(e.at, e.actor, e.action, e.note, e.measured_t_score)
+            FollowUp(e.at, e.actor, e.action, e.note, e.measured_t_score, e.dxa_date)
             for e in s.execute(
                 select(FollowUpEvent).where(FollowUpEvent.flagged_id == fp.id).order_by(FollowUpEvent.id)
             ).scalars()
@@ -311,62 +318,6 @@ def overlay_of_result(db: Database, result_id: int) -> tuple[str, int | None] | 
             key = st.patient_id or f"study:{st.study_instance_uid}"
             fp_id = s.execute(select(FlaggedPatient.id).where(FlaggedPatient.patient_key == key)).scalar()
         return str(path), fp_id
-
-
-class FollowUpInvalid(ValueError):
-    """A follow-up that cannot be recorded as submitted; ``field`` names the form field at fault."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(message)
-        self.field = field
-
-
-def add_follow_up(
-    db: Database, flagged_id: int, actor: str, action: str, note: str | None, measured_t_score: float | None
-) -> bool:
-    """Record a coordinator's action and move the patient's status; audited in the same transaction.
-
-    A measured T-score belongs to "DXA done" and nowhere else: with any other action it is refused
-    (FollowUpInvalid), never dropped, so that a value typed with the wrong action is not lost."""
-    if action not in FOLLOW_UP_ACTIONS:
-        raise FollowUpInvalid("action", f"Choose an action: {', '.join(ACTION_LABELS.values())}.")
-    if action == "dxa_done":
-        if measured_t_score is None or not math.isfinite(measured_t_score) or not -10 <= measured_t_score <= 10:
-            raise FollowUpInvalid(
-                "measured_t_score", "DXA done needs the measured T-score (between -10 and 10), e.g. -2.1."
-            )
-    elif measured_t_score is not None:
-        raise FollowUpInvalid(
-            "measured_t_score",
-            f'A measured T-score belongs to "DXA done". Choose DXA done to record it, or clear the T-score '
-            f'to record "{ACTION_LABELS[action]}".',
-        )
-    with db.transaction() as s:
-        fp = s.get(FlaggedPatient, flagged_id)
-        if fp is None:
-            return False
-        previous = fp.status
-        fp.status = action
-        s.add(
-            FollowUpEvent(
-                flagged_id=fp.id,
-                at=utcnow(),
-                actor=actor,
-                action=action,
-                note=note or None,
-                measured_t_score=measured_t_score,
-            )
-        )
-        trail.append(
-            s,
-            "patient_record",
-            actor=actor,
-            action="U",
-            object_type="flagged_patient",
-            object_id=str(fp.id),
-            detail={"change": "follow_up", "action": action, "from": previous, "measured_t_score": measured_t_score},
-        )
-        return True
 
 
 # -- observed performance ------------------------------------------------------------------

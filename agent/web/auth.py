@@ -346,8 +346,8 @@ def require(*roles: str) -> Callable[[Request], SessionView]:
     return dep
 
 
-PHI_ROLES = ("viewer", "admin")
-ALL_ROLES = ("viewer", "admin", "auditor")
+PHI_ROLES = ("viewer", "admin", "radiologist")
+ALL_ROLES = ("viewer", "admin", "auditor", "radiologist")
 
 
 async def read_form(request: Request) -> dict[str, str]:
@@ -372,3 +372,5 @@ PhiSession = Annotated[SessionView, Depends(require(*PHI_ROLES))]
 AnySession = Annotated[SessionView, Depends(require(*ALL_ROLES))]
 AdminSession = Annotated[SessionView, Depends(require("admin"))]
 AuditorSession = Annotated[SessionView, Depends(require("auditor"))]
+# confirms or rejects a flagged image (the FLS pathway's first step)
+RadiologistSession = Annotated[SessionView, Depends(require("radiologist"))]

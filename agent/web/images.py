@@ -13,6 +13,7 @@ import numpy as np
 import pydicom
 from PIL import Image
 
+from agent.db.fls import EvidenceRow
 from agent.db.worklist import TrendPoint
 
 if TYPE_CHECKING:
@@ -159,4 +160,44 @@ def trend_figure(points: list[TrendPoint], threshold: float | None = None) -> Fi
         ncols=3,
         frameon=False,
     )
+    return fig
+
+
+def evidence_png(months: list[EvidenceRow]) -> bytes:
+    """Per month of first flag: patients flagged and those with a DXA result (bars, left axis), and
+    the observed PPV at T <= -1.0 and T <= -2.5 (lines, right axis, months with a DXA only)."""
+    with _plot_lock:
+        fig = evidence_figure(months)
+        out = io.BytesIO()
+        fig.savefig(out, format="png", metadata={"Software": None})
+        return out.getvalue()
+
+
+def evidence_figure(months: list[EvidenceRow]) -> Figure:
+    """The evidence chart as a figure, its legend below the plot. Call under ``_plot_lock``."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    fig = Figure(figsize=(7.0, 3.1), dpi=100, layout="constrained")
+    ax = fig.add_subplot(1, 1, 1)
+    x = np.arange(len(months))
+    ax.bar(x - 0.2, [m.flagged for m in months], 0.4, color="#9db4cc", label="flagged")
+    ax.bar(x + 0.2, [m.dxa_n for m in months], 0.4, color="#1f4e79", label="with DXA result")
+    ax.set_ylabel("patients")
+    ax.set_ylim(0, max([1, *(m.flagged for m in months)]) * 1.15)
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax2 = ax.twinx()
+    with_dxa = [i for i, m in enumerate(months) if m.dxa_n]
+    ax2.plot(with_dxa, [months[i].low_n / months[i].dxa_n for i in with_dxa], "o-", color="#b03a2e",
+             label="PPV, T <= -1.0")  # fmt: skip
+    ax2.plot(with_dxa, [months[i].osteoporosis_n / months[i].dxa_n for i in with_dxa], "s--", color="#6c3483",
+             label="PPV, T <= -2.5")  # fmt: skip
+    ax2.set_ylim(0, 1.05)
+    ax2.set_ylabel("observed PPV")
+    ax.set_xticks(x, [m.month for m in months], fontsize=8)
+    if len(months) <= 1:
+        ax.set_xlim(-1, 1)
+    lines, lines2 = ax.get_legend_handles_labels(), ax2.get_legend_handles_labels()
+    fig.legend(lines[0] + lines2[0], lines[1] + lines2[1], fontsize=7, loc="outside lower center", ncols=4,
+               frameon=False)  # fmt: skip
     return fig

@@ -13,7 +13,7 @@ from agent.errors import ConfigError
 if TYPE_CHECKING:
     from agent.db.engine import Database
 
-users_app = typer.Typer(help="Admin-web users (roles: viewer, admin, auditor).", no_args_is_help=True)
+users_app = typer.Typer(help="Admin-web users (roles: viewer, admin, auditor, radiologist).", no_args_is_help=True)
 
 ConfigOpt = Annotated[
     Path | None,
@@ -31,7 +31,7 @@ def _db(config: Path | None) -> Database:
 @users_app.command("add")
 def users_add(
     name: Annotated[str, typer.Argument(help="User name (log-in name).")],
-    role: Annotated[str, typer.Option(help="viewer, admin or auditor.")] = "viewer",
+    role: Annotated[str, typer.Option(help="viewer, admin, auditor or radiologist.")] = "viewer",
     password_stdin: Annotated[bool, typer.Option("--password-stdin", help="Read the password from stdin.")] = False,
     config: ConfigOpt = None,
 ) -> None:

@@ -12,6 +12,7 @@ import csv
 import os
 import shutil
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ import pytest
 from conftest import free_port
 from web_seed import PASSWORDS, SCRIPT_NAME, Seeded, phi_strings, screened_agent
 
+from agent.clock import utcnow
 from agent.db.models import FlaggedPatient
 from agent.web.app import create_app
 from agent.web.server import WebServer
@@ -123,12 +125,15 @@ def test_coordinator_works_a_patient_through_the_browser(
         assert page.eval_on_selector("#trend", "e => e.naturalWidth") > 0
         _shot(page, tmp_path, "patient.png")
 
-        # record DXA ordered with a note
+        # a radiologist confirmed the patient's flag (the pathway: tests/browser/test_fls_browser.py)
+        with seeded.agent.db.transaction() as s:
+            s.query(FlaggedPatient).filter(FlaggedPatient.patient_id == "WEBP-0001").update({"status": "confirmed"})
+        # record DXA referred with a note
         page.select_option("#fu-action", "dxa_ordered")
         page.fill("#fu-note", "DXA booked at the bone clinic")
         with page.expect_navigation():
             page.click("#fu-save")
-        expect(page.locator("#status")).to_have_text("dxa ordered")
+        expect(page.locator("#status")).to_have_text("DXA referred")
         assert "DXA booked at the bone clinic" in page.inner_text("#timeline")
 
         # back to the list, filter on the new status, export
@@ -227,3 +232,84 @@ def test_the_worklist_fits_a_1280_px_window_with_a_120_character_name(
             s.query(FlaggedPatient).filter(FlaggedPatient.id == saved[0]).update(
                 {"patient_name": saved[1], "patient_id": saved[2]}
             )
+
+
+def _login(page: Any, base: str, user: str) -> None:
+    page.goto(f"{base}/login")
+    page.fill("#username", user)
+    page.fill("#password", PASSWORDS[user][1])
+    page.click("#login")
+    page.wait_for_url(f"{base}/flagged")
+
+
+def test_a_patient_walks_the_fracture_liaison_pathway_and_the_evidence_export_counts_it(
+    live: tuple[str, Seeded], browser: Any, tmp_path: Path
+) -> None:
+    """A radiologist confirms a flagged image with a reason; a coordinator refers the patient,
+    records the DXA (T-score -2.8, 25 days after the flag), treatment started and closed, and
+    downloads the evidence export, whose figures count this patient."""
+    from playwright.sync_api import expect
+
+    base, seeded = live
+    db = seeded.agent.db
+    first = (utcnow() - timedelta(days=60)).replace(hour=8, minute=0, second=0, microsecond=0)
+    with db.transaction() as s:  # WEBP-0003 was first flagged 60 days ago, alone in its month
+        row = s.query(FlaggedPatient).filter(FlaggedPatient.patient_id == "WEBP-0003").one()
+        row.first_flagged_at, fid = first, row.id
+    dxa_day = (first + timedelta(days=25)).date().isoformat()
+    context = browser.new_context(accept_downloads=True, viewport={"width": 1280, "height": 860})
+    page = context.new_page()
+    try:
+        # the radiologist agrees with the first flagged image, giving a reason
+        _login(page, base, "rita")
+        page.goto(f"{base}/patients/{fid}")
+        expect(page.locator("#status")).to_have_text("New")
+        verdict = page.locator("form.assess").first
+        verdict.locator("input.v-agree").check()
+        verdict.locator("input.v-reason").fill("Thin cortex, coarse trabeculae")
+        with page.expect_navigation():
+            verdict.locator("button.v-save").click()
+        expect(page.locator("#status")).to_have_text("Confirmed")
+        assert "agreed by rita" in page.inner_text(".verdicts") and "Thin cortex" in page.inner_text(".verdicts")
+        page.click("#logout")
+        page.wait_for_url(f"{base}/login")
+
+        # the coordinator: no verdict form; each step from the form
+        _login(page, base, "vera")
+        page.goto(f"{base}/patients/{fid}")
+        assert page.locator("form.assess").count() == 0
+        for action, label, fill in (
+            ("dxa_ordered", "DXA referred", {"#fu-note": "Booked at the bone clinic"}),
+            ("dxa_done", "DXA done", {"#fu-t": "-2.8", "#fu-dxa-date": dxa_day}),
+            ("treatment", "Treatment started", {}),
+            ("closed", "Closed", {"#fu-note": "On alendronate, GP informed"}),
+        ):
+            expect(page.locator("#fu-next")).to_contain_text(label)
+            page.select_option("#fu-action", action)
+            for selector, value in fill.items():
+                page.fill(selector, value)
+            with page.expect_navigation():
+                page.click("#fu-save")
+            expect(page.locator("#status")).to_have_text(label)
+        timeline = page.inner_text("#timeline")
+        assert "measured T-score -2.8" in timeline and f"scan of {dxa_day}" in timeline
+        assert timeline.index("DXA referred") < timeline.index("DXA done") < timeline.index("Closed")
+
+        # the evidence: the chart loads, the export counts the patient in the month of the flag
+        page.goto(f"{base}/performance")
+        page.wait_for_function("() => document.querySelector('#evidence-chart').complete")
+        assert page.eval_on_selector("#evidence-chart", "e => e.naturalWidth") > 0
+        with page.expect_download() as info:
+            page.click("#evidence-export")
+        download = info.value
+        assert download.suggested_filename.startswith("strnet-fls-evidence-")
+        with open(download.path(), newline="", encoding="utf-8") as f:
+            rows = {r["month"]: r for r in csv.DictReader(f)}
+        month = rows[f"{first:%Y-%m}"]
+        assert (month["flagged"], month["closed"], month["dxa_n"]) == ("1", "1", "1")
+        assert (month["days_flag_to_dxa_median"], month["dxa_t_le_-1.0"]) == ("25", "1")
+        assert month["ppv_t_le_-1.0"] == "1.000"
+        assert (month["dxa_t_le_-2.5"], month["ppv_t_le_-2.5"]) == ("1", "1.000")
+        assert rows["all"]["flagged"] == "3" and rows["all"]["dxa_n"] == "1"
+    finally:
+        context.close()

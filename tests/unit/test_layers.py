@@ -31,7 +31,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("building and speaking DICOM", ("agent.reporting", "agent.pacs", "agent.ehr",  # + HL7 v2, FHIR
                                      "agent.pacs.commitment",  # storage commitment: SCU's request, reports
                                      "agent.pacs.dicomweb")),  # STOW-RS to a dicomweb destination
-    ("records", ("agent.queue", "agent.db.registry", "agent.db.users", "agent.db.worklist", "agent.audit")),
+    ("records", ("agent.queue", "agent.db.registry", "agent.db.users", "agent.db.worklist", "agent.db.fls",
+                 "agent.audit")),
     ("database", ("agent.db",)),
     ("support", ("agent.spool", "agent.helper", "agent.compat", "agent.config", "agent.logging", "agent.metrics",
                  "agent.failpoints")),

@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 from web_seed import DEAD_PATIENT, PASSWORDS, PATIENTS, SCRIPT_NAME, Seeded, phi_strings, screened_agent, wait_for
 
 from agent.db.engine import Database
-from agent.db.models import AuditEvent, FlaggedPatient, OutboxItem, User
+from agent.db.models import AuditEvent, FlaggedPatient, OutboxItem, Result, User
 from agent.db.users import add_user
 from agent.db.worklist import verify_chain
 from agent.web.app import create_app
@@ -47,6 +47,10 @@ def app(seeded: Seeded) -> Any:
 def db_rows(db: Database, model: Any) -> list[Any]:
     with db.reading() as s:
         return list(s.query(model).order_by(model.id))
+
+
+def flagged_row(db: Database, fid: int) -> FlaggedPatient:
+    return next(r for r in db_rows(db, FlaggedPatient) if r.id == fid)
 
 
 def flagged_id(db: Database, patient_id: str) -> int:
@@ -283,17 +287,27 @@ def test_follow_up_actions_and_observed_performance(app: Any, seeded: Seeded) ->
     )
     assert r.status_code == 400 and "measured T-score" in r.text
     LEDGER.append(("vera", f"/patients/{fid}"))  # the form is shown again with the patient's data
+    # a radiologist confirms one flagged image; then the coordinator refers, and records the DXA
+    last_study = flagged_row(db, fid).last_study_id
+    finding = next(r.id for r in db_rows(db, Result) if r.bone_loss and r.study_id == last_study)
+    rita = login(app, "rita")
+    r = rita.post(
+        f"/results/{finding}/assessment",
+        data={"csrf_token": csrf_of(rita.get(f"/patients/{fid}").text), "verdict": "agree", "reason": ""},
+        follow_redirects=False,
+    )
+    LEDGER.append(("rita", f"/patients/{fid}"))
+    assert r.status_code == 303 and flagged_row(db, fid).status == "confirmed"
     for action, extra in (
-        ("reviewed", {}),
         ("dxa_ordered", {"note": "DXA booked <b>Tue</b>"}),
-        ("dxa_done", {"measured_t_score": "-2.3", "note": "hip -2.3"}),
+        ("dxa_done", {"measured_t_score": "-2.3", "dxa_date": "2026-01-20", "note": "hip -2.3"}),
     ):
         r = client.post(
             f"/patients/{fid}/follow-up", data={"csrf_token": token, "action": action, **extra}, follow_redirects=False
         )
         assert r.status_code == 303 and r.headers["location"] == f"/patients/{fid}"
     page = view(client, "vera", f"/patients/{fid}")
-    assert 'id="status">dxa done' in page.text
+    assert 'id="status">DXA done' in page.text
     assert "DXA booked &lt;b&gt;Tue&lt;/b&gt;" in page.text and "measured T-score -2.3" in page.text
     assert next(p for p in db_rows(db, FlaggedPatient) if p.id == fid).status == "dxa_done"
     assert 'id="total">1 matching' in view(client, "vera", "/flagged?status=dxa_done").text
@@ -303,8 +317,11 @@ def test_follow_up_actions_and_observed_performance(app: Any, seeded: Seeded) ->
     assert re.search(rf'id="perf-mae">{abs(predicted + 2.3):.2f}<', perf)
     # a second patient measured normal: PPV 1/2
     other = flagged_id(db, "WEBP-0002")
+    with db.transaction() as s:  # referred earlier (the pathway's steps: tests/web/test_fls_web.py)
+        s.get(FlaggedPatient, other).status = "dxa_ordered"
     client.post(
-        f"/patients/{other}/follow-up", data={"csrf_token": token, "action": "dxa_done", "measured_t_score": "0.4"}
+        f"/patients/{other}/follow-up",
+        data={"csrf_token": token, "action": "dxa_done", "measured_t_score": "0.4", "dxa_date": "2026-01-21"},
     )
     LEDGER.append(("vera", f"/patients/{other}"))  # followed redirect
     perf = client.get("/performance").text

@@ -357,7 +357,7 @@ def test_a_post_waiting_for_the_database_writer_does_not_stall_the_web(
             assert attempt(http, "vera", USERS["vera"][1]).status_code == 303
             csrf = re.search(r'name="csrf_token" value="([^"]+)"', http.get("/flagged").text).group(1)  # type: ignore[union-attr]
             cookie = f"strnet_session={http.cookies['strnet_session']}"
-        body = f"csrf_token={csrf}&action=reviewed&note=".encode()
+        body = f"csrf_token={csrf}&action=closed&note=".encode()
         with socket.create_connection(("127.0.0.1", web.port), timeout=10) as raw:
             raw.sendall(  # the headers first: the session is checked (a write) while the lock is free
                 b"POST /patients/999999/follow-up HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"

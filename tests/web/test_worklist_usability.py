@@ -116,12 +116,13 @@ def test_the_follow_up_form_keeps_action_and_note_after_an_error_and_shows_it_be
 ) -> None:
     db = seeded.agent.db
     fid = patient(db, "WEBP-0001").id
+    set_patient(db, "WEBP-0001", status="dxa_ordered")  # referred: DXA done is the next step
     client = login(app, "vera")
     page = client.get(f"/patients/{fid}")
     token = csrf_of(page.text)
-    # a fresh form has no action chosen: a quick "Record" cannot record "Reviewed" by default
+    # a fresh form has no action chosen: a quick "Record" cannot record a step by default
     assert re.search(r'<option value="" selected disabled>', page.text)
-    assert not re.search(r'<option value="reviewed" selected>', page.text)
+    assert not re.search(r'<option value="[a-z_]+" selected>', page.text)
     before = len(rows_of(db, FollowUpEvent))
 
     note = "Booked at the bone clinic, Tue 10:00 <b>"
@@ -132,7 +133,7 @@ def test_the_follow_up_form_keeps_action_and_note_after_an_error_and_shows_it_be
     )
     assert r.status_code == 400
     assert re.search(r'<option value="dxa_done" selected>', r.text)
-    assert not re.search(r'<option value="(reviewed|dxa_ordered|closed)" selected>', r.text)
+    assert not re.search(r'<option value="(dxa_ordered|treatment|no_treatment|closed)" selected>', r.text)
     assert f">{html.escape(note, quote=False)}</textarea>" in r.text.replace("&#39;", "'")
     # the message sits inside the T-score field's label, tied to the input for screen readers
     field = re.search(
@@ -161,7 +162,13 @@ def test_the_follow_up_form_keeps_action_and_note_after_an_error_and_shows_it_be
     # corrected and sent again: recorded once, as DXA done with the note
     r = client.post(
         f"/patients/{fid}/follow-up",
-        data={"csrf_token": token, "action": "dxa_done", "note": note, "measured_t_score": "-2.4"},
+        data={
+            "csrf_token": token,
+            "action": "dxa_done",
+            "note": note,
+            "measured_t_score": "-2.4",
+            "dxa_date": "2026-02-01",
+        },
         follow_redirects=False,
     )
     assert r.status_code == 303
@@ -175,7 +182,9 @@ def test_a_t_score_with_another_action_is_refused_not_dropped(app: Any, seeded: 
     client = login(app, "vera")
     token = csrf_of(client.get(f"/patients/{fp.id}").text)
     before = len(rows_of(db, FollowUpEvent))
-    for action in ("reviewed", "dxa_ordered", "closed"):
+    set_patient(db, "WEBP-0002", status="confirmed")
+    fp = patient(db, "WEBP-0002")
+    for action in ("dxa_ordered", "closed"):
         r = client.post(
             f"/patients/{fp.id}/follow-up",
             data={"csrf_token": token, "action": action, "note": "DXA hip", "measured_t_score": "-2.1"},
@@ -187,13 +196,13 @@ def test_a_t_score_with_another_action_is_refused_not_dropped(app: Any, seeded: 
         assert re.search(rf'<option value="{action}" selected>', r.text) and 'value="-2.1"' in r.text
     assert len(rows_of(db, FollowUpEvent)) == before
     assert patient(db, "WEBP-0002").status == fp.status
-    # without the T-score, "Reviewed" is recorded
+    # without the T-score, "DXA referred" is recorded
     r = client.post(
         f"/patients/{fp.id}/follow-up",
-        data={"csrf_token": token, "action": "reviewed", "measured_t_score": ""},
+        data={"csrf_token": token, "action": "dxa_ordered", "measured_t_score": ""},
         follow_redirects=False,
     )
-    assert r.status_code == 303 and patient(db, "WEBP-0002").status == "reviewed"
+    assert r.status_code == 303 and patient(db, "WEBP-0002").status == "dxa_ordered"
 
 
 # -- 3: probabilities ----------------------------------------------------------------------

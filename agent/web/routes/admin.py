@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import re
 from urllib.parse import urlencode
 
@@ -10,12 +12,15 @@ from fastapi.responses import RedirectResponse
 from starlette.concurrency import run_in_threadpool
 
 from agent.audit.trail import EVENTS
-from agent.db import worklist
+from agent.clock import utcnow
+from agent.db import fls, worklist
 from agent.db.engine import Database
+from agent.db.registry import FOLLOW_UP_STATUSES
 from agent.db.users import SessionView
 from agent.db.worklist import AuditFilter, filter_date, record_access, shown_number
 from agent.domain import OUTBOX_BACKLOG
 from agent.queue import outbox, screening, store
+from agent.web import images
 from agent.web.auth import AdminSession, AnySession, AuditorSession, check_csrf
 from agent.web.render import render
 
@@ -35,8 +40,41 @@ def _page_number(request: Request) -> int:
 
 @router.get("/performance")
 def performance(request: Request, sess: AnySession) -> Response:
-    perf = worklist.performance(request.app.state.ctx.db)
-    return render(request, "performance.html", {"perf": perf})
+    db = request.app.state.ctx.db
+    perf = worklist.performance(db)
+    rows = fls.evidence(db)
+    return render(
+        request,
+        "performance.html",
+        {"perf": perf, "evidence": rows, "statuses": FOLLOW_UP_STATUSES, "labels": fls.STATUS_LABELS},
+    )
+
+
+@router.get("/performance/evidence.csv")
+def evidence_csv(request: Request, sess: AnySession) -> Response:
+    """The FLS evidence per month of first flag as CSV (counts and figures only, no patient data)."""
+    db = request.app.state.ctx.db
+    rows = fls.evidence(db)
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(fls.EVIDENCE_COLUMNS)
+    for r in rows:
+        w.writerow(fls.evidence_cells(r))
+    record_access(
+        db, "export", actor=sess.user.username, object_type="fls_evidence", detail={"months": len(rows) - 1}
+    )
+    name = f"strnet-fls-evidence-{utcnow():%Y%m%d-%H%M}.csv"
+    return Response(
+        buf.getvalue().encode("utf-8"),
+        media_type="text/csv; charset=utf-8",
+        headers={"Content-Disposition": f'attachment; filename="{name}"'},
+    )
+
+
+@router.get("/performance/evidence.png")
+def evidence_png(request: Request, sess: AnySession) -> Response:
+    months = [r for r in fls.evidence(request.app.state.ctx.db) if r.month != "all"]
+    return Response(images.evidence_png(months), media_type="image/png")
 
 
 # -- dead letters --------------------------------------------------------------------------
@@ -177,6 +215,7 @@ def status(request: Request, sess: AnySession) -> Response:
             "backlog": sum(items.get(s, 0) for s in OUTBOX_BACKLOG),
             "s": summary,
             "chain": chain,
+            "labels": fls.STATUS_LABELS,
             "model": request.app.state.model_info(),
             "num": shown_number,
         },

@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import io
 from collections.abc import Mapping
+from datetime import date
 from pathlib import Path
 from urllib.parse import urlencode
 
@@ -16,15 +17,14 @@ from fastapi.responses import RedirectResponse
 from starlette.concurrency import run_in_threadpool
 
 from agent.clock import utcnow
-from agent.db import worklist
+from agent.db import fls, worklist
+from agent.db.fls import ACTION_LABELS, STATUS_LABELS, FollowUpInvalid
 from agent.db.registry import FOLLOW_UP_STATUSES, spreadsheet_cell
 from agent.db.users import SessionView
 from agent.db.worklist import (
-    ACTION_LABELS,
     SEVERITIES,
     SORTS,
     FlaggedFilter,
-    FollowUpInvalid,
     filter_date,
     record_access,
     shown_number,
@@ -32,7 +32,7 @@ from agent.db.worklist import (
 )
 from agent.dicom_values import format_da
 from agent.web import images
-from agent.web.auth import PhiSession, check_csrf
+from agent.web.auth import PhiSession, RadiologistSession, check_csrf
 from agent.web.render import render
 
 router = APIRouter()
@@ -47,11 +47,16 @@ SORT_LABELS = {
     "study_date": "Last study",
     "flagged": "Flagged (UTC)",
     "status": "Follow-up",
+    "referred": "Referred (UTC)",
 }
 
 
 class BadFilter(ValueError):
     pass
+
+
+def overdue_days(request: Request) -> int:
+    return int(request.app.state.settings.fls.overdue_days)
 
 
 def _parse_filter(request: Request) -> FlaggedFilter:
@@ -81,8 +86,20 @@ def _parse_filter(request: Request) -> FlaggedFilter:
     sort = opt("sort") or "flagged"
     if sort not in SORTS:
         raise BadFilter("sort")
+    if opt("overdue") not in (None, "1"):
+        raise BadFilter("overdue")
+    overdue_before = fls.overdue_cutoff(overdue_days(request)) if opt("overdue") else None
     return FlaggedFilter(
-        status, severity, date_from, date_to, min_p, sort, q.get("order", "desc") != "asc", page, PER_PAGE
+        status,
+        severity,
+        date_from,
+        date_to,
+        min_p,
+        overdue_before,
+        sort,
+        q.get("order", "desc") != "asc",
+        page,
+        PER_PAGE,
     )
 
 
@@ -93,6 +110,7 @@ def _query(f: FlaggedFilter, **change: object) -> str:
         "date_from": f.date_from.isoformat() if f.date_from else "",
         "date_to": f.date_to.isoformat() if f.date_to else "",
         "min_probability": "" if f.min_probability is None else f.min_probability,
+        "overdue": "1" if f.overdue_before is not None else "",
         "sort": f.sort,
         "order": "desc" if f.descending else "asc",
         "page": f.page,
@@ -142,6 +160,10 @@ def flagged(request: Request, sess: PhiSession) -> Response:
             },
             "sort_labels": SORT_LABELS,
             "prob": shown_probability,
+            "labels": STATUS_LABELS,
+            "overdue": lambda r: fls.is_overdue(r.status, r.referred_at, overdue_days(request)),
+            "waiting": fls.waiting_days,
+            "overdue_days": overdue_days(request),
         },
     )
 
@@ -159,6 +181,8 @@ CSV_FIELDS = (
     "last_study_date",
     "first_flagged_utc",
     "last_flagged_utc",
+    "referred_utc",
+    "overdue",
 )
 
 
@@ -192,6 +216,8 @@ def export_csv(request: Request, sess: PhiSession) -> Response:
                 spreadsheet_cell(format_da(r.last_study_date)),
                 r.first_flagged_at.isoformat(timespec="seconds"),
                 r.last_flagged_at.isoformat(timespec="seconds"),
+                r.referred_at.isoformat(timespec="seconds") if r.referred_at else "",
+                "yes" if fls.is_overdue(r.status, r.referred_at, overdue_days(request)) else "",
             ]
         )
     record_access(
@@ -232,13 +258,20 @@ def _patient_page(
         object_id=str(flagged_id),
         detail={"view": "patient_detail"},
     )
+    p = detail.patient
     return render(
         request,
         "patient.html",
         {
             "d": detail,
-            "p": detail.patient,
+            "p": p,
             "actions": ACTION_LABELS,
+            "labels": STATUS_LABELS,
+            "next_steps": fls.next_steps(p.status),
+            "assessments": fls.assessments_of(db, flagged_id),
+            "may_assess": sess.user.role == "radiologist",
+            "is_overdue": fls.is_overdue(p.status, p.referred_at, overdue_days(request)),
+            "waiting": fls.waiting_days(p.referred_at),
             "form": dict(form or {}),
             "errors": dict(errors or {}),
             "prob": shown_probability,
@@ -332,25 +365,57 @@ async def follow_up(flagged_id: int, request: Request, sess: PhiSession) -> Resp
         "action": form.get("action", "")[:32],
         "note": form.get("note", "").strip()[:2000],
         "measured_t_score": form.get("measured_t_score", "").strip()[:32],
+        "dxa_date": form.get("dxa_date", "").strip()[:32],
     }
     # the database writes (and a page that reads it) wait for the writer lock: off the event loop
     return await run_in_threadpool(_follow_up, request, sess, flagged_id, submitted)
 
 
 def _follow_up(request: Request, sess: SessionView, flagged_id: int, submitted: dict[str, str]) -> Response:
-    raw_t = submitted["measured_t_score"]
+    raw_t, raw_day = submitted["measured_t_score"], submitted["dxa_date"]
     try:
         measured = float(raw_t) if raw_t else None
     except ValueError:
         errors = {"measured_t_score": "The measured T-score must be a number, e.g. -2.1."}
         return _patient_page(request, sess, flagged_id, form=submitted, errors=errors, status_code=400)
+    try:
+        dxa_date = date.fromisoformat(raw_day) if raw_day else None
+    except ValueError:
+        errors = {"dxa_date": "The DXA date must be a date, YYYY-MM-DD."}
+        return _patient_page(request, sess, flagged_id, form=submitted, errors=errors, status_code=400)
     db = request.app.state.ctx.db
     try:
-        ok = worklist.add_follow_up(
-            db, flagged_id, sess.user.username, submitted["action"], submitted["note"], measured
+        ok = fls.record_step(
+            db, flagged_id, sess.user.username, submitted["action"], submitted["note"], measured, dxa_date
         )
     except FollowUpInvalid as exc:  # shown again as submitted, the message beside its field
-        return _patient_page(request, sess, flagged_id, form=submitted, errors={exc.field: str(exc)}, status_code=400)
+        return _patient_page(
+            request, sess, flagged_id, form=submitted, errors={exc.field: str(exc)}, status_code=exc.status_code
+        )
     if not ok:
         return render(request, "error.html", {"title": "Not found", "message": "No such patient in the registry."}, 404)
     return RedirectResponse(f"/patients/{flagged_id}", status_code=303)
+
+
+@router.post("/results/{result_id}/assessment")
+async def assessment(result_id: int, request: Request, sess: RadiologistSession) -> Response:
+    """A radiologist agrees or disagrees with one flagged image (a disagreement with its reason)."""
+    form = await check_csrf(request, sess)
+    verdict = form.get("verdict", "")[:16]
+    reason = form.get("reason", "").strip()[:2000]
+    return await run_in_threadpool(_assess, request, sess, result_id, verdict, reason)
+
+
+def _assess(request: Request, sess: SessionView, result_id: int, verdict: str, reason: str) -> Response:
+    db = request.app.state.ctx.db
+    try:
+        done = fls.assess_finding(db, result_id, sess.user.username, verdict, reason or None)
+    except FollowUpInvalid as exc:
+        found = fls.flagged_of_result(db, result_id)
+        if found is None:
+            return render(request, "error.html", {"title": "Not found", "message": "No such flagged image."}, 404)
+        form = {"result_id": str(result_id), "verdict": verdict, "reason": reason}
+        return _patient_page(request, sess, found, form=form, errors={exc.field: str(exc)}, status_code=400)
+    if done is None:
+        return render(request, "error.html", {"title": "Not found", "message": "No such flagged image."}, 404)
+    return RedirectResponse(f"/patients/{done.flagged_id}#result-{result_id}", status_code=303)
