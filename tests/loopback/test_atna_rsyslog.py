@@ -9,17 +9,19 @@ from __future__ import annotations
 import re
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 from audit_collector import Pki, Rsyslog, make_pki
 from conftest import TEST_SCU_AET, agent_settings
+from fastapi.testclient import TestClient
 from ps315_schema import problems
 from sqlalchemy import select
 from typer.testing import CliRunner
 
+from agent.app import Agent
 from agent.audit import export, trail
 from agent.audit.export import Exporter
 from agent.cli import app as cli
@@ -27,8 +29,12 @@ from agent.clock import utcnow
 from agent.config import Settings
 from agent.db.engine import Database, open_database
 from agent.db.models import AtnaExport, AuditEvent
+from agent.db.users import add_user
 from agent.domain import Eligibility, IncomingInstance, InstanceRef
 from agent.queue import store
+from agent.scheduler import ATNA_EXPORT_S
+from agent.web.app import create_app
+from agent.web.auth import hash_password
 
 PATIENT_ID, PATIENT_NAME = "PAT-ATNA-77", "Doe^Jane"
 STUDY_UID, SOP_UID = "1.2.826.0.1.3680043.8.498.1001", "1.2.826.0.1.3680043.8.498.1001.1.1"
@@ -98,6 +104,18 @@ def _body(msg: bytes) -> ET.Element:
     m = HEADER.match(msg)
     assert m is not None, msg[:120]
     return ET.fromstring(m.group(7))
+
+
+def _next_attempt(db: Database) -> datetime:
+    with db.reading() as s:
+        row = s.get(AtnaExport, 1)
+        assert row is not None and row.next_attempt_at is not None
+        return row.next_attempt_at
+
+
+def _backoff_passed(db: Database) -> None:
+    with db.transaction() as s:
+        s.get(AtnaExport, 1).next_attempt_at = utcnow() - timedelta(seconds=1)  # type: ignore[union-attr]
 
 
 def _codes(root: ET.Element) -> tuple[str | None, list[str | None]]:
@@ -181,13 +199,18 @@ def test_collector_down_keeps_the_cursor_and_everything_goes_once_it_is_back(
         st = export.state(db)
         assert (st.last_event_id, st.backlog, st.attempts) == (delivered, total - 1, 1)
         assert PATIENT_ID not in (st.last_error or "") and STUDY_UID not in (st.last_error or "")
+        wait = (s_next := _next_attempt(db)) - utcnow()
+        assert timedelta(seconds=4) < wait <= timedelta(seconds=5), s_next  # BACKOFF_BASE_S
         assert exporter.run().waiting  # within the backoff: not tried
+        _backoff_passed(db)
+        assert exporter.run().error is not None  # still down: the wait doubles
+        assert export.state(db).attempts == 2
+        assert timedelta(seconds=9) < _next_attempt(db) - utcnow() <= timedelta(seconds=10)
         base = len(collector.received())
     finally:
         collector.start()
     assert exporter.run().waiting  # still within the backoff though the collector is back
-    with db.transaction() as s:  # the backoff has passed
-        s.get(AtnaExport, 1).next_attempt_at = utcnow() - timedelta(seconds=1)  # type: ignore[union-attr]
+    _backoff_passed(db)
     back = exporter.run()
     assert (back.sent, back.backlog, back.error) == (total - 1, 0, None)
     got = _only_new(collector, base, total - 1)
@@ -247,3 +270,51 @@ def test_cli_export_audit_sends_now(tmp_path: Path, collector: Rsyslog, pki: Pki
         assert res.exit_code == 1 and "1 not yet delivered" in res.output and "delivery failed" in res.output
     finally:
         collector.start()
+
+
+def _status(client: TestClient) -> str:
+    page = client.get("/status")
+    assert page.status_code == 200
+    return page.text
+
+
+def test_backlog_on_the_status_page_and_in_metrics(tmp_path: Path, collector: Rsyslog, pki: Pki) -> None:
+    settings = _settings(tmp_path, collector, pki)
+    db = open_database(settings)
+    _seed(db)
+    add_user(db, "audrey", "auditor", hash_password("a long test password 1"))
+    app = create_app(settings, db)
+    client = TestClient(app, base_url="http://testserver")
+    token = re.search(r'name="login_token" value="([^"]+)"', client.get("/login").text).group(1)  # type: ignore[union-attr]
+    r = client.post("/login", data={"login_token": token, "username": "audrey", "password": "a long test password 1"},
+                    follow_redirects=False)  # fmt: skip
+    assert r.status_code == 303
+    n = len(_events(db))
+    assert f'id="atna-backlog">{n}<' in _status(client)
+    assert f"strnet_atna_backlog {float(n)}" in client.get("/metrics").text
+    collector.stop()
+    try:
+        Exporter(db, settings).run()
+        page = _status(client)
+        assert "1 failed attempt(s), last: audit repository not reached over TLS (ConnectionRefusedError)" in page
+        assert PATIENT_ID not in page and PATIENT_NAME not in page
+    finally:
+        collector.start()
+    _backoff_passed(db)
+    assert Exporter(db, settings).run().error is None
+    assert 'id="atna-backlog">0<' in _status(client) and "failed attempt" not in _status(client)
+    assert "strnet_atna_backlog 0.0" in client.get("/metrics").text
+
+    off = create_app(agent_settings(tmp_path / "off"), db)
+    assert "strnet_atna_backlog" not in TestClient(off).get("/metrics").text
+
+
+def test_serve_schedules_the_export_only_when_enabled(tmp_path: Path, collector: Rsyslog, pki: Pki) -> None:
+    on = Agent.build(_settings(tmp_path / "on", collector, pki), worker=False)
+    off = Agent.build(agent_settings(tmp_path / "off"), worker=False)
+    assert on.scheduler is not None and off.scheduler is not None
+    job = on.scheduler.get_job("atna_export")
+    assert job is not None and job.trigger.interval == timedelta(seconds=ATNA_EXPORT_S)
+    assert off.scheduler.get_job("atna_export") is None
+    on.db.dispose()
+    off.db.dispose()

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import RedirectResponse
 from starlette.concurrency import run_in_threadpool
 
+from agent.audit import export
 from agent.audit.trail import EVENTS
 from agent.db import worklist
 from agent.db.engine import Database
@@ -177,6 +178,7 @@ def status(request: Request, sess: AnySession) -> Response:
             "backlog": sum(items.get(s, 0) for s in OUTBOX_BACKLOG),
             "s": summary,
             "chain": chain,
+            "atna": export.state(db) if request.app.state.settings.atna.enabled else None,
             "model": request.app.state.model_info(),
             "num": shown_number,
         },
