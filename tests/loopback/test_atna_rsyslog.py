@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 from audit_collector import Pki, Rsyslog, make_pki
-from conftest import TEST_SCU_AET, agent_settings
+from conftest import TEST_SCU_AET, agent_settings, free_port
 from fastapi.testclient import TestClient
 from ps315_schema import problems
 from sqlalchemy import select
@@ -150,6 +151,7 @@ def test_tls_every_event_once_in_order_as_ps315_messages(tmp_path: Path, collect
         assert pri // 8 == 10  # authpriv
         assert pri % 8 == {0: 5, 4: 4}[ev.outcome]
         assert (m.group(4), m.group(6)) == (b"strnet", b"IHE+RFC-3881")
+        assert m.group(2) == ev.at.isoformat(timespec="microseconds").encode() + b"Z"  # the event's time
         root = _body(msg)
         assert problems(root) == [], (ev.event_name, problems(root))
         ident = root.find("EventIdentification")
@@ -171,6 +173,7 @@ def test_tls_every_event_once_in_order_as_ps315_messages(tmp_path: Path, collect
     objects = {o.find("ParticipantObjectIDTypeCode").get("csd-code"): o  # type: ignore[union-attr]
                for o in received.findall("ParticipantObjectIdentification")}  # fmt: skip
     assert objects["110180"].get("ParticipantObjectID") == STUDY_UID
+    assert objects["110180"].get("ParticipantObjectDataLifeCycle") == "1"  # origination: received here
     assert objects["110180"].find("ParticipantObjectDescription/SOPClass/Instance").get("UID") == SOP_UID  # type: ignore[union-attr]
     assert objects["2"].get("ParticipantObjectID") == PATIENT_ID
     assert objects["2"].findtext("ParticipantObjectName") == PATIENT_NAME
@@ -194,7 +197,9 @@ def test_collector_down_keeps_the_cursor_and_everything_goes_once_it_is_back(
     try:
         _seed(db)
         total = len(_events(db))
-        down = exporter.run()
+        with structlog.testing.capture_logs() as logs:
+            down = exporter.run()
+        assert logs and all(PATIENT_ID not in str(e) and STUDY_UID not in str(e) for e in logs)
         assert down.sent == 0 and down.error is not None and "ConnectionRefusedError" in down.error
         st = export.state(db)
         assert (st.last_event_id, st.backlog, st.attempts) == (delivered, total - 1, 1)
@@ -318,3 +323,18 @@ def test_serve_schedules_the_export_only_when_enabled(tmp_path: Path, collector:
     assert off.scheduler.get_job("atna_export") is None
     on.db.dispose()
     off.db.dispose()
+
+
+def test_the_backoff_doubles_up_to_five_minutes(tmp_path: Path, collector: Rsyslog, pki: Pki) -> None:
+    settings = _settings(tmp_path, collector, pki, port=free_port())  # nothing listens there
+    db = open_database(settings)
+    _seed(db)
+    exporter = Exporter(db, settings)
+    waits = []
+    for _ in range(8):
+        if export.state(db).attempts:
+            _backoff_passed(db)
+        assert exporter.run().error is not None
+        waits.append(round((_next_attempt(db) - utcnow()).total_seconds()))
+    assert waits == [5, 10, 20, 40, 80, 160, 300, 300]
+    assert export.state(db).last_event_id == 0
