@@ -41,6 +41,8 @@ class Pki:
     client_cert: Path
     client_key: Path
     other_ca: Path  # a CA the collector does not trust
+    wrong_name_cert: Path  # a server certificate of the CA for another host name
+    wrong_name_key: Path
 
 
 def _openssl(*args: str, cwd: Path) -> None:
@@ -68,8 +70,10 @@ def make_pki(folder: Path) -> Pki:
     _ca(folder, "otherca")
     _leaf(folder, "server", "ca", "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n")
     _leaf(folder, "client", "ca", "extendedKeyUsage=clientAuth\n")
-    return Pki(folder / "ca.pem", folder / "server.pem", folder / "server.key", folder / "client.pem",
-               folder / "client.key", folder / "otherca.pem")  # fmt: skip
+    _leaf(folder, "elsewhere", "ca", "subjectAltName=DNS:elsewhere.invalid\nextendedKeyUsage=serverAuth\n")
+    names = ("ca.pem", "server.pem", "server.key", "client.pem", "client.key", "otherca.pem", "elsewhere.pem",
+             "elsewhere.key")
+    return Pki(*(folder / n for n in names))
 
 
 def _free_udp_port() -> int:

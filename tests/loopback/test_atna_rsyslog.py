@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -235,7 +236,7 @@ def test_udp_every_event_once_in_order(tmp_path: Path, collector: Rsyslog, pki: 
     assert all(problems(_body(m)) == [] for m in got)
 
 
-def test_a_refused_client_certificate_or_an_untrusted_server_delivers_nothing(
+def test_a_refused_client_certificate_an_untrusted_server_or_another_host_name_delivers_nothing(
     tmp_path: Path, collector: Rsyslog, pki: Pki
 ) -> None:
     no_cert = _settings(tmp_path / "a", collector, pki, cert_file=None, key_file=None)
@@ -247,6 +248,15 @@ def test_a_refused_client_certificate_or_an_untrusted_server_delivers_nothing(
     untrusted = _settings(tmp_path / "a", collector, pki, ca_file=str(pki.other_ca))
     bad = Exporter(db, untrusted).run(ignore_backoff=True)
     assert bad.sent == 0 and "certificate not accepted" in (bad.error or "")
+    wrong = Rsyslog(tmp_path / "wrong-name", replace(pki, server_cert=pki.wrong_name_cert,
+                                                     server_key=pki.wrong_name_key)).start()  # fmt: skip
+    try:
+        other_host = _settings(tmp_path / "a", wrong, pki)
+        mismatch = Exporter(db, other_host).run(ignore_backoff=True)
+    finally:
+        wrong.stop()
+    assert mismatch.sent == 0 and "certificate not accepted" in (mismatch.error or "")
+    assert wrong.received() == []
     assert export.state(db).last_event_id == 0
     assert len(collector.received()) == base
 
@@ -314,15 +324,21 @@ def test_backlog_on_the_status_page_and_in_metrics(tmp_path: Path, collector: Rs
     assert "strnet_atna_backlog" not in TestClient(off).get("/metrics").text
 
 
-def test_serve_schedules_the_export_only_when_enabled(tmp_path: Path, collector: Rsyslog, pki: Pki) -> None:
+def test_serve_exports_every_few_seconds_only_when_enabled(tmp_path: Path, collector: Rsyslog, pki: Pki) -> None:
     on = Agent.build(_settings(tmp_path / "on", collector, pki), worker=False)
     off = Agent.build(agent_settings(tmp_path / "off"), worker=False)
     assert on.scheduler is not None and off.scheduler is not None
     job = on.scheduler.get_job("atna_export")
     assert job is not None and job.trigger.interval == timedelta(seconds=ATNA_EXPORT_S)
     assert off.scheduler.get_job("atna_export") is None
-    on.db.dispose()
     off.db.dispose()
+    base = len(collector.received())
+    on.start()  # its start event reaches the repository at the scheduler's first tick
+    try:
+        got = collector.wait_for(base + 1, timeout_s=ATNA_EXPORT_S + 15)[base:]
+    finally:
+        on.stop()
+    assert [_codes(_body(m)) for m in got] == [("110100", ["110120"])]
 
 
 def test_the_backoff_doubles_up_to_five_minutes(tmp_path: Path, collector: Rsyslog, pki: Pki) -> None:
