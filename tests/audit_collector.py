@@ -2,7 +2,8 @@
 foreground with its own config, work directory and pid file, on ports chosen at run time.
 
 imtcp with the gtls stream driver (TLS; the client must show a certificate of the test CA: mutual TLS)
-and imudp; every message received is written to a file as its raw bytes, JSON-escaped, one a line.
+and imudp, with rsyslog's default message size limit (8,096 bytes); every message received is
+written to a file as its raw bytes, JSON-escaped, one a line.
 The CA, server and client certificates are made by ``openssl`` in the test's folder.
 """
 
@@ -21,7 +22,7 @@ from pathlib import Path
 from conftest import require_tool
 
 RSYSLOG_CONF = """
-global(workDirectory="{work}" maxMessageSize="64k"
+global(workDirectory="{work}"
        DefaultNetstreamDriverCAFile="{ca}" DefaultNetstreamDriverCertFile="{cert}"
        DefaultNetstreamDriverKeyFile="{key}")
 module(load="imtcp" StreamDriver.Name="gtls" StreamDriver.Mode="1" StreamDriver.AuthMode="x509/certvalid")

@@ -19,8 +19,9 @@ from typing import Any
 #: our own process names as audit actors (the rest are AE titles of peers, or web users)
 OWN_ACTORS = frozenset({"strnet", "strnet-cli", "strnet-worker", "strnet-digest", "strnet-sweep"})
 #: the JSON of a row's detail is cut to this many bytes (the whole row stays in the hash chain), so a
-#: message stays under 8 KiB: what RFC 5425 asks every receiver to take, and one UDP datagram
-MAX_DETAIL_BYTES = 3000
+#: message stays under 8,000 bytes: RFC 5425 asks every receiver to take 8 KiB, rsyslog's default
+#: limit is 8,096, and it is one UDP datagram
+MAX_DETAIL_BYTES = 1500
 
 # (code, scheme, meaning)
 Code = tuple[str, str, str]

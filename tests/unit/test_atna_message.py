@@ -47,6 +47,19 @@ def test_a_large_detail_is_cut_and_the_message_stays_under_8_kib() -> None:
     assert len(json.dumps(detail)) > MAX_DETAIL_BYTES
 
 
+def test_the_largest_message_stays_under_8000_bytes() -> None:
+    """Every field at its column's length, every character one that XML escapes, the detail just
+    under the cut: still under rsyslog's default limit (8,096 bytes)."""
+    detail: dict[str, object] = {"problem": "conflicting duplicate", "peer_host": "&" * 64, "x": ""}
+    detail["x"] = "<" * (MAX_DETAIL_BYTES - len(json.dumps(detail, separators=(",", ":"))))
+    ctx = StudyContext("1." + "2" * 62, "&" * 64, "&" * 324, "1." + "2" * 62, "1." + "3" * 62)
+    row = _row(outcome=8, actor="&" * 128, object_type="instance", object_id="1." + "3" * 62, detail=detail)
+    body = audit_message(row, source_id="site-1", local_id="&" * 16, ctx=ctx)
+    assert b"truncated" not in body
+    assert problems(ET.fromstring(body)) == []
+    assert len(rfc5424(body, at=AT, outcome=8, app_name="strnet")) < 8000
+
+
 def test_failures_carry_their_outcome_severity_and_a_description() -> None:
     row = _row(outcome=8, detail={"alert": "login_throttled", "client": "10.0.0.9"})
     root = _xml(row)
