@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import ipaddress
 import json
+import re
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -22,6 +23,9 @@ OWN_ACTORS = frozenset({"strnet", "strnet-cli", "strnet-worker", "strnet-digest"
 #: message stays under 8,000 bytes: RFC 5425 asks every receiver to take 8 KiB, rsyslog's default
 #: limit is 8,096, and it is one UDP datagram
 MAX_DETAIL_BYTES = 1500
+
+#: characters XML 1.0 does not allow (control characters but tab, LF and CR; surrogates; U+FFFE/F)
+_XML_INVALID = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
 
 # (code, scheme, meaning)
 Code = tuple[str, str, str]
@@ -248,4 +252,8 @@ def audit_message(row: Row, *, source_id: str, local_id: str, ctx: StudyContext 
     src = ET.SubElement(root, "AuditSourceIdentification", {"AuditSourceID": source_id})
     ET.SubElement(src, "AuditSourceTypeCode", {"csd-code": "4"})  # application server process
     _objects(root, row, ctx)
+    for el in root.iter():  # a value from the wire (a patient name with ISO 2022 escapes) stays well-formed
+        el.attrib.update({k: _XML_INVALID.sub("", v) for k, v in el.attrib.items()})
+        if el.text:
+            el.text = _XML_INVALID.sub("", el.text)
     return b'<?xml version="1.0" encoding="UTF-8"?>' + ET.tostring(root, encoding="utf-8", xml_declaration=False)

@@ -202,3 +202,14 @@ def test_each_event_the_agent_writes_maps_as_docs_atna_md_says(
 def test_tls_is_1_2_or_later(tmp_path: Path) -> None:
     ctx = tls_context(AtnaSection(enabled=True))
     assert ctx.minimum_version == ssl.TLSVersion.TLSv1_2 and ctx.verify_mode == ssl.CERT_REQUIRED
+
+
+def test_control_characters_from_the_wire_leave_the_message_well_formed() -> None:
+    ctx = StudyContext("1.2.3", "PAT\x00-1", "\x1b$BDoe\x1b(B^Jane\x07", None, None)
+    row = _row(event_code="110104", event_name="DICOM Instances Transferred", action="C", actor="PACS\x01",
+               object_type="instance", object_id="1.2.3.4", detail={"peer_host": "10.0.0.1"})
+    root = ET.fromstring(audit_message(row, source_id="site-1", local_id="STRNET", ctx=ctx))
+    assert problems(root) == []
+    patient = root.find("ParticipantObjectIdentification[@ParticipantObjectTypeCodeRole='1']")
+    assert patient is not None and patient.get("ParticipantObjectID") == "PAT-1"
+    assert patient.findtext("ParticipantObjectName") == "$BDoe(B^Jane"
