@@ -69,7 +69,11 @@ class Transport(Protocol):
 
 
 def tls_context(cfg: AtnaSection) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(cfg.ca_file) if cfg.ca_file else None)
+    """The client side of RFC 5425; a CA bundle or key pair that cannot be loaded is a ConfigError."""
+    try:
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(cfg.ca_file) if cfg.ca_file else None)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError("atna.ca_file", f"cannot load the CA bundle ({exc.__class__.__name__})") from exc
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     if cfg.cert_file is not None and cfg.key_file is not None:
         try:

@@ -16,6 +16,7 @@ from ps315_schema import problems
 from agent.audit.atna import MAX_DETAIL_BYTES, Row, StudyContext, audit_message
 from agent.audit.syslog import BOM, rfc5424, tls_context
 from agent.config import AtnaSection
+from agent.errors import ConfigError
 
 AT = datetime(2026, 12, 7, 10, 0, 0, 123456)
 
@@ -213,3 +214,14 @@ def test_control_characters_from_the_wire_leave_the_message_well_formed() -> Non
     patient = root.find("ParticipantObjectIdentification[@ParticipantObjectTypeCodeRole='1']")
     assert patient is not None and patient.get("ParticipantObjectID") == "PAT-1"
     assert patient.findtext("ParticipantObjectName") == "$BDoe(B^Jane"
+
+
+def test_a_ca_bundle_or_key_pair_that_cannot_be_loaded_is_a_config_error(tmp_path: Path) -> None:
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a certificate")
+    with pytest.raises(ConfigError, match=r"^atna.ca_file: cannot load the CA bundle \(FileNotFoundError\)"):
+        tls_context(AtnaSection(enabled=True, ca_file=tmp_path / "missing.pem"))
+    with pytest.raises(ConfigError, match=r"^atna.ca_file: cannot load the CA bundle \(SSLError\)"):
+        tls_context(AtnaSection(enabled=True, ca_file=junk))
+    with pytest.raises(ConfigError, match=r"^atna.cert_file: cannot load the client certificate"):
+        tls_context(AtnaSection(enabled=True, cert_file=junk, key_file=junk))
