@@ -106,11 +106,11 @@ class Rsyslog:
                                             udp_port=self.udp_port, out=self.out))  # fmt: skip
         port_file = self.work / "tcp.port"
         port_file.unlink(missing_ok=True)
-        log = (self.folder / "rsyslogd.log").open("ab")
-        self.proc = subprocess.Popen(
-            [self.rsyslogd, "-n", "-f", str(conf), "-i", str(self.folder / "rsyslogd.pid")],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
+        with (self.folder / "rsyslogd.log").open("ab") as log:  # the child keeps its own copy
+            self.proc = subprocess.Popen(
+                [self.rsyslogd, "-n", "-f", str(conf), "-i", str(self.folder / "rsyslogd.pid")],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -94,8 +94,13 @@ class TlsSyslog:
         if not messages:
             return
         try:
-            with socket.create_connection((self.host, self.port), timeout=self.timeout_s) as raw:
-                tls = self.ctx.wrap_socket(raw, server_hostname=self.host)
+            raw = socket.create_connection((self.host, self.port), timeout=self.timeout_s)
+            try:
+                tls = self.ctx.wrap_socket(raw, server_hostname=self.host)  # takes over raw's descriptor
+            except BaseException:
+                raw.close()
+                raise
+            with tls:
                 self._accepted(tls)
                 for m in messages:
                     tls.sendall(str(len(m)).encode("ascii") + b" " + m)
