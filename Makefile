@@ -7,10 +7,11 @@ PY      ?= python3
 VENV    := .venv
 VPY     := $(VENV)/bin/python
 TORCH   := torch==2.13.0
-DEBS    := orthanc orthanc-dicomweb orthanc-webviewer dcmtk dicom3tools chromium
+DEBS    := orthanc orthanc-dicomweb orthanc-webviewer dcmtk dicom3tools chromium rsyslog rsyslog-gnutls openssl
 # executables, and files (plugins), that tell us each Debian package is present
-DEB_BINS := Orthanc storescu dciodvfy chromium
-DEB_FILES := /usr/share/orthanc/plugins/libOrthancDicomWeb.so /usr/share/orthanc/plugins/libOrthancWebViewer.so
+DEB_BINS := Orthanc storescu dciodvfy chromium openssl
+DEB_FILES := /usr/share/orthanc/plugins/libOrthancDicomWeb.so /usr/share/orthanc/plugins/libOrthancWebViewer.so \
+             /usr/sbin/rsyslogd /usr/share/doc/rsyslog-gnutls
 # the OHIF v3 viewer for tests/viewer: npm's prebuilt dist, unpacked once into a folder git ignores
 OHIF_VERSION := 3.13.2
 OHIF_DIR := $(VENV)/ohif-$(OHIF_VERSION)
@@ -31,7 +32,8 @@ help:
 install: system venv ohif medplum
 
 # --- Debian packages (Orthanc with its DICOMweb and Web Viewer plugins as the test PACS, DCMTK as
-#     a real peer, dicom3tools as validator, Chromium for the admin-web and viewer browser tests)
+#     a real peer, dicom3tools as validator, Chromium for the admin-web and viewer browser tests,
+#     rsyslog with its TLS driver as the audit repository of tests/loopback/test_atna_rsyslog.py)
 system:
 	@missing=""; for b in $(DEB_BINS); do command -v $$b >/dev/null 2>&1 || missing="yes"; done; \
 	for f in $(DEB_FILES); do [ -e $$f ] || missing="yes"; done; \

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from agent.audit import trail
+from agent.audit.export import Exporter
 from agent.config import Settings
 from agent.db.engine import Database, open_database
 from agent.ehr import messages
@@ -126,6 +127,7 @@ class Agent:
             sender_wake=agent.sender.wake.set if agent.sender else None,
             settings=settings,
             archive_sweep=agent.sweeper.scheduled if agent.sweeper else None,
+            atna_export=Exporter(db, settings).run if settings.atna.enabled else None,
         )
         if web:
             agent.web = WebServer(create_app(

@@ -354,6 +354,23 @@ def db_verify_audit(config: ConfigOpt = None) -> None:
     raise typer.Exit(1)
 
 
+@db_app.command("export-audit")
+def db_export_audit(config: ConfigOpt = None) -> None:
+    """Send the audit events not yet delivered to the audit repository ([atna]) now, ignoring the
+    backoff; exit 1 when a delivery fails (the cursor stays: they go at the next try)."""
+    from agent.audit.export import Exporter
+    from agent.db.engine import open_database
+
+    settings = _settings(config)
+    if not settings.atna.enabled:
+        raise ConfigError("atna.enabled", "the audit export is off; set [atna] enabled = true")
+    result = Exporter(open_database(settings), settings).run(ignore_backoff=True)
+    typer.echo(f"sent {result.sent} audit event(s); {result.backlog} not yet delivered")
+    if result.error is not None:
+        typer.echo(f"delivery failed: {result.error}")
+        raise typer.Exit(1)
+
+
 @config_app.command("show")
 def config_show(config: ConfigOpt = None) -> None:
     """Print the effective settings as JSON."""

@@ -32,8 +32,9 @@ INFERENCE_SECONDS = Histogram(
 class _Snapshot:
     """A one-shot collector over figures read from the database for this scrape."""
 
-    def __init__(self, jobs: Mapping[str, int], outbox: Mapping[str, int], flagged: int) -> None:
-        self.jobs, self.outbox, self.flagged = jobs, outbox, flagged
+    def __init__(self, jobs: Mapping[str, int], outbox: Mapping[str, int], flagged: int,
+                 atna_backlog: int | None = None) -> None:  # fmt: skip
+        self.jobs, self.outbox, self.flagged, self.atna_backlog = jobs, outbox, flagged, atna_backlog
 
     def collect(self) -> Iterator[Metric]:
         g = GaugeMetricFamily("strnet_jobs", "Jobs by state.", labels=["state"])
@@ -50,10 +51,13 @@ class _Snapshot:
             value=sum(self.outbox.get(s, 0) for s in OUTBOX_BACKLOG),
         )
         yield GaugeMetricFamily("strnet_flagged_patients", "Patients in the flagged registry.", value=self.flagged)
+        if self.atna_backlog is not None:
+            yield GaugeMetricFamily("strnet_atna_backlog", "Audit events not yet delivered to the audit "
+                                    "repository (IHE ATNA; only with [atna] enabled).", value=self.atna_backlog)
 
 
-def render(jobs: Mapping[str, int], outbox: Mapping[str, int], flagged: int) -> bytes:
+def render(jobs: Mapping[str, int], outbox: Mapping[str, int], flagged: int, atna_backlog: int | None = None) -> bytes:
     """The Prometheus text exposition: process counters plus the database snapshot."""
     snap = CollectorRegistry(auto_describe=False)
-    snap.register(_Snapshot(jobs, outbox, flagged))
+    snap.register(_Snapshot(jobs, outbox, flagged, atna_backlog))
     return generate_latest(REGISTRY) + generate_latest(snap)

@@ -1,5 +1,5 @@
 """Periodic work inside ``strnet serve`` (apscheduler): lease reaper, outbox retry sweep,
-study-completion sweep, spool retention, the scheduled archive sweep and a heartbeat."""
+study-completion sweep, spool retention, the scheduled archive sweep, the audit export and a heartbeat."""
 
 from __future__ import annotations
 
@@ -37,6 +37,9 @@ def reap_leases(db: Database) -> int:
         log.warning("leases_reaped", jobs=n)
     return n
 
+
+#: how often the audit events not yet delivered go to the audit repository (IHE ATNA)
+ATNA_EXPORT_S = 5.0
 
 #: a .part file untouched this long belongs to a transfer that broke off (network timeouts are shorter)
 STALE_PART_S = 3600.0
@@ -80,6 +83,7 @@ def build_scheduler(
     sweep_s: float = 2.0,
     settings: Settings | None = None,
     archive_sweep: Callable[[], Any] | None = None,
+    atna_export: Callable[[], Any] | None = None,
 ) -> BackgroundScheduler:
     sched = BackgroundScheduler(daemon=True, job_defaults={"coalesce": True, "max_instances": 1})
     sched.add_job(_guarded("lease_reaper", lambda: reap_leases(db)), "interval", seconds=30, id="lease_reaper")
@@ -94,6 +98,8 @@ def build_scheduler(
         id="spool_retention",
     )
     sched.add_job(_guarded("heartbeat", lambda: heartbeat(db)), "interval", seconds=60, id="heartbeat")
+    if atna_export is not None:  # the audit trail to the audit repository ([atna]; backoff inside)
+        sched.add_job(_guarded("atna_export", atna_export), "interval", seconds=ATNA_EXPORT_S, id="atna_export")
     if archive_sweep is not None:
         # each tick retrieves for up to ~50 s (within the window and the rate limit); apscheduler's own
         # thread pool, so the study-completion sweep and the rest go on beside it

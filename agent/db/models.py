@@ -142,6 +142,21 @@ class SweepCursor(Base):
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
+class AtnaExport(Base):
+    """Where the export of the audit trail to the hospital's audit repository (IHE ATNA) stands:
+    every event with an id up to ``last_event_id`` was delivered. One row (id 1); ``attempts``,
+    ``next_attempt_at`` and ``last_error`` (no PHI) hold the backoff after a failed delivery."""
+
+    __tablename__ = "atna_export"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    last_event_id: Mapped[int] = mapped_column(Integer, default=0)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_error: Mapped[str | None] = mapped_column(Text)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
 class AuditEvent(Base):
     """Append-only, hash-chained audit trail (event codes after DICOM PS3.15 audit messages)."""
 

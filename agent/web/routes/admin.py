@@ -11,6 +11,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import RedirectResponse
 from starlette.concurrency import run_in_threadpool
 
+from agent.audit import export
 from agent.audit.trail import EVENTS
 from agent.clock import utcnow
 from agent.db import fls, worklist
@@ -216,6 +217,7 @@ def status(request: Request, sess: AnySession) -> Response:
             "s": summary,
             "chain": chain,
             "labels": fls.STATUS_LABELS,
+            "atna": export.state(db) if request.app.state.settings.atna.enabled else None,
             "model": request.app.state.model_info(),
             "num": shown_number,
         },

@@ -7,6 +7,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from agent import metrics
+from agent.audit import export
 from agent.db.worklist import flagged_count, ping
 from agent.errors import AgentError
 from agent.queue import outbox, store
@@ -32,5 +33,6 @@ def healthz(request: Request) -> Response:
 @router.get("/metrics")
 def prometheus(request: Request) -> Response:
     db = request.app.state.ctx.db
-    body = metrics.render(store.count_by_state(db), outbox.count_by_state(db), flagged_count(db))
+    atna = export.state(db).backlog if request.app.state.settings.atna.enabled else None
+    body = metrics.render(store.count_by_state(db), outbox.count_by_state(db), flagged_count(db), atna)
     return Response(body, media_type=CONTENT_TYPE_LATEST)
