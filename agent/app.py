@@ -133,6 +133,7 @@ class Agent:
             agent.web = WebServer(create_app(
                 settings, db, model_info=lambda: ModelInfo.of(agent.worker.screening.model if agent.worker else None),
                 on_replay=agent.sender.wake.set if agent.sender else None,
+                on_assessed=agent.reporter.report_assessment if agent.reporter else None,
             ), settings.web)
         return agent
 

@@ -270,6 +270,12 @@ class FhirSection(_Section):
     send_swept: bool = Field(
         True, description="Also send the results of studies the archive sweep retrieved (else the live ones only)."
     )
+    send_assessments: bool = Field(
+        False,
+        description="Send a radiologist's verdict onward: the study's DiagnosticReport and Observations "
+        "updated to final (finding confirmed) or amended (rejected, with the reasons), no referral after a "
+        "rejection.",
+    )
 
     _url = field_validator("base_url")(_check_web_url)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable
 from typing import Any
@@ -12,7 +13,10 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 
 from agent.app import Agent
+from agent.domain import AlgorithmInfo, Eligibility, Findings, IncomingInstance, InstanceRef
 from agent.pacs import status
+from agent.queue import screening, store
+from agent.reporting.builder import encode
 
 
 def send_study(agent: Agent, datasets: list[Any]) -> None:
@@ -44,3 +48,24 @@ def wait_for(cond: Callable[[], bool], timeout_s: float = 60.0) -> None:
             return
         time.sleep(0.1)
     raise AssertionError("condition not met in time")
+
+
+def screened(reporter: Any, study_uid: str | None = None, name: str = "Quimbly^Ottoline", pid: str = "PID-42") -> str:
+    """One knee film spooled, received and screened positive, as the C-STORE handler and the worker
+    leave it; returns its study's UID."""
+    study_uid = study_uid or generate_uid()
+    ds = knee_dx(study_uid=study_uid, rows=40, cols=32, patient_name=name, patient_id=pid)
+    data = encode(ds)
+    rel = reporter.spool.write_named(f"{ds.SOPInstanceUID}.dcm", [data])
+    ref = InstanceRef(str(ds.SOPClassUID), str(ds.SOPInstanceUID), study_uid, str(ds.SeriesInstanceUID),
+                      str(ds.file_meta.TransferSyntaxUID))  # fmt: skip
+    store.record_instance(
+        reporter.db,
+        IncomingInstance(ref, rel, hashlib.sha256(data).hexdigest(), len(data), "TESTSCU", "127.0.0.1",
+                         Eligibility(True), patient_id=pid, patient_name=name),
+    )  # fmt: skip
+    (job,) = store.lease(reporter.db, "test-worker", 1, 60.0)
+    algorithm = AlgorithmInfo("STR-Net", "test-1", "0" * 64)
+    findings = Findings(0.81, 0.4, True, 0.6, "osteopenia", -1.8, -2.5, -1.1, 0.9, algorithm)
+    assert screening.record_screening(reporter.db, job.job_id, "test-worker", findings, {}, None, [], send=False)
+    return study_uid

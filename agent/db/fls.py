@@ -185,6 +185,7 @@ class Assessed:
     flagged_id: int
     previous: str
     status: str
+    study_id: int = 0  # the study of the assessed image
 
 
 def _status_after(s: Session, fp: FlaggedPatient) -> str:
@@ -257,7 +258,7 @@ def assess_finding(db: Database, result_id: int, actor: str, verdict: str, reaso
                 "to": fp.status,
             },
         )
-        return Assessed(fp.id, previous, fp.status)
+        return Assessed(fp.id, previous, fp.status, st.id)
 
 
 def flagged_of_result(db: Database, result_id: int) -> int | None:

@@ -39,6 +39,16 @@ class ImageResult:
 
 
 @dataclass(frozen=True)
+class Assessment:
+    """A radiologist's verdict on the study's result (IHE AI Results Assessment, per study): confirmed
+    when they agreed with a flagged image, rejected when they disagreed with every one."""
+
+    verdict: str  # "confirmed" | "rejected"
+    reasons: tuple[str, ...]  # the reasons given for disagreeing (free text, for the EHR only)
+    at: datetime  # when the deciding verdict was recorded (aware, UTC)
+
+
+@dataclass(frozen=True)
 class StudyResult:
     """One study's screening result, as every message about it states it.
 
@@ -67,6 +77,7 @@ class StudyResult:
     algorithm: AlgorithmInfo
     model_key: str  # version#sha: what the result UIDs are derived from
     device_uid: str  # the model's Device UID (= the SR's Device Observer UID)
+    assessment: Assessment | None = None  # a radiologist's verdict, when the message reports one
 
     @property
     def disclaimer(self) -> str:

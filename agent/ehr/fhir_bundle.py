@@ -206,7 +206,7 @@ def _observation(
     observation: dict[str, Any] = {
         "resourceType": "Observation",
         "identifier": [_identifier(key)],
-        "status": "preliminary",
+        "status": _status(result),
         "category": [{"coding": [{"system": _OBSERVATION_CATEGORY, "code": "imaging", "display": "Imaging"}]}],
         "code": code,
         "subject": {"reference": refs["patient"]},
@@ -276,6 +276,27 @@ def _observations(result: StudyResult, refs: dict[str, str]) -> list[tuple[dict[
     return [classification, probability, t_score]
 
 
+def _status(result: StudyResult) -> str:
+    """preliminary (no radiologist has read it); after a radiologist's verdict final when they
+    confirmed the finding, amended when they rejected it."""
+    if result.assessment is None:
+        return "preliminary"
+    return "final" if result.assessment.verdict == "confirmed" else "amended"
+
+
+def _conclusion(result: StudyResult) -> str:
+    a = result.assessment
+    if a is None:
+        return result.impression
+    when = a.at.isoformat(timespec="seconds")
+    if a.verdict == "confirmed":
+        return f"{result.impression}\nRadiologist review ({when}): the finding was confirmed."
+    reasons = "; ".join(a.reasons)
+    return f"{result.impression}\nRadiologist review ({when}): the finding was rejected" + (
+        f" ({reasons})." if reasons else "."
+    )
+
+
 def _diagnostic_report(result: StudyResult, keys: _Keys, refs: dict[str, str], results: list[str]) -> dict[str, Any]:
     report: dict[str, Any] = {
         "resourceType": "DiagnosticReport",
@@ -283,14 +304,14 @@ def _diagnostic_report(result: StudyResult, keys: _Keys, refs: dict[str, str], r
             _identifier(keys.report, use="official"),
             _identifier((DICOM_UID_SYSTEM, _oid(result.report_sop_instance_uid)), use="secondary"),
         ],
-        "status": "preliminary",
+        "status": _status(result),
         "category": [{"coding": [{"system": _V2_0074, "code": "RAD", "display": "Radiology"}]}],
         "code": concept(codes.PLAIN_XRAY_KNEE, text="Bone loss screening of knee radiographs (automated)"),
         "subject": {"reference": refs["patient"]},
         "issued": result.reported_at.isoformat(timespec="seconds"),
         "result": [{"reference": r} for r in results],
         "imagingStudy": [{"reference": refs["study"]}],
-        "conclusion": result.impression,
+        "conclusion": _conclusion(result),
         "extension": [
             {"url": f"{PRIVATE_CODE_SYSTEM}:revision", "valueInteger": result.revision},
         ],
@@ -350,7 +371,8 @@ def bundle_dict(result: StudyResult, dest: FhirSection) -> dict[str, Any]:
         *(_entry(resource, key, update=True) for resource, key in observations),
         _entry(_diagnostic_report(result, keys, refs, obs_urls), keys.report, update=True),
     ]
-    if result.positive and dest.referral != "none":
+    rejected = result.assessment is not None and result.assessment.verdict == "rejected"
+    if result.positive and dest.referral != "none" and not rejected:
         entries.append(_entry(_referral(result, dest, keys, refs), keys.referral))
     return {"resourceType": "Bundle", "type": "transaction", "entry": entries}
 

@@ -13,6 +13,7 @@ goes on to the next study.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import threading
 import time
@@ -21,17 +22,21 @@ from datetime import UTC
 from typing import Any
 
 from pydicom import dcmread
+from sqlalchemy import select
 
 from agent.clock import utcnow
 from agent.config import Settings
+from agent.db import fls
 from agent.db.engine import Database
+from agent.db.models import StudyReport
 from agent.domain import Findings, ServedModel
 from agent.ehr import messages
-from agent.ehr.content import study_result
+from agent.ehr.content import Assessment, study_result
 from agent.errors import HelperClosed, StorageError, reason_of
 from agent.logging import get_logger
 from agent.queue import screening
 from agent.queue.outbox import OutgoingObject, write_message, write_object
+from agent.reporting import uids
 from agent.reporting.builder import BuiltSr, ReportBuilder, blank_source
 from agent.spool import Spool
 
@@ -199,6 +204,71 @@ class StudyReporter:
             blank = OutgoingObject(route.kind, route.label, sr.sop_instance_uid, "")
             out.append(screening.OutgoingMessage(blank, route.name, route.send_swept, failed))
         return out
+
+
+    def report_assessment(self, study_id: int) -> int:
+        """After a radiologist's verdict on a flagged image of the study: when it decides the study
+        (confirmed or rejected), a FHIR bundle that updates the study's report (final or amended)
+        for each ``[[fhir]]`` destination with ``send_assessments``, recorded in the outbox in one
+        commit; returns how many were queued. Called by the admin web after the verdict's commit."""
+        routes = [r for r in self.message_routes if r.kind == messages.FHIR and r.section.send_assessments]
+        if not routes:
+            return 0
+        rows = screening.study_findings(self.db, study_id)
+        latest = {a.result_id: a for a in fls.study_assessments(self.db, study_id)}
+        verdict = study_verdict({r.id for _, r in rows if r.bone_loss}, latest)
+        with self.db.reading() as s:
+            report = s.execute(
+                select(StudyReport).where(StudyReport.study_id == study_id).order_by(StudyReport.revision.desc())
+            ).scalars().first()
+        if verdict is None or report is None:  # undecided, or no SR yet (its bundle will say preliminary)
+            return 0
+        sources = [dcmread(self.spool.path(p), stop_before_pixels=True) for p, _ in rows]
+        served = self.served_model()
+        reasons = tuple(a.reason for a in latest.values() if a.verdict == "disagree" and a.reason)
+        decided = max(a.at for a in latest.values()).replace(tzinfo=UTC)
+        # one message per decision: keyed by the SR, the verdict and how many verdicts led to it
+        key = uids.result_uid(report.sop_instance_uid, f"{verdict}-{max(a.result_id for a in latest.values())}-"
+                              f"{len(latest)}-{decided.isoformat()}", "assessment")  # fmt: skip
+        try:
+            result = study_result(
+                sources, [screening.findings_of(r, served) for _, r in rows],
+                report_sop_instance_uid=report.sop_instance_uid,
+                report_series_instance_uid=report.series_instance_uid, revision=report.revision,
+                reported_at=report.created_at.replace(tzinfo=UTC),
+            )  # fmt: skip
+        except _MESSAGE_ERRORS as exc:
+            log.error("assessment_message_failed", study_id=study_id, error=reason_of(exc))
+            return 0
+        result = dataclasses.replace(result, assessment=Assessment(verdict, reasons, decided))
+        out: list[screening.OutgoingMessage] = []
+        for route in routes:
+            try:
+                data = route.build(result)
+            except _MESSAGE_ERRORS as exc:
+                failed = f"{route.kind} assessment could not be built: {reason_of(exc)}"
+                log.error("message_build_failed", destination=route.name, kind=route.kind, error=failed)
+                blank = OutgoingObject(route.kind, route.label, key, "")
+                out.append(screening.OutgoingMessage(blank, route.name, True, failed))
+                continue
+            obj = write_message(self.results, route.kind, data, route.label, key, route.file_name(key))
+            out.append(screening.OutgoingMessage(obj, route.name, True))
+        queued = screening.record_messages(self.db, study_id, out, self.settings.sender.send)
+        if queued and self.on_outbox is not None:
+            self.on_outbox()
+        log.info("assessment_queued", study_id=study_id, verdict=verdict, messages=queued)
+        return queued
+
+
+def study_verdict(positive_ids: set[int], latest: dict[int, fls.StudyAssessment]) -> str | None:
+    """The radiologist's verdict on a study's result from the latest verdict per flagged image:
+    confirmed when any agrees, rejected when every flagged image has a disagreement, else none yet
+    (as agent/db/fls.py decides the patient's state)."""
+    if any(a.verdict == "agree" for a in latest.values()):
+        return "confirmed"
+    if positive_ids and all(i in latest and latest[i].verdict == "disagree" for i in positive_ids):
+        return "rejected"
+    return None
 
 
 #: what building a message raises on inputs it cannot use (a library may quote the value: it

@@ -238,6 +238,13 @@ class OutgoingMessage:
     failed: str | None = None  # it could not be built: recorded DEAD with this reason
 
 
+def record_messages(db: Database, study_id: int, messages: Sequence[OutgoingMessage], send: bool) -> int:
+    """Outbox rows for messages about a study made outside its SR's commit (a radiologist's
+    verdict sent onward); a row already there stays. Returns how many were added."""
+    with db.transaction() as s:
+        return sum(outbox.add(s, study_id, m.obj, [m.destination], send, failed=m.failed) for m in messages)
+
+
 def record_report(
     db: Database,
     ready: ReadyStudy,

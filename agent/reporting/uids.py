@@ -27,6 +27,7 @@ KINDS: dict[str, str] = {
     "sc-series": "study UID",
     "group": "source SOP Instance UID (tracking UID of the image's measurement group)",
     "device": "algorithm name + '#' + checkpoint SHA-256 (Device UID of the model: new weights, new device)",
+    "assessment": "SR SOP Instance UID (a radiologist's verdict sent onward: the key of its outbox rows)",
 }
 
 _UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")

@@ -238,6 +238,7 @@ def create_app(
     *,
     model_info: Callable[[], ModelInfo] | None = None,
     on_replay: Callable[[], None] | None = None,
+    on_assessed: Callable[[int], object] | None = None,
 ) -> FastAPI:
     """The admin web application over ``db``.
 
@@ -256,6 +257,8 @@ def create_app(
     app.state.login_gate = LoginGate(db, web, salt=settings.agent.site_salt)
     app.state.model_info = model_info or ModelInfo
     app.state.on_replay = on_replay or (lambda: None)
+    # after a radiologist's verdict on a study's image: send it onward (FHIR send_assessments)
+    app.state.on_assessed = on_assessed or (lambda study_id: 0)
     app.state.results_dir = settings.results_dir
     # the last added is the outermost: headers on everything, limits before everything else
     app.add_middleware(_RequestLimits, max_body=web.max_form_bytes, max_login_body=web.max_login_bytes)

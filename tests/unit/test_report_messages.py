@@ -9,32 +9,29 @@ builders have their own tests); the reporter, outbox and database are the real o
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from conftest import agent_settings, free_port
-from dicom_factory import knee_dx
 from pydicom.uid import generate_uid
+from screening_helpers import screened
 from sqlalchemy import select
 
 from agent.clock import utcnow
 from agent.db.engine import open_database
 from agent.db.models import OutboxItem, StudyReport, SweepStudy
-from agent.domain import AlgorithmInfo, Eligibility, Findings, IncomingInstance, InstanceRef, OutboxState, ServedModel
+from agent.domain import AlgorithmInfo, OutboxState, ServedModel
 from agent.ehr.content import StudyResult
 from agent.ehr.messages import FHIR, HL7, MessageRoute
-from agent.queue import screening, store
 from agent.queue.reporter import StudyReporter
-from agent.reporting.builder import encode
 from agent.spool import Spool
 
 OWNER = "test-worker"
 ALGO = AlgorithmInfo("STR-Net", "test-1", "0" * 64)
 SERVED = ServedModel(ALGO, 0.4, {"default": 0.4}, 0.9, "cpu")
-NAME, PID = "Quimbly^Ottoline", "PID-MSG-4242"
+NAME, PID = "Quimbly^Ottoline", "PID-42"
 
 
 def _ok(result: StudyResult) -> bytes:
@@ -70,26 +67,6 @@ def make_reporter(tmp_path: Path) -> Iterator[object]:
         r.db.dispose()
 
 
-def _screened(reporter: StudyReporter, study_uid: str | None = None) -> str:
-    """One knee film spooled, received and screened positive, as the C-STORE handler and the worker
-    leave it; returns its study's UID."""
-    study_uid = study_uid or generate_uid()
-    ds = knee_dx(study_uid=study_uid, rows=40, cols=32, patient_name=NAME, patient_id=PID)
-    data = encode(ds)
-    rel = reporter.spool.write_named(f"{ds.SOPInstanceUID}.dcm", [data])
-    ref = InstanceRef(str(ds.SOPClassUID), str(ds.SOPInstanceUID), study_uid, str(ds.SeriesInstanceUID),
-                      str(ds.file_meta.TransferSyntaxUID))  # fmt: skip
-    store.record_instance(
-        reporter.db,
-        IncomingInstance(ref, rel, hashlib.sha256(data).hexdigest(), len(data), "TESTSCU", "127.0.0.1",
-                         Eligibility(True), patient_id=PID, patient_name=NAME),
-    )  # fmt: skip
-    (job,) = store.lease(reporter.db, OWNER, 1, 60.0)
-    findings = Findings(0.81, 0.4, True, 0.6, "osteopenia", -1.8, -2.5, -1.1, 0.9, ALGO)
-    assert screening.record_screening(reporter.db, job.job_id, OWNER, findings, {}, None, [], send=False)
-    return study_uid
-
-
 def _rows(reporter: StudyReporter) -> dict[str, OutboxItem]:
     with reporter.db.reading() as s:
         return {o.destination: o for o in s.execute(select(OutboxItem)).scalars()}
@@ -97,7 +74,7 @@ def _rows(reporter: StudyReporter) -> dict[str, OutboxItem]:
 
 def test_each_destination_gets_its_message_and_a_broken_one_is_dead_without_phi(make_reporter: object) -> None:
     reporter = make_reporter([_route("ehr-hl7", HL7, _ok), _route("ehr-fhir", FHIR, _broken)])  # type: ignore[operator]
-    study_uid = _screened(reporter)
+    study_uid = screened(reporter)
     assert reporter.report_ready_studies() == 1
     rows = _rows(reporter)
     with reporter.db.reading() as s:
@@ -116,7 +93,7 @@ def test_each_destination_gets_its_message_and_a_broken_one_is_dead_without_phi(
 
 def test_shadow_mode_records_messages_unsent(make_reporter: object) -> None:
     reporter = make_reporter([_route("ehr-hl7", HL7, _ok)], send=False)  # type: ignore[operator]
-    _screened(reporter)
+    screened(reporter)
     assert reporter.report_ready_studies() == 1
     assert _rows(reporter)["ehr-hl7"].state == OutboxState.SHADOW.value
 
@@ -128,11 +105,11 @@ def test_a_destination_without_send_swept_gets_live_studies_only(make_reporter: 
     with reporter.db.transaction() as s:
         s.add(SweepStudy(study_instance_uid=swept_uid, pacs="archive", state="done", study_date="20261201",
                          send_results=True, attempts=1, found_at=utcnow()))  # fmt: skip
-    _screened(reporter, swept_uid)
+    screened(reporter, swept_uid)
     assert reporter.report_ready_studies() == 1
     assert set(_rows(reporter)) == {"pacs", "all"}
     live = make_reporter(routes)  # type: ignore[operator]
-    _screened(live)
+    screened(live)
     assert live.report_ready_studies() == 1
     assert set(_rows(live)) == {"pacs", "all", "live-only"}
 
@@ -144,7 +121,7 @@ def test_the_configured_hl7_and_fhir_builders_make_their_messages(make_reporter:
         hl7=[{"name": "ehr-hl7", "host": "127.0.0.1", "port": free_port()}],
         fhir=[{"name": "ehr-fhir", "base_url": "http://127.0.0.1:9/fhir"}],
     )
-    _screened(reporter)
+    screened(reporter)
     assert reporter.report_ready_studies() == 1
     rows = _rows(reporter)
     assert (rows["ehr-hl7"].state, rows["ehr-fhir"].state) == ("PENDING", "PENDING"), rows["ehr-fhir"].last_error

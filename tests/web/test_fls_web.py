@@ -249,3 +249,24 @@ def test_the_evidence_export_counts_states_days_to_dxa_and_ppv(app: Any, seeded:
     exports = [e for e in rows_of(db, AuditEvent) if e.object_type == "fls_evidence"]
     assert [(e.actor, e.event_code) for e in exports] == [("audrey", "110106")]
     assert fls.STATUS_LABELS["dxa_ordered"] == "DXA referred"
+
+
+def test_a_recorded_verdict_is_handed_on_for_sending_and_a_failure_to_do_so_keeps_it(seeded: Seeded) -> None:
+    """The web calls ``on_assessed(study_id)`` after the verdict's commit (the composition root
+    passes the reporter's report_assessment: FHIR send_assessments); if that raises, the verdict
+    stays recorded and the radiologist still gets the patient page."""
+    db = seeded.agent.db
+    calls: list[int] = []
+
+    def failing(study_id: int) -> int:
+        calls.append(study_id)
+        raise RuntimeError("FHIR down")
+
+    app = create_app(seeded.agent.settings, db, on_assessed=failing)
+    fp = patient(db, "WEBP-0002")
+    finding = findings(db, "WEBP-0002")[0]
+    before = len(rows_of(db, FindingAssessment))
+    r = assess(login(app, "rita"), fp.id, finding, "agree")
+    assert r.status_code == 303 and r.headers["location"].startswith(f"/patients/{fp.id}")
+    assert calls == [fp.last_study_id]
+    assert len(rows_of(db, FindingAssessment)) == before + 1

@@ -31,10 +31,12 @@ from agent.db.worklist import (
     shown_probability,
 )
 from agent.dicom_values import format_da
+from agent.logging import get_logger
 from agent.web import images
 from agent.web.auth import PhiSession, RadiologistSession, check_csrf
 from agent.web.render import render
 
+log = get_logger(__name__)
 router = APIRouter()
 PER_PAGE = 25
 # the patient page's overlay: the browser may keep it for this user only, and must ask each time
@@ -418,4 +420,8 @@ def _assess(request: Request, sess: SessionView, result_id: int, verdict: str, r
         return _patient_page(request, sess, found, form=form, errors={exc.field: str(exc)}, status_code=400)
     if done is None:
         return render(request, "error.html", {"title": "Not found", "message": "No such flagged image."}, 404)
+    try:  # the verdict is recorded; sending it onward (FHIR send_assessments) must not undo that
+        request.app.state.on_assessed(done.study_id)
+    except Exception as exc:  # noqa: BLE001 - any failure to queue it is logged by class only
+        log.error("assessment_not_queued", study_id=done.study_id, error=exc.__class__.__name__)
     return RedirectResponse(f"/patients/{done.flagged_id}#result-{result_id}", status_code=303)
