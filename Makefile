@@ -7,10 +7,10 @@ PY      ?= python3
 VENV    := .venv
 VPY     := $(VENV)/bin/python
 TORCH   := torch==2.13.0
-DEBS    := orthanc orthanc-dicomweb orthanc-webviewer dcmtk dicom3tools chromium
+DEBS    := orthanc orthanc-dicomweb orthanc-webviewer dcmtk dicom3tools chromium postgresql
 # executables, and files (plugins), that tell us each Debian package is present
 DEB_BINS := Orthanc storescu dciodvfy chromium
-DEB_FILES := /usr/share/orthanc/plugins/libOrthancDicomWeb.so /usr/share/orthanc/plugins/libOrthancWebViewer.so
+DEB_FILES := /usr/share/orthanc/plugins/libOrthancDicomWeb.so /usr/share/orthanc/plugins/libOrthancWebViewer.so /usr/lib/postgresql/15/bin/initdb
 # the OHIF v3 viewer for tests/viewer: npm's prebuilt dist, unpacked once into a folder git ignores
 OHIF_VERSION := 3.13.2
 OHIF_DIR := $(VENV)/ohif-$(OHIF_VERSION)
@@ -28,7 +28,8 @@ help:
 install: system venv ohif
 
 # --- Debian packages (Orthanc with its DICOMweb and Web Viewer plugins as the test PACS, DCMTK as
-#     a real peer, dicom3tools as validator, Chromium for the admin-web and viewer browser tests)
+#     a real peer, dicom3tools as validator, Chromium for the admin-web and viewer browser tests,
+#     PostgreSQL 15 for the throwaway clusters of the PostgreSQL test run)
 system:
 	@missing=""; for b in $(DEB_BINS); do command -v $$b >/dev/null 2>&1 || missing="yes"; done; \
 	for f in $(DEB_FILES); do [ -e $$f ] || missing="yes"; done; \
@@ -61,7 +62,7 @@ venv:
 	@test -x $(VPY) || $(PY) -m venv $(VENV)
 	@$(VPY) -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('2.13.0') else 1)" 2>/dev/null || \
 	  { $(VPY) -m pip install -q --upgrade pip && $(VPY) -m pip install -q $(TORCH); }
-	@$(VPY) -c "import agent, model, pynetdicom, highdicom, pytest" 2>/dev/null && \
+	@$(VPY) -c "import agent, model, pynetdicom, highdicom, pytest, psycopg" 2>/dev/null && \
 	  $(VPY) -m pip check >/dev/null 2>&1 && \
 	  [ ! pyproject.toml -nt $(VENV)/.installed ] || \
 	  { $(VPY) -m pip install -q -e '.[dev]' && touch $(VENV)/.installed; }

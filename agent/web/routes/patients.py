@@ -15,7 +15,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import RedirectResponse
 from starlette.concurrency import run_in_threadpool
 
-from agent.clock import utcnow
+from agent.clock import as_utc, utcnow
 from agent.db import worklist
 from agent.db.registry import FOLLOW_UP_STATUSES, spreadsheet_cell
 from agent.db.users import SessionView
@@ -190,8 +190,8 @@ def export_csv(request: Request, sess: PhiSession) -> Response:
                 shown_probability(r.probability),  # as the page shows it: 3 decimals, rounded down
                 round(r.t_score, 2),
                 spreadsheet_cell(format_da(r.last_study_date)),
-                r.first_flagged_at.isoformat(timespec="seconds"),
-                r.last_flagged_at.isoformat(timespec="seconds"),
+                as_utc(r.first_flagged_at).replace(tzinfo=None).isoformat(timespec="seconds"),
+                as_utc(r.last_flagged_at).replace(tzinfo=None).isoformat(timespec="seconds"),
             ]
         )
     record_access(
