@@ -14,7 +14,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from pg_cluster import PgCluster
+from conftest import agent_settings
+from pg_cluster import PgCluster, engine_under_test
 from sqlalchemy import select, text
 
 from agent.audit import trail
@@ -118,3 +119,13 @@ def test_the_same_events_hash_the_same_on_sqlite_and_on_postgresql_in_berlin(
             assert s.execute(select(AuditEvent.at).order_by(AuditEvent.id)).scalars().first() == start
         db.dispose()
     assert len(chains[0]) == 4 and chains[0] == chains[1]
+
+
+def test_the_agents_of_the_tests_get_the_engine_under_test(tmp_path: Path) -> None:
+    # STRNET_TEST_DATABASE=postgresql puts every test agent (agent_settings) on its own PostgreSQL
+    # database, the same one each time its data directory is asked for
+    settings = agent_settings(tmp_path)
+    db = Database(settings.database_url)
+    assert db.dialect == engine_under_test()
+    assert agent_settings(tmp_path).database_url == settings.database_url
+    db.dispose()
