@@ -15,13 +15,19 @@ DEB_FILES := /usr/share/orthanc/plugins/libOrthancDicomWeb.so /usr/share/orthanc
 OHIF_VERSION := 3.13.2
 OHIF_DIR := $(VENV)/ohif-$(OHIF_VERSION)
 PYTEST_ARGS ?=
+# the database-facing tests, run a second time on PostgreSQL (STRNET_TEST_DATABASE=postgresql: a
+# throwaway PostgreSQL 15 cluster on a free port, tests/pg_cluster.py, a fresh database per agent)
+PG_TESTS ?= tests/unit/test_postgres.py tests/unit/test_audit_trail.py tests/unit/test_queue_store.py \
+	tests/unit/test_flag_registry.py tests/unit/test_commitment_records.py tests/unit/test_sweep.py \
+	tests/unit/test_dicomweb.py tests/unit/test_report_isolation.py tests/unit/test_strnet.py \
+	tests/unit/test_worker_screening.py tests/ops tests/web tests/browser tests/loopback
 BENCH ?= tests/bench
 
 .PHONY: all install venv system ohif demo test bench lint typecheck gpu clean help
 
 help:
 	@echo "make demo    install everything missing, run the end-to-end demo"
-	@echo "make test    install everything missing, run the test suite"
+	@echo "make test    install everything missing, run the test suite (its database-facing part again on PostgreSQL)"
 	@echo "make bench   run the benchmarks under tests/bench, or BENCH=one file (not part of make test)"
 	@echo "make lint    ruff + mypy"
 
@@ -72,6 +78,7 @@ demo: install
 
 test: install
 	$(VPY) -m pytest $(PYTEST_ARGS)
+	STRNET_TEST_DATABASE=postgresql $(VPY) -m pytest $(PG_TESTS) $(PYTEST_ARGS)
 
 bench: install
 	$(VPY) -m pytest $(BENCH) -s -p no:cacheprovider -o norecursedirs= -o "python_files=test_*.py bench_*.py" $(PYTEST_ARGS)
