@@ -17,6 +17,7 @@ from agent.audit import trail
 from agent.clock import utcnow
 from agent.db.engine import Database
 from agent.db.models import Instance, Job, OutboxItem, Study
+from agent.db.upsert import insert_if_absent
 from agent.domain import (
     IncomingInstance,
     InstanceRef,
@@ -65,17 +66,25 @@ def record_instance(
             for _iid, sha, job_id in prior:
                 if sha == inc.sha256:
                     return StoreOutcome(job_id, duplicate=True, conflict=False, state=JobState.QUEUED)
+            # another process may be creating the same study right now: insert unless there, then
+            # read it locked (FOR UPDATE on PostgreSQL) for the updates below
+            insert_if_absent(
+                s,
+                Study,
+                {
+                    "study_instance_uid": inc.ref.study_instance_uid,
+                    "first_received_at": now,
+                    "last_received_at": now,
+                    "last_calling_ae": inc.calling_ae,
+                },
+                ["study_instance_uid"],
+            )
             study = s.execute(
-                select(Study).where(Study.study_instance_uid == inc.ref.study_instance_uid)
-            ).scalar_one_or_none()
-            if study is None:
-                study = Study(
-                    study_instance_uid=inc.ref.study_instance_uid,
-                    first_received_at=now,
-                    last_received_at=now,
-                    last_calling_ae=inc.calling_ae,
-                )
-                s.add(study)
+                select(Study)
+                .where(Study.study_instance_uid == inc.ref.study_instance_uid)
+                .with_for_update()
+                .execution_options(populate_existing=True)
+            ).scalar_one()
             study.patient_id = inc.patient_id or study.patient_id
             study.patient_name = inc.patient_name or study.patient_name
             study.patient_birth_date = inc.patient_birth_date or study.patient_birth_date

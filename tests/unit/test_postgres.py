@@ -7,20 +7,26 @@ STRNET_TEST_DATABASE says; the CLI runs are real ``python -m agent`` processes.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
+import threading
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import agent_settings
 from pg_cluster import PgCluster, engine_under_test
-from sqlalchemy import select, text
+from sqlalchemy import func, select, text
 
 from agent.audit import trail
 from agent.db.engine import Database, upgrade
-from agent.db.models import AuditEvent
+from agent.db.models import AuditEvent, FlaggedPatient, Instance, Study
+from agent.domain import AlgorithmInfo, Eligibility, Findings, IncomingInstance, InstanceRef
+from agent.queue import screening, store
 
 BERLIN = "Europe/Berlin"
 
@@ -129,3 +135,81 @@ def test_the_agents_of_the_tests_get_the_engine_under_test(tmp_path: Path) -> No
     assert db.dialect == engine_under_test()
     assert agent_settings(tmp_path).database_url == settings.database_url
     db.dispose()
+
+
+# -- two writers on PostgreSQL: a new study and a newly flagged patient are created once -----------
+
+WRITERS = 2
+ROUNDS = 15
+
+
+def _incoming(study_uid: str, n: int, patient_id: str) -> IncomingInstance:
+    uid = f"{study_uid}.{n}"
+    ref = InstanceRef("1.2.840.10008.5.1.4.1.1.1.1", uid, study_uid, f"{study_uid}.1", "1.2.840.10008.1.2.1")
+    return IncomingInstance(
+        ref=ref, spool_path=f"d/{uid}.dcm", sha256=hashlib.sha256(uid.encode()).hexdigest(), size_bytes=10,
+        calling_ae="TESTSCU", peer_host="127.0.0.1", eligibility=Eligibility(True, None), patient_id=patient_id,
+        patient_name="Doe^Jane", study_date="20260301",
+    )  # fmt: skip
+
+
+FINDINGS = Findings(
+    probability=0.9, threshold=0.4, bone_loss=True, p_osteoporosis_given_bone_loss=0.5, severity="osteoporosis",
+    t_score=-2.8, t_score_low=-3.8, t_score_high=-1.8, interval_coverage=0.9,
+    algorithm=AlgorithmInfo("STR-Net", "test", "0" * 64),
+)  # fmt: skip
+
+
+def _together(calls: list[Any]) -> list[Any]:
+    """Run the calls at the same moment, one thread each (each with its own engine: its own
+    PostgreSQL session, as another process would have); their results, or what they raised."""
+    barrier = threading.Barrier(len(calls))
+    out: list[Any] = [None] * len(calls)
+
+    def run(i: int) -> None:
+        barrier.wait()
+        try:
+            out[i] = calls[i]()
+        except Exception as exc:  # noqa: BLE001 - the test reports whatever a writer raised
+            out[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return out
+
+
+def test_two_writers_create_one_study_and_one_flagged_patient(pg_cluster: PgCluster) -> None:
+    url = pg_cluster.fresh_database()
+    dbs = [Database(url) for _ in range(WRITERS)]
+    owner = "writer"
+    for k in range(ROUNDS):
+        # the instances of one new study arrive on two associations at once
+        study_uid = f"1.2.826.0.1.{k}"
+        outcomes = _together(
+            [partial(store.record_instance, d, _incoming(study_uid, i, f"P{k}")) for i, d in enumerate(dbs)]
+        )
+        assert not any(isinstance(o, BaseException) for o in outcomes), outcomes
+        # two studies of one new patient are screened positive at once
+        for i in range(WRITERS):
+            store.record_instance(dbs[0], _incoming(f"1.2.826.0.2.{k}.{i}", 0, f"Q{k}"))
+        leased = store.lease(dbs[0], owner, 1000, 60.0)  # this round's jobs (the first step's too)
+        jobs = [j.job_id for j in leased if j.ref.study_instance_uid.startswith(f"1.2.826.0.2.{k}.")]
+        flagged = _together(
+            [partial(screening.record_screening, d, j, owner, FINDINGS, {}, None, [], send=False)
+             for d, j in zip(dbs, jobs, strict=True)]
+        )  # fmt: skip
+        assert flagged == [True] * WRITERS, flagged
+    with dbs[0].reading() as s:
+        per_study = s.execute(
+            select(Study.study_instance_uid, func.count(Instance.id)).join(Instance).group_by(Study.id)
+        ).all()
+        keys = s.execute(select(FlaggedPatient.patient_key)).scalars().all()
+    assert sorted(n for uid, n in per_study if uid.startswith("1.2.826.0.1.")) == [WRITERS] * ROUNDS
+    assert sorted(keys) == sorted(f"Q{k}" for k in range(ROUNDS))
+    with dbs[0].reading() as s:
+        assert trail.verify(s).ok
+    for d in dbs:
+        d.dispose()
