@@ -49,7 +49,11 @@ class PgCluster:
     def start(self) -> PgCluster:
         data = self.dir / "data"
         self._run(f"{PG_BIN}/initdb", "-D", str(data), "-A", "trust", "--no-sync", "-U", "postgres")
-        opts = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c max_connections=400 -c fsync=off"
+        # the server's own zone is not UTC: the agent must set its sessions' zone itself
+        opts = (
+            f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c max_connections=400 -c fsync=off"
+            " -c TimeZone=Europe/Berlin"
+        )
         self._run(f"{PG_BIN}/pg_ctl", "-D", str(data), "-w", "-l", str(self.dir / "log"), "-o", f"'{opts}'", "start")
         return self
 

@@ -69,6 +69,10 @@ def test_every_session_runs_in_utc_whatever_pgtz_says(pg_cluster: PgCluster, tmp
     )
     assert raw.returncode == 0, raw.stderr
     assert raw.stdout.split() == ["UTC", "0:00:00"]
+    import psycopg  # the server's default, which a session that sets nothing gets (tests/pg_cluster.py)
+
+    with psycopg.connect(f"host=127.0.0.1 port={pg_cluster.port} user=postgres dbname=postgres") as conn:
+        assert conn.execute("SHOW TimeZone").fetchone() == (BERLIN,)
 
 
 def _append(db: Database, n: int) -> None:
@@ -80,8 +84,10 @@ def _append(db: Database, n: int) -> None:
 def test_verify_audit_is_ok_on_postgresql_with_the_session_zone_in_berlin(
     pg_cluster: PgCluster, tmp_path: Path
 ) -> None:
-    url = pg_cluster.fresh_database()
+    url = pg_cluster.empty_database()
     cfg = _config(tmp_path, url)
+    migrated = _strnet("db", "upgrade", "--config", str(cfg), tz=BERLIN)
+    assert migrated.returncode == 0 and "database at revision" in migrated.stdout, migrated.stderr
     db = Database(url)
     _append(db, 3)  # written from this process (no PGTZ)
     # a CLI command under Berlin writes its own audit event ("query"), and one more line of the chain
@@ -103,6 +109,14 @@ def test_verify_audit_is_ok_on_postgresql_with_the_session_zone_in_berlin(
     out = _strnet("db", "verify-audit", "--config", str(cfg), tz=BERLIN)
     assert out.returncode == 1 and "BROKEN at event 2" in out.stdout
     db.dispose()
+
+
+def test_strnet_db_backup_on_postgresql_is_a_configuration_error_naming_pg_dump(
+    pg_cluster: PgCluster, tmp_path: Path
+) -> None:
+    out = _strnet("db", "backup", str(tmp_path / "b"), "--config", str(_config(tmp_path, pg_cluster.fresh_database())))
+    assert out.returncode == 2 and "pg_dump" in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "b").exists()
 
 
 def test_the_same_events_hash_the_same_on_sqlite_and_on_postgresql_in_berlin(
