@@ -50,9 +50,10 @@ def record_instance(
 
     Returns the outcome; a concurrent identical instance (same UID and bytes) reports
     ``duplicate=True`` and the caller removes its spool file. ``before_commit`` runs after the
-    rows are written and before the commit, and only when there is something to commit: the
-    ingest handler makes the spool file durable there, so the row work overlaps its fsync and
-    the commit still follows it. Whatever it raises rolls the transaction back.
+    study, instance and job rows are written and before the audit events and the commit, and only
+    when there is something to commit: the ingest handler makes the spool file durable there, so
+    the row work overlaps its fsync and the commit still follows it. Whatever it raises rolls the
+    transaction back.
     """
     now = utcnow()
     try:
@@ -132,6 +133,10 @@ def record_instance(
             )
             s.add(job)
             s.flush()
+            if before_commit is not None:
+                before_commit()
+            # the audit events last, once the file is durable: on PostgreSQL the chain's advisory
+            # lock is held from the append to the commit, so no other writer waits on this fsync
             trail.append(
                 s,
                 "instances_transferred",
@@ -151,8 +156,6 @@ def record_instance(
                     object_id=inc.ref.sop_instance_uid,
                     detail={"problem": "conflicting duplicate", "kept_instances": [conflict_of, inst.id]},
                 )
-            if before_commit is not None:
-                before_commit()
             return StoreOutcome(job.id, duplicate=False, conflict=conflict_of is not None, state=state)
     except IntegrityError:
         # the same UID and bytes committed by a concurrent association a moment ago

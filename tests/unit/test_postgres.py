@@ -174,7 +174,7 @@ FINDINGS = Findings(
 )  # fmt: skip
 
 
-def _together(calls: list[Any]) -> list[Any]:
+def _together(calls: list[Any], timeout_s: float = 60) -> list[Any]:
     """Run the calls at the same moment, one thread each (each with its own engine: its own
     PostgreSQL session, as another process would have); their results, or what they raised."""
     barrier = threading.Barrier(len(calls))
@@ -191,7 +191,7 @@ def _together(calls: list[Any]) -> list[Any]:
     for t in threads:
         t.start()
     for t in threads:
-        t.join(60)
+        t.join(timeout_s)
     return out
 
 
@@ -227,3 +227,35 @@ def test_two_writers_create_one_study_and_one_flagged_patient(pg_cluster: PgClus
         assert trail.verify(s).ok
     for d in dbs:
         d.dispose()
+
+
+def test_a_writer_waiting_for_its_file_does_not_hold_up_another_writer(pg_cluster: PgCluster) -> None:
+    # the audit chain's advisory lock is held from the append to the commit: taken after the
+    # spool file is durable (before_commit), so another association's commit does not wait for
+    # this one's fsync
+    url = pg_cluster.fresh_database()
+    first, second = Database(url), Database(url)
+    syncing, synced = threading.Event(), threading.Event()
+
+    def slow_fsync() -> None:
+        syncing.set()
+        assert synced.wait(30)
+
+    held = threading.Thread(
+        target=store.record_instance,
+        args=(first, _incoming("1.2.826.0.3.1", 0, "R1")),
+        kwargs={"before_commit": slow_fsync},
+    )
+    held.start()
+    try:
+        assert syncing.wait(30)
+        other = _together([partial(store.record_instance, second, _incoming("1.2.826.0.3.2", 0, "R2"))], timeout_s=10)
+        assert other[0] is not None and not isinstance(other[0], BaseException), other
+    finally:
+        synced.set()
+        held.join(30)
+    with first.reading() as s:
+        assert trail.verify(s).ok
+        assert s.execute(select(func.count()).select_from(AuditEvent)).scalar_one() == 2
+    first.dispose()
+    second.dispose()
