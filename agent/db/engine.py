@@ -109,14 +109,17 @@ def make_engine(url: str, busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> Engine:
 
 
 def engine_url(url: str) -> str:
-    """The URL as SQLAlchemy should get it: a plain ``postgresql://`` means psycopg 3, which must be
-    installed (the ``postgres`` extra); without it a ConfigError says so instead of a traceback."""
+    """The URL as SQLAlchemy should get it: SQLite as it is; a plain ``postgresql://`` means psycopg 3,
+    which must be installed (the ``postgres`` extra); without it, or for any other database or
+    driver, a ConfigError says so instead of a traceback."""
     try:
         parsed = make_url(url)
     except ArgumentError:
         raise ConfigError("agent.database_url", "not a database URL") from None
-    if parsed.drivername not in ("postgresql", "postgres", "postgresql+psycopg"):
+    if parsed.get_backend_name() == "sqlite":
         return url
+    if parsed.drivername not in ("postgresql", "postgres", "postgresql+psycopg"):
+        raise ConfigError("agent.database_url", "sqlite:///FILE or postgresql://USER@HOST/DATABASE (psycopg 3)")
     try:
         import psycopg  # noqa: F401
     except ImportError:

@@ -26,6 +26,7 @@ from agent.audit import trail
 from agent.db.engine import Database, upgrade
 from agent.db.models import AuditEvent, FlaggedPatient, Instance, Study
 from agent.domain import AlgorithmInfo, Eligibility, Findings, IncomingInstance, InstanceRef
+from agent.errors import ConfigError
 from agent.queue import screening, store
 
 BERLIN = "Europe/Berlin"
@@ -54,6 +55,13 @@ def test_a_postgresql_url_without_psycopg_is_a_configuration_error(tmp_path: Pat
     assert out.returncode == 2, out.stderr
     assert "configuration error: agent.database_url" in out.stderr and "psycopg" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("url", ["mysql://strnet@127.0.0.1/strnet", "postgresql+psycopg2://s@127.0.0.1/s", "nonsense"])
+def test_a_database_other_than_sqlite_or_postgresql_with_psycopg_is_a_configuration_error(url: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        Database(url)
+    assert caught.value.setting == "agent.database_url"
 
 
 def test_every_session_runs_in_utc_whatever_pgtz_says(pg_cluster: PgCluster, tmp_path: Path) -> None:
