@@ -7,11 +7,11 @@ PY      ?= python3
 VENV    := .venv
 VPY     := $(VENV)/bin/python
 TORCH   := torch==2.13.0
-DEBS    := orthanc orthanc-dicomweb orthanc-webviewer dcmtk dicom3tools chromium rsyslog rsyslog-gnutls openssl
+DEBS    := orthanc orthanc-dicomweb orthanc-webviewer dcmtk dicom3tools chromium rsyslog rsyslog-gnutls openssl postgresql
 # executables, and files (plugins), that tell us each Debian package is present
 DEB_BINS := Orthanc storescu dciodvfy chromium openssl
 DEB_FILES := /usr/share/orthanc/plugins/libOrthancDicomWeb.so /usr/share/orthanc/plugins/libOrthancWebViewer.so \
-             /usr/sbin/rsyslogd /usr/share/doc/rsyslog-gnutls
+             /usr/sbin/rsyslogd /usr/share/doc/rsyslog-gnutls /usr/lib/postgresql/15/bin/initdb
 # the OHIF v3 viewer for tests/viewer: npm's prebuilt dist, unpacked once into a folder git ignores
 OHIF_VERSION := 3.13.2
 OHIF_DIR := $(VENV)/ohif-$(OHIF_VERSION)
@@ -19,13 +19,19 @@ OHIF_DIR := $(VENV)/ohif-$(OHIF_VERSION)
 MEDPLUM_VERSION := 4.5.2
 MEDPLUM_DIR := $(VENV)/medplum-$(MEDPLUM_VERSION)
 PYTEST_ARGS ?=
+# the database-facing tests, run a second time on PostgreSQL (STRNET_TEST_DATABASE=postgresql: a
+# throwaway PostgreSQL 15 cluster on a free port, tests/pg_cluster.py, a fresh database per agent)
+PG_TESTS ?= tests/unit/test_postgres.py tests/unit/test_audit_trail.py tests/unit/test_queue_store.py \
+	tests/unit/test_flag_registry.py tests/unit/test_commitment_records.py tests/unit/test_sweep.py \
+	tests/unit/test_dicomweb.py tests/unit/test_report_isolation.py tests/unit/test_strnet.py \
+	tests/unit/test_worker_screening.py tests/ops tests/web tests/browser tests/loopback
 BENCH ?= tests/bench
 
 .PHONY: all install venv system ohif medplum demo test bench lint typecheck gpu clean help
 
 help:
 	@echo "make demo    install everything missing, run the end-to-end demo"
-	@echo "make test    install everything missing, run the test suite"
+	@echo "make test    install everything missing, run the test suite (its database-facing part again on PostgreSQL)"
 	@echo "make bench   run the benchmarks under tests/bench, or BENCH=one file (not part of make test)"
 	@echo "make lint    ruff + mypy"
 
@@ -33,7 +39,8 @@ install: system venv ohif medplum
 
 # --- Debian packages (Orthanc with its DICOMweb and Web Viewer plugins as the test PACS, DCMTK as
 #     a real peer, dicom3tools as validator, Chromium for the admin-web and viewer browser tests,
-#     rsyslog with its TLS driver as the audit repository of tests/loopback/test_atna_rsyslog.py)
+#     rsyslog with its TLS driver as the audit repository of tests/loopback/test_atna_rsyslog.py,
+#     PostgreSQL 15 for the throwaway clusters of the PostgreSQL test run)
 system:
 	@missing=""; for b in $(DEB_BINS); do command -v $$b >/dev/null 2>&1 || missing="yes"; done; \
 	for f in $(DEB_FILES); do [ -e $$f ] || missing="yes"; done; \
@@ -79,7 +86,7 @@ venv:
 	@test -x $(VPY) || $(PY) -m venv $(VENV)
 	@$(VPY) -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('2.13.0') else 1)" 2>/dev/null || \
 	  { $(VPY) -m pip install -q --upgrade pip && $(VPY) -m pip install -q $(TORCH); }
-	@$(VPY) -c "import agent, model, pynetdicom, highdicom, pytest" 2>/dev/null && \
+	@$(VPY) -c "import agent, model, pynetdicom, highdicom, pytest, psycopg" 2>/dev/null && \
 	  $(VPY) -m pip check >/dev/null 2>&1 && \
 	  [ ! pyproject.toml -nt $(VENV)/.installed ] || \
 	  { $(VPY) -m pip install -q -e '.[dev]' && touch $(VENV)/.installed; }
@@ -89,6 +96,7 @@ demo: install
 
 test: install
 	$(VPY) -m pytest $(PYTEST_ARGS)
+	STRNET_TEST_DATABASE=postgresql $(VPY) -m pytest $(PG_TESTS) $(PYTEST_ARGS)
 
 bench: install
 	$(VPY) -m pytest $(BENCH) -s -p no:cacheprovider -o norecursedirs= -o "python_files=test_*.py bench_*.py" $(PYTEST_ARGS)

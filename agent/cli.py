@@ -15,6 +15,7 @@ from typing import Annotated, Any
 
 import typer
 
+from agent.clock import iso_z
 from agent.config import Settings, load_settings
 from agent.dicom_values import format_da
 from agent.errors import ConfigError
@@ -130,7 +131,7 @@ def jobs_list(
             {
                 "job_id": j.job_id, "sop_instance_uid": j.sop_instance_uid,
                 "study_instance_uid": j.study_instance_uid, "state": j.state.value,
-                "reason": j.reason, "received_at": j.received_at.isoformat() + "Z",
+                "reason": j.reason, "received_at": iso_z(j.received_at),
                 "calling_ae": j.calling_ae, "attempts": j.attempts,
             }
             for j in jobs
@@ -179,8 +180,8 @@ def jobs_retry(
 
 
 def _utc(when: Any) -> str | None:
-    """A stored time (UTC, without its zone in SQLite) as ISO 8601 with Z."""
-    return None if when is None else when.replace(tzinfo=None).isoformat() + "Z"
+    """A stored time as ISO 8601 in UTC with Z."""
+    return None if when is None else iso_z(when)
 
 
 @outbox_app.command("list")
@@ -279,8 +280,8 @@ def flagged_list(
     records = [
         {
             "patient_id": r.patient_id, "patient_name": r.patient_name,
-            "first_flagged_at": r.first_flagged_at.isoformat() + "Z",
-            "last_flagged_at": r.last_flagged_at.isoformat() + "Z",
+            "first_flagged_at": iso_z(r.first_flagged_at),
+            "last_flagged_at": iso_z(r.last_flagged_at),
             "last_study_date": r.last_study_date, "probability": round(r.probability, 4),
             "severity": r.severity, "t_score": round(r.t_score, 2), "status": r.status, "studies": r.studies,
         }

@@ -83,8 +83,8 @@ class AgentSection(_Section):
     database_url: str | None = Field(
         None,
         description=(
-            "SQLAlchemy URL of the database; default: SQLite file in data_dir. Only SQLite is supported "
-            "today (docs/architecture.md, Scaling out)."
+            "SQLAlchemy URL of the database; default: SQLite file in data_dir. postgresql://user@host/db "
+            "for PostgreSQL (the postgres extra), one agent per database (docs/architecture.md, Scaling out)."
         ),
     )
     min_free_disk_mb: int = Field(

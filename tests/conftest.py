@@ -1,4 +1,5 @@
-"""Shared fixtures: free ports, a running agent on loopback, DICOM test files, DCMTK tools."""
+"""Shared fixtures: free ports, a running agent on loopback, DICOM test files, DCMTK tools, and the
+database engine under test (``STRNET_TEST_DATABASE``: sqlite, the default, or postgresql)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from typing import Any
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/dicom_factory.py
+
+from pg_cluster import PgCluster, engine_under_test
 
 from agent.app import Agent
 from agent.config import Settings, load_settings
@@ -34,6 +37,36 @@ def require_tool(name: str) -> str:
     return path
 
 
+_pg: PgCluster | None = None  # the session's cluster, once started
+_pg_urls: dict[Path, str] = {}  # on PostgreSQL: each agent data directory's own database
+
+
+def pg_cluster_now() -> PgCluster:
+    """The session's throwaway PostgreSQL cluster, started at the first call."""
+    global _pg
+    if _pg is None:
+        _pg = PgCluster(free_port()).start()
+    return _pg
+
+
+def database_url_for(data_dir: Path) -> str | None:
+    """On PostgreSQL, the database of this data directory (the same one each time it is asked, so an
+    agent restarted on its data directory finds its rows); on SQLite None (the file in data_dir)."""
+    if engine_under_test() != "postgresql":
+        return None
+    key = Path(data_dir).resolve()
+    if key not in _pg_urls:
+        _pg_urls[key] = pg_cluster_now().fresh_database()
+    return _pg_urls[key]
+
+
+def agent_toml(data_dir: Path, extra: str = "") -> str:
+    """An ``[agent]`` table for a config file of a CLI run on this data directory (and its database)."""
+    url = database_url_for(data_dir)
+    db_line = f'database_url = "{url}"\n' if url else ""
+    return f'[agent]\ndata_dir = "{Path(data_dir).as_posix()}"\n{db_line}{extra}'
+
+
 def agent_settings(data_dir: Path, **overrides: Any) -> Settings:
     base: dict[str, Any] = {
         "agent": {"data_dir": str(data_dir), "min_free_disk_mb": 0, "log_format": "json"},
@@ -54,12 +87,41 @@ def agent_settings(data_dir: Path, **overrides: Any) -> Settings:
         # tested in tests/unit/test_worker_screening.py and end to end in tests/integration.
         "worker": {"enabled": False, "process": False},
     }
+    url = database_url_for(data_dir)
+    if url is not None:
+        base["agent"]["database_url"] = url
     for key, value in overrides.items():
         if isinstance(value, dict):
             base.setdefault(key, {}).update(value)
         else:
             base[key] = value
     return load_settings(None, search_default=False, **base)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _database_engine() -> Iterator[str]:
+    """Starts the PostgreSQL cluster when the suite runs on it; stops it after the last test."""
+    engine = engine_under_test()
+    if engine == "postgresql":
+        pg_cluster_now()
+    yield engine
+    global _pg
+    if _pg is not None:
+        _pg.stop()
+        _pg = None
+
+
+@pytest.fixture()
+def pg_cluster(_database_engine: str) -> PgCluster:
+    """The session's PostgreSQL cluster, for a test that runs on PostgreSQL whatever the engine."""
+    return pg_cluster_now()
+
+
+@pytest.fixture()
+def db_url(tmp_path: Path) -> str:
+    """A fresh database of the engine under test, at the newest schema on PostgreSQL (empty on SQLite:
+    ``Database`` + ``upgrade`` or ``open_database`` migrate it)."""
+    return database_url_for(tmp_path) or f"sqlite:///{tmp_path / 'strnet.db'}"
 
 
 @pytest.fixture(scope="session", autouse=True)

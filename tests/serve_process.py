@@ -10,17 +10,19 @@ import time
 from pathlib import Path
 from typing import IO
 
-from conftest import AGENT_AET, TEST_SCU_AET, free_port
+from conftest import AGENT_AET, TEST_SCU_AET, database_url_for, free_port
 
 
 def write_config(
     path: Path, data_dir: Path, port: int | None = None, extra: str = "", log_level: str = "info", worker: bool = False
 ) -> Path:
     port = port or free_port()
+    url = database_url_for(data_dir)  # on PostgreSQL: this data directory's own database
     path.write_text(
         f"""
 [agent]
 data_dir = "{data_dir}"
+{f'database_url = "{url}"' if url else ""}
 min_free_disk_mb = 0
 log_format = "json"
 log_level = "{log_level}"

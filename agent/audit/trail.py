@@ -14,7 +14,7 @@ from typing import Any
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
-from agent.clock import utcnow
+from agent.clock import as_utc, utcnow
 from agent.db.models import AuditEvent
 
 GENESIS = "0" * 64
@@ -40,7 +40,9 @@ def _digest(prev_hash: str, row: dict[str, Any]) -> str:
 
 def _content(ev: AuditEvent) -> dict[str, Any]:
     return {
-        "at": ev.at.replace(tzinfo=None).isoformat(timespec="microseconds"),
+        # UTC wall time without a zone, whatever the engine or the session's zone (the format of the
+        # first chains, so they still verify)
+        "at": as_utc(ev.at).replace(tzinfo=None).isoformat(timespec="microseconds"),
         "event_code": ev.event_code,
         "event_name": ev.event_name,
         "action": ev.action,

@@ -2,7 +2,8 @@
 
 SQLite is the embedded default: WAL, synchronous=FULL, a busy timeout, foreign keys on, and
 every write transaction taken with BEGIN IMMEDIATE so the hash chain and the job queue see one
-writer at a time. The URL is a setting; PostgreSQL needs no change in callers.
+writer at a time. The URL is a setting; PostgreSQL (psycopg 3, every session in UTC) needs no
+change in callers.
 
 The writers of one process (C-STORE handlers, worker, recorder, sender lanes, sweeps, web) also
 queue on a lock of their own before BEGIN IMMEDIATE: SQLite lets a writer that finds the database
@@ -24,12 +25,12 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, create_engine, event
-from sqlalchemy.exc import OperationalError, SQLAlchemyError
+from sqlalchemy import Engine, create_engine, event, make_url
+from sqlalchemy.exc import ArgumentError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from agent.config import Settings
-from agent.errors import StorageError
+from agent.errors import ConfigError, StorageError
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 BUSY_TIMEOUT_MS = 10_000
@@ -62,6 +63,7 @@ def make_engine(url: str, busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> Engine:
     ``busy_timeout_ms`` is how long a writer waits for another writer's lock before the write fails
     (a C-STORE then answers out of resources): a setting, so a test can hold a lock past it.
     """
+    url = engine_url(url)
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":
@@ -91,7 +93,41 @@ def make_engine(url: str, busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> Engine:
             conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    engine = create_engine(url, pool_pre_ping=True)
+    if engine.dialect.name == "postgresql":
+
+        @event.listens_for(engine, "connect")
+        def _utc_session(dbapi_conn: Any, _record: Any) -> None:
+            # every session in UTC, whatever PGTZ or the server's timezone say: times come back in
+            # UTC and a naive literal in SQL means UTC (UtcDateTime gives aware UTC either way)
+            cur = dbapi_conn.cursor()
+            cur.execute("SET TIME ZONE 'UTC'")
+            cur.close()
+            dbapi_conn.commit()
+
+    return engine
+
+
+def engine_url(url: str) -> str:
+    """The URL as SQLAlchemy should get it: SQLite as it is; a plain ``postgresql://`` means psycopg 3,
+    which must be installed (the ``postgres`` extra); without it, or for any other database or
+    driver, a ConfigError says so instead of a traceback."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise ConfigError("agent.database_url", "not a database URL") from None
+    if parsed.get_backend_name() == "sqlite":
+        return url
+    if parsed.drivername not in ("postgresql", "postgres", "postgresql+psycopg"):
+        raise ConfigError("agent.database_url", "sqlite:///FILE or postgresql://USER@HOST/DATABASE (psycopg 3)")
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        raise ConfigError(
+            "agent.database_url",
+            "a postgresql URL needs the psycopg driver: pip install 'strnet-agent[postgres]'",
+        ) from None
+    return parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
 
 
 class Database:

@@ -11,7 +11,6 @@ from sqlalchemy import (
     JSON,
     Boolean,
     Date,
-    DateTime,
     Float,
     ForeignKey,
     Index,
@@ -21,6 +20,8 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+from agent.db.types import UtcDateTime
 
 
 class Base(DeclarativeBase):
@@ -40,8 +41,8 @@ class Study(Base):
     patient_sex: Mapped[str | None] = mapped_column(String(16))
     study_date: Mapped[str | None] = mapped_column(String(8))
     accession_number: Mapped[str | None] = mapped_column(String(16))
-    first_received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    last_received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    first_received_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    last_received_at: Mapped[datetime] = mapped_column(UtcDateTime())
     last_calling_ae: Mapped[str] = mapped_column(String(16))
 
     instances: Mapped[list[Instance]] = relationship(back_populates="study")
@@ -71,10 +72,10 @@ class Instance(Base):
     size_bytes: Mapped[int] = mapped_column(Integer)
     calling_ae: Mapped[str] = mapped_column(String(16))
     peer_host: Mapped[str | None] = mapped_column(String(255))
-    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    received_at: Mapped[datetime] = mapped_column(UtcDateTime())
     # set when this instance reuses a SOP Instance UID already received with other content
     conflict_of_id: Mapped[int | None] = mapped_column(ForeignKey("instances.id"))
-    spool_removed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    spool_removed_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
 
     study: Mapped[Study] = relationship(back_populates="instances")
     job: Mapped[Job] = relationship(back_populates="instance", uselist=False)
@@ -92,10 +93,10 @@ class Job(Base):
     reason: Mapped[str | None] = mapped_column(Text)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     lease_owner: Mapped[str | None] = mapped_column(String(64))
-    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    not_before: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    not_before: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime())
     # leased lowest first: 0 live traffic, SWEEP_PRIORITY (agent/queue/sweeps.py) retrieved by a sweep
     priority: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
@@ -122,9 +123,9 @@ class SweepStudy(Base):
     send_results: Mapped[bool] = mapped_column(Boolean, default=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     last_error: Mapped[str | None] = mapped_column(Text)
-    found_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    retrieve_started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), index=True)
-    done_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    found_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    retrieve_started_at: Mapped[datetime | None] = mapped_column(UtcDateTime(), index=True)
+    done_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
 
 
 class SweepCursor(Base):
@@ -139,7 +140,7 @@ class SweepCursor(Base):
     key: Mapped[str] = mapped_column(String(128), unique=True)
     next_date: Mapped[str] = mapped_column(String(8))
     finished: Mapped[bool] = mapped_column(Boolean, default=False)
-    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime())
 
 
 class AtnaExport(Base):
@@ -152,9 +153,9 @@ class AtnaExport(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     last_event_id: Mapped[int] = mapped_column(Integer, default=0)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
-    next_attempt_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
     last_error: Mapped[str | None] = mapped_column(Text)
-    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime())
 
 
 class AuditEvent(Base):
@@ -163,7 +164,7 @@ class AuditEvent(Base):
     __tablename__ = "audit_events"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    at: Mapped[datetime] = mapped_column(UtcDateTime())
     event_code: Mapped[str] = mapped_column(String(16))
     event_name: Mapped[str] = mapped_column(String(64))
     action: Mapped[str] = mapped_column(String(1))  # C R U D E (PS3.15 EventActionCode)
@@ -200,7 +201,7 @@ class Result(Base):
     # [row0, col0, row1, col1] of the square the model assessed (Findings.region); the SR draws it
     assessed_region: Mapped[list | None] = mapped_column(JSON)
     timings_ms: Mapped[dict | None] = mapped_column(JSON)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime())
 
 
 class StudyReport(Base):
@@ -216,7 +217,7 @@ class StudyReport(Base):
     series_instance_uid: Mapped[str] = mapped_column(String(64))
     result_count: Mapped[int] = mapped_column(Integer)
     predecessor_id: Mapped[int | None] = mapped_column(ForeignKey("study_reports.id"))
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime())
 
 
 # StudyReportFailure.state: retried after next_attempt_at, or given up (replayed by an operator)
@@ -238,11 +239,11 @@ class StudyReportFailure(Base):
     study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), unique=True)
     state: Mapped[str] = mapped_column(String(16))  # REPORT_RETRY | REPORT_DEAD
     attempts: Mapped[int] = mapped_column(Integer, default=0)
-    next_attempt_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
     last_error: Mapped[str | None] = mapped_column(Text)
-    study_received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    study_received_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime())
 
 
 class OutboxItem(Base):
@@ -263,16 +264,16 @@ class OutboxItem(Base):
     path: Mapped[str] = mapped_column(String(255))  # relative to data_dir/results
     state: Mapped[str] = mapped_column(String(16))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
-    next_attempt_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
     last_status: Mapped[str | None] = mapped_column(String(64))
     last_error: Mapped[str | None] = mapped_column(Text)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    delivered_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
     # storage commitment (a destination with storage_commitment = true): the Transaction UID of
     # the N-ACTION that asked for this object, and when; its N-EVENT-REPORT is matched by it
     commitment_uid: Mapped[str | None] = mapped_column(String(64), index=True)
-    commitment_asked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    commitment_asked_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
 
 
 class FlaggedPatient(Base):
@@ -287,15 +288,15 @@ class FlaggedPatient(Base):
     patient_birth_date: Mapped[str | None] = mapped_column(String(8))
     patient_sex: Mapped[str | None] = mapped_column(String(16))
     status: Mapped[str] = mapped_column(String(16), index=True)
-    first_flagged_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    last_flagged_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    first_flagged_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    last_flagged_at: Mapped[datetime] = mapped_column(UtcDateTime())
     last_study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"))
     last_study_date: Mapped[str | None] = mapped_column(String(8))
     probability: Mapped[float] = mapped_column(Float)
     severity: Mapped[str | None] = mapped_column(String(16))
     t_score: Mapped[float] = mapped_column(Float)
     # FLS pathway: when the patient was referred for DXA (the overdue clock); cleared on reopening
-    referred_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), index=True)
+    referred_at: Mapped[datetime | None] = mapped_column(UtcDateTime(), index=True)
 
 
 class FollowUpEvent(Base):
@@ -305,7 +306,7 @@ class FollowUpEvent(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     flagged_id: Mapped[int] = mapped_column(ForeignKey("patients_flagged.id"), index=True)
-    at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    at: Mapped[datetime] = mapped_column(UtcDateTime())
     actor: Mapped[str] = mapped_column(String(128))
     action: Mapped[str] = mapped_column(String(16))
     note: Mapped[str | None] = mapped_column(Text)
@@ -323,7 +324,7 @@ class FindingAssessment(Base):
     result_id: Mapped[int] = mapped_column(ForeignKey("results.id"), index=True)
     study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
     flagged_id: Mapped[int] = mapped_column(ForeignKey("patients_flagged.id"), index=True)
-    at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    at: Mapped[datetime] = mapped_column(UtcDateTime())
     actor: Mapped[str] = mapped_column(String(128))
     verdict: Mapped[str] = mapped_column(String(16))  # "agree" | "disagree"
     reason: Mapped[str | None] = mapped_column(Text)
@@ -340,8 +341,8 @@ class User(Base):
     role: Mapped[str] = mapped_column(String(16))
     disabled: Mapped[bool] = mapped_column(Boolean, default=False)
     failed_logins: Mapped[int] = mapped_column(Integer, default=0)
-    locked_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    locked_until: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime())
 
 
 class WebSession(Base):
@@ -353,5 +354,5 @@ class WebSession(Base):
     token_sha256: Mapped[str] = mapped_column(String(64), unique=True)
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
     csrf_token: Mapped[str] = mapped_column(String(64))
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    last_seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    last_seen_at: Mapped[datetime] = mapped_column(UtcDateTime())

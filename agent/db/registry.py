@@ -18,6 +18,7 @@ from agent.audit import trail
 from agent.clock import utcnow
 from agent.db.engine import Database
 from agent.db.models import FlaggedPatient, Instance, Result, Study
+from agent.db.upsert import insert_if_absent
 
 # the fracture-liaison pathway (agent/db/fls.py has its transitions and labels)
 FOLLOW_UP_STATUSES = (
@@ -61,18 +62,29 @@ def upsert_flag(session: Session, study: Study, result: Result) -> FlaggedPatien
     filter on); probability, severity, T-score and last study are those of ``_supersedes``."""
     now = utcnow()
     key = patient_key(study)
-    row = session.execute(select(FlaggedPatient).where(FlaggedPatient.patient_key == key)).scalar_one_or_none()
-    if row is None:
-        row = FlaggedPatient(
-            patient_key=key,
-            status="new",
-            first_flagged_at=now,
-            last_flagged_at=now,
-            last_study_id=study.id,
-            probability=result.probability,
-            t_score=result.t_score,
-        )
-        session.add(row)
+    # another process may be flagging the same patient right now: insert unless there, then read
+    # the row locked (FOR UPDATE on PostgreSQL) so the two updates follow each other
+    inserted = insert_if_absent(
+        session,
+        FlaggedPatient,
+        {
+            "patient_key": key,
+            "status": "new",
+            "first_flagged_at": now,
+            "last_flagged_at": now,
+            "last_study_id": study.id,
+            "probability": result.probability,
+            "t_score": result.t_score,
+        },
+        ["patient_key"],
+    )
+    row = session.execute(
+        select(FlaggedPatient)
+        .where(FlaggedPatient.patient_key == key)
+        .with_for_update()
+        .execution_options(populate_existing=True)
+    ).scalar_one()
+    if inserted:
         change = "flagged"
     elif _supersedes(study, result, row):
         change = "updated"

@@ -168,6 +168,18 @@ def _filtered(f: FlaggedFilter) -> Select[Any]:
     return q
 
 
+_MAX_OFFSET = 2**63 - 1  # a 64-bit signed integer: SQLite's INTEGER and PostgreSQL's BIGINT
+
+
+def _offset(page: int, per_page: int) -> int:
+    """The row offset of ``page``; OverflowError (the web's 404) past what either engine can take,
+    on both engines alike (SQLite's driver raises it, PostgreSQL would answer a DataError)."""
+    offset = (max(1, page) - 1) * per_page
+    if offset > _MAX_OFFSET:
+        raise OverflowError("page beyond the database's integer range")
+    return offset
+
+
 def flagged_page(db: Database, f: FlaggedFilter, paginate: bool = True) -> tuple[list[FlaggedRow], int]:
     """The rows of one page (or all rows) and the total count matching the filter."""
     col = SORTS.get(f.sort, SORTS["flagged"])
@@ -179,7 +191,7 @@ def flagged_page(db: Database, f: FlaggedFilter, paginate: bool = True) -> tuple
             key = key.nulls_last()
         q = base.order_by(key, FlaggedPatient.id)
         if paginate:
-            q = q.limit(f.per_page).offset((max(1, f.page) - 1) * f.per_page)
+            q = q.limit(f.per_page).offset(_offset(f.page, f.per_page))
         return [FlaggedRow.of(r) for r in s.execute(q).scalars()], total
 
 
@@ -606,7 +618,7 @@ def audit_page(
     with db.reading() as s:
         total = int(s.execute(select(func.count()).select_from(q.subquery())).scalar_one())
         rows = s.execute(
-            q.order_by(AuditEvent.id.desc()).limit(per_page).offset((max(1, page) - 1) * per_page)
+            q.order_by(AuditEvent.id.desc()).limit(per_page).offset(_offset(page, per_page))
         ).scalars()
         return [
             AuditLine(

@@ -9,7 +9,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from agent.audit import trail
-from agent.clock import utcnow
+from agent.clock import iso_z, utcnow
 from agent.db import fls
 from agent.db.engine import Database
 from agent.db.registry import list_flagged, spreadsheet_cell
@@ -91,7 +91,7 @@ def write_digest(db: Database, folder: Path, hours: float = 24.0) -> Path:
                 [
                     r.patient_id,
                     r.patient_name,
-                    r.first_flagged_at.isoformat() + "Z",
+                    iso_z(r.first_flagged_at),
                     r.last_study_date,
                     f"{r.probability:.4f}",
                     r.severity or "",

@@ -414,7 +414,7 @@ def expire_commitments(db: Database, timeouts: Mapping[str, float], policy: Retr
         for o in rows:
             timeout_s = timeouts.get(o.destination)
             since = o.commitment_asked_at or o.updated_at
-            if timeout_s is not None and _naive(since) > _naive(now) - timedelta(seconds=timeout_s):
+            if timeout_s is not None and since > now - timedelta(seconds=timeout_s):
                 continue
             if timeout_s is None:
                 error = "stored, storage commitment no longer asked of this destination: sent again"
@@ -425,7 +425,3 @@ def expire_commitments(db: Database, timeouts: Mapping[str, float], policy: Retr
             out.append(Expired(o.id, o.destination, _fail(o, policy, "commitment_timeout", error, now)))
     return out
 
-
-def _naive(when: datetime) -> datetime:
-    """SQLite gives stored times back without their zone (all are UTC)."""
-    return when.replace(tzinfo=None)

@@ -17,6 +17,7 @@ from agent.audit import trail
 from agent.clock import utcnow
 from agent.db.engine import Database
 from agent.db.models import Instance, Job, OutboxItem, Study
+from agent.db.upsert import insert_if_absent
 from agent.domain import (
     IncomingInstance,
     InstanceRef,
@@ -49,9 +50,10 @@ def record_instance(
 
     Returns the outcome; a concurrent identical instance (same UID and bytes) reports
     ``duplicate=True`` and the caller removes its spool file. ``before_commit`` runs after the
-    rows are written and before the commit, and only when there is something to commit: the
-    ingest handler makes the spool file durable there, so the row work overlaps its fsync and
-    the commit still follows it. Whatever it raises rolls the transaction back.
+    study, instance and job rows are written and before the audit events and the commit, and only
+    when there is something to commit: the ingest handler makes the spool file durable there, so
+    the row work overlaps its fsync and the commit still follows it. Whatever it raises rolls the
+    transaction back.
     """
     now = utcnow()
     try:
@@ -65,17 +67,25 @@ def record_instance(
             for _iid, sha, job_id in prior:
                 if sha == inc.sha256:
                     return StoreOutcome(job_id, duplicate=True, conflict=False, state=JobState.QUEUED)
+            # another process may be creating the same study right now: insert unless there, then
+            # read it locked (FOR UPDATE on PostgreSQL) for the updates below
+            insert_if_absent(
+                s,
+                Study,
+                {
+                    "study_instance_uid": inc.ref.study_instance_uid,
+                    "first_received_at": now,
+                    "last_received_at": now,
+                    "last_calling_ae": inc.calling_ae,
+                },
+                ["study_instance_uid"],
+            )
             study = s.execute(
-                select(Study).where(Study.study_instance_uid == inc.ref.study_instance_uid)
-            ).scalar_one_or_none()
-            if study is None:
-                study = Study(
-                    study_instance_uid=inc.ref.study_instance_uid,
-                    first_received_at=now,
-                    last_received_at=now,
-                    last_calling_ae=inc.calling_ae,
-                )
-                s.add(study)
+                select(Study)
+                .where(Study.study_instance_uid == inc.ref.study_instance_uid)
+                .with_for_update()
+                .execution_options(populate_existing=True)
+            ).scalar_one()
             study.patient_id = inc.patient_id or study.patient_id
             study.patient_name = inc.patient_name or study.patient_name
             study.patient_birth_date = inc.patient_birth_date or study.patient_birth_date
@@ -123,6 +133,10 @@ def record_instance(
             )
             s.add(job)
             s.flush()
+            if before_commit is not None:
+                before_commit()
+            # the audit events last, once the file is durable: on PostgreSQL the chain's advisory
+            # lock is held from the append to the commit, so no other writer waits on this fsync
             trail.append(
                 s,
                 "instances_transferred",
@@ -142,8 +156,6 @@ def record_instance(
                     object_id=inc.ref.sop_instance_uid,
                     detail={"problem": "conflicting duplicate", "kept_instances": [conflict_of, inst.id]},
                 )
-            if before_commit is not None:
-                before_commit()
             return StoreOutcome(job.id, duplicate=False, conflict=conflict_of is not None, state=state)
     except IntegrityError:
         # the same UID and bytes committed by a concurrent association a moment ago

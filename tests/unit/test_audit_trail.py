@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from sqlalchemy import delete, update
 
@@ -13,8 +11,8 @@ from agent.db.models import AuditEvent
 
 
 @pytest.fixture()
-def db(tmp_path: Path) -> Database:
-    d = Database(f"sqlite:///{tmp_path / 'a.db'}")
+def db(db_url: str) -> Database:
+    d = Database(db_url)
     upgrade(d)
     with d.transaction() as s:
         for i in range(5):

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import agent_toml
 from pydicom.dataset import Dataset
 from sqlalchemy import select, update
 
@@ -31,8 +32,8 @@ POLICY = outbox.RetryPolicy(max_attempts=3, backoff_base_s=1.0, backoff_max_s=2.
 
 
 @pytest.fixture()
-def db(tmp_path: Path) -> Database:
-    d = Database(f"sqlite:///{tmp_path / 'strnet.db'}")
+def db(db_url: str) -> Database:
+    d = Database(db_url)
     upgrade(d)
     return d
 
@@ -181,7 +182,7 @@ def test_the_request_names_each_object_under_one_transaction_uid() -> None:
 # -- strnet outbox list -----------------------------------------------------------------------------
 def _cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
     config = tmp_path / "agent.toml"
-    config.write_text(f'[agent]\ndata_dir = "{tmp_path.as_posix()}"\nlog_format = "json"\n', encoding="utf-8")
+    config.write_text(agent_toml(tmp_path, 'log_format = "json"\n'), encoding="utf-8")
     return subprocess.run([sys.executable, "-m", "agent", "outbox", "list", "--config", str(config), *args],
                           capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
 

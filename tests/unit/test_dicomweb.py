@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import free_port, require_tool
+from conftest import database_url_for, free_port, require_tool
 from dicom_factory import knee_dx
 
 from agent.config import PacsSection, SenderSection, load_settings
@@ -130,7 +130,7 @@ def rig_for(tmp_path: Path) -> Iterator[Callable[..., Rig]]:
     made: list[Sender] = []
 
     def _make(dest: dict[str, Any], **sender: Any) -> Rig:
-        db = Database(f"sqlite:///{tmp_path / f'q{len(made)}.db'}")
+        db = Database(database_url_for(tmp_path / f"q{len(made)}") or f"sqlite:///{tmp_path / f'q{len(made)}.db'}")
         upgrade(db)
         results = Spool(tmp_path / f"results{len(made)}")
         ds = knee_dx(rows=64, cols=48)

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import agent_toml
 from typer.testing import CliRunner
 
 from agent.cli import app
@@ -24,8 +25,8 @@ _n = itertools.count(1)
 
 
 @pytest.fixture()
-def db(tmp_path: Path) -> Database:
-    d = Database(f"sqlite:///{tmp_path / 'r.db'}")
+def db(db_url: str) -> Database:
+    d = Database(db_url)
     upgrade(d)
     return d
 
@@ -62,7 +63,7 @@ def only_row(db: Database) -> tuple[str | None, float, str | None, float, int]:
 
 def flagged_list(tmp_path: Path, *args: str) -> str:
     cfg = tmp_path / "agent.toml"
-    cfg.write_text(f'[agent]\ndata_dir = "{tmp_path.as_posix()}"\n', encoding="utf-8")
+    cfg.write_text(agent_toml(tmp_path), encoding="utf-8")
     res = CliRunner().invoke(app, ["flagged", "list", "--config", str(cfg), *args])
     assert res.exit_code == 0, res.output
     return res.output
@@ -123,8 +124,10 @@ def test_a_negative_image_never_touches_the_row(db: Database) -> None:
     assert only_row(db) == ("20260115", 0.80, "osteoporosis", -2.6, 1)
 
 
-def test_flagged_list_shows_what_it_sorts_and_filters_on_and_csv_is_safe_in_a_spreadsheet(tmp_path: Path) -> None:
-    db = Database(f"sqlite:///{tmp_path / 'strnet.db'}")
+def test_flagged_list_shows_what_it_sorts_and_filters_on_and_csv_is_safe_in_a_spreadsheet(
+    tmp_path: Path, db_url: str
+) -> None:
+    db = Database(db_url)
     upgrade(db)
     screen(db, "1.9.1", "20260115", 0.80, "osteoporosis", -2.6, name='=HYPERLINK("http://x","P1")')
     (row,) = json.loads(flagged_list(tmp_path, "--format", "json"))
@@ -138,7 +141,7 @@ def test_flagged_list_shows_what_it_sorts_and_filters_on_and_csv_is_safe_in_a_sp
     assert "2026-01-15" in first and row["last_flagged_at"][:10] in first
 
 
-def test_an_empty_registry_exports_the_same_csv_columns(tmp_path: Path) -> None:
-    upgrade(Database(f"sqlite:///{tmp_path / 'strnet.db'}"))
+def test_an_empty_registry_exports_the_same_csv_columns(tmp_path: Path, db_url: str) -> None:
+    upgrade(Database(db_url))
     header = flagged_list(tmp_path, "--format", "csv").splitlines()[0].split(",")
     assert header[:3] == ["patient_id", "patient_name", "first_flagged_at"] and "studies" in header

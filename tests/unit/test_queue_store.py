@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import pytest
 
@@ -14,8 +13,8 @@ from agent.queue import store
 
 
 @pytest.fixture()
-def db(tmp_path: Path) -> Database:
-    d = Database(f"sqlite:///{tmp_path / 'q.db'}")
+def db(db_url: str) -> Database:
+    d = Database(db_url)
     upgrade(d)
     return d
 

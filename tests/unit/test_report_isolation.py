@@ -23,7 +23,7 @@ import pytest
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from conftest import agent_settings, free_port
+from conftest import agent_settings, agent_toml, free_port
 from dicom_factory import knee_dx
 from pydicom.uid import generate_uid
 from sqlalchemy import select, update
@@ -282,7 +282,7 @@ def test_jobs_retry_dead_makes_a_given_up_sr_due_and_a_build_clears_it(
     f = _failure(reporter.db, bad)
     assert f is not None and f.state == REPORT_DEAD
     cfg = tmp_path / "agent.toml"
-    cfg.write_text(f'[agent]\ndata_dir = "{reporter.settings.data_dir.as_posix()}"\n', encoding="utf-8")
+    cfg.write_text(agent_toml(reporter.settings.data_dir), encoding="utf-8")
     res = CliRunner().invoke(cli_app, ["jobs", "retry", "--dead", "--config", str(cfg)])
     assert res.exit_code == 0, res.output
     assert "0 undelivered result(s); 1 SR(s) to build again" in res.output

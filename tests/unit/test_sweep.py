@@ -106,8 +106,8 @@ def incoming(study_uid: str, sop_uid: str) -> IncomingInstance:
 
 
 @pytest.fixture()
-def db(tmp_path: Path) -> Database:
-    d = Database(f"sqlite:///{tmp_path / 's.db'}")
+def db(db_url: str) -> Database:
+    d = Database(db_url)
     upgrade(d)
     return d
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import free_port
+from conftest import database_url_for, free_port
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 from web_seed import DEAD_PATIENT, PASSWORDS, PATIENTS, SCRIPT_NAME, Seeded, phi_strings, screened_agent, wait_for
@@ -442,6 +442,8 @@ def test_users_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from agent.cli import app as cli
 
     monkeypatch.setenv("STRNET_AGENT__DATA_DIR", str(tmp_path / "var"))
+    url = database_url_for(tmp_path / "var") or f"sqlite:///{tmp_path / 'var' / 'strnet.db'}"
+    monkeypatch.setenv("STRNET_AGENT__DATABASE_URL", url)
     monkeypatch.chdir(tmp_path)
     runner = CliRunner()
     r = runner.invoke(cli, ["users", "add", "carol", "--role", "admin", "--password-stdin"], input="carol-secret-9\n")
@@ -454,7 +456,7 @@ def test_users_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert r.exit_code != 0
     r = runner.invoke(cli, ["users", "list"])
     assert r.exit_code == 0 and re.search(r"carol\s+admin\s+active", r.output) and "1 user(s)" in r.output
-    db = Database(f"sqlite:///{tmp_path / 'var' / 'strnet.db'}")
+    db = Database(url)
     (carol,) = db_rows(db, User)
     assert carol.password_hash.startswith("$argon2id$") and "carol-secret-9" not in carol.password_hash
     assert runner.invoke(cli, ["users", "disable", "carol"]).exit_code == 0

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from conftest import agent_toml
 from fastapi.testclient import TestClient
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -664,7 +665,7 @@ def test_cli_csv_neutralises_formulas_and_formats_dates(
     from agent.cli import app as cli
 
     cfg = tmp_path / "agent.toml"
-    cfg.write_text(f'[agent]\ndata_dir = "{seeded.agent.settings.data_dir.as_posix()}"\n', encoding="utf-8")
+    cfg.write_text(agent_toml(seeded.agent.settings.data_dir), encoding="utf-8")
     res = CliRunner().invoke(cli, ["flagged", "list", "--config", str(cfg), "--format", "csv"])
     assert res.exit_code == 0, res.output
     rows = {row["patient_id"]: row for row in csv.DictReader(io.StringIO(res.output))}

@@ -16,7 +16,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import RedirectResponse
 from starlette.concurrency import run_in_threadpool
 
-from agent.clock import utcnow
+from agent.clock import as_utc, utcnow
 from agent.db import fls, worklist
 from agent.db.fls import ACTION_LABELS, STATUS_LABELS, FollowUpInvalid
 from agent.db.registry import FOLLOW_UP_STATUSES, spreadsheet_cell
@@ -216,9 +216,9 @@ def export_csv(request: Request, sess: PhiSession) -> Response:
                 shown_probability(r.probability),  # as the page shows it: 3 decimals, rounded down
                 round(r.t_score, 2),
                 spreadsheet_cell(format_da(r.last_study_date)),
-                r.first_flagged_at.isoformat(timespec="seconds"),
-                r.last_flagged_at.isoformat(timespec="seconds"),
-                r.referred_at.isoformat(timespec="seconds") if r.referred_at else "",
+                as_utc(r.first_flagged_at).replace(tzinfo=None).isoformat(timespec="seconds"),
+                as_utc(r.last_flagged_at).replace(tzinfo=None).isoformat(timespec="seconds"),
+                as_utc(r.referred_at).replace(tzinfo=None).isoformat(timespec="seconds") if r.referred_at else "",
                 "yes" if fls.is_overdue(r.status, r.referred_at, overdue_days(request)) else "",
             ]
         )
