@@ -27,7 +27,7 @@ from agent.app import Agent
 from agent.audit import export, trail
 from agent.audit.export import Exporter
 from agent.cli import app as cli
-from agent.clock import utcnow
+from agent.clock import as_utc, utcnow
 from agent.config import Settings
 from agent.db.engine import Database, open_database
 from agent.db.models import AtnaExport, AuditEvent
@@ -152,12 +152,12 @@ def test_tls_every_event_once_in_order_as_ps315_messages(tmp_path: Path, collect
         assert pri // 8 == 10  # authpriv
         assert pri % 8 == {0: 5, 4: 4}[ev.outcome]
         assert (m.group(4), m.group(6)) == (b"strnet", b"IHE+RFC-3881")
-        assert m.group(2) == ev.at.isoformat(timespec="microseconds").encode() + b"Z"  # the event's time
+        assert m.group(2) == as_utc(ev.at).replace(tzinfo=None).isoformat(timespec="microseconds").encode() + b"Z"  # the event's time
         root = _body(msg)
         assert problems(root) == [], (ev.event_name, problems(root))
         ident = root.find("EventIdentification")
         assert ident is not None
-        assert ident.get("EventDateTime") == ev.at.isoformat(timespec="milliseconds") + "Z"
+        assert ident.get("EventDateTime") == as_utc(ev.at).replace(tzinfo=None).isoformat(timespec="milliseconds") + "Z"
         assert root.find("AuditSourceIdentification").get("AuditSourceID") == "strnet-agent"  # type: ignore[union-attr]
 
     by_code = [_codes(_body(m)) for m in got]
