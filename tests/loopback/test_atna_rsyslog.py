@@ -152,12 +152,13 @@ def test_tls_every_event_once_in_order_as_ps315_messages(tmp_path: Path, collect
         assert pri // 8 == 10  # authpriv
         assert pri % 8 == {0: 5, 4: 4}[ev.outcome]
         assert (m.group(4), m.group(6)) == (b"strnet", b"IHE+RFC-3881")
-        assert m.group(2) == as_utc(ev.at).replace(tzinfo=None).isoformat(timespec="microseconds").encode() + b"Z"  # the event's time
+        at = as_utc(ev.at).replace(tzinfo=None)
+        assert m.group(2) == at.isoformat(timespec="microseconds").encode() + b"Z"  # the event's time
         root = _body(msg)
         assert problems(root) == [], (ev.event_name, problems(root))
         ident = root.find("EventIdentification")
         assert ident is not None
-        assert ident.get("EventDateTime") == as_utc(ev.at).replace(tzinfo=None).isoformat(timespec="milliseconds") + "Z"
+        assert ident.get("EventDateTime") == at.isoformat(timespec="milliseconds") + "Z"
         assert root.find("AuditSourceIdentification").get("AuditSourceID") == "strnet-agent"  # type: ignore[union-attr]
 
     by_code = [_codes(_body(m)) for m in got]
