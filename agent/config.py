@@ -187,8 +187,8 @@ class PacsSection(_Section):
     )
     query: bool = Field(
         False,
-        description="The retrospective sweep may query (C-FIND) and retrieve (C-MOVE/C-GET) from this "
-        "destination ([sweep], `strnet sweep`).",
+        description="The retrospective sweep may query and retrieve from this destination ([sweep], `strnet "
+        "sweep`): C-FIND and C-MOVE/C-GET (sweep.retrieve) for dimse, QIDO-RS and WADO-RS at url for dicomweb.",
     )
     storage_commitment: bool = Field(
         False,
@@ -322,7 +322,8 @@ class SweepSection(_Section):
     retrieve: Literal["move", "get"] = Field(
         "move",
         description="move: C-MOVE to move_ae_title, the instances arrive at the agent's listener; get: "
-        "C-GET, the instances arrive on the query association.",
+        "C-GET, the instances arrive on the query association. A kind = \"dicomweb\" [[pacs]] always "
+        "retrieves by WADO-RS.",
     )
     move_ae_title: str | None = Field(
         None, description="Move destination (the PACS must know it); default scp.ae_title."
@@ -332,7 +333,9 @@ class SweepSection(_Section):
         description="Send SRs and overlays of swept studies to PACS; false: only the flagged-patient "
         "registry (results recorded as shadow).",
     )
-    timeout_s: float = Field(60.0, gt=0, description="Association and DIMSE timeout of queries and retrieves.")
+    timeout_s: float = Field(
+        60.0, gt=0, description="Association and DIMSE timeout (DICOMweb: connect and read) of queries and retrieves."
+    )
 
     @field_validator("window")
     @classmethod

@@ -323,12 +323,16 @@ class Sweeper:
 
 
 def archive_for(settings: Settings) -> Callable[[PacsSection], ArchiveSource]:
-    """The DIMSE query/retrieve source of a [[pacs]] entry, as [sweep] configures it."""
+    """The query/retrieve source of a [[pacs]] entry, as [sweep] configures it: DIMSE (C-FIND,
+    C-MOVE or C-GET), or QIDO-RS/WADO-RS for ``kind = "dicomweb"``."""
     from agent.pacs.qr import DimseArchive
+    from agent.pacs.wado import DicomwebArchive
 
     cfg = settings.sweep
 
     def make(pacs: PacsSection) -> ArchiveSource:
+        if pacs.kind == "dicomweb":
+            return DicomwebArchive(pacs, timeout_s=cfg.timeout_s, max_bytes=settings.scp.max_instance_mb * 1024 * 1024)
         move_to = cfg.move_ae_title or settings.scp.ae_title
         return DimseArchive(pacs, settings.scp.ae_title, method=cfg.retrieve, move_ae_title=move_to,
                             timeout_s=cfg.timeout_s)  # fmt: skip
