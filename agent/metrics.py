@@ -32,8 +32,9 @@ INFERENCE_SECONDS = Histogram(
 class _Snapshot:
     """A one-shot collector over figures read from the database for this scrape."""
 
-    def __init__(self, jobs: Mapping[str, int], outbox: Mapping[str, int], flagged: int) -> None:
-        self.jobs, self.outbox, self.flagged = jobs, outbox, flagged
+    def __init__(self, jobs: Mapping[str, int], outbox: Mapping[str, int], flagged: int,
+                 swept: Mapping[str, int]) -> None:  # fmt: skip
+        self.jobs, self.outbox, self.flagged, self.swept = jobs, outbox, flagged, swept
 
     def collect(self) -> Iterator[Metric]:
         g = GaugeMetricFamily("strnet_jobs", "Jobs by state.", labels=["state"])
@@ -50,10 +51,15 @@ class _Snapshot:
             value=sum(self.outbox.get(s, 0) for s in OUTBOX_BACKLOG),
         )
         yield GaugeMetricFamily("strnet_flagged_patients", "Patients in the flagged registry.", value=self.flagged)
+        w = GaugeMetricFamily("strnet_sweep_studies", "Studies the archive sweep found, by state.", labels=["state"])
+        for state, n in sorted(self.swept.items()):
+            w.add_metric([state], n)
+        yield w
 
 
-def render(jobs: Mapping[str, int], outbox: Mapping[str, int], flagged: int) -> bytes:
+def render(jobs: Mapping[str, int], outbox: Mapping[str, int], flagged: int,
+           swept: Mapping[str, int] | None = None) -> bytes:  # fmt: skip
     """The Prometheus text exposition: process counters plus the database snapshot."""
     snap = CollectorRegistry(auto_describe=False)
-    snap.register(_Snapshot(jobs, outbox, flagged))
+    snap.register(_Snapshot(jobs, outbox, flagged, swept or {}))
     return generate_latest(REGISTRY) + generate_latest(snap)

@@ -11,7 +11,7 @@ No PHI here: UIDs, dates, modalities and counts only.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import func, select
@@ -197,6 +197,55 @@ def counts(db: Database) -> dict[str, int]:
     """Swept studies by state (status and heartbeat)."""
     with db.reading() as s:
         return dict(s.execute(select(SweepStudy.state, func.count()).group_by(SweepStudy.state)).all())
+
+
+STATES = (PENDING, RETRIEVING, DONE, FAILED, GIVEN_UP)
+
+
+@dataclass(frozen=True)
+class SweepProgress:
+    """Where one sweep stands (the status page): its cursor, its range and its studies by state."""
+
+    key: str
+    pacs: str
+    range_from: str | None  # YYYYMMDD; None for the scheduled sweep (sweep.since)
+    range_to: str | None  # YYYYMMDD; None for the scheduled sweep (up to yesterday)
+    next_date: str  # the first day not yet swept (YYYYMMDD)
+    finished: bool
+    studies: dict[str, int]  # state -> studies of this PACS in the range
+    last_activity: datetime
+
+
+def progress(db: Database) -> list[SweepProgress]:
+    """Every sweep cursor, most recently active first, with the studies it found in its range by
+    state and when anything last happened (its cursor moved, a retrieve of it started or ended)."""
+    out = []
+    with db.reading() as s:
+        for c in s.execute(select(SweepCursor)).scalars():
+            pacs, _, rest = c.key.partition(":")
+            first, _, last = rest.partition(":")
+            scheduled = not (first.isdigit() and last.isdigit())
+            where = [SweepStudy.pacs == pacs]
+            if not scheduled:
+                where += [SweepStudy.study_date >= first, SweepStudy.study_date <= last]
+            by_state = dict(s.execute(
+                select(SweepStudy.state, func.count()).where(*where).group_by(SweepStudy.state)
+            ).all())  # fmt: skip
+            latest = s.execute(
+                select(func.max(SweepStudy.retrieve_started_at), func.max(SweepStudy.done_at)).where(*where)
+            ).one()
+            times = [t for t in (c.updated_at, *latest) if t is not None]
+            out.append(SweepProgress(
+                c.key, pacs, None if scheduled else first, None if scheduled else last, c.next_date,
+                bool(c.finished), {state: int(by_state.get(state, 0)) for state in STATES},
+                max(_aware(t) for t in times),
+            ))  # fmt: skip
+    return sorted(out, key=lambda p: p.last_activity, reverse=True)
+
+
+def _aware(t: datetime) -> datetime:
+    """SQLite hands datetimes back without their zone: they are UTC (agent/clock.py)."""
+    return t if t.tzinfo is not None else t.replace(tzinfo=UTC)
 
 
 def hour_ago() -> datetime:

@@ -15,7 +15,7 @@ from agent.db.engine import Database
 from agent.db.users import SessionView
 from agent.db.worklist import AuditFilter, filter_date, record_access, shown_number
 from agent.domain import OUTBOX_BACKLOG
-from agent.queue import outbox, screening, store
+from agent.queue import outbox, screening, store, sweeps
 from agent.web.auth import AdminSession, AnySession, AuditorSession, check_csrf
 from agent.web.render import render
 
@@ -177,6 +177,7 @@ def status(request: Request, sess: AnySession) -> Response:
             "backlog": sum(items.get(s, 0) for s in OUTBOX_BACKLOG),
             "s": summary,
             "chain": chain,
+            "sweeps": sweeps.progress(db),
             "model": request.app.state.model_info(),
             "num": shown_number,
         },

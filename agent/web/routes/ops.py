@@ -9,7 +9,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from agent import metrics
 from agent.db.worklist import flagged_count, ping
 from agent.errors import AgentError
-from agent.queue import outbox, store
+from agent.queue import outbox, store, sweeps
 
 router = APIRouter()
 
@@ -32,5 +32,5 @@ def healthz(request: Request) -> Response:
 @router.get("/metrics")
 def prometheus(request: Request) -> Response:
     db = request.app.state.ctx.db
-    body = metrics.render(store.count_by_state(db), outbox.count_by_state(db), flagged_count(db))
+    body = metrics.render(store.count_by_state(db), outbox.count_by_state(db), flagged_count(db), sweeps.counts(db))
     return Response(body, media_type=CONTENT_TYPE_LATEST)
