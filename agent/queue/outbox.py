@@ -54,8 +54,12 @@ class DueItem:
     attempts: int
 
 
-def add(session: Session, study_id: int, obj: OutgoingObject, destinations: list[str], send: bool) -> int:
-    """Queue ``obj`` for each destination inside the caller's transaction; existing rows stay."""
+def add(
+    session: Session, study_id: int, obj: OutgoingObject, destinations: list[str], send: bool, priority: int = 0
+) -> int:
+    """Queue ``obj`` for each destination inside the caller's transaction; existing rows stay.
+    ``priority``: 0 for a live study's result, the sweep's (agent/queue/sweeps.py) for a swept one:
+    ``lease_due`` sends the lower first."""
     now = utcnow()
     added = 0
     for dest in destinations:
@@ -76,6 +80,7 @@ def add(session: Session, study_id: int, obj: OutgoingObject, destinations: list
                 path=obj.path,
                 state=(OutboxState.PENDING if send else OutboxState.SHADOW).value,
                 attempts=0,
+                priority=priority,
                 created_at=now,
                 updated_at=now,
             )
@@ -84,8 +89,9 @@ def add(session: Session, study_id: int, obj: OutgoingObject, destinations: list
     return added
 
 
-# An SR (~20 KB, what a worklist shows) goes before the overlays (~2 MB each) due with it: the
-# shortest first, so the objects wait least on average.
+# A live study's results go before a swept study's (priority), so a live SR never queues behind
+# a sweep's hundreds of overlays; within a priority, an SR (~20 KB, what a worklist shows) goes
+# before the overlays (~2 MB each) due with it: the shortest first, so the objects wait least.
 _SRS_FIRST = case((OutboxItem.kind == "sr", 0), else_=1)
 
 
@@ -101,8 +107,9 @@ _DUE_COLUMNS = (
 
 
 def lease_due(db: Database, limit: int = 50, share: int = 1) -> list[DueItem]:
-    """Due PENDING/RETRY rows, marked SENDING, SRs first: at most ``limit``, and a ``share``-th of
-    those due (rounded up) so that ``share`` sender threads leasing in turn each get some of a burst.
+    """Due PENDING/RETRY rows, marked SENDING, live results first, then SRs first: at most
+    ``limit``, and a ``share``-th of those due (rounded up) so that ``share`` sender threads
+    leasing in turn each get some of a burst.
 
     Plain statements, no ORM objects: a lane leases once per object or two, and loading and
     flushing ORM rows was most of a lane's CPU."""
@@ -113,7 +120,7 @@ def lease_due(db: Database, limit: int = 50, share: int = 1) -> list[DueItem]:
             select(*_DUE_COLUMNS)
             .where(leasable)
             .where((OutboxItem.next_attempt_at.is_(None)) | (OutboxItem.next_attempt_at <= now))
-            .order_by(OutboxItem.destination, _SRS_FIRST, OutboxItem.id)
+            .order_by(OutboxItem.destination, OutboxItem.priority, _SRS_FIRST, OutboxItem.id)
             .limit(limit)
         )
         if db.dialect == "postgresql":  # SQLite: BEGIN IMMEDIATE already makes lanes take turns

@@ -113,7 +113,8 @@ def record_screening(
         result.timings_ms = timings_ms
         s.flush()
         if overlay is not None:
-            outbox.add(s, study.id, overlay, destinations, send and sweeps.sends_results(s, study.study_instance_uid))
+            sent = send and sweeps.sends_results(s, study.study_instance_uid, job.priority)
+            outbox.add(s, study.id, overlay, destinations, sent, priority=job.priority)
         job.state = JobState.DONE.value
         job.reason = None
         job.lease_owner = None
@@ -251,7 +252,9 @@ def record_report(
                 created_at=utcnow(),
             )
         )
-        outbox.add(s, ready.study_id, sr, destinations, send and sweeps.sends_results(s, ready.study_instance_uid))
+        priority = sweeps.study_priority(s, ready.study_id)
+        sent = send and sweeps.sends_results(s, ready.study_instance_uid, priority)
+        outbox.add(s, ready.study_id, sr, destinations, sent, priority=priority)
         trail.append(
             s,
             "instances_transferred",

@@ -54,8 +54,23 @@ def priority_of(session: Session, study_uid: str) -> int:
     return SWEEP_PRIORITY if state == RETRIEVING else 0
 
 
-def sends_results(session: Session, study_uid: str) -> bool:
-    """False for a swept study whose results go to the flagged registry only (sweep.send_results)."""
+def study_priority(session: Session, study_id: int) -> int:
+    """The priority of a result of the whole study (its SR): live (0) if any of its instances came
+    live, the sweep's when every one was retrieved by a sweep."""
+    lowest = session.execute(
+        select(func.min(Job.priority))
+        .join(Instance, Instance.id == Job.instance_id)
+        .where(Instance.study_id == study_id)
+    ).scalar_one_or_none()
+    return int(lowest or 0)
+
+
+def sends_results(session: Session, study_uid: str, priority: int) -> bool:
+    """False for a result of a sweep's retrieval (``priority`` the sweep's) of a study whose row
+    says ``send_results = false``: to the flagged registry only. A live result of the same study
+    (an instance sent by PACS, before or after the sweep) is sent."""
+    if priority != SWEEP_PRIORITY:
+        return True
     send = session.execute(
         select(SweepStudy.send_results).where(SweepStudy.study_instance_uid == study_uid)
     ).scalar_one_or_none()

@@ -14,13 +14,13 @@ from sqlalchemy import select
 
 from agent.config import Settings
 from agent.db.engine import Database, upgrade
-from agent.db.models import AuditEvent, Job, OutboxItem, SweepStudy
+from agent.db.models import AuditEvent, Job, OutboxItem, Study, StudyReport, SweepStudy
 from agent.domain import AlgorithmInfo, Eligibility, Findings, IncomingInstance, InstanceRef, OutboxState
 from agent.errors import ConfigError
 from agent.ingest.eligibility import Rules
 from agent.ingest.sweep import Sweeper, in_window, keeps_series
 from agent.pacs.archive import RetrieveOutcome, SeriesMatch, StoreCallback, StudyMatch
-from agent.queue import screening, store, sweeps
+from agent.queue import outbox, screening, store, sweeps
 from agent.queue.outbox import OutgoingObject
 
 RULES_SECTION = agent_settings(Path("/nonexistent")).eligibility
@@ -276,3 +276,51 @@ def test_serve_schedules_the_sweep_when_enabled(tmp_path: Path) -> None:
     assert on.sweeper is not None and on.scheduler is not None and on.scheduler.get_job("archive_sweep") is not None
     for agent in (off, on):
         agent.db.dispose()
+
+
+FINDINGS = Findings(0.8, 0.5, True, 0.6, "osteopenia", -1.8, -2.5, -1.1, 0.9,
+                    AlgorithmInfo("STR-Net", "test-1", "0" * 64))  # fmt: skip
+
+
+def screen_and_report(db: Database, uids: list[str]) -> None:
+    """Each study's leased jobs screened (an overlay each) and then its SR recorded, in this order."""
+    leased = store.lease(db, "w", 100, 60)
+    for uid in uids:
+        for job in (j for j in leased if j.ref.study_instance_uid == uid):
+            overlay = OutgoingObject("sc", "1.2.840.10008.5.1.4.1.1.7", job.ref.sop_instance_uid + ".sc", "sc/x.dcm")
+            assert screening.record_screening(db, job.job_id, "w", FINDINGS, {}, overlay, ["pacs"], send=True)
+    for uid in uids:
+        with db.reading() as s:
+            study_id = s.execute(select(Study.id).where(Study.study_instance_uid == uid)).scalar_one()
+            revision = 1 + len(s.execute(select(StudyReport.id).where(StudyReport.study_id == study_id)).all())
+        ready = screening.ReadyStudy(study_id, uid, "ORTHANC", revision, None, None, [], 1)
+        sr = OutgoingObject("sr", "1.2.840.10008.5.1.4.1.1.88.34", f"{uid}.sr{revision}", "sr/x.dcm")
+        assert screening.record_report(db, ready, sr, uid + ".99", ["pacs"], send=True)
+
+
+def test_a_live_studys_results_are_sent_before_a_swept_ones_srs_first_within_each(
+    db: Database, tmp_path: Path
+) -> None:
+    sweeper, _archive, settings = make(db, tmp_path, DAYS)
+    sweeper.sweep(settings.pacs[0], FROM, date(2026, 3, 2))  # 1.9.1, 1.9.2 swept: 4 images
+    store.record_instance(db, incoming("1.8.1", "1.8.1.1"))  # then a live study
+    store.record_instance(db, incoming("1.8.1", "1.8.1.2"))
+    screen_and_report(db, ["1.9.1", "1.9.2", "1.8.1"])  # the swept results are older
+    order = [i.sop_instance_uid for i in outbox.lease_due(db, limit=100)]
+    assert order == ["1.8.1.sr1", "1.8.1.1.sc", "1.8.1.2.sc",  # live: SR first, then its overlays
+                     "1.9.1.sr1", "1.9.2.sr1", "1.9.1.1.0.sc", "1.9.1.1.1.sc", "1.9.2.1.0.sc",
+                     "1.9.2.1.1.sc"], order  # fmt: skip
+
+
+def test_send_results_false_keeps_only_the_sweeps_results_from_pacs_not_a_later_live_ones(
+    db: Database, tmp_path: Path
+) -> None:
+    sweeper, _archive, settings = make(db, tmp_path, DAYS, send_results=False)
+    sweeper.sweep(settings.pacs[0], FROM, date(2026, 3, 2))
+    screen_and_report(db, ["1.9.1"])
+    store.record_instance(db, incoming("1.9.1", "1.9.1.live"))  # PACS sends one more image later: live
+    screen_and_report(db, ["1.9.1"])
+    with db.reading() as s:
+        states = dict(s.execute(select(OutboxItem.sop_instance_uid, OutboxItem.state)).all())
+    assert states["1.9.1.1.0.sc"] == states["1.9.1.sr1"] == OutboxState.SHADOW  # the sweep's: registry only
+    assert states["1.9.1.live.sc"] == states["1.9.1.sr2"] == OutboxState.PENDING  # live: sent
