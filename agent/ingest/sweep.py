@@ -123,6 +123,7 @@ class Sweeper:
         *,
         actor: str | None = None,
         sleep: Callable[[float], object] = time.sleep,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settings = settings
         self.cfg = settings.sweep
@@ -133,6 +134,7 @@ class Sweeper:
         self.actor = actor or settings.scp.ae_title
         self.modalities = frozenset(self.cfg.modalities)
         self._sleep = sleep
+        self._monotonic = monotonic
         self.stopping = threading.Event()
 
     def stop(self) -> None:
@@ -182,7 +184,7 @@ class Sweeper:
             if len(started) < limit:
                 return True
             free_in = max(1.0, (started[0] - sweeps.hour_ago()).total_seconds() + 1.0)
-            if not wait or (deadline is not None and time.monotonic() + free_in > deadline):
+            if not wait or (deadline is not None and self._monotonic() + free_in > deadline):
                 return False
             if echo is not None:
                 echo(f"rate limit ({limit} studies per hour): waiting {free_in:.0f} s")
@@ -241,14 +243,16 @@ class Sweeper:
         wait_for_rate: bool = True,
         restart_finished: bool = True,
         deadline: float | None = None,
+        still_open: Callable[[], bool] | None = None,
         echo: Callable[[str], object] | None = None,
     ) -> SweepReport:
         """Sweep ``pacs`` over [date_from, date_to], resuming where the sweep ``key`` stopped.
 
         ``dry_run``: query (audited) and plan only; nothing is retrieved or recorded as found.
-        Stops early (``report.paused``) when stopped, past ``deadline`` (monotonic), when the rate
-        limit says wait and ``wait_for_rate`` is false, or after a study failed (the day is
-        swept again next time)."""
+        Stops early (``report.paused``), between studies, when stopped, past ``deadline``
+        (monotonic), when ``still_open`` says no (the scheduled sweep's window closed), when the
+        rate limit says wait and ``wait_for_rate`` is false, or after a study failed; the day is
+        swept again next time (what it has done is not retrieved again)."""
         report = SweepReport()
         key = key or f"{pacs.name}:{_da(date_from)}:{_da(date_to)}"
         day = date_from
@@ -257,9 +261,19 @@ class Sweeper:
             if at is not None and not (at[1] and restart_finished):
                 day = max(date_from, _from_da(at[0]))
         source = self.source_for(pacs)
+
+        def pause() -> str | None:
+            if self.stopping.is_set():
+                return "stopped"
+            if deadline is not None and self._monotonic() > deadline:
+                return "time is up"
+            if still_open is not None and not still_open():
+                return "the window closed"
+            return None
+
         while day <= date_to:
-            if self.stopping.is_set() or (deadline is not None and time.monotonic() > deadline):
-                report.paused = "stopped" if self.stopping.is_set() else "time is up"
+            report.paused = pause()
+            if report.paused is not None:
                 return report
             found, planned = self.plan_day(source, day)
             report.days += 1
@@ -276,6 +290,9 @@ class Sweeper:
                     sweeps.mark_done(self.db, study.study_instance_uid)
                     report.already_screened += 1
                     continue
+                report.paused = pause()
+                if report.paused is not None:
+                    return report
                 if not self._wait_for_slot(wait_for_rate, deadline, echo):
                     report.paused = "stopped" if self.stopping.is_set() else "rate limit"
                     return report
@@ -299,20 +316,28 @@ class Sweeper:
     def scheduled(self, now: datetime | None = None, budget_s: float = 50.0) -> int:
         """One tick of the scheduled sweep: within the time window, sweep every PACS with
         ``query = true`` from ``sweep.since`` to yesterday for at most ``budget_s``, within the
-        rate limit; the next tick goes on from the cursor. Returns the studies retrieved."""
+        rate limit, stopping between studies when the window closes (local time ``now`` plus the
+        time the tick has run); the next tick goes on from the cursor. Returns the studies
+        retrieved."""
         now = now or datetime.now()
         if not self.cfg.enabled or self.cfg.since is None or not in_window(self.cfg.window, now):
             return 0
         since = datetime.strptime(self.cfg.since, "%Y-%m-%d").date()
         yesterday = now.date() - timedelta(days=1)
-        deadline = time.monotonic() + budget_s
+        started = self._monotonic()
+        deadline = started + budget_s
+        window = self.cfg.window
+
+        def still_open() -> bool:
+            return in_window(window, now + timedelta(seconds=self._monotonic() - started))
+
         retrieved = 0
         for pacs in self.settings.pacs:
             if not pacs.query or since > yesterday:
                 continue
             try:
                 report = self.sweep(pacs, since, yesterday, key=f"{pacs.name}:scheduled", wait_for_rate=False,
-                                    restart_finished=False, deadline=deadline)  # fmt: skip
+                                    restart_finished=False, deadline=deadline, still_open=still_open)  # fmt: skip
             except ArchiveError as exc:
                 log.warning("sweep_query_failed", pacs=pacs.name, error=str(exc))
                 continue

@@ -324,3 +324,25 @@ def test_send_results_false_keeps_only_the_sweeps_results_from_pacs_not_a_later_
         states = dict(s.execute(select(OutboxItem.sop_instance_uid, OutboxItem.state)).all())
     assert states["1.9.1.1.0.sc"] == states["1.9.1.sr1"] == OutboxState.SHADOW  # the sweep's: registry only
     assert states["1.9.1.live.sc"] == states["1.9.1.sr2"] == OutboxState.PENDING  # live: sent
+
+
+def test_the_scheduled_sweep_stops_between_studies_when_its_window_closes(db: Database, tmp_path: Path) -> None:
+    clock = [0.0]
+    pacs = [{"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": 4242, "query": True}]
+    sweep = {"enabled": True, "since": "2026-03-02", "window": "20:00-06:00", "max_studies_per_hour": 100}
+    settings = agent_settings(tmp_path, pacs=pacs, sweep=sweep)
+    archive = FakeArchive(db, {"20260302": ["1.9.1", "1.9.2", "1.9.3", "1.9.4"]})
+    real_retrieve = archive.retrieve
+
+    def a_minute_each(study_uid: str, series_uids: list[str], store_cb: StoreCallback) -> RetrieveOutcome:
+        clock[0] += 60.0
+        return real_retrieve(study_uid, series_uids, store_cb)
+
+    archive.retrieve = a_minute_each  # type: ignore[method-assign]
+    sweeper = Sweeper(settings, db, RULES, lambda _p: archive, sleep=lambda _s: None, monotonic=lambda: clock[0])
+    # one day's work started at 05:58 with time to spare: two studies (05:58, 05:59), none at 06:00
+    assert sweeper.scheduled(now=datetime(2026, 3, 5, 5, 58), budget_s=3600) == 2
+    assert [r[0] for r in archive.retrieved] == ["1.9.1", "1.9.2"]
+    assert sweeps.cursor(db, "pacs:scheduled") is None  # the day is not done
+    assert sweeper.scheduled(now=datetime(2026, 3, 5, 20, 0), budget_s=3600) == 2  # the next window: the rest
+    assert [r[0] for r in archive.retrieved] == ["1.9.1", "1.9.2", "1.9.3", "1.9.4"]
