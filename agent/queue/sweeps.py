@@ -11,7 +11,7 @@ No PHI here: UIDs, dates, modalities and counts only.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import func, select
@@ -77,14 +77,30 @@ def sends_results(session: Session, study_uid: str, priority: int) -> bool:
     return send is None or bool(send)
 
 
-def being_retrieved(db: Database, study_uid: str) -> bool:
+#: how long a study's retrieve (or its failure) holds its SR back, in ``sweep.timeout_s``: a
+#: retrieve is a few DIMSE operations or HTTP requests, each within the timeout
+HOLD_TIMEOUTS = 10
+
+
+def hold_s(timeout_s: float) -> float:
+    """How long after its retrieve started a study's SR waits for the rest of the study."""
+    return HOLD_TIMEOUTS * timeout_s
+
+
+def being_retrieved(db: Database, study_uid: str, hold_for_s: float) -> bool:
     """Whether a sweep is retrieving the study, or its retrieve failed and a later sweep will
-    finish it: its SR waits, so a swept study gets one SR with all its images."""
+    finish it, for at most ``hold_for_s`` after that retrieve started: its SR waits, so a swept
+    study gets one SR with all its images. Past that (a sweep killed mid-retrieve, a failed study
+    no sweep comes back to) its SR is built from what arrived; a later retrieve brings the rest,
+    and a revised SR."""
     with db.reading() as s:
-        state = s.execute(
-            select(SweepStudy.state).where(SweepStudy.study_instance_uid == study_uid)
-        ).scalar_one_or_none()
-    return state in (RETRIEVING, FAILED)
+        row = s.execute(
+            select(SweepStudy.state, SweepStudy.retrieve_started_at).where(SweepStudy.study_instance_uid == study_uid)
+        ).one_or_none()
+    if row is None or row.state not in (RETRIEVING, FAILED):
+        return False
+    started = row.retrieve_started_at
+    return started is None or started.replace(tzinfo=None) > utcnow() - timedelta(seconds=hold_for_s)
 
 
 # -- the sweep's own ---------------------------------------------------------------------------
@@ -228,7 +244,7 @@ class SweepProgress:
     next_date: str  # the first day not yet swept (YYYYMMDD)
     finished: bool
     studies: dict[str, int]  # state -> studies of this PACS in the range
-    last_activity: datetime
+    last_activity: datetime  # UTC, naive (agent/clock.py)
 
 
 def progress(db: Database) -> list[SweepProgress]:
@@ -253,14 +269,9 @@ def progress(db: Database) -> list[SweepProgress]:
             out.append(SweepProgress(
                 c.key, pacs, None if scheduled else first, None if scheduled else last, c.next_date,
                 bool(c.finished), {state: int(by_state.get(state, 0)) for state in STATES},
-                max(_aware(t) for t in times),
+                max(t.replace(tzinfo=None) for t in times),
             ))  # fmt: skip
     return sorted(out, key=lambda p: p.last_activity, reverse=True)
-
-
-def _aware(t: datetime) -> datetime:
-    """SQLite hands datetimes back without their zone: they are UTC (agent/clock.py)."""
-    return t if t.tzinfo is not None else t.replace(tzinfo=UTC)
 
 
 def hour_ago() -> datetime:

@@ -12,6 +12,7 @@ import pytest
 from conftest import agent_settings
 from sqlalchemy import select
 
+from agent.clock import utcnow
 from agent.config import Settings
 from agent.db.engine import Database, upgrade
 from agent.db.models import AuditEvent, Job, OutboxItem, Study, StudyReport, SweepStudy
@@ -162,11 +163,11 @@ def test_a_failed_retrieve_stops_the_sweep_and_the_next_one_resumes_at_that_day(
     report = sweeper.sweep(settings.pacs[0], FROM, TO)
     assert not report.finished and report.retrieved == 1 and report.failed and "0xA702" in report.failed[0]
     assert sweeps.cursor(db, "pacs:20260302:20260304") is None  # the first day is not done
-    assert sweeps.being_retrieved(db, "1.9.2")  # its SR waits for the rest
+    assert sweeps.being_retrieved(db, "1.9.2", 600)  # its SR waits for the rest
     archive.fail = set()
     report = sweeper.sweep(settings.pacs[0], FROM, TO)
     assert report.finished and [u for u, _ in archive.retrieved] == ["1.9.1", "1.9.2", "1.9.2", "1.9.3"]
-    assert not sweeps.being_retrieved(db, "1.9.2")
+    assert not sweeps.being_retrieved(db, "1.9.2", 600)
 
 
 def test_a_study_cut_off_mid_retrieve_is_retrieved_again_not_marked_done(db: Database, tmp_path: Path) -> None:
@@ -194,7 +195,7 @@ def test_a_study_that_never_arrives_is_given_up_and_the_sweep_goes_on(db: Databa
     report = sweeper.sweep(settings.pacs[0], FROM, TO)  # the last attempt: given up, the sweep goes on
     assert report.finished and [u for u, _ in archive.retrieved].count("1.9.2") == sweeps.MAX_RETRIEVE_ATTEMPTS
     assert ("1.9.3", ["1.9.3.1"]) in archive.retrieved
-    assert not sweeps.being_retrieved(db, "1.9.2")  # its SR (of what arrived) is no longer held
+    assert not sweeps.being_retrieved(db, "1.9.2", 600)  # its SR (of what arrived) is no longer held
     report = sweeper.sweep(settings.pacs[0], FROM, TO)
     assert [u for u, _ in archive.retrieved].count("1.9.2") == sweeps.MAX_RETRIEVE_ATTEMPTS  # not again
 
@@ -346,3 +347,18 @@ def test_the_scheduled_sweep_stops_between_studies_when_its_window_closes(db: Da
     assert sweeps.cursor(db, "pacs:scheduled") is None  # the day is not done
     assert sweeper.scheduled(now=datetime(2026, 3, 5, 20, 0), budget_s=3600) == 2  # the next window: the rest
     assert [r[0] for r in archive.retrieved] == ["1.9.1", "1.9.2", "1.9.3", "1.9.4"]
+
+
+def test_a_retrieving_or_failed_study_holds_its_sr_back_for_a_bounded_time(db: Database, tmp_path: Path) -> None:
+    sweeper, archive, settings = make(db, tmp_path, DAYS)
+    archive.fail = {"1.9.2"}
+    sweeper.sweep(settings.pacs[0], FROM, TO)  # 1.9.2 failed, and no sweep runs again
+    sweeps.record_found(db, "pacs", [sweeps.FoundStudy("1.9.3", "20260304", 1, 2)], True)
+    sweeps.begin_retrieve(db, "1.9.3", "STRNET", {})  # 1.9.3: a sweep killed mid-retrieve
+    for uid in ("1.9.2", "1.9.3"):
+        assert sweeps.being_retrieved(db, uid, sweeps.hold_s(settings.sweep.timeout_s))
+    with db.transaction() as s:  # the retrieves started longer ago than the hold
+        for row in s.execute(select(SweepStudy)).scalars():
+            row.retrieve_started_at = utcnow() - timedelta(seconds=sweeps.hold_s(settings.sweep.timeout_s) + 1)
+    for uid in ("1.9.2", "1.9.3"):
+        assert not sweeps.being_retrieved(db, uid, sweeps.hold_s(settings.sweep.timeout_s))  # its SR is built
