@@ -33,6 +33,7 @@ from agent.config import PacsSection, Settings
 from agent.db.engine import Database
 from agent.ingest.eligibility import Rules, body_part_reason
 from agent.ingest.handlers import Ingestor, StoreRequest
+from agent.ingest.scp import guard_requested_connection, message_received, pdu_limit_bytes
 from agent.logging import get_logger
 from agent.pacs import status
 from agent.pacs.archive import ArchiveError, ArchiveSource, Received, SeriesMatch, StudyMatch
@@ -359,7 +360,10 @@ def archive_for(settings: Settings) -> Callable[[PacsSection], ArchiveSource]:
         if pacs.kind == "dicomweb":
             return DicomwebArchive(pacs, timeout_s=cfg.timeout_s, max_bytes=settings.scp.max_instance_mb * 1024 * 1024)
         move_to = cfg.move_ae_title or settings.scp.ae_title
+        limit = pdu_limit_bytes(settings.scp.max_instance_mb)  # the listener's guard
         return DimseArchive(pacs, settings.scp.ae_title, method=cfg.retrieve, move_ae_title=move_to,
-                            timeout_s=cfg.timeout_s)  # fmt: skip
+                            timeout_s=cfg.timeout_s,
+                            on_connect=lambda event: guard_requested_connection(event, limit, cfg.timeout_s),
+                            on_message=message_received)  # fmt: skip
 
     return make
