@@ -156,6 +156,13 @@ def ready_studies(db: Database, quiet_period_s: float) -> list[ReadyStudy]:
         .correlate(Study)
         .scalar_subquery()
     )
+    lowest_priority = (
+        select(func.min(Job.priority))
+        .join(Instance, Instance.id == Job.instance_id)
+        .where(Instance.study_id == Study.id)
+        .correlate(Study)
+        .scalar_subquery()
+    )
     failure = StudyReportFailure
     due = or_(
         failure.id.is_(None),
@@ -172,7 +179,9 @@ def ready_studies(db: Database, quiet_period_s: float) -> list[ReadyStudy]:
             .where(Study.last_received_at <= cutoff)
             .where(n_results > reported)
             .where(due)
-            .order_by(Study.id)  # oldest first, each on its own
+            # a live study before a swept one (its lowest job priority: live 0, swept SWEEP_PRIORITY),
+            # then oldest first, each on its own
+            .order_by(func.coalesce(lowest_priority, 0), Study.id)
         ).all()
         for study, failed_attempts in candidates:
             pending = s.execute(

@@ -362,3 +362,13 @@ def test_a_retrieving_or_failed_study_holds_its_sr_back_for_a_bounded_time(db: D
             row.retrieve_started_at = utcnow() - timedelta(seconds=sweeps.hold_s(settings.sweep.timeout_s) + 1)
     for uid in ("1.9.2", "1.9.3"):
         assert not sweeps.being_retrieved(db, uid, sweeps.hold_s(settings.sweep.timeout_s))  # its SR is built
+
+
+def test_a_live_study_ready_with_swept_ones_gets_its_sr_built_first(db: Database, tmp_path: Path) -> None:
+    sweeper, _archive, settings = make(db, tmp_path, DAYS)
+    sweeper.sweep(settings.pacs[0], FROM, date(2026, 3, 2))  # 1.9.1, 1.9.2: older studies
+    store.record_instance(db, incoming("1.8.1", "1.8.1.1"))
+    for job in store.lease(db, "w", 100, 60):
+        assert screening.record_screening(db, job.job_id, "w", FINDINGS, {}, None, ["pacs"], send=True)
+    ready = [r.study_instance_uid for r in screening.ready_studies(db, quiet_period_s=0)]
+    assert ready == ["1.8.1", "1.9.1", "1.9.2"]
