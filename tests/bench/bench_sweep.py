@@ -4,7 +4,8 @@ A real Orthanc holds ``BENCH_SWEEP_IMAGES`` (default 200) JPEG 2000 lossless kne
 study, over two study dates. `strnet serve` runs with Orthanc as its ``query = true`` PACS, and
 `strnet sweep` (as an admin runs it, beside serve) retrieves them by C-MOVE to serve's listener,
 while the bench sends a live study (one small uncompressed knee image) to the listener every
-``BENCH_LIVE_PACE_S`` seconds (default 3) by C-STORE. Results go back to Orthanc.
+``BENCH_LIVE_PACE_S`` seconds (default 3) by C-STORE. Results go back to Orthanc. The films are
+model/synth's renderings, 1024 x 832 (``BENCH_SWEEP_SCALE=2``: upscaled to 2048 x 1664).
 
 Run: ``make bench BENCH=tests/bench/bench_sweep.py`` or
 ``.venv/bin/python -m pytest tests/bench/bench_sweep.py -s -q -o norecursedirs= -o "python_files=bench_*.py"``.
@@ -41,6 +42,7 @@ from model.checkpoint import SHIPPED
 
 N_IMAGES = int(os.environ.get("BENCH_SWEEP_IMAGES", "200"))
 LIVE_PACE_S = float(os.environ.get("BENCH_LIVE_PACE_S", "3"))
+SCALE = float(os.environ.get("BENCH_SWEEP_SCALE", "1"))  # 2: films of 2048 x 1664 instead of 1024 x 832
 WEIGHTS = Path(os.environ.get("BENCH_WEIGHTS") or SHIPPED)
 SWEEP_DAYS = (date(2026, 1, 5), date(2026, 1, 6))
 QUIET_PERIOD_S = 1.0
@@ -64,6 +66,12 @@ def make_films(folder: Path, n_images: int, seed: int = 20261207) -> tuple[list[
     profile = VENDOR_PROFILES["acme_dx"]
     top = (1 << profile.bits_stored) - 1
     bases = [generate_one(rng, laterality="LR"[i % 2], view="AP", profile="acme_dx") for i in range(BASES)]
+    if SCALE != 1.0:  # larger films: the renderings upscaled
+        from skimage.transform import resize
+
+        for img, _ in bases:
+            shape = (round(img.stored.shape[0] * SCALE), round(img.stored.shape[1] * SCALE))
+            img.stored = resize(img.stored, shape, order=1, preserve_range=True, anti_aliasing=False).astype(np.uint16)
 
     def film(s: int, n: int, study_uid: str, when: datetime) -> object:
         img, patient = bases[int(rng.integers(0, BASES))]
@@ -75,7 +83,12 @@ def make_films(folder: Path, n_images: int, seed: int = 20261207) -> tuple[list[
             accession=f"S{s:06d}", study_id="1", series_number=n + 1, instance_number=1, laterality="LR"[n % 2],
             view="AP", kvp=img.kvp, magnification=img.magnification, burned_in_text=False,
         )  # fmt: skip
-        return build_dataset(noisy.astype(np.uint16), hdr, profile)
+        ds = build_dataset(noisy.astype(np.uint16), hdr, profile)
+        if SCALE != 1.0:  # the same knee in finer pixels
+            spacing = f"{profile.pixel_spacing_mm / SCALE:.4f}"
+            ds.ImagerPixelSpacing = [spacing, spacing]
+            ds.PixelSpacing = [f"{profile.pixel_spacing_mm / SCALE / img.magnification:.4f}"] * 2
+        return ds
 
     archive = []
     for s in range(n_images // 2):
@@ -180,6 +193,7 @@ class LiveStream(threading.Thread):
                 self.failed += 1
 
 
+@pytest.mark.timeout(3600)  # generating the films alone takes minutes
 def test_bench_sweep_beside_live_traffic(tmp_path: Path) -> None:
     if not WEIGHTS.exists():
         pytest.skip(f"checkpoint {WEIGHTS} is missing: this bench measures the real model")
@@ -225,12 +239,12 @@ def test_bench_sweep_beside_live_traffic(tmp_path: Path) -> None:
         db = Database(f"sqlite:///{data_dir / 'strnet.db'}")
 
         def swept_delivered() -> int:
-            with db.reading() as s:
-                return len(s.execute(
+            with db.reading() as s:  # an overlay per swept instance (an instance's job has the sweep's priority)
+                return len(set(s.execute(
                     select(OutboxItem.id).join(Study, Study.id == OutboxItem.study_id)
                     .join(Instance, Instance.study_id == Study.id).join(Job, Job.instance_id == Instance.id)
                     .where(Job.priority == SWEEP_PRIORITY, OutboxItem.kind == "sc", OutboxItem.state == "DELIVERED")
-                ).all())  # fmt: skip
+                ).scalars()))  # fmt: skip
 
         deadline = time.monotonic() + 600 + 20 * len(archive)
         while swept_delivered() < len(archive):
