@@ -253,7 +253,31 @@ class Sweeper:
         Stops early (``report.paused``), between studies, when stopped, past ``deadline``
         (monotonic), when ``still_open`` says no (the scheduled sweep's window closed), when the
         rate limit says wait and ``wait_for_rate`` is false, or after a study failed; the day is
-        swept again next time (what it has done is not retrieved again)."""
+        swept again next time (what it has done is not retrieved again). A source with a
+        ``close`` (the DICOMweb one's HTTP session) is closed after."""
+        source = self.source_for(pacs)
+        try:
+            return self._sweep(source, pacs, date_from, date_to, dry_run, key, restart_finished, wait_for_rate,
+                               deadline, still_open, echo)  # fmt: skip
+        finally:
+            close = getattr(source, "close", None)
+            if callable(close):
+                close()
+
+    def _sweep(
+        self,
+        source: ArchiveSource,
+        pacs: PacsSection,
+        date_from: date,
+        date_to: date,
+        dry_run: bool,
+        key: str | None,
+        restart_finished: bool,
+        wait_for_rate: bool,
+        deadline: float | None,
+        still_open: Callable[[], bool] | None,
+        echo: Callable[[str], object] | None,
+    ) -> SweepReport:
         report = SweepReport()
         key = key or f"{pacs.name}:{_da(date_from)}:{_da(date_to)}"
         day = date_from
@@ -261,7 +285,6 @@ class Sweeper:
             at = sweeps.cursor(self.db, key)
             if at is not None and not (at[1] and restart_finished):
                 day = max(date_from, _from_da(at[0]))
-        source = self.source_for(pacs)
 
         def pause() -> str | None:
             if self.stopping.is_set():

@@ -167,7 +167,11 @@ class DicomwebArchive:
         self.url = dest.url
         self.timeout_s = timeout_s
         self.max_bytes = max_bytes
-        self._client = open_client(dest, timeout_s)  # one session (connection pool), one thread
+        self._client = open_client(dest, timeout_s)  # one session (connection pool), one thread, one sweep
+
+    def close(self) -> None:
+        """End the HTTP session (the sweep calls it when done with this source)."""
+        self._client.close()
 
     def _get(self, path: str, accept: str, params: dict[str, str] | None = None, *, stream: bool = False
              ) -> requests.Response:  # fmt: skip

@@ -372,3 +372,12 @@ def test_a_live_study_ready_with_swept_ones_gets_its_sr_built_first(db: Database
         assert screening.record_screening(db, job.job_id, "w", FINDINGS, {}, None, ["pacs"], send=True)
     ready = [r.study_instance_uid for r in screening.ready_studies(db, quiet_period_s=0)]
     assert ready == ["1.8.1", "1.9.1", "1.9.2"]
+
+
+def test_a_source_with_a_close_is_closed_after_each_sweep(db: Database, tmp_path: Path) -> None:
+    sweeper, archive, settings = make(db, tmp_path, DAYS)
+    closed: list[bool] = []
+    archive.close = lambda: closed.append(True)  # type: ignore[attr-defined]  # as the DICOMweb source's session
+    sweeper.sweep(settings.pacs[0], FROM, TO)
+    sweeper.sweep(settings.pacs[0], FROM, TO, dry_run=True)
+    assert closed == [True, True]
