@@ -706,6 +706,13 @@ def _check_consistency(settings: Settings) -> None:
         raise ConfigError("sweep.since", "the scheduled sweep is enabled but has no oldest date")
     if settings.sweep.enabled and not any(p.query for p in settings.pacs):
         raise ConfigError("sweep.enabled", "the scheduled sweep is enabled but no [[pacs]] has query = true")
+    queried = [p for p in settings.pacs if p.query]
+    if queried and all(p.kind == "dicomweb" for p in queried):
+        sweep = settings.sweep
+        dimse_only = {"retrieve": sweep.retrieve != "move", "move_ae_title": bool(sweep.move_ae_title)}
+        for setting, given in dimse_only.items():
+            if given:
+                raise ConfigError(f"sweep.{setting}", "only for a dimse [[pacs]]: a dicomweb one retrieves by WADO-RS")
 
 
 def _check_destination_kind(i: int, dest: PacsSection) -> None:

@@ -266,6 +266,21 @@ def test_an_enabled_sweep_needs_its_oldest_date_and_a_pacs_to_query(tmp_path: Pa
         agent_settings(tmp_path, sweep={"window": "8-17"})
 
 
+def test_a_dicomweb_pacs_is_swept_by_qido_and_wado_and_dimse_retrieve_settings_are_refused(tmp_path: Path) -> None:
+    from agent.ingest.sweep import archive_for
+    from agent.pacs.qr import DimseArchive
+    from agent.pacs.wado import DicomwebArchive
+
+    web = {"name": "web", "kind": "dicomweb", "url": "http://127.0.0.1:8042/dicom-web", "query": True}
+    dimse = {"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": 4242, "query": True}
+    settings = agent_settings(tmp_path, pacs=[web, dimse], sweep={"retrieve": "get"})  # the dimse one uses it
+    sources = [archive_for(settings)(p) for p in settings.pacs]
+    assert isinstance(sources[0], DicomwebArchive) and isinstance(sources[1], DimseArchive)
+    for sweep in ({"retrieve": "get"}, {"move_ae_title": "OTHER"}):
+        with pytest.raises(ConfigError, match=f"sweep.{next(iter(sweep))}"):
+            agent_settings(tmp_path, pacs=[web], sweep=sweep)
+
+
 def test_serve_schedules_the_sweep_when_enabled(tmp_path: Path) -> None:
     from agent.app import Agent
 
