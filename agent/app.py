@@ -116,7 +116,7 @@ class Agent:
             reporter = StudyReporter(settings, db, spool, results,
                                      served_model=lambda: screening_worker.screening.model,
                                      study_arriving=lambda uid: tracker.receiving(uid)
-                                     or sweeps.being_retrieved(db, uid),  # a sweep brings the rest
+                                     or sweeps.being_retrieved(db, uid, sweeps.hold_s(settings.sweep.timeout_s)),
                                      on_outbox=sender.wake.set, message_routes=routes)  # fmt: skip
             agent.sender, agent.worker, agent.reporter = sender, screening_worker, reporter
         if settings.sweep.enabled:  # the scheduled archive sweep: C-MOVE to our listener, or C-GET into ingestor

@@ -421,7 +421,8 @@ def sweep(
     ] = False,
 ) -> None:
     """Screen the archive: find the knee studies of a date range the agent has not screened and
-    retrieve them (C-MOVE to the running agent, or C-GET), within sweep.max_studies_per_hour.
+    retrieve them (C-MOVE to the running agent, C-GET, or WADO-RS for a dicomweb [[pacs]]), within
+    sweep.max_studies_per_hour.
     Resumes where an interrupted sweep of the same range stopped."""
     from datetime import datetime
 
@@ -446,7 +447,8 @@ def sweep(
     db = open_database(settings)
     rules = Rules.from_section(settings.eligibility)
     ingestor = None
-    if settings.sweep.retrieve == "get" and not dry_run:  # C-GET: the instances come to this process
+    brought_here = settings.sweep.retrieve == "get" or any(p.kind == "dicomweb" for p in targets)
+    if brought_here and not dry_run:  # C-GET, WADO-RS: the instances come to this process
         spool = Spool(settings.spool_dir, min_free_bytes=settings.agent.min_free_disk_mb * 1024 * 1024)
         ingestor = Ingestor(db, spool, rules, settings.scp.max_instance_mb * 1024 * 1024)
     sweeper = Sweeper(settings, db, rules, archive_for(settings), ingestor)

@@ -187,8 +187,8 @@ class PacsSection(_Section):
     )
     query: bool = Field(
         False,
-        description="The retrospective sweep may query (C-FIND) and retrieve (C-MOVE/C-GET) from this "
-        "destination ([sweep], `strnet sweep`).",
+        description="The retrospective sweep may query and retrieve from this destination ([sweep], `strnet "
+        "sweep`): C-FIND and C-MOVE/C-GET (sweep.retrieve) for dimse, QIDO-RS and WADO-RS at url for dicomweb.",
     )
     storage_commitment: bool = Field(
         False,
@@ -328,7 +328,8 @@ class SweepSection(_Section):
     retrieve: Literal["move", "get"] = Field(
         "move",
         description="move: C-MOVE to move_ae_title, the instances arrive at the agent's listener; get: "
-        "C-GET, the instances arrive on the query association.",
+        "C-GET, the instances arrive on the query association. A kind = \"dicomweb\" [[pacs]] always "
+        "retrieves by WADO-RS.",
     )
     move_ae_title: str | None = Field(
         None, description="Move destination (the PACS must know it); default scp.ae_title."
@@ -338,7 +339,9 @@ class SweepSection(_Section):
         description="Send SRs and overlays of swept studies to PACS; false: only the flagged-patient "
         "registry (results recorded as shadow).",
     )
-    timeout_s: float = Field(60.0, gt=0, description="Association and DIMSE timeout of queries and retrieves.")
+    timeout_s: float = Field(
+        60.0, gt=0, description="Association and DIMSE timeout (DICOMweb: connect and read) of queries and retrieves."
+    )
 
     @field_validator("window")
     @classmethod
@@ -720,6 +723,13 @@ def _check_consistency(settings: Settings) -> None:
         raise ConfigError("sweep.since", "the scheduled sweep is enabled but has no oldest date")
     if settings.sweep.enabled and not any(p.query for p in settings.pacs):
         raise ConfigError("sweep.enabled", "the scheduled sweep is enabled but no [[pacs]] has query = true")
+    queried = [p for p in settings.pacs if p.query]
+    if queried and all(p.kind == "dicomweb" for p in queried):
+        sweep = settings.sweep
+        dimse_only = {"retrieve": sweep.retrieve != "move", "move_ae_title": bool(sweep.move_ae_title)}
+        for setting, given in dimse_only.items():
+            if given:
+                raise ConfigError(f"sweep.{setting}", "only for a dimse [[pacs]]: a dicomweb one retrieves by WADO-RS")
 
 
 def _check_destination_kind(i: int, dest: PacsSection) -> None:

@@ -33,8 +33,9 @@ class _Snapshot:
     """A one-shot collector over figures read from the database for this scrape."""
 
     def __init__(self, jobs: Mapping[str, int], outbox: Mapping[str, int], flagged: int,
-                 atna_backlog: int | None = None) -> None:  # fmt: skip
-        self.jobs, self.outbox, self.flagged, self.atna_backlog = jobs, outbox, flagged, atna_backlog
+                 swept: Mapping[str, int], atna_backlog: int | None = None) -> None:  # fmt: skip
+        self.jobs, self.outbox, self.flagged, self.swept = jobs, outbox, flagged, swept
+        self.atna_backlog = atna_backlog
 
     def collect(self) -> Iterator[Metric]:
         g = GaugeMetricFamily("strnet_jobs", "Jobs by state.", labels=["state"])
@@ -51,13 +52,18 @@ class _Snapshot:
             value=sum(self.outbox.get(s, 0) for s in OUTBOX_BACKLOG),
         )
         yield GaugeMetricFamily("strnet_flagged_patients", "Patients in the flagged registry.", value=self.flagged)
+        w = GaugeMetricFamily("strnet_sweep_studies", "Studies the archive sweep found, by state.", labels=["state"])
+        for state, n in sorted(self.swept.items()):
+            w.add_metric([state], n)
+        yield w
         if self.atna_backlog is not None:
             yield GaugeMetricFamily("strnet_atna_backlog", "Audit events not yet delivered to the audit "
                                     "repository (IHE ATNA; only with [atna] enabled).", value=self.atna_backlog)
 
 
-def render(jobs: Mapping[str, int], outbox: Mapping[str, int], flagged: int, atna_backlog: int | None = None) -> bytes:
+def render(jobs: Mapping[str, int], outbox: Mapping[str, int], flagged: int,
+           swept: Mapping[str, int] | None = None, atna_backlog: int | None = None) -> bytes:  # fmt: skip
     """The Prometheus text exposition: process counters plus the database snapshot."""
     snap = CollectorRegistry(auto_describe=False)
-    snap.register(_Snapshot(jobs, outbox, flagged, atna_backlog))
+    snap.register(_Snapshot(jobs, outbox, flagged, swept or {}, atna_backlog))
     return generate_latest(REGISTRY) + generate_latest(snap)

@@ -274,6 +274,9 @@ class OutboxItem(Base):
     # the N-ACTION that asked for this object, and when; its N-EVENT-REPORT is matched by it
     commitment_uid: Mapped[str | None] = mapped_column(String(64), index=True)
     commitment_asked_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    # 0: a live study's result; SWEEP_PRIORITY: a result of what the archive sweep retrieved (sent
+    # after every live one due to the same destination; agent/queue/outbox.py lease_due)
+    priority: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 class FlaggedPatient(Base):

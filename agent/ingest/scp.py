@@ -260,6 +260,31 @@ def handle_conn_open(event: Event, limit_bytes: int, network_timeout_s: float, p
     pdu_reader.install(event.assoc.dul)  # P-DATA values as views of the received buffer
 
 
+def pdu_limit_bytes(max_instance_mb: int) -> int:
+    """What one connection may make pynetdicom buffer for one message (``RecvGuard``)."""
+    return (2 * max_instance_mb + 1) * 1024 * 1024
+
+
+def guard_requested_connection(event: Event, limit_bytes: int, network_timeout_s: float) -> None:
+    """The same PDU-length guard (``RecvGuard``) on a connection the agent opens to receive on it:
+    the sweep's C-GET association, on which the archive sends the instances (agent/pacs/qr.py).
+    pynetdicom leaves such a socket without a timeout once connected: it gets ``network_timeout_s``.
+    The C-STORE handler of that association calls ``message_received`` after each instance."""
+    sock = event.assoc.dul.socket
+    if sock is None:
+        return
+    raw = getattr(sock, "socket", None)
+    if raw is not None:
+        raw.settimeout(network_timeout_s)
+    if not isinstance(getattr(sock, "recv", None), RecvGuard):
+        pynetdicom_internals.replace_socket_recv(sock, RecvGuard(sock.recv, limit_bytes, raw))
+
+
+def message_received(event: Event) -> None:
+    """A whole DIMSE message arrived on a guarded connection: its count starts again."""
+    _message_done(event)
+
+
 def handle_conn_close(event: Event) -> None:
     _discard_partials(event)
 
@@ -462,7 +487,7 @@ class StorageSCP:
         t = self.tracker
         # the most one PDU or message may make us buffer: an instance up to twice the size cap still gets
         # its clear 0xA700 answer from the ingestor; anything beyond is cut off at the socket
-        limit = (2 * self.cfg.max_instance_mb + 1) * 1024 * 1024
+        limit = pdu_limit_bytes(self.cfg.max_instance_mb)
         handlers: list[Any] = [
             (evt.EVT_CONN_OPEN, handle_conn_open, [limit, self.cfg.network_timeout_s, self._peers]),
             (evt.EVT_CONN_CLOSE, handle_conn_close),

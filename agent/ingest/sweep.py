@@ -33,6 +33,7 @@ from agent.config import PacsSection, Settings
 from agent.db.engine import Database
 from agent.ingest.eligibility import Rules, body_part_reason
 from agent.ingest.handlers import Ingestor, StoreRequest
+from agent.ingest.scp import guard_requested_connection, message_received, pdu_limit_bytes
 from agent.logging import get_logger
 from agent.pacs import status
 from agent.pacs.archive import ArchiveError, ArchiveSource, Received, SeriesMatch, StudyMatch
@@ -123,6 +124,7 @@ class Sweeper:
         *,
         actor: str | None = None,
         sleep: Callable[[float], object] = time.sleep,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settings = settings
         self.cfg = settings.sweep
@@ -133,6 +135,7 @@ class Sweeper:
         self.actor = actor or settings.scp.ae_title
         self.modalities = frozenset(self.cfg.modalities)
         self._sleep = sleep
+        self._monotonic = monotonic
         self.stopping = threading.Event()
 
     def stop(self) -> None:
@@ -182,7 +185,7 @@ class Sweeper:
             if len(started) < limit:
                 return True
             free_in = max(1.0, (started[0] - sweeps.hour_ago()).total_seconds() + 1.0)
-            if not wait or (deadline is not None and time.monotonic() + free_in > deadline):
+            if not wait or (deadline is not None and self._monotonic() + free_in > deadline):
                 return False
             if echo is not None:
                 echo(f"rate limit ({limit} studies per hour): waiting {free_in:.0f} s")
@@ -241,14 +244,40 @@ class Sweeper:
         wait_for_rate: bool = True,
         restart_finished: bool = True,
         deadline: float | None = None,
+        still_open: Callable[[], bool] | None = None,
         echo: Callable[[str], object] | None = None,
     ) -> SweepReport:
         """Sweep ``pacs`` over [date_from, date_to], resuming where the sweep ``key`` stopped.
 
         ``dry_run``: query (audited) and plan only; nothing is retrieved or recorded as found.
-        Stops early (``report.paused``) when stopped, past ``deadline`` (monotonic), when the rate
-        limit says wait and ``wait_for_rate`` is false, or after a study failed (the day is
-        swept again next time)."""
+        Stops early (``report.paused``), between studies, when stopped, past ``deadline``
+        (monotonic), when ``still_open`` says no (the scheduled sweep's window closed), when the
+        rate limit says wait and ``wait_for_rate`` is false, or after a study failed; the day is
+        swept again next time (what it has done is not retrieved again). A source with a
+        ``close`` (the DICOMweb one's HTTP session) is closed after."""
+        source = self.source_for(pacs)
+        try:
+            return self._sweep(source, pacs, date_from, date_to, dry_run, key, restart_finished, wait_for_rate,
+                               deadline, still_open, echo)  # fmt: skip
+        finally:
+            close = getattr(source, "close", None)
+            if callable(close):
+                close()
+
+    def _sweep(
+        self,
+        source: ArchiveSource,
+        pacs: PacsSection,
+        date_from: date,
+        date_to: date,
+        dry_run: bool,
+        key: str | None,
+        restart_finished: bool,
+        wait_for_rate: bool,
+        deadline: float | None,
+        still_open: Callable[[], bool] | None,
+        echo: Callable[[str], object] | None,
+    ) -> SweepReport:
         report = SweepReport()
         key = key or f"{pacs.name}:{_da(date_from)}:{_da(date_to)}"
         day = date_from
@@ -256,10 +285,19 @@ class Sweeper:
             at = sweeps.cursor(self.db, key)
             if at is not None and not (at[1] and restart_finished):
                 day = max(date_from, _from_da(at[0]))
-        source = self.source_for(pacs)
+
+        def pause() -> str | None:
+            if self.stopping.is_set():
+                return "stopped"
+            if deadline is not None and self._monotonic() > deadline:
+                return "time is up"
+            if still_open is not None and not still_open():
+                return "the window closed"
+            return None
+
         while day <= date_to:
-            if self.stopping.is_set() or (deadline is not None and time.monotonic() > deadline):
-                report.paused = "stopped" if self.stopping.is_set() else "time is up"
+            report.paused = pause()
+            if report.paused is not None:
                 return report
             found, planned = self.plan_day(source, day)
             report.days += 1
@@ -276,6 +314,9 @@ class Sweeper:
                     sweeps.mark_done(self.db, study.study_instance_uid)
                     report.already_screened += 1
                     continue
+                report.paused = pause()
+                if report.paused is not None:
+                    return report
                 if not self._wait_for_slot(wait_for_rate, deadline, echo):
                     report.paused = "stopped" if self.stopping.is_set() else "rate limit"
                     return report
@@ -299,20 +340,28 @@ class Sweeper:
     def scheduled(self, now: datetime | None = None, budget_s: float = 50.0) -> int:
         """One tick of the scheduled sweep: within the time window, sweep every PACS with
         ``query = true`` from ``sweep.since`` to yesterday for at most ``budget_s``, within the
-        rate limit; the next tick goes on from the cursor. Returns the studies retrieved."""
+        rate limit, stopping between studies when the window closes (local time ``now`` plus the
+        time the tick has run); the next tick goes on from the cursor. Returns the studies
+        retrieved."""
         now = now or datetime.now()
         if not self.cfg.enabled or self.cfg.since is None or not in_window(self.cfg.window, now):
             return 0
         since = datetime.strptime(self.cfg.since, "%Y-%m-%d").date()
         yesterday = now.date() - timedelta(days=1)
-        deadline = time.monotonic() + budget_s
+        started = self._monotonic()
+        deadline = started + budget_s
+        window = self.cfg.window
+
+        def still_open() -> bool:
+            return in_window(window, now + timedelta(seconds=self._monotonic() - started))
+
         retrieved = 0
         for pacs in self.settings.pacs:
             if not pacs.query or since > yesterday:
                 continue
             try:
                 report = self.sweep(pacs, since, yesterday, key=f"{pacs.name}:scheduled", wait_for_rate=False,
-                                    restart_finished=False, deadline=deadline)  # fmt: skip
+                                    restart_finished=False, deadline=deadline, still_open=still_open)  # fmt: skip
             except ArchiveError as exc:
                 log.warning("sweep_query_failed", pacs=pacs.name, error=str(exc))
                 continue
@@ -323,14 +372,21 @@ class Sweeper:
 
 
 def archive_for(settings: Settings) -> Callable[[PacsSection], ArchiveSource]:
-    """The DIMSE query/retrieve source of a [[pacs]] entry, as [sweep] configures it."""
+    """The query/retrieve source of a [[pacs]] entry, as [sweep] configures it: DIMSE (C-FIND,
+    C-MOVE or C-GET), or QIDO-RS/WADO-RS for ``kind = "dicomweb"``."""
     from agent.pacs.qr import DimseArchive
+    from agent.pacs.wado import DicomwebArchive
 
     cfg = settings.sweep
 
     def make(pacs: PacsSection) -> ArchiveSource:
+        if pacs.kind == "dicomweb":
+            return DicomwebArchive(pacs, timeout_s=cfg.timeout_s, max_bytes=settings.scp.max_instance_mb * 1024 * 1024)
         move_to = cfg.move_ae_title or settings.scp.ae_title
+        limit = pdu_limit_bytes(settings.scp.max_instance_mb)  # the listener's guard
         return DimseArchive(pacs, settings.scp.ae_title, method=cfg.retrieve, move_ae_title=move_to,
-                            timeout_s=cfg.timeout_s)  # fmt: skip
+                            timeout_s=cfg.timeout_s,
+                            on_connect=lambda event: guard_requested_connection(event, limit, cfg.timeout_s),
+                            on_message=message_received)  # fmt: skip
 
     return make

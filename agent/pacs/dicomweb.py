@@ -224,6 +224,12 @@ class _Client:
         self.session.close()
 
 
+def open_client(dest: PacsSection, timeout_s: float) -> _Client:
+    """A session to ``dest`` set up as the sender's (TLS, no proxies, no redirects; ``authenticate``
+    reads the credentials files): the sweep's QIDO-RS/WADO-RS source uses it (agent/pacs/wado.py)."""
+    return _Client(dest, timeout_s)
+
+
 class StowSender:
     """STOW-RS for the sender's lanes: each thread has its own session per destination (a
     ``requests.Session`` is not shared between threads), kept alive between objects."""

@@ -8,7 +8,7 @@ or aborted in a ``finally``.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import date
 from pathlib import Path
@@ -100,13 +100,19 @@ class DimseArchive:
     """C-FIND at STUDY and SERIES level, then C-MOVE (to ``move_ae_title``) or C-GET per series."""
 
     def __init__(self, dest: PacsSection, calling_ae_title: str, *, method: str = "move",
-                 move_ae_title: str | None = None, timeout_s: float = 60.0) -> None:  # fmt: skip
+                 move_ae_title: str | None = None, timeout_s: float = 60.0,
+                 on_connect: Callable[[Event], object] | None = None,
+                 on_message: Callable[[Event], object] | None = None) -> None:  # fmt: skip
+        """``on_connect``: called when the C-GET connection is open, before any PDU is read (the
+        listener's PDU-length guard goes on it); ``on_message``: after each instance it brings."""
         self.dest = dest
         self.name = dest.name
         self.method = method
         self.calling_ae_title = dest.calling_ae_title or calling_ae_title
         self.move_ae_title = move_ae_title or calling_ae_title
         self.timeout_s = timeout_s
+        self.on_connect = on_connect
+        self.on_message = on_message
 
     def _ae(self) -> AE:
         ae = identify(AE(ae_title=self.calling_ae_title))
@@ -237,6 +243,8 @@ class DimseArchive:
         peer_ae, peer_host = self.dest.ae_title, self.dest.host
 
         def on_store(event: Event) -> int:
+            if self.on_message is not None:
+                self.on_message(event)
             request: Any = event.request
             try:
                 raw = _dataset_bytes(event)
@@ -247,7 +255,10 @@ class DimseArchive:
 
         total = RetrieveOutcome(True)
         try:
-            with self._association(ae, ext_neg=roles, evt_handlers=[(evt.EVT_C_STORE, on_store)]) as assoc:
+            handlers: list[Any] = [(evt.EVT_C_STORE, on_store)]
+            if self.on_connect is not None:
+                handlers.append((evt.EVT_CONN_OPEN, self.on_connect))
+            with self._association(ae, ext_neg=roles, evt_handlers=handlers) as assoc:
                 for series_uid in series_uids:
                     one = self._collect(
                         assoc.send_c_get(self._series_query(study_uid, series_uid),

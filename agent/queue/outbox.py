@@ -68,9 +68,12 @@ def add(
     destinations: list[str],
     send: bool,
     failed: str | None = None,
+    priority: int = 0,
 ) -> int:
     """Queue ``obj`` for each destination inside the caller's transaction; existing rows stay.
-    ``failed``: the object could not be built; its rows are DEAD with that reason (no PHI)."""
+    ``failed``: the object could not be built; its rows are DEAD with that reason (no PHI).
+    ``priority``: 0 for a live study's result, the sweep's (agent/queue/sweeps.py) for a swept one:
+    ``lease_due`` sends the lower first."""
     now = utcnow()
     added = 0
     for dest in destinations:
@@ -94,6 +97,7 @@ def add(
                 ).value,
                 last_error=failed,
                 attempts=0,
+                priority=priority,
                 created_at=now,
                 updated_at=now,
             )
@@ -102,8 +106,9 @@ def add(
     return added
 
 
-# An SR (~20 KB, what a worklist shows) goes before the overlays (~2 MB each) due with it: the
-# shortest first, so the objects wait least on average.
+# A live study's results go before a swept study's (priority), so a live SR never queues behind
+# a sweep's hundreds of overlays; within a priority, an SR (~20 KB, what a worklist shows) goes
+# before the overlays (~2 MB each) due with it: the shortest first, so the objects wait least.
 _SRS_FIRST = case((OutboxItem.kind == "sr", 0), else_=1)
 
 
@@ -119,8 +124,9 @@ _DUE_COLUMNS = (
 
 
 def lease_due(db: Database, limit: int = 50, share: int = 1) -> list[DueItem]:
-    """Due PENDING/RETRY rows, marked SENDING, SRs first: at most ``limit``, and a ``share``-th of
-    those due (rounded up) so that ``share`` sender threads leasing in turn each get some of a burst.
+    """Due PENDING/RETRY rows, marked SENDING, live results first, then SRs first: at most
+    ``limit``, and a ``share``-th of those due (rounded up) so that ``share`` sender threads
+    leasing in turn each get some of a burst.
 
     Plain statements, no ORM objects: a lane leases once per object or two, and loading and
     flushing ORM rows was most of a lane's CPU."""
@@ -131,7 +137,7 @@ def lease_due(db: Database, limit: int = 50, share: int = 1) -> list[DueItem]:
             select(*_DUE_COLUMNS)
             .where(leasable)
             .where((OutboxItem.next_attempt_at.is_(None)) | (OutboxItem.next_attempt_at <= now))
-            .order_by(OutboxItem.destination, _SRS_FIRST, OutboxItem.id)
+            .order_by(OutboxItem.destination, OutboxItem.priority, _SRS_FIRST, OutboxItem.id)
             .limit(limit)
         )
         if db.dialect == "postgresql":  # SQLite: BEGIN IMMEDIATE already makes lanes take turns
@@ -278,20 +284,31 @@ class RetryPolicy:
         return next_attempt(attempts, self.backoff_base_s, self.backoff_max_s, self.jitter())
 
 
-def _fail(o: OutboxItem, policy: RetryPolicy, status_name: str | None, error: str, now: datetime) -> str:
-    """``o`` back to RETRY (sent again, then its commitment asked again), or DEAD once it has had
-    ``policy.max_attempts`` attempts; returns the new state."""
-    o.last_status = status_name
-    o.updated_at = now
-    if o.attempts >= policy.max_attempts:
-        o.state = OutboxState.DEAD.value
-        o.next_attempt_at = None
-        o.last_error = f"gave up after {o.attempts} attempts: {error}"
-    else:
-        o.state = OutboxState.RETRY.value
-        o.next_attempt_at = policy.next_at(o.attempts)
-        o.last_error = error
-    return o.state
+def _failure(
+    attempts: int, policy: RetryPolicy, status_name: str | None, error: str, now: datetime
+) -> dict[str, object]:
+    """The values that send a row back to RETRY (sent again, then its commitment asked again), or
+    DEAD once it has had ``policy.max_attempts`` attempts (``state`` says which)."""
+    if attempts >= policy.max_attempts:
+        return {"state": OutboxState.DEAD.value, "next_attempt_at": None, "last_status": status_name,
+                "last_error": f"gave up after {attempts} attempts: {error}", "updated_at": now}  # fmt: skip
+    return {"state": OutboxState.RETRY.value, "next_attempt_at": policy.next_at(attempts), "last_status": status_name,
+            "last_error": error, "updated_at": now}  # fmt: skip
+
+
+def _still_sent(s: Session, item_id: int, transaction_uid: str | None, values: dict[str, object]) -> bool:
+    """Apply ``values`` to the row only if it is still SENT under the same storage commitment
+    transaction (``transaction_uid``; None: not yet asked): a row another lane has since sent
+    again, or that was committed meanwhile, is left alone. True when the row was changed."""
+    same_uid = (
+        OutboxItem.commitment_uid.is_(None) if transaction_uid is None else OutboxItem.commitment_uid == transaction_uid
+    )
+    result = s.execute(
+        update(OutboxItem)
+        .where(OutboxItem.id == item_id, OutboxItem.state == OutboxState.SENT.value, same_uid)
+        .values(**values)
+    )
+    return bool(getattr(result, "rowcount", 0))
 
 
 def stored(db: Database, item_id: int, status_name: str) -> None:
@@ -344,7 +361,8 @@ def record_commitment(
 ) -> CommitmentOutcome:
     """Apply a storage commitment report to the rows its transaction asked for, in one commit with
     its audit event: committed -> COMMITTED; failed -> RETRY (sent again, asked again) or DEAD
-    after ``policy.max_attempts``. Rows no longer SENT (timed out meanwhile) are left alone.
+    after ``policy.max_attempts``. Rows no longer SENT under this transaction (timed out, sent
+    again or committed meanwhile, even by a writer between this read and its update) are left alone.
     ``reporters``: destination name -> the AE title its reports must come from; a report from
     another AE title changes nothing (a Transaction UID is no secret: it is logged and listed)."""
     now = utcnow()
@@ -352,32 +370,32 @@ def record_commitment(
     failed = dict(report.failed)
     counts = {"committed": 0, "retried": 0, "dead": 0}
     with db.transaction() as s:
-        rows = list(
-            s.execute(
-                select(OutboxItem).where(
-                    OutboxItem.commitment_uid == report.transaction_uid, OutboxItem.state == OutboxState.SENT.value
-                )
-            ).scalars()
-        )
+        rows = s.execute(
+            select(OutboxItem.id, OutboxItem.destination, OutboxItem.sop_instance_uid, OutboxItem.attempts).where(
+                OutboxItem.commitment_uid == report.transaction_uid, OutboxItem.state == OutboxState.SENT.value
+            )
+        ).all()
         matched: set[str] = set()
         expected = reporters.get(rows[0].destination) if (reporters is not None and rows) else None
         if expected is not None and expected.strip() != report.reporter.strip():
             rows = []  # not the destination that was asked: nothing recorded, reported unknown
         for o in rows:
             if o.sop_instance_uid in committed:
-                o.state = OutboxState.COMMITTED.value
-                o.last_status = "committed"
-                o.last_error = None
-                o.next_attempt_at = None
-                o.delivered_at = now
-                o.updated_at = now
-                counts["committed"] += 1
+                values: dict[str, object] = {
+                    "state": OutboxState.COMMITTED.value, "last_status": "committed", "last_error": None,
+                    "next_attempt_at": None, "delivered_at": now, "updated_at": now,
+                }  # fmt: skip
+                outcome = "committed"
             elif o.sop_instance_uid in failed:
                 reason = failed[o.sop_instance_uid]
-                state = _fail(o, policy, reason, f"storage commitment failed: the PACS reported {reason}", now)
-                counts["dead" if state == OutboxState.DEAD.value else "retried"] += 1
+                why = f"storage commitment failed: the PACS reported {reason}"
+                values = _failure(o.attempts, policy, reason, why, now)
+                outcome = "dead" if values["state"] == OutboxState.DEAD.value else "retried"
             else:
                 continue
+            if not _still_sent(s, o.id, report.transaction_uid, values):
+                continue  # changed since it was read (sent again, committed): not this report's
+            counts[outcome] += 1
             matched.add(o.sop_instance_uid)
         destination = rows[0].destination if rows else None
         if matched:
@@ -410,7 +428,11 @@ def expire_commitments(db: Database, timeouts: Mapping[str, float], policy: Retr
     now = utcnow()
     out: list[Expired] = []
     with db.transaction() as s:
-        rows = s.execute(select(OutboxItem).where(OutboxItem.state == OutboxState.SENT.value)).scalars()
+        rows = s.execute(
+            select(OutboxItem.id, OutboxItem.destination, OutboxItem.attempts, OutboxItem.commitment_uid,
+                   OutboxItem.commitment_asked_at, OutboxItem.updated_at)
+            .where(OutboxItem.state == OutboxState.SENT.value)
+        ).all()  # fmt: skip
         for o in rows:
             timeout_s = timeouts.get(o.destination)
             since = o.commitment_asked_at or o.updated_at
@@ -422,6 +444,8 @@ def expire_commitments(db: Database, timeouts: Mapping[str, float], policy: Retr
                 error = f"storage commitment not asked within {timeout_s:g} s of the C-STORE"
             else:
                 error = f"storage commitment not confirmed within {timeout_s:g} s"
-            out.append(Expired(o.id, o.destination, _fail(o, policy, "commitment_timeout", error, now)))
+            values = _failure(o.attempts, policy, "commitment_timeout", error, now)
+            if _still_sent(s, o.id, o.commitment_uid, values):  # else committed or asked again meanwhile
+                out.append(Expired(o.id, o.destination, str(values["state"])))
     return out
 

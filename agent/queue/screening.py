@@ -114,7 +114,8 @@ def record_screening(
         result.timings_ms = timings_ms
         s.flush()
         if overlay is not None:
-            outbox.add(s, study.id, overlay, destinations, send and sweeps.sends_results(s, study.study_instance_uid))
+            sent = send and sweeps.sends_results(s, study.study_instance_uid, job.priority)
+            outbox.add(s, study.id, overlay, destinations, sent, priority=job.priority)
         job.state = JobState.DONE.value
         job.reason = None
         job.lease_owner = None
@@ -156,6 +157,13 @@ def ready_studies(db: Database, quiet_period_s: float) -> list[ReadyStudy]:
         .correlate(Study)
         .scalar_subquery()
     )
+    lowest_priority = (
+        select(func.min(Job.priority))
+        .join(Instance, Instance.id == Job.instance_id)
+        .where(Instance.study_id == Study.id)
+        .correlate(Study)
+        .scalar_subquery()
+    )
     failure = StudyReportFailure
     due = or_(
         failure.id.is_(None),
@@ -172,7 +180,9 @@ def ready_studies(db: Database, quiet_period_s: float) -> list[ReadyStudy]:
             .where(Study.last_received_at <= cutoff)
             .where(n_results > reported)
             .where(due)
-            .order_by(Study.id)  # oldest first, each on its own
+            # a live study before a swept one (its lowest job priority: live 0, swept SWEEP_PRIORITY),
+            # then oldest first, each on its own
+            .order_by(func.coalesce(lowest_priority, 0), Study.id)
         ).all()
         for study, failed_attempts in candidates:
             pending = s.execute(
@@ -276,12 +286,13 @@ def record_report(
                 created_at=utcnow(),
             )
         )
-        send = send and sweeps.sends_results(s, ready.study_instance_uid)
-        outbox.add(s, ready.study_id, sr, destinations, send)
-        swept = any(not m.send_swept for m in messages) and sweeps.was_swept(s, ready.study_instance_uid)
+        priority = sweeps.study_priority(s, ready.study_id)
+        send = send and sweeps.sends_results(s, ready.study_instance_uid, priority)
+        outbox.add(s, ready.study_id, sr, destinations, send, priority=priority)
+        swept = priority == sweeps.SWEEP_PRIORITY  # every image of it retrieved by a sweep
         for m in messages:
             if not (swept and not m.send_swept):
-                outbox.add(s, ready.study_id, m.obj, [m.destination], send, failed=m.failed)
+                outbox.add(s, ready.study_id, m.obj, [m.destination], send, failed=m.failed, priority=priority)
         trail.append(
             s,
             "instances_transferred",

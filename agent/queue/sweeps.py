@@ -18,7 +18,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from agent.audit import trail
-from agent.clock import utcnow
+from agent.clock import as_utc, utcnow
 from agent.db.engine import Database
 from agent.db.models import Instance, Job, Result, Study, SweepCursor, SweepStudy
 from agent.domain import JobState
@@ -54,31 +54,53 @@ def priority_of(session: Session, study_uid: str) -> int:
     return SWEEP_PRIORITY if state == RETRIEVING else 0
 
 
-def sends_results(session: Session, study_uid: str) -> bool:
-    """False for a swept study whose results go to the flagged registry only (sweep.send_results)."""
+def study_priority(session: Session, study_id: int) -> int:
+    """The priority of a result of the whole study (its SR): live (0) if any of its instances came
+    live, the sweep's when every one was retrieved by a sweep."""
+    lowest = session.execute(
+        select(func.min(Job.priority))
+        .join(Instance, Instance.id == Job.instance_id)
+        .where(Instance.study_id == study_id)
+    ).scalar_one_or_none()
+    return int(lowest or 0)
+
+
+def sends_results(session: Session, study_uid: str, priority: int) -> bool:
+    """False for a result of a sweep's retrieval (``priority`` the sweep's) of a study whose row
+    says ``send_results = false``: to the flagged registry only. A live result of the same study
+    (an instance sent by PACS, before or after the sweep) is sent."""
+    if priority != SWEEP_PRIORITY:
+        return True
     send = session.execute(
         select(SweepStudy.send_results).where(SweepStudy.study_instance_uid == study_uid)
     ).scalar_one_or_none()
     return send is None or bool(send)
 
 
-def was_swept(session: Session, study_uid: str) -> bool:
-    """Whether an archive sweep retrieved (or is retrieving) the study: found and still pending
-    is not swept (it may arrive live first)."""
-    state = session.execute(
-        select(SweepStudy.state).where(SweepStudy.study_instance_uid == study_uid)
-    ).scalar_one_or_none()
-    return state is not None and state != PENDING
+#: how long a study's retrieve (or its failure) holds its SR back, in ``sweep.timeout_s``: a
+#: retrieve is a few DIMSE operations or HTTP requests, each within the timeout
+HOLD_TIMEOUTS = 10
 
 
-def being_retrieved(db: Database, study_uid: str) -> bool:
+def hold_s(timeout_s: float) -> float:
+    """How long after its retrieve started a study's SR waits for the rest of the study."""
+    return HOLD_TIMEOUTS * timeout_s
+
+
+def being_retrieved(db: Database, study_uid: str, hold_for_s: float) -> bool:
     """Whether a sweep is retrieving the study, or its retrieve failed and a later sweep will
-    finish it: its SR waits, so a swept study gets one SR with all its images."""
+    finish it, for at most ``hold_for_s`` after that retrieve started: its SR waits, so a swept
+    study gets one SR with all its images. Past that (a sweep killed mid-retrieve, a failed study
+    no sweep comes back to) its SR is built from what arrived; a later retrieve brings the rest,
+    and a revised SR."""
     with db.reading() as s:
-        state = s.execute(
-            select(SweepStudy.state).where(SweepStudy.study_instance_uid == study_uid)
-        ).scalar_one_or_none()
-    return state in (RETRIEVING, FAILED)
+        row = s.execute(
+            select(SweepStudy.state, SweepStudy.retrieve_started_at).where(SweepStudy.study_instance_uid == study_uid)
+        ).one_or_none()
+    if row is None or row.state not in (RETRIEVING, FAILED):
+        return False
+    started = row.retrieve_started_at
+    return started is None or as_utc(started) > utcnow() - timedelta(seconds=hold_for_s)
 
 
 # -- the sweep's own ---------------------------------------------------------------------------
@@ -206,6 +228,50 @@ def counts(db: Database) -> dict[str, int]:
     """Swept studies by state (status and heartbeat)."""
     with db.reading() as s:
         return dict(s.execute(select(SweepStudy.state, func.count()).group_by(SweepStudy.state)).all())
+
+
+STATES = (PENDING, RETRIEVING, DONE, FAILED, GIVEN_UP)
+
+
+@dataclass(frozen=True)
+class SweepProgress:
+    """Where one sweep stands (the status page): its cursor, its range and its studies by state."""
+
+    key: str
+    pacs: str
+    range_from: str | None  # YYYYMMDD; None for the scheduled sweep (sweep.since)
+    range_to: str | None  # YYYYMMDD; None for the scheduled sweep (up to yesterday)
+    next_date: str  # the first day not yet swept (YYYYMMDD)
+    finished: bool
+    studies: dict[str, int]  # state -> studies of this PACS in the range
+    last_activity: datetime  # UTC, naive (agent/clock.py)
+
+
+def progress(db: Database) -> list[SweepProgress]:
+    """Every sweep cursor, most recently active first, with the studies it found in its range by
+    state and when anything last happened (its cursor moved, a retrieve of it started or ended)."""
+    out = []
+    with db.reading() as s:
+        for c in s.execute(select(SweepCursor)).scalars():
+            pacs, _, rest = c.key.partition(":")
+            first, _, last = rest.partition(":")
+            scheduled = not (first.isdigit() and last.isdigit())
+            where = [SweepStudy.pacs == pacs]
+            if not scheduled:
+                where += [SweepStudy.study_date >= first, SweepStudy.study_date <= last]
+            by_state = dict(s.execute(
+                select(SweepStudy.state, func.count()).where(*where).group_by(SweepStudy.state)
+            ).all())  # fmt: skip
+            latest = s.execute(
+                select(func.max(SweepStudy.retrieve_started_at), func.max(SweepStudy.done_at)).where(*where)
+            ).one()
+            times = [t for t in (c.updated_at, *latest) if t is not None]
+            out.append(SweepProgress(
+                c.key, pacs, None if scheduled else first, None if scheduled else last, c.next_date,
+                bool(c.finished), {state: int(by_state.get(state, 0)) for state in STATES},
+                max(as_utc(t) for t in times),
+            ))  # fmt: skip
+    return sorted(out, key=lambda p: p.last_activity, reverse=True)
 
 
 def hour_ago() -> datetime:

@@ -330,3 +330,39 @@ def test_sweep_resumes_after_sigkill_of_the_sweep_and_of_serve(
         db.dispose()
     finally:
         serve.close()
+
+
+def test_c_get_keeps_the_listeners_pdu_size_guard(tmp_path: Path, tiny_weights: Path,
+                                                   caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
+    """An instance larger than the listener lets pynetdicom buffer ((2 x scp.max_instance_mb + 1)
+    MiB) is cut off at the C-GET association's socket, as on the listener's, not held in memory."""
+    agent_port = free_port()
+    pacs = start_archive(agent_port, tmp_path)
+    try:
+        # the small study first (the sweep goes by UID and pauses at a failure)
+        base = generate_uid()[:50].rstrip(".")
+        big = factory.knee_dx(rows=1500, cols=1400, seed=3, study_uid=base + ".2")  # 4.2 MB > 3 MiB
+        big.StudyDate = DAYS[0]
+        small = factory.knee_dx(rows=96, cols=80, seed=4, study_uid=base + ".1")
+        small.StudyDate = DAYS[0]
+        for n, ds in enumerate((big, small)):
+            pacs.upload(factory.write(ds, tmp_path / f"{n}.dcm"))
+        config = write_config(tmp_path / "agent.toml", tmp_path / "data", agent_port, pacs, tiny_weights,
+                              sweep='retrieve = "get"')  # fmt: skip
+        config.write_text(config.read_text().replace("[scp]\n", "[scp]\nmax_instance_mb = 1\n"))
+        settings = load_settings(config, search_default=False)
+        pacs.add_modality("agent", AGENT_AET, "127.0.0.1", free_port())
+        agent = Agent.build(settings, worker=False)
+        agent.start()
+        try:
+            sweeper = Sweeper(settings, agent.db, Rules.from_section(settings.eligibility), archive_for(settings),
+                              agent.ingestor)  # fmt: skip
+            report = sweeper.sweep(settings.pacs[0], date(2026, 3, 2), date(2026, 3, 2))
+            assert report.retrieved == 1 and len(report.failed) == 1, report
+            assert str(big.StudyInstanceUID) in report.failed[0]
+            assert "connection_closed_pdu_too_large" in caplog.text
+            assert received_studies(agent.db) == {str(small.StudyInstanceUID)}
+        finally:
+            agent.stop(grace_s=1)
+    finally:
+        pacs.stop()

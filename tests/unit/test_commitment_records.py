@@ -282,3 +282,44 @@ def test_a_report_counts_only_from_the_destination_that_was_asked(db: Database) 
     from_orthanc.assoc.requestor = type("User", (), {"ae_title": "ORTHANC"})()
     assert recorder.handle(from_orthanc) == (0x0000, None)
     assert row(db, item).state == "COMMITTED"
+
+
+def _another_writer_before_the_first_update(db: Database, sql: str) -> list[str]:
+    """Run ``sql`` on the transaction's connection just before its first UPDATE of the outbox: what
+    another lane committing between this read and its update looks like (possible under
+    PostgreSQL's read committed; SQLite's BEGIN IMMEDIATE serializes writers)."""
+    from sqlalchemy import event
+
+    done: list[str] = []
+
+    def before(conn: Any, cursor: Any, statement: str, *_args: Any) -> None:
+        if not done and statement.lstrip().upper().startswith("UPDATE OUTBOX"):
+            done.append(statement)
+            cursor.execute(sql)
+
+    event.listen(db.engine, "before_cursor_execute", before)
+    return done
+
+
+@pytest.mark.parametrize("what", ["report", "timeout"])
+def test_a_row_committed_or_sent_again_meanwhile_is_not_overwritten(db: Database, what: str) -> None:
+    (item,) = seed(db, [OutboxState.SENT])
+    outbox.commitment_asked(db, [item], "2.25.3")
+    with db.transaction() as s:
+        s.execute(update(OutboxItem).where(OutboxItem.id == item)
+                  .values(commitment_asked_at=utcnow() - timedelta(seconds=700)))  # fmt: skip
+    uid = row(db, item).sop_instance_uid
+    # after the read: the row committed by an earlier report (timeout), or failed, sent again by another
+    # lane and asked under a new transaction (report)
+    sql = ("UPDATE outbox SET state = 'COMMITTED'" if what == "timeout"
+           else "UPDATE outbox SET commitment_uid = '2.25.4'") + f" WHERE id = {item}"  # fmt: skip
+    hooked = _another_writer_before_the_first_update(db, sql)
+    if what == "report":
+        out = outbox.record_commitment(db, outbox.CommitmentReport("2.25.3", (), ((uid, "processing_failure"),),
+                                                                   "PACS"), POLICY)  # fmt: skip
+        assert (out.retried, out.unknown) == (0, 1)
+        assert (row(db, item).state, row(db, item).commitment_uid) == ("SENT", "2.25.4")
+    else:
+        assert outbox.expire_commitments(db, {"pacs": 600.0}, POLICY) == []
+        assert row(db, item).state == "COMMITTED"
+    assert hooked

@@ -30,7 +30,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("screening", ("agent.pipeline", "agent.pipeline.decode")),  # decode: a batch's films, in decode processes
     ("building and speaking DICOM", ("agent.reporting", "agent.pacs", "agent.ehr",  # + HL7 v2, FHIR
                                      "agent.pacs.commitment",  # storage commitment: SCU's request, reports
-                                     "agent.pacs.dicomweb")),  # STOW-RS to a dicomweb destination
+                                     "agent.pacs.dicomweb",  # STOW-RS to a dicomweb destination
+                                     "agent.pacs.wado")),  # QIDO-RS/WADO-RS: the sweep's DICOMweb source
     ("records", ("agent.queue", "agent.db.registry", "agent.db.users", "agent.db.worklist", "agent.db.fls",
                  "agent.audit")),
     ("database", ("agent.db",)),

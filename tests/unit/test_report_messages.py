@@ -103,7 +103,7 @@ def test_a_destination_without_send_swept_gets_live_studies_only(make_reporter: 
     reporter = make_reporter(routes)  # type: ignore[operator]
     swept_uid = generate_uid()
     with reporter.db.transaction() as s:
-        s.add(SweepStudy(study_instance_uid=swept_uid, pacs="archive", state="done", study_date="20261201",
+        s.add(SweepStudy(study_instance_uid=swept_uid, pacs="archive", state="retrieving", study_date="20261201",
                          send_results=True, attempts=1, found_at=utcnow()))  # fmt: skip
     screened(reporter, swept_uid)
     assert reporter.report_ready_studies() == 1

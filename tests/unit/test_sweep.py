@@ -12,15 +12,16 @@ import pytest
 from conftest import agent_settings
 from sqlalchemy import select
 
+from agent.clock import utcnow
 from agent.config import Settings
 from agent.db.engine import Database, upgrade
-from agent.db.models import AuditEvent, Job, OutboxItem, SweepStudy
+from agent.db.models import AuditEvent, Job, OutboxItem, Study, StudyReport, SweepStudy
 from agent.domain import AlgorithmInfo, Eligibility, Findings, IncomingInstance, InstanceRef, OutboxState
 from agent.errors import ConfigError
 from agent.ingest.eligibility import Rules
 from agent.ingest.sweep import Sweeper, in_window, keeps_series
 from agent.pacs.archive import RetrieveOutcome, SeriesMatch, StoreCallback, StudyMatch
-from agent.queue import screening, store, sweeps
+from agent.queue import outbox, screening, store, sweeps
 from agent.queue.outbox import OutgoingObject
 
 RULES_SECTION = agent_settings(Path("/nonexistent")).eligibility
@@ -162,11 +163,11 @@ def test_a_failed_retrieve_stops_the_sweep_and_the_next_one_resumes_at_that_day(
     report = sweeper.sweep(settings.pacs[0], FROM, TO)
     assert not report.finished and report.retrieved == 1 and report.failed and "0xA702" in report.failed[0]
     assert sweeps.cursor(db, "pacs:20260302:20260304") is None  # the first day is not done
-    assert sweeps.being_retrieved(db, "1.9.2")  # its SR waits for the rest
+    assert sweeps.being_retrieved(db, "1.9.2", 600)  # its SR waits for the rest
     archive.fail = set()
     report = sweeper.sweep(settings.pacs[0], FROM, TO)
     assert report.finished and [u for u, _ in archive.retrieved] == ["1.9.1", "1.9.2", "1.9.2", "1.9.3"]
-    assert not sweeps.being_retrieved(db, "1.9.2")
+    assert not sweeps.being_retrieved(db, "1.9.2", 600)
 
 
 def test_a_study_cut_off_mid_retrieve_is_retrieved_again_not_marked_done(db: Database, tmp_path: Path) -> None:
@@ -194,7 +195,7 @@ def test_a_study_that_never_arrives_is_given_up_and_the_sweep_goes_on(db: Databa
     report = sweeper.sweep(settings.pacs[0], FROM, TO)  # the last attempt: given up, the sweep goes on
     assert report.finished and [u for u, _ in archive.retrieved].count("1.9.2") == sweeps.MAX_RETRIEVE_ATTEMPTS
     assert ("1.9.3", ["1.9.3.1"]) in archive.retrieved
-    assert not sweeps.being_retrieved(db, "1.9.2")  # its SR (of what arrived) is no longer held
+    assert not sweeps.being_retrieved(db, "1.9.2", 600)  # its SR (of what arrived) is no longer held
     report = sweeper.sweep(settings.pacs[0], FROM, TO)
     assert [u for u, _ in archive.retrieved].count("1.9.2") == sweeps.MAX_RETRIEVE_ATTEMPTS  # not again
 
@@ -265,6 +266,21 @@ def test_an_enabled_sweep_needs_its_oldest_date_and_a_pacs_to_query(tmp_path: Pa
         agent_settings(tmp_path, sweep={"window": "8-17"})
 
 
+def test_a_dicomweb_pacs_is_swept_by_qido_and_wado_and_dimse_retrieve_settings_are_refused(tmp_path: Path) -> None:
+    from agent.ingest.sweep import archive_for
+    from agent.pacs.qr import DimseArchive
+    from agent.pacs.wado import DicomwebArchive
+
+    web = {"name": "web", "kind": "dicomweb", "url": "http://127.0.0.1:8042/dicom-web", "query": True}
+    dimse = {"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": 4242, "query": True}
+    settings = agent_settings(tmp_path, pacs=[web, dimse], sweep={"retrieve": "get"})  # the dimse one uses it
+    sources = [archive_for(settings)(p) for p in settings.pacs]
+    assert isinstance(sources[0], DicomwebArchive) and isinstance(sources[1], DimseArchive)
+    for sweep in ({"retrieve": "get"}, {"move_ae_title": "OTHER"}):
+        with pytest.raises(ConfigError, match=f"sweep.{next(iter(sweep))}"):
+            agent_settings(tmp_path, pacs=[web], sweep=sweep)
+
+
 def test_serve_schedules_the_sweep_when_enabled(tmp_path: Path) -> None:
     from agent.app import Agent
 
@@ -276,3 +292,107 @@ def test_serve_schedules_the_sweep_when_enabled(tmp_path: Path) -> None:
     assert on.sweeper is not None and on.scheduler is not None and on.scheduler.get_job("archive_sweep") is not None
     for agent in (off, on):
         agent.db.dispose()
+
+
+FINDINGS = Findings(0.8, 0.5, True, 0.6, "osteopenia", -1.8, -2.5, -1.1, 0.9,
+                    AlgorithmInfo("STR-Net", "test-1", "0" * 64))  # fmt: skip
+
+
+def screen_and_report(db: Database, uids: list[str]) -> None:
+    """Each study's leased jobs screened (an overlay each) and then its SR recorded, in this order."""
+    leased = store.lease(db, "w", 100, 60)
+    for uid in uids:
+        for job in (j for j in leased if j.ref.study_instance_uid == uid):
+            overlay = OutgoingObject("sc", "1.2.840.10008.5.1.4.1.1.7", job.ref.sop_instance_uid + ".sc", "sc/x.dcm")
+            assert screening.record_screening(db, job.job_id, "w", FINDINGS, {}, overlay, ["pacs"], send=True)
+    for uid in uids:
+        with db.reading() as s:
+            study_id = s.execute(select(Study.id).where(Study.study_instance_uid == uid)).scalar_one()
+            revision = 1 + len(s.execute(select(StudyReport.id).where(StudyReport.study_id == study_id)).all())
+        ready = screening.ReadyStudy(study_id, uid, "ORTHANC", revision, None, None, [], 1)
+        sr = OutgoingObject("sr", "1.2.840.10008.5.1.4.1.1.88.34", f"{uid}.sr{revision}", "sr/x.dcm")
+        assert screening.record_report(db, ready, sr, uid + ".99", ["pacs"], send=True)
+
+
+def test_a_live_studys_results_are_sent_before_a_swept_ones_srs_first_within_each(
+    db: Database, tmp_path: Path
+) -> None:
+    sweeper, _archive, settings = make(db, tmp_path, DAYS)
+    sweeper.sweep(settings.pacs[0], FROM, date(2026, 3, 2))  # 1.9.1, 1.9.2 swept: 4 images
+    store.record_instance(db, incoming("1.8.1", "1.8.1.1"))  # then a live study
+    store.record_instance(db, incoming("1.8.1", "1.8.1.2"))
+    screen_and_report(db, ["1.9.1", "1.9.2", "1.8.1"])  # the swept results are older
+    order = [i.sop_instance_uid for i in outbox.lease_due(db, limit=100)]
+    assert order == ["1.8.1.sr1", "1.8.1.1.sc", "1.8.1.2.sc",  # live: SR first, then its overlays
+                     "1.9.1.sr1", "1.9.2.sr1", "1.9.1.1.0.sc", "1.9.1.1.1.sc", "1.9.2.1.0.sc",
+                     "1.9.2.1.1.sc"], order  # fmt: skip
+
+
+def test_send_results_false_keeps_only_the_sweeps_results_from_pacs_not_a_later_live_ones(
+    db: Database, tmp_path: Path
+) -> None:
+    sweeper, _archive, settings = make(db, tmp_path, DAYS, send_results=False)
+    sweeper.sweep(settings.pacs[0], FROM, date(2026, 3, 2))
+    screen_and_report(db, ["1.9.1"])
+    store.record_instance(db, incoming("1.9.1", "1.9.1.live"))  # PACS sends one more image later: live
+    screen_and_report(db, ["1.9.1"])
+    with db.reading() as s:
+        states = dict(s.execute(select(OutboxItem.sop_instance_uid, OutboxItem.state)).all())
+    assert states["1.9.1.1.0.sc"] == states["1.9.1.sr1"] == OutboxState.SHADOW  # the sweep's: registry only
+    assert states["1.9.1.live.sc"] == states["1.9.1.sr2"] == OutboxState.PENDING  # live: sent
+
+
+def test_the_scheduled_sweep_stops_between_studies_when_its_window_closes(db: Database, tmp_path: Path) -> None:
+    clock = [0.0]
+    pacs = [{"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": 4242, "query": True}]
+    sweep = {"enabled": True, "since": "2026-03-02", "window": "20:00-06:00", "max_studies_per_hour": 100}
+    settings = agent_settings(tmp_path, pacs=pacs, sweep=sweep)
+    archive = FakeArchive(db, {"20260302": ["1.9.1", "1.9.2", "1.9.3", "1.9.4"]})
+    real_retrieve = archive.retrieve
+
+    def a_minute_each(study_uid: str, series_uids: list[str], store_cb: StoreCallback) -> RetrieveOutcome:
+        clock[0] += 60.0
+        return real_retrieve(study_uid, series_uids, store_cb)
+
+    archive.retrieve = a_minute_each  # type: ignore[method-assign]
+    sweeper = Sweeper(settings, db, RULES, lambda _p: archive, sleep=lambda _s: None, monotonic=lambda: clock[0])
+    # one day's work started at 05:58 with time to spare: two studies (05:58, 05:59), none at 06:00
+    assert sweeper.scheduled(now=datetime(2026, 3, 5, 5, 58), budget_s=3600) == 2
+    assert [r[0] for r in archive.retrieved] == ["1.9.1", "1.9.2"]
+    assert sweeps.cursor(db, "pacs:scheduled") is None  # the day is not done
+    assert sweeper.scheduled(now=datetime(2026, 3, 5, 20, 0), budget_s=3600) == 2  # the next window: the rest
+    assert [r[0] for r in archive.retrieved] == ["1.9.1", "1.9.2", "1.9.3", "1.9.4"]
+
+
+def test_a_retrieving_or_failed_study_holds_its_sr_back_for_a_bounded_time(db: Database, tmp_path: Path) -> None:
+    sweeper, archive, settings = make(db, tmp_path, DAYS)
+    archive.fail = {"1.9.2"}
+    sweeper.sweep(settings.pacs[0], FROM, TO)  # 1.9.2 failed, and no sweep runs again
+    sweeps.record_found(db, "pacs", [sweeps.FoundStudy("1.9.3", "20260304", 1, 2)], True)
+    sweeps.begin_retrieve(db, "1.9.3", "STRNET", {})  # 1.9.3: a sweep killed mid-retrieve
+    for uid in ("1.9.2", "1.9.3"):
+        assert sweeps.being_retrieved(db, uid, sweeps.hold_s(settings.sweep.timeout_s))
+    with db.transaction() as s:  # the retrieves started longer ago than the hold
+        for row in s.execute(select(SweepStudy)).scalars():
+            row.retrieve_started_at = utcnow() - timedelta(seconds=sweeps.hold_s(settings.sweep.timeout_s) + 1)
+    for uid in ("1.9.2", "1.9.3"):
+        assert not sweeps.being_retrieved(db, uid, sweeps.hold_s(settings.sweep.timeout_s))  # its SR is built
+
+
+def test_a_live_study_ready_with_swept_ones_gets_its_sr_built_first(db: Database, tmp_path: Path) -> None:
+    sweeper, _archive, settings = make(db, tmp_path, DAYS)
+    sweeper.sweep(settings.pacs[0], FROM, date(2026, 3, 2))  # 1.9.1, 1.9.2: older studies
+    store.record_instance(db, incoming("1.8.1", "1.8.1.1"))
+    for job in store.lease(db, "w", 100, 60):
+        assert screening.record_screening(db, job.job_id, "w", FINDINGS, {}, None, ["pacs"], send=True)
+    ready = [r.study_instance_uid for r in screening.ready_studies(db, quiet_period_s=0)]
+    assert ready == ["1.8.1", "1.9.1", "1.9.2"]
+
+
+def test_a_source_with_a_close_is_closed_after_each_sweep(db: Database, tmp_path: Path) -> None:
+    sweeper, archive, settings = make(db, tmp_path, DAYS)
+    closed: list[bool] = []
+    archive.close = lambda: closed.append(True)  # type: ignore[attr-defined]  # as the DICOMweb source's session
+    sweeper.sweep(settings.pacs[0], FROM, TO)
+    sweeper.sweep(settings.pacs[0], FROM, TO, dry_run=True)
+    assert closed == [True, True]

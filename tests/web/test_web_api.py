@@ -25,6 +25,7 @@ from agent.db.engine import Database
 from agent.db.models import AuditEvent, FlaggedPatient, OutboxItem, Result, User
 from agent.db.users import add_user
 from agent.db.worklist import verify_chain
+from agent.queue import sweeps
 from agent.web.app import create_app
 from agent.web.auth import hash_password
 from agent.web.server import WebServer
@@ -389,6 +390,27 @@ def test_status_page(app: Any, seeded: Seeded) -> None:
     assert re.search(r"<th>DONE</th><td>8</td>", page.text)
     assert "chain intact" in page.text and "tiny-test-0" in page.text
     assert re.search(r'id="backlog">0<', page.text)
+
+
+def test_status_page_and_metrics_show_each_sweeps_progress(app: Any, seeded: Seeded) -> None:
+    db = seeded.agent.db
+    assert "No archive sweep has run." in login(app, "audrey").get("/status").text
+    found = [sweeps.FoundStudy(f"1.2.999.{n}", f"2026030{2 + n % 2}", 1, 2) for n in range(5)]
+    sweeps.record_found(db, "archive", found, True)
+    sweeps.record_found(db, "archive", [sweeps.FoundStudy("1.2.999.9", "20250101", 1, 1)], True)  # out of range
+    for n, error in ((0, None), (1, None), (2, "C-MOVE status 0xA701; 1 failed, 0 completed")):
+        sweeps.begin_retrieve(db, f"1.2.999.{n}", "STRNET", {"method": "move"})
+        sweeps.end_retrieve(db, f"1.2.999.{n}", error)
+    sweeps.begin_retrieve(db, "1.2.999.3", "STRNET", {"method": "move"})  # under way
+    sweeps.set_cursor(db, "archive:20260302:20260304", "20260303")
+    page = login(app, "audrey").get("/status").text
+    row = re.search(r'<table class="list" id="sweeps">.*?</table>', page, re.S).group(0)  # type: ignore[union-attr]
+    cells = re.findall(r"<td[^>]*>([^<]*)</td>", row)
+    assert cells[:8] == ["archive", "2026-03-02 to 2026-03-04", "2026-03-03", "1", "1", "2", "1", "0"], cells
+    assert re.match(r"\d{4}-\d{2}-\d{2} \d{2}:\d{2}$", cells[8]), cells
+    text = TestClient(app).get("/metrics").text
+    assert 'strnet_sweep_studies{state="done"} 2.0' in text and 'strnet_sweep_studies{state="pending"} 2.0' in text
+    assert 'strnet_sweep_studies{state="retrieving"} 1.0' in text
 
 
 def test_healthz_and_metrics_need_no_login_and_hold_no_phi(app: Any, seeded: Seeded) -> None:

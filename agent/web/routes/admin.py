@@ -20,7 +20,7 @@ from agent.db.registry import FOLLOW_UP_STATUSES
 from agent.db.users import SessionView
 from agent.db.worklist import AuditFilter, filter_date, record_access, shown_number
 from agent.domain import OUTBOX_BACKLOG
-from agent.queue import outbox, screening, store
+from agent.queue import outbox, screening, store, sweeps
 from agent.web import images
 from agent.web.auth import AdminSession, AnySession, AuditorSession, check_csrf
 from agent.web.render import render
@@ -218,6 +218,7 @@ def status(request: Request, sess: AnySession) -> Response:
             "chain": chain,
             "labels": fls.STATUS_LABELS,
             "atna": export.state(db) if request.app.state.settings.atna.enabled else None,
+            "sweeps": sweeps.progress(db),
             "model": request.app.state.model_info(),
             "num": shown_number,
         },

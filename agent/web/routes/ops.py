@@ -10,7 +10,7 @@ from agent import metrics
 from agent.audit import export
 from agent.db.worklist import flagged_count, ping
 from agent.errors import AgentError
-from agent.queue import outbox, store
+from agent.queue import outbox, store, sweeps
 
 router = APIRouter()
 
@@ -34,5 +34,7 @@ def healthz(request: Request) -> Response:
 def prometheus(request: Request) -> Response:
     db = request.app.state.ctx.db
     atna = export.state(db).backlog if request.app.state.settings.atna.enabled else None
-    body = metrics.render(store.count_by_state(db), outbox.count_by_state(db), flagged_count(db), atna)
+    body = metrics.render(
+        store.count_by_state(db), outbox.count_by_state(db), flagged_count(db), sweeps.counts(db), atna
+    )
     return Response(body, media_type=CONTENT_TYPE_LATEST)
