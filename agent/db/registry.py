@@ -12,6 +12,7 @@ from datetime import datetime
 from typing import Any, Self
 
 from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from agent.audit import trail
@@ -44,6 +45,27 @@ def _supersedes(study: Study, result: Result, row: FlaggedPatient) -> bool:
     return True
 
 
+def _insert_flag(session: Session, key: str, study: Study, result: Result, now: datetime) -> FlaggedPatient | None:
+    """Insert the patient's row in a savepoint; None when another agent inserted it first (the
+    unique patient_key), leaving this transaction as it was."""
+    row = FlaggedPatient(
+        patient_key=key,
+        status="new",
+        first_flagged_at=now,
+        last_flagged_at=now,
+        last_study_id=study.id,
+        probability=result.probability,
+        t_score=result.t_score,
+    )
+    try:
+        with session.begin_nested():
+            session.add(row)
+            session.flush()
+    except IntegrityError:
+        return None
+    return row
+
+
 def upsert_flag(session: Session, study: Study, result: Result) -> FlaggedPatient:
     """Flag the study's patient, or update their row; one row per patient, every change audited.
 
@@ -52,18 +74,13 @@ def upsert_flag(session: Session, study: Study, result: Result) -> FlaggedPatien
     now = utcnow()
     key = patient_key(study)
     row = session.execute(select(FlaggedPatient).where(FlaggedPatient.patient_key == key)).scalar_one_or_none()
-    if row is None:
-        row = FlaggedPatient(
-            patient_key=key,
-            status="new",
-            first_flagged_at=now,
-            last_flagged_at=now,
-            last_study_id=study.id,
-            probability=result.probability,
-            t_score=result.t_score,
-        )
-        session.add(row)
-        change = "flagged"
+    inserted = _insert_flag(session, key, study, result, now) if row is None else None
+    if row is None and inserted is None:  # another agent flagged the patient a moment ago: update its row
+        row = session.execute(select(FlaggedPatient).where(FlaggedPatient.patient_key == key)).scalar_one()
+    if inserted is not None:
+        row, change = inserted, "flagged"
+    elif row is None:
+        raise AssertionError("unreachable: the row was re-selected")
     elif _supersedes(study, result, row):
         change = "updated"
         if row.status == "closed":  # a newer (or more suspicious) positive film is worth a new look

@@ -30,6 +30,7 @@ from agent.db.models import (
 )
 from agent.domain import AlgorithmInfo, Findings, JobState, ServedModel
 from agent.queue import outbox, sweeps
+from agent.queue.cluster import SOLO, NodeScope, owned
 from agent.queue.outbox import OutgoingObject
 
 TERMINAL = (JobState.DONE.value, JobState.SKIPPED.value, JobState.DEAD.value)
@@ -91,8 +92,10 @@ def record_screening(
     overlay: OutgoingObject | None,
     destinations: list[str],
     send: bool,
+    node: str | None = None,
 ) -> bool:
-    """Result row, overlay outbox rows, job DONE and the flag, in one transaction.
+    """Result row, overlay outbox rows (the file in ``node``'s results folder), job DONE and the
+    flag, in one transaction.
 
     Returns False (and writes nothing) when this worker no longer holds the job's lease.
     """
@@ -114,7 +117,8 @@ def record_screening(
         result.timings_ms = timings_ms
         s.flush()
         if overlay is not None:
-            outbox.add(s, study.id, overlay, destinations, send and sweeps.sends_results(s, study.study_instance_uid))
+            outbox.add(s, study.id, overlay, destinations, send and sweeps.sends_results(s, study.study_instance_uid),
+                       node=node)  # fmt: skip
         job.state = JobState.DONE.value
         job.reason = None
         job.lease_owner = None
@@ -139,20 +143,32 @@ class ReadyStudy:
     failed_attempts: int | None = None  # SR builds failed so far (None: no failure recorded)
 
 
-def ready_studies(db: Database, quiet_period_s: float) -> list[ReadyStudy]:
+def ready_studies(
+    db: Database, quiet_period_s: float, scope: NodeScope = SOLO, study_id: int | None = None
+) -> list[ReadyStudy]:
     """Studies quiet for the period, with every job terminal and results not yet reported.
 
     A study whose SR failed waits for its next attempt; one given up waits for an operator's
-    replay. Either comes back at once when an instance of it arrived after the failure."""
+    replay. Either comes back at once when an instance of it arrived after the failure.
+
+    Node storage: this node's part of each study (the instances it holds, the reports it built):
+    a study split across nodes gets from each node an SR of the images that node holds, and the
+    revisions of the study are numbered across nodes. ``study_id``: that study only."""
     now = utcnow()
     cutoff = now - timedelta(seconds=quiet_period_s)
     out: list[ReadyStudy] = []
     # Only studies with more results than their latest report covers: the sweep runs every few
     # seconds and must not walk every study ever screened (its cost would grow with the history).
-    n_results = select(func.count(Result.id)).where(Result.study_id == Study.id).correlate(Study).scalar_subquery()
+    n_results = (
+        select(func.count(Result.id))
+        .join(Instance, Instance.id == Result.instance_id)
+        .where(Result.study_id == Study.id, owned(Instance.node, scope))
+        .correlate(Study)
+        .scalar_subquery()
+    )
     reported = (
         select(func.coalesce(func.max(StudyReport.result_count), 0))
-        .where(StudyReport.study_id == Study.id)
+        .where(StudyReport.study_id == Study.id, owned(StudyReport.node, scope))
         .correlate(Study)
         .scalar_subquery()
     )
@@ -166,43 +182,49 @@ def ready_studies(db: Database, quiet_period_s: float) -> list[ReadyStudy]:
         ),
     )
     with db.reading() as s:
-        candidates = s.execute(
+        q = (
             select(Study, failure.attempts)
             .outerjoin(failure, failure.study_id == Study.id)
             .where(Study.last_received_at <= cutoff)
             .where(n_results > reported)
             .where(due)
             .order_by(Study.id)  # oldest first, each on its own
-        ).all()
+        )
+        if study_id is not None:
+            q = q.where(Study.id == study_id)
+        candidates = s.execute(q).all()
         for study, failed_attempts in candidates:
             pending = s.execute(
                 select(func.count())
                 .select_from(Job)
                 .join(Instance, Instance.id == Job.instance_id)
-                .where(Instance.study_id == study.id, Job.state.not_in(TERMINAL))
+                .where(Instance.study_id == study.id, Job.state.not_in(TERMINAL), owned(Instance.node, scope))
             ).scalar_one()
             if pending:
                 continue
             results = s.execute(
                 select(Result.id, Instance.spool_path)
                 .join(Instance, Instance.id == Result.instance_id)
-                .where(Result.study_id == study.id)
+                .where(Result.study_id == study.id, owned(Instance.node, scope))
                 .order_by(Instance.id)
             ).all()
             last = s.execute(
                 select(StudyReport)
-                .where(StudyReport.study_id == study.id)
+                .where(StudyReport.study_id == study.id, owned(StudyReport.node, scope))
                 .order_by(StudyReport.revision.desc())
                 .limit(1)
             ).scalar_one_or_none()
             if last is not None and last.result_count >= len(results):
                 continue
+            latest = s.execute(
+                select(func.max(StudyReport.revision)).where(StudyReport.study_id == study.id)
+            ).scalar_one()
             out.append(
                 ReadyStudy(
                     study_id=study.id,
                     study_instance_uid=study.study_instance_uid,
                     last_calling_ae=study.last_calling_ae,
-                    revision=(last.revision + 1) if last else 1,
+                    revision=(latest or 0) + 1,  # numbered across nodes
                     predecessor=(study.study_instance_uid, last.series_instance_uid, last.sop_instance_uid)
                     if last
                     else None,
@@ -216,13 +238,14 @@ def ready_studies(db: Database, quiet_period_s: float) -> list[ReadyStudy]:
     return out
 
 
-def study_findings(db: Database, study_id: int) -> list[tuple[str, Result]]:
-    """(spool path, result) of every screened instance of the study, in receive order."""
+def study_findings(db: Database, study_id: int, scope: NodeScope = SOLO) -> list[tuple[str, Result]]:
+    """(spool path, result) of every screened instance of the study (node storage: that this
+    node holds), in receive order."""
     with db.reading() as s:
         rows = s.execute(
             select(Instance.spool_path, Result)
             .join(Result, Result.instance_id == Instance.id)
-            .where(Result.study_id == study_id)
+            .where(Result.study_id == study_id, owned(Instance.node, scope))
             .order_by(Instance.id)
         ).all()
         return [(p, r) for p, r in rows]
@@ -246,6 +269,7 @@ def record_report(
     destinations: list[str],
     send: bool,
     messages: Sequence[OutgoingMessage] = (),
+    node: str | None = None,
 ) -> bool:
     """The report row and its outbox rows (the SR for each PACS, each message for its
     destination); False when this revision was recorded already. A failure recorded for the
@@ -267,14 +291,15 @@ def record_report(
                 result_count=ready.result_count,
                 predecessor_id=ready.predecessor_id,
                 created_at=utcnow(),
+                node=node,
             )
         )
         send = send and sweeps.sends_results(s, ready.study_instance_uid)
-        outbox.add(s, ready.study_id, sr, destinations, send)
+        outbox.add(s, ready.study_id, sr, destinations, send, node=node)
         swept = any(not m.send_swept for m in messages) and sweeps.was_swept(s, ready.study_instance_uid)
         for m in messages:
             if not (swept and not m.send_swept):
-                outbox.add(s, ready.study_id, m.obj, [m.destination], send, failed=m.failed)
+                outbox.add(s, ready.study_id, m.obj, [m.destination], send, failed=m.failed, node=node)
         trail.append(
             s,
             "instances_transferred",

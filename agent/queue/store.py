@@ -27,6 +27,7 @@ from agent.domain import (
     StoreOutcome,
 )
 from agent.queue import sweeps
+from agent.queue.cluster import SOLO, NodeScope, mine, node_value, owned
 
 CONFLICT_REASON = "conflict: SOP Instance UID already received with different content"
 
@@ -43,7 +44,7 @@ def existing_contents(db: Database, sop_instance_uid: str) -> dict[str, int]:
 
 
 def record_instance(
-    db: Database, inc: IncomingInstance, before_commit: Callable[[], None] | None = None
+    db: Database, inc: IncomingInstance, before_commit: Callable[[], None] | None = None, node: str | None = None
 ) -> StoreOutcome:
     """Commit study, instance, job and audit rows for a spooled instance, in one transaction.
 
@@ -51,7 +52,8 @@ def record_instance(
     ``duplicate=True`` and the caller removes its spool file. ``before_commit`` runs after the
     rows are written and before the commit, and only when there is something to commit: the
     ingest handler makes the spool file durable there, so the row work overlaps its fsync and
-    the commit still follows it. Whatever it raises rolls the transaction back.
+    the commit still follows it. Whatever it raises rolls the transaction back. ``node``: the
+    agent that holds the spool file (agent.node).
     """
     now = utcnow()
     try:
@@ -69,13 +71,7 @@ def record_instance(
                 select(Study).where(Study.study_instance_uid == inc.ref.study_instance_uid)
             ).scalar_one_or_none()
             if study is None:
-                study = Study(
-                    study_instance_uid=inc.ref.study_instance_uid,
-                    first_received_at=now,
-                    last_received_at=now,
-                    last_calling_ae=inc.calling_ae,
-                )
-                s.add(study)
+                study = _new_study(s, inc, now)
             study.patient_id = inc.patient_id or study.patient_id
             study.patient_name = inc.patient_name or study.patient_name
             study.patient_birth_date = inc.patient_birth_date or study.patient_birth_date
@@ -103,6 +99,7 @@ def record_instance(
                 peer_host=inc.peer_host,
                 received_at=now,
                 conflict_of_id=conflict_of,
+                node=node,
             )
             s.add(inst)
             s.flush()
@@ -153,6 +150,24 @@ def record_instance(
         raise
 
 
+def _new_study(s: Any, inc: IncomingInstance, now: Any) -> Study:
+    """The study row, inserted in a savepoint: another agent inserting the same study at the same
+    moment (a study split across agents) wins, and this one re-selects its row."""
+    try:
+        with s.begin_nested():
+            study = Study(
+                study_instance_uid=inc.ref.study_instance_uid,
+                first_received_at=now,
+                last_received_at=now,
+                last_calling_ae=inc.calling_ae,
+            )
+            s.add(study)
+            s.flush()
+            return study
+    except IntegrityError:
+        return s.execute(select(Study).where(Study.study_instance_uid == inc.ref.study_instance_uid)).scalar_one()
+
+
 def _view(job: Job, inst: Instance, study_uid: str) -> JobView:
     return JobView(
         job_id=job.id,
@@ -190,9 +205,11 @@ def known_spool_paths(db: Database) -> set[str]:
         return set(s.execute(select(Instance.spool_path)).scalars().all())
 
 
-def lease(db: Database, owner: str, limit: int, lease_s: float, study_uid: str | None = None) -> list[LeasedJob]:
+def lease(
+    db: Database, owner: str, limit: int, lease_s: float, study_uid: str | None = None, scope: NodeScope = SOLO
+) -> list[LeasedJob]:
     """Hand up to ``limit`` QUEUED jobs (of one study, when ``study_uid`` is given) to ``owner``
-    until the lease expires."""
+    until the lease expires. Node storage: only jobs whose instance this node holds."""
     now = utcnow()
     with db.transaction() as s:
         q = (
@@ -201,6 +218,7 @@ def lease(db: Database, owner: str, limit: int, lease_s: float, study_uid: str |
             .join(Study, Instance.study_id == Study.id)
             .where(Job.state.in_([JobState.QUEUED.value, JobState.FAILED.value]))
             .where((Job.not_before.is_(None)) | (Job.not_before <= now))
+            .where(owned(Instance.node, scope))
             .order_by(Job.priority, Job.id)  # live traffic first, then what a sweep retrieved
             .limit(limit)
         )
@@ -212,6 +230,7 @@ def lease(db: Database, owner: str, limit: int, lease_s: float, study_uid: str |
         for job, inst, study_uid in s.execute(q).all():
             job.state = JobState.RUNNING.value
             job.lease_owner = owner
+            job.node = node_value(scope)
             job.lease_expires_at = now + timedelta(seconds=lease_s)
             job.attempts += 1
             job.updated_at = now
@@ -276,33 +295,38 @@ def study_ids_of_jobs(db: Database, job_ids: list[int]) -> list[int]:
         )
 
 
-def reap_expired_leases(db: Database) -> int:
-    """Jobs whose worker vanished go back to QUEUED."""
+def reap_expired_leases(db: Database, scope: NodeScope = SOLO) -> int:
+    """Jobs whose worker vanished go back to QUEUED: node storage, this node's own leases; shared
+    storage, any node's (a dead node's work is taken over)."""
     now = utcnow()
     with db.transaction() as s:
         res = s.execute(
             update(Job)
             .where(Job.state == JobState.RUNNING.value, Job.lease_expires_at < now)
+            .where(owned(Job.node, scope))
             .values(state=JobState.QUEUED.value, lease_owner=None, lease_expires_at=None, updated_at=now)
         )
         return res.rowcount  # type: ignore[attr-defined]
 
 
-def requeue_running(db: Database) -> int:
-    """At start-up of the only worker: every RUNNING job goes back to QUEUED."""
+def requeue_running(db: Database, scope: NodeScope = SOLO) -> int:
+    """At start-up: every RUNNING job this node leased goes back to QUEUED (another node's stay)."""
     now = utcnow()
     with db.transaction() as s:
         res = s.execute(
             update(Job)
             .where(Job.state == JobState.RUNNING.value)
+            .where(mine(Job.node, scope))
             .values(state=JobState.QUEUED.value, lease_owner=None, lease_expires_at=None, updated_at=now)
         )
         return res.rowcount  # type: ignore[attr-defined]
 
 
-def spool_removable(db: Database, older_than_s: float, limit: int = 500) -> list[tuple[int, str]]:
+def spool_removable(
+    db: Database, older_than_s: float, limit: int = 500, scope: NodeScope = SOLO
+) -> list[tuple[int, str]]:
     """(instance id, spool path) whose job is terminal, whose study has nothing left to deliver,
-    and which were received more than ``older_than_s`` ago."""
+    and which were received more than ``older_than_s`` ago; only this node's instances."""
     cutoff = utcnow() - timedelta(seconds=older_than_s)
     undelivered = select(OutboxItem.study_id).where(
         OutboxItem.state.not_in([OutboxState.DELIVERED.value, OutboxState.COMMITTED.value, OutboxState.SHADOW.value,
@@ -315,6 +339,7 @@ def spool_removable(db: Database, older_than_s: float, limit: int = 500) -> list
             .where(Instance.spool_removed_at.is_(None), Instance.received_at < cutoff)
             .where(Job.state.in_([JobState.DONE.value, JobState.SKIPPED.value, JobState.DEAD.value]))
             .where(Instance.study_id.not_in(undelivered))
+            .where(mine(Instance.node, scope))
             .limit(limit)
         ).all()
         return [(i, p) for i, p in rows]
