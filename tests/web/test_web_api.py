@@ -372,6 +372,7 @@ def test_status_page(app: Any, seeded: Seeded) -> None:
     assert re.search(r"<th>DONE</th><td>8</td>", page.text)
     assert "chain intact" in page.text and "tiny-test-0" in page.text
     assert re.search(r'id="backlog">0<', page.text)
+    assert re.search(r'id="waiting"><tr><td>nothing waits<', page.text)  # every image screened
 
 
 def test_healthz_and_metrics_need_no_login_and_hold_no_phi(app: Any, seeded: Seeded) -> None:
