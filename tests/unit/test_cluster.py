@@ -17,7 +17,7 @@ from agent.clock import utcnow
 from agent.db import registry
 from agent.db.engine import Database, current_revision, upgrade
 from agent.db.models import Base, FlaggedPatient, Instance, Node, Result, Study, StudyClaim
-from agent.domain import Eligibility, IncomingInstance, InstanceRef
+from agent.domain import Eligibility, IncomingInstance, InstanceRef, JobState
 from agent.ingest.scp import AssociationTracker
 from agent.queue import cluster, store
 from agent.queue.cluster import NodeScope
@@ -145,6 +145,10 @@ def test_node_scope_of_leases_reaping_requeue_and_retention(db: Database) -> Non
     assert store.reap_expired_leases(db, BETA) == 0  # alpha's expired lease is not beta's (node storage)
     assert cluster.waiting_by_node(db) == {"alpha": 1, "beta": 1}
     assert store.reap_expired_leases(db, NodeScope("beta", shared=True)) == 1  # shared: taken over
+    for job in store.lease(db, "w", 10, 60):
+        assert store.finish(db, job.job_id, "w", JobState.DONE)
+    removable = store.spool_removable(db, older_than_s=-60, scope=BETA)  # retention: beta's files only
+    assert [p for _, p in removable] == ["b/2.dcm"]
 
 
 def test_shared_spool_keeps_each_agents_writes_in_progress_and_adoption_in_its_own_folder(tmp_path: Path) -> None:
