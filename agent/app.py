@@ -144,7 +144,7 @@ class Agent:
         scope = cluster.scope_of(self.settings)
         cluster.beat(self.db, scope, self.settings.agent.storage, started=True)
         cluster.forget_associations(self.db, scope)  # this node's of a previous run: closed
-        reconcile(self.db, self.spool, self.ingestor, scope=scope)
+        reconcile(self.db, self.spool, self.ingestor, scope=scope, results=self.results)
         resent = outbox.requeue_sending(self.db, scope)
         if resent:
             log.warning("outbox_resending", items=resent)

@@ -20,7 +20,7 @@ from agent.db.engine import Database
 from agent.errors import StorageError
 from agent.ingest.handlers import Ingestor, StoreRequest
 from agent.logging import get_logger
-from agent.queue import store
+from agent.queue import cluster, store
 from agent.queue.cluster import SOLO, NodeScope
 from agent.spool import Spool
 
@@ -77,12 +77,21 @@ def adopt(ingestor: Ingestor, spool: Spool, rel: str) -> bool:
     return True
 
 
+def _holds(folder: Spool, rel: str) -> bool:
+    try:
+        return folder.path(rel).is_file()
+    except ValueError:  # a path that would leave the folder: not ours
+        return False
+
+
 def reconcile(
-    db: Database, spool: Spool, ingestor: Ingestor, requeue: bool = True, scope: NodeScope = SOLO
+    db: Database, spool: Spool, ingestor: Ingestor, requeue: bool = True, scope: NodeScope = SOLO,
+    results: Spool | None = None,
 ) -> ReconcileReport:
     """This node's own start-up recovery: its ``.part`` files and spool files (shared storage: its
     own folder of the shared spool, ``Spool.node_dir``), and the jobs it leased; never another
-    node's."""
+    node's. Node storage: rows of the single node of old whose file is in this node's spool or
+    ``results`` folder become this node's (``cluster.claim_legacy``)."""
     partials = spool.clear_partials()
     known = store.known_spool_paths(db)
     adopted = quarantined = 0
@@ -93,6 +102,11 @@ def reconcile(
             adopted += 1
         else:
             quarantined += 1
+    if scope.name and not scope.shared:
+        claimed = cluster.claim_legacy(db, scope, lambda rel: _holds(spool, rel),
+                                       lambda rel: results is not None and _holds(results, rel))  # fmt: skip
+        if claimed:
+            log.info("legacy_rows_claimed", rows=claimed)
     requeued = store.requeue_running(db, scope) if requeue else 0
     report = ReconcileReport(partials, adopted, quarantined, requeued)
     log.info("startup_reconciled", **report.__dict__)

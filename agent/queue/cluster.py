@@ -1,8 +1,11 @@
 """Several agents on one database (agent.node, agent.storage): what each may touch, and the rows
 they coordinate through.
 
-- ``owned(column, scope)``: the rows a node works on. Node storage: its own rows and those of the
-  single node of old (NULL); shared storage: every row (every node reads every file).
+- ``owned(column, scope)``: the rows a node works on. Node storage: its own rows (rows of the
+  single node of old, NULL, become the own rows of the node whose spool or results folder holds
+  their file, at its start: ``claim_legacy``); shared storage: every row (every node reads every
+  file). ``mine``: what start-up recovery and the SR revisions count as this node's own (its
+  rows and the NULL ones); ``own``: strictly its rows (retention).
 - ``nodes``: each agent's heartbeat; one silent for ``agent.node_timeout_s`` is gone.
 - ``study_claims``: the one node building a study's SR now, until its claim expires.
 - ``open_associations``: a study an association still open on some node has carried; its SR
@@ -11,7 +14,7 @@ they coordinate through.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -40,9 +43,14 @@ SOLO = NodeScope("", shared=True)
 
 def owned(column: Any, scope: NodeScope) -> Any:
     """A WHERE clause: the rows of ``column`` (a ``node`` column) this node works on."""
-    if scope.shared:
+    if scope.shared or not scope.name:
         return true()
-    return or_(column == scope.name, column.is_(None))
+    return column == scope.name
+
+
+def own(column: Any, scope: NodeScope) -> Any:
+    """A WHERE clause: strictly this node's rows (every row for a scope without a name)."""
+    return column == scope.name if scope.name else true()
 
 
 def mine(column: Any, scope: NodeScope) -> Any:
@@ -51,6 +59,33 @@ def mine(column: Any, scope: NodeScope) -> Any:
     if not scope.name:
         return true()
     return or_(column == scope.name, column.is_(None))
+
+
+def claim_legacy(
+    db: Database, scope: NodeScope, holds_spool: Callable[[str], bool], holds_result: Callable[[str], bool]
+) -> int:
+    """At a node's start: the rows of the single node of old (node NULL) whose file this node holds
+    (``holds_spool(spool_path)``, ``holds_result(path)``) become its own: instances whose spool file
+    is still kept, outbox rows not yet done with. Returns how many."""
+    if not scope.name:
+        return 0
+    done = [OutboxState.DELIVERED.value, OutboxState.COMMITTED.value, OutboxState.SHADOW.value,
+            OutboxState.DISCARDED.value]  # fmt: skip
+    with db.reading() as s:
+        instances = s.execute(
+            select(Instance.id, Instance.spool_path).where(Instance.node.is_(None), Instance.spool_removed_at.is_(None))
+        ).all()
+        items = s.execute(
+            select(OutboxItem.id, OutboxItem.path).where(OutboxItem.node.is_(None), OutboxItem.state.not_in(done))
+        ).all()
+    mine_i = [i for i, p in instances if holds_spool(p)]
+    mine_o = [i for i, p in items if p and holds_result(p)]
+    with db.transaction() as s:
+        for model, ids in ((Instance, mine_i), (OutboxItem, mine_o)):
+            for k in range(0, len(ids), 500):
+                s.execute(update(model).where(model.id.in_(ids[k : k + 500]), model.node.is_(None))
+                          .values(node=scope.name))  # fmt: skip
+    return len(mine_i) + len(mine_o)
 
 
 def node_value(scope: NodeScope) -> str | None:

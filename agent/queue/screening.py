@@ -30,7 +30,7 @@ from agent.db.models import (
 )
 from agent.domain import AlgorithmInfo, Findings, JobState, ServedModel
 from agent.queue import outbox, sweeps
-from agent.queue.cluster import SOLO, NodeScope, owned
+from agent.queue.cluster import SOLO, NodeScope, mine, owned
 from agent.queue.outbox import OutgoingObject
 
 TERMINAL = (JobState.DONE.value, JobState.SKIPPED.value, JobState.DEAD.value)
@@ -168,7 +168,7 @@ def ready_studies(
     )
     reported = (
         select(func.coalesce(func.max(StudyReport.result_count), 0))
-        .where(StudyReport.study_id == Study.id, owned(StudyReport.node, scope))
+        .where(StudyReport.study_id == Study.id, mine(StudyReport.node, scope))
         .correlate(Study)
         .scalar_subquery()
     )
@@ -210,7 +210,7 @@ def ready_studies(
             ).all()
             last = s.execute(
                 select(StudyReport)
-                .where(StudyReport.study_id == study.id, owned(StudyReport.node, scope))
+                .where(StudyReport.study_id == study.id, mine(StudyReport.node, scope))
                 .order_by(StudyReport.revision.desc())
                 .limit(1)
             ).scalar_one_or_none()

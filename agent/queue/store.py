@@ -27,7 +27,7 @@ from agent.domain import (
     StoreOutcome,
 )
 from agent.queue import sweeps
-from agent.queue.cluster import SOLO, NodeScope, mine, node_value, owned
+from agent.queue.cluster import SOLO, NodeScope, mine, node_value, own, owned
 
 CONFLICT_REASON = "conflict: SOP Instance UID already received with different content"
 
@@ -339,7 +339,7 @@ def spool_removable(
             .where(Instance.spool_removed_at.is_(None), Instance.received_at < cutoff)
             .where(Job.state.in_([JobState.DONE.value, JobState.SKIPPED.value, JobState.DEAD.value]))
             .where(Instance.study_id.not_in(undelivered))
-            .where(mine(Instance.node, scope))
+            .where(own(Instance.node, scope))
             .limit(limit)
         ).all()
         return [(i, p) for i, p in rows]

@@ -19,7 +19,7 @@ from agent.db.engine import Database, current_revision, upgrade
 from agent.db.models import Base, FlaggedPatient, Instance, Node, Result, Study, StudyClaim
 from agent.domain import Eligibility, IncomingInstance, InstanceRef, JobState
 from agent.ingest.scp import AssociationTracker
-from agent.queue import cluster, store
+from agent.queue import cluster, outbox, store
 from agent.queue.cluster import NodeScope
 from agent.spool import Spool
 
@@ -159,3 +159,24 @@ def test_shared_spool_keeps_each_agents_writes_in_progress_and_adoption_in_its_o
     assert alpha.clear_partials() == 0 and (beta.tmp_dir / "half.part").exists()
     assert list(alpha.entries()) == [rel] and list(beta.entries()) == []
     assert beta.path(rel).read_bytes() == b"x"  # any agent reads any file
+
+
+def test_rows_of_the_single_node_of_old_become_the_rows_of_the_node_holding_their_file(
+    db: Database, tmp_path: Path
+) -> None:
+    spool_a, results_a = Spool(tmp_path / "a" / "spool"), Spool(tmp_path / "a" / "results")
+    rel = spool_a.write([b"x"])
+    old = store.record_instance(db, incoming("1.2.3", "1.2.3.1", rel), node=None)  # before migration 0008
+    gone = store.record_instance(db, incoming("1.2.3", "1.2.3.2", "20260101/elsewhere.dcm"), node=None)
+    results_a.write_named("1.2.9.dcm", [b"sr"])
+    with db.transaction() as s:
+        for path in ("1.2.9.dcm", "1.2.8.dcm"):
+            outbox.add(s, 1, outbox.OutgoingObject("sr", "1.2.840.10008.5.1.4.1.1.88.34", path[:-4], path),
+                       ["pacs"], True)  # fmt: skip
+    assert store.lease(db, "w-beta", 10, 60, scope=BETA) == []  # node storage: nobody's yet
+    assert outbox.lease_due(db, scope=BETA) == []
+    assert cluster.claim_legacy(db, ALPHA, lambda p: spool_a.path(p).is_file(),
+                                lambda p: results_a.path(p).is_file()) == 2  # fmt: skip
+    assert [j.job_id for j in store.lease(db, "w-alpha", 10, 60, scope=ALPHA)] == [old.job_id]
+    assert [d.path for d in outbox.lease_due(db, scope=ALPHA)] == ["1.2.9.dcm"]
+    assert cluster.waiting_by_node(db) == {"alpha": 1, "": 1} and gone.job_id != old.job_id
