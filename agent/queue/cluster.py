@@ -1,11 +1,11 @@
 """Several agents on one database (agent.node, agent.storage): what each may touch, and the rows
 they coordinate through.
 
-- ``owned(column, scope)``: the rows a node works on. Node storage: its own rows (rows of the
-  single node of old, NULL, become the own rows of the node whose spool or results folder holds
-  their file, at its start: ``claim_legacy``); shared storage: every row (every node reads every
-  file). ``mine``: what start-up recovery and the SR revisions count as this node's own (its
-  rows and the NULL ones); ``own``: strictly its rows (retention).
+- ``owned(column, scope)``: the rows a node works on. Node storage: its own rows and those of the
+  single node of old (NULL; at its start a node makes those whose file it holds its own:
+  ``claim_legacy``); shared storage: every row (every node reads every file). ``mine``: what
+  start-up recovery and the SR revisions count as this node's own (its rows and the NULL ones);
+  ``own``: strictly its rows (retention).
 - ``nodes``: each agent's heartbeat; one silent for ``agent.node_timeout_s`` is gone.
 - ``study_claims``: the one node building a study's SR now, until its claim expires.
 - ``open_associations``: a study an association still open on some node has carried; its SR
@@ -45,7 +45,7 @@ def owned(column: Any, scope: NodeScope) -> Any:
     """A WHERE clause: the rows of ``column`` (a ``node`` column) this node works on."""
     if scope.shared or not scope.name:
         return true()
-    return column == scope.name
+    return or_(column == scope.name, column.is_(None))
 
 
 def own(column: Any, scope: NodeScope) -> Any:

@@ -167,16 +167,17 @@ def test_rows_of_the_single_node_of_old_become_the_rows_of_the_node_holding_thei
     spool_a, results_a = Spool(tmp_path / "a" / "spool"), Spool(tmp_path / "a" / "results")
     rel = spool_a.write([b"x"])
     old = store.record_instance(db, incoming("1.2.3", "1.2.3.1", rel), node=None)  # before migration 0008
-    gone = store.record_instance(db, incoming("1.2.3", "1.2.3.2", "20260101/elsewhere.dcm"), node=None)
+    lost = store.record_instance(db, incoming("1.2.3", "1.2.3.2", "20260101/elsewhere.dcm"), node=None)
     results_a.write_named("1.2.9.dcm", [b"sr"])
     with db.transaction() as s:
         for path in ("1.2.9.dcm", "1.2.8.dcm"):
             outbox.add(s, 1, outbox.OutgoingObject("sr", "1.2.840.10008.5.1.4.1.1.88.34", path[:-4], path),
                        ["pacs"], True)  # fmt: skip
-    assert store.lease(db, "w-beta", 10, 60, scope=BETA) == []  # node storage: nobody's yet
-    assert outbox.lease_due(db, scope=BETA) == []
+    assert store.spool_removable(db, older_than_s=-60, scope=ALPHA) == []  # retention: strictly its own
     assert cluster.claim_legacy(db, ALPHA, lambda p: spool_a.path(p).is_file(),
                                 lambda p: results_a.path(p).is_file()) == 2  # fmt: skip
+    # beta gets no row whose file alpha holds; what nobody holds stays everybody's (as before 0008)
+    assert [j.job_id for j in store.lease(db, "w-beta", 10, 60, scope=BETA)] == [lost.job_id]
+    assert [d.path for d in outbox.lease_due(db, scope=BETA)] == ["1.2.8.dcm"]
     assert [j.job_id for j in store.lease(db, "w-alpha", 10, 60, scope=ALPHA)] == [old.job_id]
-    assert [d.path for d in outbox.lease_due(db, scope=ALPHA)] == ["1.2.9.dcm"]
-    assert cluster.waiting_by_node(db) == {"alpha": 1, "": 1} and gone.job_id != old.job_id
+    assert cluster.waiting_by_node(db) == {"alpha": 1, "": 1}
