@@ -26,7 +26,7 @@ from agent.pacs.commitment import CommitmentRecorder
 from agent.pacs.sender import Sender
 from agent.pipeline.models import served_weights
 from agent.pipeline.process import InlineScreening, ScreeningEngine, ScreeningProcess, decode_processes
-from agent.queue import outbox, sweeps
+from agent.queue import cluster, outbox, sweeps
 from agent.queue.reporter import StudyReporter
 from agent.queue.worker import Worker
 from agent.scheduler import build_scheduler
@@ -88,10 +88,13 @@ class Agent:
         """Build the agent; ``worker=False`` builds ingest only (no model is loaded);
         ``web=True`` adds the admin web (``strnet serve`` asks for it)."""
         db = open_database(settings)
-        spool = Spool(settings.spool_dir, min_free_bytes=settings.agent.min_free_disk_mb * 1024 * 1024)
-        results = Spool(settings.results_dir)
-        ingestor = Ingestor(db, spool, make_rules(settings), settings.scp.max_instance_mb * 1024 * 1024)
-        tracker = AssociationTracker()
+        scope = cluster.scope_of(settings)  # agent.node, agent.storage
+        own = scope.name if scope.shared else ""  # shared storage: this node's folder of the shared spool
+        spool = Spool(settings.spool_dir, min_free_bytes=settings.agent.min_free_disk_mb * 1024 * 1024, node_dir=own)
+        results = Spool(settings.results_dir, node_dir=own)
+        ingestor = Ingestor(db, spool, make_rules(settings), settings.scp.max_instance_mb * 1024 * 1024,
+                            node=scope.name)  # fmt: skip
+        tracker = AssociationTracker(db, scope, settings.agent.node_timeout_s)
         # storage commitment reports that a PACS sends on an association of its own, to the listener
         retry = outbox.RetryPolicy(settings.sender.max_attempts, settings.sender.backoff_base_s,
                                    settings.sender.backoff_max_s)  # fmt: skip
@@ -106,7 +109,8 @@ class Agent:
         if run_worker:
             routes = messages.routes(settings)  # [[hl7]] and [[fhir]]: one message per SR each
             sender = Sender(db, results, settings.pacs, settings.sender, settings.scp.ae_title,
-                            message_routes=routes, transports=messages.transports() if routes else None)  # fmt: skip
+                            message_routes=routes, transports=messages.transports() if routes else None,
+                            scope=scope)  # fmt: skip
             if reports is not None:  # a failed commitment sends objects again: wake the sender
                 reports.on_outbox = sender.wake.set
             # the SR build warms up in the worker thread, after the screening path (reporter: made next)
@@ -140,8 +144,11 @@ class Agent:
     def start(self) -> None:
         if self.web is not None:  # first: a taken web port stops start-up before anything runs
             self.web.start()
-        reconcile(self.db, self.spool, self.ingestor)
-        resent = outbox.requeue_sending(self.db)
+        scope = cluster.scope_of(self.settings)
+        cluster.beat(self.db, scope, self.settings.agent.storage, started=True)
+        cluster.forget_associations(self.db, scope)  # this node's of a previous run: closed
+        reconcile(self.db, self.spool, self.ingestor, scope=scope, results=self.results)
+        resent = outbox.requeue_sending(self.db, scope)
         if resent:
             log.warning("outbox_resending", items=resent)
         with self.db.transaction() as s:

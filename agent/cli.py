@@ -449,8 +449,9 @@ def sweep(
     ingestor = None
     brought_here = settings.sweep.retrieve == "get" or any(p.kind == "dicomweb" for p in targets)
     if brought_here and not dry_run:  # C-GET, WADO-RS: the instances come to this process
-        spool = Spool(settings.spool_dir, min_free_bytes=settings.agent.min_free_disk_mb * 1024 * 1024)
-        ingestor = Ingestor(db, spool, rules, settings.scp.max_instance_mb * 1024 * 1024)
+        spool = Spool(settings.spool_dir, min_free_bytes=settings.agent.min_free_disk_mb * 1024 * 1024,
+                      node_dir=settings.node if settings.shared_storage else "")  # fmt: skip
+        ingestor = Ingestor(db, spool, rules, settings.scp.max_instance_mb * 1024 * 1024, node=settings.node)
     sweeper = Sweeper(settings, db, rules, archive_for(settings), ingestor)
     signal.signal(signal.SIGTERM, lambda *_: sweeper.stop())
     failed = False

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import socket
 import tomllib
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -105,6 +106,39 @@ class AgentSection(_Section):
         "strnet",
         description="Salt for the hashed study identifiers written to logs (set one per site).",
     )
+    node: str = Field(
+        "",
+        pattern=r"^([A-Za-z0-9][A-Za-z0-9._-]{0,63})?$",
+        description=(
+            "This agent's name among the agents sharing one database (letters, digits, . _ -); stored with "
+            "every instance, job lease, SR, result file and outbox row it creates. Empty: the host name."
+        ),
+    )
+    storage: Literal["node", "shared"] = Field(
+        "node",
+        description=(
+            "node: each agent keeps its spool and results in its own data_dir and works only on what it "
+            "received; shared: spool and results under shared_dir, which every agent mounts, and any agent "
+            "works on anything (docs/operations.md, several agents)."
+        ),
+    )
+    shared_dir: Path | None = Field(
+        None, description="With storage = \"shared\": the folder every agent mounts (spool and results go there)."
+    )
+    node_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description=(
+            "An agent that has not written its heartbeat for this long is gone: its open associations no "
+            "longer hold an SR back, and (shared storage) its outbox rows being sent are sent again."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _shared_needs_dir(self) -> AgentSection:
+        if self.storage == "shared" and self.shared_dir is None:
+            raise ValueError('storage = "shared" needs shared_dir (the folder every agent mounts)')
+        return self
 
 
 class PeerSection(_Section):
@@ -637,7 +671,23 @@ class Settings(BaseSettings):
 
     @property
     def spool_dir(self) -> Path:
-        return self.agent.data_dir / "spool"
+        return self._storage_root / "spool"
+
+    @property
+    def _storage_root(self) -> Path:
+        """data_dir, or with shared storage the folder every agent mounts."""
+        if self.agent.storage == "shared" and self.agent.shared_dir is not None:
+            return self.agent.shared_dir
+        return self.agent.data_dir
+
+    @property
+    def node(self) -> str:
+        """This agent's node name: ``agent.node``, else the host name (cut to a safe name)."""
+        return self.agent.node or (re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname()).strip("-.")[:64] or "node")
+
+    @property
+    def shared_storage(self) -> bool:
+        return self.agent.storage == "shared"
 
     @property
     def backup_dir(self) -> Path:
@@ -645,7 +695,7 @@ class Settings(BaseSettings):
 
     @property
     def results_dir(self) -> Path:
-        return self.agent.data_dir / "results"
+        return self._storage_root / "results"
 
     @property
     def database_url(self) -> str:

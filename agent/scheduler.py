@@ -13,7 +13,8 @@ from agent.config import Settings
 from agent.db.engine import Database
 from agent.errors import StorageError
 from agent.logging import get_logger
-from agent.queue import outbox, store
+from agent.queue import cluster, outbox, store
+from agent.queue.cluster import SOLO, NodeScope
 from agent.spool import Spool
 
 log = get_logger(__name__)
@@ -31,8 +32,8 @@ def _guarded(name: str, fn: Callable[[], Any]) -> Callable[[], None]:
     return run
 
 
-def reap_leases(db: Database) -> int:
-    n = store.reap_expired_leases(db)
+def reap_leases(db: Database, scope: NodeScope = SOLO) -> int:
+    n = store.reap_expired_leases(db, scope)
     if n:
         log.warning("leases_reaped", jobs=n)
     return n
@@ -41,15 +42,28 @@ def reap_leases(db: Database) -> int:
 #: how often the audit events not yet delivered go to the audit repository (IHE ATNA)
 ATNA_EXPORT_S = 5.0
 
+
+def node_heartbeat(db: Database, settings: Settings) -> None:
+    """Write this node's heartbeat; with shared storage, send again what a gone node was sending."""
+    scope = cluster.scope_of(settings)
+    cluster.beat(db, scope, settings.agent.storage)
+    if scope.shared:
+        gone = [n for n in cluster.gone_nodes(db, settings.agent.node_timeout_s) if n != scope.name]
+        n = cluster.take_over_sending(db, gone)
+        if n:
+            log.warning("outbox_taken_over", items=n, nodes=len(gone))
+
+
 #: a .part file untouched this long belongs to a transfer that broke off (network timeouts are shorter)
 STALE_PART_S = 3600.0
 
 
-def apply_spool_retention(db: Database, spool: Spool, retention_s: float) -> int:
+def apply_spool_retention(db: Database, spool: Spool, retention_s: float, scope: NodeScope = SOLO) -> int:
+    """This node's own: its stale ``.part`` files, and the spool files of its instances."""
     stale = spool.clear_partials(older_than_s=STALE_PART_S)
     if stale:
         log.info("spool_partials_removed", removed=stale)
-    rows = store.spool_removable(db, retention_s)
+    rows = store.spool_removable(db, retention_s, scope=scope)
     for _, rel in rows:
         spool.remove(rel)
     if rows:
@@ -86,13 +100,21 @@ def build_scheduler(
     atna_export: Callable[[], Any] | None = None,
 ) -> BackgroundScheduler:
     sched = BackgroundScheduler(daemon=True, job_defaults={"coalesce": True, "max_instances": 1})
-    sched.add_job(_guarded("lease_reaper", lambda: reap_leases(db)), "interval", seconds=30, id="lease_reaper")
+    scope = cluster.scope_of(settings) if settings is not None else SOLO
+    # every 30 s, or twice per lease when leases are shorter (a dead node's work is taken over sooner)
+    reap_s = min(30.0, settings.worker.lease_s / 2) if settings is not None else 30.0
+    sched.add_job(_guarded("lease_reaper", lambda: reap_leases(db, scope)), "interval", seconds=reap_s,
+                  id="lease_reaper")  # fmt: skip
+    if settings is not None:
+        beat_s = max(1.0, min(15.0, settings.agent.node_timeout_s / 4))
+        sched.add_job(_guarded("node_heartbeat", lambda: node_heartbeat(db, settings)), "interval", seconds=beat_s,
+                      id="node_heartbeat")  # fmt: skip
     if report_sweep is not None:
         sched.add_job(_guarded("study_completion", report_sweep), "interval", seconds=sweep_s, id="study_completion")
     if sender_wake is not None:
         sched.add_job(_guarded("outbox_retry", sender_wake), "interval", seconds=15, id="outbox_retry")
     sched.add_job(
-        _guarded("spool_retention", lambda: apply_spool_retention(db, spool, retention_s)),
+        _guarded("spool_retention", lambda: apply_spool_retention(db, spool, retention_s, scope)),
         "interval",
         minutes=10,
         id="spool_retention",

@@ -31,12 +31,19 @@ def _fsync_dir(path: Path) -> None:
 
 
 class Spool:
-    """The spool directory. Paths handed out are relative to its root."""
+    """The spool directory. Paths handed out are relative to its root.
 
-    def __init__(self, root: Path, min_free_bytes: int = 0) -> None:
+    ``node_dir`` (shared storage: the agent's node name): this agent's own folder under a root that
+    every agent mounts. Its writes in progress, new files, quarantine and start-up adoption stay
+    in it, so no agent ever deletes or adopts another's file; any agent reads any path.
+    """
+
+    def __init__(self, root: Path, min_free_bytes: int = 0, node_dir: str = "") -> None:
         self.root = root
         self.min_free_bytes = min_free_bytes
-        (root / TMP_DIR).mkdir(parents=True, exist_ok=True)
+        self.node_dir = node_dir
+        self.base = root / node_dir if node_dir else root
+        (self.base / TMP_DIR).mkdir(parents=True, exist_ok=True)
 
     def has_room_for(self, size: int) -> bool:
         return shutil.disk_usage(self.root).free - size >= self.min_free_bytes
@@ -47,11 +54,11 @@ class Spool:
 
     def write_named(self, rel: str, chunks: list[bytes]) -> str:
         """Write ``chunks`` durably to ``rel`` (a name of ours, replaced atomically). Raises StorageError."""
-        day, name = rel.split("/", 1) if "/" in rel else ("", rel)
+        day, name = rel.rsplit("/", 1) if "/" in rel else ("", rel)
         final_dir = self.root / day if day else self.root
-        tmp = self.root / TMP_DIR / (secrets.token_hex(8) + ".part")
+        tmp = self.base / TMP_DIR / (secrets.token_hex(8) + ".part")
         try:
-            final_dir.mkdir(exist_ok=True)
+            final_dir.mkdir(parents=True, exist_ok=True)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
             try:
                 for chunk in chunks:
@@ -72,7 +79,7 @@ class Spool:
     @property
     def tmp_dir(self) -> Path:
         """Where writes in progress live (``*.part``), on the spool's own file system."""
-        return self.root / TMP_DIR
+        return self.base / TMP_DIR
 
     @staticmethod
     def sync_part(part: Path) -> None:
@@ -83,10 +90,10 @@ class Spool:
         finally:
             os.close(fd)
 
-    @staticmethod
-    def new_name() -> str:
+    def new_name(self) -> str:
         """A fresh relative path in today's folder (what ``keep`` and ``write`` name files)."""
-        return f"{utcnow():%Y%m%d}/{secrets.token_hex(16)}{SUFFIX}"
+        prefix = f"{self.node_dir}/" if self.node_dir else ""
+        return f"{prefix}{utcnow():%Y%m%d}/{secrets.token_hex(16)}{SUFFIX}"
 
     def keep(self, part: Path, rel: str | None = None) -> str:
         """Keep a complete file of ``tmp_dir``, already fsynced (``sync_part``), under ``rel``
@@ -96,10 +103,10 @@ class Spool:
         folder. Raises StorageError.
         """
         rel = rel or self.new_name()
-        day, name = rel.split("/", 1)
+        day, name = rel.rsplit("/", 1)
         final_dir = self.root / day
         try:
-            final_dir.mkdir(exist_ok=True)
+            final_dir.mkdir(parents=True, exist_ok=True)
             os.replace(part, final_dir / name)
             _fsync_dir(final_dir)
         except OSError as exc:
@@ -117,17 +124,18 @@ class Spool:
         self.path(rel).unlink(missing_ok=True)
 
     def entries(self) -> Iterator[str]:
-        """Every complete file in the spool, as relative paths."""
-        for day in sorted(self.root.iterdir()):
+        """Every complete file in the spool (shared storage: in this agent's folder), as relative paths."""
+        prefix = f"{self.node_dir}/" if self.node_dir else ""
+        for day in sorted(self.base.iterdir()):
             if not day.is_dir() or day.name in (TMP_DIR, QUARANTINE_DIR):
                 continue
             for f in sorted(day.glob("*" + SUFFIX)):
-                yield f"{day.name}/{f.name}"
+                yield f"{prefix}{day.name}/{f.name}"
 
     def quarantine(self, rel: str) -> None:
         """Move an unreadable file aside for a person to look at."""
         src = self.path(rel)
-        target = self.root / QUARANTINE_DIR
+        target = self.base / QUARANTINE_DIR
         target.mkdir(exist_ok=True)
         src.rename(target / src.name)
 
@@ -139,7 +147,7 @@ class Spool:
         """
         n = 0
         cutoff = time.time() - older_than_s
-        for f in (self.root / TMP_DIR).glob("*.part"):
+        for f in (self.base / TMP_DIR).glob("*.part"):
             try:
                 if older_than_s and f.stat().st_mtime > cutoff:
                     continue

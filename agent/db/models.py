@@ -76,6 +76,8 @@ class Instance(Base):
     # set when this instance reuses a SOP Instance UID already received with other content
     conflict_of_id: Mapped[int | None] = mapped_column(ForeignKey("instances.id"))
     spool_removed_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    # the agent that received it and holds its spool file (agent.node; NULL: the single node of old)
+    node: Mapped[str | None] = mapped_column(String(64), index=True)
 
     study: Mapped[Study] = relationship(back_populates="instances")
     job: Mapped[Job] = relationship(back_populates="instance", uselist=False)
@@ -99,6 +101,8 @@ class Job(Base):
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime())
     # leased lowest first: 0 live traffic, SWEEP_PRIORITY (agent/queue/sweeps.py) retrieved by a sweep
     priority: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # the agent that leased it last (agent.node; NULL: never leased, or the single node of old)
+    node: Mapped[str | None] = mapped_column(String(64), index=True)
 
     instance: Mapped[Instance] = relationship(back_populates="job")
 
@@ -218,6 +222,8 @@ class StudyReport(Base):
     result_count: Mapped[int] = mapped_column(Integer)
     predecessor_id: Mapped[int | None] = mapped_column(ForeignKey("study_reports.id"))
     created_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    # the agent that built it (node storage: its revisions cover the images that agent holds)
+    node: Mapped[str | None] = mapped_column(String(64), index=True)
 
 
 # StudyReportFailure.state: retried after next_attempt_at, or given up (replayed by an operator)
@@ -277,6 +283,8 @@ class OutboxItem(Base):
     # 0: a live study's result; SWEEP_PRIORITY: a result of what the archive sweep retrieved (sent
     # after every live one due to the same destination; agent/queue/outbox.py lease_due)
     priority: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # the agent whose results folder holds the file (shared storage: the one sending it last)
+    node: Mapped[str | None] = mapped_column(String(64), index=True)
 
 
 class FlaggedPatient(Base):
@@ -359,3 +367,41 @@ class WebSession(Base):
     csrf_token: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(UtcDateTime())
     last_seen_at: Mapped[datetime] = mapped_column(UtcDateTime())
+
+
+class Node(Base):
+    """An agent sharing this database (agent.node), and when it last wrote its heartbeat."""
+
+    __tablename__ = "nodes"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    storage: Mapped[str] = mapped_column(String(16))  # agent.storage: node | shared
+    started_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    last_seen: Mapped[datetime] = mapped_column(UtcDateTime())
+
+
+class StudyClaim(Base):
+    """The one agent building a study's SR now; another may take it over once it expired."""
+
+    __tablename__ = "study_claims"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), unique=True)
+    node: Mapped[str] = mapped_column(String(64))
+    expires_at: Mapped[datetime] = mapped_column(UtcDateTime())
+
+
+class OpenAssociation(Base):
+    """A study that an association still open on an agent has carried: its SR waits (any agent)."""
+
+    __tablename__ = "open_associations"
+    __table_args__ = (
+        UniqueConstraint("node", "association", "study_instance_uid", name="uq_open_association_study"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    node: Mapped[str] = mapped_column(String(64))
+    association: Mapped[str] = mapped_column(String(32))  # the association's key on that agent
+    study_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
+    opened_at: Mapped[datetime] = mapped_column(UtcDateTime())

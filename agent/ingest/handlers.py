@@ -76,8 +76,11 @@ def _sha256(data: bytes) -> str:
 class Ingestor:
     """Keeps the durability contract (docs/architecture.md) for each incoming instance."""
 
-    def __init__(self, db: Database, spool: Spool, rules: Rules, max_instance_bytes: int) -> None:
+    def __init__(
+        self, db: Database, spool: Spool, rules: Rules, max_instance_bytes: int, node: str | None = None
+    ) -> None:
         self.db = db
+        self.node = node  # agent.node: recorded with every instance it keeps
         self.spool = spool
         self.rules = rules
         self.max_instance_bytes = max_instance_bytes
@@ -186,7 +189,8 @@ class Ingestor:
 
     def _record(self, req: StoreRequest, rel: str, sha: str, durable: Callable[[], None] | None) -> StoreOutcome:
         try:
-            outcome = store.record_instance(self.db, self.incoming(req, rel, sha), before_commit=durable)
+            inc = self.incoming(req, rel, sha)
+            outcome = store.record_instance(self.db, inc, before_commit=durable, node=self.node)
         except BaseException:
             self.spool.remove(rel)  # not acknowledged: nothing to keep
             raise

@@ -3,7 +3,7 @@
 - temporary files of writes that never completed are deleted (they were never acknowledged);
 - complete spool files without an instance row (a crash between rename and commit) are adopted:
   recorded as if just received, with the calling AE title kept in their file meta;
-- RUNNING jobs go back to QUEUED (their worker is gone).
+- RUNNING jobs this node leased go back to QUEUED (their worker is gone); another node's stay.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from agent.db.engine import Database
 from agent.errors import StorageError
 from agent.ingest.handlers import Ingestor, StoreRequest
 from agent.logging import get_logger
-from agent.queue import store
+from agent.queue import cluster, store
+from agent.queue.cluster import SOLO, NodeScope
 from agent.spool import Spool
 
 log = get_logger(__name__)
@@ -61,7 +62,9 @@ def adopt(ingestor: Ingestor, spool: Spool, rel: str) -> bool:
             calling_ae=calling_ae,
             peer_host=None,
         )
-        outcome = store.record_instance(ingestor.db, ingestor.incoming(req, rel, hashlib.sha256(raw).hexdigest()))
+        outcome = store.record_instance(
+            ingestor.db, ingestor.incoming(req, rel, hashlib.sha256(raw).hexdigest()), node=ingestor.node
+        )
     except StorageError:
         raise  # the database, not the file: it stays where it is for the next start to adopt
     except Exception as exc:  # noqa: BLE001 - whatever makes a spool file unreadable, it is quarantined, never lost
@@ -74,7 +77,21 @@ def adopt(ingestor: Ingestor, spool: Spool, rel: str) -> bool:
     return True
 
 
-def reconcile(db: Database, spool: Spool, ingestor: Ingestor, requeue: bool = True) -> ReconcileReport:
+def _holds(folder: Spool, rel: str) -> bool:
+    try:
+        return folder.path(rel).is_file()
+    except ValueError:  # a path that would leave the folder: not ours
+        return False
+
+
+def reconcile(
+    db: Database, spool: Spool, ingestor: Ingestor, requeue: bool = True, scope: NodeScope = SOLO,
+    results: Spool | None = None,
+) -> ReconcileReport:
+    """This node's own start-up recovery: its ``.part`` files and spool files (shared storage: its
+    own folder of the shared spool, ``Spool.node_dir``), and the jobs it leased; never another
+    node's. Node storage: rows of the single node of old whose file is in this node's spool or
+    ``results`` folder become this node's (``cluster.claim_legacy``)."""
     partials = spool.clear_partials()
     known = store.known_spool_paths(db)
     adopted = quarantined = 0
@@ -85,7 +102,12 @@ def reconcile(db: Database, spool: Spool, ingestor: Ingestor, requeue: bool = Tr
             adopted += 1
         else:
             quarantined += 1
-    requeued = store.requeue_running(db) if requeue else 0
+    if scope.name and not scope.shared:
+        claimed = cluster.claim_legacy(db, scope, lambda rel: _holds(spool, rel),
+                                       lambda rel: results is not None and _holds(results, rel))  # fmt: skip
+        if claimed:
+            log.info("legacy_rows_claimed", rows=claimed)
+    requeued = store.requeue_running(db, scope) if requeue else 0
     report = ReconcileReport(partials, adopted, quarantined, requeued)
     log.info("startup_reconciled", **report.__dict__)
     return report

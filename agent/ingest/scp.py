@@ -46,7 +46,8 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from agent.compat import pynetdicom_internals
 from agent.config import ScpSection
-from agent.errors import StoreRefused
+from agent.db.engine import Database
+from agent.errors import StorageError, StoreRefused
 from agent.ingest import chunked, pdu_reader
 from agent.ingest.handlers import Ingestor, StoreRequest, file_head
 from agent.ingest.peers import PeerPolicy, normal_address
@@ -54,6 +55,8 @@ from agent.ingest.reconcile import split_file
 from agent.logging import get_logger
 from agent.pacs import commitment, status
 from agent.pacs.identity import identify
+from agent.queue import cluster
+from agent.queue.cluster import NodeScope
 
 log = get_logger(__name__)
 
@@ -92,11 +95,19 @@ TRANSFER_SYNTAXES: list[UID] = [
 
 class AssociationTracker:
     """Which studies each open association has carried: the study-completion sweep waits while
-    an association that brought instances of a study is still open (more of it may follow)."""
+    an association that brought instances of a study is still open (more of it may follow).
 
-    def __init__(self) -> None:
+    With ``db`` (several agents on one database) each study an association carries is also a row
+    of ``open_associations``, removed at release, so an association open on another agent holds
+    the SR too; the rows of an agent gone for ``node_timeout_s`` are ignored."""
+
+    def __init__(self, db: Database | None = None, scope: NodeScope | None = None,
+                 node_timeout_s: float = 60.0) -> None:  # fmt: skip
         self._lock = threading.Lock()
         self._studies: dict[int, set[str]] = {}  # open association (its id) -> study UIDs it carried
+        self.db = db
+        self.scope = scope or cluster.SOLO
+        self.node_timeout_s = node_timeout_s
 
     def opened(self, key: int) -> None:
         with self._lock:
@@ -105,17 +116,30 @@ class AssociationTracker:
     def carried(self, key: int, study_uid: str) -> None:
         """An instance of ``study_uid`` arrived on the association ``key``."""
         with self._lock:
-            if key in self._studies:
-                self._studies[key].add(study_uid)
+            if key not in self._studies or study_uid in self._studies[key]:
+                return
+            self._studies[key].add(study_uid)
+        if self.db is not None:
+            cluster.association_carried(self.db, self.scope, str(key), study_uid)
 
     def closed(self, key: int) -> None:
         with self._lock:
-            self._studies.pop(key, None)
+            carried = self._studies.pop(key, None)
+        if self.db is not None and carried:
+            try:
+                cluster.association_closed(self.db, self.scope, str(key))
+            except StorageError as exc:  # the row stays until this agent's next start (or it is gone)
+                log.error("association_row_not_removed", error=exc.__class__.__name__)
 
     def receiving(self, study_uid: str) -> bool:
-        """Whether an open association has carried an instance of ``study_uid``."""
+        """Whether an open association (here, or on another live agent) has carried an instance
+        of ``study_uid``."""
         with self._lock:
-            return any(study_uid in studies for studies in self._studies.values())
+            if any(study_uid in studies for studies in self._studies.values()):
+                return True
+        if self.db is None:
+            return False
+        return cluster.arriving_elsewhere(self.db, self.scope, study_uid, self.node_timeout_s)
 
 
 def _calling_ae(event: Event) -> str:

@@ -53,6 +53,7 @@ from agent.pacs.dicomweb import StowSender
 from agent.pacs.identity import identify
 from agent.pacs.scu import tls_args
 from agent.queue import outbox
+from agent.queue.cluster import SOLO, NodeScope
 from agent.queue.outbox import DueItem
 from agent.spool import Spool
 
@@ -196,8 +197,10 @@ class Sender:
         jitter: Callable[[], float] = random.random,
         message_routes: Sequence[MessageRoute] = (),
         transports: Mapping[str, Callable[[], MessageTransport]] | None = None,
+        scope: NodeScope = SOLO,
     ) -> None:
         self.db = db
+        self.scope = scope  # node storage: sends only the rows whose file this node wrote
         # HL7 and FHIR destinations by name, and a transport factory per message kind (one
         # transport per lane: each keeps its own connections)
         self.message_routes = {r.name: r for r in message_routes}
@@ -340,7 +343,7 @@ class Sender:
 
     def _send_due(self, lane: Lane, share: int) -> int:
         self._expire_commitments()
-        due = outbox.lease_due(self.db, share=share)
+        due = outbox.lease_due(self.db, share=share, scope=self.scope)
         by_dest: dict[str, list[DueItem]] = defaultdict(list)
         for item in due:
             by_dest[item.destination].append(item)

@@ -23,6 +23,7 @@ from agent.clock import utcnow
 from agent.db.engine import Database
 from agent.db.models import OutboxItem
 from agent.domain import OutboxState
+from agent.queue.cluster import SOLO, NodeScope, mine, owned
 from agent.spool import Spool
 
 
@@ -69,11 +70,13 @@ def add(
     send: bool,
     failed: str | None = None,
     priority: int = 0,
+    node: str | None = None,
 ) -> int:
     """Queue ``obj`` for each destination inside the caller's transaction; existing rows stay.
     ``failed``: the object could not be built; its rows are DEAD with that reason (no PHI).
     ``priority``: 0 for a live study's result, the sweep's (agent/queue/sweeps.py) for a swept one:
-    ``lease_due`` sends the lower first."""
+    ``lease_due`` sends the lower first. ``node``: the agent whose results folder holds the file
+    (agent.node)."""
     now = utcnow()
     added = 0
     for dest in destinations:
@@ -98,6 +101,7 @@ def add(
                 last_error=failed,
                 attempts=0,
                 priority=priority,
+                node=node,
                 created_at=now,
                 updated_at=now,
             )
@@ -123,13 +127,14 @@ _DUE_COLUMNS = (
 )
 
 
-def lease_due(db: Database, limit: int = 50, share: int = 1) -> list[DueItem]:
+def lease_due(db: Database, limit: int = 50, share: int = 1, scope: NodeScope = SOLO) -> list[DueItem]:
     """Due PENDING/RETRY rows, marked SENDING, live results first, then SRs first: at most
     ``limit``, and a ``share``-th of those due (rounded up) so that ``share`` sender threads
-    leasing in turn each get some of a burst.
+    leasing in turn each get some of a burst; ``scope``: the rows this node may send.
 
     Plain statements, no ORM objects: a lane leases once per object or two, and loading and
-    flushing ORM rows was most of a lane's CPU."""
+    flushing ORM rows was most of a lane's CPU. Node storage: only rows whose file this node wrote;
+    shared storage: any row, and the row names this node as the one sending it."""
     now = utcnow()
     leasable = OutboxItem.state.in_([OutboxState.PENDING.value, OutboxState.RETRY.value])
     with db.transaction() as s:
@@ -137,6 +142,7 @@ def lease_due(db: Database, limit: int = 50, share: int = 1) -> list[DueItem]:
             select(*_DUE_COLUMNS)
             .where(leasable)
             .where((OutboxItem.next_attempt_at.is_(None)) | (OutboxItem.next_attempt_at <= now))
+            .where(owned(OutboxItem.node, scope))
             .order_by(OutboxItem.destination, OutboxItem.priority, _SRS_FIRST, OutboxItem.id)
             .limit(limit)
         )
@@ -148,7 +154,8 @@ def lease_due(db: Database, limit: int = 50, share: int = 1) -> list[DueItem]:
             s.execute(
                 update(OutboxItem)
                 .where(OutboxItem.id.in_([r.id for r in rows]), leasable)
-                .values(state=OutboxState.SENDING.value, attempts=OutboxItem.attempts + 1, updated_at=now)
+                .values(state=OutboxState.SENDING.value, attempts=OutboxItem.attempts + 1, updated_at=now,
+                        **({"node": scope.name} if scope.shared and scope.name else {}))
             )
         return [
             DueItem(r.id, r.destination, r.kind, r.sop_class_uid, r.sop_instance_uid, r.path, r.attempts + 1)
@@ -226,12 +233,14 @@ def discard_dead(db: Database, item_id: int, actor: str, reason: str) -> bool:
         return True
 
 
-def requeue_sending(db: Database) -> int:
+def requeue_sending(db: Database, scope: NodeScope = SOLO) -> int:
     """At start-up: a SENDING row was interrupted, or a SENT one whose storage commitment was never
-    asked (the process ended between its C-STORE and the N-ACTION); send it again."""
+    asked (the process ended between its C-STORE and the N-ACTION); send it again. Only this
+    node's rows: another node's are being sent by it."""
     with db.transaction() as s:
         res = s.execute(
             update(OutboxItem)
+            .where(mine(OutboxItem.node, scope))
             .where(
                 (OutboxItem.state == OutboxState.SENDING.value)
                 | ((OutboxItem.state == OutboxState.SENT.value) & OutboxItem.commitment_uid.is_(None))

@@ -34,7 +34,7 @@ from agent.ehr import messages
 from agent.ehr.content import Assessment, study_result
 from agent.errors import HelperClosed, StorageError, reason_of
 from agent.logging import get_logger
-from agent.queue import screening
+from agent.queue import cluster, screening
 from agent.queue.outbox import OutgoingObject, write_message, write_object
 from agent.reporting import uids
 from agent.reporting.builder import BuiltSr, ReportBuilder, blank_source
@@ -80,6 +80,9 @@ class StudyReporter:
         self.reports = 0  # SRs recorded
         self.failures = 0  # SR builds that failed (each counted against its study)
         self._stop = threading.Event()
+        # several agents on one database: this node's part, one builder per study (its claim)
+        self.scope = cluster.scope_of(settings)
+        self.claim_s = settings.reporting.build_timeout_s + 60.0
 
     def warm_up(self) -> None:
         """Build a throw-away SR, writing nothing: in the helper, in the background (inline: now)."""
@@ -98,19 +101,28 @@ class StudyReporter:
     def report_ready_studies(self) -> int:
         """Build the SR of every study that is complete and quiet (the study-completion sweep)."""
         built = 0
-        for ready in screening.ready_studies(self.db, self.settings.reporting.quiet_period_s):
+        for ready in screening.ready_studies(self.db, self.settings.reporting.quiet_period_s, self.scope):
             if self.study_arriving is not None and self.study_arriving(ready.study_instance_uid):
                 continue  # an association that brought this study is still open: more may come
             if self._stop.is_set():
                 break  # stopping: the next start reports it
+            if not cluster.claim_study(self.db, self.scope, ready.study_id, self.claim_s,
+                                       self.settings.agent.node_timeout_s):  # fmt: skip
+                continue  # another agent is building this study's SR now
             try:
-                built += self._report(ready)
+                again = screening.ready_studies(self.db, self.settings.reporting.quiet_period_s, self.scope,
+                                                study_id=ready.study_id)  # fmt: skip
+                if again:  # still due now that it is ours (another agent may have just built it)
+                    ready = again[0]
+                    built += self._report(ready)
             except HelperClosed:
                 break  # stopped meanwhile: the next start reports it
             except Exception as exc:  # noqa: BLE001 - one study's failure, whatever it is, must not hold up the next
                 if self._stop.is_set():
                     break  # the helper was stopped under the build: not the study's fault
                 self._failed(ready, exc)
+            finally:
+                cluster.release_study(self.db, self.scope, ready.study_id)
         return built
 
     def _failed(self, ready: screening.ReadyStudy, exc: Exception) -> None:
@@ -148,7 +160,7 @@ class StudyReporter:
 
     def _report(self, ready: screening.ReadyStudy) -> int:
         t0 = time.perf_counter()
-        rows = screening.study_findings(self.db, ready.study_id)
+        rows = screening.study_findings(self.db, ready.study_id, self.scope)
         sources = [dcmread(self.spool.path(p), stop_before_pixels=True) for p, _ in rows]
         served = self.served_model()
         findings = [screening.findings_of(r, served) for _, r in rows]
@@ -156,7 +168,7 @@ class StudyReporter:
         obj = write_object(self.results, "sr", sr.data, sr.sop_class_uid, sr.sop_instance_uid)
         recorded = screening.record_report(
             self.db, ready, obj, sr.series_instance_uid, self.destinations, self.settings.sender.send,
-            self._messages(ready, sources, findings, sr),
+            self._messages(ready, sources, findings, sr), node=self.scope.name or None,
         )  # fmt: skip
         if recorded:
             if self.on_outbox is not None:

@@ -30,6 +30,7 @@ from agent.db.models import (
 )
 from agent.domain import AlgorithmInfo, Findings, JobState, ServedModel
 from agent.queue import outbox, sweeps
+from agent.queue.cluster import SOLO, NodeScope, mine, owned
 from agent.queue.outbox import OutgoingObject
 
 TERMINAL = (JobState.DONE.value, JobState.SKIPPED.value, JobState.DEAD.value)
@@ -91,8 +92,10 @@ def record_screening(
     overlay: OutgoingObject | None,
     destinations: list[str],
     send: bool,
+    node: str | None = None,
 ) -> bool:
-    """Result row, overlay outbox rows, job DONE and the flag, in one transaction.
+    """Result row, overlay outbox rows (the file in ``node``'s results folder), job DONE and the
+    flag, in one transaction.
 
     Returns False (and writes nothing) when this worker no longer holds the job's lease.
     """
@@ -115,7 +118,7 @@ def record_screening(
         s.flush()
         if overlay is not None:
             sent = send and sweeps.sends_results(s, study.study_instance_uid, job.priority)
-            outbox.add(s, study.id, overlay, destinations, sent, priority=job.priority)
+            outbox.add(s, study.id, overlay, destinations, sent, priority=job.priority, node=node)
         job.state = JobState.DONE.value
         job.reason = None
         job.lease_owner = None
@@ -140,20 +143,32 @@ class ReadyStudy:
     failed_attempts: int | None = None  # SR builds failed so far (None: no failure recorded)
 
 
-def ready_studies(db: Database, quiet_period_s: float) -> list[ReadyStudy]:
+def ready_studies(
+    db: Database, quiet_period_s: float, scope: NodeScope = SOLO, study_id: int | None = None
+) -> list[ReadyStudy]:
     """Studies quiet for the period, with every job terminal and results not yet reported.
 
     A study whose SR failed waits for its next attempt; one given up waits for an operator's
-    replay. Either comes back at once when an instance of it arrived after the failure."""
+    replay. Either comes back at once when an instance of it arrived after the failure.
+
+    Node storage: this node's part of each study (the instances it holds, the reports it built):
+    a study split across nodes gets from each node an SR of the images that node holds, and the
+    revisions of the study are numbered across nodes. ``study_id``: that study only."""
     now = utcnow()
     cutoff = now - timedelta(seconds=quiet_period_s)
     out: list[ReadyStudy] = []
     # Only studies with more results than their latest report covers: the sweep runs every few
     # seconds and must not walk every study ever screened (its cost would grow with the history).
-    n_results = select(func.count(Result.id)).where(Result.study_id == Study.id).correlate(Study).scalar_subquery()
+    n_results = (
+        select(func.count(Result.id))
+        .join(Instance, Instance.id == Result.instance_id)
+        .where(Result.study_id == Study.id, owned(Instance.node, scope))
+        .correlate(Study)
+        .scalar_subquery()
+    )
     reported = (
         select(func.coalesce(func.max(StudyReport.result_count), 0))
-        .where(StudyReport.study_id == Study.id)
+        .where(StudyReport.study_id == Study.id, mine(StudyReport.node, scope))
         .correlate(Study)
         .scalar_subquery()
     )
@@ -174,7 +189,7 @@ def ready_studies(db: Database, quiet_period_s: float) -> list[ReadyStudy]:
         ),
     )
     with db.reading() as s:
-        candidates = s.execute(
+        q = (
             select(Study, failure.attempts)
             .outerjoin(failure, failure.study_id == Study.id)
             .where(Study.last_received_at <= cutoff)
@@ -183,36 +198,42 @@ def ready_studies(db: Database, quiet_period_s: float) -> list[ReadyStudy]:
             # a live study before a swept one (its lowest job priority: live 0, swept SWEEP_PRIORITY),
             # then oldest first, each on its own
             .order_by(func.coalesce(lowest_priority, 0), Study.id)
-        ).all()
+        )
+        if study_id is not None:
+            q = q.where(Study.id == study_id)
+        candidates = s.execute(q).all()
         for study, failed_attempts in candidates:
             pending = s.execute(
                 select(func.count())
                 .select_from(Job)
                 .join(Instance, Instance.id == Job.instance_id)
-                .where(Instance.study_id == study.id, Job.state.not_in(TERMINAL))
+                .where(Instance.study_id == study.id, Job.state.not_in(TERMINAL), owned(Instance.node, scope))
             ).scalar_one()
             if pending:
                 continue
             results = s.execute(
                 select(Result.id, Instance.spool_path)
                 .join(Instance, Instance.id == Result.instance_id)
-                .where(Result.study_id == study.id)
+                .where(Result.study_id == study.id, owned(Instance.node, scope))
                 .order_by(Instance.id)
             ).all()
             last = s.execute(
                 select(StudyReport)
-                .where(StudyReport.study_id == study.id)
+                .where(StudyReport.study_id == study.id, mine(StudyReport.node, scope))
                 .order_by(StudyReport.revision.desc())
                 .limit(1)
             ).scalar_one_or_none()
             if last is not None and last.result_count >= len(results):
                 continue
+            latest = s.execute(
+                select(func.max(StudyReport.revision)).where(StudyReport.study_id == study.id)
+            ).scalar_one()
             out.append(
                 ReadyStudy(
                     study_id=study.id,
                     study_instance_uid=study.study_instance_uid,
                     last_calling_ae=study.last_calling_ae,
-                    revision=(last.revision + 1) if last else 1,
+                    revision=(latest or 0) + 1,  # numbered across nodes
                     predecessor=(study.study_instance_uid, last.series_instance_uid, last.sop_instance_uid)
                     if last
                     else None,
@@ -226,13 +247,14 @@ def ready_studies(db: Database, quiet_period_s: float) -> list[ReadyStudy]:
     return out
 
 
-def study_findings(db: Database, study_id: int) -> list[tuple[str, Result]]:
-    """(spool path, result) of every screened instance of the study, in receive order."""
+def study_findings(db: Database, study_id: int, scope: NodeScope = SOLO) -> list[tuple[str, Result]]:
+    """(spool path, result) of every screened instance of the study (node storage: that this
+    node holds), in receive order."""
     with db.reading() as s:
         rows = s.execute(
             select(Instance.spool_path, Result)
             .join(Result, Result.instance_id == Instance.id)
-            .where(Result.study_id == study_id)
+            .where(Result.study_id == study_id, owned(Instance.node, scope))
             .order_by(Instance.id)
         ).all()
         return [(p, r) for p, r in rows]
@@ -263,6 +285,7 @@ def record_report(
     destinations: list[str],
     send: bool,
     messages: Sequence[OutgoingMessage] = (),
+    node: str | None = None,
 ) -> bool:
     """The report row and its outbox rows (the SR for each PACS, each message for its
     destination); False when this revision was recorded already. A failure recorded for the
@@ -284,15 +307,17 @@ def record_report(
                 result_count=ready.result_count,
                 predecessor_id=ready.predecessor_id,
                 created_at=utcnow(),
+                node=node,
             )
         )
         priority = sweeps.study_priority(s, ready.study_id)
         send = send and sweeps.sends_results(s, ready.study_instance_uid, priority)
-        outbox.add(s, ready.study_id, sr, destinations, send, priority=priority)
+        outbox.add(s, ready.study_id, sr, destinations, send, priority=priority, node=node)
         swept = priority == sweeps.SWEEP_PRIORITY  # every image of it retrieved by a sweep
         for m in messages:
             if not (swept and not m.send_swept):
-                outbox.add(s, ready.study_id, m.obj, [m.destination], send, failed=m.failed, priority=priority)
+                outbox.add(s, ready.study_id, m.obj, [m.destination], send, failed=m.failed, priority=priority,
+                           node=node)  # fmt: skip
         trail.append(
             s,
             "instances_transferred",

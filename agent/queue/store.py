@@ -28,6 +28,7 @@ from agent.domain import (
     StoreOutcome,
 )
 from agent.queue import sweeps
+from agent.queue.cluster import SOLO, NodeScope, mine, node_value, own, owned
 
 CONFLICT_REASON = "conflict: SOP Instance UID already received with different content"
 
@@ -44,7 +45,7 @@ def existing_contents(db: Database, sop_instance_uid: str) -> dict[str, int]:
 
 
 def record_instance(
-    db: Database, inc: IncomingInstance, before_commit: Callable[[], None] | None = None
+    db: Database, inc: IncomingInstance, before_commit: Callable[[], None] | None = None, node: str | None = None
 ) -> StoreOutcome:
     """Commit study, instance, job and audit rows for a spooled instance, in one transaction.
 
@@ -53,7 +54,7 @@ def record_instance(
     study, instance and job rows are written and before the audit events and the commit, and only
     when there is something to commit: the ingest handler makes the spool file durable there, so
     the row work overlaps its fsync and the commit still follows it. Whatever it raises rolls the
-    transaction back.
+    transaction back. ``node``: the agent that holds the spool file (agent.node).
     """
     now = utcnow()
     try:
@@ -113,6 +114,7 @@ def record_instance(
                 peer_host=inc.peer_host,
                 received_at=now,
                 conflict_of_id=conflict_of,
+                node=node,
             )
             s.add(inst)
             s.flush()
@@ -202,9 +204,11 @@ def known_spool_paths(db: Database) -> set[str]:
         return set(s.execute(select(Instance.spool_path)).scalars().all())
 
 
-def lease(db: Database, owner: str, limit: int, lease_s: float, study_uid: str | None = None) -> list[LeasedJob]:
+def lease(
+    db: Database, owner: str, limit: int, lease_s: float, study_uid: str | None = None, scope: NodeScope = SOLO
+) -> list[LeasedJob]:
     """Hand up to ``limit`` QUEUED jobs (of one study, when ``study_uid`` is given) to ``owner``
-    until the lease expires."""
+    until the lease expires. Node storage: only jobs whose instance this node holds."""
     now = utcnow()
     with db.transaction() as s:
         q = (
@@ -213,6 +217,7 @@ def lease(db: Database, owner: str, limit: int, lease_s: float, study_uid: str |
             .join(Study, Instance.study_id == Study.id)
             .where(Job.state.in_([JobState.QUEUED.value, JobState.FAILED.value]))
             .where((Job.not_before.is_(None)) | (Job.not_before <= now))
+            .where(owned(Instance.node, scope))
             .order_by(Job.priority, Job.id)  # live traffic first, then what a sweep retrieved
             .limit(limit)
         )
@@ -224,6 +229,7 @@ def lease(db: Database, owner: str, limit: int, lease_s: float, study_uid: str |
         for job, inst, study_uid in s.execute(q).all():
             job.state = JobState.RUNNING.value
             job.lease_owner = owner
+            job.node = node_value(scope)
             job.lease_expires_at = now + timedelta(seconds=lease_s)
             job.attempts += 1
             job.updated_at = now
@@ -288,33 +294,38 @@ def study_ids_of_jobs(db: Database, job_ids: list[int]) -> list[int]:
         )
 
 
-def reap_expired_leases(db: Database) -> int:
-    """Jobs whose worker vanished go back to QUEUED."""
+def reap_expired_leases(db: Database, scope: NodeScope = SOLO) -> int:
+    """Jobs whose worker vanished go back to QUEUED: node storage, this node's own leases; shared
+    storage, any node's (a dead node's work is taken over)."""
     now = utcnow()
     with db.transaction() as s:
         res = s.execute(
             update(Job)
             .where(Job.state == JobState.RUNNING.value, Job.lease_expires_at < now)
+            .where(owned(Job.node, scope))
             .values(state=JobState.QUEUED.value, lease_owner=None, lease_expires_at=None, updated_at=now)
         )
         return res.rowcount  # type: ignore[attr-defined]
 
 
-def requeue_running(db: Database) -> int:
-    """At start-up of the only worker: every RUNNING job goes back to QUEUED."""
+def requeue_running(db: Database, scope: NodeScope = SOLO) -> int:
+    """At start-up: every RUNNING job this node leased goes back to QUEUED (another node's stay)."""
     now = utcnow()
     with db.transaction() as s:
         res = s.execute(
             update(Job)
             .where(Job.state == JobState.RUNNING.value)
+            .where(mine(Job.node, scope))
             .values(state=JobState.QUEUED.value, lease_owner=None, lease_expires_at=None, updated_at=now)
         )
         return res.rowcount  # type: ignore[attr-defined]
 
 
-def spool_removable(db: Database, older_than_s: float, limit: int = 500) -> list[tuple[int, str]]:
+def spool_removable(
+    db: Database, older_than_s: float, limit: int = 500, scope: NodeScope = SOLO
+) -> list[tuple[int, str]]:
     """(instance id, spool path) whose job is terminal, whose study has nothing left to deliver,
-    and which were received more than ``older_than_s`` ago."""
+    and which were received more than ``older_than_s`` ago; only this node's instances."""
     cutoff = utcnow() - timedelta(seconds=older_than_s)
     undelivered = select(OutboxItem.study_id).where(
         OutboxItem.state.not_in([OutboxState.DELIVERED.value, OutboxState.COMMITTED.value, OutboxState.SHADOW.value,
@@ -327,6 +338,7 @@ def spool_removable(db: Database, older_than_s: float, limit: int = 500) -> list
             .where(Instance.spool_removed_at.is_(None), Instance.received_at < cutoff)
             .where(Job.state.in_([JobState.DONE.value, JobState.SKIPPED.value, JobState.DEAD.value]))
             .where(Instance.study_id.not_in(undelivered))
+            .where(own(Instance.node, scope))
             .limit(limit)
         ).all()
         return [(i, p) for i, p in rows]

@@ -30,6 +30,7 @@ from agent.logging import get_logger
 from agent.pipeline.process import ScreeningEngine
 from agent.pipeline.run import Failed, Finished, Recordable, Rejected
 from agent.queue import screening, store
+from agent.queue.cluster import scope_of
 from agent.queue.outbox import write_object
 from agent.spool import Spool
 
@@ -80,6 +81,7 @@ class Worker:
         self.results = results
         self.screening = screening
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
+        self.scope = scope_of(settings)  # node storage: only jobs whose instance this node holds
         self.destinations = [p.name for p in settings.pacs]
         self.stats = WorkerStats()
         self._stop = threading.Event()
@@ -206,13 +208,13 @@ class Worker:
         against ~4 ms of inference that batching saves."""
         cfg = self.settings.worker
         size = self.batch_size()
-        jobs = store.lease(self.db, self.owner, 1, cfg.lease_s)
+        jobs = store.lease(self.db, self.owner, 1, cfg.lease_s, scope=self.scope)
         if not jobs or size == 1:
             return jobs
         study = jobs[0].ref.study_instance_uid
         deadline = time.monotonic() + cfg.max_wait_ms / 1000
         while True:
-            jobs += store.lease(self.db, self.owner, size - len(jobs), cfg.lease_s, study_uid=study)
+            jobs += store.lease(self.db, self.owner, size - len(jobs), cfg.lease_s, study_uid=study, scope=self.scope)
             if len(jobs) >= size or time.monotonic() >= deadline:
                 return jobs
             time.sleep(min(0.01, cfg.max_wait_ms / 1000))
@@ -333,6 +335,7 @@ class Worker:
             overlay_obj,
             self.destinations,
             self.settings.sender.send,
+            node=self.scope.name or None,
         )
         if not ok:
             log.warning("job_lease_lost", job_id=o.job.job_id)

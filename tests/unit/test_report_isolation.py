@@ -353,7 +353,7 @@ def test_the_migration_upgrades_an_existing_database(tmp_path: Path) -> None:
         )
         assert "study_report_failures" not in sa.inspect(conn).get_table_names()
     upgrade(db)
-    assert current_revision(db) == head_revision() == "0010_sweep_outbox"
+    assert current_revision(db) == head_revision() == "0011_node"
     with db.engine.connect() as conn:
         columns = {c["name"] for c in sa.inspect(conn).get_columns("study_report_failures")}
         diffs = compare_metadata(MigrationContext.configure(conn), Base.metadata)

@@ -390,6 +390,40 @@ def test_status_page(app: Any, seeded: Seeded) -> None:
     assert re.search(r"<th>DONE</th><td>8</td>", page.text)
     assert "chain intact" in page.text and "tiny-test-0" in page.text
     assert re.search(r'id="backlog">0<', page.text)
+    assert re.search(r'id="waiting"><tr><td>nothing waits<', page.text)  # every image screened
+
+
+def test_status_page_names_the_images_waiting_on_another_agent_and_that_it_is_gone(app: Any, seeded: Seeded) -> None:
+    """Several agents on one database: a QUEUED job whose instance another agent ("knee-b") holds,
+    and that agent's heartbeat 5 minutes old. Rows written here and removed after."""
+    from datetime import timedelta
+
+    from sqlalchemy import delete, select
+
+    from agent.clock import utcnow
+    from agent.db.models import Instance, Job, Node
+
+    db = seeded.agent.db
+    now = utcnow()
+    with db.transaction() as s:
+        study_id = s.execute(select(Instance.study_id).limit(1)).scalar_one()
+        inst = Instance(
+            study_id=study_id, sop_class_uid="1.2", sop_instance_uid="1.2.3.999", series_instance_uid="1.2.4",
+            transfer_syntax_uid="1.2.840.10008.1.2.1", spool_path="20260101/elsewhere.dcm", sha256="0" * 64,
+            size_bytes=1, calling_ae="X", received_at=now, node="knee-b",
+        )
+        s.add(inst)
+        s.flush()
+        s.add(Job(instance_id=inst.id, state="QUEUED", attempts=0, created_at=now, updated_at=now))
+        s.add(Node(name="knee-b", storage="node", started_at=now, last_seen=now - timedelta(minutes=5)))
+    try:
+        page = login(app, "audrey").get("/status").text
+        assert re.search(r"<th>knee-b</th><td>1 image\(s\) <span class=\"error\">\(agent gone\)", page)
+    finally:
+        with db.transaction() as s:
+            s.execute(delete(Job).where(Job.instance_id == inst.id))
+            s.execute(delete(Instance).where(Instance.id == inst.id))
+            s.execute(delete(Node).where(Node.name == "knee-b"))
 
 
 def test_status_page_and_metrics_show_each_sweeps_progress(app: Any, seeded: Seeded) -> None:

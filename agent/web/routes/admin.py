@@ -20,7 +20,7 @@ from agent.db.registry import FOLLOW_UP_STATUSES
 from agent.db.users import SessionView
 from agent.db.worklist import AuditFilter, filter_date, record_access, shown_number
 from agent.domain import OUTBOX_BACKLOG
-from agent.queue import outbox, screening, store, sweeps
+from agent.queue import cluster, outbox, screening, store, sweeps
 from agent.web import images
 from agent.web.auth import AdminSession, AnySession, AuditorSession, check_csrf
 from agent.web.render import render
@@ -207,10 +207,14 @@ def status(request: Request, sess: AnySession) -> Response:
     items = outbox.count_by_state(db)
     summary = worklist.status_summary(db)
     chain = worklist.verify_chain(db)
+    gone = set(cluster.gone_nodes(db, request.app.state.settings.agent.node_timeout_s))
     return render(
         request,
         "status.html",
         {
+            # several agents on one database: jobs not yet screened, by the agent holding them
+            "waiting": [(node or "(single node of old)", n, node in gone)
+                        for node, n in sorted(cluster.waiting_by_node(db).items())],  # fmt: skip
             "jobs": dict(sorted(jobs.items())),
             "outbox": dict(sorted(items.items())),
             "backlog": sum(items.get(s, 0) for s in OUTBOX_BACKLOG),
