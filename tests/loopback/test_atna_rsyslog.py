@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import structlog
 from audit_collector import Pki, Rsyslog, make_pki
-from conftest import TEST_SCU_AET, agent_settings, free_port
+from conftest import TEST_SCU_AET, agent_settings, agent_toml, free_port
 from fastapi.testclient import TestClient
 from ps315_schema import problems
 from sqlalchemy import select
@@ -269,7 +269,7 @@ def test_cli_export_audit_sends_now(tmp_path: Path, collector: Rsyslog, pki: Pki
     n = len(_events(db))
     cfg = tmp_path / "agent.toml"
     cfg.write_text(
-        f'[agent]\ndata_dir = "{tmp_path}"\n[scp]\nae_title = "STRNET_T"\n'
+        agent_toml(tmp_path) + '[scp]\nae_title = "STRNET_T"\n'
         f'[atna]\nenabled = true\nhost = "127.0.0.1"\nport = {collector.tcp_port}\nca_file = "{pki.ca}"\n'
         f'cert_file = "{pki.client_cert}"\nkey_file = "{pki.client_key}"\n'
     )
