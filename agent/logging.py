@@ -148,9 +148,21 @@ def configure_logging(level: str = "info", fmt: str = "auto", salt: str = "strne
     logging.getLogger("openjpeg").setLevel(logging.WARNING)
     logging.getLogger("highdicom").setLevel(logging.WARNING)
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    sched_log = logging.getLogger("apscheduler.scheduler")
+    if not any(isinstance(f, _SkippedTick) for f in sched_log.filters):
+        sched_log.addFilter(_SkippedTick())
     logging.getLogger("dicomweb_client").setLevel(logging.WARNING)  # a line per object sent at INFO
     logging.getLogger("alembic").setLevel(logging.WARNING)  # migrations run on every command
     logging.getLogger("sqlalchemy").setLevel(logging.WARNING)
+
+
+class _SkippedTick(logging.Filter):
+    """Drops apscheduler's "skipped: maximum number of running instances reached": every periodic
+    job runs one at a time and does all that is due when it runs, so a tick that comes while the
+    last one still works (the study-completion sweep polls every 0.5 s) is skipped by design."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "maximum number of running instances reached" not in record.getMessage()
 
 
 def get_logger(name: str) -> structlog.stdlib.BoundLogger:

@@ -94,7 +94,7 @@ def build_scheduler(
     retention_s: float,
     report_sweep: Callable[[], Any] | None,
     sender_wake: Callable[[], Any] | None,
-    sweep_s: float = 2.0,
+    sweep_s: float = 0.5,  # a quiet study's SR at most this long after its quiet period ends
     settings: Settings | None = None,
     archive_sweep: Callable[[], Any] | None = None,
     atna_export: Callable[[], Any] | None = None,
