@@ -7,6 +7,7 @@ until the test lets the PACS accept them again.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -16,11 +17,14 @@ from typing import Any
 
 from conftest import AGENT_AET, TEST_SCU_AET, agent_settings
 from dicom_factory import DX_PRESENTATION, knee_dx
+from fastapi.testclient import TestClient
 from pacs_peer import PACS_AET, PacsPeer
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 
 from agent.app import Agent
+from agent.db.engine import Database
+from agent.db.models import FlaggedPatient
 from agent.db.users import add_user
 from agent.domain import JobState
 from agent.pacs import status
@@ -143,3 +147,30 @@ def screened_agent(data_dir: Path, weights: Path, **web: Any) -> Iterator[Seeded
     finally:
         agent.stop(grace_s=1)
         pacs.stop()
+
+
+def login(app: Any, user: str) -> TestClient:
+    """A test client logged in as ``user`` (one of PASSWORDS)."""
+    client = TestClient(app, base_url="http://testserver")
+    page = client.get("/login")
+    token = re.search(r'name="login_token" value="([^"]+)"', page.text).group(1)  # type: ignore[union-attr]
+    r = client.post(
+        "/login",
+        data={"login_token": token, "username": user, "password": PASSWORDS[user][1]},
+        follow_redirects=False,
+    )
+    assert r.status_code == 303, r.text
+    return client
+
+
+def csrf_of(text: str) -> str:
+    return re.search(r'name="csrf_token" value="([^"]+)"', text).group(1)  # type: ignore[union-attr]
+
+
+def rows_of(db: Database, model: Any) -> list[Any]:
+    with db.reading() as s:
+        return list(s.query(model).order_by(model.id))
+
+
+def patient(db: Database, patient_id: str) -> FlaggedPatient:
+    return next(r for r in rows_of(db, FlaggedPatient) if r.patient_id == patient_id)

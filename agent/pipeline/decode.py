@@ -1,7 +1,7 @@
 """Decode and preprocess a batch's films, in parallel across cores when that pays.
 
 JPEG 2000 decodes at about 550 ms per 2500 x 2000 16-bit film on one core here (JPEG lossless
-165 ms, RLE 83 ms, uncompressed 10 ms: /work/shared/RECIPE.md), and the screening path decoded a
+165 ms, RLE 83 ms, uncompressed 10 ms; tests/bench/bench_decode.py), and the screening path decoded a
 batch's films one after another. ``DecodePool`` decodes and preprocesses them (``prepare``: load
 with its size caps and blank check, preprocess, texture features) in ``worker.decode_processes``
 helper processes (``strnet-decode``, spawned by the screening process at its first compressed

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import agent_toml
+from conftest import agent_toml, free_port
 from pydicom.dataset import Dataset
 from sqlalchemy import select, update
 
@@ -60,7 +60,7 @@ def row(db: Database, item_id: int) -> OutboxItem:
 
 # -- settings -------------------------------------------------------------------------------------
 def _pacs(**extra: Any) -> dict[str, Any]:
-    return {"name": "p", "ae_title": "PACS", "host": "127.0.0.1", "port": 104, **extra}
+    return {"name": "p", "ae_title": "PACS", "host": "127.0.0.1", "port": free_port(), **extra}
 
 
 def test_storage_commitment_is_off_by_default_with_a_600_s_timeout() -> None:
@@ -85,7 +85,8 @@ def test_storage_commitment_settings_that_cannot_work_are_refused(extra: dict[st
 
 
 def test_a_dicomweb_destination_cannot_ask_for_storage_commitment() -> None:
-    web = {"name": "w", "kind": "dicomweb", "url": "http://127.0.0.1:8042/dicom-web", "storage_commitment": True}
+    web = {"name": "w", "kind": "dicomweb", "url": f"http://127.0.0.1:{free_port()}/dicom-web",
+           "storage_commitment": True}  # fmt: skip
     with pytest.raises(ConfigError) as err:
         load_settings(None, search_default=False, pacs=[web])
     assert err.value.setting == "pacs[0].storage_commitment"

@@ -180,7 +180,7 @@ def test_dicomweb_destination_settings_and_their_mistakes(tmp_path: Path) -> Non
     dest = _load({"kind": "dicomweb", "url": "https://pacs.example.org/dicom-web/", "auth": "bearer",
                   "token_file": str(tmp_path / "t"), "ca_file": str(tmp_path / "ca.pem")})  # fmt: skip
     assert dest.url == "https://pacs.example.org/dicom-web" and dest.auth == "bearer"
-    assert _load({"ae_title": "PACS", "host": "127.0.0.1", "port": 104}).kind == "dimse"  # the default kind
+    assert _load({"ae_title": "PACS", "host": "127.0.0.1", "port": free_port()}).kind == "dimse"  # the default kind
     mistakes = [
         ({"kind": "dicomweb"}, "pacs[0].url"),
         ({"kind": "dicomweb", "url": "ftp://x/dicom-web"}, "pacs[0].url"),
@@ -192,7 +192,7 @@ def test_dicomweb_destination_settings_and_their_mistakes(tmp_path: Path) -> Non
         ({"kind": "dicomweb", "url": "http://x/dicom-web", "auth": "bearer"}, "pacs[0].token_file"),
         ({"kind": "dicomweb", "url": "http://x/dicom-web", "token_file": "t"}, "pacs[0].token_file"),
         ({"ae_title": "PACS", "host": "127.0.0.1"}, "pacs[0].port"),
-        ({"ae_title": "PACS", "host": "h", "port": 104, "url": "http://x/dicom-web"}, "pacs[0].url"),
+        ({"ae_title": "PACS", "host": "h", "port": free_port(), "url": "http://x/dicom-web"}, "pacs[0].url"),
     ]
     for given, named in mistakes:
         with pytest.raises(ConfigError) as err:

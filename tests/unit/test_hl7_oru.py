@@ -225,7 +225,7 @@ def _doc_block(after: str) -> str:
 def _example() -> str:
     result = dataclasses.replace(study(), study_instance_uid="2.25.299792458314159265358979323846264338",
                                  report_sop_instance_uid="2.25.161803398874989484820458683436563811")  # fmt: skip
-    dest = DEST.model_copy(update={"host": "ris.example.org", "port": 2575})
+    dest = DEST.model_copy(update={"host": "ris.example.org"})
     return build_oru(result, dest, control_id(result.report_sop_instance_uid, dest.name)).decode("utf-8")
 
 

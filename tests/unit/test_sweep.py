@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import agent_settings
+from conftest import agent_settings, free_port
 from sqlalchemy import select
 
 from agent.clock import utcnow
@@ -116,7 +116,7 @@ def db(db_url: str) -> Database:
 def make(
     db: Database, tmp_path: Path, days: dict[str, list[str]], **sweep: Any
 ) -> tuple[Sweeper, FakeArchive, Settings]:
-    pacs = [{"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": 4242, "query": True}]
+    pacs = [{"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": free_port(), "query": True}]
     settings = agent_settings(tmp_path, sweep=sweep, pacs=pacs)
     archive = FakeArchive(db, days)
     return Sweeper(settings, db, RULES, lambda _p: archive, sleep=lambda _s: None), archive, settings
@@ -271,8 +271,8 @@ def test_a_dicomweb_pacs_is_swept_by_qido_and_wado_and_dimse_retrieve_settings_a
     from agent.pacs.qr import DimseArchive
     from agent.pacs.wado import DicomwebArchive
 
-    web = {"name": "web", "kind": "dicomweb", "url": "http://127.0.0.1:8042/dicom-web", "query": True}
-    dimse = {"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": 4242, "query": True}
+    web = {"name": "web", "kind": "dicomweb", "url": f"http://127.0.0.1:{free_port()}/dicom-web", "query": True}
+    dimse = {"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": free_port(), "query": True}
     settings = agent_settings(tmp_path, pacs=[web, dimse], sweep={"retrieve": "get"})  # the dimse one uses it
     sources = [archive_for(settings)(p) for p in settings.pacs]
     assert isinstance(sources[0], DicomwebArchive) and isinstance(sources[1], DimseArchive)
@@ -284,7 +284,7 @@ def test_a_dicomweb_pacs_is_swept_by_qido_and_wado_and_dimse_retrieve_settings_a
 def test_serve_schedules_the_sweep_when_enabled(tmp_path: Path) -> None:
     from agent.app import Agent
 
-    pacs = [{"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": 4242, "query": True}]
+    pacs = [{"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": free_port(), "query": True}]
     off = Agent.build(agent_settings(tmp_path / "a", pacs=pacs), worker=False)
     assert off.sweeper is None and off.scheduler is not None and off.scheduler.get_job("archive_sweep") is None
     on = Agent.build(agent_settings(tmp_path / "b", pacs=pacs, sweep={"enabled": True, "since": "2024-01-01"}),
@@ -344,7 +344,7 @@ def test_send_results_false_keeps_only_the_sweeps_results_from_pacs_not_a_later_
 
 def test_the_scheduled_sweep_stops_between_studies_when_its_window_closes(db: Database, tmp_path: Path) -> None:
     clock = [0.0]
-    pacs = [{"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": 4242, "query": True}]
+    pacs = [{"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": free_port(), "query": True}]
     sweep = {"enabled": True, "since": "2026-03-02", "window": "20:00-06:00", "max_studies_per_hour": 100}
     settings = agent_settings(tmp_path, pacs=pacs, sweep=sweep)
     archive = FakeArchive(db, {"20260302": ["1.9.1", "1.9.2", "1.9.3", "1.9.4"]})

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from web_seed import PASSWORDS, Seeded, phi_strings, screened_agent
+from web_seed import Seeded, csrf_of, login, patient, phi_strings, rows_of, screened_agent
 
 from agent.clock import utcnow
 from agent.db import fls
@@ -37,30 +37,12 @@ def app(seeded: Seeded) -> Any:
     return create_app(seeded.agent.settings, seeded.agent.db)
 
 
-def login(app: Any, user: str) -> TestClient:
-    client = TestClient(app, base_url="http://testserver")
-    page = client.get("/login")
-    token = re.search(r'name="login_token" value="([^"]+)"', page.text).group(1)  # type: ignore[union-attr]
-    r = client.post(
-        "/login",
-        data={"login_token": token, "username": user, "password": PASSWORDS[user][1]},
-        follow_redirects=False,
-    )
-    assert r.status_code == 303, r.text
-    return client
 
 
-def csrf_of(text: str) -> str:
-    return re.search(r'name="csrf_token" value="([^"]+)"', text).group(1)  # type: ignore[union-attr]
 
 
-def rows_of(db: Database, model: Any) -> list[Any]:
-    with db.reading() as s:
-        return list(s.query(model).order_by(model.id))
 
 
-def patient(db: Database, patient_id: str) -> FlaggedPatient:
-    return next(p for p in rows_of(db, FlaggedPatient) if p.patient_id == patient_id)
 
 
 def findings(db: Database, patient_id: str) -> list[int]:

@@ -27,7 +27,7 @@ from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 from typer.testing import CliRunner
-from web_seed import PASSWORDS, Seeded, screened_agent
+from web_seed import Seeded, csrf_of, login, patient, rows_of, screened_agent
 
 from agent.db.engine import Database
 from agent.db.models import AuditEvent, FlaggedPatient, FollowUpEvent, OutboxItem, Result, Study
@@ -56,30 +56,12 @@ def app(seeded: Seeded) -> Any:
     return create_app(seeded.agent.settings, seeded.agent.db, model_info=lambda: info)
 
 
-def login(app: Any, user: str) -> TestClient:
-    client = TestClient(app, base_url="http://testserver")
-    page = client.get("/login")
-    token = re.search(r'name="login_token" value="([^"]+)"', page.text).group(1)  # type: ignore[union-attr]
-    r = client.post(
-        "/login",
-        data={"login_token": token, "username": user, "password": PASSWORDS[user][1]},
-        follow_redirects=False,
-    )
-    assert r.status_code == 303, r.text
-    return client
 
 
-def csrf_of(text: str) -> str:
-    return re.search(r'name="csrf_token" value="([^"]+)"', text).group(1)  # type: ignore[union-attr]
 
 
-def rows_of(db: Database, model: Any) -> list[Any]:
-    with db.reading() as s:
-        return list(s.query(model).order_by(model.id))
 
 
-def patient(db: Database, patient_id: str) -> FlaggedPatient:
-    return next(r for r in rows_of(db, FlaggedPatient) if r.patient_id == patient_id)
 
 
 def set_patient(db: Database, patient_id: str, **values: Any) -> None:
