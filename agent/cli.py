@@ -14,11 +14,12 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from sqlalchemy.exc import OperationalError
 
 from agent.clock import iso_z
 from agent.config import Settings, load_settings
 from agent.dicom_values import format_da
-from agent.errors import ConfigError
+from agent.errors import ConfigError, redact
 from agent.web.users_cli import users_app
 
 app = typer.Typer(
@@ -548,3 +549,9 @@ def main() -> None:
     except ConfigError as exc:
         typer.echo(f"configuration error: {exc}", err=True)
         sys.exit(2)
+    except OperationalError as exc:
+        # the database cannot be reached or used (refused, wrong password, unreadable file): the
+        # driver's first line says why; SQLAlchemy's own text (the statement, its parameters) is left out
+        first = str(exc.orig).strip().splitlines()[0] if str(exc.orig).strip() else exc.orig.__class__.__name__
+        typer.echo(f"database error: {redact(first)}", err=True)
+        sys.exit(1)

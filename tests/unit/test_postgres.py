@@ -57,6 +57,16 @@ def test_a_postgresql_url_without_psycopg_is_a_configuration_error(tmp_path: Pat
     assert "Traceback" not in out.stderr
 
 
+def test_a_database_that_cannot_be_reached_is_a_one_line_error_without_a_traceback(tmp_path: Path) -> None:
+    from conftest import free_port
+
+    cfg = _config(tmp_path, f"postgresql://strnet@127.0.0.1:{free_port()}/strnet")  # nobody listens there
+    out = _strnet("db", "upgrade", "--config", str(cfg))
+    assert out.returncode == 1, out.stderr
+    assert out.stderr.startswith("database error: ") and "Traceback" not in out.stderr, out.stderr
+    assert "[SQL" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
 @pytest.mark.parametrize("url", ["mysql://strnet@127.0.0.1/strnet", "postgresql+psycopg2://s@127.0.0.1/s", "nonsense"])
 def test_a_database_other_than_sqlite_or_postgresql_with_psycopg_is_a_configuration_error(url: str) -> None:
     with pytest.raises(ConfigError) as caught:
