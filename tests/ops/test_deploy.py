@@ -242,12 +242,21 @@ def test_cluster_schema_upgrade_runs_once_before_both_agents() -> None:
     for name in CLUSTER_AGENTS:
         assert services[name]["depends_on"] == {"migrate": {"condition": "service_completed_successfully"}}
         assert "command" not in services[name]  # the image's `strnet serve`
-    # the agents' own image has the PostgreSQL driver
-    assert all(
-        'pip install ".[postgres]"' in line
-        for line in (DEPLOY / "Dockerfile").read_text().splitlines()
-        if line.startswith("RUN pip install .") or line.startswith('RUN pip install ".')
-    )
+    # the agents' own image has the PostgreSQL driver, in both targets
+    installs = [line for line in (DEPLOY / "Dockerfile").read_text().splitlines() if "pip install" in line]
+    project = [line for line in installs if "torch" not in line]
+    assert len(project) == 2 and all('pip install ".[postgres]"' in line for line in project), project
+
+
+def test_cluster_publishes_ports_on_this_host_only() -> None:
+    published = {
+        name: service.get("ports", []) for name, service in cluster()["services"].items() if service.get("ports")
+    }
+    assert published == {
+        "strnet1": ["127.0.0.1:8081:8080"],
+        "strnet2": ["127.0.0.1:8082:8080"],
+        "orthanc": ["127.0.0.1:4242:4242", "127.0.0.1:8042:8042"],
+    }
 
 
 def store_as(ae_title: str, port: int, path: Path) -> int:
