@@ -6,29 +6,37 @@ and test machines (the docker CLI is there, `docker compose` and a daemon are no
 checked for real is: the YAML parses, every file it mounts exists, each agent's TOML loads with the
 agent's own loader under the compose environment, Orthanc's modalities and the routing script's
 AGENTS agree, images are pinned, the schema upgrade runs before the agents; and the same topology
-runs without Docker: two agents configured from the compose's TOMLs on one throwaway PostgreSQL
-database behind a real Orthanc (Debian's package) loading the same by-study script.
+runs without Docker: two `strnet serve` on the compose's agent TOML files, on one throwaway
+PostgreSQL database, behind a real Orthanc (Debian's package) loading the same by-study script.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import signal
+import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from conftest import require_tool
+from conftest import free_port, require_tool
 from dicom_factory import DX_PRESENTATION, knee_dx, write
+from pg_cluster import engine_under_test
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
+from sqlalchemy import func, select
 
 from agent.config import Settings, load_settings
+from agent.db.engine import Database
+from agent.db.models import Instance, OutboxItem, Study, StudyReport
 from agent.demo.orthanc import LocalOrthanc
 from agent.queue.store import list_jobs
 
@@ -36,6 +44,8 @@ ROOT = Path(__file__).parents[2]
 DEPLOY = ROOT / "deploy"
 CLUSTER = DEPLOY / "compose.cluster.yaml"
 CLUSTER_AGENTS = ("strnet1", "strnet2")
+# on PostgreSQL whatever the engine under test: the PostgreSQL pass (Makefile PG_TESTS) would repeat it
+ONCE = pytest.mark.skipif(engine_under_test() == "postgresql", reason="runs on PostgreSQL in the SQLite pass")
 
 
 def test_systemd_unit_verifies() -> None:
@@ -271,64 +281,142 @@ def store_as(ae_title: str, port: int, path: Path) -> int:
         assoc.release()
 
 
+class ComposeAgent:
+    """``strnet serve`` on a compose agent's own TOML file, as its container runs it, with the
+    compose environment plus what differs on loopback (addresses, ports, data directory, database)."""
+
+    def __init__(self, service: dict[str, Any], loopback: dict[str, str], log: Path) -> None:
+        self.config = agent_config(service)
+        self.port = int(loopback["STRNET_SCP__PORT"])
+        env = {**os.environ, **{k: str(v) for k, v in (service.get("environment") or {}).items()}, **loopback}
+        self._log = log.open("wb")
+        argv = [sys.executable, "-m", "agent", "serve", "--config", str(self.config)]
+        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=self._log, env=env)
+        self.log = log
+
+    def wait_listening(self, timeout_s: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"strnet serve exited: {self.log.read_text()[-2000:]}"
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return
+            time.sleep(0.1)
+        raise AssertionError("strnet serve did not start listening")
+
+    def terminate(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+
+    def wait_stopped(self) -> None:
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+        self._log.close()
+
+
 @pytest.mark.integration
-def test_orthanc_routes_each_study_whole_to_the_agent_its_uid_picks(
-    make_agent: Any, pg_cluster: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@ONCE
+def test_the_clusters_two_agents_on_postgresql_behind_orthanc_each_screen_the_studies_routed_to_them(
+    pg_cluster: Any, tiny_weights: Path, tmp_path: Path
 ) -> None:
-    """The compose cluster's topology without Docker: its two agents' settings (node, storage, AE
-    title) from their TOMLs, on one PostgreSQL database, behind Orthanc with the by-study script."""
+    """The compose cluster's topology without Docker: two `strnet serve` on their compose TOML files
+    (node, node storage, AE title as in the compose), one PostgreSQL database, Orthanc (Debian's
+    package) with the by-study script and the compose's modality names. Loopback differences come
+    by STRNET_* variables; screening inline with a tiny model (worker.process = false) to keep the
+    test short. Each study reaches one agent whole, is screened and reported by it, and what the
+    agents send back (SR, overlays: knee DX) is not routed to them again."""
     require_tool("Orthanc")
     services = cluster()["services"]
-    url = pg_cluster.fresh_database()
-    agents = []
-    for name in CLUSTER_AGENTS:
-        own = load_agent(services[name], monkeypatch)
-        agents.append(
-            make_agent(
-                agent={"node": own.node, "storage": own.agent.storage, "database_url": url},
-                scp={"ae_title": own.scp.ae_title},
-                worker={"enabled": False},
-            )
-        )
-    script = DEPLOY / "orthanc" / "route-knees-by-study.lua"
+    url = pg_cluster.fresh_database()  # at the newest schema: the compose's `migrate` step
+    ports = {name: free_port() for name in CLUSTER_AGENTS}
+    modalities = json.loads(services["orthanc"]["environment"]["ORTHANC__DICOM_MODALITIES"])
+    script = mounted(services["orthanc"], json.loads(services["orthanc"]["environment"]["ORTHANC__LUA_SCRIPTS"])[0])
     studies = [f"1.2.826.0.1.3680043.8.498.{7000 + i}" for i in range(8)]
     assert {study_agent(uid, 2) for uid in studies} == {0, 1}  # both agents get studies
+    agents: list[ComposeAgent] = []
     with LocalOrthanc(
         "ORTHANC",
-        modalities={
-            name: (a.settings.scp.ae_title, "127.0.0.1", a.scp.port)
-            for name, a in zip(CLUSTER_AGENTS, agents, strict=True)
-        },
+        modalities={name: (modalities[name][0], "127.0.0.1", ports[name]) for name in modalities},
         extra_config={"LuaScripts": [str(script)]},
     ) as orthanc:
-        sent: dict[str, set[str]] = {}
-        for n, uid in enumerate(studies):
-            for view in range(2):
-                ds = knee_dx(study_uid=uid, seed=n * 2 + view)
-                sent.setdefault(uid, set()).add(str(ds.SOPInstanceUID))
-                orthanc.upload(write(ds, tmp_path / f"{n}-{view}.dcm"))
-        orthanc.upload(write(knee_dx(body_part="CHEST"), tmp_path / "chest.dcm"))
-        # a knee film coming back from an agent (as its overlay does) is not routed again
-        assert (
-            store_as(agents[0].settings.scp.ae_title, orthanc.dicom_port, write(knee_dx(), tmp_path / "back.dcm")) == 0
-        )
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and len(list_jobs(agents[0].db)) < 2 * len(studies):
-            time.sleep(0.2)
-        time.sleep(1.0)  # a wrongly routed film (the chest, the one sent back, a second copy) would arrive meanwhile
-        got = received_by_node(agents[0].db)  # one database: both agents' instances
-        assert got == {
-            name: {uid: sent[uid] for uid in studies if study_agent(uid, 2) == i}
-            for i, name in enumerate(CLUSTER_AGENTS)
-        }
+        try:
+            for name in CLUSTER_AGENTS:
+                loopback = {
+                    "STRNET_AGENT__DATA_DIR": str(tmp_path / name),
+                    "STRNET_AGENT__DATABASE_URL": url,
+                    "STRNET_AGENT__MIN_FREE_DISK_MB": "0",
+                    "STRNET_SCP__BIND": "127.0.0.1",
+                    "STRNET_SCP__PORT": str(ports[name]),
+                    "STRNET_SCP__PEERS": json.dumps([{"ae_title": "ORTHANC", "host": "127.0.0.1"}]),
+                    "STRNET_PACS": json.dumps(
+                        [{"name": "orthanc", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": orthanc.dicom_port}]
+                    ),
+                    "STRNET_WEB__BIND": "127.0.0.1",
+                    "STRNET_WEB__PORT": str(free_port()),
+                    "STRNET_WORKER__WEIGHTS": str(tiny_weights),
+                    "STRNET_WORKER__PROCESS": "false",
+                    "STRNET_WORKER__DEVICE": "cpu",
+                    "STRNET_REPORTING__QUIET_PERIOD_S": "0.5",
+                    "STRNET_REPORTING__BUILD_PROCESSES": "0",
+                    "STRNET_SENDER__POLL_S": "0.2",
+                }
+                agents.append(ComposeAgent(services[name], loopback, tmp_path / f"{name}.log"))
+            for agent in agents:
+                agent.wait_listening()
+            sent: dict[str, set[str]] = {}
+            for n, uid in enumerate(studies):
+                for view in range(2):
+                    ds = knee_dx(study_uid=uid, seed=n * 2 + view, rows=320, cols=256)
+                    sent.setdefault(uid, set()).add(str(ds.SOPInstanceUID))
+                    orthanc.upload(write(ds, tmp_path / f"{n}-{view}.dcm"))
+            orthanc.upload(write(knee_dx(body_part="CHEST"), tmp_path / "chest.dcm"))
+            # a knee DX coming from an agent's AE title (as its overlays do) is not routed again
+            back = write(knee_dx(), tmp_path / "back.dcm")
+            assert store_as(modalities[CLUSTER_AGENTS[0]][0], orthanc.dicom_port, back) == 0
+            db = Database(url)
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline and delivered(db) != {"sr": len(studies), "sc": 2 * len(studies)}:
+                time.sleep(0.3)
+            time.sleep(1.0)  # a film routed back to an agent, or a wrong copy, would arrive meanwhile
+            assert delivered(db) == {"sr": len(studies), "sc": 2 * len(studies)}
+            expected = {
+                name: {uid: sent[uid] for uid in studies if study_agent(uid, 2) == i}
+                for i, name in enumerate(CLUSTER_AGENTS)
+            }
+            assert received_by_node(db) == expected
+            assert reported_by_node(db) == {name: set(by_study) for name, by_study in expected.items()}
+            db.dispose()
+        finally:
+            for agent in agents:
+                agent.terminate()
+            for agent in agents:
+                agent.wait_stopped()
+
+
+def delivered(db: Database) -> dict[str, int]:
+    """Outbox rows delivered, by kind (the rest still on their way are not counted)."""
+    with db.reading() as s:
+        rows = s.execute(
+            select(OutboxItem.kind, func.count()).where(OutboxItem.state == "DELIVERED").group_by(OutboxItem.kind)
+        ).all()
+    return {kind: n for kind, n in rows}
+
+
+def reported_by_node(db: Database) -> dict[str, set[str]]:
+    """node -> the studies it built an SR of."""
+    out: dict[str, set[str]] = {}
+    with db.reading() as s:
+        rows = s.execute(select(StudyReport.node, Study.study_instance_uid).join(Study)).all()
+    for node, study in rows:
+        out.setdefault(str(node), set()).add(study)
+    return out
 
 
 def received_by_node(db: Any) -> dict[str, dict[str, set[str]]]:
     """node -> study UID -> SOP Instance UIDs it received, from the shared database."""
-    from sqlalchemy import select
-
-    from agent.db.models import Instance, Study
-
     out: dict[str, dict[str, set[str]]] = {}
     with db.reading() as s:
         rows = s.execute(
