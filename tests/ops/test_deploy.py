@@ -24,11 +24,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 import yaml
 from conftest import free_port, require_tool
 from dicom_factory import DX_PRESENTATION, knee_dx, write
-from pg_cluster import engine_under_test
+from pg_cluster import PgCluster, engine_under_test
+from psycopg import sql
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
@@ -267,6 +269,36 @@ def test_cluster_publishes_ports_on_this_host_only() -> None:
         "strnet2": ["127.0.0.1:8082:8080"],
         "orthanc": ["127.0.0.1:4242:4242", "127.0.0.1:8042:8042"],
     }
+
+
+@ONCE
+def test_cluster_migrate_reaches_postgresql_with_the_password_from_the_env_file(tmp_path: Path) -> None:
+    """The compose's `migrate` command, its TOML and its environment (PGPASSWORD from the example env
+    file) against a PostgreSQL 15 of its own that asks for passwords (scram-sha-256): the schema is
+    created; with a wrong password it is refused."""
+    service = cluster()["services"]["migrate"]
+    env = {k: str(v) for k, v in service["environment"].items()}
+    pg = PgCluster(free_port()).start()
+    try:
+        admin = f"host=127.0.0.1 port={pg.port} user=postgres dbname=postgres"
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(sql.SQL("CREATE ROLE strnet LOGIN PASSWORD {}").format(sql.Literal(env["PGPASSWORD"])))
+            conn.execute("CREATE DATABASE strnet OWNER strnet")
+        hba = pg.dir / "data" / "pg_hba.conf"
+        hba.write_text("host all postgres 127.0.0.1/32 trust\nhost all all 127.0.0.1/32 scram-sha-256\n")
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute("SELECT pg_reload_conf()")
+        config = agent_config(service)
+        url = load_settings(config).database_url.replace("@db:5432/", f"@127.0.0.1:{pg.port}/")
+        argv = [sys.executable, "-m", "agent", *service["command"][:2], "--config", str(config)]
+        base = {**os.environ, "STRNET_AGENT__DATA_DIR": str(tmp_path), "STRNET_AGENT__DATABASE_URL": url}
+        ok = subprocess.run(argv, env={**base, **env}, capture_output=True, text=True, timeout=120)
+        assert ok.returncode == 0 and "database at revision" in ok.stdout, ok.stdout + ok.stderr
+        wrong = subprocess.run(argv, env={**base, "PGPASSWORD": "not-it"}, capture_output=True, text=True, timeout=120)
+        # refused (today the CLI prints SQLAlchemy's traceback for it, ending in libpq's message)
+        assert wrong.returncode == 1 and 'password authentication failed for user "strnet"' in wrong.stderr
+    finally:
+        pg.stop()
 
 
 def store_as(ae_title: str, port: int, path: Path) -> int:
