@@ -8,8 +8,23 @@
 -- already split that way still gets its SR on each agent from the images it holds).
 
 local AGENTS = { "strnet1", "strnet2" }         -- names in DicomModalities, in this order
-local AGENT_AETS = { ["STRNET"] = true }         -- the agents' AE titles (results come back from them)
 local KNEE_CODES = { ["72696002"] = true, ["T-15710"] = true }
+
+-- The agents' AE titles, read from their DicomModalities entries ([AET, host, port] or
+-- {"AET": ...}): what comes back from them (SRs, overlays) is never routed again.
+local function agent_aets()
+  local aets = {}
+  local modalities = GetOrthancConfiguration()["DicomModalities"] or {}
+  for _, name in ipairs(AGENTS) do
+    local entry = modalities[name]
+    if entry == nil then
+      error("route-knees-by-study.lua: " .. name .. " is not in DicomModalities")
+    end
+    aets[entry["AET"] or entry[1]] = true
+  end
+  return aets
+end
+local AGENT_AETS = agent_aets()
 
 local function is_knee(tags)
   local body = string.upper(tags["BodyPartExamined"] or "")
