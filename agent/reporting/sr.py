@@ -3,9 +3,11 @@
 One planar ROI group (TID 1410) per screened image: its image region is the square the model
 assessed (a closed POLYLINE on the source image), and the first measurement is INFERRED FROM the
 same region, which is what image viewers need to draw it (OHIF v3 hydrates exactly this shape as
-a rectangle labelled with the finding; docs/viewing-results.md). The study summary and a
-plain-text impression sit in the document's Qualitative Evaluations container (TID 1500 row 12),
-not in a measurement group: a group without an image region stops OHIF loading the whole report.
+a rectangle labelled with the finding; docs/viewing-results.md). The study summary (the result
+and severity of the study's knees, a plain-text impression, one Knee result container per knee:
+the films of one side combined, agent/pipeline/knees.py) sits in the document's Qualitative
+Evaluations container (TID 1500 row 12), not in a measurement group: a group without an image
+region stops OHIF loading the whole report.
 Every container is SEPARATE, so text renderers (dsr2html) print each value with its name.
 
 Evidence = the source images, so the SR lands in the source study with the patient and study

@@ -141,3 +141,23 @@ def test_compute_metrics_keeps_every_image_key_and_adds_the_knee_ones() -> None:
                                         "tscore_pearson_r_knee", "n_knees"}  # fmt: skip
     assert after["n_knees"] == n // 2
     assert after["screening_auroc"] == before["screening_auroc"]
+
+
+def test_with_one_film_per_knee_the_knee_figures_are_the_image_figures() -> None:
+    rng = np.random.default_rng(1)
+    n = 60
+    y = (np.arange(n) % 3 != 0).astype(np.float32)
+    raw = {"screen_logit": 1.5 * y + rng.normal(0, 1, n), "severity_logit": rng.normal(0, 1, n),
+           "tscore": -2.0 * y + rng.normal(0, 0.6, n)}  # fmt: skip
+    tg = {"label": y, "severity": np.where(y == 1, rng.random(n) < 0.5, np.nan).astype(np.float32),
+          "tscore": (-2.0 * y + rng.normal(0, 0.4, n)).astype(np.float32)}  # fmt: skip
+    studies = [f"S{i // 2}" for i in range(n)]
+    sides = ["L", "R"] * (n // 2)
+    m = compute_metrics(raw, tg, _meta(), rng.normal(0, 1, (n, 6)).astype(np.float32), [f"P{i}" for i in range(n)],  # type: ignore[arg-type]
+                        {"preprocessed_mean": rng.normal(0, 1, n)}, None, studies, sides)  # fmt: skip
+    assert m["n_knees"] == n and m["n_knees_several_images"] == 0
+    for image, knee in (("screening_auroc", "screening_auroc_knee"), ("severity_auroc", "severity_auroc_knee"),
+                        ("sensitivity", "sensitivity_knee"), ("specificity", "specificity_knee"),
+                        ("tscore_mae", "tscore_mae_knee"), ("tscore_pearson_r", "tscore_pearson_r_knee")):  # fmt: skip
+        assert m[knee] == pytest.approx(m[image]), knee
+    assert m["severity_auroc_knee_ci"] == pytest.approx(m["severity_auroc_ci"])
