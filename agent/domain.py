@@ -160,3 +160,21 @@ class Findings:
     # col1; ends exclusive; may reach past the edges when the film was padded); the saliency map
     # covers exactly this square. None: not known (results recorded before it was kept).
     region: tuple[int, int, int, int] | None = None
+
+
+@dataclass(frozen=True)
+class KneeFindings:
+    """One knee's result in a study: its screened films combined (model/knee.py, through
+    agent/pipeline/knees.py). ``images`` are the films' indices in the study's findings."""
+
+    laterality: str | None  # "L" or "R"; None: a film of unknown side, a knee of its own
+    images: tuple[int, ...]
+    probability: float  # P(bone loss) from the mean of the films' calibrated logits
+    threshold: float  # the served threshold the films were decided at
+    bone_loss: bool  # probability >= threshold
+    p_osteoporosis_given_bone_loss: float  # from the mean severity logit
+    severity: str | None  # "osteopenia" | "osteoporosis" when bone_loss, else None
+    t_score: float  # mean of the films' T-scores
+    t_score_low: float  # t_score -/+ the conformal half-width
+    t_score_high: float
+    interval_coverage: float

@@ -17,6 +17,7 @@ from model.calibration import apply_linear, apply_temperature, brier, ece
 from model.checkpoint import CheckpointMeta
 from model.conformal import interval_coverage
 from model.fitting import add_intercept, fit_logistic
+from model.knee import knee_groups
 from model.metrics import (
     auroc,
     average_precision,
@@ -61,8 +62,12 @@ def compute_metrics(
     patient_ids: list[str],
     intensity: dict[str, np.ndarray],
     profiles: list[str] | None = None,
+    studies: Sequence[str] | None = None,
+    lateralities: Sequence[str | None] | None = None,
 ) -> dict[str, Any]:
-    """All metrics of the report from raw model outputs and the targets."""
+    """All metrics of the report from raw model outputs and the targets; with ``studies`` and
+    ``lateralities`` (the manifest's study_instance_uid and laterality) the knee-level ones too
+    (``knee_metrics``)."""
     y = tg["label"].astype(int)
     temp = meta.temperature
     p0 = apply_temperature(raw["screen_logit"], 1.0)
@@ -178,7 +183,68 @@ def compute_metrics(
         m["by_profile"] = sub
     gates = {k[5:]: raw[k].mean(0).tolist() for k in raw if k.startswith("gate_")}
     m["gate_weights_mean"] = gates
+    if studies is not None and lateralities is not None:
+        m.update(knee_metrics(raw, tg, meta, studies, lateralities))
     return m
+
+
+def knee_metrics(
+    raw: dict[str, np.ndarray],
+    tg: dict[str, np.ndarray],
+    meta: CheckpointMeta,
+    studies: Sequence[str],
+    lateralities: Sequence[str | None],
+) -> dict[str, Any]:
+    """Knee-level figures (``model.knee``): the films of one knee in one study (same study
+    instance UID and laterality L or R; any other film a knee of its own) combined as the agent
+    combines them: the mean of the calibrated screening logits, of the severity logits and of
+    the (recalibrated) T-scores. The knee's truth: bone loss when a film of it is labelled so,
+    its severity the highest labelled, its T-score the mean of its films' (one bone: they agree
+    in the generator). Intervals as the image-level ones: DeLong, Wilson, Fisher z."""
+    groups = knee_groups(list(studies), list(lateralities))
+    z = np.asarray(raw["screen_logit"], dtype=np.float64) / meta.temperature
+    sev = np.asarray(raw["severity_logit"], dtype=np.float64)
+    t_hat = np.asarray(raw["tscore"], dtype=np.float64)
+
+    def finite_mean(values: np.ndarray) -> float:
+        v = values[np.isfinite(values)]
+        return float(v.mean()) if v.size else float("nan")
+
+    def finite_max(values: np.ndarray) -> float:
+        v = values[np.isfinite(values)]
+        return float(v.max()) if v.size else float("nan")
+
+    p_k = np.array([1.0 / (1.0 + np.exp(-z[g].mean())) for g in groups])
+    s_k = np.array([sev[g].mean() for g in groups])
+    t_k = np.array([t_hat[g].mean() for g in groups])
+    y_k = np.array([finite_max(tg["label"][g]) for g in groups])
+    sev_true = np.array([finite_max(tg["severity"][g]) for g in groups])
+    t_true = np.array([finite_mean(tg["tscore"][g]) for g in groups])
+    ok = np.isfinite(y_k)
+    y_k, p_k, s_k, t_k, sev_true, t_true = y_k[ok].astype(int), p_k[ok], s_k[ok], t_k[ok], sev_true[ok], t_true[ok]
+    auc, lo, hi, _ = delong_ci(y_k, p_k)
+    th = meta.thresholds.get(meta.served_threshold, float("nan"))
+    rates = binary_rates(y_k, p_k >= th)
+    sev_ok = (y_k == 1) & np.isfinite(sev_true)
+    s_auc, s_lo, s_hi, _ = delong_ci(sev_true[sev_ok], s_k[sev_ok])
+    t_ok = np.isfinite(t_true)
+    r, r_lo, r_hi = pearson_r(t_k[t_ok], t_true[t_ok])
+    return {
+        "n_knees": int(len(y_k)),
+        "n_knees_several_images": int(sum(len(g) > 1 for g, keep in zip(groups, ok, strict=True) if keep)),
+        "screening_auroc_knee": auc,
+        "screening_auroc_knee_ci": [lo, hi],
+        "sensitivity_knee": rates["sensitivity"],
+        "sensitivity_knee_ci": rates["sensitivity_ci"],
+        "specificity_knee": rates["specificity"],
+        "specificity_knee_ci": rates["specificity_ci"],
+        "severity_auroc_knee": s_auc,
+        "severity_auroc_knee_ci": [s_lo, s_hi],
+        "n_severity_knee": int(sev_ok.sum()),
+        "tscore_mae_knee": mae(t_k[t_ok], t_true[t_ok]),
+        "tscore_pearson_r_knee": r,
+        "tscore_pearson_r_knee_ci": [r_lo, r_hi],
+    }
 
 
 _STATES = ("drawn", "off_bone", "no_bone")  # what the overlay shows for an image's served map
@@ -399,7 +465,8 @@ def evaluate(
     intensity = {"preprocessed_mean": cache.astype(np.float32).mean(axis=(1, 2))}
     intensity.update(stats)
     metrics = compute_metrics(
-        raw, tg, pred.meta, clin, [r.patient_id for r in rows], intensity, [r.profile for r in rows]
+        raw, tg, pred.meta, clin, [r.patient_id for r in rows], intensity, [r.profile for r in rows],
+        [r.study_instance_uid for r in rows], [r.laterality for r in rows],
     )
     served_p = apply_temperature(raw["screen_logit"], pred.meta.temperature)
     t_met = time.time()

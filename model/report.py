@@ -281,6 +281,28 @@ def _saliency_lines(m: dict[str, Any]) -> list[str]:
     ]
 
 
+def _knee_lines(m: dict[str, Any]) -> list[str]:
+    """The knee-level section: the films of one knee in one study combined (model/knee.py)."""
+    return [
+        "",
+        "## Per knee",
+        "",
+        f"{m['n_knees']} knees (study and laterality; {m['n_knees_several_images']} with two or more "
+        "films), each the mean of its films' calibrated screening logits, severity logits and "
+        "T-scores (model/knee.py), decided at the served threshold.",
+        "",
+        "| metric | per knee | per image |",
+        "|---|---|---|",
+        f"| screening AUROC | {_ci(m, 'screening_auroc_knee')} | {_ci(m, 'screening_auroc')} |",
+        f"| sensitivity (served threshold) | {_ci(m, 'sensitivity_knee')} | {_ci(m, 'sensitivity')} |",
+        f"| specificity (served threshold) | {_ci(m, 'specificity_knee')} | {_ci(m, 'specificity')} |",
+        f"| severity AUROC (n {m['n_severity_knee']} / {m['n_severity']}) | {_ci(m, 'severity_auroc_knee')} | "
+        f"{_ci(m, 'severity_auroc')} |",
+        f"| T-score MAE | {_fmt(m['tscore_mae_knee'])} | {_fmt(m['tscore_mae'])} |",
+        f"| T-score Pearson r | {_ci(m, 'tscore_pearson_r_knee')} | {_ci(m, 'tscore_pearson_r')} |",
+    ]
+
+
 def render_markdown(m: dict[str, Any], plots: list[tuple[str, str]]) -> str:
     ops = m["operating_points"]
     lines = [
@@ -374,6 +396,8 @@ def render_markdown(m: dict[str, Any], plots: list[tuple[str, str]]) -> str:
             "|---|---|---|",
         ]
         lines += [f"| {k} | {v['n']} | {_fmt(v['auroc'])} |" for k, v in m["by_profile"].items()]
+    if "n_knees" in m:
+        lines += _knee_lines(m)
     if "saliency_in_bone" in m:
         lines += _saliency_lines(m)
     lines += ["", "## Plots", ""]

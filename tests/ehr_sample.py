@@ -11,6 +11,7 @@ from pydicom.uid import generate_uid
 
 from agent.domain import AlgorithmInfo, Findings
 from agent.ehr.content import StudyResult, study_result
+from agent.pipeline.knees import study_knees
 
 ALGO = AlgorithmInfo(name="STR-Net", version="0.3.1-test", checkpoint_sha256="c0ffee" * 10 + "abcd")
 
@@ -53,12 +54,15 @@ def sources(study_uid: str | None = None, **patient: Any) -> list[Any]:
 
 
 def study(positive: bool = True, revision: int = 1, **patient: Any) -> StudyResult:
+    """The study's result as the reporter makes it: with its knees (one film of each side)."""
     srcs = sources(**patient)
+    fs = findings(positive)
     return study_result(
         srcs,
-        findings(positive),
+        fs,
         report_sop_instance_uid=generate_uid(),
         report_series_instance_uid=generate_uid(),
         revision=revision,
         reported_at=datetime(2026, 12, 1, 10, 5, 7, tzinfo=UTC),
+        knees=study_knees([str(ds.ImageLaterality) for ds in srcs], fs),
     )

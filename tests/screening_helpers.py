@@ -69,3 +69,34 @@ def screened(reporter: Any, study_uid: str | None = None, name: str = "Quimbly^O
     findings = Findings(0.81, 0.4, True, 0.6, "osteopenia", -1.8, -2.5, -1.1, 0.9, algorithm)
     assert screening.record_screening(reporter.db, job.job_id, "test-worker", findings, {}, None, [], send=False)
     return study_uid
+
+
+def report_study(db: Any, study_instance_uid: str, served: Any = None) -> bool:
+    """The SR's commit of a study whose films are screened, as the reporter makes it but without
+    building the SR (a records-level stand-in: no spool files needed): the study's knees from the
+    instances' recorded laterality (what the reporter reads from the same headers), the knee rows
+    and the flag. Returns what ``screening.record_report`` returns."""
+    from agent.db.models import Instance, Result, Study
+    from agent.domain import ServedModel
+    from agent.pipeline.knees import study_knees
+    from agent.queue.outbox import OutgoingObject
+
+    served = served or ServedModel(AlgorithmInfo("STR-Net", "test", "0" * 64), 0.4, {}, 0.9, "cpu")
+    with db.reading() as s:
+        study_id = s.query(Study.id).filter(Study.study_instance_uid == study_instance_uid).scalar()
+        rows = (
+            s.query(Result, Instance.laterality)
+            .join(Instance, Instance.id == Result.instance_id)
+            .filter(Result.study_id == study_id)
+            .order_by(Instance.id)
+            .all()
+        )
+        findings = [screening.findings_of(r, served) for r, _ in rows]
+        result_ids = [r.id for r, _ in rows]
+        sides = [side for _, side in rows]
+    (ready,) = screening.ready_studies(db, 0.0, study_id=study_id)
+    sr_uid = generate_uid()
+    return screening.record_report(
+        db, ready, OutgoingObject("sr", "1.2.840.10008.5.1.4.1.1.88.34", sr_uid, f"results/{sr_uid}.dcm"),
+        generate_uid(), [], send=False, knees=study_knees(sides, findings), result_ids=result_ids,
+    )  # fmt: skip

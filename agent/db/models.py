@@ -226,6 +226,31 @@ class StudyReport(Base):
     node: Mapped[str | None] = mapped_column(String(64), index=True)
 
 
+class KneeResult(Base):
+    """One knee of a study as an SR revision reported it: the screened films of one side
+    combined (model/knee.py), recorded in the SR's commit. A table, not columns of ``results``: a
+    knee spans several result rows, and each revision keeps the knees it reported (a late film
+    changes its knee; what PACS got for the earlier revision stays)."""
+
+    __tablename__ = "knee_results"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    report_id: Mapped[int] = mapped_column(ForeignKey("study_reports.id"), index=True)
+    laterality: Mapped[str | None] = mapped_column(String(1))  # L, R; NULL: a film of unknown side
+    result_ids: Mapped[list] = mapped_column(JSON)  # the films' results.id
+    n_images: Mapped[int] = mapped_column(Integer)
+    probability: Mapped[float] = mapped_column(Float)
+    threshold: Mapped[float] = mapped_column(Float)
+    bone_loss: Mapped[bool] = mapped_column(Boolean)
+    p_osteoporosis_given_bone_loss: Mapped[float] = mapped_column(Float)
+    severity: Mapped[str | None] = mapped_column(String(16))
+    t_score: Mapped[float] = mapped_column(Float)
+    t_score_low: Mapped[float] = mapped_column(Float)
+    t_score_high: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime())
+
+
 # StudyReportFailure.state: retried after next_attempt_at, or given up (replayed by an operator)
 REPORT_RETRY = "retry"
 REPORT_DEAD = "dead"
@@ -306,6 +331,10 @@ class FlaggedPatient(Base):
     probability: Mapped[float] = mapped_column(Float)
     severity: Mapped[str | None] = mapped_column(String(16))
     t_score: Mapped[float] = mapped_column(Float)
+    # the knee the figures are of (L, R; NULL with knee_images set: a film of unknown side) and
+    # its screened films; both NULL: an image's figures (rows flagged before migration 0012_knee)
+    knee_laterality: Mapped[str | None] = mapped_column(String(1))
+    knee_images: Mapped[int | None] = mapped_column(Integer)
     # FLS pathway: when the patient was referred for DXA (the overdue clock); cleared on reopening
     referred_at: Mapped[datetime | None] = mapped_column(UtcDateTime(), index=True)
 

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 from agent.audit import trail
 from agent.clock import utcnow
 from agent.db.engine import Database
-from agent.db.models import FlaggedPatient, Instance, Result, Study
+from agent.db.models import FlaggedPatient, Instance, KneeResult, Result, Study
 from agent.db.upsert import insert_if_absent
 
 # the fracture-liaison pathway (agent/db/fls.py has its transitions and labels)
@@ -38,15 +38,19 @@ def patient_key(study: Study) -> str:
     return study.patient_id or f"study:{study.study_instance_uid}"
 
 
-def _supersedes(study: Study, result: Result, row: FlaggedPatient) -> bool:
-    """Whether ``result`` (a positive image of ``study``) should give the row its figures.
+def _supersedes(study: Study, result: Result | KneeResult, row: FlaggedPatient) -> bool:
+    """Whether ``result`` (a positive knee, or image, of ``study``) should give the row its figures.
 
     The row shows the patient's latest positive study (by StudyDate; a study without a date, or
-    a row without one, counts as the latest arrival) and, within that study, its image with the
-    highest probability, as the SR's study summary does. An older study that arrives later, or a
-    less suspicious image of the same study, is counted and audited but leaves the figures alone.
+    a row without one, counts as the latest arrival) and, within that study, its knee with the
+    highest probability, as the SR's study summary does (the SR's commit passes only that knee;
+    a later revision's knee replaces an earlier revision's). An older study that arrives later,
+    or a less suspicious image of the same study, is counted and audited but leaves the figures
+    alone.
     """
     if row.last_study_id == study.id:
+        if isinstance(result, KneeResult):
+            return True  # the study's latest SR revision decides
         return result.probability > row.probability
     new, old = study.study_date or "", row.last_study_date or ""
     if len(new) == 8 and len(old) == 8 and new.isdigit() and old.isdigit():
@@ -55,11 +59,15 @@ def _supersedes(study: Study, result: Result, row: FlaggedPatient) -> bool:
     return True
 
 
-def upsert_flag(session: Session, study: Study, result: Result) -> FlaggedPatient:
+def upsert_flag(session: Session, study: Study, result: Result | KneeResult) -> FlaggedPatient:
     """Flag the study's patient, or update their row; one row per patient, every change audited.
 
-    ``last_flagged_at`` is when the agent last flagged the patient (what the lists sort and
-    filter on); probability, severity, T-score and last study are those of ``_supersedes``."""
+    The agent flags in the SR's commit, with the study's positive knee of the highest
+    probability (``screening.record_report``); a ``Result`` (an image's figures) is what rows of
+    before carry. ``last_flagged_at`` is when the agent last flagged the patient (what the lists
+    sort and filter on); probability, severity, T-score, knee and last study are those of
+    ``_supersedes``."""
+    knee = isinstance(result, KneeResult)
     now = utcnow()
     key = patient_key(study)
     # another process may be flagging the same patient right now: insert unless there, then read
@@ -105,6 +113,8 @@ def upsert_flag(session: Session, study: Study, result: Result) -> FlaggedPatien
         row.probability = result.probability
         row.severity = result.severity
         row.t_score = result.t_score
+        row.knee_laterality = result.laterality if isinstance(result, KneeResult) else None
+        row.knee_images = result.n_images if isinstance(result, KneeResult) else None
     session.flush()
     trail.append(
         session,
@@ -113,7 +123,8 @@ def upsert_flag(session: Session, study: Study, result: Result) -> FlaggedPatien
         action="C" if change == "flagged" else "U",
         object_type="flagged_patient",
         object_id=str(row.id),
-        detail={"change": change, "study_id": study.id, "result_id": result.id, "status": row.status},
+        detail={"change": change, "study_id": study.id, ("knee_result_id" if knee else "result_id"): result.id,
+                "status": row.status},  # fmt: skip
     )
     return row
 
@@ -167,6 +178,8 @@ class FlaggedRow:
     severity: str | None
     t_score: float
     referred_at: datetime | None
+    knee_laterality: str | None  # the knee the figures are of: L, R, None (unknown side)
+    knee_images: int | None  # its screened films; None: an image's figures (flagged before knees)
 
     @classmethod
     def of(cls, r: FlaggedPatient, **more: Any) -> Self:
@@ -174,8 +187,16 @@ class FlaggedRow:
         return cls(
             r.id, r.patient_id, r.patient_name, r.patient_birth_date, r.patient_sex, r.status,
             r.first_flagged_at, r.last_flagged_at, r.last_study_date, r.probability, r.severity, r.t_score,
-            r.referred_at, **more,
+            r.referred_at, r.knee_laterality, r.knee_images, **more,
         )
+
+    @property
+    def knee(self) -> str:
+        """Which knee the figures are of, in words: "Left knee, 2 images"; "" for an image's."""
+        if self.knee_images is None:
+            return ""
+        side = {"L": "Left knee", "R": "Right knee"}.get(self.knee_laterality or "", "Knee")
+        return f"{side}, {self.knee_images} image{'s' if self.knee_images != 1 else ''}"
 
 
 @dataclass(frozen=True)

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from agent.domain import AlgorithmInfo, Findings
+from agent.domain import AlgorithmInfo, Findings, KneeFindings
 from agent.reporting import equipment, uids
 from agent.reporting.source import reference_dataset
-from agent.reporting.sr import image_label, impression
+from agent.reporting.sr import image_label, impression, knee_label
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,26 @@ class ImageResult:
     t_score_low: float
     t_score_high: float
     interval_coverage: float  # e.g. 0.9
+
+
+@dataclass(frozen=True)
+class KneeResult:
+    """One knee of the study (its screened films of one side combined), as the SR's Knee result
+    container states it. The same figure names as ``ImageResult``: the study-level observations
+    read either."""
+
+    label: str  # "Left knee", "Right knee"; "Knee": a film of unknown side, a knee of its own
+    laterality: str | None  # "L" | "R" | None
+    sop_instance_uids: tuple[str, ...]  # its films
+    bone_loss: bool
+    severity: str | None
+    probability: float  # from the mean of the films' calibrated logits
+    threshold: float
+    p_osteoporosis_given_bone_loss: float
+    t_score: float  # mean of the films' T-scores
+    t_score_low: float
+    t_score_high: float
+    interval_coverage: float
 
 
 @dataclass(frozen=True)
@@ -69,8 +89,8 @@ class StudyResult:
     report_series_instance_uid: str
     revision: int  # 1 for the first SR of the study, then 2, 3 ... as later images arrive
     reported_at: datetime  # when this result was recorded (aware, UTC)
-    positive: bool  # any image bone_loss
-    severity: str | None  # the worst severity of the positive images
+    positive: bool  # any knee bone_loss (without knees: any image)
+    severity: str | None  # the worst severity of the positive knees (without knees: images)
     index_image: ImageResult  # the image with the highest P(bone loss)
     images: tuple[ImageResult, ...]
     impression: str  # the SR's Impression text, disclaimer included
@@ -78,6 +98,14 @@ class StudyResult:
     model_key: str  # version#sha: what the result UIDs are derived from
     device_uid: str  # the model's Device UID (= the SR's Device Observer UID)
     assessment: Assessment | None = None  # a radiologist's verdict, when the message reports one
+    knees: tuple[KneeResult, ...] = ()  # the study's knees, as the SR's summary states them
+    index_knee: KneeResult | None = None  # the knee with the highest P(bone loss)
+
+    @property
+    def index_result(self) -> ImageResult | KneeResult:
+        """What the study-level observations state: the index knee, else (a result built
+        without knees) the index image."""
+        return self.index_knee if self.index_knee is not None else self.index_image
 
     @property
     def disclaimer(self) -> str:
@@ -119,15 +147,19 @@ def study_result(
     report_series_instance_uid: str,
     revision: int,
     reported_at: datetime,
+    knees: Sequence[KneeFindings] | None = None,
 ) -> StudyResult:
-    """The result of one study from its sources' headers (as received) and their findings."""
+    """The result of one study from its sources' headers (as received) and their findings; with
+    ``knees`` (agent/pipeline/knees.py, as given to the SR) the study's result is theirs."""
     if not sources or len(sources) != len(findings):
         raise ValueError("a study result needs one finding per source, at least one")
     refs = [reference_dataset(ds) for ds in sources]
     images = tuple(_image(ds, f) for ds, f in zip(refs, findings, strict=True))
     first = refs[0]
     index = max(range(len(images)), key=lambda i: images[i].probability)
-    severities = {i.severity for i in images if i.bone_loss}
+    knee_results = tuple(_knee(k, images) for k in knees or ())
+    decided: Sequence[ImageResult | KneeResult] = knee_results or images
+    severities = {i.severity for i in decided if i.bone_loss}
     algorithm = findings[index].algorithm
     return StudyResult(
         patient_id=_text(first, "PatientID"),
@@ -144,12 +176,31 @@ def study_result(
         report_series_instance_uid=report_series_instance_uid,
         revision=revision,
         reported_at=reported_at,
-        positive=any(i.bone_loss for i in images),
+        positive=any(i.bone_loss for i in decided),
         severity="osteoporosis" if "osteoporosis" in severities else ("osteopenia" if severities else None),
         index_image=images[index],
         images=images,
-        impression=impression(refs, list(findings)),
+        impression=impression(refs, list(findings), None if knees is None else list(knees)),
         algorithm=algorithm,
         model_key=uids.model_key(algorithm),
         device_uid=equipment.device_uid(algorithm),
+        knees=knee_results,
+        index_knee=max(knee_results, key=lambda k: k.probability) if knee_results else None,
+    )
+
+
+def _knee(k: KneeFindings, images: Sequence[ImageResult]) -> KneeResult:
+    return KneeResult(
+        label=knee_label(k),
+        laterality=k.laterality,
+        sop_instance_uids=tuple(images[i].sop_instance_uid for i in k.images),
+        bone_loss=k.bone_loss,
+        severity=k.severity if k.bone_loss else None,
+        probability=k.probability,
+        threshold=k.threshold,
+        p_osteoporosis_given_bone_loss=k.p_osteoporosis_given_bone_loss,
+        t_score=k.t_score,
+        t_score_low=k.t_score_low,
+        t_score_high=k.t_score_high,
+        interval_coverage=k.interval_coverage,
     )

@@ -213,7 +213,7 @@ def _observation(
         "issued": result.reported_at.isoformat(timespec="seconds"),
         "device": {"reference": refs["device"]},
         "derivedFrom": [{"reference": refs["study"]}],
-        "bodySite": concept(codes.KNEE, text=result.index_image.label),
+        "bodySite": concept(codes.KNEE, text=result.index_result.label),
         **content,
     }
     if effective := _date(result.study_date):
@@ -222,7 +222,7 @@ def _observation(
 
 
 def _observations(result: StudyResult, refs: dict[str, str]) -> list[tuple[dict[str, Any], tuple[str, str]]]:
-    index = result.index_image
+    index = result.index_result  # the index knee (the index image for a result without knees)
     classification_components = []
     if result.positive and result.severity in _SEVERITY:
         classification_components.append(

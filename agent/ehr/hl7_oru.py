@@ -124,7 +124,7 @@ def _classification(result: StudyResult) -> Code:
 
 def _observations(result: StudyResult) -> list[dict[str, str]]:
     """The study-level OBX segments' fields (by OBX field number), in order."""
-    image = result.index_image
+    image = result.index_result  # the index knee (the index image for a result without knees)
     percent, t_score = _coded(codes.UNIT_PERCENT), _coded(codes.UNIT_T_SCORE)
     rows: list[dict[str, str]] = [
         {"2": "CWE", "3": _coded(codes.SCREENING_RESULT), "5": _coded(_classification(result)),

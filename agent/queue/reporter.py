@@ -29,11 +29,13 @@ from agent.config import Settings
 from agent.db import fls
 from agent.db.engine import Database
 from agent.db.models import StudyReport
-from agent.domain import Findings, ServedModel
+from agent.dicom_values import read_laterality
+from agent.domain import Findings, KneeFindings, ServedModel
 from agent.ehr import messages
 from agent.ehr.content import Assessment, study_result
 from agent.errors import HelperClosed, StorageError, reason_of
 from agent.logging import get_logger
+from agent.pipeline.knees import study_knees
 from agent.queue import cluster, screening
 from agent.queue.outbox import OutgoingObject, write_message, write_object
 from agent.reporting import uids
@@ -164,11 +166,13 @@ class StudyReporter:
         sources = [dcmread(self.spool.path(p), stop_before_pixels=True) for p, _ in rows]
         served = self.served_model()
         findings = [screening.findings_of(r, served) for _, r in rows]
-        sr = self.report_builder.build_sr(sources, findings, ready.revision, ready.predecessor)
+        knees = knees_of(sources, findings)
+        sr = self.report_builder.build_sr(sources, findings, ready.revision, ready.predecessor, knees)
         obj = write_object(self.results, "sr", sr.data, sr.sop_class_uid, sr.sop_instance_uid)
         recorded = screening.record_report(
             self.db, ready, obj, sr.series_instance_uid, self.destinations, self.settings.sender.send,
-            self._messages(ready, sources, findings, sr), node=self.scope.name or None,
+            self._messages(ready, sources, findings, sr, knees), node=self.scope.name or None,
+            knees=knees, result_ids=[r.id for _, r in rows],
         )  # fmt: skip
         if recorded:
             if self.on_outbox is not None:
@@ -179,6 +183,7 @@ class StudyReporter:
                 study_instance_uid=ready.study_instance_uid,
                 revision=ready.revision,
                 images=len(rows),
+                knees=len(knees),
                 sop_instance_uid=obj.sop_instance_uid,
                 ms=round((time.perf_counter() - t0) * 1000, 1),  # read sources, build, write, record
             )
@@ -186,7 +191,8 @@ class StudyReporter:
         return 0
 
     def _messages(
-        self, ready: screening.ReadyStudy, sources: Sequence[Any], findings: list[Findings], sr: BuiltSr
+        self, ready: screening.ReadyStudy, sources: Sequence[Any], findings: list[Findings], sr: BuiltSr,
+        knees: list[KneeFindings],
     ) -> list[screening.OutgoingMessage]:
         """The study's message for each HL7 and FHIR destination, written to the results folder.
         One that cannot be built is recorded DEAD with the reason (the SR and the others go on)."""
@@ -198,6 +204,7 @@ class StudyReporter:
                 sources, findings, report_sop_instance_uid=sr.sop_instance_uid,
                 report_series_instance_uid=sr.series_instance_uid, revision=ready.revision,
                 reported_at=utcnow().replace(tzinfo=UTC),  # aware: messages state the zone
+                knees=knees,
             )  # fmt: skip
         except _MESSAGE_ERRORS as exc:
             result, failed = None, f"message content could not be read: {reason_of(exc)}"
@@ -243,11 +250,12 @@ class StudyReporter:
         key = uids.result_uid(report.sop_instance_uid, f"{verdict}-{max(a.result_id for a in latest.values())}-"
                               f"{len(latest)}-{decided.isoformat()}", "assessment")  # fmt: skip
         try:
+            findings = [screening.findings_of(r, served) for _, r in rows]
             result = study_result(
-                sources, [screening.findings_of(r, served) for _, r in rows],
+                sources, findings,
                 report_sop_instance_uid=report.sop_instance_uid,
                 report_series_instance_uid=report.series_instance_uid, revision=report.revision,
-                reported_at=report.created_at.replace(tzinfo=UTC),
+                reported_at=report.created_at.replace(tzinfo=UTC), knees=knees_of(sources, findings),
             )  # fmt: skip
         except _MESSAGE_ERRORS as exc:
             log.error("assessment_message_failed", study_id=study_id, error=reason_of(exc))
@@ -270,6 +278,11 @@ class StudyReporter:
             self.on_outbox()
         log.info("assessment_queued", study_id=study_id, verdict=verdict, messages=queued)
         return queued
+
+
+def knees_of(sources: Sequence[Any], findings: list[Findings]) -> list[KneeFindings]:
+    """The study's knees (agent/pipeline/knees.py), each film's side read as the SR reads it."""
+    return study_knees([read_laterality(ds)[0] for ds in sources], findings)
 
 
 def study_verdict(positive_ids: set[int], latest: dict[int, fls.StudyAssessment]) -> str | None:

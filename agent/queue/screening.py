@@ -23,12 +23,13 @@ from agent.db.models import (
     REPORT_RETRY,
     Instance,
     Job,
+    KneeResult,
     Result,
     Study,
     StudyReport,
     StudyReportFailure,
 )
-from agent.domain import AlgorithmInfo, Findings, JobState, ServedModel
+from agent.domain import AlgorithmInfo, Findings, JobState, KneeFindings, ServedModel
 from agent.queue import outbox, sweeps
 from agent.queue.cluster import SOLO, NodeScope, mine, owned
 from agent.queue.outbox import OutgoingObject
@@ -94,8 +95,9 @@ def record_screening(
     send: bool,
     node: str | None = None,
 ) -> bool:
-    """Result row, overlay outbox rows (the file in ``node``'s results folder), job DONE and the
-    flag, in one transaction.
+    """Result row, overlay outbox rows (the file in ``node``'s results folder) and job DONE, in
+    one transaction. The patient is flagged when the study's SR is recorded (``record_report``):
+    the decision is the knee's, of all the study's films.
 
     Returns False (and writes nothing) when this worker no longer holds the job's lease.
     """
@@ -124,8 +126,6 @@ def record_screening(
         job.lease_owner = None
         job.lease_expires_at = None
         job.updated_at = now
-        if findings.bone_loss:
-            registry.upsert_flag(s, study, result)
         return True
 
 
@@ -286,10 +286,14 @@ def record_report(
     send: bool,
     messages: Sequence[OutgoingMessage] = (),
     node: str | None = None,
+    knees: Sequence[KneeFindings] = (),
+    result_ids: Sequence[int] = (),
 ) -> bool:
     """The report row and its outbox rows (the SR for each PACS, each message for its
-    destination); False when this revision was recorded already. A failure recorded for the
-    study's SR is cleared."""
+    destination), a knee row per knee the SR states (``knees``, their ``images`` indices into
+    ``result_ids``) and, when a knee is positive, the patient's flag with the most probable
+    positive knee's figures; False when this revision was recorded already. A failure recorded
+    for the study's SR is cleared."""
     with db.transaction() as s:
         if ready.failed_attempts is not None:
             s.execute(delete(StudyReportFailure).where(StudyReportFailure.study_id == ready.study_id))
@@ -298,18 +302,18 @@ def record_report(
         ).first()
         if exists:
             return False
-        s.add(
-            StudyReport(
-                study_id=ready.study_id,
-                revision=ready.revision,
-                sop_instance_uid=sr.sop_instance_uid,
-                series_instance_uid=series_uid,
-                result_count=ready.result_count,
-                predecessor_id=ready.predecessor_id,
-                created_at=utcnow(),
-                node=node,
-            )
+        report = StudyReport(
+            study_id=ready.study_id,
+            revision=ready.revision,
+            sop_instance_uid=sr.sop_instance_uid,
+            series_instance_uid=series_uid,
+            result_count=ready.result_count,
+            predecessor_id=ready.predecessor_id,
+            created_at=utcnow(),
+            node=node,
         )
+        s.add(report)
+        _record_knees(s, ready.study_id, report, knees, result_ids)
         priority = sweeps.study_priority(s, ready.study_id)
         send = send and sweeps.sends_results(s, ready.study_instance_uid, priority)
         outbox.add(s, ready.study_id, sr, destinations, send, priority=priority, node=node)
@@ -328,6 +332,46 @@ def record_report(
             detail={"study_id": ready.study_id, "revision": ready.revision},
         )
         return True
+
+
+def _record_knees(
+    s: Any, study_id: int, report: StudyReport, knees: Sequence[KneeFindings], result_ids: Sequence[int]
+) -> None:
+    """A knee_results row per knee of the report; the flag from its most probable positive knee."""
+    if not knees:
+        return
+    s.flush()  # the report's id
+    now = utcnow()
+    rows = []
+    for k in knees:
+        row = KneeResult(
+            study_id=study_id, report_id=report.id, laterality=k.laterality,
+            result_ids=[int(result_ids[i]) for i in k.images], n_images=len(k.images),
+            probability=k.probability, threshold=k.threshold, bone_loss=k.bone_loss,
+            p_osteoporosis_given_bone_loss=k.p_osteoporosis_given_bone_loss, severity=k.severity,
+            t_score=k.t_score, t_score_low=k.t_score_low, t_score_high=k.t_score_high, created_at=now,
+        )  # fmt: skip
+        s.add(row)
+        rows.append(row)
+    s.flush()
+    positive = [r for r in rows if r.bone_loss]
+    if positive:
+        study = s.get(Study, study_id)
+        assert study is not None
+        registry.upsert_flag(s, study, max(positive, key=lambda r: r.probability))
+
+
+def study_knees(db: Database, study_id: int) -> list[KneeResult]:
+    """The knees of the study's latest SR revision (of any node), in the order the SR states them."""
+    with db.reading() as s:
+        latest = s.execute(
+            select(func.max(KneeResult.report_id)).where(KneeResult.study_id == study_id)
+        ).scalar_one()
+        if latest is None:
+            return []
+        return list(
+            s.execute(select(KneeResult).where(KneeResult.report_id == latest).order_by(KneeResult.id)).scalars()
+        )
 
 
 @dataclass(frozen=True)

@@ -54,14 +54,17 @@ def encode(ds: Any) -> bytes:
 _BUILD_ERRORS = (ValueError, TypeError, AttributeError, KeyError, IndexError)
 
 
-def build_sr_bytes(sources: list[Any], findings: list[Any], revision: int, predecessor: Any) -> BuiltSr:
-    """Build and encode one study's SR (runs in the SR helper process or in the caller).
+def build_sr_bytes(
+    sources: list[Any], findings: list[Any], revision: int, predecessor: Any, knees: list[Any] | None = None
+) -> BuiltSr:
+    """Build and encode one study's SR (runs in the SR helper process or in the caller), with
+    the study's knees (agent/pipeline/knees.py) in its summary when given.
 
     Raises BuildError (a ProcessingError and a ValueError) whose message names no element value."""
     from agent.reporting.sr import build_sr
 
     try:
-        sr = build_sr(sources, findings, revision=revision, predecessor=predecessor)
+        sr = build_sr(sources, findings, revision=revision, predecessor=predecessor, knees=knees)
         data = encode(sr)
     except _BUILD_ERRORS as exc:
         raise BuildError(f"SR could not be built: {reason_of(exc)}") from None
@@ -118,13 +121,15 @@ class ReportBuilder:
         self.timeout_s = timeout_s  # reporting.build_timeout_s
         self.helper = HelperProcess("SR", processes, _setup) if processes > 0 else None
 
-    def build_sr(self, sources: list[Any], findings: list[Any], revision: int, predecessor: Any) -> BuiltSr:
+    def build_sr(
+        self, sources: list[Any], findings: list[Any], revision: int, predecessor: Any, knees: list[Any] | None = None
+    ) -> BuiltSr:
         """Raises BuildError (a ProcessingError and a ValueError, its message naming no element
         value) when the SR cannot be built, or ProcessingError when the helper process died (it
         is replaced for the next call) or is closed."""
         if self.helper is None:
-            return build_sr_bytes(sources, findings, revision, predecessor)
-        future = self.helper.submit(build_sr_bytes, sources, findings, revision, predecessor)
+            return build_sr_bytes(sources, findings, revision, predecessor, knees)
+        future = self.helper.submit(build_sr_bytes, sources, findings, revision, predecessor, knees)
         try:
             return future.result(timeout=self.timeout_s)
         except HelperDied as exc:

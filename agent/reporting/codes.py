@@ -68,6 +68,12 @@ INTERVAL_COVERAGE = Code("T-SCORE-COV", SCHEME, "Estimated T-score interval nomi
 P_BONE_LOSS_METHOD = Code("P-BONE-LOSS", SCHEME, "Calibrated probability of bone loss (screening head)")
 # P(osteoporosis | bone loss) from the severity head; DCM 122157 is already the bone-loss one.
 P_OSTEOPOROSIS = Code("P-OSTEOPOROSIS", SCHEME, "Probability of osteoporosis given bone loss")
+# The per-knee result of a study (the films of one side combined, model/knee.py): a container
+# in the study summary, and the number of films it combines.
+KNEE_RESULT = Code("KNEE-RESULT", SCHEME, "Knee result")
+KNEE_IMAGES = Code("KNEE-IMAGES", SCHEME, "Number of screened images of the knee")
+UNIT_IMAGES = Code("{images}", "UCUM", "images")  # UCUM annotation: a count, labelled
+MEASUREMENT_METHOD = Code("370129005", "SCT", "Measurement Method")  # as TID 1410's measurements
 
 
 def coding_scheme_identification() -> Dataset:

@@ -3,9 +3,11 @@
 One planar ROI group (TID 1410) per screened image: its image region is the square the model
 assessed (a closed POLYLINE on the source image), and the first measurement is INFERRED FROM the
 same region, which is what image viewers need to draw it (OHIF v3 hydrates exactly this shape as
-a rectangle labelled with the finding; docs/viewing-results.md). The study summary and a
-plain-text impression sit in the document's Qualitative Evaluations container (TID 1500 row 12),
-not in a measurement group: a group without an image region stops OHIF loading the whole report.
+a rectangle labelled with the finding; docs/viewing-results.md). The study summary (the result
+and severity of the study's knees, a plain-text impression, one Knee result container per knee:
+the films of one side combined, agent/pipeline/knees.py) sits in the document's Qualitative
+Evaluations container (TID 1500 row 12), not in a measurement group: a group without an image
+region stops OHIF loading the whole report.
 Every container is SEPARATE, so text renderers (dsr2html) print each value with its name.
 
 Evidence = the source images, so the SR lands in the source study with the patient and study
@@ -31,13 +33,13 @@ from pydicom.uid import Comprehensive3DSRStorage, ExplicitVRLittleEndian
 
 from agent.compat import highdicom_internals, warn_once
 from agent.dicom_values import read_positive_int, value_of
-from agent.domain import AlgorithmInfo, Findings
+from agent.domain import AlgorithmInfo, Findings, KneeFindings
 from agent.logging import get_logger
 from agent.reporting import codes
 from agent.reporting.equipment import contributing_equipment, device_uid, identify, model_name
 from agent.reporting.source import reference_dataset
 from agent.reporting.uids import model_key, result_uid, sr_input
-from agent.reporting.wording import probability_pair, t_score
+from agent.reporting.wording import percent_pair, probability_pair, t_score
 
 log = get_logger(__name__)
 
@@ -69,6 +71,7 @@ def build_sr(
     instance_number: int = 1,
     manufacturer: str = "strnet-agent",
     now: datetime | None = None,
+    knees: Sequence[KneeFindings] | None = None,
 ) -> Dataset:
     """Build the screening SR of one study.
 
@@ -87,6 +90,10 @@ def build_sr(
         referenced in PredecessorDocumentsSequence so nothing is silently overwritten.
     now
         When the report is made (local time, as DICOM dates are): Series and Content Date/Time.
+    knees
+        The study's knees (its films of one side combined, agent/pipeline/knees.py), their
+        ``images`` indices into ``findings``: the study summary's result follows them (positive
+        when a knee is) and states each knee. None: no knee items, the result is the images'.
 
     Raises
     ------
@@ -109,6 +116,7 @@ def build_sr(
         for field in _NUMERIC_FIELDS:
             if not math.isfinite(getattr(f, field)):  # NaN would reach PACS as a number
                 raise ValueError(f"findings[{i}].{field} is not finite")
+    _check_knees(knees, len(findings))
     now = (now or datetime.now()).replace(microsecond=0)
     # what the SR copies (patient, study, equipment) and references (the images' UIDs), each value
     # read leniently: a value the hospital sent can never make the SR invalid (reporting/source.py)
@@ -131,7 +139,7 @@ def build_sr(
     )
     previous = [_predecessor_ref(*predecessor)] if predecessor is not None else None
     root = report[0]
-    root.ContentSequence.append(_study_summary(refs, findings))
+    root.ContentSequence.append(_study_summary(refs, findings, knees))
     _separate(root)
     # highdicom deep-copies the content to parse the copy for its ``content`` property (a third of
     # the build: 80 of 265 ms for a three-image study). This tree is built for this SR alone and
@@ -293,12 +301,31 @@ def _image_group(
     return group
 
 
-def _study_summary(sources: Sequence[Dataset], findings: Sequence[Findings]) -> hd.sr.ContainerContentItem:
-    """TID 1500's Qualitative Evaluations: the study's result (positive if any image is), the worst
-    severity, and the impression in words, which names the index image (the highest P(bone
-    loss)) with its estimated T-score and interval."""
-    positive = any(f.bone_loss for f in findings)
-    severities = [s for s in (_severity_code(f) for f in findings) if s is not None]
+def _check_knees(knees: Sequence[KneeFindings] | None, n: int) -> None:
+    if knees is None:
+        return
+    seen: list[int] = []
+    for k, knee in enumerate(knees):
+        if not knee.images or any(not 0 <= i < n for i in knee.images):
+            raise ValueError(f"knees[{k}] names no image or one outside the findings")
+        seen += knee.images
+        for field in _NUMERIC_FIELDS:
+            if not math.isfinite(getattr(knee, field)):
+                raise ValueError(f"knees[{k}].{field} is not finite")
+    if sorted(seen) != list(range(n)):
+        raise ValueError("knees must name every image once")
+
+
+def _study_summary(
+    sources: Sequence[Dataset], findings: Sequence[Findings], knees: Sequence[KneeFindings] | None = None
+) -> hd.sr.ContainerContentItem:
+    """TID 1500's Qualitative Evaluations: the study's result (positive if a knee is; without
+    knees, if an image is), the worst severity, the impression in words, which names the index
+    image (the highest P(bone loss)) with its estimated T-score and interval, then one Knee
+    result container per knee."""
+    decided: Sequence[Findings | KneeFindings] = findings if knees is None else knees
+    positive = any(f.bone_loss for f in decided)
+    severities = [s for s in (_severity_code(f) for f in decided) if s is not None]
     worst = (
         codes.OSTEOPOROSIS
         if codes.OSTEOPOROSIS in severities
@@ -320,10 +347,11 @@ def _study_summary(sources: Sequence[Dataset], findings: Sequence[Findings]) -> 
     items.append(
         hd.sr.TextContentItem(
             name=codes.IMPRESSION,
-            value=impression(sources, findings),
+            value=impression(sources, findings, knees),
             relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
         )
     )
+    items += [_knee_item(knee) for knee in knees or ()]
     container = hd.sr.ContainerContentItem(
         name=codes.QUALITATIVE_EVALUATIONS,
         relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
@@ -332,10 +360,95 @@ def _study_summary(sources: Sequence[Dataset], findings: Sequence[Findings]) -> 
     return container
 
 
-def impression(sources: Sequence[Dataset], findings: Sequence[Findings]) -> str:
+def knee_label(knee: KneeFindings) -> str:
+    """"Left knee", "Right knee"; "Knee" for a film of unknown side (a knee of its own)."""
+    side = _SIDE_WORDS.get(knee.laterality or "")
+    return f"{side} knee" if side in ("Left", "Right") else "Knee"
+
+
+def knee_statement(knee: KneeFindings) -> str:
+    """One knee in words: "Left knee, 2 images: bone loss suspected (osteopenia), probability of
+    bone loss 72 %, osteoporosis given bone loss 40 %, estimated T-score -2.3 (90% interval -3.1
+    to -1.5)"."""
+    n = len(knee.images)
+    p, _ = percent_pair(knee.probability, knee.threshold)
+    q = f"{knee.p_osteoporosis_given_bone_loss * 100:.0f} %"
+    verdict = "bone loss suspected" if knee.bone_loss else "normal"
+    if knee.bone_loss and knee.severity:
+        verdict += f" ({knee.severity})"
+    return (
+        f"{knee_label(knee)}, {n} image{'s' if n != 1 else ''}: {verdict}, probability of bone loss {p}, "
+        f"osteoporosis given bone loss {q}, estimated T-score {t_score(knee.t_score)} "
+        f"({knee.interval_coverage:.0%} interval {t_score(knee.t_score_low)} to {t_score(knee.t_score_high)})"
+    )
+
+
+def _num_item(name: Code, value: float, unit: Code) -> hd.sr.NumContentItem:
+    return hd.sr.NumContentItem(
+        name=name, value=value, unit=unit, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+    )
+
+
+def _knee_item(knee: KneeFindings) -> hd.sr.ContainerContentItem:
+    """One knee of the study summary: its site and side, how many films it combines, its result
+    and severity, P(bone loss), P(osteoporosis | bone loss), the estimated T-score with its
+    interval, and the knee in words (``knee_statement``)."""
+    t = _num(knee.t_score, 2)
+    lo, hi = _num(knee.t_score_low, 2), _num(knee.t_score_high, 2)
+    probability = _num_item(codes.PROBABILITY, _percent(knee.probability), codes.UNIT_PERCENT)
+    probability.ContentSequence = hd.sr.ContentSequence(
+        [
+            hd.sr.CodeContentItem(
+                name=codes.MEASUREMENT_METHOD,
+                value=codes.P_BONE_LOSS_METHOD,
+                relationship_type=hd.sr.RelationshipTypeValues.HAS_CONCEPT_MOD,
+            )
+        ]
+    )
+    items: list[hd.sr.ContentItem] = [
+        _finding_site(knee.laterality),
+        _num_item(codes.KNEE_IMAGES, len(knee.images), codes.UNIT_IMAGES),
+        hd.sr.CodeContentItem(
+            name=codes.SCREENING_RESULT,
+            value=codes.BONE_LOSS_SUSPECTED if knee.bone_loss else codes.NORMAL,
+            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+        ),
+    ]
+    severity = _severity_code(knee)
+    if severity is not None:
+        items.append(
+            hd.sr.CodeContentItem(
+                name=codes.SEVERITY, value=severity, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+            )
+        )
+    items += [
+        probability,
+        _num_item(codes.THRESHOLD, _percent(knee.threshold), codes.UNIT_PERCENT),
+        _num_item(codes.P_OSTEOPOROSIS, _percent(knee.p_osteoporosis_given_bone_loss), codes.UNIT_PERCENT),
+        _num_item(codes.ESTIMATED_T_SCORE, t, codes.UNIT_T_SCORE),
+        _num_item(codes.T_SCORE_LOWER, lo, codes.UNIT_T_SCORE),
+        _num_item(codes.T_SCORE_UPPER, hi, codes.UNIT_T_SCORE),
+        _num_item(codes.INTERVAL_COVERAGE, _percent(knee.interval_coverage), codes.UNIT_PERCENT),
+        hd.sr.TextContentItem(
+            name=codes.IMPRESSION,
+            value=knee_statement(knee) + ".",
+            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+        ),
+    ]
+    container = hd.sr.ContainerContentItem(
+        name=codes.KNEE_RESULT, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+    )
+    container.ContentSequence = hd.sr.ContentSequence(items)
+    return container
+
+
+def impression(
+    sources: Sequence[Dataset], findings: Sequence[Findings], knees: Sequence[KneeFindings] | None = None
+) -> str:
     """The report in words, as a text renderer or a reader without a viewer sees it: the study's
-    result with its index image (the highest probability of bone loss), one line per image with
-    the positive ones first, the model and the disclaimer. Numbers print as on the overlay's
+    result with its index image (the highest probability of bone loss), with knees the study's
+    knee-level result and one line per knee (``knee_statement``), one line per image with the
+    positive ones first, the model and the disclaimer. Numbers print as on the overlay's
     banner (agent/reporting/wording.py). At most ``IMPRESSION_IMAGES`` image lines: a longer
     study says how many are left out, never a positive one."""
     positive = [i for i, f in enumerate(findings) if f.bone_loss]
@@ -351,6 +464,14 @@ def impression(sources: Sequence[Dataset], findings: Sequence[Findings]) -> str:
         f"{t_score(top.t_score)}, {top.interval_coverage:.0%} interval {t_score(top.t_score_low)} "
         f"to {t_score(top.t_score_high)}."
     ]
+    if knees is not None:
+        up = sum(k.bone_loss for k in knees)
+        lines.append(
+            f"Per knee: bone loss suspected in {up} of {len(knees)} knee{'s' if len(knees) != 1 else ''}."
+            if up
+            else f"Per knee: no bone loss detected in {len(knees)} knee{'s' if len(knees) != 1 else ''}."
+        )
+        lines += [knee_statement(k) + "." for k in knees]
     order = positive + [i for i in range(n) if not findings[i].bone_loss]
     shown = order if len(order) <= IMPRESSION_IMAGES else order[: max(IMPRESSION_IMAGES, len(positive))]
     for i in shown:
@@ -391,7 +512,7 @@ def _uncertainty(upper: float, lower: float, unit: Code) -> hd.sr.MeasurementPro
     return props
 
 
-def _severity_code(f: Findings) -> Code | None:
+def _severity_code(f: Findings | KneeFindings) -> Code | None:
     if not f.bone_loss or f.severity is None:
         return None
     severity = f.severity.lower()

@@ -27,3 +27,17 @@ def probability_pair(probability: float, threshold: float) -> tuple[str, str]:
 def t_score(value: float) -> str:
     """A T-score to one decimal with its sign; -0.04 is +0.0, not -0.0."""
     return f"{round(value, 1) + 0.0:+.1f}"
+
+
+def percent_pair(probability: float, threshold: float) -> tuple[str, str]:
+    """``probability_pair`` in percent ("72 %", "41.95 %", "> 99 %"): the same digits, so a
+    probability never prints equal to the threshold it falls below, nor as a certainty."""
+    shown, bar = probability_pair(probability, threshold)
+    return _as_percent(shown), _as_percent(bar)
+
+
+def _as_percent(text: str) -> str:
+    sign, _, number = text.rpartition(" ")
+    digits = len(number.partition(".")[2])
+    value = f"{float(number) * 100:.{max(0, digits - 2)}f} %"
+    return f"{sign} {value}" if sign else value

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import sqlalchemy
 from dicom_factory import SECONDARY_CAPTURE, knee_dx
@@ -309,3 +310,68 @@ def test_an_association_lost_before_a_send_is_retried_not_dead(make_agent: Any, 
         agent.sender._send_one(Gone(), agent.settings.pacs[0], item)
         [after] = outbox.items(agent.db)
         assert after.state == OutboxState.RETRY.value and "association lost" in (after.last_error or "")
+
+
+def test_two_films_of_the_left_knee_and_one_of_the_right_make_two_knees(make_agent: Any, tiny_weights: Path) -> None:
+    """Issue 24: the SR's commit records one knee row per knee with the films' figures combined
+    (model/knee.py, checked here against the recorded image results), the SR the PACS receives
+    states each knee in its study summary, and the flagged row shows the most probable knee."""
+    import pydicom.uid
+
+    from agent.db import worklist
+    from agent.db.models import KneeResult, Result
+    from agent.pipeline.knees import study_knees
+    from agent.reporting import codes
+    from model.knee import logit
+
+    with PacsPeer() as pacs:
+        agent = screening_agent(make_agent, tiny_weights, pacs.port)
+        study_uid, series = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
+        films = [
+            knee_dx(study_uid=study_uid, series_uid=series, laterality=side, seed=k, rows=320, cols=256)
+            for k, side in enumerate(("L", "L", "R"))
+        ]
+        for ds in films:
+            ds.ViewPosition = "AP"
+        send_study(agent, films)
+        wait_for(lambda: any(str(d.SOPClassUID) == COMPREHENSIVE_3D_SR for d in pacs.received))
+        with agent.db.reading() as s:
+            results = s.query(Result).order_by(Result.instance_id).all()
+            knees = s.query(KneeResult).order_by(KneeResult.id).all()
+        assert len(results) == 3 and [(k.laterality, k.n_images) for k in knees] == [("L", 2), ("R", 1)]
+        left, right = knees
+        assert left.result_ids == [results[0].id, results[1].id] and right.result_ids == [results[2].id]
+        p0, p1 = results[0].probability, results[1].probability
+        assert left.probability == pytest.approx(1 / (1 + np.exp(-(logit(p0) + logit(p1)) / 2)), rel=1e-9)
+        assert left.t_score == pytest.approx((results[0].t_score + results[1].t_score) / 2)
+        assert left.t_score_high - left.t_score == pytest.approx(results[0].t_score_high - results[0].t_score)
+        assert (right.probability, right.t_score) == (results[2].probability, results[2].t_score)
+        assert left.bone_loss == (left.probability >= left.threshold)
+        # the SR as the PACS got it: one Knee result container per knee in the study summary
+        sr = next(d for d in pacs.received if str(d.SOPClassUID) == COMPREHENSIVE_3D_SR)
+        [summary] = [i for i in sr.ContentSequence
+                     if i.ConceptNameCodeSequence[0].CodeValue == codes.QUALITATIVE_EVALUATIONS.value]  # fmt: skip
+        items = [i for i in summary.ContentSequence
+                 if i.ConceptNameCodeSequence[0].CodeValue == codes.KNEE_RESULT.value]  # fmt: skip
+        assert len(items) == 2
+        for item, knee in zip(items, knees, strict=True):
+            by_code = {i.ConceptNameCodeSequence[0].CodeValue: i for i in item.ContentSequence}
+            p = float(by_code[codes.PROBABILITY.value].MeasuredValueSequence[0].NumericValue)
+            assert p == pytest.approx(knee.probability * 100, abs=1e-3)
+            n = float(by_code[codes.KNEE_IMAGES.value].MeasuredValueSequence[0].NumericValue)
+            assert n == knee.n_images
+        words = {i.ConceptNameCodeSequence[0].CodeValue: i for i in items[0].ContentSequence}[codes.IMPRESSION.value]
+        assert words.TextValue.startswith("Left knee, 2 images: ")
+        # the flagged row: the positive knee of the highest probability (the tiny model flags all)
+        assert left.bone_loss and right.bone_loss
+        top = max(knees, key=lambda k: k.probability)
+        rows, total = worklist.flagged_page(agent.db, worklist.FlaggedFilter())
+        assert total == 1
+        (row,) = rows
+        assert (row.knee_laterality, row.knee_images) == (top.laterality, top.n_images)
+        assert (row.probability, row.t_score) == (top.probability, top.t_score)
+        assert row.knee == ("Left knee, 2 images" if top.laterality == "L" else "Right knee, 1 image")
+        # what the reporter gave the SR is what the rule gives on the recorded results
+        served = [screening.findings_of(r, agent.reporter.served_model()) for r in results]
+        again = study_knees(["L", "L", "R"], served)
+        assert [k.probability for k in again] == pytest.approx([k.probability for k in knees])

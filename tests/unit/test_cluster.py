@@ -55,7 +55,7 @@ def test_migration_0008_adds_node_columns_null_for_old_rows_and_agrees_with_the_
             {"now": utcnow()},
         )  # fmt: skip
     upgrade(d)
-    assert current_revision(d) == "0011_node"
+    assert current_revision(d) == "0012_knee"
     with d.engine.connect() as conn:
         for table in ("instances", "jobs", "study_reports", "outbox"):
             assert "node" in {c["name"] for c in sa.inspect(conn).get_columns(table)}

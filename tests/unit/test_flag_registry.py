@@ -1,5 +1,7 @@
-"""The flagged-patient registry as the worker fills it (screening.record_screening on a temporary
-SQLite file): one row per patient, showing the latest positive study's most suspicious image."""
+"""The flagged-patient registry as the worker and the reporter fill it (screening.record_screening,
+then the SR's commit, screening.record_report, on a temporary SQLite file): one row per patient,
+showing the latest positive study's most suspicious knee (these films have no laterality: each is
+a knee of its own, so the most suspicious image)."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from conftest import agent_toml
+from screening_helpers import report_study
 from typer.testing import CliRunner
 
 from agent.cli import app
@@ -35,7 +38,8 @@ def screen(
     db: Database, study_uid: str, study_date: str | None, p: float, severity: str | None, t: float,
     name: str = "Doe^Jane",
 ) -> None:
-    """Receive one image of ``study_uid`` for patient P1 and record STR-Net's findings for it."""
+    """Receive one image of ``study_uid`` for patient P1, record STR-Net's findings for it and the
+    study's next SR revision (the flag is the SR's commit's)."""
     n = next(_n)
     ref = InstanceRef("1.2.840.10008.5.1.4.1.1.1.1", f"1.2.3.{n}", study_uid, f"{study_uid}.1", "1.2.840.10008.1.2.1")
     store.record_instance(
@@ -54,6 +58,7 @@ def screen(
         algorithm=AlgorithmInfo("STR-Net", "test", "0" * 64),
     )
     assert screening.record_screening(db, job.job_id, OWNER, findings, {}, None, [], send=False)
+    assert report_study(db, study_uid)
 
 
 def only_row(db: Database) -> tuple[str | None, float, str | None, float, int]:

@@ -45,7 +45,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("model: features, data, network", ("model.texture", "model.data", "model.checkpoint", "model.strnet",
                                         "model.losses", "model.synth")),
     ("model: parts", ("model.backbone", "model.heads", "model.routing", "model.calibration", "model.conformal",
-                      "model.metrics", "model.fitting")),
+                      "model.metrics", "model.fitting", "model.knee")),
     ("model: pixels and settings", ("model.io", "model.preprocess", "model.saliency", "model.config", "model")),
 ]
 # the three service layers are ordered only so that none of them imports another

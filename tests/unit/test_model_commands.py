@@ -3,6 +3,7 @@ synthetic set (tiny network, 64 px, one epoch): the plumbing, not the accuracy."
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -59,6 +60,11 @@ def test_evaluate_reports_the_network_alone_beside_the_fused_outputs(
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert set(metrics["network_only"]) == {"severity_auroc", "tscore_pearson_r"}
     assert "without the texture stage" in (tmp_path / "report.md").read_text()
+    # issue 24: the knee-level figures beside the image-level ones (the manifest's study and side)
+    rows = list(csv.DictReader(manifest.open()))
+    assert metrics["n_knees"] == len({(r["study_instance_uid"], r["laterality"]) for r in rows})
+    assert {"severity_auroc_knee", "severity_auroc_knee_ci", "screening_auroc_knee", "tscore_mae_knee"} <= set(metrics)
+    assert "## Per knee" in (tmp_path / "report.md").read_text()
 
 
 @pytest.mark.slow

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 from conftest import agent_settings
 from pg_cluster import PgCluster, engine_under_test
+from screening_helpers import report_study
 from sqlalchemy import func, select, text
 
 from agent.audit import trail
@@ -224,14 +225,16 @@ def test_two_writers_create_one_study_and_one_flagged_patient(pg_cluster: PgClus
             [partial(store.record_instance, d, _incoming(study_uid, i, f"P{k}")) for i, d in enumerate(dbs)]
         )
         assert not any(isinstance(o, BaseException) for o in outcomes), outcomes
-        # two studies of one new patient are screened positive at once
+        # two studies of one new patient are screened positive, then reported (the SR's commit
+        # flags the patient) at once
         for i in range(WRITERS):
             store.record_instance(dbs[0], _incoming(f"1.2.826.0.2.{k}.{i}", 0, f"Q{k}"))
         leased = store.lease(dbs[0], owner, 1000, 60.0)  # this round's jobs (the first step's too)
-        jobs = [j.job_id for j in leased if j.ref.study_instance_uid.startswith(f"1.2.826.0.2.{k}.")]
+        jobs = [j for j in leased if j.ref.study_instance_uid.startswith(f"1.2.826.0.2.{k}.")]
+        for j in jobs:
+            assert screening.record_screening(dbs[0], j.job_id, owner, FINDINGS, {}, None, [], send=False)
         flagged = _together(
-            [partial(screening.record_screening, d, j, owner, FINDINGS, {}, None, [], send=False)
-             for d, j in zip(dbs, jobs, strict=True)]
+            [partial(report_study, d, j.ref.study_instance_uid) for d, j in zip(dbs, jobs, strict=True)]
         )  # fmt: skip
         assert flagged == [True] * WRITERS, flagged
     with dbs[0].reading() as s:

@@ -84,14 +84,16 @@ class Builds:
         self.fixed = False
         self.studies: list[str] = []  # Study Instance UID of each build asked for
 
-    def __call__(self, sources: list[pydicom.Dataset], findings: list[Any], revision: int, predecessor: Any) -> Any:
+    def __call__(
+        self, sources: list[pydicom.Dataset], findings: list[Any], revision: int, predecessor: Any, knees: Any = None
+    ) -> Any:
         self.studies.append(str(sources[0].StudyInstanceUID))
         if any("AccessionNumber" not in ds for ds in sources):
             if not self.fixed:
                 ds = sources[0]
                 raise AttributeError(f"{ds.PatientName} ({ds.PatientID}, {ds.PatientBirthDate}): no AccessionNumber")
             sources = [_with_accession(ds) for ds in sources]
-        return self.real(sources, findings, revision, predecessor)
+        return self.real(sources, findings, revision, predecessor, knees)
 
 
 def _with_accession(ds: pydicom.Dataset) -> pydicom.Dataset:
@@ -353,7 +355,7 @@ def test_the_migration_upgrades_an_existing_database(tmp_path: Path) -> None:
         )
         assert "study_report_failures" not in sa.inspect(conn).get_table_names()
     upgrade(db)
-    assert current_revision(db) == head_revision() == "0011_node"
+    assert current_revision(db) == head_revision() == "0012_knee"
     with db.engine.connect() as conn:
         columns = {c["name"] for c in sa.inspect(conn).get_columns("study_report_failures")}
         diffs = compare_metadata(MigrationContext.configure(conn), Base.metadata)

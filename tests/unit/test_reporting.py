@@ -24,6 +24,7 @@ from dicom_factory import BAD_VALUES, PHI_ID, PHI_NAME, RESULT_TYPE2, as_receive
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from agent.domain import AlgorithmInfo, Findings
+from agent.pipeline.knees import study_knees
 from agent.reporting import codes
 from agent.reporting.overlay import MAX_SIDE_PX, build_overlay
 from agent.reporting.sr import build_sr
@@ -57,7 +58,8 @@ def _findings(rng: np.random.Generator) -> list[Findings]:
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """A bilateral two-view knee study, its findings, and the SR and overlays written to disk."""
+    """A bilateral two-view knee study, its findings and knees (as the reporter gives them), and the
+    SR and overlays written to disk."""
     out = tmp_path_factory.mktemp("reporting")
     study_uid = generate_uid()
     sources = []
@@ -67,7 +69,8 @@ def study(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         ds.InstanceNumber = i + 1
         sources.append(ds)
     findings = _findings(np.random.default_rng(7))
-    sr = build_sr(sources, findings)
+    knees = study_knees([lat for lat, _ in VIEWS], findings)
+    sr = build_sr(sources, findings, knees=knees)
     sr_path = out / "sr.dcm"
     sr.save_as(sr_path, enforce_file_format=True)
     overlays, overlay_paths = [], []
@@ -81,6 +84,7 @@ def study(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "dir": out,
         "sources": sources,
         "findings": findings,
+        "knees": knees,
         "sr": sr,
         "sr_path": sr_path,
         "overlays": overlays,
@@ -177,7 +181,7 @@ def test_dsrdump_renders_findings(study: dict[str, Any]) -> None:
     # (a group without an image region stops OHIF v3 loading the whole report).
     assert text.count('CONTAINER:(,,"Measurement Group")') == len(VIEWS)
     # every container SEPARATE: text renderers then print each value with its name
-    assert "=CONTINUOUS>" not in text and text.count("=SEPARATE>") == len(VIEWS) + 3
+    assert "=CONTINUOUS>" not in text and text.count("=SEPARATE>") == len(VIEWS) + 3 + len(study["knees"])
 
 
 def _text_of_html(path: Path) -> str:
@@ -394,7 +398,9 @@ def test_sr_round_trips(study: dict[str, Any]) -> None:
     ]
     by_name = {i.ConceptNameCodeSequence[0].CodeMeaning: i for i in summary.ContentSequence}
     assert by_name["Bone loss screening result"].ConceptCodeSequence[0].CodeValue == codes.BONE_LOSS_SUSPECTED.value
-    assert by_name["Severity"].ConceptCodeSequence[0].CodeValue == codes.OSTEOPOROSIS.value
+    # the worst severity of the positive knees: the left knee's films say osteoporosis (0.71) and
+    # osteopenia (0.22); the knee's mean severity logit says osteopenia (0.45)
+    assert by_name["Severity"].ConceptCodeSequence[0].CodeValue == codes.OSTEOPENIA.value
     assert by_name["Impression"].TextValue.startswith("Bone loss suspected in 2 of 4 screened images")
 
 
@@ -668,3 +674,91 @@ def test_a_source_without_a_size_gets_no_square() -> None:
     del source.Rows
     with pytest.raises(ValueError, match="Rows and Columns"):
         build_sr([source], [f])
+
+
+def test_the_study_summary_states_each_knee_and_follows_the_knee_rule(study: dict[str, Any]) -> None:
+    """Two films of each knee: the left knee's P is the sigmoid of the mean of its films' logits,
+    and its items (site and side, films, result, severity, P, P(osteoporosis | bone loss),
+    T-score and interval, in words) sit in a Knee result container of the study summary."""
+    left, right = study["knees"]
+    assert (left.laterality, left.images, right.laterality, right.images) == ("L", (0, 1), "R", (2, 3))
+    z = (np.log(0.8731 / 0.1269) + np.log(0.6402 / 0.3598)) / 2
+    assert left.probability == pytest.approx(1 / (1 + np.exp(-z)))  # 0.7818
+    assert left.t_score == pytest.approx((-2.73 - 1.62) / 2)
+    ds = pydicom.dcmread(study["sr_path"])
+    [summary] = [
+        i for i in ds.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == codes.QUALITATIVE_EVALUATIONS.value
+    ]
+    knees = [i for i in summary.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == codes.KNEE_RESULT.value]
+    assert len(knees) == 2
+    for item, knee in zip(knees, study["knees"], strict=True):
+        assert item.ValueType == "CONTAINER" and item.ContinuityOfContent == "SEPARATE"
+        by_value = {i.ConceptNameCodeSequence[0].CodeValue: i for i in item.ContentSequence}
+        site = by_value["363698007"]
+        assert site.ConceptCodeSequence[0].CodeValue == codes.KNEE.value
+        assert site.ContentSequence[0].ConceptCodeSequence[0].CodeValue == codes.LATERALITY[knee.laterality].value
+
+        def num(code: Any, by_value: dict[str, Any] = by_value) -> float:
+            return float(by_value[code.value].MeasuredValueSequence[0].NumericValue)
+
+        assert num(codes.KNEE_IMAGES) == 2
+        assert num(codes.PROBABILITY) == pytest.approx(knee.probability * 100, abs=1e-3)
+        method = by_value[codes.PROBABILITY.value].ContentSequence[0]
+        assert method.ConceptCodeSequence[0].CodeValue == codes.P_BONE_LOSS_METHOD.value
+        assert num(codes.P_OSTEOPOROSIS) == pytest.approx(knee.p_osteoporosis_given_bone_loss * 100, abs=1e-3)
+        assert num(codes.ESTIMATED_T_SCORE) == pytest.approx(knee.t_score, abs=0.01)
+        assert (num(codes.T_SCORE_LOWER), num(codes.T_SCORE_UPPER)) == pytest.approx(
+            (knee.t_score_low, knee.t_score_high), abs=0.01
+        )
+        result = by_value[codes.SCREENING_RESULT.value].ConceptCodeSequence[0].CodeValue
+        assert result == (codes.BONE_LOSS_SUSPECTED if knee.bone_loss else codes.NORMAL).value
+    assert left.bone_loss and left.severity == "osteopenia"  # mean severity logit of 0.71 and 0.22: q 0.45
+    assert not right.bone_loss
+    words = {i.ConceptNameCodeSequence[0].CodeValue: i for i in knees[0].ContentSequence}[codes.IMPRESSION.value]
+    assert words.TextValue == (
+        "Left knee, 2 images: bone loss suspected (osteopenia), probability of bone loss 78 %, osteoporosis "
+        "given bone loss 45 %, estimated T-score -2.2 (90% interval -2.9 to -1.4)."
+    )
+    impression = next(i for i in summary.ContentSequence if i.ValueType == "TEXT").TextValue
+    assert "\nPer knee: bone loss suspected in 1 of 2 knees.\nLeft knee, 2 images: bone loss suspected" in impression
+    assert "\nRight knee, 2 images: normal, probability of bone loss 18 %" in impression
+    text = _dsrdump(study["sr_path"])
+    assert text.count('<contains CONTAINER:(,,"Knee result")=SEPARATE>') == 2
+    assert '"Number of screened images of the knee")="2.0" ({images},UCUM,"images")' in text
+
+
+def test_the_study_result_is_the_knees_not_the_images(tmp_path: Path) -> None:
+    """One positive film (0.64) and a negative repeat (0.30) of the left knee: the knee's P, from
+    the mean logit, is below the threshold, so the study is normal though an image is positive;
+    image-level items stay as they were."""
+    uid = generate_uid()
+    sources = [knee_dx(study_uid=uid, laterality="L", seed=i, rows=300, cols=240) for i in range(2)]
+    common: dict[str, Any] = {"threshold": 0.5, "interval_coverage": 0.9, "algorithm": ALGO}
+    findings = [
+        Findings(0.64, bone_loss=True, p_osteoporosis_given_bone_loss=0.3, severity="osteopenia",
+                 t_score=-1.8, t_score_low=-2.6, t_score_high=-1.0, **common),
+        Findings(0.30, bone_loss=False, p_osteoporosis_given_bone_loss=0.2, severity=None,
+                 t_score=-1.0, t_score_low=-1.8, t_score_high=-0.2, **common),
+    ]  # fmt: skip
+    knees = study_knees(["L", "L"], findings)
+    assert len(knees) == 1 and not knees[0].bone_loss and knees[0].probability < 0.5
+    sr = build_sr(sources, findings, knees=knees)
+    path = tmp_path / "sr.dcm"
+    sr.save_as(path, enforce_file_format=True)
+    errors, text = _dciodvfy(path)
+    assert errors == 0, text
+    [summary] = [
+        i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == codes.QUALITATIVE_EVALUATIONS.value
+    ]
+    assert summary.ContentSequence[0].ConceptCodeSequence[0].CodeValue == codes.NORMAL.value
+    assert not any(i.ConceptNameCodeSequence[0].CodeValue == codes.SEVERITY.value for i in summary.ContentSequence)
+    groups = hd.sr.Comprehensive3DSR.from_dataset(pydicom.dcmread(path)).content.get_planar_roi_measurement_groups()
+    results = sorted(g.get_qualitative_evaluations(name=codes.SCREENING_RESULT)[0].value.value for g in groups)
+    assert results == sorted([codes.BONE_LOSS_SUSPECTED.value, codes.NORMAL.value])  # the images keep theirs
+    # without knees (a caller of before) the study is the images': positive
+    plain = build_sr(sources, findings)
+    qualitative = codes.QUALITATIVE_EVALUATIONS.value
+    [summary] = [i for i in plain.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == qualitative]
+    assert summary.ContentSequence[0].ConceptCodeSequence[0].CodeValue == codes.BONE_LOSS_SUSPECTED.value
+    with pytest.raises(ValueError, match="every image once"):
+        build_sr(sources, findings, knees=knees[:0] + [dataclasses.replace(knees[0], images=(0,))])

@@ -120,6 +120,10 @@ def test_shipped_checkpoint_meets_acceptance(fresh_eval: tuple[dict, Path]) -> N
     raw, flat, inverse = m["saliency_in_bone_raw"], m["saliency_in_bone_uniform"], m["saliency_in_bone_inverted"]
     assert raw > flat and raw > inverse, (raw, flat, inverse)
     assert m["saliency_lift_ci"][0] > 1.0, m["saliency_lift_ci"]
+    # issue 24: the knee-level figures are reported; this set has one film per knee and study, so
+    # they are the image-level ones (docs/model-card.md, Per-knee decisions)
+    assert m["n_knees"] == m["n"] and m["n_knees_several_images"] == 0
+    assert m["severity_auroc_knee"] == pytest.approx(m["severity_auroc"])
     for name in ("metrics.json", "report.md", "roc.png"):
         assert (out / name).is_file()
 

@@ -400,7 +400,10 @@ def test_a_film_with_a_day_first_birth_date_is_screened_and_leaves_no_phi(
 
 def test_a_bone_loss_film_with_bad_values_is_recorded_and_flagged(tmp_path: Path, tiny_weights: Path) -> None:
     """The overlay is built from the header as it was received (the stand-in engine forces a
-    bone-loss finding: the tiny model cannot be made to give one)."""
+    bone-loss finding: the tiny model cannot be made to give one); the patient is flagged by the
+    study's SR commit, not by the screening one."""
+    from screening_helpers import report_study
+
     from agent.db.registry import list_flagged
 
     finding = _findings(np.random.default_rng(3))[0]
@@ -420,6 +423,8 @@ def test_a_bone_loss_film_with_bad_values_is_recorded_and_flagged(tmp_path: Path
         worker.run_once()
         [job] = store.list_jobs(worker.db)
         assert (job.state, job.reason) == (JobState.DONE, None)
+        assert list_flagged(worker.db) == []  # the knee's decision waits for the study's SR
+        assert report_study(worker.db, job.study_instance_uid)
         assert len(list_flagged(worker.db)) == 1
     finally:
         worker.stop(5)

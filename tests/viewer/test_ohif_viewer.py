@@ -51,7 +51,11 @@ def _knee_study(out: Path) -> tuple[str, list[Path]]:
         paths.append(out / f"film{i}.dcm")
         ds.save_as(paths[-1], enforce_file_format=True)
         sources.append(ds)
-    sr = build_sr(sources, _findings(len(sources)))
+    from agent.dicom_values import read_laterality
+    from agent.pipeline.knees import study_knees
+
+    findings = _findings(len(sources))  # with its knees, as the agent builds it (issue 24)
+    sr = build_sr(sources, findings, knees=study_knees([read_laterality(ds)[0] for ds in sources], findings))
     paths.append(out / "sr.dcm")
     sr.save_as(paths[-1], enforce_file_format=True)
     return str(sources[0].StudyInstanceUID), paths

@@ -671,3 +671,27 @@ def test_dates_out_of_range_are_a_bad_filter_not_a_missing_page(app: Any) -> Non
         assert viewer.get(f"/flagged?{q}").status_code == 200, q
         assert viewer.get(f"/flagged/export.csv?{q}").status_code == 200, q
         assert auditor.get(f"/audit?{q}").status_code == 200, q
+
+
+def test_the_worklist_row_names_the_knee_its_figures_are_of(app: Any, seeded: Seeded) -> None:
+    """Issue 24: each flagged row's figures are a knee's (one film of each side in these studies),
+    and the Knee column says which; a row flagged before knees (no knee recorded) shows "-"."""
+    db = seeded.agent.db
+    client = login(app, "vera")
+    cells = worklist_cells(client.get("/flagged").text)
+    with db.reading() as s:
+        flagged = {
+            (fp.patient_name or "").replace("^", " "): fp for fp in s.query(FlaggedPatient).all()
+        }
+    assert cells and set(cells) <= set(flagged)
+    for name, row in cells.items():
+        fp = flagged[name]
+        assert fp.knee_laterality in ("L", "R") and fp.knee_images == 1
+        assert row[7] == ("Left knee" if fp.knee_laterality == "L" else "Right knee") + ", 1 image", row
+    before = patient(db, "WEBP-0001")
+    set_patient(db, "WEBP-0001", knee_images=None, knee_laterality=None)
+    try:
+        cells = worklist_cells(client.get("/flagged").text)
+        assert [row[7] for row in cells.values() if row[1] == "WEBP-0001"] == ["-"]
+    finally:
+        set_patient(db, "WEBP-0001", knee_images=before.knee_images, knee_laterality=before.knee_laterality)
