@@ -227,16 +227,19 @@ class StudyReport(Base):
 
 
 class KneeResult(Base):
-    """One knee of a study as an SR revision reported it: the screened films of one side
-    combined (model/knee.py), recorded in the SR's commit. A table, not columns of ``results``: a
-    knee spans several result rows, and each revision keeps the knees it reported (a late film
-    changes its knee; what PACS got for the earlier revision stays)."""
+    """One knee of a study at an SR revision: the screened films of one side combined
+    (model/knee.py), recorded with the patient's flag before the SR is built and linked to the SR
+    (``report_id``) in its commit. A table, not columns of ``results``: a knee spans several
+    result rows, and each revision keeps the knees it reported (a late film changes its knee; what
+    PACS got for the earlier revision stays)."""
 
     __tablename__ = "knee_results"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
-    report_id: Mapped[int] = mapped_column(ForeignKey("study_reports.id"), index=True)
+    revision: Mapped[int] = mapped_column(Integer)  # the SR revision the knee was decided for
+    # NULL until that revision's SR is recorded (an SR that cannot be built leaves it NULL)
+    report_id: Mapped[int | None] = mapped_column(ForeignKey("study_reports.id"), index=True)
     laterality: Mapped[str | None] = mapped_column(String(1))  # L, R; NULL: a film of unknown side
     result_ids: Mapped[list] = mapped_column(JSON)  # the films' results.id
     n_images: Mapped[int] = mapped_column(Integer)

@@ -43,7 +43,7 @@ def _supersedes(study: Study, result: Result | KneeResult, row: FlaggedPatient) 
 
     The row shows the patient's latest positive study (by StudyDate; a study without a date, or
     a row without one, counts as the latest arrival) and, within that study, its knee with the
-    highest probability, as the SR's study summary does (the SR's commit passes only that knee;
+    highest probability, as the SR's study summary does (the knee decision passes only that knee;
     a later revision's knee replaces an earlier revision's). An older study that arrives later,
     or a less suspicious image of the same study, is counted and audited but leaves the figures
     alone.
@@ -62,8 +62,8 @@ def _supersedes(study: Study, result: Result | KneeResult, row: FlaggedPatient) 
 def upsert_flag(session: Session, study: Study, result: Result | KneeResult) -> FlaggedPatient:
     """Flag the study's patient, or update their row; one row per patient, every change audited.
 
-    The agent flags in the SR's commit, with the study's positive knee of the highest
-    probability (``screening.record_report``); a ``Result`` (an image's figures) is what rows of
+    The agent flags when a study is quiet, before its SR is built, with the study's positive knee
+    of the highest probability (``screening.record_knees``); a ``Result`` (an image's figures) is what rows of
     before carry. ``last_flagged_at`` is when the agent last flagged the patient (what the lists
     sort and filter on); probability, severity, T-score, knee and last study are those of
     ``_supersedes``."""

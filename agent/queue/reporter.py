@@ -167,6 +167,8 @@ class StudyReporter:
         served = self.served_model()
         findings = [screening.findings_of(r, served) for _, r in rows]
         knees = knees_of(sources, findings)
+        # the knees decide the flag now: an SR that cannot be built must not hold it up
+        screening.record_knees(self.db, ready, knees, [r.id for _, r in rows])
         sr = self.report_builder.build_sr(sources, findings, ready.revision, ready.predecessor, knees)
         obj = write_object(self.results, "sr", sr.data, sr.sop_class_uid, sr.sop_instance_uid)
         recorded = screening.record_report(

@@ -96,8 +96,8 @@ def record_screening(
     node: str | None = None,
 ) -> bool:
     """Result row, overlay outbox rows (the file in ``node``'s results folder) and job DONE, in
-    one transaction. The patient is flagged when the study's SR is recorded (``record_report``):
-    the decision is the knee's, of all the study's films.
+    one transaction. The patient is flagged when the study is quiet (``record_knees``, before its
+    SR is built): the decision is the knee's, of all the study's films.
 
     Returns False (and writes nothing) when this worker no longer holds the job's lease.
     """
@@ -290,10 +290,10 @@ def record_report(
     result_ids: Sequence[int] = (),
 ) -> bool:
     """The report row and its outbox rows (the SR for each PACS, each message for its
-    destination), a knee row per knee the SR states (``knees``, their ``images`` indices into
-    ``result_ids``) and, when a knee is positive, the patient's flag with the most probable
-    positive knee's figures; False when this revision was recorded already. A failure recorded
-    for the study's SR is cleared."""
+    destination); the revision's knee rows (``record_knees``) are linked to it, or recorded here
+    with the flag when no one recorded them before (``knees``, their ``images`` indices into
+    ``result_ids``); False when this revision was recorded already. A failure recorded for the
+    study's SR is cleared."""
     with db.transaction() as s:
         if ready.failed_attempts is not None:
             s.execute(delete(StudyReportFailure).where(StudyReportFailure.study_id == ready.study_id))
@@ -313,7 +313,15 @@ def record_report(
             node=node,
         )
         s.add(report)
-        _record_knees(s, ready.study_id, report, knees, result_ids)
+        s.flush()  # the report's id
+        res = s.execute(
+            update(KneeResult)
+            .where(KneeResult.study_id == ready.study_id, KneeResult.revision == ready.revision,
+                   KneeResult.report_id.is_(None))
+            .values(report_id=report.id)
+        )  # fmt: skip
+        if not res.rowcount:  # type: ignore[attr-defined]
+            _record_knees(s, ready.study_id, ready.revision, knees, result_ids, report.id)
         priority = sweeps.study_priority(s, ready.study_id)
         send = send and sweeps.sends_results(s, ready.study_instance_uid, priority)
         outbox.add(s, ready.study_id, sr, destinations, send, priority=priority, node=node)
@@ -334,18 +342,38 @@ def record_report(
         return True
 
 
+def record_knees(db: Database, ready: ReadyStudy, knees: Sequence[KneeFindings], result_ids: Sequence[int]) -> bool:
+    """The revision's knee rows and, when a knee is positive, the patient's flag, in one commit
+    made before the SR is built: the decision is the knees' and does not wait on the SR (one that
+    cannot be built is retried or given up, the flag stands). Once per revision and set of films:
+    a retry with the same films finds its rows (False); a film that arrived since replaces the
+    revision's unreported rows."""
+    ids = sorted(int(result_ids[i]) for k in knees for i in k.images)
+    with db.transaction() as s:
+        rows = s.execute(
+            select(KneeResult).where(KneeResult.study_id == ready.study_id, KneeResult.revision == ready.revision)
+        ).scalars().all()  # fmt: skip
+        if rows and sorted(i for r in rows for i in r.result_ids) == ids:
+            return False
+        for r in rows:
+            if r.report_id is None:
+                s.delete(r)
+        _record_knees(s, ready.study_id, ready.revision, knees, result_ids, None)
+        return True
+
+
 def _record_knees(
-    s: Any, study_id: int, report: StudyReport, knees: Sequence[KneeFindings], result_ids: Sequence[int]
-) -> None:
-    """A knee_results row per knee of the report; the flag from its most probable positive knee."""
+    s: Any, study_id: int, revision: int, knees: Sequence[KneeFindings], result_ids: Sequence[int],
+    report_id: int | None,
+) -> None:  # fmt: skip
+    """A knee_results row per knee; the flag from the most probable positive knee."""
     if not knees:
         return
-    s.flush()  # the report's id
     now = utcnow()
     rows = []
     for k in knees:
         row = KneeResult(
-            study_id=study_id, report_id=report.id, laterality=k.laterality,
+            study_id=study_id, revision=revision, report_id=report_id, laterality=k.laterality,
             result_ids=[int(result_ids[i]) for i in k.images], n_images=len(k.images),
             probability=k.probability, threshold=k.threshold, bone_loss=k.bone_loss,
             p_osteoporosis_given_bone_loss=k.p_osteoporosis_given_bone_loss, severity=k.severity,
@@ -359,19 +387,6 @@ def _record_knees(
         study = s.get(Study, study_id)
         assert study is not None
         registry.upsert_flag(s, study, max(positive, key=lambda r: r.probability))
-
-
-def study_knees(db: Database, study_id: int) -> list[KneeResult]:
-    """The knees of the study's latest SR revision (of any node), in the order the SR states them."""
-    with db.reading() as s:
-        latest = s.execute(
-            select(func.max(KneeResult.report_id)).where(KneeResult.study_id == study_id)
-        ).scalar_one()
-        if latest is None:
-            return []
-        return list(
-            s.execute(select(KneeResult).where(KneeResult.report_id == latest).order_by(KneeResult.id)).scalars()
-        )
 
 
 @dataclass(frozen=True)

@@ -365,3 +365,34 @@ def test_the_migration_upgrades_an_existing_database(tmp_path: Path) -> None:
     assert screening.ready_studies(db, 0.0) == []  # the study has no results: nothing to report
     assert status_summary(db).report_failures == []
     db.dispose()
+
+
+def test_a_positive_study_whose_sr_cannot_be_built_is_flagged_all_the_same(
+    reporter: StudyReporter, builds: Builds
+) -> None:
+    """The knees decide the flag before the SR is built: a build that fails (retried, perhaps given
+    up) does not hold up the coordinators' list; the retry with the same films decides nothing
+    twice, and the SR, once built, is linked to the knee it stated."""
+    from agent.db.models import KneeResult
+    from agent.db.registry import list_flagged
+
+    bad = _screened(reporter, accession=False)
+    assert reporter.report_ready_studies() == 0 and _reports(reporter.db, bad) == []
+    assert len(list_flagged(reporter.db)) == 1
+
+    def knees() -> list[tuple[int, int | None]]:
+        with reporter.db.reading() as s:
+            return [(k.revision, k.report_id) for k in s.execute(select(KneeResult)).scalars()]
+
+    assert knees() == [(1, None)]
+    _make_due(reporter.db, bad)
+    assert reporter.report_ready_studies() == 0 and knees() == [(1, None)]
+    builds.fixed = True
+    _make_due(reporter.db, bad)
+    assert reporter.report_ready_studies() == 1
+    with reporter.db.reading() as s:
+        report_id = s.execute(select(StudyReport.id)).scalar_one()
+        changes = [e.detail["change"] for e in s.execute(select(AuditEvent)).scalars()
+                   if e.object_type == "flagged_patient"]  # fmt: skip
+    assert knees() == [(1, report_id)]
+    assert changes == ["flagged"]

@@ -4,8 +4,9 @@ Revision ID: 0012_knee
 Revises: 0011_node
 Create Date: 2026-12-07
 
-A knee is the screened films of one side in one study, combined when the study's SR is built
-(model/knee.py). Flagged rows of before keep knee_laterality and knee_images NULL (image figures).
+A knee is the screened films of one side in one study, combined when the study is quiet, before
+its SR is built (model/knee.py); the row is linked to the SR when that is recorded. Flagged rows
+of before keep knee_laterality and knee_images NULL (image figures).
 """
 
 import sqlalchemy as sa
@@ -22,7 +23,8 @@ def upgrade() -> None:
         "knee_results",
         sa.Column("id", sa.Integer(), primary_key=True),
         sa.Column("study_id", sa.Integer(), sa.ForeignKey("studies.id"), nullable=False),
-        sa.Column("report_id", sa.Integer(), sa.ForeignKey("study_reports.id"), nullable=False),
+        sa.Column("revision", sa.Integer(), nullable=False),
+        sa.Column("report_id", sa.Integer(), sa.ForeignKey("study_reports.id"), nullable=True),
         sa.Column("laterality", sa.String(1), nullable=True),
         sa.Column("result_ids", sa.JSON(), nullable=False),
         sa.Column("n_images", sa.Integer(), nullable=False),
