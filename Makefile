@@ -24,7 +24,7 @@ PYTEST_ARGS ?=
 PG_TESTS ?= tests/unit/test_postgres.py tests/unit/test_audit_trail.py tests/unit/test_queue_store.py \
 	tests/unit/test_flag_registry.py tests/unit/test_commitment_records.py tests/unit/test_sweep.py \
 	tests/unit/test_dicomweb.py tests/unit/test_report_isolation.py tests/unit/test_strnet.py \
-	tests/unit/test_worker_screening.py tests/ops tests/web tests/browser tests/loopback
+	tests/unit/test_worker_screening.py tests/ops tests/web tests/browser tests/loopback tests/cluster
 BENCH ?= tests/bench
 
 .PHONY: all install venv system ohif medplum demo test bench lint typecheck gpu clean help
