@@ -28,7 +28,7 @@ PYTEST_ARGS ?=
 PG_TESTS ?= tests/unit/test_postgres.py tests/unit/test_audit_trail.py tests/unit/test_queue_store.py \
 	tests/unit/test_flag_registry.py tests/unit/test_commitment_records.py tests/unit/test_sweep.py \
 	tests/unit/test_dicomweb.py tests/unit/test_report_isolation.py tests/unit/test_strnet.py \
-	tests/unit/test_worker_screening.py tests/unit/test_cluster.py tests/ops tests/web tests/browser tests/loopback tests/cluster \
+	tests/unit/test_worker_screening.py tests/unit/test_cluster.py tests/unit/test_fls.py tests/ops tests/web tests/browser tests/loopback tests/cluster \
 	tests/corpus tests/reliability/test_failpoints.py tests/reliability/test_pacs_faults.py \
 	--ignore=tests/loopback/test_mllp.py
 BENCH ?= tests/bench
