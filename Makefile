@@ -20,11 +20,17 @@ MEDPLUM_VERSION := 4.5.2
 MEDPLUM_DIR := $(VENV)/medplum-$(MEDPLUM_VERSION)
 PYTEST_ARGS ?=
 # the database-facing tests, run a second time on PostgreSQL (STRNET_TEST_DATABASE=postgresql: a
-# throwaway PostgreSQL 15 cluster on a free port, tests/pg_cluster.py, a fresh database per agent)
+# throwaway PostgreSQL 15 cluster on a free port, tests/pg_cluster.py, a fresh database per agent;
+# the two agents of tests/cluster share one). tests/loopback/test_mllp.py touches no database and
+# runs once. Left out to keep make test under 30 minutes on 2 cores (they follow the engine too,
+# STRNET_TEST_DATABASE=postgresql pytest DIR runs them): tests/integration (318 s on PostgreSQL) and
+# tests/reliability's bad inputs, fuzz and TLS tests (network input, the database only as in loopback)
 PG_TESTS ?= tests/unit/test_postgres.py tests/unit/test_audit_trail.py tests/unit/test_queue_store.py \
 	tests/unit/test_flag_registry.py tests/unit/test_commitment_records.py tests/unit/test_sweep.py \
 	tests/unit/test_dicomweb.py tests/unit/test_report_isolation.py tests/unit/test_strnet.py \
-	tests/unit/test_worker_screening.py tests/ops tests/web tests/browser tests/loopback
+	tests/unit/test_worker_screening.py tests/unit/test_cluster.py tests/unit/test_fls.py tests/ops tests/web tests/browser tests/loopback tests/cluster \
+	tests/corpus tests/reliability/test_failpoints.py tests/reliability/test_pacs_faults.py \
+	--ignore=tests/loopback/test_mllp.py
 BENCH ?= tests/bench
 
 .PHONY: all install venv system ohif medplum demo test bench lint typecheck gpu clean help

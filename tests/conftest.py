@@ -60,6 +60,11 @@ def database_url_for(data_dir: Path) -> str | None:
     return _pg_urls[key]
 
 
+def database_of(data_dir: Path) -> str:
+    """The URL of this data directory's database on the engine under test (SQLite: its strnet.db)."""
+    return database_url_for(data_dir) or f"sqlite:///{Path(data_dir) / 'strnet.db'}"
+
+
 def agent_toml(data_dir: Path, extra: str = "") -> str:
     """An ``[agent]`` table for a config file of a CLI run on this data directory (and its database)."""
     url = database_url_for(data_dir)

@@ -14,10 +14,13 @@ from conftest import AGENT_AET, TEST_SCU_AET, database_url_for, free_port
 
 
 def write_config(
-    path: Path, data_dir: Path, port: int | None = None, extra: str = "", log_level: str = "info", worker: bool = False
+    path: Path, data_dir: Path, port: int | None = None, extra: str = "", log_level: str = "info", worker: bool = False,
+    database_url: str | None = None,
 ) -> Path:
+    """``database_url``: a database several agents share; else the data directory's own (on
+    PostgreSQL a fresh database of the throwaway cluster, on SQLite the file in data_dir)."""
     port = port or free_port()
-    url = database_url_for(data_dir)  # on PostgreSQL: this data directory's own database
+    url = database_url or database_url_for(data_dir)
     path.write_text(
         f"""
 [agent]

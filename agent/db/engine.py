@@ -3,7 +3,8 @@
 SQLite is the embedded default: WAL, synchronous=FULL, a busy timeout, foreign keys on, and
 every write transaction taken with BEGIN IMMEDIATE so the hash chain and the job queue see one
 writer at a time. The URL is a setting; PostgreSQL (psycopg 3, every session in UTC) needs no
-change in callers.
+change in callers; its sessions wait at most the busy timeout for a lock (``lock_timeout``), as
+SQLite's writers do.
 
 The writers of one process (C-STORE handlers, worker, recorder, sender lanes, sweeps, web) also
 queue on a lock of their own before BEGIN IMMEDIATE: SQLite lets a writer that finds the database
@@ -102,6 +103,9 @@ def make_engine(url: str, busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> Engine:
             # UTC and a naive literal in SQL means UTC (UtcDateTime gives aware UTC either way)
             cur = dbapi_conn.cursor()
             cur.execute("SET TIME ZONE 'UTC'")
+            # a write waits for another's lock (a row, a table, the audit chain's advisory lock) at
+            # most the busy timeout, then fails (a C-STORE answers 0xA700 and the sender retries)
+            cur.execute(f"SET lock_timeout = {int(busy_timeout_ms)}")
             cur.close()
             dbapi_conn.commit()
 

@@ -1,4 +1,5 @@
-"""Two `strnet serve` processes sharing one SQLite database in WAL mode; one is killed (SIGKILL).
+"""Two `strnet serve` processes sharing one database, one is killed (SIGKILL): SQLite in WAL mode,
+or on PostgreSQL (``STRNET_TEST_DATABASE=postgresql``) one fresh database of the throwaway cluster.
 
 Real processes (tiny random-weights STR-Net, inline screening), pynetdicom SCUs sending, one
 pynetdicom PACS receiving. Node storage: the killed agent's rows and files wait for it, untouched
@@ -14,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import AGENT_AET, TEST_SCU_AET
+from conftest import AGENT_AET, TEST_SCU_AET, database_url_for
 from dicom_factory import DX_PRESENTATION, knee_dx
 from pacs_peer import PACS_AET, PacsPeer
+from pg_cluster import engine_under_test
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 from screening_helpers import wait_for
@@ -57,7 +59,7 @@ def send(port: int, datasets: list[Any]) -> None:
 
 def node_config(tmp: Path, name: str, db_url: str, weights: Path, pacs_port: int, storage: str) -> Path:
     cfg = write_config(
-        tmp / f"{name}.toml", tmp / name, worker=True,
+        tmp / f"{name}.toml", tmp / name, worker=True, database_url=db_url,
         extra=(f'\n[reporting]\nquiet_period_s = 0.5\nbuild_processes = 0\n'
                f'\n[sender]\npoll_s = 0.2\nbackoff_base_s = 0.2\nbackoff_max_s = 1.0\ntimeout_s = 5\n'
                f'\n[[pacs]]\nname = "pacs"\nae_title = "{PACS_AET}"\nhost = "127.0.0.1"\nport = {pacs_port}\n'),
@@ -65,7 +67,7 @@ def node_config(tmp: Path, name: str, db_url: str, weights: Path, pacs_port: int
     shared = f'storage = "shared"\nshared_dir = "{tmp / "shared"}"\n' if storage == "shared" else ""
     text = cfg.read_text().replace(
         "min_free_disk_mb = 0",
-        f'min_free_disk_mb = 0\nnode = "{name}"\ndatabase_url = "{db_url}"\nnode_timeout_s = 4\n{shared}', 1,
+        f'min_free_disk_mb = 0\nnode = "{name}"\nnode_timeout_s = 4\n{shared}', 1,
     ).replace(
         "enabled = true",
         f'enabled = true\nweights = "{weights}"\nprocess = false\ndevice = "cpu"\nmax_batch = 1\n'
@@ -91,8 +93,9 @@ def delivered_uids(pacs: PacsPeer) -> set[str]:
 
 
 def start_pair(tmp: Path, weights: Path, pacs: PacsPeer, storage: str) -> tuple[Database, list[ServeProcess]]:
-    db_url = f"sqlite:///{tmp / 'shared.db'}"
+    db_url = database_url_for(tmp / "shared-db") or f"sqlite:///{tmp / 'shared.db'}"  # both agents' one database
     db = Database(db_url)
+    assert db.dialect == engine_under_test()
     upgrade(db)  # once, before two agents start on it
     procs = [ServeProcess(node_config(tmp, n, db_url, weights, pacs.port, storage), tmp / f"{n}.log")
              for n in ("alpha", "beta")]  # fmt: skip

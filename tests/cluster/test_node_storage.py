@@ -1,4 +1,5 @@
-"""Two agents, each with its own data_dir (node storage), sharing one SQLite database in WAL mode.
+"""Two agents, each with its own data_dir (node storage), sharing one database: SQLite in WAL mode, or
+on PostgreSQL (``STRNET_TEST_DATABASE=postgresql``) one fresh database of the throwaway cluster.
 
 Both are real in-process agents (tiny random-weights STR-Net, inline screening) receiving over
 DICOM from pynetdicom SCUs, and sending to one pynetdicom PACS. 40 instances: five studies to
@@ -13,8 +14,10 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from conftest import database_url_for
 from dicom_factory import knee_dx
 from pacs_peer import PACS_AET, PacsPeer
+from pg_cluster import engine_under_test
 from pydicom.uid import generate_uid
 from screening_helpers import send_study, wait_for
 from sqlalchemy import func, select
@@ -50,11 +53,12 @@ def node_agent(make_agent: Any, name: str, db_url: str, weights: Path, pacs_port
 def test_two_node_agents_screen_report_and_send_each_what_it_holds(
     make_agent: Any, tiny_weights: Path, tmp_path: Path
 ) -> None:
-    db_url = f"sqlite:///{tmp_path / 'shared.db'}"
+    db_url = database_url_for(tmp_path / "shared-db") or f"sqlite:///{tmp_path / 'shared.db'}"  # both agents' one
     with PacsPeer() as pacs:
         alpha = node_agent(make_agent, "alpha", db_url, tiny_weights, pacs.port)
         beta = node_agent(make_agent, "beta", db_url, tiny_weights, pacs.port)
         assert alpha.settings.data_dir != beta.settings.data_dir
+        assert alpha.db.dialect == beta.db.dialect == engine_under_test()
         studies = [study(k) for k in range(10)]
         split = studies[9]
         to_alpha = [ds for s in studies[:5] for ds in s] + split[:2]

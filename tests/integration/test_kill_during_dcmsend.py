@@ -21,9 +21,9 @@ from pathlib import Path
 import dicom_factory as factory
 import pydicom
 import pytest
-from conftest import AGENT_AET, TEST_SCU_AET, require_tool
+from conftest import AGENT_AET, TEST_SCU_AET, database_of, database_url_for, require_tool
 from serve_process import ServeProcess, config_port, write_config
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from agent.db.engine import Database
 from agent.db.models import Instance, Job
@@ -64,6 +64,25 @@ def acknowledged(report: Path) -> list[str]:
         if fields.get("DIMSE Status", "").startswith("0x0000"):
             out.append(fields["Affected SOP Instance UID"].strip())
     return out
+
+
+class JobCount:
+    """How many jobs the data directory's database holds now (0 before the agent created it)."""
+
+    def __init__(self, data_dir: Path) -> None:
+        url = database_url_for(data_dir)  # PostgreSQL: the database exists already, at the newest schema
+        self.db = Database(url) if url else None
+        self.db_file = data_dir / "strnet.db"  # SQLite: read only, never created before the agent does
+
+    def __call__(self) -> int:
+        if self.db is None:
+            return job_count(self.db_file)
+        with self.db.reading() as s:
+            return int(s.execute(select(func.count()).select_from(Job)).scalar_one())
+
+    def close(self) -> None:
+        if self.db is not None:
+            self.db.dispose()
 
 
 def job_count(db_file: Path) -> int:
@@ -120,7 +139,7 @@ def test_sigkill_while_dcmsend_streams(tmp_path: Path) -> None:
     data_dir = tmp_path / "var"
     config = write_config(tmp_path / "agent.toml", data_dir)
     port = config_port(config)
-    db_file = data_dir / "strnet.db"
+    jobs_now = JobCount(data_dir)
     first = ServeProcess(config, tmp_path / "serve1.log")
     second = ServeProcess(config, tmp_path / "serve2.log")
     sender: subprocess.Popen[bytes] | None = None
@@ -128,7 +147,7 @@ def test_sigkill_while_dcmsend_streams(tmp_path: Path) -> None:
         first.start(timeout_s=START_TIMEOUT_S)
         sender = dcmsend(port, files, tmp_path / "dcmsend1.txt")
         deadline = time.monotonic() + 60
-        while job_count(db_file) < KILL_AFTER_JOBS:
+        while jobs_now() < KILL_AFTER_JOBS:
             assert sender.poll() is None, "dcmsend ended before the kill: the test proves nothing"
             assert time.monotonic() < deadline, "the agent did not receive 30 instances in 60 s"
             time.sleep(0.005)
@@ -143,7 +162,7 @@ def test_sigkill_while_dcmsend_streams(tmp_path: Path) -> None:
         assert set(acked) <= set(uids)
 
         second.start(timeout_s=START_TIMEOUT_S)  # reconciles spool and database at start
-        db = Database(f"sqlite:///{db_file}")
+        db = Database(database_of(data_dir))
         try:
             per_uid = jobs_per_uid(db)
             lost = [u for u in acked if per_uid[u] != 1]
@@ -174,3 +193,4 @@ def test_sigkill_while_dcmsend_streams(tmp_path: Path) -> None:
             sender.wait(timeout=10)
         first.close()
         second.close()
+        jobs_now.close()

@@ -17,7 +17,7 @@ from typing import Any
 import dicom_factory as factory
 import pydicom
 import pytest
-from conftest import AGENT_AET, require_tool
+from conftest import AGENT_AET, agent_toml, require_tool
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless
 from sqlalchemy import select
 
@@ -103,8 +103,7 @@ def test_orthanc_routes_a_knee_study_to_the_agent(make_agent: Any, tmp_path: Pat
 
     # the CLI, in its own process, reads the same database through a TOML file
     toml = tmp_path / "agent.toml"
-    data_dir = agent.settings.data_dir.as_posix()
-    toml.write_text(f'[agent]\ndata_dir = "{data_dir}"\n', encoding="utf-8")
+    toml.write_text(agent_toml(agent.settings.data_dir), encoding="utf-8")
     env = {k: v for k, v in os.environ.items() if not k.startswith("STRNET_")}
     out = subprocess.run(
         [STRNET, "jobs", "list", "--format", "json", "--config", str(toml)],

@@ -29,7 +29,7 @@ from typing import Any
 import dicom_factory as factory
 import numpy as np
 import pytest
-from conftest import AGENT_AET, free_port, require_tool
+from conftest import AGENT_AET, agent_toml, database_of, database_url_for, free_port, require_tool
 from pydicom import Dataset
 from pydicom.uid import (
     ExplicitVRLittleEndian,
@@ -454,7 +454,7 @@ def test_refused_ae_goes_dead_then_retry_dead_delivers(make_agent: Any, tiny_wei
 
         pacs.add_modality("agent_scu", sending_aet, "127.0.0.1", agent_port)  # Orthanc accepts now
         toml = tmp_path / "cli.toml"
-        toml.write_text(f'[agent]\ndata_dir = "{agent.settings.data_dir.as_posix()}"\n', encoding="utf-8")
+        toml.write_text(agent_toml(agent.settings.data_dir), encoding="utf-8")  # and its database
         env = {k: v for k, v in os.environ.items() if not k.startswith("STRNET_")}
         out = subprocess.run(
             [STRNET, "jobs", "retry", "--dead", "--config", str(toml)],
@@ -478,10 +478,12 @@ def test_refused_ae_goes_dead_then_retry_dead_delivers(make_agent: Any, tiny_wei
 
 # -- 6. `strnet serve` SIGKILLed mid-inference, then mid-send: exactly once in the end ---------
 def serve_config(path: Path, data_dir: Path, port: int, weights: Path, pacs_port: int) -> Path:
+    url = database_url_for(data_dir)  # on PostgreSQL: this data directory's own database
     path.write_text(
         f"""
 [agent]
 data_dir = "{data_dir.as_posix()}"
+{f'database_url = "{url}"' if url else ""}
 min_free_disk_mb = 0
 log_format = "json"
 log_level = "info"
@@ -593,7 +595,7 @@ def test_serve_killed_mid_inference_and_mid_send_delivers_exactly_once(
             timeout_s=120,
             what="one SR per study and one overlay per image",
         )
-        db = Database(f"sqlite:///{data_dir / 'strnet.db'}")
+        db = Database(database_of(data_dir))
         try:
             wait_for(
                 lambda: {i.state for i in outbox.items(db)} == {OutboxState.DELIVERED.value},

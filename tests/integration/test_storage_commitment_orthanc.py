@@ -23,7 +23,7 @@ from typing import Any
 
 import dicom_factory as factory
 import pytest
-from conftest import AGENT_AET, TEST_SCU_AET, free_port, require_tool
+from conftest import AGENT_AET, TEST_SCU_AET, agent_toml, free_port, require_tool
 from pydicom.uid import generate_uid
 from sqlalchemy import select
 
@@ -62,7 +62,7 @@ def destination(pacs: LocalOrthanc) -> dict[str, Any]:
 def outbox_list_json(data_dir: Path, tmp_path: Path) -> list[dict[str, Any]]:
     """What an operator sees: `strnet outbox list --format json` over the agent's database."""
     config = tmp_path / "cli.toml"
-    config.write_text(f'[agent]\ndata_dir = "{data_dir.as_posix()}"\nlog_format = "json"\n', encoding="utf-8")
+    config.write_text(agent_toml(data_dir, 'log_format = "json"\n'), encoding="utf-8")
     out = subprocess.run([STRNET, "outbox", "list", "--format", "json", "--config", str(config)],
                          capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
     assert out.returncode == 0, out.stderr

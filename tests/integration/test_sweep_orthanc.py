@@ -19,7 +19,7 @@ from pathlib import Path
 
 import dicom_factory as factory
 import pytest
-from conftest import AGENT_AET, free_port, require_tool
+from conftest import AGENT_AET, database_url_for, free_port, require_tool
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, JPEGLosslessSV1, generate_uid
 from serve_process import ServeProcess
@@ -124,9 +124,11 @@ def start_archive(agent_port: int, tmp_path: Path) -> LocalOrthanc:
 
 def write_config(path: Path, data_dir: Path, agent_port: int, pacs: LocalOrthanc, weights: Path,
                  sweep: str = "") -> Path:  # fmt: skip
+    url = database_url_for(data_dir)  # on PostgreSQL: this data directory's own database
     path.write_text(f"""
 [agent]
 data_dir = "{data_dir}"
+{f'database_url = "{url}"' if url else ""}
 min_free_disk_mb = 0
 log_format = "json"
 

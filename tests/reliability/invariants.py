@@ -1,16 +1,19 @@
 """The durability invariants checked after every crash run (issue 6, docs/architecture.md).
 
-Reads the SQLite database directly (read-only) and the data directory; the audit chain goes
+Reads the data directory's database on the engine under test (``conftest.database_of``: SQLite's
+file or the PostgreSQL database of the throwaway cluster) and the data directory; the audit chain goes
 through ``agent.audit.trail.verify``. Each check returns a list of human-readable violations, so
 a failing run says everything that is wrong at once.
 """
 
 from __future__ import annotations
 
-import sqlite3
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
+
+from conftest import database_of
+from sqlalchemy import text
 
 from agent.audit import trail
 from agent.db.engine import Database
@@ -20,12 +23,18 @@ PENDING_JOB = {"RECEIVED", "QUEUED", "RUNNING", "FAILED"}
 TERMINAL_OUTBOX = {"DELIVERED", "DEAD"}
 
 
-def _rows(db_file: Path, sql: str) -> list[tuple]:  # type: ignore[type-arg]
-    con = sqlite3.connect(f"file:{db_file}?mode=ro", uri=True, timeout=10)
+def rows(data_dir: Path, sql: str) -> list[tuple]:  # type: ignore[type-arg]
+    """The rows of one read-only query on ``data_dir``'s database."""
+    db = Database(database_of(data_dir))
     try:
-        return list(con.execute(sql).fetchall())
+        return _rows(db, sql)
     finally:
-        con.close()
+        db.dispose()
+
+
+def _rows(db: Database, sql: str) -> list[tuple]:  # type: ignore[type-arg]
+    with db.reading() as s:
+        return [tuple(r) for r in s.execute(text(sql)).all()]
 
 
 def check(
@@ -40,25 +49,34 @@ def check(
     ``pacs_uids``: SOP Instance UIDs (one entry per C-STORE) the PACS peer accepted, or None.
     ``settled``: the agent has had time to finish: every job terminal, every outbox row final.
     """
-    db_file = data_dir / "strnet.db"
+    db = Database(database_of(data_dir))
+    try:
+        return _problems(db, data_dir, acknowledged, pacs_uids, settled)
+    finally:
+        db.dispose()
+
+
+def _problems(
+    db: Database, data_dir: Path, acknowledged: Iterable[str], pacs_uids: Iterable[str] | None, settled: bool
+) -> list[str]:
     problems: list[str] = []
     job_uids = "SELECT i.sop_instance_uid FROM jobs j JOIN instances i ON j.instance_id = i.id"
-    jobs_by_uid = Counter(uid for (uid,) in _rows(db_file, job_uids))
+    jobs_by_uid = Counter(uid for (uid,) in _rows(db, job_uids))
     for uid in acknowledged:
         if jobs_by_uid[uid] == 0:
             problems.append(f"acknowledged instance {uid} has no job")
     allowed = TERMINAL_JOB if settled else TERMINAL_JOB | PENDING_JOB
-    for job_id, state in _rows(db_file, "SELECT id, state FROM jobs"):
+    for job_id, state in _rows(db, "SELECT id, state FROM jobs"):
         if state not in allowed:
             problems.append(f"job {job_id} in state {state}{' (not terminal)' if settled else ''}")
     # one job per (instance UID, content): a duplicate of the same bytes never makes a second job
     for uid, sha, n in _rows(
-        db_file,
+        db,
         "SELECT i.sop_instance_uid, i.sha256, count(*) FROM jobs j JOIN instances i ON j.instance_id = i.id "
         "GROUP BY i.sop_instance_uid, i.sha256 HAVING count(*) > 1",
     ):
         problems.append(f"instance {uid} ({sha[:8]}) has {n} jobs")
-    outbox = _rows(db_file, "SELECT sop_instance_uid, destination, state FROM outbox")
+    outbox = _rows(db, "SELECT sop_instance_uid, destination, state FROM outbox")
     for (uid, dest), n in Counter((u, d) for u, d, _ in outbox).items():
         if n > 1:
             problems.append(f"outbox holds {uid} for {dest} {n} times")
@@ -74,15 +92,15 @@ def check(
         expected = {uid for uid, _d, _s in outbox}
         for uid in received - expected:
             problems.append(f"the PACS peer holds {uid}, which is not in the outbox (a stray result UID)")
-    for key, n in _rows(db_file, "SELECT patient_key, count(*) FROM patients_flagged GROUP BY patient_key"):
+    for key, n in _rows(db, "SELECT patient_key, count(*) FROM patients_flagged GROUP BY patient_key"):
         if n > 1:
             problems.append(f"patient {key!r} flagged {n} times")
     for _pid, n in _rows(
-        db_file, "SELECT patient_id, count(*) FROM patients_flagged WHERE patient_id IS NOT NULL GROUP BY patient_id"
+        db, "SELECT patient_id, count(*) FROM patients_flagged WHERE patient_id IS NOT NULL GROUP BY patient_id"
     ):
         if n > 1:
             problems.append(f"patient id flagged {n} times")
-    known = {p for (p,) in _rows(db_file, "SELECT spool_path FROM instances")}
+    known = {p for (p,) in _rows(db, "SELECT spool_path FROM instances")}
     spool = data_dir / "spool"
     for f in sorted(spool.glob("*/*.dcm")):
         rel = f"{f.parent.name}/{f.name}"
@@ -90,12 +108,8 @@ def check(
             problems.append(f"spool file {rel} has no instance row")
     for f in sorted((spool / "quarantine").glob("*")) if (spool / "quarantine").exists() else []:
         problems.append(f"spool file {f.name} was quarantined")
-    db = Database(f"sqlite:///{db_file}")
-    try:
-        with db.reading() as s:
-            report = trail.verify(s)
-    finally:
-        db.dispose()
+    with db.reading() as s:
+        report = trail.verify(s)
     if not report.ok:
         problems.append(f"audit chain broken at event {report.first_bad_id}: {report.problem}")
     return problems

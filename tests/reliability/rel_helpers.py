@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from conftest import AGENT_AET, TEST_SCU_AET, free_port
+from conftest import AGENT_AET, TEST_SCU_AET, database_url_for, free_port
 from dicom_factory import CR, DX_PRESENTATION
 from pacs_peer import PACS_AET
 from pydicom.dataset import Dataset
@@ -27,6 +27,7 @@ def serve_config(
 ) -> tuple[Path, int]:
     """A config for a short-lived `strnet serve`: no web, no backups, fast sweeps and retries."""
     port = free_port()
+    url = database_url_for(data_dir)  # on PostgreSQL: this data directory's own database
     # process = false: these serves start again and again, each fork warm; a screening process
     # would import torch afresh every time. tests/integration kills the shipped mode mid-inference.
     worker = (
@@ -44,6 +45,7 @@ def serve_config(
         f"""
 [agent]
 data_dir = "{data_dir}"
+{f'database_url = "{url}"' if url else ""}
 min_free_disk_mb = 0
 log_format = "json"
 

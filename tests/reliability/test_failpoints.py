@@ -16,12 +16,11 @@ How the process is started is in serve_fork.py (forked by default to keep 35 run
 
 from __future__ import annotations
 
-import sqlite3
 from pathlib import Path
 
 import pytest
 from dicom_factory import knee_dx
-from invariants import check
+from invariants import check, rows
 from pacs_peer import PacsPeer
 from pydicom.uid import generate_uid
 from rel_helpers import serve_config, store_all, store_raw, wait_until
@@ -38,14 +37,6 @@ N_INGEST = 4
 def _instances(n: int, seed: int) -> list:
     study = generate_uid()
     return [knee_dx(study_uid=study, seed=seed + k, rows=96, cols=80) for k in range(n)]
-
-
-def _db_rows(data_dir: Path, sql: str) -> list[tuple]:  # type: ignore[type-arg]
-    con = sqlite3.connect(f"file:{data_dir / 'strnet.db'}?mode=ro", uri=True, timeout=10)
-    try:
-        return list(con.execute(sql).fetchall())
-    finally:
-        con.close()
 
 
 @pytest.mark.parametrize("run", range(RUNS))
@@ -75,15 +66,15 @@ def test_ingest_crash_loses_nothing_acknowledged(tmp_path: Path, point: str, run
         assert statuses == [0] * N_INGEST
         problems = check(data, acknowledged=again)
         assert problems == [], problems
-        jobs = _db_rows(data, "SELECT count(*) FROM jobs")[0][0]
+        jobs = rows(data, "SELECT count(*) FROM jobs")[0][0]
         assert jobs == N_INGEST  # no duplicate job for an instance received twice
     finally:
         restarted.kill()  # a clean SIGTERM stop is tested in tests/loopback/test_serve_process.py
 
 
 def _settled(data: Path, n_objects: int) -> bool:
-    jobs = _db_rows(data, "SELECT state FROM jobs")
-    out = _db_rows(data, "SELECT state FROM outbox")
+    jobs = rows(data, "SELECT state FROM jobs")
+    out = rows(data, "SELECT state FROM outbox")
     return (
         bool(jobs)
         and all(s in ("DONE", "SKIPPED", "DEAD") for (s,) in jobs)
@@ -120,10 +111,10 @@ def test_worker_and_sender_crash_delivers_everything_once(
         wait_until(lambda: _settled(data, n_objects), 90, "jobs and outbox to settle")
         problems = check(data, acknowledged=acked, pacs_uids=peer.uids(), settled=True)
         assert problems == [], problems
-        states = _db_rows(data, "SELECT state, count(*) FROM outbox GROUP BY state")
+        states = rows(data, "SELECT state, count(*) FROM outbox GROUP BY state")
         assert states == [("DELIVERED", n_objects)], states
-        assert sorted(set(peer.uids())) == sorted(u for (u,) in _db_rows(data, "SELECT sop_instance_uid FROM outbox"))
-        assert _db_rows(data, "SELECT count(*) FROM patients_flagged") == [(1,)]
+        assert sorted(set(peer.uids())) == sorted(u for (u,) in rows(data, "SELECT sop_instance_uid FROM outbox"))
+        assert rows(data, "SELECT count(*) FROM patients_flagged") == [(1,)]
     finally:
         armed.kill()
         restarted.kill()

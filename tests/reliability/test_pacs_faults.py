@@ -74,15 +74,35 @@ def test_pacs_that_accepts_tcp_and_never_answers_times_out_retries_then_delivers
     assert not any(t.is_alive() for t in agent.sender._threads) and time.monotonic() - t0 < 10
 
 
+class _OtherWriter:
+    """Another writer holding the write lock: SQLite's (BEGIN EXCLUSIVE on the file), or on PostgreSQL
+    the tables a C-STORE writes, locked EXCLUSIVE (reads go on, writes wait) by a psycopg connection."""
+
+    def __init__(self, agent: Any) -> None:
+        url = agent.settings.database_url
+        if url.startswith("sqlite"):
+            self.con: Any = sqlite3.connect(agent.settings.data_dir / "strnet.db", isolation_level=None, timeout=1,
+                                            check_same_thread=False)  # fmt: skip
+            self.con.execute("BEGIN EXCLUSIVE")
+            self.release: Any = lambda: self.con.execute("ROLLBACK")
+        else:
+            import psycopg
+
+            self.con = psycopg.connect(url.replace("postgresql+psycopg://", "postgresql://"))
+            self.con.execute("LOCK TABLE studies, instances, jobs IN EXCLUSIVE MODE")
+            self.release = self.con.rollback
+
+    def close(self) -> None:
+        self.con.close()
+
+
 def test_database_locked_by_another_writer_answers_out_of_resources_then_succeeds(make_agent: Any) -> None:
     agent = make_agent(agent={"db_busy_timeout_s": 0.5})
-    db_file = agent.settings.data_dir / "strnet.db"
-    locker = sqlite3.connect(db_file, isolation_level=None, timeout=1, check_same_thread=False)
     ds = knee_dx(rows=64, cols=64)
-    locker.execute("BEGIN EXCLUSIVE")
+    locker = _OtherWriter(agent)
     # the other writer holds the lock for 3 s: six busy timeouts (with the default 10 s the store
     # would wait and succeed, and this test would fail: the setting is what bounds the wait)
-    release = threading.Timer(3.0, lambda: locker.execute("ROLLBACK"))
+    release = threading.Timer(3.0, locker.release)
     release.start()
     try:
         _acked, statuses = store_all(agent.scp.port, [ds])

@@ -1,9 +1,11 @@
 """Several agents on one database: the rows they coordinate through (agent/queue/cluster.py), the
-savepoint inserts that let two agents create the same study or flag the same patient, the shared
-spool's per-agent folders, and migration 0011_node. On a real SQLite file in WAL mode."""
+inserts that let two agents create the same study or flag the same patient, the shared spool's
+per-agent folders, and migration 0011_node. On the engine under test (a real SQLite file in WAL
+mode; a fresh PostgreSQL database with STRNET_TEST_DATABASE=postgresql); the migration on SQLite."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -28,10 +30,12 @@ NEW_TABLES = ("nodes", "study_claims", "open_associations")
 
 
 @pytest.fixture()
-def db(tmp_path: Path) -> Database:
-    d = Database(f"sqlite:///{tmp_path / 'strnet.db'}")
+def db(db_url: str) -> Iterator[Database]:
+    """A database of the engine under test (conftest's db_url: on PostgreSQL a fresh one)."""
+    d = Database(db_url)
     upgrade(d)
-    return d
+    yield d
+    d.dispose()
 
 
 def incoming(study_uid: str, sop_uid: str, rel: str) -> IncomingInstance:

@@ -1,4 +1,5 @@
-"""The fracture-liaison pathway over a real migrated SQLite database: transitions (every pair),
+"""The fracture-liaison pathway over a real migrated database of the engine under test (SQLite, or
+PostgreSQL with STRNET_TEST_DATABASE=postgresql; migration 0008 on SQLite): transitions (every pair),
 the radiologist's verdicts per finding, the overdue clock, the monthly evidence, the digest's
 overdue list and migration 0008. Rows are written by the agent's own store and registry; the
 web and the browser walk it over real screening data (tests/web/test_fls_web.py,
@@ -9,6 +10,7 @@ from __future__ import annotations
 import csv
 import itertools
 import sqlite3
+from collections.abc import Iterator
 from datetime import date, datetime, timedelta
 from pathlib import Path
 
@@ -31,10 +33,12 @@ _uid = itertools.count(1)
 
 
 @pytest.fixture()
-def db(tmp_path: Path) -> Database:
-    d = Database(f"sqlite:///{tmp_path / 'strnet.db'}")
+def db(db_url: str) -> Iterator[Database]:
+    """A database of the engine under test (conftest's db_url: on PostgreSQL a fresh one)."""
+    d = Database(db_url)
     upgrade(d)
-    return d
+    yield d
+    d.dispose()
 
 
 def screened(db: Database, patient: str, probabilities: list[float], threshold: float = 0.5) -> list[int]:
