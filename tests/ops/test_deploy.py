@@ -12,6 +12,7 @@ import pytest
 from conftest import require_tool
 from dicom_factory import knee_dx, write
 from pydicom import dcmread
+from study_routing import study_agent
 
 from agent.demo.orthanc import LocalOrthanc
 from agent.queue.store import list_jobs
@@ -48,14 +49,6 @@ def test_orthanc_lua_script_routes_knees_and_not_other_films(make_agent: Any, tm
         time.sleep(1.0)  # give a wrongly routed chest film the time to arrive too
         jobs = list_jobs(agent.db)
         assert [j.sop_instance_uid for j in jobs] == [str(dcmread(knee).SOPInstanceUID)]
-
-
-def study_agent(study_uid: str, agents: int) -> int:
-    """deploy/orthanc/route-knees-by-study.lua's choice (0-based), as docs/operations.md gives it."""
-    h = 0
-    for byte in study_uid.encode("ascii"):
-        h = (h * 31 + byte) % 2**31
-    return h % agents
 
 
 @pytest.mark.integration
