@@ -15,11 +15,11 @@ process) and reporting (SR helper) on, results (overlays and SRs) sent to a rece
   before `strnet serve` starts, so its threads and helper processes (screening, SR) inherit the core.
   The bench process (sender and PACS) and PostgreSQL are not pinned: in A they have core 1 to
   themselves, in B they take their CPU from the agents' cores. The summary prints their CPU.
-- Input, the same for both: ``BENCH_SCALE_STUDIES`` (default 220) studies of 4 uncompressed
+- Input, the same for both: ``BENCH_SCALE_STUDIES`` (default 300) studies of 4 uncompressed
   1024 x 832 16-bit DX knee films (tests/bench/films.py), each study sent by DCMTK ``storescu`` on an
   association of its own; in B each study goes to the agent the by-study hash picks
-  (tests/study_routing.py, the twin of deploy/orthanc/route-knees-by-study.lua: 112 and 108 of the
-  default 220), and each agent's studies come from a sender thread of its own.
+  (tests/study_routing.py, the twin of deploy/orthanc/route-knees-by-study.lua: 149 and 151 of the
+  default 300), and each agent's studies come from a sender thread of its own.
 - Sent while measuring, each study as soon as the agent has answered the last: an agent in service
   receives every image it screens, and the receiving (validate, spool write and fsync, the commit)
   runs on its core beside the screening, so its images per hour are what its core does for
@@ -65,7 +65,7 @@ from study_routing import study_agent
 
 from model.checkpoint import SHIPPED
 
-N_STUDIES = int(os.environ.get("BENCH_SCALE_STUDIES", "220"))
+N_STUDIES = int(os.environ.get("BENCH_SCALE_STUDIES", "300"))
 IMAGES_PER_STUDY = 4
 WEIGHTS = Path(os.environ.get("BENCH_WEIGHTS") or SHIPPED)
 GOAL_RATIO = 1.6
@@ -75,9 +75,9 @@ CONFIGURATIONS = (("A", ("0",)), ("B", ("0", "1")))
 
 
 # The study UIDs come from this seed (so each run has the same studies and the same split). The hash
-# splits random UIDs within about sqrt(N)/2 studies of even; this seed splits the default 220 studies
-# 112/108. Seed 20261207 split them 129/91, which alone would hold B to 220/129 = 1.71 x A.
-SEED = 20261210
+# splits random UIDs within about sqrt(N)/2 studies of even; this seed splits the default 300 studies
+# 149/151. Seed 20261207 split them 177/123, which alone would hold B to 300/177 = 1.69 x A.
+SEED = 20261214
 
 
 def make_studies(folder: Path, n_studies: int, seed: int = SEED) -> list[tuple[str, list[Path]]]:
@@ -322,7 +322,7 @@ def test_bench_scale_one_agent_against_two(tmp_path: Path, pg_cluster: PgCluster
         per_image = {k: r[k] / r["images"] * 1000 for k in ("send_cpu", "pacs_cpu", "pg_cpu")}
         print(f"     CPU per image: agent(s) {cpu} ms (serve + helpers, on their core); unpinned: storescu "
               f"{per_image['send_cpu']:.0f} ms, PACS {per_image['pacs_cpu']:.0f} ms, PostgreSQL "
-              f"{per_image['pg_cpu']:.0f} ms; last image acknowledged {r['last_ack_s']:.0f} s into "
-              f"{r['wall_s']:.0f} s")  # fmt: skip
+              f"{per_image['pg_cpu']:.0f} ms ({sum(per_image.values()) * r['images'] / 1000 / r['wall_s']:.2f} "
+              f"cores' worth); last image acknowledged {r['last_ack_s']:.0f} s into {r['wall_s']:.0f} s")  # fmt: skip
     print(f"  ratio B/A   {ratio:.2f}  (goal >= {GOAL_RATIO}: {verdict}; judge it only from a run whose load "
           "average before was low: other processes take the same cores)")  # fmt: skip
