@@ -315,12 +315,13 @@ def test_bench_scale_one_agent_against_two(tmp_path: Path, pg_cluster: PgCluster
         )
         cpu = " + ".join(f"{c / cnt * 1000:.0f}" if cnt else "-" for c, (cnt, _) in zip(r["cpu"],
                          r["per_node"].values(), strict=True))  # fmt: skip
+        busy = " + ".join(f"{c / r['wall_s']:.0%}" for c in r["cpu"])  # how much of its core each agent had
         if len(r["per_node"]) > 1:
             shares += f"; sum of the agents' own rates {sum(c / s * 3600 for c, s in r['per_node'].values()):,.0f}/h"
         print(f"  {r['name']}  cores {','.join(r['cores']):<4} {r['per_hour']:9,.0f} images/h  ({r['images']} in "
               f"{r['window_s']:.1f} s; {shares}; load before {r['load'][0]:.2f})")  # fmt: skip
         per_image = {k: r[k] / r["images"] * 1000 for k in ("send_cpu", "pacs_cpu", "pg_cpu")}
-        print(f"     CPU per image: agent(s) {cpu} ms (serve + helpers, on their core); unpinned: storescu "
+        print(f"     CPU per image: agent(s) {cpu} ms (serve + helpers, {busy} of their core); unpinned: storescu "
               f"{per_image['send_cpu']:.0f} ms, PACS {per_image['pacs_cpu']:.0f} ms, PostgreSQL "
               f"{per_image['pg_cpu']:.0f} ms ({sum(per_image.values()) * r['images'] / 1000 / r['wall_s']:.2f} "
               f"cores' worth); last image acknowledged {r['last_ack_s']:.0f} s into {r['wall_s']:.0f} s")  # fmt: skip
