@@ -61,19 +61,24 @@ def config_port(config: Path) -> int:
 
 
 class ServeProcess:
-    """``strnet serve --config FILE`` with its stderr captured to a file."""
+    """``strnet serve --config FILE`` with its stderr captured to a file.
 
-    def __init__(self, config: Path, log_path: Path, args: tuple[str, ...] = ()) -> None:
+    ``cpus`` (a ``taskset -c`` list, e.g. "0"): the process runs on those cores only, set before it
+    starts, so every thread and helper process it starts inherits them (the scale-out bench)."""
+
+    def __init__(self, config: Path, log_path: Path, args: tuple[str, ...] = (), cpus: str | None = None) -> None:
         self.config = config
         self.args = args
+        self.cpus = cpus
         self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
 
     def start(self, timeout_s: float = 30.0) -> ServeProcess:
         self._log = self.log_path.open("ab")
+        pin = ["taskset", "-c", self.cpus] if self.cpus else []  # taskset execs serve: same pid
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "agent", "serve", "--config", str(self.config), *self.args],
+            [*pin, sys.executable, "-m", "agent", "serve", "--config", str(self.config), *self.args],
             stdout=self._log,
             stderr=self._log,
             # the admin web on a free port unless the test chose one

@@ -35,6 +35,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: conftest, serve_process
 
 from bench.bench_screening import cpu_model, family_cpu_s, pct, settle, vm_hwm_mb
+from bench.films import KneeFilms
 from conftest import AGENT_AET, TEST_SCU_AET, free_port
 from serve_process import ServeProcess
 
@@ -54,54 +55,23 @@ BASES = 4
 
 def make_films(folder: Path, n_images: int, seed: int = 20261207) -> tuple[list[Path], Path]:
     """(archive files: ``n_images`` J2K lossless knee DX, two per study over SWEEP_DAYS; the live
-    stream's uncompressed image). Synthetic films (model/synth) with
+    stream's uncompressed image). Synthetic films (tests/bench/films.py) with
     noise of their own, so no two images are alike."""
     from pydicom.uid import JPEG2000Lossless, generate_uid
 
-    from model.synth.acquisition import VENDOR_PROFILES
-    from model.synth.dicom_writer import ImageHeader, build_dataset
-    from model.synth.generate import generate_one
-
-    rng = np.random.default_rng(seed)
-    profile = VENDOR_PROFILES["acme_dx"]
-    top = (1 << profile.bits_stored) - 1
-    bases = [generate_one(rng, laterality="LR"[i % 2], view="AP", profile="acme_dx") for i in range(BASES)]
-    if SCALE != 1.0:  # larger films: the renderings upscaled
-        from skimage.transform import resize
-
-        for img, _ in bases:
-            shape = (round(img.stored.shape[0] * SCALE), round(img.stored.shape[1] * SCALE))
-            img.stored = resize(img.stored, shape, order=1, preserve_range=True, anti_aliasing=False).astype(np.uint16)
-
-    def film(s: int, n: int, study_uid: str, when: datetime) -> object:
-        img, patient = bases[int(rng.integers(0, BASES))]
-        noisy = np.minimum(img.stored + rng.integers(0, 24, img.stored.shape, dtype=np.uint16), top)
-        hdr = ImageHeader(
-            patient_id=f"SWEEP{s:05d}", patient_name=f"SYNTHETIC^SWEEP{s:05d}", birth_date=date(1950, 1, 1),
-            sex=patient.sex, age=patient.age, height_m=patient.height_m, weight_kg=patient.weight_kg,
-            study_uid=study_uid, series_uid=generate_uid(), sop_uid=generate_uid(), study_datetime=when,
-            accession=f"S{s:06d}", study_id="1", series_number=n + 1, instance_number=1, laterality="LR"[n % 2],
-            view="AP", kvp=img.kvp, magnification=img.magnification, burned_in_text=False,
-        )  # fmt: skip
-        ds = build_dataset(noisy.astype(np.uint16), hdr, profile)
-        if SCALE != 1.0:  # the same knee in finer pixels
-            spacing = f"{profile.pixel_spacing_mm / SCALE:.4f}"
-            ds.ImagerPixelSpacing = [spacing, spacing]
-            ds.PixelSpacing = [f"{profile.pixel_spacing_mm / SCALE / img.magnification:.4f}"] * 2
-        return ds
-
+    films = KneeFilms(np.random.default_rng(seed), bases=BASES, scale=SCALE)
     archive = []
     for s in range(n_images // 2):
         study_uid = generate_uid()
         day = SWEEP_DAYS[s % len(SWEEP_DAYS)]
         for n in range(2):
-            ds = film(s, n, study_uid, datetime(day.year, day.month, day.day, 9, 0))
-            ds.compress(JPEG2000Lossless)  # type: ignore[attr-defined]
+            ds = films.film(s, n, study_uid, datetime(day.year, day.month, day.day, 9, 0))
+            ds.compress(JPEG2000Lossless)
             path = folder / f"a{s:04d}_{n}.dcm"
-            ds.save_as(path, enforce_file_format=True)  # type: ignore[attr-defined]
+            ds.save_as(path, enforce_file_format=True)
             archive.append(path)
     live = folder / "live.dcm"  # each live study sends it under UIDs of its own
-    film(90_000, 0, generate_uid(), datetime.now()).save_as(live, enforce_file_format=True)  # type: ignore[attr-defined]
+    films.film(90_000, 0, generate_uid(), datetime.now()).save_as(live, enforce_file_format=True)
     return archive, live
 
 

@@ -35,6 +35,7 @@ from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 from sqlalchemy import func, select
+from study_routing import study_agent
 
 from agent.config import Settings, load_settings
 from agent.db.engine import Database
@@ -79,14 +80,6 @@ def test_orthanc_lua_script_routes_knees_and_not_other_films(make_agent: Any, tm
         time.sleep(1.0)  # give a wrongly routed chest film the time to arrive too
         jobs = list_jobs(agent.db)
         assert [j.sop_instance_uid for j in jobs] == [str(dcmread(knee).SOPInstanceUID)]
-
-
-def study_agent(study_uid: str, agents: int) -> int:
-    """deploy/orthanc/route-knees-by-study.lua's choice (0-based), as docs/operations.md gives it."""
-    h = 0
-    for byte in study_uid.encode("ascii"):
-        h = (h * 31 + byte) % 2**31
-    return h % agents
 
 
 def env_file(path: Path) -> dict[str, str]:
