@@ -6,6 +6,7 @@ Exit codes: 0 success, 1 failure of the operation, 2 bad configuration or usage.
 from __future__ import annotations
 
 import json
+import re
 import signal
 import sys
 import threading
@@ -539,6 +540,9 @@ def _mount_model_commands() -> None:
     )
 
 
+_DOUBLE_QUOTED = re.compile(r'"[^"]*"')
+
+
 def main() -> None:
     # model/ imports torch (seconds): mount its commands only when they can be asked for
     argv = sys.argv[1:]
@@ -553,5 +557,6 @@ def main() -> None:
         # the database cannot be reached or used (refused, wrong password, unreadable file): the
         # driver's first line says why; SQLAlchemy's own text (the statement, its parameters) is left out
         first = str(exc.orig).strip().splitlines()[0] if str(exc.orig).strip() else exc.orig.__class__.__name__
-        typer.echo(f"database error: {redact(first)}", err=True)
+        # libpq quotes the host and the user: each quoted span goes, the reason after it stays
+        typer.echo("database error: " + redact(_DOUBLE_QUOTED.sub("[value]", first)), err=True)
         sys.exit(1)
