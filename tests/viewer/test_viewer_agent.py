@@ -23,6 +23,7 @@ ohif-overlay.png, orthanc-webviewer-overlay.png, dsr2html.png and dsr2html-impre
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import shutil
@@ -362,6 +363,21 @@ def test_overlay_shows_in_ohif_and_in_the_orthanc_web_viewer(
         context.close()
 
 
+def _knee_probabilities(routed: Routed) -> list[float]:
+    """P(bone loss) in % of each knee of the routed study: the sigmoid of the mean logit of its
+    films' probabilities (the SR's own, as read from Orthanc), films grouped by side."""
+    from agent.dicom_values import read_laterality
+    from model.knee import knee_groups, logit
+
+    uids = list(routed.probabilities)
+    sides = [read_laterality(routed.sources[u])[0] for u in uids]
+    out = []
+    for films in knee_groups([routed.study_uid] * len(uids), sides):
+        z = sum(logit(routed.probabilities[uids[i]] / 100.0) for i in films) / len(films)
+        out.append(100.0 / (1.0 + math.exp(-z)))
+    return out
+
+
 # -- 3. the SR as a text viewer renders it (DCMTK dsr2html) -----------------------------------
 def test_dsr2html_renders_the_report_with_names_beside_values(
     routed: Routed, viewer: tuple[str, Any], tmp_path: Path
@@ -393,9 +409,11 @@ def test_dsr2html_renders_the_report_with_names_beside_values(
 
     number = r"-?\d+(?:\.\d+)?"
     probabilities = [float(v) for v in re.findall(rf"\bProbability:\s*({number})", flat)]
-    assert len(probabilities) == len(routed.sources), f"{probabilities}{report}"
-    assert sorted(probabilities) == pytest.approx(sorted(routed.probabilities.values()), abs=0.006), report
-    assert len(re.findall(rf"\bT-score:\s*{number}", flat)) == len(routed.sources), report
+    # each film's, then each knee's (its films of one side combined: model/knee.py)
+    expected = [*routed.probabilities.values(), *_knee_probabilities(routed)]
+    assert len(probabilities) == len(expected), f"{probabilities}{report}"
+    assert sorted(probabilities) == pytest.approx(sorted(expected), abs=0.006), report
+    assert len(re.findall(rf"\bT-score:\s*{number}", flat)) == len(expected), report
     for meaning in set(routed.findings.values()):  # each film's finding, as a coded value
         assert re.search(rf"Finding:\s*{re.escape(meaning)}\b", flat), f"Finding {meaning!r}{report}"
     assert re.search(r"Impression:", flat), report
