@@ -34,7 +34,7 @@ from psycopg import sql
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
-from sqlalchemy import func, select
+from sqlalchemy import func, make_url, select
 from study_routing import study_agent
 
 from agent.config import Settings, load_settings
@@ -192,17 +192,18 @@ def test_cluster_agents_load_with_distinct_nodes_node_storage_and_one_postgresql
     assert [s.node for s in loaded.values()] == list(CLUSTER_AGENTS)
     assert {s.agent.storage for s in loaded.values()} == {"node"}
     urls = {s.database_url for s in loaded.values()}
-    assert len(urls) == 1 and urls.pop() == "postgresql://strnet@db:5432/strnet"
+    assert len(urls) == 1
+    url = make_url(urls.pop())
+    assert (url.drivername, url.host) == ("postgresql", "db")  # the compose's database service
     assert len({s.scp.ae_title for s in loaded.values()}) == len(CLUSTER_AGENTS)
     for s in loaded.values():  # what Orthanc and the agents call each other
         assert [(p.ae_title, p.host) for p in s.scp.peers] == [("ORTHANC", "orthanc")]
-        assert [(p.ae_title, p.host, p.port) for p in s.pacs] == [("ORTHANC", "orthanc", 4242)]
+        # Orthanc's DICOM port: the container port it publishes first
+        assert [(p.ae_title, p.host, p.port) for p in s.pacs] == [("ORTHANC", "orthanc", container_ports("orthanc")[0])]
     # the one-shot upgrade works on the same database
     assert load_agent(services["migrate"], monkeypatch).database_url == loaded["strnet1"].database_url
-    user = re.match(r"postgresql://([^@]+)@db:5432/(\w+)$", loaded["strnet1"].database_url)
-    assert user is not None
     db_env = services["db"]["environment"]
-    assert (db_env["POSTGRES_USER"], db_env["POSTGRES_DB"]) == user.groups()
+    assert (db_env["POSTGRES_USER"], db_env["POSTGRES_DB"]) == (url.username, url.database)
 
 
 def test_cluster_orthanc_declares_the_agents_the_script_routes_to_in_its_order(
@@ -253,15 +254,23 @@ def test_cluster_schema_upgrade_runs_once_before_both_agents() -> None:
     assert len(project) == 2 and all('pip install ".[postgres]"' in line for line in project), project
 
 
-def test_cluster_publishes_ports_on_this_host_only() -> None:
-    published = {
-        name: service.get("ports", []) for name, service in cluster()["services"].items() if service.get("ports")
-    }
-    assert published == {
-        "strnet1": ["127.0.0.1:8081:8080"],
-        "strnet2": ["127.0.0.1:8082:8080"],
-        "orthanc": ["127.0.0.1:4242:4242", "127.0.0.1:8042:8042"],
-    }
+def container_ports(service: str) -> list[int]:
+    """The container side of each port the cluster's ``service`` publishes ("ip:host:container")."""
+    return [int(p.rsplit(":", 1)[1]) for p in cluster()["services"][service].get("ports", [])]
+
+
+def test_cluster_publishes_ports_on_this_host_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    services = cluster()["services"]
+    published = {name: service["ports"] for name, service in services.items() if service.get("ports")}
+    assert set(published) == {*CLUSTER_AGENTS, "orthanc"}  # not the database, not the upgrade
+    mappings = [p.split(":") for ports in published.values() for p in ports]
+    assert all(len(m) == 3 and m[0] == "127.0.0.1" for m in mappings)  # on this host only
+    assert len({m[1] for m in mappings}) == len(mappings)  # no host port twice
+    for name in CLUSTER_AGENTS:  # each agent publishes its admin web, on the port it listens on
+        assert container_ports(name) == [load_agent(services[name], monkeypatch).web.port]
+    # Orthanc as the single-agent compose file publishes it (DICOM, then HTTP)
+    single = yaml.safe_load((DEPLOY / "compose.yaml").read_text(encoding="utf-8"))["services"]["orthanc"]
+    assert published["orthanc"] == single["ports"]
 
 
 @ONCE
@@ -282,13 +291,14 @@ def test_cluster_migrate_reaches_postgresql_with_the_password_from_the_env_file(
         with psycopg.connect(admin, autocommit=True) as conn:
             conn.execute("SELECT pg_reload_conf()")
         config = agent_config(service)
-        url = load_settings(config).database_url.replace("@db:5432/", f"@127.0.0.1:{pg.port}/")
+        url = make_url(load_settings(config).database_url).set(host="127.0.0.1", port=pg.port)
+        url = url.render_as_string(hide_password=False)
         argv = [sys.executable, "-m", "agent", *service["command"][:2], "--config", str(config)]
         base = {**os.environ, "STRNET_AGENT__DATA_DIR": str(tmp_path), "STRNET_AGENT__DATABASE_URL": url}
         ok = subprocess.run(argv, env={**base, **env}, capture_output=True, text=True, timeout=120)
         assert ok.returncode == 0 and "database at revision" in ok.stdout, ok.stdout + ok.stderr
         wrong = subprocess.run(argv, env={**base, "PGPASSWORD": "not-it"}, capture_output=True, text=True, timeout=120)
-        # refused (today the CLI prints SQLAlchemy's traceback for it, ending in libpq's message)
+        # refused, in one line that keeps libpq's reason
         assert wrong.returncode == 1 and 'password authentication failed for user [value]' in wrong.stderr
     finally:
         pg.stop()
