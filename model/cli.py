@@ -69,8 +69,12 @@ def train(
     variant: Annotated[str, typer.Option("--variant", help="base | small | tiny")] = "base",
     seed: Annotated[int | None, typer.Option("--seed")] = None,
     input_size: Annotated[int | None, typer.Option("--input-size")] = None,
-    batch_size: Annotated[int | None, typer.Option("--batch-size")] = None,
-    lr: Annotated[float | None, typer.Option("--lr")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", help="batch on the CPU")] = None,
+    lr: Annotated[float | None, typer.Option("--lr", help="peak learning rate at --batch-size")] = None,
+    cuda_batch_size: Annotated[
+        int | None,
+        typer.Option("--cuda-batch-size", help="batch on CUDA (0: --batch-size); lr scaled by sqrt of the ratio"),
+    ] = None,
     patience: Annotated[int | None, typer.Option("--patience")] = None,
     time_budget_min: Annotated[float | None, typer.Option("--time-budget-min")] = None,
     channels_last: Annotated[bool, typer.Option("--channels-last/--no-channels-last")] = True,
@@ -102,6 +106,7 @@ def train(
             seed=seed,
             batch_size=batch_size,
             lr=lr,
+            cuda_batch_size=cuda_batch_size,
             patience=patience,
             time_budget_min=time_budget_min,
         ).items()

@@ -78,8 +78,13 @@ class TrainConfig:
 
     seed: int = 20260427
     epochs: int = 12
+    #: the batch on the CPU (and any device but CUDA)
     batch_size: int = 32
+    #: the peak learning rate at ``batch_size``
     lr: float = 2e-3
+    #: the batch on CUDA (0: ``batch_size``); the learning rate is scaled to it by the square
+    #: root of the ratio (``model.train.effective_batch``)
+    cuda_batch_size: int = 128
     weight_decay: float = 0.02
     warmup_epochs: float = 1.0
     patience: int = 4
@@ -123,6 +128,8 @@ class TrainConfig:
             raise ValueError("served_threshold must be 'conservative' or 'point'")
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError("val_fraction must lie in (0, 1)")
+        if self.batch_size < 1 or self.cuda_batch_size < 0:
+            raise ValueError("batch_size must be >= 1 and cuda_batch_size >= 0")
 
     def to_dict(self) -> dict[str, Any]:
         return _to_dict(self)

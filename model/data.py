@@ -261,8 +261,12 @@ class RadiographDataset(Dataset):
 
 def augment_batch(x: torch.Tensor, cfg: TrainConfig, gen: torch.Generator) -> torch.Tensor:
     """Random flips, a small affine (rotation, scale, translation) and intensity jitter
-    (gamma-like, contrast, brightness, noise) applied per image to a (B, 1, S, S) batch."""
+    (gamma-like, contrast, brightness, noise) applied per image to a (B, 1, S, S) batch.
+
+    The random numbers come from ``gen`` (a CPU generator) whatever the device of ``x``, so a
+    batch already on the GPU is augmented there with the same draws as on the CPU."""
     b = x.shape[0]
+    dev = x.device
 
     def u(lo: float, hi: float) -> torch.Tensor:
         return lo + (hi - lo) * torch.rand(b, generator=gen)
@@ -280,17 +284,17 @@ def augment_batch(x: torch.Tensor, cfg: TrainConfig, gen: torch.Generator) -> to
     theta[:, 1, 0], theta[:, 1, 1] = sin * sx, cos * sy
     theta[:, 0, 2] = u(-cfg.aug_translate, cfg.aug_translate) * 2 * (1 - keep)
     theta[:, 1, 2] = u(-cfg.aug_translate, cfg.aug_translate) * 2 * (1 - keep)
-    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+    grid = F.affine_grid(theta.to(device=dev, dtype=x.dtype), list(x.shape), align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
     # intensity jitter around each image's own mean, so the range of the spec is kept
     mean = x.mean(dim=(1, 2, 3), keepdim=True)
     std = x.std(dim=(1, 2, 3), keepdim=True).clamp_min(1e-3)
     z = (x - mean) / std
-    gamma = u(-cfg.aug_gamma, cfg.aug_gamma).view(b, 1, 1, 1)
+    gamma = u(-cfg.aug_gamma, cfg.aug_gamma).view(b, 1, 1, 1).to(dev)
     z = z + gamma * torch.tanh(z)  # a monotone bend of the mid-tones (|gamma| < 1)
-    contrast = u(1.0 - cfg.aug_contrast, 1.0 + cfg.aug_contrast).view(b, 1, 1, 1)
-    bright = u(-cfg.aug_brightness, cfg.aug_brightness).view(b, 1, 1, 1)
+    contrast = u(1.0 - cfg.aug_contrast, 1.0 + cfg.aug_contrast).view(b, 1, 1, 1).to(dev)
+    bright = u(-cfg.aug_brightness, cfg.aug_brightness).view(b, 1, 1, 1).to(dev)
     x = mean + bright + z * std * contrast
     if cfg.aug_noise > 0:
-        x = x + cfg.aug_noise * std * torch.randn(x.shape, generator=gen)
+        x = x + cfg.aug_noise * std * torch.randn(x.shape, generator=gen).to(dev)
     return x

@@ -38,10 +38,20 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return dev
 
 
+def amp_dtype(device: torch.device, bf16_supported: bool | None = None) -> torch.dtype | None:
+    """The autocast dtype on ``device``: bf16 on CUDA where the GPU supports it (asked of
+    ``torch.cuda`` unless ``bf16_supported`` says), else fp16; ``None`` (float32) elsewhere."""
+    if device.type != "cuda":
+        return None
+    if bf16_supported is None:
+        bf16_supported = torch.cuda.is_bf16_supported()
+    return torch.bfloat16 if bf16_supported else torch.float16
+
+
 def autocast_context(device: torch.device, enabled: bool = True) -> contextlib.AbstractContextManager:
-    """bf16 (or fp16 on older GPUs) autocast on CUDA; a no-op elsewhere."""
-    if enabled and device.type == "cuda":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    """bf16 (or fp16 on older GPUs) autocast on CUDA; a no-op elsewhere (``amp_dtype``)."""
+    dtype = amp_dtype(device) if enabled else None
+    if dtype is not None:
         return torch.autocast("cuda", dtype=dtype)
     return contextlib.nullcontext()
 

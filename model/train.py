@@ -41,7 +41,7 @@ from model.data import (
 from model.heads import missing_clinical
 from model.losses import strnet_loss
 from model.metrics import auroc, pearson_r
-from model.predict import autocast_context, infer_arrays, resolve_device
+from model.predict import amp_dtype, autocast_context, infer_arrays, resolve_device
 from model.strnet import STRNet, count_params
 from model.threshold import select_thresholds
 
@@ -160,6 +160,42 @@ def lr_factor(progress: float, warmup: float) -> float:
     return 0.02 + 0.98 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, frac)))
 
 
+def effective_batch(cfg: TrainConfig, device: torch.device) -> tuple[int, float]:
+    """The batch size and peak learning rate of a training run on ``device``.
+
+    Anything but CUDA: ``cfg.batch_size`` and ``cfg.lr`` exactly (the CPU recipe is untouched).
+    CUDA: ``cfg.cuda_batch_size`` (0 keeps ``batch_size``) with the learning rate scaled by the
+    square root of the batch ratio, 32 -> 128 giving 2e-3 -> 4e-3. Why the square root and not
+    the linear rule: the linear rule (Goyal et al. 2017) is derived for SGD, whose step grows
+    with the gradient; AdamW divides each step by the gradient's running RMS, so a larger batch
+    only lowers the gradient noise (its variance as 1/B), and keeping the noise of the update
+    the same needs lr proportional to sqrt(B) (Malladi et al. 2022, the SDEs of adaptive
+    methods). Linear would give 8e-3, four times the rate this recipe was tuned at, with a
+    warm-up of one epoch that is now four times fewer steps.
+    """
+    if device.type != "cuda" or cfg.cuda_batch_size in (0, cfg.batch_size):
+        return cfg.batch_size, cfg.lr
+    batch = cfg.cuda_batch_size
+    return batch, cfg.lr * math.sqrt(batch / cfg.batch_size)
+
+
+def _backward_step(loss: torch.Tensor, model: torch.nn.Module, opt: torch.optim.Optimizer, scaler: Any) -> None:
+    """Backward, gradient clipping and the optimiser step; through the fp16 gradient scaler
+    when there is one (the clip then sees the unscaled gradients, and a step whose gradients
+    overflowed is skipped by the scaler)."""
+    opt.zero_grad(set_to_none=True)
+    if scaler is None:
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+        opt.step()
+        return
+    scaler.scale(loss).backward()
+    scaler.unscale_(opt)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+    scaler.step(opt)
+    scaler.update()
+
+
 def train(
     manifest: str | Path | Sequence[str | Path],
     out: str | Path,
@@ -187,6 +223,13 @@ def train(
     spec = spec or PreprocessSpec()
     dev = resolve_device(device)
     torch.set_num_threads(cfg.num_threads)
+    batch_size, lr = effective_batch(cfg, dev)
+    amp = amp_dtype(dev)
+    cuda = dev.type == "cuda"
+    # fp16 needs loss scaling against underflowing gradients; bf16 has float32's range
+    scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
+    if cuda:
+        torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its kernels once
     seed_everything(cfg.seed)
     t_start = time.time()
 
@@ -203,9 +246,13 @@ def train(
     )
 
     model = STRNet(model_cfg).to(dev)
-    log(f"STR-Net {count_params(model) / 1e6:.2f} M parameters on {dev}")
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = max(1, len(train_idx) // cfg.batch_size)
+    precision = "float32" if amp is None else str(amp).removeprefix("torch.")
+    log(
+        f"STR-Net {count_params(model) / 1e6:.2f} M parameters on {dev}, batch {batch_size}, "
+        f"lr {lr:g}, {precision}{' with a gradient scaler' if scaler else ''}"
+    )
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = max(1, len(train_idx) // batch_size)
     total_steps = steps_per_epoch * cfg.epochs
     warm = min(0.5, cfg.warmup_epochs / max(1, cfg.epochs))
     budget_s = 60.0 * cfg.time_budget_min
@@ -230,34 +277,40 @@ def train(
             leave=False,
         )
         running = 0.0
+        t_epoch, first_step_s, n_seen = time.time(), 0.0, 0
         for step in bar:
-            idx = np.sort(perm[step * cfg.batch_size : (step + 1) * cfg.batch_size])
-            x = torch.from_numpy(cache[idx].astype(np.float32))[:, None]
-            x = augment_batch(x, cfg, gen).to(dev)
+            idx = np.sort(perm[step * batch_size : (step + 1) * batch_size])
+            if cuda:  # half the bytes over the bus, pinned, converted and augmented on the GPU
+                x = torch.from_numpy(cache[idx]).pin_memory().to(dev, non_blocking=True).float()[:, None]
+                x = augment_batch(x, cfg, gen)
+            else:
+                x = torch.from_numpy(cache[idx].astype(np.float32))[:, None]
+                x = augment_batch(x, cfg, gen).to(dev)
             c = clin_t[idx].clone()
             drop = torch.rand(len(idx), generator=gen) < cfg.clinical_dropout
             c[drop] = miss
-            batch = {k: v[idx].to(dev) for k, v in tg_t.items()}
+            batch = {k: v[idx].to(dev, non_blocking=cuda) for k, v in tg_t.items()}
             with autocast_context(dev):
-                out_b = model(x, c.to(dev))
+                out_b = model(x, c.to(dev, non_blocking=cuda))
             loss, parts = strnet_loss(out_b, batch, cfg)
             # schedule progress: steps done, or the share of the time budget used if larger
             prog = global_step / total_steps
             if budget_s:
                 prog = max(prog, (time.time() - t_train) / budget_s)
             for group in opt.param_groups:
-                group["lr"] = cfg.lr * lr_factor(prog, warm)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-            opt.step()
+                group["lr"] = lr * lr_factor(prog, warm)
+            _backward_step(loss, model, opt, scaler)
             global_step += 1
+            n_seen += len(idx)
             running = 0.9 * running + 0.1 * loss.item() if step else loss.item()
+            if not step:  # loss.item() waited for the GPU: the first step's time, warm-up included
+                first_step_s = time.time() - t_epoch
             bar.set_postfix(loss=f"{running:.3f}", screen=f"{parts['screen']:.3f}")
             if budget_s and time.time() - t_train > budget_s:
                 stopped_by_budget = True
                 break
         bar.close()
+        train_s = time.time() - t_epoch  # the last loss.item() waited for the GPU
         raw = infer_arrays(model, cache[val_idx], clin[val_idx], 128, dev)
         auc = auroc(val_tg["label"], raw["screen_logit"])
         t_ok = np.isfinite(val_tg["tscore"])
@@ -271,6 +324,9 @@ def train(
                 "val_severity_auroc": sev,
                 "val_tscore_r": r,
                 "elapsed_s": round(time.time() - t_start, 1),
+                "train_images": n_seen,
+                "train_s": round(train_s, 3),
+                "first_step_s": round(first_step_s, 3),
             }
         )
         log(
@@ -329,6 +385,10 @@ def train(
             "decode_s": round(t_decoded - t_start, 1),
             "wall_time_s": round(wall, 1),
             "device": str(dev),
+            "batch_size_used": batch_size,
+            "lr_used": lr,
+            "amp_dtype": precision,
+            "grad_scaler": scaler is not None,
             "torch": torch.__version__,
             "command": command or " ".join(sys.argv),
         },

@@ -29,6 +29,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
             "--variant", "tiny",
             "--input-size", "64",
             "--epochs", "1",
+            "--cuda-batch-size", "64",
             "--workers", "1",
             "--model-version", "tiny-cli",
             "--synthetic",
@@ -46,6 +47,20 @@ def test_train_fits_the_texture_stage_and_records_it(tiny_run: tuple[Path, Path]
     assert stage["feature_version"] == 1 and len(stage["w_severity"]) == stage["n_features"] + 1
     assert meta["train_config"]["texture"] is True
     assert "conformal" in meta and "thresholds" in meta
+
+
+@pytest.mark.slow
+def test_train_records_the_batch_learning_rate_and_precision_it_used(tiny_run: tuple[Path, Path]) -> None:
+    meta = read_metadata(tiny_run[0])
+    t = meta["training"]
+    # on the CPU the CUDA batch is recorded but not used: the CPU recipe's batch, lr, float32
+    assert meta["train_config"]["cuda_batch_size"] == 64
+    assert (t["batch_size_used"], t["lr_used"], t["amp_dtype"], t["grad_scaler"]) == (32, 2e-3, "float32", False)
+    epoch = t["history"][0]
+    # whole batches only (the rest wait for the next epoch's shuffle): 36 images give one of 32
+    n_train = meta["training_data"]["n_train"]
+    assert epoch["train_images"] == 32 * (n_train // 32) and n_train >= 32
+    assert 0 < epoch["first_step_s"] <= epoch["train_s"]
 
 
 @pytest.mark.slow
