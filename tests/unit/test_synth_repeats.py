@@ -162,6 +162,7 @@ def test_the_synth_command_takes_the_share_and_records_it(tmp_path: Path) -> Non
     assert res.exit_code == 0, res.output
     card = json.loads((tmp_path / "s" / "dataset.json").read_text())
     assert card["repeat_fraction"] == 1.0 and card["n"] == 3 and card["seed"] == 771005
+    assert card["preset"] == "default" and card["compressed_fraction"] == 0.0 and card["n_patients"] >= 1
     assert card["preset_parameters"]["repeat_fraction"] == 1.0
     assert f"images, {card['n_retakes']} retakes," in res.output and card["n_retakes"] >= 1
     res = runner.invoke(app, ["synth", "--out", str(tmp_path / "t"), "--n", "3", "--seed", "1",
