@@ -51,13 +51,31 @@ def synth(
     seed: Annotated[int, typer.Option("--seed")],
     preset: Annotated[str, typer.Option("--preset")] = "default",
     compressed_fraction: Annotated[float, typer.Option("--compressed-fraction")] = 0.25,
+    repeat_fraction: Annotated[
+        float,
+        typer.Option(
+            "--repeat-fraction",
+            help="share of single-knee films retaken in the same study (same knee, a fresh acquisition)",
+        ),
+    ] = 0.0,
 ) -> None:
-    """Write synthetic DICOM knee radiographs and manifest.csv."""
+    """Write synthetic DICOM knee radiographs, manifest.csv and dataset.json."""
     from model.synth.generate import generate
 
     t0 = time.time()
-    manifest = generate(out, n=n, seed=seed, preset=preset, compressed_fraction=compressed_fraction)
-    typer.echo(f"{manifest} ({n} images, {time.time() - t0:.1f} s)")
+    try:
+        manifest = generate(
+            out,
+            n=n,
+            seed=seed,
+            preset=preset,
+            compressed_fraction=compressed_fraction,
+            repeat_fraction=repeat_fraction,
+        )
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+    card = json.loads((manifest.parent / "dataset.json").read_text(encoding="utf-8"))
+    typer.echo(f"{manifest} ({n} images, {card['n_retakes']} retakes, {time.time() - t0:.1f} s)")
 
 
 @app.command()

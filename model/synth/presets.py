@@ -36,6 +36,10 @@ class Preset:
     marker_prob: float = 0.95
     text_prob: float = 0.5
     implant_prob: float = 0.02
+    # retakes: the share of single-knee films (L or R, never "B") retaken in the same study (the
+    # same knee, a fresh acquisition); 0 keeps every seed's files as before retakes existed
+    repeat_fraction: float = 0.0
+    repeat_other_view: float = 0.5  # share of retakes in the other view (AP retaken standing PA)
 
     def to_dict(self) -> dict:
         """JSON-safe dictionary (for dataset cards and manifests)."""

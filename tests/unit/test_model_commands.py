@@ -19,7 +19,8 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     from model.synth.generate import generate
 
     root = tmp_path_factory.mktemp("modelcli")
-    manifest = generate(root / "data", n=48, seed=4242, preset="default", compressed_fraction=0.0)
+    # with retakes (issue 24): the evaluation's knees put a retake with its film
+    manifest = generate(root / "data", n=48, seed=4242, preset="default", compressed_fraction=0.0, repeat_fraction=0.3)
     res = CliRunner().invoke(
         app,
         [
@@ -78,6 +79,9 @@ def test_evaluate_reports_the_network_alone_beside_the_fused_outputs(
     # issue 24: the knee-level figures beside the image-level ones (the manifest's study and side)
     rows = list(csv.DictReader(manifest.open()))
     assert metrics["n_knees"] == len({(r["study_instance_uid"], r["laterality"]) for r in rows})
+    n_retakes = json.loads((manifest.parent / "dataset.json").read_text())["n_retakes"]
+    assert n_retakes > 0 and metrics["n_knees"] == len(rows) - n_retakes == metrics["n"] - n_retakes
+    assert metrics["n_knees_several_images"] == n_retakes
     assert {"severity_auroc_knee", "severity_auroc_knee_ci", "screening_auroc_knee", "tscore_mae_knee"} <= set(metrics)
     assert "## Per knee" in (tmp_path / "report.md").read_text()
 
