@@ -24,7 +24,7 @@ if TYPE_CHECKING:  # torch is imported where weights are read or written: readin
 
 FORMAT = "strnet-checkpoint"
 FORMAT_VERSION = 1
-SHIPPED = Path(__file__).resolve().parent / "weights" / "strnet-synth-v1.1.json"
+SHIPPED = Path(__file__).resolve().parent / "weights" / "strnet-synth-v2.json"
 STRUCTURE_KEYS = ("model_config", "preprocess", "weights_file", "weights_sha256")  # every checkpoint has them
 
 

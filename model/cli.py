@@ -94,6 +94,7 @@ def train(
         typer.Option("--cuda-batch-size", help="batch on CUDA (0: --batch-size); lr scaled by sqrt of the ratio"),
     ] = None,
     patience: Annotated[int | None, typer.Option("--patience")] = None,
+    threads: Annotated[int | None, typer.Option("--threads", help="CPU threads of torch (default 2)")] = None,
     time_budget_min: Annotated[float | None, typer.Option("--time-budget-min")] = None,
     channels_last: Annotated[bool, typer.Option("--channels-last/--no-channels-last")] = True,
     model_version: Annotated[str, typer.Option("--model-version")] = "strnet-custom",
@@ -126,6 +127,7 @@ def train(
             lr=lr,
             cuda_batch_size=cuda_batch_size,
             patience=patience,
+            num_threads=threads,
             time_budget_min=time_budget_min,
         ).items()
         if v is not None
@@ -198,11 +200,29 @@ def evaluate(
     weights: WeightsOpt = SHIPPED,
     device: DeviceOpt = "auto",
     workers: Annotated[int, typer.Option("--workers")] = 2,
+    compare: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--compare",
+            help="LABEL=PATH: another checkpoint's metrics.json on the same manifests, for the "
+            "ablation table (repeatable)",
+        ),
+    ] = None,
 ) -> None:
     """Evaluate a checkpoint: metrics.json, report.md and plots in --out."""
     from model.evaluate import evaluate as run_eval
 
-    m = run_eval(weights, manifest, out, device=device, workers=workers)
+    pairs: dict[str, str | Path] = {}
+    for item in compare or []:
+        label, sep, path = item.partition("=")
+        if not sep or not label or not Path(path).is_file():
+            raise typer.BadParameter(f"--compare wants LABEL=PATH of a metrics.json, not {item!r}")
+        pairs[label] = path
+    try:
+        m = run_eval(weights, manifest, out, device=device, workers=workers, compare=pairs)
+    except ValueError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
     _print_metrics(m)
     typer.echo(f"report: {out / 'report.md'}")
 

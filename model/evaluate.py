@@ -434,6 +434,70 @@ def _served_maps(
     return out
 
 
+ABLATION_KEYS = (
+    "screening_auroc",
+    "severity_auroc",
+    "severity_auroc_knee",
+    "tscore_pearson_r",
+    "tscore_mae",
+    "conformal_coverage",
+    "conformal_width",
+)
+
+
+def perfect_reader(manifests: Sequence[str | Path], films: list[tuple[str, str]]) -> dict[str, Any] | None:
+    """The Bayes ceiling (``model.synth.ceiling``) on exactly these films, when every film is one
+    this project's generator wrote and the sets name one preset (``dataset.json`` beside each
+    manifest; a set without one was written before it existed, with the default preset unless
+    its maker said otherwise: recorded as assumed). ``None`` for any other data."""
+    import json
+
+    from model.synth.ceiling import of_films, posterior, score
+
+    presets = set()
+    assumed = False
+    for manifest in manifests:
+        card = Path(manifest).parent / "dataset.json"
+        if card.is_file():
+            presets.add(str(json.loads(card.read_text(encoding="utf-8")).get("preset", "")))
+        else:
+            presets.add("default")
+            assumed = True
+    if len(presets) != 1:
+        return None
+    preset = presets.pop()
+    try:
+        knees = of_films(films, preset)
+    except ValueError:
+        return None
+    figures: dict[str, Any] = {k: float(v) for k, v in score(knees, posterior(knees, preset)).items()}
+    figures["tscore_pearson_r"] = figures.pop("tscore_r")  # this report's name of the figure
+    figures["preset"] = preset + (" (assumed: no dataset.json)" if assumed else "")
+    return figures
+
+
+def ablation(metrics: dict[str, Any], compare: dict[str, str | Path]) -> list[dict[str, Any]]:
+    """Rows of the ablation table: the network alone (this run), each compared checkpoint's
+    figures from its own ``metrics.json`` and this checkpoint's. A compared file must have been
+    computed on the same manifests and number of films, or ``ValueError``."""
+    import json
+
+    rows: list[dict[str, Any]] = []
+    if "network_only" in metrics:
+        rows.append({"label": "network alone", **metrics["network_only"]})
+    for label, path in compare.items():
+        other = json.loads(Path(path).read_text(encoding="utf-8"))
+        if other.get("manifest") != metrics["manifest"] or other.get("n") != metrics["n"]:
+            raise ValueError(f"--compare {label}: its metrics.json was computed on other films")
+        row = {"label": label, "model_version": other.get("checkpoint", {}).get("model_version")}
+        row.update({k: other[k] for k in ABLATION_KEYS if k in other})
+        rows.append(row)
+    row = {"label": "this checkpoint", "model_version": metrics["checkpoint"]["model_version"]}
+    row.update({k: metrics[k] for k in ABLATION_KEYS if k in metrics})
+    rows.append(row)
+    return rows
+
+
 def evaluate(
     weights: str | Path,
     manifest: str | Path | Sequence[str | Path],
@@ -442,9 +506,11 @@ def evaluate(
     workers: int = 2,
     progress: bool = True,
     n_gradcam: int = 4,
+    compare: dict[str, str | Path] | None = None,
 ) -> dict[str, Any]:
     """Score ``manifest`` with the checkpoint, write ``metrics.json``, ``report.md`` and plots
-    to ``out_dir``; return the metrics."""
+    to ``out_dir``; return the metrics. ``compare`` names other checkpoints' ``metrics.json``
+    on the same manifests (label -> path) for the report's ablation table."""
     import torch
 
     from model.data import build_cache, clinical_features, read_manifests, targets
@@ -472,13 +538,21 @@ def evaluate(
     t_met = time.time()
     metrics.update(saliency_in_bone(pred, rows, cache, served_p >= pred.threshold, workers))
     t_sal = time.time()
+    shown = Path(weights).resolve()
+    if shown.is_relative_to(Path.cwd().resolve()):  # a report names the repository's files relatively
+        shown = shown.relative_to(Path.cwd().resolve())
     metrics["checkpoint"] = {
-        "weights": str(weights),
+        "weights": str(shown),
         "model_version": pred.meta.model_version,
         "weights_sha256": pred.meta.weights_sha256,
         "trained_on_synthetic_data": pred.meta.synthetic,
     }
     metrics["manifest"] = ", ".join(str(m) for m in manifests)
+    reader = perfect_reader(manifests, [(r.patient_id, r.laterality) for r in rows])
+    if reader is not None:
+        metrics["perfect_reader"] = reader
+    if compare:
+        metrics["ablation"] = ablation(metrics, compare)
     metrics["timing_s"] = {
         "decode_preprocess": round(t_dec - t0, 1),
         "inference": round(t_inf - t_dec, 1),

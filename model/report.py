@@ -303,6 +303,43 @@ def _knee_lines(m: dict[str, Any]) -> list[str]:
     ]
 
 
+_ABLATION_COLUMNS = (
+    ("screening_auroc", "screening AUROC"),
+    ("severity_auroc", "severity AUROC"),
+    ("severity_auroc_knee", "severity AUROC per knee"),
+    ("tscore_pearson_r", "T-score r"),
+    ("tscore_mae", "T-score MAE"),
+    ("conformal_coverage", "coverage"),
+    ("conformal_width", "interval width"),
+)
+
+
+def _ablation_lines(m: dict[str, Any]) -> list[str]:
+    """The ablation table (network alone, compared checkpoints, this one) and, for a set this
+    project's generator wrote, the perfect reader's figures on the same films."""
+    rows = list(m.get("ablation") or [])
+    reader = m.get("perfect_reader")
+    if reader is not None:
+        rows.append({"label": f"perfect reader (Bayes ceiling, preset {reader['preset']})", **reader})
+    head = "| | " + " | ".join(title for _, title in _ABLATION_COLUMNS) + " |"
+    lines = [
+        "",
+        "## Ablation and ceiling (same films)",
+        "",
+        "Each row scored on exactly these films. A compared checkpoint's figures come from its own "
+        "evaluation of the same manifests; the perfect reader knows each knee's bone cues, the "
+        "clinical variables and the generator's equations (`model/synth/ceiling.py`), so no model "
+        "can expect to pass it. n/a: not defined for that row.",
+        "",
+        head,
+        "|---" * (len(_ABLATION_COLUMNS) + 1) + "|",
+    ]
+    for row in rows:
+        name = row["label"] + (f" (`{row['model_version']}`)" if row.get("model_version") else "")
+        lines.append(f"| {name} | " + " | ".join(_fmt(row.get(k)) for k, _ in _ABLATION_COLUMNS) + " |")
+    return lines
+
+
 def render_markdown(m: dict[str, Any], plots: list[tuple[str, str]]) -> str:
     ops = m["operating_points"]
     lines = [
@@ -398,6 +435,8 @@ def render_markdown(m: dict[str, Any], plots: list[tuple[str, str]]) -> str:
         lines += [f"| {k} | {v['n']} | {_fmt(v['auroc'])} |" for k, v in m["by_profile"].items()]
     if "n_knees" in m:
         lines += _knee_lines(m)
+    if "ablation" in m or "perfect_reader" in m:
+        lines += _ablation_lines(m)
     if "saliency_in_bone" in m:
         lines += _saliency_lines(m)
     lines += ["", "## Plots", ""]

@@ -5,9 +5,14 @@ trabecular pattern (period 8 to 17 px on the film) is at or below the Nyquist li
 (osteoporosis against osteopenia) depends on exactly that fine structure. This stage measures it
 on the decoded film itself, in the spirit of radiographic texture analysis:
 
-- spectral features: 14 windowed 128 px patches on a 7 x 2 grid around the joint; per patch the
-  share of spectral power in 7 period bands (3 to 64 px), for trabeculae across and along the
-  bone axis, plus patch mean, contrast and mean gradients; pooled (mean, min, max, per row);
+- spectral features: 44 Hann-windowed 128 px patches on an 11 x 4 grid around the joint (rows
+  every 50 px from -250 to +250, columns at -96, -32, +32, +96 px from the film's centre), per
+  patch the share of spectral power in 7 period bands (3 to 64 px), for trabeculae across and
+  along the bone axis, plus patch mean, contrast and mean gradients; pooled (mean, min, max, per
+  grid row, per grid column). The windows overlap (Welch's method): a Hann window weighs its
+  patch's edges near zero, so abutting windows leave much of the bone unread, and the readout is
+  limited by the bone area read (feature version 1, 14 abutting windows, read the knee's bone
+  cues with a residual SD of 0.243; this grid 0.196; docs/adr/0017);
 - shaft features: quantiles and edge strength of the mean column profile in four bands of rows
   near the top and bottom of the film (femoral and tibial shaft: cortical thickness).
 
@@ -32,11 +37,11 @@ import numpy as np
 
 from model.fitting import add_intercept, fit_logistic, fit_ridge
 
-FEATURE_VERSION = 1
+FEATURE_VERSION = 2
 CANONICAL_ROWS = 1024
 PATCH = 128
-ROW_OFFSETS = (-300, -200, -100, 0, 100, 200, 300)  # px from the film's centre, canonical rows
-COL_OFFSETS = (-80, 80)
+ROW_OFFSETS = tuple(range(-250, 251, 50))  # px from the film's centre, canonical rows
+COL_OFFSETS = (-96, -32, 32, 96)
 BANDS = ((3, 5), (5, 7), (7, 9), (9, 12), (12, 16), (16, 24), (24, 64))  # period, px
 SHAFT_ROWS = ((30, 110), (110, 190), (-190, -110), (-110, -30))  # negative: from the bottom
 
@@ -62,7 +67,7 @@ _IN_BAND = (_SLOT >= 0).ravel()
 _SLOTS = _SLOT.ravel()[_IN_BAND]
 N_SLOTS = 2 * len(BANDS)
 N_PATCH_FEATURES = N_SLOTS + 4
-N_FEATURES = N_PATCH_FEATURES * (3 + len(ROW_OFFSETS)) + 9 * len(SHAFT_ROWS)
+N_FEATURES = N_PATCH_FEATURES * (3 + len(ROW_OFFSETS) + len(COL_OFFSETS)) + 9 * len(SHAFT_ROWS)
 
 
 class _Canonical:
@@ -179,7 +184,7 @@ def texture_features(pixels: np.ndarray) -> np.ndarray:
     film = _Canonical(pixels)
     flat = _patch_features(_patches(film))
     grid = flat.reshape(len(ROW_OFFSETS), len(COL_OFFSETS), N_PATCH_FEATURES)
-    pooled = [flat.mean(0), flat.min(0), flat.max(0), grid.mean(1).ravel()]
+    pooled = [flat.mean(0), flat.min(0), flat.max(0), grid.mean(1).ravel(), grid.mean(0).ravel()]
     h = film.rows
     shaft = []
     for r0, r1 in SHAFT_ROWS:

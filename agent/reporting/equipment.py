@@ -31,7 +31,7 @@ def device_uid(algorithm: AlgorithmInfo) -> str:
 
 
 def model_name(algorithm: AlgorithmInfo) -> str:
-    """Manufacturer's Model Name of the algorithm, e.g. "STR-Net strnet-synth-v1.1"."""
+    """Manufacturer's Model Name of the algorithm, e.g. "STR-Net strnet-synth-v2"."""
     return f"{algorithm.name} {algorithm.version}"[:64]
 
 

@@ -19,14 +19,24 @@ per-image ceilings are the same: every film of a knee shows the same bone. ``spr
 scoring on simulated test sets of a given number of patients to show how far one test set of that
 size strays from the expected value.
 
-Run ``python -m model.synth.ceiling --n 20000 --seed 5 --preset default``.
+``of_manifests`` scores the perfect reader on a set this generator wrote, film by film (each film
+row of its manifest: its patient's truth and the cues of the knee it shows, regenerated from the
+seed and patient index in its patient ID; a film of both knees shows the mean of the two), so a
+model's figures on that very set can be set beside what any reader could reach there.
+
+Run ``python -m model.synth.ceiling --n 20000 --seed 5 --preset default``, or
+``python -m model.synth.ceiling --manifest data/test/manifest.csv`` for a written set.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
+import re
+from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -59,6 +69,51 @@ class Knees:
     cue_mean: np.ndarray  # mean of the six cue z-scores the film shows (gain removed)
 
 
+def _clinical_mean(person: object) -> float:
+    """The clinical part of the generator's T-score model (age, sex, BMI)."""
+    age, sex, bmi = person.age, person.sex, person.bmi  # type: ignore[attr-defined]
+    return float(
+        _T_INTERCEPT + _T_AGE_PER_YEAR * (age - 50) + _T_FEMALE * (sex == "F") + _T_BMI_PER_UNIT * (bmi - 27.0)
+    )
+
+
+# a manifest reader may prefix the set's name ("set:SYN884211-000007")
+_PATIENT_ID = re.compile(r"(?:^|:)SYN(\d+)-(\d+)$")
+
+
+def of_films(films: Iterable[tuple[str, str]], preset: str | Preset = "default") -> Knees:
+    """The perfect reader's observations for films given as (patient ID, laterality), one entry
+    per film as a model is scored; ``ValueError`` for a patient ID this generator did not write."""
+    from model.synth.generate import patient_knees
+
+    cache: dict[tuple[int, int], tuple[float, float, dict[str, float]]] = {}
+    ids: dict[tuple[int, int], int] = {}
+    pat, t, t_mean, cue = [], [], [], []
+    for patient_id, side in films:
+        m = _PATIENT_ID.search(patient_id)
+        if not m:
+            raise ValueError("a film's patient ID is not one this generator writes")
+        key = (int(m.group(1)), int(m.group(2)))
+        if key not in cache:
+            person, knees = patient_knees(key[0], key[1], preset)
+            cache[key] = (person.t_score, _clinical_mean(person), {s: k.cue_mean for s, k in knees.items()})
+        truth, mean, cues = cache[key]
+        pat.append(ids.setdefault(key, len(ids)))
+        t.append(truth)
+        t_mean.append(mean)
+        cue.append(cues[side] if side in cues else (cues["L"] + cues["R"]) / 2)
+    return Knees(np.array(pat), np.array(t), np.array(t_mean), np.array(cue))
+
+
+def of_manifests(manifests: list[Path], preset: str | Preset = "default") -> Knees:
+    """``of_films`` for every row of written sets' manifests."""
+    films: list[tuple[str, str]] = []
+    for manifest in manifests:
+        with Path(manifest).open(newline="", encoding="utf-8") as fh:
+            films += [(row["patient_id"], row["laterality"]) for row in csv.DictReader(fh)]
+    return of_films(films, preset)
+
+
 def simulate(n_patients: int, seed: int, preset: str | Preset = "default") -> Knees:
     """Both knees of ``n_patients`` patients drawn with the generator's own patient model."""
     p = get_preset(preset)
@@ -66,8 +121,7 @@ def simulate(n_patients: int, seed: int, preset: str | Preset = "default") -> Kn
     for i in range(n_patients):
         rng = np.random.default_rng([seed, 31, i])
         person = sample_patient(rng, i, p.patient)
-        mean = _T_INTERCEPT + _T_AGE_PER_YEAR * (person.age - 50) + _T_FEMALE * (person.sex == "F")
-        mean += _T_BMI_PER_UNIT * (person.bmi - 27.0)
+        mean = _clinical_mean(person)
         cues = np.array(list(person.cues.values()))
         for _side in "LR":
             jitter = rng.normal(0.0, p.knee_noise, size=N_CUES)
@@ -137,7 +191,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--preset", default="default")
     ap.add_argument("--sets", type=int, default=200, help="simulated test sets for the spread")
     ap.add_argument("--set-patients", type=int, default=283, help="patients per simulated test set")
+    ap.add_argument(
+        "--manifest", type=Path, action="append", help="score the perfect reader on this written set (repeatable)"
+    )
     args = ap.parse_args(argv)
+    if args.manifest:
+        films = of_manifests(args.manifest, args.preset)
+        figures = {k: round(v, 3) for k, v in score(films, posterior(films, args.preset)).items()}
+        print(json.dumps({"preset": args.preset, "films": len(films.t), "perfect_reader": figures}, indent=2))
+        return
     knees = simulate(args.n, args.seed, args.preset)
     expected = {k: round(v, 3) for k, v in score(knees, posterior(knees, args.preset)).items()}
     report = {

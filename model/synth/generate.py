@@ -8,6 +8,8 @@ Public API
     One image in memory (no disk), for tests and benchmarks.
 ``patient_images(seed, index, preset) -> (Patient, list[SynthRecord])``
     All images of one patient in memory, exactly as ``generate`` would write them.
+``patient_knees(seed, index, preset) -> (Patient, {side: Knee})``
+    A patient and both knees without rendering (the ceiling of a written set).
 ``PRESETS``
     Preset name -> :class:`~model.synth.presets.Preset`.
 
@@ -33,9 +35,18 @@ from model.synth.acquisition import VENDOR_PROFILES, VendorProfile
 from model.synth.dicom_writer import COMPRESSIONS, ImageHeader, build_dataset, make_uid, write
 from model.synth.patient import Patient, sample_patient
 from model.synth.presets import PRESETS, Preset, get_preset
-from model.synth.scene import SynthImage, make_knees, render_image
+from model.synth.scene import Knee, SynthImage, make_knees, render_image
 
-__all__ = ["MANIFEST_COLUMNS", "PRESETS", "Preset", "SynthRecord", "generate", "generate_one", "patient_images"]
+__all__ = [
+    "MANIFEST_COLUMNS",
+    "PRESETS",
+    "Preset",
+    "SynthRecord",
+    "generate",
+    "generate_one",
+    "patient_images",
+    "patient_knees",
+]
 
 MANIFEST_COLUMNS = (
     "path",
@@ -122,6 +133,20 @@ def retake_plan(
     return rep, _OTHER_VIEW[view] if rep.random() < preset.repeat_other_view else view
 
 
+def _patient_and_knees(rng: np.random.Generator, seed: int, index: int, p: Preset) -> tuple[Patient, dict[str, Knee]]:
+    """The patient and both knees, the first draws from the patient's generator ``rng``."""
+    patient = sample_patient(rng, index, p.patient)
+    # the seed is part of the identity: sets made with different seeds never share a patient ID
+    patient = dataclasses.replace(patient, patient_id=f"SYN{seed}-{index:06d}")
+    return patient, make_knees(patient, p, rng)
+
+
+def patient_knees(seed: int, index: int, preset: str | Preset = "default") -> tuple[Patient, dict[str, Knee]]:
+    """Patient ``index`` of ``seed`` and both knees, as :func:`patient_images` draws them, without
+    rendering a film (for the Bayes ceiling of a written set, ``model.synth.ceiling``)."""
+    return _patient_and_knees(np.random.default_rng([seed, index]), seed, index, get_preset(preset))
+
+
 def patient_images(seed: int, index: int, preset: str | Preset = "default") -> tuple[Patient, list[SynthRecord]]:
     """All images of patient ``index`` for ``seed``, exactly as :func:`generate` writes them.
 
@@ -138,10 +163,7 @@ def patient_images(seed: int, index: int, preset: str | Preset = "default") -> t
     _check_fraction("repeat_fraction", p.repeat_fraction)
     _check_fraction("repeat_other_view", p.repeat_other_view)
     rng = np.random.default_rng([seed, index])
-    patient = sample_patient(rng, index, p.patient)
-    # the seed is part of the identity: sets made with different seeds never share a patient ID
-    patient = dataclasses.replace(patient, patient_id=f"SYN{seed}-{index:06d}")
-    knees = make_knees(patient, p, rng)
+    patient, knees = _patient_and_knees(rng, seed, index, p)
     profile = str(rng.choice(list(p.profiles)))  # one site per patient: hold-out by vendor works
     first = _BASE_DATE + dt.timedelta(days=int(seed % 97) + int(rng.integers(0, 700)))
     birth = first - dt.timedelta(days=int(patient.age * 365.25 + rng.integers(0, 365)))

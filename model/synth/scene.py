@@ -62,6 +62,9 @@ class Knee:
     side: str  # "L" or "R"
     shape: KneeShape
     bone: BoneParams
+    #: mean of the six cue z-scores this knee shows (per-knee jitter included, gain not): what
+    #: a perfect reader of its films recovers (``model.synth.ceiling``)
+    cue_mean: float = 0.0
 
 
 def make_knees(patient: Patient, preset: Preset, rng: np.random.Generator) -> dict[str, Knee]:
@@ -69,7 +72,8 @@ def make_knees(patient: Patient, preset: Preset, rng: np.random.Generator) -> di
     knees = {}
     for side in ("L", "R"):
         jitter = rng.normal(0.0, preset.knee_noise, size=6)
-        knees[side] = Knee(side, knee_shape(patient, rng), bone_params(patient.cues, preset.cue_gain, jitter))
+        cue_mean = float(np.mean([patient.cues[k] + j for k, j in zip(sorted(patient.cues), jitter, strict=True)]))
+        knees[side] = Knee(side, knee_shape(patient, rng), bone_params(patient.cues, preset.cue_gain, jitter), cue_mean)
     return knees
 
 

@@ -35,11 +35,12 @@ from pynetdicom import AE
 sys.path.insert(0, str(Path(__file__).parents[1] / "reliability"))
 from serve_fork import ServeFork
 
+from model.checkpoint import SHIPPED
+
 MINUTES = float(os.environ.get("STRNET_BENCH_MINUTES", "5"))
 BURST = int(os.environ.get("STRNET_BENCH_BURST", "1000"))
 WEIGHTS = os.environ.get("STRNET_BENCH_WEIGHTS", "tiny")
 DRAIN_MAX_S = float(os.environ.get("STRNET_BENCH_DRAIN_MAX_S", "1800"))
-SHIPPED = Path(__file__).parents[2] / "model" / "weights" / "strnet-synth-v1.1.json"
 
 
 def _config(path: Path, data: Path, port: int, weights: Path) -> Path:

@@ -6,12 +6,14 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
 
 from model.checkpoint import read_metadata
 from model.cli import app
+from model.texture import FEATURE_VERSION
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +47,7 @@ def test_train_fits_the_texture_stage_and_records_it(tiny_run: tuple[Path, Path]
     weights, _ = tiny_run
     meta = read_metadata(weights)
     stage = meta["texture"]
-    assert stage["feature_version"] == 1 and len(stage["w_severity"]) == stage["n_features"] + 1
+    assert stage["feature_version"] == FEATURE_VERSION == 2 and len(stage["w_severity"]) == stage["n_features"] + 1
     assert meta["train_config"]["texture"] is True
     assert "conformal" in meta and "thresholds" in meta
 
@@ -84,6 +86,35 @@ def test_evaluate_reports_the_network_alone_beside_the_fused_outputs(
     assert metrics["n_knees_several_images"] == n_retakes
     assert {"severity_auroc_knee", "severity_auroc_knee_ci", "screening_auroc_knee", "tscore_mae_knee"} <= set(metrics)
     assert "## Per knee" in (tmp_path / "report.md").read_text()
+    # the generator's own set: the perfect reader on the same films, in metrics and report
+    reader = metrics["perfect_reader"]
+    assert reader["preset"] == "default" and 0.5 < reader["screening_auroc"] <= 1.0
+    assert "perfect reader (Bayes ceiling" in (tmp_path / "report.md").read_text()
+
+    # an ablation row from another evaluation of the same films; one of other films is refused
+    def evaluate_comparing(out: Path, label: str, path: Path) -> Any:
+        args = ["evaluate", "--weights", str(weights), "--manifest", str(manifest), "--out", str(out)]
+        return CliRunner().invoke(app, [*args, "--compare", f"{label}={path}"])
+
+    res = evaluate_comparing(tmp_path / "again", "first run", tmp_path / "metrics.json")
+    assert res.exit_code == 0, res.output
+    rows_ab = json.loads((tmp_path / "again" / "metrics.json").read_text())["ablation"]
+    assert [r["label"] for r in rows_ab] == ["network alone", "first run", "this checkpoint"]
+    assert rows_ab[1]["tscore_mae"] == metrics["tscore_mae"]
+    other = dict(metrics, manifest="elsewhere/manifest.csv")
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    res = evaluate_comparing(tmp_path / "x", "other", tmp_path / "other.json")
+    assert res.exit_code == 2 and "computed on other films" in res.output
+
+
+def test_the_perfect_reader_is_only_for_the_generators_own_sets(tmp_path: Path) -> None:
+    from model.evaluate import perfect_reader
+
+    manifest = tmp_path / "manifest.csv"
+    assert perfect_reader([manifest], [("site:MRN0001", "L")]) is None
+    # a set without dataset.json was written before it existed: default preset, said so
+    figures = perfect_reader([manifest], [(f"s:SYN77-{i:06d}", side) for i in range(40) for side in "LR"])
+    assert figures is not None and figures["preset"] == "default (assumed: no dataset.json)"
 
 
 @pytest.mark.slow

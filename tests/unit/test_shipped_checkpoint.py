@@ -139,7 +139,7 @@ def test_shipped_checkpoint_severity_auroc_meets_target(fresh_eval: tuple[dict, 
 def test_shipped_checkpoint_has_a_texture_stage_fitted_without_the_test_seeds() -> None:
     meta = read_metadata(SHIPPED)
     stage = meta["texture"]
-    assert stage["feature_version"] == 1
+    assert stage["feature_version"] == 2
     fit = meta.get("texture_fit", {})
     used = json.dumps([stage.get("extra_manifests", []), fit.get("command", ""), fit.get("data_commands", [])])
     assert "data/s201/manifest.csv" in used  # the fields checked are the ones that name the data

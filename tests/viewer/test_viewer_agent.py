@@ -63,8 +63,9 @@ WINDOW = {"width": 1600, "height": 900}  # wide enough for OHIF's text box besid
 # The study: patient 32 of model/synth seed 20, its first study (AP films of the right and the
 # left knee, DX, 16-bit). Synthetic truth: T-score -3.99 (osteoporosis). Chosen once by scoring
 # seed 20's patients whose first study holds both knees and whose true T-score is below -2 with
-# the shipped strnet-synth-v1.1: this one had both films positive with the highest margin
-# (P(bone loss) 0.996 each, threshold 0.38). The fixture checks the SR still says so.
+# strnet-synth-v1.1: this one had both films positive with the highest margin (P(bone loss)
+# 0.996 each, threshold 0.38); v2 has the same network, so the same screening probabilities. The
+# fixture checks the SR still says so.
 SYNTH_SEED, SYNTH_PATIENT = 20, 32
 
 # OHIF's own console lines that mean an SR measurement was dropped or the SR failed
