@@ -210,6 +210,7 @@ def evaluate(
     ] = None,
 ) -> None:
     """Evaluate a checkpoint: metrics.json, report.md and plots in --out."""
+    from model.evaluate import OtherFilms
     from model.evaluate import evaluate as run_eval
 
     pairs: dict[str, str | Path] = {}
@@ -220,7 +221,7 @@ def evaluate(
         pairs[label] = path
     try:
         m = run_eval(weights, manifest, out, device=device, workers=workers, compare=pairs)
-    except ValueError as e:
+    except OtherFilms as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
     _print_metrics(m)

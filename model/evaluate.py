@@ -434,17 +434,6 @@ def _served_maps(
     return out
 
 
-ABLATION_KEYS = (
-    "screening_auroc",
-    "severity_auroc",
-    "severity_auroc_knee",
-    "tscore_pearson_r",
-    "tscore_mae",
-    "conformal_coverage",
-    "conformal_width",
-)
-
-
 def perfect_reader(manifests: Sequence[str | Path], films: list[tuple[str, str]]) -> dict[str, Any] | None:
     """The Bayes ceiling (``model.synth.ceiling``) on exactly these films, when every film is one
     this project's generator wrote and the sets name one preset (``dataset.json`` beside each
@@ -476,11 +465,19 @@ def perfect_reader(manifests: Sequence[str | Path], films: list[tuple[str, str]]
     return figures
 
 
+class OtherFilms(ValueError):
+    """A ``--compare`` evaluation was computed on other films than this one."""
+
+
 def ablation(metrics: dict[str, Any], compare: dict[str, str | Path]) -> list[dict[str, Any]]:
     """Rows of the ablation table: the network alone (this run), each compared checkpoint's
     figures from its own ``metrics.json`` and this checkpoint's. A compared file must have been
-    computed on the same manifests and number of films, or ``ValueError``."""
+    computed on the same manifests and number of films, or ``OtherFilms``."""
     import json
+
+    from model.report import ABLATION_COLUMNS
+
+    keys = [k for k, _ in ABLATION_COLUMNS]
 
     rows: list[dict[str, Any]] = []
     if "network_only" in metrics:
@@ -488,12 +485,12 @@ def ablation(metrics: dict[str, Any], compare: dict[str, str | Path]) -> list[di
     for label, path in compare.items():
         other = json.loads(Path(path).read_text(encoding="utf-8"))
         if other.get("manifest") != metrics["manifest"] or other.get("n") != metrics["n"]:
-            raise ValueError(f"--compare {label}: its metrics.json was computed on other films")
+            raise OtherFilms(f"--compare {label}: its metrics.json was computed on other films")
         row = {"label": label, "model_version": other.get("checkpoint", {}).get("model_version")}
-        row.update({k: other[k] for k in ABLATION_KEYS if k in other})
+        row.update({k: other[k] for k in keys if k in other})
         rows.append(row)
     row = {"label": "this checkpoint", "model_version": metrics["checkpoint"]["model_version"]}
-    row.update({k: metrics[k] for k in ABLATION_KEYS if k in metrics})
+    row.update({k: metrics[k] for k in keys if k in metrics})
     rows.append(row)
     return rows
 
@@ -531,8 +528,15 @@ def evaluate(
     intensity = {"preprocessed_mean": cache.astype(np.float32).mean(axis=(1, 2))}
     intensity.update(stats)
     metrics = compute_metrics(
-        raw, tg, pred.meta, clin, [r.patient_id for r in rows], intensity, [r.profile for r in rows],
-        [r.study_instance_uid for r in rows], [r.laterality for r in rows],
+        raw,
+        tg,
+        pred.meta,
+        clin,
+        [r.patient_id for r in rows],
+        intensity,
+        [r.profile for r in rows],
+        [r.study_instance_uid for r in rows],
+        [r.laterality for r in rows],
     )
     served_p = apply_temperature(raw["screen_logit"], pred.meta.temperature)
     t_met = time.time()

@@ -303,7 +303,8 @@ def _knee_lines(m: dict[str, Any]) -> list[str]:
     ]
 
 
-_ABLATION_COLUMNS = (
+#: the figures of an ablation row, with their column titles (model.evaluate.ablation copies these keys)
+ABLATION_COLUMNS = (
     ("screening_auroc", "screening AUROC"),
     ("severity_auroc", "severity AUROC"),
     ("severity_auroc_knee", "severity AUROC per knee"),
@@ -321,7 +322,7 @@ def _ablation_lines(m: dict[str, Any]) -> list[str]:
     reader = m.get("perfect_reader")
     if reader is not None:
         rows.append({"label": f"perfect reader (Bayes ceiling, preset {reader['preset']})", **reader})
-    head = "| | " + " | ".join(title for _, title in _ABLATION_COLUMNS) + " |"
+    head = "| | " + " | ".join(title for _, title in ABLATION_COLUMNS) + " |"
     lines = [
         "",
         "## Ablation and ceiling (same films)",
@@ -332,11 +333,11 @@ def _ablation_lines(m: dict[str, Any]) -> list[str]:
         "can expect to pass it. n/a: not defined for that row.",
         "",
         head,
-        "|---" * (len(_ABLATION_COLUMNS) + 1) + "|",
+        "|---" * (len(ABLATION_COLUMNS) + 1) + "|",
     ]
     for row in rows:
         name = row["label"] + (f" (`{row['model_version']}`)" if row.get("model_version") else "")
-        lines.append(f"| {name} | " + " | ".join(_fmt(row.get(k)) for k, _ in _ABLATION_COLUMNS) + " |")
+        lines.append(f"| {name} | " + " | ".join(_fmt(row.get(k)) for k, _ in ABLATION_COLUMNS) + " |")
     return lines
 
 

@@ -48,6 +48,7 @@ from model.synth.patient import (
     _T_MEAN_CENTRE,
     _T_NOISE_SD,
     _T_SCALE,
+    Patient,
     _natural_mix,
     sample_patient,
 )
@@ -69,12 +70,11 @@ class Knees:
     cue_mean: np.ndarray  # mean of the six cue z-scores the film shows (gain removed)
 
 
-def _clinical_mean(person: object) -> float:
+def _clinical_mean(person: Patient) -> float:
     """The clinical part of the generator's T-score model (age, sex, BMI)."""
-    age, sex, bmi = person.age, person.sex, person.bmi  # type: ignore[attr-defined]
-    return float(
-        _T_INTERCEPT + _T_AGE_PER_YEAR * (age - 50) + _T_FEMALE * (sex == "F") + _T_BMI_PER_UNIT * (bmi - 27.0)
-    )
+    female = person.sex == "F"
+    bmi = person.bmi - 27.0
+    return float(_T_INTERCEPT + _T_AGE_PER_YEAR * (person.age - 50) + _T_FEMALE * female + _T_BMI_PER_UNIT * bmi)
 
 
 # a manifest reader may prefix the set's name ("set:SYN884211-000007")
