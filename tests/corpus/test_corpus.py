@@ -32,6 +32,7 @@ from agent.app import Agent
 from agent.db.models import Instance, OutboxItem, Result, Study, StudyReport
 from agent.domain import JobState, JobView
 from agent.logging import configure_logging, hash_uid
+from agent.queue.screening import ready_studies
 from agent.queue.store import list_jobs
 from corpus.cases import BY_NAME, CASES, PHI_DATE, PHI_TOKENS, SKIPPED, Expectation
 
@@ -117,6 +118,20 @@ def _settle(agent: Agent) -> None:
         time.sleep(0.25)
 
 
+def _report_all(agent: Agent) -> None:
+    """Run the study-completion sweep until no study is left to report. One pass is not enough: the
+    scheduler's sweep may hold a study's claim (building its SR) when this one comes to it, and
+    this one then passes it by; the scheduler records it a moment later (seen on a loaded machine)."""
+    assert agent.reporter is not None
+    reporting = agent.settings.reporting
+    deadline = time.monotonic() + SETTLE_S
+    while True:
+        agent.reporter.report_ready_studies()
+        if not ready_studies(agent.db, reporting.quiet_period_s, agent.reporter.scope) or time.monotonic() > deadline:
+            return
+        time.sleep(0.25)
+
+
 def _collect(agent: Agent, outcomes: dict[str, Outcome]) -> None:
     by_uid: dict[str, list[JobView]] = {}
     for job in sorted(list_jobs(agent.db, limit=100_000), key=lambda j: j.job_id):
@@ -182,8 +197,7 @@ def run(tmp_path_factory: pytest.TempPathFactory, tiny_weights: Path) -> Iterato
         with ThreadPoolExecutor(SEND_THREADS) as pool:
             list(pool.map(lambda c: _send(agent.scp.port, outcomes[c.name]), order))
         _settle(agent)
-        assert agent.reporter is not None
-        agent.reporter.report_ready_studies()  # the study-completion sweep (the scheduler's may have run too)
+        _report_all(agent)
         _collect(agent, outcomes)
         yield Run(outcomes, lines.lines, time.monotonic() - t0)
     finally:
