@@ -28,7 +28,7 @@ PG_TESTS ?= tests/unit/test_postgres.py tests/unit/test_audit_trail.py tests/uni
 	tests/unit/test_dicomweb.py tests/unit/test_report_isolation.py tests/unit/test_strnet.py \
 	tests/unit/test_worker_screening.py tests/unit/test_cluster.py tests/unit/test_fls.py \
 	tests/unit/test_report_messages.py tests/unit/test_compat.py tests/ops tests/web tests/browser tests/loopback tests/cluster \
-	tests/corpus tests/reliability tests/integration \
+	tests/corpus tests/reliability tests/integration tests/viewer \
 	--ignore=tests/loopback/test_mllp.py
 # The PostgreSQL pass runs beside the SQLite pass: most tests wait on a peer (Orthanc, DCMTK, a
 # browser, a killed process), so the two passes keep 2 cores about 56 % busy and together take

@@ -9,6 +9,8 @@ import json
 import shlex
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -42,6 +44,16 @@ def _command() -> str:
     if args[:1] == ["model"]:  # through the ``strnet`` entry point
         args = args[1:]
     return "strnet model " + " ".join(shlex.quote(a) for a in args)
+
+
+@contextmanager
+def _exit_2_on(*errors: type[Exception]) -> Iterator[None]:
+    """A refused input (one of ``errors``) ends the command with its one-line message, exit 2."""
+    try:
+        yield
+    except errors as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
 
 
 @app.command()
@@ -110,6 +122,7 @@ def train(
     from dataclasses import replace
 
     from model.config import TrainConfig
+    from model.conformal import TooFewCases
     from model.preprocess import PreprocessSpec
     from model.strnet import strnet_base, strnet_small, strnet_tiny
     from model.train import train as run_train
@@ -137,21 +150,22 @@ def train(
     prov: dict[str, Any] = {"train_command": _command(), "seed": cfg.seed, "variant": variant}
     if data_command:
         prov["data_command"] = data_command
-    path = run_train(
-        manifest,
-        out,
-        model_cfg,
-        cfg,
-        spec,
-        device=device,
-        model_version=model_version,
-        synthetic=synthetic,
-        workers=workers,
-        command=_command(),
-        provenance=prov,
-        cache_dir=cache_dir,
-        texture_manifests=texture_manifest,
-    )
+    with _exit_2_on(TooFewCases):
+        path = run_train(
+            manifest,
+            out,
+            model_cfg,
+            cfg,
+            spec,
+            device=device,
+            model_version=model_version,
+            synthetic=synthetic,
+            workers=workers,
+            command=_command(),
+            provenance=prov,
+            cache_dir=cache_dir,
+            texture_manifests=texture_manifest,
+        )
     typer.echo(str(path))
 
 
@@ -219,11 +233,8 @@ def evaluate(
         if not sep or not label or not Path(path).is_file():
             raise typer.BadParameter(f"--compare wants LABEL=PATH of a metrics.json, not {item!r}")
         pairs[label] = path
-    try:
+    with _exit_2_on(OtherFilms):
         m = run_eval(weights, manifest, out, device=device, workers=workers, compare=pairs)
-    except OtherFilms as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
     _print_metrics(m)
     typer.echo(f"report: {out / 'report.md'}")
 
@@ -246,9 +257,10 @@ def calibrate(
 
     from model.checkpoint import update_metadata
     from model.config import TrainConfig
+    from model.conformal import TooFewCases
     from model.data import build_cache, clinical_features, read_manifest, targets
     from model.predict import Predictor, score_arrays
-    from model.train import fit_operating_point
+    from model.train import check_calibration_set, fit_operating_point
 
     pred = Predictor(weights, device=device)
     cfg = TrainConfig.from_dict(pred.meta.train_config)
@@ -257,6 +269,8 @@ def calibrate(
     }
     cfg = replace(cfg, **changes)
     rows = [r for r in read_manifest(manifest) if np.isfinite(r.label)]
+    with _exit_2_on(TooFewCases):
+        check_calibration_set(targets(rows)["tscore"], cfg, "the manifest")
     cache = build_cache(rows, pred.spec, workers=workers)
     raw = score_arrays(pred, cache, clinical_features(rows), [r.path for r in rows], workers)
     op = fit_operating_point(raw, targets(rows), cfg)
@@ -307,18 +321,21 @@ def fit_texture_cmd(
 
     from model.checkpoint import update_metadata
     from model.config import TrainConfig
+    from model.conformal import TooFewCases
     from model.data import build_cache, clinical_features, data_hash, patient_split, read_manifests, targets
     from model.predict import Predictor, infer_arrays
-    from model.train import fit_operating_point, fit_texture, severity_auroc
+    from model.train import check_calibration_set, fit_operating_point, fit_texture, severity_auroc
 
     pred = Predictor(weights, device=device)
     cfg = TrainConfig.from_dict(pred.meta.train_config)
     cfg = replace(cfg, texture=True, texture_l2=cfg.texture_l2 if l2 is None else l2)
     rows = [r for r in read_manifests(tuple(manifest)) if np.isfinite(r.label)]
-    cache = build_cache(rows, pred.spec, workers=workers, dtype=cfg.cache_dtype)
-    same_data = data_hash(rows, cache) == pred.meta.training_data_sha256
     tg, clin = targets(rows), clinical_features(rows)
     train_idx, val_idx = patient_split(rows, cfg.val_fraction, cfg.seed)
+    with _exit_2_on(TooFewCases):
+        check_calibration_set(tg["tscore"][val_idx], cfg)
+    cache = build_cache(rows, pred.spec, workers=workers, dtype=cfg.cache_dtype)
+    same_data = data_hash(rows, cache) == pred.meta.training_data_sha256
     val_tg = {k: v[val_idx] for k, v in tg.items()}
     raw = infer_arrays(pred.model, cache[val_idx], clin[val_idx], 128, pred.device)
     network_sev = severity_auroc(raw, val_tg)

@@ -28,7 +28,7 @@ from model.calibration import (
 )
 from model.checkpoint import save_checkpoint
 from model.config import ModelConfig, TrainConfig
-from model.conformal import conformal_quantile, interval_coverage
+from model.conformal import TooFewCases, conformal_quantile, interval_coverage, min_cases
 from model.data import (
     augment_batch,
     build_cache,
@@ -56,6 +56,19 @@ def severity_auroc(raw: dict[str, np.ndarray], tg: dict[str, np.ndarray]) -> flo
     """AUROC of P(osteoporosis | bone loss) among true bone-loss cases of known severity."""
     m = (tg["label"] == 1) & np.isfinite(tg["severity"])
     return auroc(tg["severity"][m], raw["severity_logit"][m]) if m.any() else float("nan")
+
+
+def check_calibration_set(tscore: np.ndarray, cfg: TrainConfig, where: str | None = None) -> None:
+    """Refuse, before any decoding or training, a calibration set (``where``, by default the
+    validation split) with T-scores too few for the conformal interval (``fit_operating_point``
+    fits one from 2 known T-scores on)."""
+    where = where or f"the validation split ({cfg.val_fraction:.0%} of the patients)"
+    n, need = int(np.isfinite(tscore).sum()), min_cases(cfg.conformal_coverage)
+    if 2 <= n < need:
+        raise TooFewCases(
+            f"{where} holds {n} films with a known T-score; a {cfg.conformal_coverage:.0%} T-score "
+            f"interval needs at least {need}: give more labelled films"
+        )
 
 
 def fit_operating_point(raw: dict[str, np.ndarray], tg: dict[str, np.ndarray], cfg: TrainConfig) -> dict[str, Any]:
@@ -235,10 +248,11 @@ def train(
 
     manifests: list[str | Path] = [manifest] if isinstance(manifest, str | Path) else list(manifest)
     rows = [r for r in read_manifests(manifests) if np.isfinite(r.label)]
-    cache = _cached(rows, spec, cfg, workers, progress, cache_dir)
-    t_decoded = time.time()
     tg, clin = targets(rows), clinical_features(rows)
     train_idx, val_idx = patient_split(rows, cfg.val_fraction, cfg.seed)
+    check_calibration_set(tg["tscore"][val_idx], cfg)
+    cache = _cached(rows, spec, cfg, workers, progress, cache_dir)
+    t_decoded = time.time()
     log = tqdm.write
     log(
         f"images {len(rows)} (train {len(train_idx)}, val {len(val_idx)}), "

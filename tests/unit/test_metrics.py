@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from model.calibration import apply_temperature, brier, ece, fit_temperature
-from model.conformal import conformal_quantile, interval_coverage
+from model.conformal import TooFewCases, conformal_quantile, interval_coverage, min_cases
 from model.metrics import (
     auroc,
     average_precision,
@@ -116,6 +116,8 @@ def test_conformal_quantile_by_hand() -> None:
     pred = np.arange(1, 10, dtype=float)  # residuals 1..9
     assert conformal_quantile(pred, true, 0.9) == 9.0  # ceil(10 * 0.9) = 9th smallest
     assert conformal_quantile(pred, true, 0.5) == 5.0  # ceil(10 * 0.5) = 5th smallest
-    assert conformal_quantile(pred[:3], true[:3], 0.9) == math.inf
+    with pytest.raises(TooFewCases, match="at least 9 calibration films with a known T-score; there are 8"):
+        conformal_quantile(pred[:8], true[:8], 0.9)  # ceil(9 * 0.9) = 9 > 8: no finite half-width
+    assert [min_cases(c) for c in (0.5, 0.8, 0.9, 0.95)] == [1, 4, 9, 19]
     cov, width = interval_coverage(pred, true, 5.0)
     assert cov == pytest.approx(5 / 9) and width == 10.0

@@ -143,3 +143,26 @@ def test_fit_texture_on_the_training_data_matches_it_and_calibrate_keeps_the_sta
     res = runner.invoke(app, ["predict", str(dcm), "--weights", str(tmp_path / "c.json")])
     assert res.exit_code == 0, res.output
     assert json.loads(res.output)["model_version"] == "tiny-cli"
+
+
+def test_train_and_calibrate_refuse_too_few_t_scores_for_the_interval_before_decoding(tmp_path: Path) -> None:
+    # 20 patients of one film each: the validation split (20 %) holds 4 T-scores, a 90 % interval
+    # needs 9. The films do not exist: the refusal must come before anything is decoded.
+    manifest = tmp_path / "manifest.csv"
+    with manifest.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "patient_id", "label", "severity", "t_score", "age", "sex", "bmi"])
+        for i in range(20):
+            w.writerow([f"missing/{i}.dcm", f"P{i:03d}", i % 2, i % 2 if i % 2 else "", -1.0 - i / 10, 70, "F", 25])
+    runner = CliRunner()
+    res = runner.invoke(
+        app, ["train", "--manifest", str(manifest), "--out", str(tmp_path / "run"), "--variant", "tiny"]
+    )
+    assert res.exit_code == 2, res.output
+    assert "the validation split (20% of the patients) holds 4 films with a known T-score" in res.output
+    assert "needs at least 9" in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "run").exists()
+    half = tmp_path / "half.csv"  # 8 films with a T-score: calibrate refuses the manifest
+    half.write_text("".join(manifest.read_text().splitlines(keepends=True)[:9]))
+    res = runner.invoke(app, ["calibrate", "--manifest", str(half), "--out", str(tmp_path / "c.json")])
+    assert res.exit_code == 2 and "the manifest holds 8 films with a known T-score" in res.output, res.output
