@@ -108,6 +108,7 @@ test: install
 	@echo "STRNET_TEST_DATABASE=postgresql $(VPY) -m pytest -p no:cacheprovider $(PG_TESTS) $(PYTEST_ARGS) > $(PG_LOG) 2>&1 &"
 	@echo "$(VPY) -m pytest $(PYTEST_ARGS)"
 	@STRNET_TEST_DATABASE=postgresql $(VPY) -m pytest -p no:cacheprovider $(PG_TESTS) $(PYTEST_ARGS) > $(PG_LOG) 2>&1 & pg=$$!; \
+	trap 'kill $$pg 2>/dev/null; exit 130' INT TERM; \
 	$(VPY) -m pytest $(PYTEST_ARGS); sqlite=$$?; \
 	wait $$pg; postgresql=$$?; \
 	echo "==== the PostgreSQL pass (run beside the SQLite pass; its log: $(PG_LOG)) ===="; \
