@@ -2,15 +2,81 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from conftest import AGENT_AET, TEST_SCU_AET, database_url_for, free_port
+
+
+def toml_text(doc: dict[str, Any]) -> str:
+    """A config file's text from nested dicts: a dict is a table, a list of dicts an array of
+    tables; values are strings, paths, numbers, booleans or lists of them."""
+    lines: list[str] = []
+
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, int | float):
+            return repr(v)
+        if isinstance(v, str | Path):
+            return json.dumps(v.as_posix() if isinstance(v, Path) else v)  # a TOML basic string
+        if isinstance(v, list | tuple):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        raise TypeError(f"no TOML value for {type(v).__name__}")
+
+    def table(name: str, body: dict[str, Any], header: str) -> None:
+        if name:
+            lines.extend(["", header])
+        subtables: list[tuple[str, dict[str, Any], str]] = []
+        for key, v in body.items():
+            full = f"{name}.{key}" if name else key
+            if isinstance(v, dict):
+                subtables.append((full, v, f"[{full}]"))
+            elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
+                subtables.extend((full, x, f"[[{full}]]") for x in v)
+            else:
+                lines.append(f"{key} = {value(v)}")
+        for full, sub, sub_header in subtables:  # after the table's own keys, as TOML wants
+            table(full, sub, sub_header)
+
+    table("", doc, "")
+    return "\n".join(lines).lstrip("\n") + "\n"
+
+
+def serve_doc(
+    data_dir: Path, port: int, *, database_url: str | None = None, log_level: str = "info",
+    peers: tuple[str, ...] = (TEST_SCU_AET, "ORTHANC"), weights: Path | None = None, device: str = "auto",
+    pacs_port: int | None = None, pacs_aet: str = "ORTHANC",
+) -> dict[str, Any]:  # fmt: skip
+    """The settings of a `strnet serve` of the tests and benches, as a dict for :func:`toml_text`:
+    its data directory and database (``database_url``, else the data directory's own on the engine
+    under test), the SCP on loopback accepting ``peers``; with ``weights`` the worker screens;
+    with ``pacs_port`` the results go to ``pacs_aet`` there (the sender polling every 0.2 s).
+    Callers add or change what their run needs."""
+    url = database_url or database_url_for(data_dir)
+    doc: dict[str, Any] = {
+        "agent": {"data_dir": data_dir, **({"database_url": url} if url else {}), "min_free_disk_mb": 0,
+                  "log_format": "json", "log_level": log_level},
+        "scp": {"ae_title": AGENT_AET, "bind": "127.0.0.1", "port": port, "acse_timeout_s": 5, "network_timeout_s": 20,
+                "peers": [{"ae_title": aet, "host": "127.0.0.1"} for aet in peers]},
+        "worker": {"enabled": weights is not None, **({"weights": weights, "device": device} if weights else {})},
+    }  # fmt: skip
+    if pacs_port is not None:
+        doc["sender"] = {"poll_s": 0.2, "backoff_base_s": 0.5}
+        doc["pacs"] = [{"name": "orthanc", "ae_title": pacs_aet, "host": "127.0.0.1", "port": pacs_port}]
+    return doc
+
+
+def write_doc(path: Path, doc: dict[str, Any], extra: str = "") -> Path:
+    """Write ``doc`` (and ``extra``, TOML text of tables of its own) as the config file ``path``."""
+    path.write_text(toml_text(doc) + extra, encoding="utf-8")
+    return path
 
 
 def write_config(
@@ -18,39 +84,11 @@ def write_config(
     database_url: str | None = None,
 ) -> Path:
     """``database_url``: a database several agents share; else the data directory's own (on
-    PostgreSQL a fresh database of the throwaway cluster, on SQLite the file in data_dir)."""
-    port = port or free_port()
-    url = database_url or database_url_for(data_dir)
-    path.write_text(
-        f"""
-[agent]
-data_dir = "{data_dir}"
-{f'database_url = "{url}"' if url else ""}
-min_free_disk_mb = 0
-log_format = "json"
-log_level = "{log_level}"
-
-[scp]
-ae_title = "{AGENT_AET}"
-bind = "127.0.0.1"
-port = {port}
-acse_timeout_s = 5
-network_timeout_s = 20
-
-[worker]
-enabled = {"true" if worker else "false"}
-
-[[scp.peers]]
-ae_title = "{TEST_SCU_AET}"
-host = "127.0.0.1"
-
-[[scp.peers]]
-ae_title = "ORTHANC"
-host = "127.0.0.1"
-{extra}
-"""
-    )
-    return path
+    PostgreSQL a fresh database of the throwaway cluster, on SQLite the file in data_dir).
+    ``worker``: on, with the configured default weights."""
+    doc = serve_doc(data_dir, port or free_port(), database_url=database_url, log_level=log_level)
+    doc["worker"]["enabled"] = worker
+    return write_doc(path, doc, extra)
 
 
 def config_port(config: Path) -> int:

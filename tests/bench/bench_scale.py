@@ -63,7 +63,7 @@ from bench.bench_screening import cpu_model, cpu_s, family, family_cpu_s, settle
 from bench.films import KneeFilms
 from conftest import AGENT_AET, TEST_SCU_AET, free_port, require_tool
 from pg_cluster import PgCluster
-from serve_process import ServeProcess
+from serve_process import ServeProcess, serve_doc, write_doc
 from study_routing import study_agent
 
 from model.checkpoint import SHIPPED
@@ -130,47 +130,11 @@ def make_studies(folder: Path, n_studies: int, seed: int = SEED) -> list[tuple[s
 
 
 def serve_config(path: Path, data_dir: Path, node: str, port: int, database_url: str, pacs_port: int) -> Path:
-    path.write_text(
-        f"""
-[agent]
-data_dir = "{data_dir.as_posix()}"
-database_url = "{database_url}"
-node = "{node}"
-storage = "node"
-min_free_disk_mb = 0
-log_format = "json"
-log_level = "info"
-
-[scp]
-ae_title = "{AGENT_AET}"
-bind = "127.0.0.1"
-port = {port}
-
-[[scp.peers]]
-ae_title = "{TEST_SCU_AET}"
-host = "127.0.0.1"
-
-[worker]
-enabled = true
-weights = "{WEIGHTS.as_posix()}"
-device = "cpu"
-
-[reporting]
-quiet_period_s = {QUIET_PERIOD_S}
-
-[sender]
-poll_s = 0.2
-backoff_base_s = 0.5
-
-[[pacs]]
-name = "pacs"
-ae_title = "{PACS_AET}"
-host = "127.0.0.1"
-port = {pacs_port}
-""",
-        encoding="utf-8",
-    )
-    return path
+    doc = serve_doc(data_dir, port, database_url=database_url, peers=(TEST_SCU_AET,), weights=WEIGHTS, device="cpu",
+                    pacs_port=pacs_port, pacs_aet=PACS_AET)  # fmt: skip
+    doc["agent"].update(node=node, storage="node")
+    doc["reporting"] = {"quiet_period_s": QUIET_PERIOD_S}
+    return write_doc(path, doc)
 
 
 class StudySender(threading.Thread):

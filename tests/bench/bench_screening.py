@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: conftest
 
 from bench.throttle import cpu_quota
 from conftest import AGENT_AET, free_port
-from serve_process import ServeProcess
+from serve_process import ServeProcess, serve_doc, write_doc
 
 from model.checkpoint import SHIPPED
 
@@ -129,44 +129,10 @@ def make_studies(folder: Path, k: int, seed: int = 20261127) -> list[tuple[str, 
 
 
 def serve_config(path: Path, data_dir: Path, port: int, pacs_port: int) -> Path:
-    path.write_text(
-        f"""
-[agent]
-data_dir = "{data_dir.as_posix()}"
-min_free_disk_mb = 0
-log_format = "json"
-log_level = "info"
-
-[scp]
-ae_title = "{AGENT_AET}"
-bind = "127.0.0.1"
-port = {port}
-
-[[scp.peers]]
-ae_title = "ORTHANC"
-host = "127.0.0.1"
-
-[worker]
-enabled = true
-weights = "{WEIGHTS.as_posix()}"
-device = "auto"
-
-[reporting]
-quiet_period_s = {QUIET_PERIOD_S}
-
-[sender]
-poll_s = {POLL_S}
-backoff_base_s = 0.5
-
-[[pacs]]
-name = "orthanc"
-ae_title = "ORTHANC"
-host = "127.0.0.1"
-port = {pacs_port}
-""",
-        encoding="utf-8",
-    )
-    return path
+    doc = serve_doc(data_dir, port, peers=("ORTHANC",), weights=WEIGHTS, pacs_port=pacs_port)
+    doc["reporting"] = {"quiet_period_s": QUIET_PERIOD_S}
+    doc["sender"]["poll_s"] = POLL_S
+    return write_doc(path, doc)
 
 
 def family(pid: int) -> list[int]:

@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: conftest
 from bench.bench_screening import cpu_model, family_cpu_s, pct, settle, vm_hwm_mb
 from bench.films import KneeFilms
 from conftest import AGENT_AET, TEST_SCU_AET, free_port
-from serve_process import ServeProcess
+from serve_process import ServeProcess, serve_doc, write_doc
 
 from model.checkpoint import SHIPPED
 
@@ -76,52 +76,11 @@ def make_films(folder: Path, n_images: int, seed: int = 20261207) -> tuple[list[
 
 
 def serve_config(path: Path, data_dir: Path, port: int, pacs_port: int) -> Path:
-    path.write_text(
-        f"""
-[agent]
-data_dir = "{data_dir.as_posix()}"
-min_free_disk_mb = 0
-log_format = "json"
-log_level = "info"
-
-[scp]
-ae_title = "{AGENT_AET}"
-bind = "127.0.0.1"
-port = {port}
-
-[[scp.peers]]
-ae_title = "ORTHANC"
-host = "127.0.0.1"
-
-[[scp.peers]]
-ae_title = "{TEST_SCU_AET}"
-host = "127.0.0.1"
-
-[worker]
-enabled = true
-weights = "{WEIGHTS.as_posix()}"
-device = "auto"
-
-[reporting]
-quiet_period_s = {QUIET_PERIOD_S}
-
-[sender]
-poll_s = 0.2
-backoff_base_s = 0.5
-
-[[pacs]]
-name = "orthanc"
-ae_title = "ORTHANC"
-host = "127.0.0.1"
-port = {pacs_port}
-query = true
-
-[sweep]
-max_studies_per_hour = 100000
-""",
-        encoding="utf-8",
-    )
-    return path
+    doc = serve_doc(data_dir, port, peers=("ORTHANC", TEST_SCU_AET), weights=WEIGHTS, pacs_port=pacs_port)
+    doc["reporting"] = {"quiet_period_s": QUIET_PERIOD_S}
+    doc["pacs"][0]["query"] = True
+    doc["sweep"] = {"max_studies_per_hour": 100000}
+    return write_doc(path, doc)
 
 
 class LiveStream(threading.Thread):

@@ -29,7 +29,7 @@ from typing import Any
 import dicom_factory as factory
 import numpy as np
 import pytest
-from conftest import AGENT_AET, agent_toml, database_of, database_url_for, free_port, require_tool
+from conftest import AGENT_AET, agent_toml, database_of, free_port, require_tool
 from pydicom import Dataset
 from pydicom.uid import (
     ExplicitVRLittleEndian,
@@ -39,7 +39,7 @@ from pydicom.uid import (
     RLELossless,
     generate_uid,
 )
-from serve_process import ServeProcess
+from serve_process import ServeProcess, serve_doc, write_doc
 from sqlalchemy import select
 
 from agent.app import Agent
@@ -478,52 +478,11 @@ def test_refused_ae_goes_dead_then_retry_dead_delivers(make_agent: Any, tiny_wei
 
 # -- 6. `strnet serve` SIGKILLed mid-inference, then mid-send: exactly once in the end ---------
 def serve_config(path: Path, data_dir: Path, port: int, weights: Path, pacs_port: int) -> Path:
-    url = database_url_for(data_dir)  # on PostgreSQL: this data directory's own database
-    path.write_text(
-        f"""
-[agent]
-data_dir = "{data_dir.as_posix()}"
-{f'database_url = "{url}"' if url else ""}
-min_free_disk_mb = 0
-log_format = "json"
-log_level = "info"
-
-[scp]
-ae_title = "{AGENT_AET}"
-bind = "127.0.0.1"
-port = {port}
-acse_timeout_s = 5
-network_timeout_s = 20
-
-[[scp.peers]]
-ae_title = "ORTHANC"
-host = "127.0.0.1"
-
-[worker]
-enabled = true
-weights = "{weights.as_posix()}"
-device = "cpu"
-max_wait_ms = 20
-
-[reporting]
-quiet_period_s = 1
-
-[sender]
-poll_s = 0.2
-backoff_base_s = 0.2
-backoff_max_s = 1.0
-timeout_s = 5
-max_attempts = 50
-
-[[pacs]]
-name = "orthanc"
-ae_title = "ORTHANC"
-host = "127.0.0.1"
-port = {pacs_port}
-""",
-        encoding="utf-8",
-    )
-    return path
+    doc = serve_doc(data_dir, port, peers=("ORTHANC",), weights=weights, device="cpu", pacs_port=pacs_port)
+    doc["worker"]["max_wait_ms"] = 20
+    doc["reporting"] = {"quiet_period_s": 1}
+    doc["sender"] = {"poll_s": 0.2, "backoff_base_s": 0.2, "backoff_max_s": 1.0, "timeout_s": 5, "max_attempts": 50}
+    return write_doc(path, doc)
 
 
 @pytest.fixture()

@@ -16,13 +16,14 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from datetime import date
 from pathlib import Path
+from typing import Any
 
 import dicom_factory as factory
 import pytest
-from conftest import AGENT_AET, database_url_for, free_port, require_tool
+from conftest import AGENT_AET, free_port, require_tool
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, JPEGLosslessSV1, generate_uid
-from serve_process import ServeProcess
+from serve_process import ServeProcess, serve_doc, write_doc
 from sqlalchemy import func, select
 
 from agent.app import Agent
@@ -123,62 +124,15 @@ def start_archive(agent_port: int, tmp_path: Path) -> LocalOrthanc:
 
 
 def write_config(path: Path, data_dir: Path, agent_port: int, pacs: LocalOrthanc, weights: Path,
-                 sweep: str = "") -> Path:  # fmt: skip
-    url = database_url_for(data_dir)  # on PostgreSQL: this data directory's own database
-    path.write_text(f"""
-[agent]
-data_dir = "{data_dir}"
-{f'database_url = "{url}"' if url else ""}
-min_free_disk_mb = 0
-log_format = "json"
-
-[scp]
-ae_title = "{AGENT_AET}"
-bind = "127.0.0.1"
-port = {agent_port}
-acse_timeout_s = 5
-network_timeout_s = 20
-
-[[scp.peers]]
-ae_title = "ORTHANC"
-host = "127.0.0.1"
-
-[worker]
-enabled = true
-process = false
-weights = "{weights}"
-device = "cpu"
-max_wait_ms = 20
-
-[reporting]
-quiet_period_s = 1.0
-build_processes = 0
-
-[sender]
-poll_s = 0.2
-backoff_base_s = 0.2
-backoff_max_s = 1.0
-timeout_s = 5
-max_attempts = 50
-
-[web]
-enabled = false
-
-[backup]
-enabled = false
-
-[[pacs]]
-name = "archive"
-ae_title = "ORTHANC"
-host = "127.0.0.1"
-port = {pacs.dicom_port}
-query = true
-
-[sweep]
-timeout_s = 20
-{sweep}
-""")
-    return path
+                 sweep: dict[str, Any] | None = None) -> Path:  # fmt: skip
+    doc = serve_doc(data_dir, agent_port, peers=("ORTHANC",), weights=weights, device="cpu", pacs_port=pacs.dicom_port)
+    doc["worker"].update(process=False, max_wait_ms=20)
+    doc["reporting"] = {"quiet_period_s": 1.0, "build_processes": 0}
+    doc["sender"] = {"poll_s": 0.2, "backoff_base_s": 0.2, "backoff_max_s": 1.0, "timeout_s": 5, "max_attempts": 50}
+    doc["web"], doc["backup"] = {"enabled": False}, {"enabled": False}
+    doc["pacs"][0].update(name="archive", query=True)
+    doc["sweep"] = {"timeout_s": 20, **(sweep or {})}
+    return write_doc(path, doc)
 
 
 def run_sweep(config: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -273,7 +227,7 @@ def test_sweep_by_c_get_stores_through_the_ingest_path(
 ) -> None:
     pacs, agent_port, knees, _chests, _outside = archive
     config = write_config(tmp_path / "agent.toml", tmp_path / "data", agent_port, pacs, tiny_weights,
-                          sweep='retrieve = "get"')  # fmt: skip
+                          sweep={"retrieve": "get"})  # fmt: skip
     settings = load_settings(config, search_default=False)
     # as in `strnet serve`: the listener runs in the same process (its receive-into-file mode is
     # process-wide), the Orthanc modality points nowhere the agent listens, so only C-GET brings them
@@ -350,7 +304,7 @@ def test_c_get_keeps_the_listeners_pdu_size_guard(tmp_path: Path, tiny_weights: 
         for n, ds in enumerate((big, small)):
             pacs.upload(factory.write(ds, tmp_path / f"{n}.dcm"))
         config = write_config(tmp_path / "agent.toml", tmp_path / "data", agent_port, pacs, tiny_weights,
-                              sweep='retrieve = "get"')  # fmt: skip
+                              sweep={"retrieve": "get"})  # fmt: skip
         config.write_text(config.read_text().replace("[scp]\n", "[scp]\nmax_instance_mb = 1\n"))
         settings = load_settings(config, search_default=False)
         pacs.add_modality("agent", AGENT_AET, "127.0.0.1", free_port())
