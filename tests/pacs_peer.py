@@ -33,6 +33,9 @@ class PacsPeer:
         self.open = 0  # open now
         self.released = 0  # ended by a release (either side's request)
         self.aborted = 0  # ended by an abort
+        # refused while none was open: pynetdicom's limit counts associations still being negotiated,
+        # so two requests at the same moment may both be refused
+        self.refused_none_open = 0
         self.storing = 0  # C-STOREs being answered now
         self.most_storing = 0  # the most at once so far
         self.answer = answer or (lambda ds: 0x0000)
@@ -74,6 +77,11 @@ class PacsPeer:
             self.open -= 1
             self.released += 1
 
+    def _on_rejected(self, event: Any) -> None:
+        with self._lock:
+            if self.open == 0:
+                self.refused_none_open += 1
+
     def _on_aborted(self, event: Any) -> None:
         with self._lock:
             self.open -= 1
@@ -85,6 +93,7 @@ class PacsPeer:
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_RELEASED, self._on_released),
             (evt.EVT_ABORTED, self._on_aborted),
+            (evt.EVT_REJECTED, self._on_rejected),
         ]
         self.server = self.ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=handlers)
         return self

@@ -277,7 +277,13 @@ def test_a_pacs_that_allows_one_association_gets_everything_over_it(make_agent: 
         )  # fmt: skip
         send_study(agent, bilateral_study())
         wait_for(lambda: [i.state for i in outbox.items(agent.db)] == [OutboxState.DELIVERED.value] * 5, timeout_s=30)
-        assert [i.attempts for i in outbox.items(agent.db)] == [1] * 5
+        # A refusal counts an attempt only when no lane held an association to hand over to: the
+        # PACS refused both lanes at once (its limit counts requests still being negotiated; seen
+        # on a loaded machine). Each such refusal may count one attempt, never more.
+        extra = sum(i.attempts - 1 for i in outbox.items(agent.db))
+        assert all(i.attempts <= 2 for i in outbox.items(agent.db)) and extra <= pacs.refused_none_open, (
+            [i.attempts for i in outbox.items(agent.db)], pacs.refused_none_open
+        )
         assert pacs.most_storing == 1
         assert sorted(pacs.uids()) == sorted(i.sop_instance_uid for i in outbox.items(agent.db))
 
