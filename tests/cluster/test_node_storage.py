@@ -75,7 +75,11 @@ def test_two_node_agents_screen_report_and_send_each_what_it_holds(
             return sum(str(d.SOPClassUID) == COMPREHENSIVE_3D_SR for d in pacs.received)
 
         # 9 whole studies and the split one from each holder: 11 SRs; 40 overlays
-        wait_for(lambda: sent_srs() == 11 and len(pacs.received) == 51, timeout_s=180)
+        def all_recorded() -> bool:  # the PACS holds a result a moment before its sender records it
+            with alpha.db.reading() as s:
+                return set(s.execute(select(OutboxItem.state)).scalars()) == {OutboxState.DELIVERED.value}
+
+        wait_for(lambda: sent_srs() == 11 and len(pacs.received) == 51 and all_recorded(), timeout_s=180)
 
         with alpha.db.reading() as s:
             jobs = s.execute(select(Job.state, Job.attempts, Job.node, Instance.node, Instance.sop_instance_uid)
