@@ -34,6 +34,8 @@ PG_TESTS ?= tests/unit/test_postgres.py tests/unit/test_audit_trail.py tests/uni
 # browser, a killed process), so the two passes keep 2 cores about 56 % busy and together take
 # about 19 minutes instead of 25 one after the other. Its output is printed after the SQLite pass's.
 PG_LOG  := var/test-postgresql.log
+SQLITE_PASS = $(VPY) -m pytest $(PYTEST_ARGS)
+PG_PASS = STRNET_TEST_DATABASE=postgresql $(VPY) -m pytest -p no:cacheprovider $(PG_TESTS) $(PYTEST_ARGS)
 BENCH ?= tests/bench
 
 .PHONY: all install venv system ohif medplum demo test bench lint typecheck gpu clean help
@@ -105,11 +107,11 @@ demo: install
 
 test: install
 	@mkdir -p var
-	@echo "STRNET_TEST_DATABASE=postgresql $(VPY) -m pytest -p no:cacheprovider $(PG_TESTS) $(PYTEST_ARGS) > $(PG_LOG) 2>&1 &"
-	@echo "$(VPY) -m pytest $(PYTEST_ARGS)"
-	@STRNET_TEST_DATABASE=postgresql $(VPY) -m pytest -p no:cacheprovider $(PG_TESTS) $(PYTEST_ARGS) > $(PG_LOG) 2>&1 & pg=$$!; \
+	@echo "$(PG_PASS) > $(PG_LOG) 2>&1 &"
+	@echo "$(SQLITE_PASS)"
+	@$(PG_PASS) > $(PG_LOG) 2>&1 & pg=$$!; \
 	trap 'kill $$pg 2>/dev/null; exit 130' INT TERM; \
-	$(VPY) -m pytest $(PYTEST_ARGS); sqlite=$$?; \
+	$(SQLITE_PASS); sqlite=$$?; \
 	wait $$pg; postgresql=$$?; \
 	echo "==== the PostgreSQL pass (run beside the SQLite pass; its log: $(PG_LOG)) ===="; \
 	cat $(PG_LOG); \

@@ -269,11 +269,12 @@ def calibrate(
     }
     cfg = replace(cfg, **changes)
     rows = [r for r in read_manifest(manifest) if np.isfinite(r.label)]
+    truth = targets(rows)
     with _exit_2_on(TooFewCases):
-        check_calibration_set(targets(rows)["tscore"], cfg, "the manifest")
+        check_calibration_set(truth["tscore"], cfg, "the manifest")
     cache = build_cache(rows, pred.spec, workers=workers)
     raw = score_arrays(pred, cache, clinical_features(rows), [r.path for r in rows], workers)
-    op = fit_operating_point(raw, targets(rows), cfg)
+    op = fit_operating_point(raw, truth, cfg)
     if op["conformal"] is None:
         op["conformal"] = pred.meta.conformal
         typer.echo("no T-scores in the manifest: conformal quantile kept from the checkpoint")
