@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 from agent.audit import trail
 from agent.clock import utcnow
 from agent.db.engine import Database
-from agent.db.models import FlaggedPatient, Instance, KneeResult, Result, Study
+from agent.db.models import FindingAssessment, FlaggedPatient, FollowUpEvent, Instance, KneeResult, Result, Study
 from agent.db.upsert import insert_if_absent
 
 # the fracture-liaison pathway (agent/db/fls.py has its transitions and labels)
@@ -38,25 +38,54 @@ def patient_key(study: Study) -> str:
     return study.patient_id or f"study:{study.study_instance_uid}"
 
 
+def _outranks(new_date: str | None, new_p: float, old_date: str | None, old_p: float) -> bool:
+    """Whether a positive of one study should show rather than that of another: the later StudyDate
+    (a study without a date, or compared with one without, counts as the latest arrival); of two
+    studies of one day (a bilateral exam under two accessions), the more suspicious."""
+    new, old = new_date or "", old_date or ""
+    if len(new) == 8 and len(old) == 8 and new.isdigit() and old.isdigit():
+        return new > old or (new == old and new_p > old_p)
+    return True
+
+
 def _supersedes(study: Study, result: Result | KneeResult, row: FlaggedPatient) -> bool:
     """Whether ``result`` (a positive knee, or image, of ``study``) should give the row its figures.
 
-    The row shows the patient's latest positive study (by StudyDate; a study without a date, or
-    a row without one, counts as the latest arrival) and, within that study, its knee with the
-    highest probability, as the SR's study summary does (the knee decision passes only that knee;
-    a later revision's knee replaces an earlier revision's). An older study that arrives later,
-    or a less suspicious image of the same study, is counted and audited but leaves the figures
-    alone.
+    The row shows the patient's latest positive study (``_outranks``) and, within that study, its
+    knee with the highest probability, as the SR's study summary does (the knee decision passes
+    only that knee; a later revision's knee replaces an earlier revision's). An older study that
+    arrives later, or a less suspicious image of the same study, is counted and audited but leaves
+    the figures alone.
     """
     if row.last_study_id == study.id:
         if isinstance(result, KneeResult):
             return True  # the study's latest SR revision decides
         return result.probability > row.probability
-    new, old = study.study_date or "", row.last_study_date or ""
-    if len(new) == 8 and len(old) == 8 and new.isdigit() and old.isdigit():
-        # two studies of one day (a bilateral exam under two accessions): the more suspicious
-        return new > old or (new == old and result.probability > row.probability)
-    return True
+    return _outranks(study.study_date, result.probability, row.last_study_date, row.probability)
+
+
+def _show(row: FlaggedPatient, study: Study, result: Result | KneeResult) -> None:
+    """Give the row the patient's details and figures of ``study`` and its knee (or image)."""
+    row.patient_id = study.patient_id
+    row.patient_name = study.patient_name
+    row.patient_birth_date = study.patient_birth_date
+    row.patient_sex = study.patient_sex
+    row.last_study_id = study.id
+    row.last_study_date = study.study_date
+    row.probability = result.probability
+    row.severity = result.severity
+    row.t_score = result.t_score
+    row.knee_laterality = result.laterality if isinstance(result, KneeResult) else None
+    row.knee_images = result.n_images if isinstance(result, KneeResult) else None
+
+
+def _locked_row(session: Session, key: str) -> FlaggedPatient | None:
+    return session.execute(
+        select(FlaggedPatient)
+        .where(FlaggedPatient.patient_key == key)
+        .with_for_update()
+        .execution_options(populate_existing=True)
+    ).scalar_one_or_none()
 
 
 def upsert_flag(session: Session, study: Study, result: Result | KneeResult) -> FlaggedPatient:
@@ -72,26 +101,26 @@ def upsert_flag(session: Session, study: Study, result: Result | KneeResult) -> 
     key = patient_key(study)
     # another process may be flagging the same patient right now: insert unless there, then read
     # the row locked (FOR UPDATE on PostgreSQL) so the two updates follow each other
-    inserted = insert_if_absent(
-        session,
-        FlaggedPatient,
-        {
-            "patient_key": key,
-            "status": "new",
-            "first_flagged_at": now,
-            "last_flagged_at": now,
-            "last_study_id": study.id,
-            "probability": result.probability,
-            "t_score": result.t_score,
-        },
-        ["patient_key"],
-    )
-    row = session.execute(
-        select(FlaggedPatient)
-        .where(FlaggedPatient.patient_key == key)
-        .with_for_update()
-        .execution_options(populate_existing=True)
-    ).scalar_one()
+    # (twice: a flag withdrawn by another process between the two statements is inserted afresh)
+    row = None
+    for _ in range(2):
+        inserted = insert_if_absent(
+            session,
+            FlaggedPatient,
+            {
+                "patient_key": key,
+                "status": "new",
+                "first_flagged_at": now,
+                "last_flagged_at": now,
+                "last_study_id": study.id,
+                "probability": result.probability,
+                "t_score": result.t_score,
+            },
+            ["patient_key"],
+        )
+        if (row := _locked_row(session, key)) is not None:
+            break
+    assert row is not None
     if inserted:
         change = "flagged"
     elif _supersedes(study, result, row):
@@ -104,17 +133,7 @@ def upsert_flag(session: Session, study: Study, result: Result | KneeResult) -> 
         change = "counted"  # an older study, or a less suspicious image of the same one
     row.last_flagged_at = now
     if change != "counted":
-        row.patient_id = study.patient_id
-        row.patient_name = study.patient_name
-        row.patient_birth_date = study.patient_birth_date
-        row.patient_sex = study.patient_sex
-        row.last_study_id = study.id
-        row.last_study_date = study.study_date
-        row.probability = result.probability
-        row.severity = result.severity
-        row.t_score = result.t_score
-        row.knee_laterality = result.laterality if isinstance(result, KneeResult) else None
-        row.knee_images = result.n_images if isinstance(result, KneeResult) else None
+        _show(row, study, result)
     session.flush()
     trail.append(
         session,
@@ -128,6 +147,77 @@ def upsert_flag(session: Session, study: Study, result: Result | KneeResult) -> 
     )
     return row
 
+
+
+def revise_flag(session: Session, study: Study, knee: KneeResult) -> None:
+    """A revision of ``study`` in which no knee is positive (``knee``: its most probable), as when a
+    retake brings a knee's combined probability below the threshold. A flag that rested on this
+    study no longer does: its figures move to the patient's latest other positive study; with none,
+    a patient nobody has acted on (still *new*, no follow-up step, no radiologist's verdict) leaves
+    the list, and one already worked on keeps its status and shows this revision's figures. A flag
+    that rests on another study is left alone. Every change audited."""
+    row = _locked_row(session, patient_key(study))
+    if row is None or row.last_study_id != study.id:
+        return
+    other = _latest_other_positive(session, study)
+    if other is not None:
+        change, shown = "revised", other
+        _show(row, *other)
+    elif row.status == "new" and not _acted_on(session, row.id):
+        change, shown = "withdrawn", (study, knee)
+    else:
+        change, shown = "revised_negative", (study, knee)
+        _show(row, study, knee)
+    trail.append(
+        session,
+        "patient_record",
+        actor="strnet-worker",
+        action="D" if change == "withdrawn" else "U",
+        object_type="flagged_patient",
+        object_id=str(row.id),
+        detail={"change": change, "study_id": shown[0].id, "knee_result_id": shown[1].id, "status": row.status,
+                "revised_study_id": study.id},  # fmt: skip
+    )
+    if change == "withdrawn":
+        session.delete(row)
+    session.flush()
+
+
+def _latest_other_positive(session: Session, study: Study) -> tuple[Study, KneeResult] | None:
+    """The patient's other study whose latest revision has a positive knee, as ``_outranks``
+    orders them, with its most probable positive knee; None without a PatientID or such a study."""
+    if not study.patient_id:
+        return None
+    latest = (
+        select(KneeResult.study_id, func.max(KneeResult.revision).label("revision"))
+        .join(Study, Study.id == KneeResult.study_id)
+        .where(Study.patient_id == study.patient_id, Study.id != study.id)
+        .group_by(KneeResult.study_id)
+        .subquery()
+    )
+    candidates = session.execute(
+        select(Study, KneeResult)
+        .join(KneeResult, KneeResult.study_id == Study.id)
+        .join(latest, (latest.c.study_id == KneeResult.study_id) & (latest.c.revision == KneeResult.revision))
+        .where(KneeResult.bone_loss.is_(True))
+        .order_by(Study.id, KneeResult.probability.desc(), KneeResult.id)
+    ).all()
+    best: tuple[Study, KneeResult] | None = None
+    for s, k in candidates:  # in order of arrival, each study's most probable knee first
+        if best is None or (
+            s.id != best[0].id and _outranks(s.study_date, k.probability, best[0].study_date, best[1].probability)
+        ):
+            best = (s, k)
+    return best
+
+
+def _acted_on(session: Session, flagged_id: int) -> bool:
+    """Whether a coordinator recorded a step or a radiologist a verdict on this flagged patient."""
+    step = session.execute(select(FollowUpEvent.id).where(FollowUpEvent.flagged_id == flagged_id).limit(1)).first()
+    verdict = session.execute(
+        select(FindingAssessment.id).where(FindingAssessment.flagged_id == flagged_id).limit(1)
+    ).first()
+    return step is not None or verdict is not None
 
 # What a spreadsheet may read as the start of a formula: = + - @, and their full-width forms
 _FORMULA_STARTS = frozenset("=+-@\uff1d\uff0b\uff0d\uff20")

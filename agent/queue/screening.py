@@ -366,7 +366,8 @@ def _record_knees(
     s: Any, study_id: int, revision: int, knees: Sequence[KneeFindings], result_ids: Sequence[int],
     report_id: int | None,
 ) -> None:  # fmt: skip
-    """A knee_results row per knee; the flag from the most probable positive knee."""
+    """A knee_results row per knee; the flag from the most probable positive knee (a revision with
+    none revises a flag an earlier revision raised on this study: ``registry.revise_flag``)."""
     if not knees:
         return
     now = utcnow()
@@ -383,10 +384,12 @@ def _record_knees(
         rows.append(row)
     s.flush()
     positive = [r for r in rows if r.bone_loss]
+    study = s.get(Study, study_id)
+    assert study is not None
     if positive:
-        study = s.get(Study, study_id)
-        assert study is not None
         registry.upsert_flag(s, study, max(positive, key=lambda r: r.probability))
+    else:  # an earlier revision, or this one's with fewer films, may have flagged on this study
+        registry.revise_flag(s, study, max(rows, key=lambda r: r.probability))
 
 
 @dataclass(frozen=True)

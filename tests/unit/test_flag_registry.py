@@ -36,7 +36,7 @@ def db(db_url: str) -> Database:
 
 def screen(
     db: Database, study_uid: str, study_date: str | None, p: float, severity: str | None, t: float,
-    name: str = "Doe^Jane",
+    name: str = "Doe^Jane", side: str | None = None,
 ) -> None:
     """Receive one image of ``study_uid`` for patient P1, record STR-Net's findings for it and the
     study's next SR revision (the flag is the SR's commit's)."""
@@ -47,7 +47,7 @@ def screen(
         IncomingInstance(
             ref=ref, spool_path=f"d/{n}.dcm", sha256=f"{n:064d}", size_bytes=10, calling_ae="TESTSCU",
             peer_host="127.0.0.1", eligibility=Eligibility(True, None), patient_id="P1",
-            patient_name=name, study_date=study_date,
+            patient_name=name, study_date=study_date, laterality=side,
         ),
     )
     (job,) = store.lease(db, OWNER, 1, 60.0)
@@ -127,6 +127,60 @@ def test_a_negative_image_never_touches_the_row(db: Database) -> None:
     screen(db, "1.9.1", "20260115", 0.80, "osteoporosis", -2.6)
     screen(db, "1.9.2", "20260301", 0.10, None, 0.5)
     assert only_row(db) == ("20260115", 0.80, "osteoporosis", -2.6, 1)
+
+
+def flag_changes(db: Database) -> list[tuple[str, str]]:
+    with db.reading() as s:
+        events = s.query(AuditEvent).where(AuditEvent.object_type == "flagged_patient").order_by(AuditEvent.id)
+        return [(e.action, (e.detail or {}).get("change")) for e in events]
+
+
+# A retake of the flagged knee whose combined probability falls below the threshold (0.4 here):
+# the mean of the logits of 0.80 and 0.05 is that of 0.31, a negative knee and a negative study.
+
+
+def test_a_flag_its_study_no_longer_supports_is_withdrawn_while_nobody_has_acted_on_it(db: Database) -> None:
+    screen(db, "1.9.1", "20260115", 0.80, "osteoporosis", -2.6, side="L")
+    assert only_row(db)[:2] == ("20260115", 0.80)
+    screen(db, "1.9.1", "20260115", 0.05, None, 0.4, side="L")  # revision 2: the knee is negative
+    assert list_flagged(db) == []
+    assert flag_changes(db) == [("C", "flagged"), ("D", "withdrawn")]
+    screen(db, "1.9.1", "20260115", 0.99, "osteoporosis", -3.2, side="L")  # positive again: flagged afresh
+    assert [r.status for r in list_flagged(db)] == ["new"]
+
+
+def test_a_withdrawn_flag_falls_back_to_the_patients_other_positive_study(db: Database) -> None:
+    screen(db, "1.9.1", "20250601", 0.70, "osteopenia", -1.8, side="R")
+    screen(db, "1.9.2", "20260115", 0.80, "osteoporosis", -2.6, side="L")
+    assert only_row(db) == ("20260115", 0.80, "osteoporosis", -2.6, 2)
+    screen(db, "1.9.2", "20260115", 0.05, None, 0.4, side="L")
+    assert only_row(db) == ("20250601", 0.70, "osteopenia", -1.8, 2)
+    assert flag_changes(db)[-1] == ("U", "revised")
+
+
+def test_a_patient_in_follow_up_stays_with_the_revised_figures(db: Database) -> None:
+    from agent.db import fls
+    from agent.db.models import Result
+
+    screen(db, "1.9.1", "20260115", 0.80, "osteoporosis", -2.6, side="L")
+    (row,) = list_flagged(db)
+    with db.reading() as s:
+        (film,) = s.query(Result.id).all()
+    assert fls.assess_finding(db, film[0], "radiologist", "agree", None)
+    assert fls.record_step(db, row.id, "coordinator", "dxa_ordered", None)
+    screen(db, "1.9.1", "20260115", 0.05, None, 0.4, side="L")
+    (after,) = list_flagged(db)
+    assert (after.status, after.knee) == ("dxa_ordered", "Left knee, 2 images")
+    assert after.probability < 0.4 and after.severity is None
+    assert flag_changes(db)[-1] == ("U", "revised_negative")
+
+
+def test_a_negative_revision_of_another_study_leaves_the_flag_alone(db: Database) -> None:
+    screen(db, "1.9.1", "20260115", 0.80, "osteoporosis", -2.6, side="L")
+    screen(db, "1.9.2", "20260301", 0.10, None, 0.5, side="R")
+    screen(db, "1.9.2", "20260301", 0.12, None, 0.4, side="R")  # revision 2 of the negative study
+    assert only_row(db) == ("20260115", 0.80, "osteoporosis", -2.6, 1)
+    assert flag_changes(db) == [("C", "flagged")]
 
 
 def test_flagged_list_shows_what_it_sorts_and_filters_on_and_csv_is_safe_in_a_spreadsheet(
