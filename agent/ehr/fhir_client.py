@@ -36,6 +36,15 @@ from agent.ehr.delivery import Delivery
 FHIR_JSON = "application/fhir+json"
 _RETRIED = frozenset({HTTPStatus.REQUEST_TIMEOUT, HTTPStatus.TOO_MANY_REQUESTS, HTTPStatus.UNAUTHORIZED})
 _MAX_CODES = 5
+#: FHIR R4's IssueType codes (http://hl7.org/fhir/issue-type, a required binding): the only codes kept
+ISSUE_TYPES = frozenset(
+    {
+        "invalid", "structure", "required", "value", "invariant", "security", "login", "unknown", "expired",
+        "forbidden", "suppressed", "processing", "not-supported", "duplicate", "multiple-matches", "not-found",
+        "deleted", "too-long", "code-invalid", "extension", "too-costly", "business-rule", "conflict", "transient",
+        "lock-error", "no-store", "exception", "timeout", "incomplete", "throttled", "informational",
+    }
+)  # fmt: skip
 
 
 def _system_ca() -> str | bool:
@@ -56,14 +65,15 @@ def _json(response: requests.Response) -> Any:
 
 
 def issue_codes(outcome: Any) -> list[str]:
-    """The issue codes of an OperationOutcome (``invalid``, ``not-found`` ...): FHIR's own code
-    list, safe to record; never its diagnostics or details text."""
+    """The issue codes of an OperationOutcome (``invalid``, ``not-found`` ...) that are in FHIR's
+    own code list (``ISSUE_TYPES``), safe to record; never its diagnostics or details text, nor a
+    code outside that list (a word there may be the patient's name)."""
     if not isinstance(outcome, dict) or outcome.get("resourceType") != "OperationOutcome":
         return []
     found: list[str] = []
     for issue in outcome.get("issue") or []:
         code = issue.get("code") if isinstance(issue, dict) else None
-        if isinstance(code, str) and code.replace("-", "").isalpha() and len(code) <= 32 and code not in found:
+        if isinstance(code, str) and code in ISSUE_TYPES and code not in found:
             found.append(code)
     return found[:_MAX_CODES]
 

@@ -63,6 +63,16 @@ def test_issue_codes_keep_only_code_tokens() -> None:
     assert issue_codes({"resourceType": "Patient"}) == [] and issue_codes(None) == []
 
 
+def test_an_issue_code_outside_fhirs_list_is_not_recorded() -> None:
+    """A gateway that puts the patient's name where the code goes (a word, as a code is): only the
+    R4 IssueType codes are kept, so the reason holds no text of the answer."""
+    answer = outcome("invalid", "Leakcheck", "LEAKCHECK-NAME", "not-found")
+    assert issue_codes(answer) == ["invalid", "not-found"]
+    d = classify(422, answer)
+    assert d.reason == "FHIR server refused the bundle (HTTP 422) (invalid, not-found)"
+    assert "leakcheck" not in d.reason.lower()
+
+
 def test_an_unreadable_token_file_is_retried_before_any_request(tmp_path: Path) -> None:
     dest = FhirSection(name="ehr", base_url=f"http://127.0.0.1:{free_port()}/fhir", token_file=tmp_path / "gone")
     transport = FhirTransport()
