@@ -155,6 +155,9 @@ class _Client:
             )  # fmt: skip
         except requests.Timeout:
             return Delivery("retry", None, "FHIR request timed out")
+        except requests.TooManyRedirects as exc:  # a 3xx, not followed (max_redirects 0): dead, as classify says
+            code = exc.response.status_code if exc.response is not None else HTTPStatus.FOUND
+            return classify(code, None)
         except requests.RequestException as exc:  # connection refused, reset, TLS failure ...
             return Delivery("retry", None, f"FHIR server unreachable ({exc.__class__.__name__})")
         except OSError as exc:  # requests raises a plain OSError for a missing ca/cert/key file

@@ -50,13 +50,14 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MedplumServer]:
 
 
 class FaultProxy:
-    """Forwards to the real server unless told to answer 503 or to be slow; records the
-    Authorization header of each request."""
+    """Forwards to the real server unless told to answer 503, to be slow or to redirect to the
+    real server; records the Authorization and Content-Type headers of each request."""
 
     def __init__(self, target: str, tls: ssl.SSLContext | None = None) -> None:
         self.target = target
         self.mode = "pass"
         self.authorizations: list[str | None] = []
+        self.content_types: list[str | None] = []
         self.client_ports: list[int] = []
         proxy = self
 
@@ -66,10 +67,17 @@ class FaultProxy:
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 proxy.authorizations.append(self.headers.get("Authorization"))
+                proxy.content_types.append(self.headers.get("Content-Type"))
                 proxy.client_ports.append(self.client_address[1])
                 if proxy.mode == "503":
                     self.answer(503, {"resourceType": "OperationOutcome",
                                       "issue": [{"severity": "error", "code": "transient"}]})  # fmt: skip
+                    return
+                if proxy.mode == "redirect":  # a 307 keeps the method and body for a client that follows it
+                    self.send_response(307)
+                    self.send_header("Location", proxy.target)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
                     return
                 if proxy.mode == "slow":
                     time.sleep(1.5)
@@ -250,7 +258,7 @@ def test_a_5xx_is_retried_and_the_token_is_read_for_every_request(
     target = dest(proxy.url, token_file=token)
     result = study(**new_patient())
     payload = build_bundle(result, target)
-    proxy.mode, proxy.authorizations[:], proxy.client_ports[:] = "503", [], []
+    proxy.mode, proxy.authorizations[:], proxy.client_ports[:], proxy.content_types[:] = "503", [], [], []
     d = transport.deliver(target, payload)
     assert (d.verdict, d.status, d.reason) == ("retry", "HTTP 503", "FHIR server answered HTTP 503 (transient)")
     assert counts(server, result)["Patient"] == 0
@@ -258,6 +266,7 @@ def test_a_5xx_is_retried_and_the_token_is_read_for_every_request(
     proxy.mode = "pass"
     assert transport.deliver(target, payload).verdict == "delivered"
     assert proxy.authorizations == ["Bearer first-token", "Bearer renewed-token"]
+    assert proxy.content_types == ["application/fhir+json"] * 2
     assert len(set(proxy.client_ports)) == 1  # one session per destination: the connection was kept
     assert counts(server, result)["DiagnosticReport"] == 1
 
@@ -272,6 +281,20 @@ def test_a_timeout_and_a_refused_connection_are_retried(proxy: FaultProxy, trans
     assert (d.verdict, d.status, d.reason) == ("retry", None, "FHIR request timed out")
     d = transport.deliver(dest(f"http://127.0.0.1:{free_port()}/fhir"), payload)
     assert (d.verdict, d.status) == ("retry", None) and d.reason.startswith("FHIR server unreachable (")
+
+
+def test_a_redirect_is_not_followed_and_is_dead(
+    server: MedplumServer, proxy: FaultProxy, transport: FhirTransport
+) -> None:
+    result = study(**new_patient())
+    payload = build_bundle(result, dest(proxy.url))
+    proxy.mode, proxy.authorizations[:] = "redirect", []
+    try:
+        d = transport.deliver(dest(proxy.url), payload)
+    finally:
+        proxy.mode = "pass"
+    assert (d.verdict, d.status) == ("dead", "HTTP 307") and "redirected" in d.reason
+    assert len(proxy.authorizations) == 1 and counts(server, result)["Patient"] == 0  # never sent on
 
 
 def test_a_bundle_the_server_refuses_is_dead_with_codes_only(server: MedplumServer, transport: FhirTransport) -> None:
