@@ -83,3 +83,16 @@ def test_an_unreadable_token_file_is_retried_before_any_request(tmp_path: Path) 
             transport.deliver(object(), b"{}")
     finally:
         transport.close()
+
+
+def test_a_missing_client_key_file_is_retried_before_any_request(tmp_path: Path) -> None:
+    cert = tmp_path / "client.crt"
+    cert.write_text("not read: the missing key stops the request first\n")
+    url = f"https://127.0.0.1:{free_port()}/fhir"
+    dest = FhirSection(name="ehr", base_url=url, cert_file=cert, key_file=tmp_path / "gone.key")
+    transport = FhirTransport()
+    try:
+        d = transport.deliver(dest, b"{}")
+        assert (d.verdict, d.status, d.reason) == ("retry", None, "FHIR request could not be made (OSError)")
+    finally:
+        transport.close()
