@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -12,6 +13,7 @@ from ehr_sample import study
 from pydicom.uid import generate_uid
 
 from agent.config import FhirSection
+from agent.ehr.content import Assessment
 from agent.ehr.fhir_bundle import PRIVATE_CODE_SYSTEM, build_bundle
 from agent.errors import BuildError
 
@@ -109,6 +111,19 @@ def test_the_referral_kind_follows_the_setting() -> None:
     assert (task["intent"], task["status"]) == ("proposal", "requested")
     assert set(by_type(bundle(referral="none"))) == {"Patient", "Device", "ImagingStudy", "Observation",
                                                      "DiagnosticReport"}  # fmt: skip
+
+
+def test_after_a_rejection_the_bundle_carries_no_referral() -> None:
+    at = datetime(2026, 12, 2, 9, 0, tzinfo=UTC)
+    for referral in ("service-request", "task"):
+        confirmed = bundle(dataclasses.replace(study(), assessment=Assessment("confirmed", (), at)), referral=referral)
+        assert {"ServiceRequest", "Task"} & set(by_type(confirmed))  # a confirmed finding still refers
+        rejected = bundle(
+            dataclasses.replace(study(), assessment=Assessment("rejected", ("cortex normal",), at)), referral=referral
+        )
+        assert set(by_type(rejected)) == {"Patient", "Device", "ImagingStudy", "Observation", "DiagnosticReport"}
+        report = by_type(rejected)["DiagnosticReport"][0]["resource"]
+        assert report["status"] == "amended" and report["conclusion"].endswith("was rejected (cortex normal).")
 
 
 def test_every_entry_is_conditional_on_its_identifier() -> None:
