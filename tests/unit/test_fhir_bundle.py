@@ -145,6 +145,15 @@ def test_the_patient_key_uses_the_issuer_when_there_is_one() -> None:
     assert (p["name"][0]["family"], p["birthDate"], p["gender"]) == ("Doe", "1947-03-12", "female")
 
 
+def test_the_private_codes_stay_fixed_whatever_identifier_system_says() -> None:
+    b = bundle(identifier_system="urn:oid:1.2.3.4")
+    report = by_type(b)["DiagnosticReport"][0]["resource"]
+    assert report["identifier"][0]["system"] == "urn:oid:1.2.3.4:diagnostic-report"  # the keys follow it
+    assert report["extension"][0]["url"] == "urn:strnet-agent:99STRNET:revision"  # the codes do not
+    assert codings(obs(b, "classification")["code"]) == {("urn:strnet-agent:99STRNET", "SCREEN-RESULT")}
+    assert "urn:oid:1.2.3.4:99STRNET" not in json.dumps(b)
+
+
 def test_identifiers_are_stable_across_resends_revisions_and_studies() -> None:
     first = study()
     assert build_bundle(first, dest()) == build_bundle(first, dest())  # a resend is the same bytes
