@@ -85,7 +85,8 @@ class AgentSection(_Section):
         None,
         description=(
             "SQLAlchemy URL of the database; default: SQLite file in data_dir. postgresql://user@host/db "
-            "for PostgreSQL (the postgres extra), one agent per database (docs/architecture.md, Scaling out)."
+            "for PostgreSQL (the postgres extra); several agents may share one database, each with its own node "
+            "(docs/operations.md, several agents)."
         ),
     )
     min_free_disk_mb: int = Field(
