@@ -104,6 +104,38 @@ def test_prune_keeps_recent_backups(tmp_path: Path) -> None:
     assert new.exists()
 
 
+@pytest.mark.skipif(engine_under_test() == "postgresql", reason="[backup] is SQLite's (PostgreSQL: pg_dump)")
+def test_scheduled_backup_every_hours_keep_days_and_no_wal_or_shm_beside_it(tmp_path: Path) -> None:
+    """[backup]: a backup when the newest is older than every_hours, one self-contained file
+    (docs/reliability.md once reported stray -wal/-shm companions), older than keep_days pruned."""
+    import os
+    import time
+    from contextlib import closing
+
+    from conftest import agent_settings
+
+    from agent.scheduler import scheduled_backup
+
+    settings = agent_settings(tmp_path / "var", backup={"every_hours": 2.0, "keep_days": 3.0})
+    db = open_database(settings)
+    folder = tmp_path / "var" / "backups"  # default: data_dir/backups
+    scheduled_backup(db, settings)
+    [first] = list(folder.iterdir())
+    assert first.name.startswith("strnet-") and first.suffix == ".db"
+    with closing(sqlite3.connect(first)) as copy:  # in WAL mode, opening it would leave -wal/-shm beside it
+        assert copy.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+        assert copy.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    time.sleep(1.1)  # backups are named to the second
+    scheduled_backup(db, settings)  # the newest is younger than every_hours: nothing
+    assert list(folder.iterdir()) == [first]
+    os.utime(first, (time.time() - 4 * 86400,) * 2)  # older than every_hours and keep_days
+    time.sleep(1.1)  # backups are named to the second
+    scheduled_backup(db, settings)
+    [second] = list(folder.iterdir())  # a new one taken, the old one pruned; nothing else beside it
+    assert second != first and second.suffix == ".db"
+    db.dispose()
+
+
 def test_digest_lists_new_flags(screened_agent: Any, tmp_path: Path) -> None:
     out = write_digest(screened_agent.db, tmp_path / "digest")
     lines = out.read_text().splitlines()
