@@ -35,7 +35,7 @@ from agent.db.users import add_user, disable_user, open_session, typed_name_hash
 from agent.web import auth
 from agent.web.app import create_app
 from agent.web.auth import LoginThrottle, hash_password, safe_next
-from agent.web.routes.auth_routes import LOGIN_FAILED
+from agent.web.routes.auth_routes import LOGIN_BUSY, LOGIN_FAILED
 from agent.web.server import WebServer, trusted_proxies
 
 USERS = {  # name: (role, password); "gone" is disabled
@@ -178,6 +178,73 @@ def test_the_unknown_name_path_verifies_a_password_in_the_login_pool_outside_any
     assert attempt(client_at(app, "10.0.3.3"), "vera", USERS["vera"][1]).status_code == 303
     assert [c[0] is None for c in calls] == [True, False, False]
     assert all(name.startswith("strnet-login") and wrote for _s, name, wrote in calls), calls
+
+
+def test_login_concurrency_checks_at_once_login_queue_more_wait_the_rest_get_503_at_once(
+    base: tuple[Settings, Database], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """web.login_concurrency password checks run at the same time, web.login_queue more wait for
+    one; an attempt beyond those is answered 503 at once, unchecked (docs/configuration.md)."""
+    real = auth.verify_password
+    release, lock = threading.Event(), threading.Lock()
+    checking = [0, 0]  # now, most at once
+
+    def held(stored: str | None, password: str) -> bool:
+        with lock:
+            checking[0] += 1
+            checking[1] = max(checking)
+        release.wait(20)
+        with lock:
+            checking[0] -= 1
+        return real(stored, password)
+
+    monkeypatch.setattr(auth, "verify_password", held)
+    app = make_app(base, login_concurrency=1, login_queue=1)
+    answers: dict[str, httpx.Response] = {}
+
+    def log_in(address: str) -> None:
+        answers[address] = attempt(client_at(app, address), "vera", USERS["vera"][1])
+
+    first = threading.Thread(target=log_in, args=("10.0.4.1",))
+    others = [threading.Thread(target=log_in, args=(f"10.0.4.{i}",)) for i in (2, 3)]
+    first.start()
+    try:
+        wait_for(lambda: checking[0] == 1, 10, "the one check slot taken")
+        for t in others:
+            t.start()
+        # one of the two waits in the queue, the other is turned away while the first check still runs
+        wait_for(lambda: any(r.status_code == 503 for r in answers.values()), 10, "an attempt answered 503")
+    finally:
+        busy = [r for r in answers.values() if r.status_code == 503]
+        release.set()
+    assert len(busy) == 1 and error_of(busy[0]) == LOGIN_BUSY and busy[0].headers["retry-after"] == "2"
+    assert "strnet_session" not in busy[0].headers.get("set-cookie", "")
+    for t in (first, *others):
+        t.join(20)
+    assert sorted(r.status_code for r in answers.values()) == [303, 303, 503]  # the queued one logged in
+    assert checking[1] == 1  # never two checks at once with login_concurrency = 1
+
+
+def test_the_login_form_key_is_kept_in_data_dir_or_is_session_secret(base: tuple[Settings, Database]) -> None:
+    """web.session_secret unset: a random key kept in data_dir/web_secret (mode 0600), so a login
+    form fetched before a restart still logs in after it; set: that key, and only that key."""
+    settings, _db = base
+
+    def form_then_login(issuer: Any, checker: Any) -> httpx.Response:
+        before = client_at(issuer, "10.0.5.1")
+        token = login_token(before)
+        after = client_at(checker, "10.0.5.1")
+        after.cookies = before.cookies  # the browser keeps the form's cookie across the restart
+        data = {"login_token": token, "username": "vera", "password": USERS["vera"][1]}
+        return after.post("/login", data=data, follow_redirects=False)
+
+    assert form_then_login(make_app(base), make_app(base)).status_code == 303  # a restart: the same key
+    kept = settings.data_dir / "web_secret"
+    assert kept.stat().st_mode & 0o777 == 0o600 and len(kept.read_text().strip()) >= 32
+    one, same = make_app(base, session_secret="k-" + "1" * 40), make_app(base, session_secret="k-" + "1" * 40)
+    assert form_then_login(one, same).status_code == 303
+    refused = form_then_login(one, make_app(base))  # signed with another key
+    assert refused.status_code == 403 and "strnet_session" not in refused.headers.get("set-cookie", "")
 
 
 def test_login_throttle_backs_off_doubling_and_forgets() -> None:
