@@ -503,7 +503,10 @@ class SenderSection(_Section):
 
 class RetentionSection(_Section):
     spool_days: float = Field(
-        7.0, ge=0, description="Days a spool file is kept after its job is terminal and its results are delivered."
+        7.0,
+        ge=0,
+        description="Days a spool file is kept, counted from its receipt; it goes only once its job is terminal "
+        "and every result of its study is delivered.",
     )
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import time
+from datetime import timedelta
+from pathlib import Path
 
 import pytest
 
@@ -136,6 +138,29 @@ def test_requeue_running_at_startup(db: Database) -> None:
     store.lease(db, "w1", 1, 600)
     assert store.requeue_running(db) == 1
     assert store.list_jobs(db)[0].state == JobState.QUEUED
+
+
+def test_spool_retention_removes_a_file_spool_days_after_its_receipt_once_its_job_is_terminal(
+    db: Database, tmp_path: Path
+) -> None:
+    """retention.spool_days counts from the instance's receipt (received_at); the job must be
+    terminal and the study have nothing left to deliver (that part: test_commitment_records.py)."""
+    from sqlalchemy import update
+
+    from agent.clock import utcnow
+    from agent.db.models import Instance
+    from agent.scheduler import apply_spool_retention
+    from agent.spool import Spool
+
+    spool = Spool(tmp_path / "spool")
+    rel = spool.write_named(incoming(1).spool_path, [b"x"])
+    store.record_instance(db, incoming(1, eligible=False))  # SKIPPED: terminal, nothing to deliver
+    week = 7 * 86400.0
+    assert apply_spool_retention(db, spool, week) == 0 and spool.path(rel).exists()  # received just now
+    with db.transaction() as s:
+        s.execute(update(Instance).values(received_at=utcnow() - timedelta(days=8)))
+    assert apply_spool_retention(db, spool, week) == 1 and not spool.path(rel).exists()
+    assert apply_spool_retention(db, spool, week) == 0  # marked removed: not counted again
 
 
 def test_lease_due_takes_srs_first_and_a_share_of_what_is_due(db: Database) -> None:
