@@ -48,6 +48,18 @@ def test_file_values_are_read(toml_file: Path) -> None:
     assert s.database_url.endswith("/var/strnet.db")
 
 
+def test_agent_toml_in_the_working_folder_is_read_when_no_config_is_given(
+    toml_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(toml_file.parent)  # holds agent.toml
+    assert load_settings().scp.ae_title == "FROMFILE"
+    assert load_settings(search_default=False).scp.ae_title == "STRNET"
+    empty = tmp_path / "elsewhere"
+    empty.mkdir()
+    monkeypatch.chdir(empty)  # none here: the built-in defaults
+    assert load_settings().scp.ae_title == "STRNET"
+
+
 def test_environment_overrides_file_and_cli_overrides_environment(
     toml_file: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
