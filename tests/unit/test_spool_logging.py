@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from pathlib import Path
 
 import pytest
@@ -99,6 +100,27 @@ def test_scrubber_drops_phi_and_hashes_study(capsys: pytest.CaptureFixture[str])
     assert rec["patient_name"] == "[redacted]" and rec["job_id"] == 7
     assert rec["study"] == hash_uid("1.2.3")
     structlog.reset_defaults()
+
+
+def test_log_format_auto_is_json_off_a_terminal_and_text_on_one_and_site_salt_changes_the_hash(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def last_line(fmt: str, salt: str = "s1") -> str:
+        configure_logging("info", fmt, salt=salt)
+        get_logger("t").info("probe", study_instance_uid="1.2.3")
+        logging.getLogger().handlers[0].flush()
+        return capsys.readouterr().err.strip().splitlines()[-1]
+
+    try:
+        off = json.loads(last_line("auto"))  # stderr captured: not a terminal
+        assert off["event"] == "probe" and off["study"] == hash_uid("1.2.3")
+        assert json.loads(last_line("auto", salt="s2"))["study"] != off["study"]  # agent.site_salt
+        monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+        on = last_line("auto")
+        assert "probe" in on and not on.startswith("{")  # readable text on a terminal
+        assert last_line("json").startswith("{")
+    finally:
+        structlog.reset_defaults()
 
 
 def test_library_warnings_become_json_events_without_the_values_they_quote(capsys: pytest.CaptureFixture[str]) -> None:
