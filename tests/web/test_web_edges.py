@@ -247,6 +247,16 @@ def test_the_login_form_key_is_kept_in_data_dir_or_is_session_secret(base: tuple
     assert refused.status_code == 403 and "strnet_session" not in refused.headers.get("set-cookie", "")
 
 
+def test_the_defaults_the_admin_guide_states() -> None:
+    """docs/admin-guide.md, Who sees what: 5 wrong passwords from one workstation, then 1 s doubling
+    up to 15 minutes; 20 from one workstation whatever the names; logged off after 15 minutes idle."""
+    from agent.config import WebSection
+
+    web = WebSection()
+    assert (web.login_free_failures, web.login_free_failures_per_client) == (5, 20)
+    assert (web.login_backoff_s, web.login_backoff_max_s, web.idle_timeout_s) == (1.0, 15 * 60.0, 15 * 60.0)
+
+
 def test_login_throttle_backs_off_doubling_and_forgets() -> None:
     now = [1000.0]
     t = LoginThrottle(3, 10, 1.0, 8.0, clock=lambda: now[0], max_keys=50)
