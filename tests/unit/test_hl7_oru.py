@@ -147,7 +147,8 @@ def test_non_ascii_name_is_utf8() -> None:
 
 
 def test_values_with_hl7_delimiters_are_escaped() -> None:
-    dest = DEST.model_copy(update={"sending_facility": "X-RAY\\WEST|2", "receiving_application": "EHR^A&B~C"})
+    dest = DEST.model_copy(update={"sending_application": "KNEE|AI", "sending_facility": "X-RAY\\WEST|2",
+                                   "receiving_application": "EHR^A&B~C"})  # fmt: skip
     result = study(PatientName="O'Neil&Sons|~^Ann^M", PatientID="ID|1^2", IssuerOfPatientID="A&B~C",
                    AccessionNumber="ACC^9|&")  # fmt: skip
     raw = build_oru(result, dest, "CTRL0001").decode("utf-8")
@@ -157,6 +158,7 @@ def test_values_with_hl7_delimiters_are_escaped() -> None:
     assert (msg["PID.F5.R1.C1"], msg["PID.F5.R1.C2"], msg["PID.F5.R1.C3"]) == ("O'Neil&Sons|~", "Ann", "M")
     assert (msg["PID.F3.R1.C1"], msg["PID.F3.R1.C4"]) == ("ID|1^2", "A&B~C")
     assert msg["OBR.F3"] == "ACC^9|&"
+    assert msg["MSH.F3"] == "KNEE|AI"  # hl7 sending_application, not the default STRNET
     assert msg["MSH.F4"] == "X-RAY\\WEST|2" and msg["MSH.F5"] == "EHR^A&B~C"
     assert parse_message(raw, validation_level=VALIDATION_LEVEL.STRICT, find_groups=True).validate()
 
