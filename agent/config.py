@@ -505,8 +505,9 @@ class RetentionSection(_Section):
     spool_days: float = Field(
         7.0,
         ge=0,
-        description="Days a spool file is kept, counted from its receipt; it goes only once its job is terminal "
-        "and every result of its study is delivered.",
+        description="Days a spool file is kept, counted from its receipt; it goes only once its job is done or "
+        "skipped and every result of its study is delivered. A job given up (DEAD) keeps its file until a replay "
+        "(`strnet jobs retry`) finishes it.",
     )
 
 

@@ -324,8 +324,9 @@ def requeue_running(db: Database, scope: NodeScope = SOLO) -> int:
 def spool_removable(
     db: Database, older_than_s: float, limit: int = 500, scope: NodeScope = SOLO
 ) -> list[tuple[int, str]]:
-    """(instance id, spool path) whose job is terminal, whose study has nothing left to deliver,
-    and which were received more than ``older_than_s`` ago; only this node's instances."""
+    """(instance id, spool path) whose job is DONE or SKIPPED, whose study has nothing left to
+    deliver, and which were received more than ``older_than_s`` ago; only this node's instances.
+    A DEAD job's file stays however old: ``strnet jobs retry`` replays the job from it."""
     cutoff = utcnow() - timedelta(seconds=older_than_s)
     undelivered = select(OutboxItem.study_id).where(
         OutboxItem.state.not_in([OutboxState.DELIVERED.value, OutboxState.COMMITTED.value, OutboxState.SHADOW.value,
@@ -336,7 +337,7 @@ def spool_removable(
             select(Instance.id, Instance.spool_path)
             .join(Job, Job.instance_id == Instance.id)
             .where(Instance.spool_removed_at.is_(None), Instance.received_at < cutoff)
-            .where(Job.state.in_([JobState.DONE.value, JobState.SKIPPED.value, JobState.DEAD.value]))
+            .where(Job.state.in_([JobState.DONE.value, JobState.SKIPPED.value]))
             .where(Instance.study_id.not_in(undelivered))
             .where(own(Instance.node, scope))
             .limit(limit)

@@ -163,6 +163,33 @@ def test_spool_retention_removes_a_file_spool_days_after_its_receipt_once_its_jo
     assert apply_spool_retention(db, spool, week) == 0  # marked removed: not counted again
 
 
+def test_spool_retention_keeps_a_dead_jobs_file_for_its_replay(db: Database, tmp_path: Path) -> None:
+    """A job given up (DEAD) keeps its spool file past spool_days: ``strnet jobs retry`` replays
+    it from that file once the cause is fixed (docs/operations.md, Retention)."""
+    from sqlalchemy import update
+
+    from agent.clock import utcnow
+    from agent.db.models import Instance, Job
+    from agent.scheduler import apply_spool_retention
+    from agent.spool import Spool
+
+    spool = Spool(tmp_path / "spool")
+    rel = spool.write_named(incoming(1).spool_path, [b"x"])
+    store.record_instance(db, incoming(1))
+    (job,) = store.lease(db, "w", 1, 60.0)
+    assert store.finish(db, job.job_id, "w", JobState.DEAD, "gave up after 8 attempts: test")
+    with db.transaction() as s:
+        s.execute(update(Instance).values(received_at=utcnow() - timedelta(days=30)))
+    assert apply_spool_retention(db, spool, 7 * 86400.0) == 0 and spool.path(rel).exists()
+    assert store.replay(db) == 1
+    (again,) = store.lease(db, "w", 1, 60.0)
+    assert spool.path(again.spool_path).read_bytes() == b"x"
+    assert store.finish(db, again.job_id, "w", JobState.DONE)
+    assert apply_spool_retention(db, spool, 7 * 86400.0) == 1 and not spool.path(rel).exists()
+    with db.reading() as s:
+        assert s.query(Job.state).scalar() == JobState.DONE.value
+
+
 def test_lease_due_takes_srs_first_and_a_share_of_what_is_due(db: Database) -> None:
     from sqlalchemy import select
 
