@@ -98,6 +98,33 @@ def test_missing_pixel_data_does_not_match_sop_class() -> None:
     assert err.value.status == status.DATASET_DOES_NOT_MATCH_SOP_CLASS
 
 
+def test_malformed_encapsulated_pixel_data_cannot_be_understood() -> None:
+    """Conformance statement 2.4: malformed encapsulated pixel data is 0xC210, as are fewer
+    fragments than frames; a well-formed fragment stream passes (decoding is the worker's)."""
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEG2000Lossless
+
+    ds = knee_dx(rows=64, cols=64)
+    ds.PixelData = encapsulate([b"\xff\x4f" + b"x" * 100])
+    validate.check_pixel_data(ds, UID(JPEG2000Lossless))
+    item = b"\xfe\xff\x00\xe0"  # (FFFE,E000)
+    for pixel in (
+        b"\x01\x02\x03\x04" + b"y" * 50,  # not an item tag
+        item + b"\x00\x00\x00\x00" + item + b"\xff\xff\xff\xff",  # a fragment of undefined length
+        item + b"\x00\x00\x00\x00" + item + b"\x10",  # a fragment without its length
+    ):
+        bad = copy.deepcopy(ds)
+        bad.PixelData = pixel
+        with pytest.raises(StoreRefused, match="encapsulated pixel data is malformed") as err:
+            validate.check_pixel_data(bad, UID(JPEG2000Lossless))
+        assert err.value.status == status.CANNOT_UNDERSTAND
+    frames = copy.deepcopy(ds)
+    frames.NumberOfFrames = 3
+    with pytest.raises(StoreRefused, match="fewer pixel data fragments than frames") as err:
+        validate.check_pixel_data(frames, UID(JPEG2000Lossless))
+    assert err.value.status == status.CANNOT_UNDERSTAND
+
+
 def test_eligible_knee() -> None:
     assert evaluate(knee_dx(), RULES).eligible
 
