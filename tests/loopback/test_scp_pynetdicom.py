@@ -23,6 +23,7 @@ from agent.db.models import Instance
 from agent.domain import JobState
 from agent.ingest.eligibility import BODY_PART_REASON
 from agent.pacs import status
+from agent.pacs.identity import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from agent.queue.store import list_jobs
 
 
@@ -70,6 +71,9 @@ def test_valid_instance_becomes_one_queued_job_with_the_same_dataset(agent: Agen
     assert stored.PatientName == ds.PatientName
     assert stored.preamble == b"\x00" * 128
     assert stored.file_meta.SourceApplicationEntityTitle == TEST_SCU_AET
+    # the agent's own file meta (conformance statement 2.1), not the sender's
+    assert stored.file_meta.ImplementationClassUID == IMPLEMENTATION_CLASS_UID
+    assert stored.file_meta.ImplementationVersionName == IMPLEMENTATION_VERSION_NAME
 
 
 def test_duplicate_gives_one_job_and_conflict_keeps_both(agent: Agent, assoc: Association) -> None:
@@ -187,8 +191,6 @@ def test_the_agent_names_itself_and_verification_takes_little_endian_only(agent:
     from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian
     from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-    from agent.pacs.identity import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
-
     ae = AE(ae_title=TEST_SCU_AET)
     for ts in (ImplicitVRLittleEndian, ExplicitVRLittleEndian, ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian):
         ae.add_requested_context(Verification, ts)
@@ -197,6 +199,7 @@ def test_the_agent_names_itself_and_verification_takes_little_endian_only(agent:
         assert a.is_established
         assert a.acceptor.implementation_class_uid == IMPLEMENTATION_CLASS_UID
         assert a.acceptor.implementation_version_name == IMPLEMENTATION_VERSION_NAME
+        assert a.acceptor.maximum_length == 0  # maximum PDU size received: unlimited
         assert {cx.transfer_syntax[0] for cx in a.accepted_contexts} == {ImplicitVRLittleEndian, ExplicitVRLittleEndian}
     finally:
         a.release()
