@@ -25,11 +25,15 @@ class PacsPeer:
         answer: Callable[[Dataset], int] | None = None,
         allowed_calling: list[str] | None = None,
         max_associations: int | None = None,
+        sop_classes: list[str] | None = None,
     ) -> None:
         self.port = free_port()
         self.received: list[Dataset] = []
         self.statuses: list[int] = []
         self.associations = 0  # accepted so far
+        # each accepted association's requestor: (Implementation Class UID, Version Name, the
+        # transfer syntaxes proposed in all its storage contexts)
+        self.requestors: list[tuple[str, str, frozenset[str]]] = []
         self.open = 0  # open now
         self.released = 0  # ended by a release (either side's request)
         self.aborted = 0  # ended by an abort
@@ -41,7 +45,9 @@ class PacsPeer:
         self.answer = answer or (lambda ds: 0x0000)
         self._lock = threading.Lock()
         self.ae = AE(ae_title=PACS_AET)
-        self.ae.supported_contexts = AllStoragePresentationContexts
+        self.ae.supported_contexts = [  # sop_classes: accept only these storage SOP classes
+            cx for cx in AllStoragePresentationContexts if sop_classes is None or cx.abstract_syntax in sop_classes
+        ]
         self.ae.add_supported_context(Verification)
         self.ae.require_called_aet = True
         if max_associations is not None:  # more are rejected: rejected-transient, local limit exceeded
@@ -68,7 +74,12 @@ class PacsPeer:
         return code
 
     def _on_accepted(self, event: Any) -> None:
+        requestor = event.assoc.requestor
+        syntaxes = frozenset(str(ts) for cx in requestor.requested_contexts for ts in cx.transfer_syntax)
         with self._lock:
+            self.requestors.append(
+                (str(requestor.implementation_class_uid), str(requestor.implementation_version_name), syntaxes)
+            )
             self.associations += 1
             self.open += 1
 

@@ -17,6 +17,7 @@ import pytest
 import sqlalchemy
 from dicom_factory import SECONDARY_CAPTURE, knee_dx
 from pacs_peer import PACS_AET, PacsPeer
+from pydicom.uid import ExplicitVRLittleEndian
 from screening_helpers import bilateral_study, send_study, wait_for
 
 from agent.app import Agent
@@ -24,6 +25,7 @@ from agent.db.registry import list_flagged
 from agent.domain import JobState, OutboxState
 from agent.ingest.eligibility import BODY_PART_REASON
 from agent.pacs import status
+from agent.pacs.identity import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from agent.queue import outbox, screening
 from agent.queue.store import list_jobs
 
@@ -57,6 +59,12 @@ def test_study_is_screened_and_sr_plus_overlays_delivered(make_agent: Any, tiny_
         flagged = list_flagged(agent.db)
         assert len(flagged) == 1 and flagged[0].patient_id == study[0].PatientID and flagged[0].studies == 1
         assert {i.state for i in outbox.items(agent.db)} == {OutboxState.DELIVERED.value}
+        # conformance statement 2.1 and 3.1: the sender names itself as the agent and proposes
+        # Explicit VR Little Endian only
+        assert pacs.requestors and all(
+            (uid, name, syntaxes) == (IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, {ExplicitVRLittleEndian})
+            for uid, name, syntaxes in pacs.requestors
+        ), pacs.requestors
 
 
 def test_late_instance_yields_a_new_sr_referencing_its_predecessor(make_agent: Any, tiny_weights: Path) -> None:
@@ -144,6 +152,38 @@ def test_permanent_refusal_is_dead_at_once_and_replay_delivers(make_agent: Any, 
         assert outbox.replay_dead(agent.db) == 2
         agent.sender.wake.set()
         wait_for(lambda: {i.state for i in outbox.items(agent.db)} == {OutboxState.DELIVERED.value})
+
+
+def test_the_status_classes_of_the_conformance_statement() -> None:
+    """Conformance statement 3.2: warnings are delivered, out of resources and resource
+    limitation retried, every other failure permanent."""
+    classes = {
+        status.StatusClass.SUCCESS: [0x0000],
+        status.StatusClass.WARNING: [0xB000, 0xB006, 0xB007, 0xB123],
+        status.StatusClass.TRANSIENT: [0xA700, 0xA7FF, 0x0213],
+        status.StatusClass.PERMANENT: [0xA900, 0xA9FF, 0xC000, 0xC210, 0x0110, 0x0122, 0x0124, 0x0211],
+    }
+    assert {code: status.classify(code) for cls, codes in classes.items() for code in codes} == {
+        code: cls for cls, codes in classes.items() for code in codes
+    }
+
+
+def test_a_sop_class_the_pacs_does_not_accept_is_dead_at_once_and_the_others_delivered(
+    make_agent: Any, tiny_weights: Path
+) -> None:
+    """Conformance statement 3.2: "SOP class not accepted: permanent, DEAD at once"."""
+    with PacsPeer(sop_classes=[SECONDARY_CAPTURE]) as pacs:  # no Comprehensive 3D SR
+        agent = screening_agent(make_agent, tiny_weights, pacs.port)
+        send_study(agent, bilateral_study(1)[:1])
+        wait_for(
+            lambda: (
+                sorted((i.kind, i.state) for i in outbox.items(agent.db))
+                == [("sc", OutboxState.DELIVERED.value), ("sr", OutboxState.DEAD.value)]
+            )
+        )
+        (sr,) = [i for i in outbox.items(agent.db) if i.kind == "sr"]
+        assert sr.attempts == 1 and "did not accept the SOP class" in (sr.last_error or "")
+        assert [str(d.SOPClassUID) for d in pacs.received] == [SECONDARY_CAPTURE]
 
 
 def test_out_of_resources_is_retried_with_backoff(make_agent: Any, tiny_weights: Path) -> None:
