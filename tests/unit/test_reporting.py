@@ -288,6 +288,8 @@ def test_result_uid_shape() -> None:
     uid = result_uid("1.2.3.4", "1.0", "sc")
     assert uid == result_uid("1.2.3.4", "1.0", "sc")
     assert uid.startswith("2.25.") and len(uid) <= 64
+    # "2.25." and a 128-bit integer: at most 44 characters (docs/sr-content.md section 5)
+    assert max(len(result_uid(f"1.2.{i}", "1.0", "sc")) for i in range(2000)) == 44
     assert re.fullmatch(r"[0-9]+(\.[0-9]+)*", uid)
     assert (
         len({result_uid("1.2.3.4", "1.0", k) for k in ("sr", "sr-series", "sc", "sc-series")}) == 4
@@ -304,13 +306,15 @@ def test_results_in_source_study_with_patient(study: dict[str, Any]) -> None:
                         "AccessionNumber", "StudyDate", "StudyTime", "StudyID"):  # fmt: skip
             assert str(ds.get(keyword)) == str(src.get(keyword)), keyword
         assert ds.SeriesInstanceUID != src.SeriesInstanceUID
-        assert "NOT FOR DIAGNOSTIC USE" in ds.SeriesDescription
+        assert ds.SeriesDescription == "STR-Net bone-loss screening (research, NOT FOR DIAGNOSTIC USE)"
+        assert ds.SeriesNumber == (9901 if ds.Modality == "SR" else 9902)  # docs/sr-content.md
         assert ds.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
     sr = study["sr"]
-    assert (sr.Modality, sr.VerificationFlag, sr.PreliminaryFlag) == (
+    assert (sr.Modality, sr.VerificationFlag, sr.PreliminaryFlag, sr.CompletionFlag) == (
         "SR",
         "UNVERIFIED",
         "PRELIMINARY",
+        "PARTIAL",
     )
     evidence = sr.CurrentRequestedProcedureEvidenceSequence[0]
     referenced = {
@@ -361,7 +365,11 @@ def test_sr_round_trips(study: dict[str, Any]) -> None:
     """highdicom's reader gives back the findings: per image (probabilities in %), and the study."""
     ds = pydicom.dcmread(study["sr_path"])
     assert ds.SOPInstanceUID == study["sr"].SOPInstanceUID
-    assert ds.CodingSchemeIdentificationSequence[0].CodingSchemeDesignator == codes.SCHEME
+    [scheme] = ds.CodingSchemeIdentificationSequence
+    assert (scheme.CodingSchemeDesignator, scheme.CodingSchemeName) == (
+        "99STRNET",
+        "strnet-agent private codes (see docs/sr-content.md)",
+    )
     sr = hd.sr.Comprehensive3DSR.from_dataset(ds)
     groups = sr.content.get_planar_roi_measurement_groups()
     assert len(groups) == len(VIEWS)
@@ -494,8 +502,10 @@ def test_banner_says_what_the_numbers_are(probability: float, threshold: float, 
 
 # what each bad value becomes in the results ("" where it cannot be read: Type 2, present and empty)
 _READ_AS = {("PatientBirthDate", "1945-03-25"): "19450325", ("PatientSex", "male"): "M", ("PatientSex", "f"): "F"}
+#: the Type 2 attributes docs/dicom-values.md promises present (empty) in the results when the source lacks them
+_TYPE2 = (*RESULT_TYPE2, "ReferringPhysicianName")
 _CASES = [pytest.param({k: v}, id=f"{k}={v}") for k, v in BAD_VALUES] + [
-    pytest.param({k: None}, id=f"no-{k}") for k in RESULT_TYPE2
+    pytest.param({k: None}, id=f"no-{k}") for k in _TYPE2
 ]
 
 
@@ -524,7 +534,7 @@ def test_results_of_a_source_with_a_bad_or_missing_value_are_valid(raw: dict[str
     for path in _built(source, tmp_path):
         ds = pydicom.dcmread(path)
         assert ds.SpecificCharacterSet == "ISO_IR 192"  # the decoded text, always UTF-8
-        for type2 in RESULT_TYPE2:
+        for type2 in _TYPE2:
             assert type2 in ds, type2  # present, empty where the source has no valid value
         if keyword != "SpecificCharacterSet":
             assert str(ds[keyword].value or "") == _READ_AS.get((keyword, value), ""), keyword
@@ -666,6 +676,25 @@ def test_new_weights_under_the_same_version_make_new_objects() -> None:
     image = np.zeros((int(source.Rows), int(source.Columns)), np.float32)
     assert build_overlay(source, image, f).SOPInstanceUID != build_overlay(source, image, other).SOPInstanceUID
     assert build_sr([source], [f]).SOPInstanceUID == a.SOPInstanceUID  # and the same weights, the same UID
+
+
+def test_a_multiframe_source_gets_its_region_without_a_frame_number() -> None:
+    """DX and CR are single-frame SOP classes: dciodvfy refuses a Referenced Frame Number for them,
+    so a source with several frames (screened on its first) gets none (docs/sr-content.md)."""
+    source = knee_dx(laterality="L")
+    source.NumberOfFrames = 2
+    sr = build_sr([source], _findings(np.random.default_rng(1))[:1])
+
+    def references(items: Any) -> list[Any]:
+        found = []
+        for item in items:
+            found += list(item.get("ReferencedSOPSequence", []))
+            found += references(item.get("ContentSequence", []))
+        return found
+
+    refs = references(sr.ContentSequence)
+    assert refs and all(r.ReferencedSOPInstanceUID == source.SOPInstanceUID for r in refs)
+    assert not any("ReferencedFrameNumber" in r for r in refs)
 
 
 def test_a_source_without_a_size_gets_no_square() -> None:
