@@ -108,7 +108,7 @@ def test_patient_age_years(values: dict[str, str], years: float | None) -> None:
 @pytest.mark.parametrize(
     ("value", "expected"),
     [("M", "M"), ("F", "F"), ("O", "O"), ("male", "M"), (" Male ", "M"), ("m", "M"), ("female", "F"),
-     ("f", "F"), ("FEMALE", "F"), ("U", ""), ("unknown", ""), ("X", ""), ("", ""), (None, "")],
+     ("f", "F"), ("FEMALE", "F"), ("other", "O"), ("U", ""), ("unknown", ""), ("X", ""), ("", ""), (None, "")],
 )  # fmt: skip
 def test_read_sex(value: object, expected: str) -> None:
     assert dv.read_sex(value) == expected
