@@ -595,6 +595,20 @@ def test_values_that_cannot_be_read_are_left_empty_or_out_never_cut(tmp_path: Pa
     assert '(7771000,SCT,"Left")' in text and '"Tracking Identifier")="Left knee AP"' in text
 
 
+def test_other_patient_attributes_of_the_source_are_not_copied(tmp_path: Path) -> None:
+    """docs/dicom-values.md: only the attributes of its table reach the results."""
+    source = knee_dx(rows=64, cols=64)
+    source.OtherPatientIDs = "OTHER-PID-7"
+    source.PatientComments = "ZZCOMMENT"
+    source.PatientWeight, source.PatientSize = "81.5", "1.82"
+    source.EthnicGroup = "ZZGROUP"
+    for path in _built(as_received(source), tmp_path):
+        ds = pydicom.dcmread(path)
+        for keyword in ("OtherPatientIDs", "PatientComments", "PatientWeight", "PatientSize", "EthnicGroup"):
+            assert keyword not in ds, keyword
+        assert ds.PatientID == PHI_ID  # what the table copies still is
+
+
 def test_contradicting_lateralities_are_left_out_and_logged_without_values(tmp_path: Path) -> None:
     from structlog.testing import capture_logs
 
