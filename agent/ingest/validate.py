@@ -6,9 +6,9 @@ Each failing check raises StoreRefused with the DIMSE status to answer and a rea
 from __future__ import annotations
 
 import re
+import struct
 
 from pydicom.dataset import Dataset
-from pydicom.encaps import generate_fragments
 from pydicom.uid import UID
 
 from agent.dicom_values import read_positive_int, value_of
@@ -79,6 +79,27 @@ def check_identifiers(ds: Dataset, command_class_uid: str, command_instance_uid:
         )
 
 
+_ITEM, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE0DD
+
+
+def _fragment_count(pixel: bytes) -> int | None:
+    """The fragments of encapsulated pixel data (PS3.5 A.4: items of defined length, the Basic
+    Offset Table first and not counted); None when an item is not one, has an undefined length,
+    or runs past the end of the data (a library reader would hand back the fragment cut short)."""
+    pos, items = 0, 0
+    while pos < len(pixel):
+        if pos + 8 > len(pixel):
+            return None
+        group, element, length = struct.unpack_from("<HHL", pixel, pos)
+        tag = group << 16 | element
+        if tag == _SEQUENCE_END:
+            break
+        if tag != _ITEM or length == 0xFFFFFFFF or pos + 8 + length > len(pixel):
+            return None
+        pos, items = pos + 8 + length, items + 1
+    return items - 1 if items else None
+
+
 def check_pixel_data(ds: Dataset, transfer_syntax: UID) -> None:
     """The pixel data is there and its length agrees with the image attributes.
 
@@ -96,11 +117,10 @@ def check_pixel_data(ds: Dataset, transfer_syntax: UID) -> None:
         raise StoreRefused(status.CANNOT_UNDERSTAND, "image attributes out of range")
     pixel = ds["PixelData"].value
     if transfer_syntax.is_encapsulated:
-        try:
-            n = sum(1 for _ in generate_fragments(pixel))
-        except Exception:  # noqa: BLE001 - pydicom raises many types on a corrupt fragment stream
-            raise StoreRefused(status.CANNOT_UNDERSTAND, "encapsulated pixel data is malformed") from None
-        if n < 1 or (frames > 1 and n < frames):
+        n = _fragment_count(bytes(pixel))
+        if n is None:
+            raise StoreRefused(status.CANNOT_UNDERSTAND, "encapsulated pixel data is malformed")
+        if n < frames:
             raise StoreRefused(status.CANNOT_UNDERSTAND, "fewer pixel data fragments than frames")
         return
     expected_bits = rows * cols * samples * bits * frames

@@ -112,12 +112,17 @@ def test_malformed_encapsulated_pixel_data_cannot_be_understood() -> None:
         b"\x01\x02\x03\x04" + b"y" * 50,  # not an item tag
         item + b"\x00\x00\x00\x00" + item + b"\xff\xff\xff\xff",  # a fragment of undefined length
         item + b"\x00\x00\x00\x00" + item + b"\x10",  # a fragment without its length
+        item + b"\x00\x00\x00\x00" + item + b"\x00\x01\x00\x00" + b"z" * 100,  # 256 bytes declared, 100 there
     ):
         bad = copy.deepcopy(ds)
         bad.PixelData = pixel
         with pytest.raises(StoreRefused, match="encapsulated pixel data is malformed") as err:
             validate.check_pixel_data(bad, UID(JPEG2000Lossless))
         assert err.value.status == status.CANNOT_UNDERSTAND
+    table_only = copy.deepcopy(ds)
+    table_only.PixelData = item + b"\x00\x00\x00\x00"  # a Basic Offset Table and no fragment
+    with pytest.raises(StoreRefused, match="fewer pixel data fragments than frames"):
+        validate.check_pixel_data(table_only, UID(JPEG2000Lossless))
     frames = copy.deepcopy(ds)
     frames.NumberOfFrames = 3
     with pytest.raises(StoreRefused, match="fewer pixel data fragments than frames") as err:
