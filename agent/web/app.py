@@ -107,6 +107,11 @@ def security_headers(path: str, secure: bool) -> dict[str, str]:
     return headers
 
 
+def _client(request: Request) -> str | None:
+    """The client's address as the audit trail records it (the proxy's X-Forwarded-For where believed)."""
+    return request.client.host if request.client else None
+
+
 def error_page(request: Request, status: int, message: str, title: str | None = None) -> Response:
     """An error answer: a page of ``error.html`` (plain text for images and exports)."""
     title = title or HTTPStatus(status).phrase
@@ -294,7 +299,7 @@ def create_app(
             actor=sess.user.username if sess else "unknown",
             action="E",
             outcome=4,
-            detail={"refused": "role", "path": request.url.path, "method": request.method},
+            detail={"refused": "role", "path": request.url.path, "method": request.method, "client": _client(request)},
         )
         return error_page(request, 403, "Your role does not give access to this page.", "Not allowed")
 
@@ -308,7 +313,7 @@ def create_app(
             actor=sess.user.username if sess else "unknown",
             action="E",
             outcome=4,
-            detail={"refused": "csrf", "path": request.url.path},
+            detail={"refused": "csrf", "path": request.url.path, "client": _client(request)},
         )
         message = "The form was not valid any more. Reload the page and try again."
         return error_page(request, 403, message, "Form expired")

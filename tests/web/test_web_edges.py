@@ -16,6 +16,7 @@ import selectors
 import socket
 import threading
 import time
+import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from fastapi.testclient import TestClient
 from serve_process import ServeProcess, write_config
 from web_seed import wait_for
 
+from agent.audit.export import Exporter
 from agent.config import Settings, load_settings
 from agent.db.engine import Database, open_database
 from agent.db.models import AuditEvent, User
@@ -386,6 +388,40 @@ def test_bodies_over_the_limits_are_refused_before_any_route_reads_them(base: tu
     assert_secured(r, "too many fields")
     r = client.post("/logout", content=b"csrf_token=" + b"z" * 9000, headers=form, follow_redirects=False)
     assert r.status_code == 413  # every route, not only the login
+
+
+def test_views_and_refusals_record_the_client_address_that_the_atna_message_names(
+    base: tuple[Settings, Database],
+) -> None:
+    """docs/atna.md: a worklist or audit-log query and a role or CSRF refusal name the user with
+    the client's address as the active participant, as a login does."""
+    settings, db = base
+    add_user(db, "auditor-19", "auditor", hash_password("auditor-pass-19"))
+    app = make_app(base)
+    viewer, auditor = client_at(app, "10.0.9.1"), client_at(app, "10.0.9.2")
+    assert attempt(viewer, "vera", USERS["vera"][1]).status_code == 303
+    assert attempt(auditor, "auditor-19", "auditor-pass-19").status_code == 303
+    before = len(audit(db))
+    assert viewer.get("/flagged").status_code == 200
+    assert viewer.get("/audit").status_code == 403  # role refusal
+    assert viewer.post("/logout", data={"csrf_token": "forged"}, follow_redirects=False).status_code == 403
+    assert auditor.get("/audit").status_code == 200
+    events = audit(db)[before:]
+    seen = [(e.actor, e.event_code, (e.detail or {}).get("refused"), (e.detail or {}).get("client")) for e in events]
+    assert seen == [
+        ("vera", "110112", None, "10.0.9.1"),
+        ("vera", "110113", "role", "10.0.9.1"),
+        ("vera", "110113", "csrf", "10.0.9.1"),
+        ("auditor-19", "110112", None, "10.0.9.2"),
+    ]
+    with db.reading() as s:
+        messages = Exporter(db, settings).messages(events, s)
+    for message, event in zip(messages, events, strict=True):
+        root = ET.fromstring(message[message.index(b"<?xml") :])
+        user = root.find("ActiveParticipant")
+        assert user is not None and user.get("UserID") == event.actor
+        access_point = (user.get("NetworkAccessPointID"), user.get("NetworkAccessPointTypeCode"))
+        assert access_point == (event.detail["client"], "2")
 
 
 @pytest.mark.parametrize(

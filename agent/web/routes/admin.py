@@ -268,9 +268,9 @@ def audit(request: Request, sess: AuditorSession) -> Response:
         return render(request, "error.html", {"title": "Bad filter", "message": f"Check the {exc} field."}, 400)
     page = _page_number(request)
     rows, total = worklist.audit_page(db, f, page, AUDIT_PER_PAGE)
-    record_access(
-        db, "query", actor=sess.user.username, object_type="audit_log", detail={**f.as_detail(), "page": page}
-    )
+    client = request.client.host if request.client else None
+    detail = {**f.as_detail(), "page": page, "client": client}
+    record_access(db, "query", actor=sess.user.username, object_type="audit_log", detail=detail)
     pages = max(1, -(-total // AUDIT_PER_PAGE))
     return render(
         request,

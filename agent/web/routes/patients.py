@@ -140,6 +140,7 @@ def flagged(request: Request, sess: PhiSession) -> Response:
             "rows_shown": len(rows),
             "total": total,
             "patients": [r.id for r in rows],
+            "client": request.client.host if request.client else None,
         },
     )
     pages = max(1, (total + PER_PAGE - 1) // PER_PAGE)
