@@ -16,6 +16,7 @@ from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 from typing import Any
 
 from sqlalchemy import Select, func, select
+from sqlalchemy.exc import DatabaseError
 
 from agent.audit import trail
 from agent.clock import utcnow
@@ -638,5 +639,10 @@ def audit_page(
 
 
 def ping(db: Database) -> bool:
-    with db.reading() as s:
-        return s.execute(select(1)).scalar() == 1
+    """Whether the database answers; False for a file that is no database (a database that cannot
+    be reached raises StorageError)."""
+    try:
+        with db.reading() as s:
+            return s.execute(select(1)).scalar() == 1
+    except DatabaseError:
+        return False

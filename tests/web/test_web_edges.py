@@ -356,6 +356,19 @@ def test_errors_are_pages_with_the_security_headers(base: tuple[Settings, Databa
         assert_secured(r, f"malformed cookie on {path}")
 
 
+def test_healthz_is_503_degraded_when_the_database_cannot_be_read(base: tuple[Settings, Database]) -> None:
+    settings, _db = base
+    junk = settings.data_dir / "not-a-database.db"
+    junk.write_bytes(b"this is no SQLite file " * 100)
+    gone = Database(f"sqlite:///{junk}")
+    try:
+        r = TestClient(create_app(settings, gone)).get("/healthz")
+    finally:
+        gone.dispose()
+    assert r.status_code == 503
+    assert (r.json()["status"], r.json()["database"]) == ("degraded", "unreachable")
+
+
 def test_bodies_over_the_limits_are_refused_before_any_route_reads_them(base: tuple[Settings, Database]) -> None:
     app = make_app(base, max_login_bytes=4096, max_form_bytes=8192, max_form_fields=8)
     client = client_at(app, "10.0.7.1")
