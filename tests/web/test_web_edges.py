@@ -14,6 +14,7 @@ import json
 import re
 import selectors
 import socket
+import stat
 import threading
 import time
 import xml.etree.ElementTree as ET
@@ -308,6 +309,9 @@ def test_the_deep_link_asked_for_while_logged_out_is_where_the_login_goes(base: 
     browser = client_at(app, "10.0.4.1")
     r = browser.get("/patients/7?from=list", follow_redirects=False)
     assert r.status_code == 303 and r.headers["location"] == "/login"
+    cookie = r.headers["set-cookie"]  # strnet_next: only for the login page, 10 minutes, Lax
+    assert cookie.startswith("strnet_next=") and "Path=/login" in cookie and "HttpOnly" in cookie
+    assert "Max-Age=600" in cookie and "SameSite=lax" in cookie
     page = browser.get("/login")
     assert 'name="next" value="/patients/7?from=list"' in page.text
     token = re.search(r'name="login_token" value="([^"]+)"', page.text).group(1)  # type: ignore[union-attr]
@@ -356,6 +360,22 @@ def test_errors_are_pages_with_the_security_headers(base: tuple[Settings, Databa
         assert_secured(r, f"malformed cookie on {path}")
 
 
+def test_a_server_error_is_a_page_with_the_security_headers(
+    base: tuple[Settings, Database], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The 500 is answered outside the middleware that adds the headers: its handler adds them."""
+    from agent.web.routes import ops
+
+    def broken(db: Database) -> int:
+        raise RuntimeError("planted")
+
+    monkeypatch.setattr(ops, "flagged_count", broken)
+    r = TestClient(make_app(base), raise_server_exceptions=False).get("/metrics")
+    assert r.status_code == 500 and r.headers["content-type"].startswith("text/html")
+    assert "Something went wrong on the server" in r.text and "planted" not in r.text
+    assert_secured(r, "500")
+
+
 def test_healthz_is_503_degraded_when_the_database_cannot_be_read(base: tuple[Settings, Database]) -> None:
     settings, _db = base
     junk = settings.data_dir / "not-a-database.db"
@@ -367,6 +387,22 @@ def test_healthz_is_503_degraded_when_the_database_cannot_be_read(base: tuple[Se
         gone.dispose()
     assert r.status_code == 503
     assert (r.json()["status"], r.json()["database"]) == ("degraded", "unreachable")
+
+
+def test_the_login_form_key_is_kept_0600_and_its_token_lasts_an_hour(
+    base: tuple[Settings, Database], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings, _db = base
+    assert settings.web.session_secret is None
+    make_app(base)
+    assert stat.S_IMODE((settings.data_dir / "web_secret").stat().st_mode) == 0o600
+    forms = auth.LoginForms("a-test-key")
+    cookie, token = forms.issue()
+    now = time.time()
+    monkeypatch.setattr(time, "time", lambda: now + 3500)
+    assert forms.check(cookie, token) and not forms.check("another-nonce", token)
+    monkeypatch.setattr(time, "time", lambda: now + 3700)
+    assert not forms.check(cookie, token)
 
 
 def test_bodies_over_the_limits_are_refused_before_any_route_reads_them(base: tuple[Settings, Database]) -> None:
@@ -435,6 +471,52 @@ def test_views_and_refusals_record_the_client_address_that_the_atna_message_name
         assert user is not None and user.get("UserID") == event.actor
         access_point = (user.get("NetworkAccessPointID"), user.get("NetworkAccessPointTypeCode"))
         assert access_point == (event.detail["client"], "2")
+
+
+def test_logins_beyond_the_free_password_check_slots_get_503_at_once_unrecorded(
+    base: tuple[Settings, Database], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """web.login_concurrency checks at a time and web.login_queue waiting: one more is answered 503
+    with Retry-After, without a password check or an audit event."""
+    _settings, db = base
+    real, entered, release = auth.verify_password, threading.Event(), threading.Event()
+
+    def held(stored: str | None, password: str) -> bool:
+        entered.set()
+        release.wait(30)
+        return real(stored, password)
+
+    monkeypatch.setattr(auth, "verify_password", held)
+    app = make_app(base, login_concurrency=1, login_queue=0)
+    first, second = client_at(app, "10.0.10.1"), client_at(app, "10.0.10.2")
+    token = login_token(first)
+    answers: list[int] = []
+    checking = threading.Thread(target=lambda: answers.append(
+        first.post("/login", data={"login_token": token, "username": "vera", "password": USERS["vera"][1]},
+                   follow_redirects=False).status_code))  # fmt: skip
+    checking.start()
+    try:
+        assert entered.wait(10)
+        before = len(audit(db))
+        r = attempt(second, "vera", USERS["vera"][1])
+        assert r.status_code == 503 and r.headers["retry-after"] == "2" and "busy" in r.text
+        assert len(audit(db)) == before  # unchecked and unrecorded
+    finally:
+        release.set()
+        checking.join(30)
+    assert answers == [303]
+
+
+def test_refused_attempts_are_audited_at_the_1st_2nd_4th_8th_refusal(base: tuple[Settings, Database]) -> None:
+    _settings, db = base
+    app = make_app(base, login_free_failures=1, login_backoff_s=60.0)
+    client = client_at(app, "10.0.11.1")
+    assert attempt(client, "vera", "wrong-guess-11").status_code == 401  # the throttle starts
+    before = len(audit(db))
+    for _ in range(9):
+        assert attempt(client, "vera", USERS["vera"][1]).status_code == 401
+    refused = [e.detail for e in audit(db)[before:] if e.event_code == "110122"]
+    assert [(d["reason"], d["refused_so_far"]) for d in refused] == [("throttled", n) for n in (1, 2, 4, 8)]
 
 
 @pytest.mark.parametrize(
