@@ -22,8 +22,8 @@ from typer.testing import CliRunner
 from web_seed import DEAD_PATIENT, PASSWORDS, PATIENTS, SCRIPT_NAME, Seeded, phi_strings, screened_agent, wait_for
 
 from agent.db.engine import Database
-from agent.db.models import AuditEvent, FlaggedPatient, OutboxItem, Result, User
-from agent.db.users import add_user
+from agent.db.models import AuditEvent, FlaggedPatient, OutboxItem, Result, User, WebSession
+from agent.db.users import add_user, open_session
 from agent.db.worklist import verify_chain
 from agent.queue import sweeps
 from agent.web.app import create_app
@@ -136,7 +136,13 @@ def test_cookies_headers_and_escaping(app: Any, seeded: Seeded) -> None:
     assert page.status_code == 200
     csp = page.headers["content-security-policy"]
     assert "script-src 'self'" in csp and "unsafe-inline" not in csp and "frame-ancestors 'none'" in csp
-    assert page.headers["cache-control"] == "no-store"
+    assert page.headers["cache-control"] == "no-store" and page.headers["pragma"] == "no-cache"
+    assert csp == (
+        "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; object-src 'none'; "
+        "base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+    )  # as docs/security.md states it
+    assert (page.headers["x-content-type-options"], page.headers["x-frame-options"]) == ("nosniff", "DENY")
+    assert page.headers["referrer-policy"] == "no-referrer"
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page.text
     assert SCRIPT_NAME not in page.text and "<script" not in page.text  # no script tags at all
     pid = flagged_id(seeded.agent.db, "WEBP-0002")
@@ -227,6 +233,30 @@ def test_roles(app: Any, seeded: Seeded) -> None:
     for secret in phi_strings():
         assert secret not in r.text  # the audit log refers to rows, not to patients
     assert view(admin, "adam", "/flagged").status_code == 200
+
+
+# docs/security.md, Roles: what each role may GET ("yes": 200, else 403)
+ROLE_PAGES = {
+    "/flagged": {"vera", "adam", "rita"},
+    "/patients/{fid}": {"vera", "adam", "rita"},
+    "/flagged/export.csv": {"vera", "adam", "rita"},
+    "/performance": {"vera", "adam", "audrey", "rita"},
+    "/performance/evidence.csv": {"vera", "adam", "audrey", "rita"},
+    "/status": {"vera", "adam", "audrey", "rita"},
+    "/dead-letters": {"adam"},
+    "/audit": {"audrey"},
+}
+PHI_PAGES = ("/flagged", "/patients/{fid}", "/flagged/export.csv")  # noted for the audit check
+
+
+def test_each_role_gets_the_pages_of_the_roles_table(app: Any, seeded: Seeded) -> None:
+    fid = flagged_id(seeded.agent.db, "WEBP-0001")
+    for user in PASSWORDS:
+        client = login(app, user)
+        for pattern, allowed in ROLE_PAGES.items():
+            path = pattern.format(fid=fid)
+            r = view(client, user, path) if pattern in PHI_PAGES else client.get(path)
+            assert r.status_code == (200 if user in allowed else 403), (user, path)
 
 
 def test_flagged_list_filters_sort_paginate_and_patient_detail(app: Any, seeded: Seeded) -> None:
@@ -510,12 +540,19 @@ def test_users_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert r.exit_code != 0
     r = runner.invoke(cli, ["users", "add", "erin", "--password-stdin"], input="short\n")
     assert r.exit_code != 0
+    r = runner.invoke(cli, ["users", "add", "erin", "--password-stdin"], input="8 chars\n")  # 7: too short
+    assert r.exit_code != 0
+    r = runner.invoke(cli, ["users", "add", "rhea", "--role", "radiologist", "--password-stdin"], input="8 chars!\n")
+    assert r.exit_code == 0, r.output
     r = runner.invoke(cli, ["users", "list"])
-    assert r.exit_code == 0 and re.search(r"carol\s+admin\s+active", r.output) and "1 user(s)" in r.output
+    assert r.exit_code == 0 and re.search(r"carol\s+admin\s+active", r.output) and "2 user(s)" in r.output
+    assert re.search(r"rhea\s+radiologist\s+active", r.output)
     db = Database(url)
-    (carol,) = db_rows(db, User)
+    carol = next(u for u in db_rows(db, User) if u.username == "carol")
     assert carol.password_hash.startswith("$argon2id$") and "carol-secret-9" not in carol.password_hash
+    open_session(db, carol.id)
     assert runner.invoke(cli, ["users", "disable", "carol"]).exit_code == 0
+    assert [s.user_id for s in db_rows(db, WebSession)] == []  # disabling ends the user's sessions
     assert runner.invoke(cli, ["users", "disable", "nobody"]).exit_code == 1
     assert re.search(r"carol\s+admin\s+disabled", runner.invoke(cli, ["users", "list"]).output)
     db.dispose()
