@@ -272,3 +272,17 @@ def test_obx18_names_the_checkpoint() -> None:
     retrained = dataclasses.replace(result, algorithm=other, device_uid=equipment.device_uid(other))
     a, b = parsed(result)["OBX.F18.R1.C3"], parsed(retrained)["OBX.F18.R1.C3"]
     assert a == result.device_uid and b == equipment.device_uid(other) and a != b
+
+
+def test_probabilities_go_to_4_decimals_and_t_scores_to_2() -> None:
+    """docs/hl7.md, Observations: a probability as % to 4 decimals, a T-score to 2."""
+    first, second = findings()
+    fine = dataclasses.replace(first, probability=0.923456789, p_osteoporosis_given_bone_loss=0.5,
+                               threshold=0.1, t_score=-2.7349, t_score_low=-3.0, t_score_high=0.004)  # fmt: skip
+    result = study_result(sources(), [fine, second], report_sop_instance_uid=generate_uid(),
+                          report_series_instance_uid="1.2.3", revision=1,
+                          reported_at=datetime(2026, 12, 1, tzinfo=UTC))  # fmt: skip
+    msg = parsed(result)
+    assert str(obx(msg, "122157")(5)) == "92.3457" and str(obx(msg, "P-OSTEOPOROSIS")(5)) == "50"
+    t_scores = [str(obx(msg, code)(5)) for code in ("T-SCORE-EST", "T-SCORE-LO", "T-SCORE-HI")]
+    assert t_scores == ["-2.73", "-3.00", "0.00"]
