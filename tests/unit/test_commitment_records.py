@@ -196,10 +196,11 @@ def test_outbox_list_shows_every_delivery_as_json_and_as_a_table(db: Database, t
     rows = json.loads(out.stdout)
     assert [r["id"] for r in rows] == [committed, dead, sent]
     for r in rows:
-        for key in ("kind", "destination", "state", "attempts", "last_error", "sop_instance_uid", "created_at",
-                    "updated_at", "delivered_at"):  # fmt: skip
+        for key in ("kind", "destination", "state", "attempts", "last_status", "last_error", "sop_instance_uid",
+                    "created_at", "updated_at", "delivered_at"):  # fmt: skip
             assert key in r, key
     assert (rows[1]["kind"], rows[1]["destination"], rows[1]["state"], rows[1]["attempts"]) == ("sc", "pacs", "DEAD", 1)
+    assert rows[1]["last_status"] == "processing_failure"  # what the receiver answered (docs/integration.md)
     assert rows[1]["last_error"] == "gave up after 8 attempts: stored, but the PACS refused"
     assert rows[0]["created_at"].endswith("Z")
     only = json.loads(_cli(tmp_path, "--format", "json", "--state", "sent").stdout)
