@@ -331,6 +331,7 @@ def test_serve_exports_every_few_seconds_only_when_enabled(tmp_path: Path, colle
     assert on.scheduler is not None and off.scheduler is not None
     job = on.scheduler.get_job("atna_export")
     assert job is not None and job.trigger.interval == timedelta(seconds=ATNA_EXPORT_S)
+    assert ATNA_EXPORT_S == 5  # "every 5 seconds" (docs/atna.md)
     assert off.scheduler.get_job("atna_export") is None
     off.db.dispose()
     base = len(collector.received())

@@ -132,3 +132,17 @@ def test_example_config_is_valid_and_complete() -> None:
             model = model[0]
         for key in type(model).model_fields:
             assert f"{key} =" in text or f"[{section}.{key}]" in text or f"[[{section}.{key}]]" in text, (section, key)
+
+
+def test_the_web_and_atna_defaults_are_those_the_docs_state() -> None:
+    """docs/security.md (Limits on requests, Sessions, TLS) and docs/atna.md (APP-NAME)."""
+    from agent.config import AtnaSection, WebSection
+
+    w = WebSection()
+    assert (w.bind, w.port, w.idle_timeout_s) == ("127.0.0.1", 8080, 900.0)
+    assert (w.max_form_bytes, w.max_login_bytes, w.max_form_fields, w.request_timeout_s) == (32768, 8192, 16, 30.0)
+    assert (w.login_concurrency, w.login_queue) == (1, 8)
+    assert (w.login_free_failures, w.login_free_failures_per_client) == (5, 20)
+    assert (w.login_backoff_s, w.login_backoff_max_s) == (1.0, 900.0)
+    assert (w.trusted_proxies, w.behind_tls_proxy) == ([], False)
+    assert (AtnaSection().app_name, AtnaSection().transport) == ("strnet", "tls")
