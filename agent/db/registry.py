@@ -135,18 +135,15 @@ def upsert_flag(session: Session, study: Study, result: Result | KneeResult) -> 
     if change != "counted":
         _show(row, study, result)
     session.flush()
-    trail.append(
-        session,
-        "patient_record",
-        actor="strnet-worker",
-        action="C" if change == "flagged" else "U",
-        object_type="flagged_patient",
-        object_id=str(row.id),
-        detail={"change": change, "study_id": study.id, ("knee_result_id" if knee else "result_id"): result.id,
-                "status": row.status},  # fmt: skip
-    )
+    detail = {"change": change, "study_id": study.id, ("knee_result_id" if knee else "result_id"): result.id}
+    _audit(session, row, "C" if change == "flagged" else "U", detail)
     return row
 
+
+def _audit(session: Session, row: FlaggedPatient, action: str, detail: dict[str, Any]) -> None:
+    """The worker's change to a flagged patient in the audit trail, with the row's status."""
+    trail.append(session, "patient_record", actor="strnet-worker", action=action, object_type="flagged_patient",
+                 object_id=str(row.id), detail={**detail, "status": row.status})  # fmt: skip
 
 
 def revise_flag(session: Session, study: Study, knee: KneeResult) -> None:
@@ -168,16 +165,8 @@ def revise_flag(session: Session, study: Study, knee: KneeResult) -> None:
     else:
         change, shown = "revised_negative", (study, knee)
         _show(row, study, knee)
-    trail.append(
-        session,
-        "patient_record",
-        actor="strnet-worker",
-        action="D" if change == "withdrawn" else "U",
-        object_type="flagged_patient",
-        object_id=str(row.id),
-        detail={"change": change, "study_id": shown[0].id, "knee_result_id": shown[1].id, "status": row.status,
-                "revised_study_id": study.id},  # fmt: skip
-    )
+    detail = {"change": change, "study_id": shown[0].id, "knee_result_id": shown[1].id, "revised_study_id": study.id}
+    _audit(session, row, "D" if change == "withdrawn" else "U", detail)
     if change == "withdrawn":
         session.delete(row)
     session.flush()
