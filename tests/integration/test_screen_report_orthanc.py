@@ -477,10 +477,12 @@ def test_refused_ae_goes_dead_then_retry_dead_delivers(make_agent: Any, tiny_wei
 
 
 # -- 6. `strnet serve` SIGKILLed mid-inference, then mid-send: exactly once in the end ---------
-def serve_config(path: Path, data_dir: Path, port: int, weights: Path, pacs_port: int) -> Path:
+def serve_config(
+    path: Path, data_dir: Path, port: int, weights: Path, pacs_port: int, quiet_period_s: float = 1
+) -> Path:
     doc = serve_doc(data_dir, port, peers=("ORTHANC",), weights=weights, device="cpu", pacs_port=pacs_port)
     doc["worker"]["max_wait_ms"] = 20
-    doc["reporting"] = {"quiet_period_s": 1}
+    doc["reporting"] = {"quiet_period_s": quiet_period_s}
     doc["sender"] = {"poll_s": 0.2, "backoff_base_s": 0.2, "backoff_max_s": 1.0, "timeout_s": 5, "max_attempts": 50}
     return write_doc(path, doc)
 
@@ -514,7 +516,9 @@ def test_serve_killed_mid_inference_and_mid_send_delivers_exactly_once(
     data_dir = tmp_path / "var"
     procs: list[ServeProcess] = []
     try:
-        config = serve_config(tmp_path / "agent.toml", data_dir, agent_port, tiny_weights, pacs.dicom_port)
+        # the re-send routes image by image: a quiet period of 1 s was shorter than one gap between
+        # two images of a study under load (1.26 s seen), so its SR came in two revisions
+        config = serve_config(tmp_path / "agent.toml", data_dir, agent_port, tiny_weights, pacs.dicom_port, 5)
         # Orthanc ids of the source images: a re-send routes these only (the study in Orthanc
         # also holds our results by then, and the agent accepts no SR/SC storage)
         sources = [pacs.upload(f) for _, fs in studies for f in fs]
