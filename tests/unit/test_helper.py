@@ -130,13 +130,25 @@ def test_a_helper_that_died_while_idle_does_not_fail_the_next_call() -> None:
         helper.close()
 
 
-def test_helpers_ignore_sigterm_sent_to_the_whole_group() -> None:
-    """systemd's default stop signals every process of the unit: the service stops its helpers."""
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_helpers_ignore_sigterm_and_sigint_sent_to_the_whole_group(sig: signal.Signals) -> None:
+    """systemd's default stop (SIGTERM) and Ctrl-C (SIGINT) reach every process of the unit or
+    process group: the service stops its helpers."""
     helper = HelperProcess("test")
     try:
         pid = helper.call(os.getpid)
-        os.kill(pid, signal.SIGTERM)
+        os.kill(pid, sig)
         time.sleep(0.5)
         assert helper.call(os.getpid) == pid
+    finally:
+        helper.close()
+
+
+def test_helpers_are_named_strnet_and_their_name_in_ps() -> None:
+    """docs/architecture.md: `strnet-screen` and `strnet-sr` in ps and top (ADR 0008)."""
+    helper = HelperProcess("SR")
+    try:
+        pid = helper.call(os.getpid)
+        assert Path(f"/proc/{pid}/comm").read_text().strip() == "strnet-sr"
     finally:
         helper.close()
