@@ -236,3 +236,18 @@ def test_the_screening_process_uses_its_decode_processes_and_still_ends_when_clo
         if closer is None or closer.is_alive():
             engine.helper.kill()
             engine.close(wait=False)
+
+
+@pytest.mark.parametrize(("cores", "expected"), [(1, 0), (2, 0), (3, 0), (4, 3), (5, 4), (16, 4)])
+def test_unset_decode_processes_are_none_below_4_cores_else_one_fewer_at_most_4(
+    cores: int, expected: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """docs/architecture.md and the setting's description: "none below 4 cores, else one fewer than
+    the cores, at most 4"; set, the setting is taken as it is (0: every film in line)."""
+    from agent.config import WorkerSection
+    from agent.pipeline.process import decode_processes
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(cores)))
+    assert decode_processes(WorkerSection()) == expected
+    assert decode_processes(WorkerSection(decode_processes=0)) == 0
+    assert decode_processes(WorkerSection(decode_processes=2)) == 2

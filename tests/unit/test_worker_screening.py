@@ -10,6 +10,7 @@ import hashlib
 import os
 import re
 import signal
+import threading
 import time
 from concurrent.futures import Future
 from pathlib import Path
@@ -32,7 +33,7 @@ from agent.db.engine import open_database
 from agent.db.models import Instance, Job, Result
 from agent.domain import Eligibility, IncomingInstance, InstanceRef, JobState, LeasedJob, OutboxState
 from agent.errors import ConfigError
-from agent.pipeline.process import InlineScreening, ScreeningProcess
+from agent.pipeline.process import InlineScreening, ScreeningProcess, default_threads
 from agent.pipeline.run import Failed, Screened, finish
 from agent.queue import outbox, store
 from agent.queue.worker import Worker
@@ -161,6 +162,31 @@ def test_jobs_stay_leased_while_their_batch_is_pending(tmp_path: Path, tiny_weig
         worker.stop(5)
 
 
+def test_at_most_two_batches_are_pending_and_the_worker_waits_for_room_before_leasing_more(
+    tmp_path: Path, tiny_weights: Path
+) -> None:
+    """docs/architecture.md, threads of `strnet serve`: "at most two batches are pending"."""
+    worker = _worker(tmp_path, tiny_weights)
+    try:
+        for _ in range(3):
+            _queue(worker, 1)  # three studies: three batches (a batch never mixes studies)
+        busy = _occupy(worker, 4.0)
+        assert worker.run_once() == 1 and worker.run_once() == 1  # two handed over, both pending
+        leased: list[int] = []
+        third = threading.Thread(target=lambda: leased.append(worker.run_once()))
+        third.start()
+        time.sleep(1.0)
+        assert third.is_alive() and leased == []  # waits for room instead of leasing a third
+        assert [j.state for j in store.list_jobs(worker.db)].count(JobState.QUEUED) == 1
+        busy.result(30)
+        third.join(60)
+        assert leased == [1]  # leased once the first batch was recorded
+        assert worker.drain(60) == 0
+        assert {j.state for j in store.list_jobs(worker.db)} == {JobState.DONE}
+    finally:
+        worker.stop(5)
+
+
 def test_a_killed_screening_process_fails_the_batch_for_a_retry_in_a_new_one(
     tmp_path: Path, tiny_weights: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -244,6 +270,16 @@ def test_a_checkpoint_that_does_not_load_stops_start_up_with_a_config_error(tmp_
     with pytest.raises(ConfigError) as err:
         load_screening(_settings(tmp_path, missing))
     assert err.value.setting == "worker.weights" and "nowhere.json" in str(err.value)
+
+
+@pytest.mark.parametrize(("cores", "expected"), [(1, 1), (2, 1), (4, 3), (16, 15)])
+def test_torch_threads_in_the_screening_process_default_to_one_fewer_than_the_cores(
+    cores: int, expected: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ADR 0008: ``worker.cpu_threads = 0`` gives the screening process one fewer than the cores
+    (the main process has the other), at least one."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(cores)))
+    assert default_threads() == expected
 
 
 def test_inline_mode_screens_and_records_in_the_worker_thread(tmp_path: Path, tiny_weights: Path) -> None:
