@@ -95,3 +95,18 @@ def test_a_forked_child_starts_with_the_writer_lock_free(tmp_path: Path) -> None
             os._exit(0 if _writer_lock(db.url).acquire(timeout=1) else 1)
         _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_a_read_in_progress_does_not_block_a_writer(tmp_path: Path) -> None:
+    """docs/architecture.md: reads (`strnet jobs list`) use deferred transactions and do not block
+    writers in WAL mode. A reader that took SQLite's write lock (BEGIN IMMEDIATE), or a rollback
+    journal (the commit needs every reader gone), would hold the writer past its busy timeout."""
+    db = _db(tmp_path)
+    writer = Database(db.url, busy_timeout_ms=200)
+    with db.reading() as s:
+        assert s.execute(text("SELECT count(*) FROM log")).scalar_one() == 0  # the read holds its snapshot
+        with writer.transaction() as w:
+            w.execute(text("INSERT INTO log VALUES ('written while a read was open')"))
+        assert s.execute(text("SELECT count(*) FROM log")).scalar_one() == 0  # still its own snapshot
+    with db.reading() as s:
+        assert s.execute(text("SELECT count(*) FROM log")).scalar_one() == 1
