@@ -5,6 +5,7 @@ mode; a fresh PostgreSQL database with STRNET_TEST_DATABASE=postgresql); the mig
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -13,16 +14,18 @@ import pytest
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
+from conftest import agent_settings
 from sqlalchemy import select, update
 
 from agent.clock import utcnow
 from agent.db import registry
 from agent.db.engine import Database, current_revision, upgrade
-from agent.db.models import Base, FlaggedPatient, Instance, Node, Result, Study, StudyClaim
-from agent.domain import Eligibility, IncomingInstance, InstanceRef, JobState
+from agent.db.models import Base, FlaggedPatient, Instance, Node, OutboxItem, Result, Study, StudyClaim
+from agent.domain import Eligibility, IncomingInstance, InstanceRef, JobState, OutboxState
 from agent.ingest.scp import AssociationTracker
 from agent.queue import cluster, outbox, store
 from agent.queue.cluster import NodeScope
+from agent.scheduler import build_scheduler, node_heartbeat
 from agent.spool import Spool
 
 ALPHA, BETA = NodeScope("alpha"), NodeScope("beta")
@@ -181,3 +184,64 @@ def test_rows_of_the_single_node_of_old_become_the_rows_of_the_node_holding_thei
     assert [d.path for d in outbox.lease_due(db, scope=BETA)] == ["1.2.8.dcm"]
     assert [j.job_id for j in store.lease(db, "w-alpha", 10, 60, scope=ALPHA)] == [old.job_id]
     assert cluster.waiting_by_node(db) == {"alpha": 1, "": 1}
+
+
+def test_in_shared_storage_what_a_gone_agent_was_sending_is_sent_again_at_the_next_heartbeat(
+    db: Database, tmp_path: Path
+) -> None:
+    """docs/architecture.md, scaling out: a dead node's outbox rows being sent are sent again once
+    its heartbeat is older than ``agent.node_timeout_s`` (shared storage only; a live node's rows
+    and the node's own stay SENDING)."""
+    with db.transaction() as s:
+        s.add(Study(study_instance_uid="1.2.3", first_received_at=utcnow(), last_received_at=utcnow(),
+                    last_calling_ae="X"))  # fmt: skip
+        s.flush()
+        for uid in ("1.2.9.1", "1.2.9.2"):
+            outbox.add(s, 1, outbox.OutgoingObject("sr", "1.2.840.10008.5.1.4.1.1.88.34", uid, f"{uid}.dcm"),
+                       ["pacs"], True)  # fmt: skip
+    on_alpha, on_beta = NodeScope("alpha", shared=True), NodeScope("beta", shared=True)
+    cluster.beat(db, on_alpha, "shared", started=True)
+    [by_alpha] = outbox.lease_due(db, limit=1, scope=on_alpha)
+    [by_beta] = outbox.lease_due(db, limit=1, scope=on_beta)
+
+    def states() -> dict[int, str]:
+        with db.reading() as s:
+            return dict(s.execute(select(OutboxItem.id, OutboxItem.state)).all())
+
+    sending = OutboxState.SENDING.value
+    shared = {"node": "beta", "storage": "shared", "shared_dir": str(tmp_path / "shared"), "node_timeout_s": 60}
+    node_heartbeat(db, agent_settings(tmp_path / "beta", agent=shared))
+    assert states() == {by_alpha.id: sending, by_beta.id: sending}  # alpha is alive
+    make_gone(db, "alpha")
+    node_heartbeat(db, agent_settings(tmp_path / "beta-node", agent={"node": "beta", "node_timeout_s": 60}))
+    assert states() == {by_alpha.id: sending, by_beta.id: sending}  # node storage: never
+    node_heartbeat(db, agent_settings(tmp_path / "beta", agent=shared))
+    assert states() == {by_alpha.id: OutboxState.PENDING.value, by_beta.id: sending}
+    assert [d.id for d in outbox.lease_due(db, scope=on_beta)] == [by_alpha.id]
+
+
+@pytest.mark.parametrize(
+    ("lease_s", "node_timeout_s", "reap_s", "beat_s"), [(300, 60, 30, 15), (20, 40, 10, 10), (600, 200, 30, 15)]
+)
+def test_the_lease_reaper_and_the_heartbeat_run_as_often_as_the_house_plan_says(
+    db: Database, tmp_path: Path, lease_s: float, node_timeout_s: float, reap_s: float, beat_s: float
+) -> None:
+    """docs/architecture.md: the lease reaper every 30 s, or every half lease when ``worker.lease_s``
+    is shorter; a heartbeat every ``node_timeout_s / 4``, at most 15 s; the study-completion sweep
+    every 0.5 s."""
+    settings = agent_settings(tmp_path, worker={"lease_s": lease_s}, agent={"node_timeout_s": node_timeout_s})
+    sched = build_scheduler(db, Spool(tmp_path / "spool"), 3600.0, lambda: None, None, settings=settings)
+
+    def every(job_id: str) -> float:
+        job = sched.get_job(job_id)
+        assert job is not None, job_id
+        return float(job.trigger.interval.total_seconds())
+
+    assert (every("lease_reaper"), every("node_heartbeat"), every("study_completion")) == (reap_s, beat_s, 0.5)
+
+
+def test_an_agent_without_a_node_name_is_named_after_its_host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(socket, "gethostname", lambda: "knee-agent-2")
+    assert agent_settings(tmp_path).node == "knee-agent-2"
+    assert cluster.scope_of(agent_settings(tmp_path)).name == "knee-agent-2"
+    assert agent_settings(tmp_path, agent={"node": "alpha"}).node == "alpha"
