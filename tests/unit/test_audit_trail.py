@@ -40,3 +40,14 @@ def test_deleted_row_breaks_the_chain(db: Database) -> None:
     with db.reading() as s:
         report = trail.verify(s)
     assert not report.ok and report.first_bad_id == 3
+
+
+def test_reordered_rows_break_the_chain(db: Database) -> None:
+    """Two whole rows (content and hashes) swapped in place: each still hashes, the link does not."""
+    with db.transaction() as s:
+        s.execute(update(AuditEvent).where(AuditEvent.id == 2).values(id=100))
+        s.execute(update(AuditEvent).where(AuditEvent.id == 3).values(id=2))
+        s.execute(update(AuditEvent).where(AuditEvent.id == 100).values(id=3))
+    with db.reading() as s:
+        report = trail.verify(s)
+    assert not report.ok and report.first_bad_id == 2 and report.problem == "previous-hash link broken"

@@ -7,9 +7,11 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from sqlalchemy import select
 
 from agent.audit import trail
 from agent.db.engine import Database, upgrade
+from agent.db.models import AuditEvent
 from agent.domain import Eligibility, IncomingInstance, InstanceRef, JobState
 from agent.queue import store
 
@@ -92,6 +94,9 @@ def test_same_uid_other_bytes_keeps_both_and_flags(db: Database) -> None:
     assert "conflict" in (jobs[1].reason or "")
     with db.reading() as s:
         assert trail.verify(s).ok
+        # docs/architecture.md: "a Security Alert audit event records it" (the first copy had none)
+        alerts = s.execute(select(AuditEvent).where(AuditEvent.event_code == "110113")).scalars().all()
+    assert [(a.object_id, a.outcome, a.detail["problem"]) for a in alerts] == [("1.2.3.1", 4, "conflicting duplicate")]
 
 
 def test_ineligible_is_skipped_with_reason(db: Database) -> None:
