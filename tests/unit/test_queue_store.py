@@ -168,6 +168,24 @@ def test_spool_retention_removes_a_file_spool_days_after_its_receipt_once_its_jo
     assert apply_spool_retention(db, spool, week) == 0  # marked removed: not counted again
 
 
+def test_the_retention_sweep_deletes_part_files_untouched_for_an_hour(db: Database, tmp_path: Path) -> None:
+    """ADR 0006: a transfer that breaks off leaves a ``.part`` file; the running sweep deletes it
+    once it is an hour old (a transfer still arriving writes to its file far more often)."""
+    import os
+
+    from agent.scheduler import apply_spool_retention
+    from agent.spool import Spool
+
+    spool = Spool(tmp_path / "spool")
+    stale, fresh = spool.tmp_dir / "broken-off.part", spool.tmp_dir / "arriving.part"
+    for part in (stale, fresh):
+        part.write_bytes(b"half")
+    hour_ago = time.time() - 3700
+    os.utime(stale, (hour_ago, hour_ago))
+    apply_spool_retention(db, spool, 7 * 86400.0)
+    assert not stale.exists() and fresh.exists()
+
+
 def test_spool_retention_keeps_a_dead_jobs_file_for_its_replay(db: Database, tmp_path: Path) -> None:
     """A job given up (DEAD) keeps its spool file past spool_days: ``strnet jobs retry`` replays
     it from that file once the cause is fixed (docs/operations.md, Retention)."""
