@@ -220,6 +220,7 @@ def test_a_failing_sr_does_not_hold_up_a_later_study(reporter: StudyReporter, bu
 def test_a_failing_sr_backs_off_then_is_given_up_audited_and_shown_without_phi(
     reporter: StudyReporter, builds: Builds
 ) -> None:
+    assert screening.SR_MAX_ATTEMPTS == 8  # docs/architecture.md: "given up after 8 attempts"
     bad = _screened(reporter, accession=False)
     with _log() as out:
         assert reporter.report_ready_studies() == 0

@@ -365,6 +365,7 @@ def test_the_scheduled_sweep_stops_between_studies_when_its_window_closes(db: Da
 
 
 def test_a_retrieving_or_failed_study_holds_its_sr_back_for_a_bounded_time(db: Database, tmp_path: Path) -> None:
+    assert sweeps.hold_s(120.0) == 1200.0  # docs/architecture.md: "at most 10 x sweep.timeout_s"
     sweeper, archive, settings = make(db, tmp_path, DAYS)
     archive.fail = {"1.9.2"}
     sweeper.sweep(settings.pacs[0], FROM, TO)  # 1.9.2 failed, and no sweep runs again
