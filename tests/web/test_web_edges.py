@@ -10,6 +10,7 @@ short, with a wide margin); tests/bench/bench_login_flood.py measures latencies.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import selectors
@@ -25,6 +26,7 @@ from typing import Any
 import httpx
 import psutil
 import pytest
+import structlog
 from conftest import agent_settings, free_port
 from fastapi.testclient import TestClient
 from serve_process import ServeProcess, write_config
@@ -39,7 +41,7 @@ from agent.web import auth
 from agent.web.app import create_app
 from agent.web.auth import LoginThrottle, hash_password, safe_next
 from agent.web.routes.auth_routes import LOGIN_BUSY, LOGIN_FAILED
-from agent.web.server import WebServer, trusted_proxies
+from agent.web.server import KEEP_ALIVE_S, WebServer, trusted_proxies
 
 USERS = {  # name: (role, password); "gone" is disabled
     "admin": ("admin", "admin-pass-19"),
@@ -283,6 +285,41 @@ def test_login_throttle_backs_off_doubling_and_forgets() -> None:
         t.failed(f"spray-{i}", f"10.1.{i}.1")
     assert len(t._keys) <= 50
     t.succeeded("admin", "10.0.0.1")
+
+
+def test_a_throttled_attempt_waits_as_long_as_a_password_check_without_checking(
+    base: tuple[Settings, Database], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """docs/security.md, One answer: a throttled attempt is refused unchecked after the time a
+    verification takes, so the answer's timing does not tell a throttled name from a checked one.
+    Checks are made slow here (0.3 s each) so that the wait stands out from the refusal's own write;
+    only a lower bound is asserted."""
+    _settings, db = base
+    real = auth.verify_password
+    checks: list[float] = []
+
+    def slow(stored: str | None, password: str) -> bool:
+        checks.append(time.monotonic())
+        time.sleep(0.3)
+        return real(stored, password)
+
+    monkeypatch.setattr(auth, "verify_password", slow)
+    web = base[0].web.model_copy(update={"login_free_failures": 8, "login_backoff_s": 60.0})
+    gate = auth.LoginGate(db, web)
+    try:
+        took = []
+        for _ in range(8):  # checked: each takes a check's time; the 8th starts the throttle
+            started = time.monotonic()
+            assert asyncio.run(gate.attempt("vera", "wrong-guess-12", "10.0.12.1")).user is None
+            took.append(time.monotonic() - started)
+        assert len(checks) == 8
+        started = time.monotonic()
+        refused = asyncio.run(gate.attempt("vera", USERS["vera"][1], "10.0.12.1"))
+        waited = time.monotonic() - started
+    finally:
+        gate.close()
+    assert refused.user is None and not refused.busy and len(checks) == 8  # refused unchecked
+    assert waited >= 0.5 * min(took), (waited, took)  # without the wait: a few ms
 
 
 @pytest.mark.parametrize(
@@ -726,6 +763,42 @@ def test_x_forwarded_for_counts_only_from_a_trusted_proxy(serve: Serve) -> None:
     # the header of an untrusted address is ignored
     assert clients[typed_name_hash("xff-from-anyone", salt)] == "127.0.0.1"
     assert clients[typed_name_hash("xff-from-proxy", salt)] == "198.51.100.9"
+
+
+def test_an_idle_kept_alive_connection_is_closed_after_keep_alive_s(serve: Serve) -> None:
+    """docs/security.md: an idle kept-alive connection is closed after 5 s (``KEEP_ALIVE_S``),
+    not at the request deadline (3 s here), which applies only while a request arrives."""
+    assert KEEP_ALIVE_S == 5
+    port = int(serve.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as kept:
+        kept.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = kept.recv(65536)
+            assert chunk, "closed before the answer"
+            head += chunk
+        answered = time.monotonic()
+        length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))  # type: ignore[union-attr]
+        body = head.split(b"\r\n\r\n", 1)[1]
+        while len(body) < length:
+            body += kept.recv(65536)
+        assert head.startswith(b"HTTP/1.1 200")
+        closed = _wait_closed([kept], answered + KEEP_ALIVE_S + 10)
+    assert closed, f"an idle kept-alive connection still open {KEEP_ALIVE_S + 10} s after its answer"
+    assert KEEP_ALIVE_S - 0.5 <= closed[0] - answered <= KEEP_ALIVE_S + 5, closed[0] - answered
+
+
+def test_the_start_up_log_names_the_addresses_believed(serve: Serve, base: tuple[Settings, Database]) -> None:
+    """docs/security.md: ``web_started`` says from which addresses X-Forwarded-* are believed: the
+    list (strnet serve here, trusted_proxies = ["127.0.0.2"]), or ``nobody``."""
+    started = [json.loads(line) for line in serve.log.read_text().splitlines() if '"web_started"' in line]
+    assert [e["forwarded_headers_from"] for e in started] == [["127.0.0.2"]]
+    web = base[0].web.model_copy(update={"enabled": True, "port": free_port()})
+    server = WebServer(make_app(base), web)
+    with structlog.testing.capture_logs() as logs:
+        server.start()
+    server.stop()
+    assert [e["forwarded_headers_from"] for e in logs if e["event"] == "web_started"] == ["nobody"]
 
 
 def test_malformed_cookie_and_huge_integers_on_the_real_server(serve: Serve) -> None:
