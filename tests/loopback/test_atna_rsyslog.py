@@ -2,13 +2,20 @@
 here with its own config on ports chosen at run time (tests/audit_collector.py): TLS with a client
 certificate (RFC 5425), and UDP (RFC 5426). Every event arrives once, in order, byte for byte, and
 each body is a PS3.15 A.5 audit message (tests/ps315_schema.py); a collector that is down keeps the
-cursor, and everything goes once it is back."""
+cursor, and everything goes once it is back. What rsyslog does not keep (the octet counts, which
+connection carried what) and a repository that breaks off mid-batch: a TLS listener of the test's
+own (``RawTls``)."""
 
 from __future__ import annotations
 
 import re
+import socket
+import ssl
+import struct
+import threading
+import time
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -356,3 +363,112 @@ def test_the_backoff_doubles_up_to_five_minutes(tmp_path: Path, collector: Rsysl
         waits.append(round((_next_attempt(db) - utcnow()).total_seconds()))
     assert waits == [5, 10, 20, 40, 80, 160, 300, 300]
     assert export.state(db).last_event_id == 0
+
+
+class RawTls:
+    """A TLS listener that keeps each connection's bytes as they came (rsyslog takes LF-framed and
+    octet-counted messages alike and keeps neither the framing nor the connection): the client
+    certificate of the test CA required, as the collector does. ``break_after``: the first
+    connection is reset once that many bytes are read, as a repository that fails mid-batch."""
+
+    def __init__(self, pki: Pki, break_after: int | None = None) -> None:
+        self.ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(pki.ca))
+        self.ctx.load_cert_chain(str(pki.server_cert), str(pki.server_key))
+        self.ctx.verify_mode = ssl.CERT_REQUIRED
+        self.break_after = break_after
+        self.connections: list[bytes] = []
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                raw, _ = self.sock.accept()
+            except OSError:
+                return
+            raw.settimeout(10)
+            got = b""
+            try:
+                with self.ctx.wrap_socket(raw, server_side=True) as tls:  # takes over raw's descriptor
+                    limit = self.break_after if not self.connections else None
+                    while chunk := tls.recv(65536):
+                        got += chunk
+                        if limit is not None and len(got) >= limit:
+                            tls.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                            break  # closed with a reset, the rest unread
+                    else:
+                        tls.unwrap()  # our close_notify: everything was read
+            except (OSError, ssl.SSLError):
+                raw.close()
+            self.connections.append(got)
+
+    def close(self) -> None:
+        self.sock.close()
+        self.thread.join(10)
+
+
+def _wait(done: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not done() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def _frames(stream: bytes) -> list[bytes]:
+    """RFC 5425 octet-counted frames (``MSG-LEN SP SYSLOG-MSG``); a trailing partial frame is left out."""
+    out = []
+    while stream:
+        length, sep, rest = stream.partition(b" ")
+        assert sep and length.isdigit(), stream[:40]
+        if len(rest) < int(length):
+            break
+        out.append(rest[: int(length)])
+        stream = rest[int(length) :]
+    return out
+
+
+def test_tls_messages_are_octet_counted_a_batch_over_one_connection(
+    tmp_path: Path, collector: Rsyslog, pki: Pki
+) -> None:
+    """docs/atna.md, TLS: ``LENGTH SP MESSAGE``, one after the other, a batch over one connection."""
+    repo = RawTls(pki)
+    try:
+        settings = _settings(tmp_path, collector, pki, port=repo.port)
+        db = open_database(settings)
+        _seed(db)
+        result = Exporter(db, settings).run()
+        expected = _expected(db, settings)
+        _wait(lambda: len(repo.connections) == 1)
+    finally:
+        repo.close()
+    assert (result.sent, result.error) == (len(expected), None)
+    assert repo.connections == [b"".join(str(len(m)).encode() + b" " + m for m in expected)]
+
+
+def test_a_batch_broken_midway_is_sent_again_whole_and_nothing_is_missing(
+    tmp_path: Path, collector: Rsyslog, pki: Pki
+) -> None:
+    """docs/atna.md, The guarantee: a connection that breaks in the middle of a batch keeps the
+    cursor, and the whole batch goes again: the repository may see an event twice, never a gap."""
+    db_settings = _settings(tmp_path, collector, pki)
+    db = open_database(db_settings)
+    _seed(db)
+    expected = _expected(db, db_settings)
+    half = sum(len(m) + 5 for m in expected) // 2
+    broken = RawTls(pki, break_after=half)
+    try:
+        settings = _settings(tmp_path, collector, pki, port=broken.port)
+        first = Exporter(db, settings).run()
+        _wait(lambda: len(broken.connections) == 1)
+    finally:
+        broken.close()
+    assert first.sent == 0 and "not reached over TLS" in (first.error or ""), first
+    partly = _frames(broken.connections[0])
+    assert 0 < len(partly) < len(expected) and partly == expected[: len(partly)]  # some events read, not all
+    assert (export.state(db).last_event_id, export.state(db).backlog) == (0, len(expected))
+    _backoff_passed(db)
+    base = len(collector.received())
+    again = Exporter(db, db_settings).run()  # the real collector, after the backoff
+    assert (again.sent, again.backlog, again.error) == (len(expected), 0, None)
+    assert _only_new(collector, base, len(expected)) == expected  # the whole batch, from its first event
