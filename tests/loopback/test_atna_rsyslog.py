@@ -233,7 +233,9 @@ def test_collector_down_keeps_the_cursor_and_everything_goes_once_it_is_back(
 
 
 def test_udp_every_event_once_in_order(tmp_path: Path, collector: Rsyslog, pki: Pki) -> None:
-    settings = _settings(tmp_path, collector, pki, transport="udp", port=collector.udp_port)
+    """Also: atna.audit_source_id, set here, is every message's AuditSourceID (docs/configuration.md)."""
+    settings = _settings(tmp_path, collector, pki, transport="udp", port=collector.udp_port,
+                         audit_source_id="ward-7-agent")  # fmt: skip
     db = open_database(settings)
     _seed(db)
     base = len(collector.received())
@@ -242,6 +244,8 @@ def test_udp_every_event_once_in_order(tmp_path: Path, collector: Rsyslog, pki: 
     got = _only_new(collector, base, result.sent)
     assert got == _expected(db, settings)
     assert all(problems(_body(m)) == [] for m in got)
+    sources = {_body(m).find("AuditSourceIdentification").get("AuditSourceID") for m in got}  # type: ignore[union-attr]
+    assert sources == {"ward-7-agent"}
 
 
 def test_a_refused_client_certificate_an_untrusted_server_or_another_host_name_delivers_nothing(
