@@ -282,6 +282,23 @@ def test_torch_threads_in_the_screening_process_default_to_one_fewer_than_the_co
     assert default_threads() == expected
 
 
+@pytest.mark.parametrize("cpu_threads", [0, 3])
+def test_cpu_threads_is_torchs_thread_count_in_the_screening_process(
+    tmp_path: Path, tiny_weights: Path, cpu_threads: int
+) -> None:
+    """docs/configuration.md, worker.cpu_threads: the threads torch uses in the screening process;
+    0 = one fewer than the cores this process may use (torch's own default there: one per core)."""
+    import torch
+
+    engine = load_screening(_settings(tmp_path, tiny_weights, worker={"cpu_threads": cpu_threads}))
+    try:
+        assert isinstance(engine, ScreeningProcess)
+        got = engine.helper.call(torch.get_num_threads)
+    finally:
+        engine.close()
+    assert got == (cpu_threads or default_threads()), got
+
+
 def test_inline_mode_screens_and_records_in_the_worker_thread(tmp_path: Path, tiny_weights: Path) -> None:
     worker = _worker(tmp_path, tiny_weights, process=False, sender={"send": False})
     try:
