@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 import sqlalchemy
+import structlog
 from dicom_factory import SECONDARY_CAPTURE, knee_dx
 from pacs_peer import PACS_AET, PacsPeer
 from pydicom.uid import ExplicitVRLittleEndian
@@ -138,14 +139,18 @@ def test_permanent_refusal_is_dead_at_once_and_replay_delivers(make_agent: Any, 
     answers = {"code": status.CANNOT_UNDERSTAND}
     with PacsPeer(answer=lambda ds: answers["code"]) as pacs:
         agent = screening_agent(make_agent, tiny_weights, pacs.port)
-        send_study(agent, bilateral_study(1)[:1])
-        wait_for(
-            lambda: (
-                len(outbox.items(agent.db)) == 2
-                and {i.state for i in outbox.items(agent.db)} == {OutboxState.DEAD.value}
+        with structlog.testing.capture_logs() as logs:
+            send_study(agent, bilateral_study(1)[:1])
+            wait_for(
+                lambda: (
+                    len(outbox.items(agent.db)) == 2
+                    and {i.state for i in outbox.items(agent.db)} == {OutboxState.DEAD.value}
+                )
             )
-        )
         assert all(i.attempts == 1 for i in outbox.items(agent.db))  # no retry storm
+        # the log event docs/operations.md names, an error for each item
+        dead = sorted((e["log_level"], e["outbox_id"]) for e in logs if e["event"] == "result_dead")
+        assert dead == sorted(("error", i.id) for i in outbox.items(agent.db))
         time.sleep(1.0)
         assert len(pacs.statuses) == 2
         answers["code"] = status.SUCCESS
@@ -195,11 +200,16 @@ def test_out_of_resources_is_retried_with_backoff(make_agent: Any, tiny_weights:
 
     with PacsPeer(answer=answer) as pacs:
         agent = screening_agent(make_agent, tiny_weights, pacs.port, reporting={"overlay": False})
-        send_study(agent, bilateral_study(1)[:1])
-        wait_for(lambda: [i.state for i in outbox.items(agent.db)] == [OutboxState.DELIVERED.value])
+        with structlog.testing.capture_logs() as logs:
+            send_study(agent, bilateral_study(1)[:1])
+            wait_for(lambda: [i.state for i in outbox.items(agent.db)] == [OutboxState.DELIVERED.value])
         assert len(pacs.received) == 1
         (item,) = outbox.items(agent.db)
         assert item.state == OutboxState.DELIVERED.value and item.attempts == 3
+        # the log event docs/operations.md names, a warning for each try that is to be repeated
+        retries = [(e["log_level"], e["outbox_id"], e["attempt"]) for e in logs if e["event"] == "result_retry"]
+        assert retries == [("warning", item.id, 1), ("warning", item.id, 2)]
+        assert not [e for e in logs if e["event"] == "result_dead"]
 
 
 def test_pacs_down_then_back_delivers(make_agent: Any, tiny_weights: Path) -> None:

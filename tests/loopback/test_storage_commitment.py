@@ -16,6 +16,7 @@ from io import BytesIO
 from typing import Any
 
 import pytest
+import structlog
 from conftest import AGENT_AET, TEST_SCU_AET
 from dicom_factory import knee_dx
 from pacs_peer import PACS_AET, PacsPeer
@@ -302,11 +303,15 @@ def test_no_report_within_the_timeout_sends_again_and_asks_again(rig: Any) -> No
 
 def test_no_report_ever_is_dead_after_the_attempts_limit(rig: Any) -> None:
     with CommitmentPeer(report="never") as peer:
-        agent, _sender, _uids = rig(peer, pacs={"storage_commitment_timeout_s": 0.8}, sender={"max_attempts": 2})
-        wait_until(lambda: states(agent) == [OutboxState.DEAD.value], what="dead")
+        with structlog.testing.capture_logs() as logs:
+            agent, _sender, _uids = rig(peer, pacs={"storage_commitment_timeout_s": 0.8}, sender={"max_attempts": 2})
+            wait_until(lambda: states(agent) == [OutboxState.DEAD.value], what="dead")
         (row,) = outbox.items(agent.db)
         assert row.last_error == "gave up after 2 attempts: storage commitment not confirmed within 0.8 s"
         assert len(peer.requests) == 2
+        # the log event docs/operations.md names: a warning when sent again, an error when given up
+        timed_out = [(e["log_level"], e["outbox_id"], e["state"]) for e in logs if e["event"] == "commitment_timed_out"]
+        assert timed_out == [("warning", row.id, "RETRY"), ("error", row.id, "DEAD")]
 
 
 def test_refused_commitment_request_is_retried_then_dead_with_the_status(rig: Any) -> None:

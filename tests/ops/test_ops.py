@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 from pacs_peer import PACS_AET, PacsPeer
 from pg_cluster import engine_under_test
 from serve_process import write_config
@@ -203,13 +204,17 @@ def test_installed_model_is_swapped_in_and_the_next_results_carry_its_version(
         )
         before = agent.worker.screening.model.algorithm.version
         new = update_metadata(tiny_weights, {"model_version": "tiny-test-2"}, tmp_path / "m" / "tiny2.json")
-        install(agent.settings, new)
-        send_study(agent, bilateral_study(1)[:1])
+        with structlog.testing.capture_logs() as logs:
+            install(agent.settings, new)
+            send_study(agent, bilateral_study(1)[:1])
 
-        def versions() -> list[str]:
-            with agent.db.reading() as s:
-                return [r.model_version for r in s.query(Result).all()]
+            def versions() -> list[str]:
+                with agent.db.reading() as s:
+                    return [r.model_version for r in s.query(Result).all()]
 
-        wait_for(lambda: len(versions()) == 1)
+            wait_for(lambda: len(versions()) == 1)
         assert before != "tiny-test-2"
         assert versions() == ["tiny-test-2"]
+        # the log event docs/operations.md names, with both versions
+        swaps = [(e["log_level"], e["old"], e["new"]) for e in logs if e["event"] == "model_swapped"]
+        assert swaps == [("warning", before, "tiny-test-2")]

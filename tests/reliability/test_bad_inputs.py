@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 from conftest import AGENT_AET, TEST_SCU_AET, require_tool
 from dicom_factory import DX_PRESENTATION, compressed, knee_dx, write
 from pydicom import dcmread
@@ -214,15 +215,19 @@ def _connect_from(source: str, port: int) -> socket.socket:
 
 def test_idle_connection_flood_from_a_host_not_allowed_is_closed_at_once(make_agent: Any) -> None:
     agent = make_agent(scp={"acse_timeout_s": 30.0, "max_associations": 4})
-    idle = [_connect_from("127.0.0.2", agent.scp.port) for _ in range(40)]  # not on the allow-list
-    try:
-        for s in idle:
-            assert closed_within(s, 5), "a connection from a host no peer is bound to was kept open"
-        # their threads end within moments, long before the 30 s ACSE timeout would have freed the slots
-        wait_until(lambda: send_one(agent, knee_dx(rows=64, cols=64)) == status.SUCCESS, 5, "a free slot", 0.2)
-    finally:
-        for s in idle:
-            s.close()
+    with structlog.testing.capture_logs() as logs:
+        idle = [_connect_from("127.0.0.2", agent.scp.port) for _ in range(40)]  # not on the allow-list
+        try:
+            for s in idle:
+                assert closed_within(s, 5), "a connection from a host no peer is bound to was kept open"
+            # their threads end within moments, long before the 30 s ACSE timeout would have freed the slots
+            wait_until(lambda: send_one(agent, knee_dx(rows=64, cols=64)) == status.SUCCESS, 5, "a free slot", 0.2)
+        finally:
+            for s in idle:
+                s.close()
+    # the log event docs/operations.md names, once per connection, with the host
+    refused = [(e["log_level"], e["peer_host"]) for e in logs if e["event"] == "connection_refused"]
+    assert refused == [("warning", "127.0.0.2")] * 40
 
 
 def test_idle_connection_flood_from_an_allowed_host_holds_slots_only_until_acse_timeout(make_agent: Any) -> None:
@@ -348,17 +353,20 @@ def test_endless_message_fragments_close_the_connection(make_agent: Any) -> None
 def test_abort_in_the_middle_of_a_c_store_keeps_nothing(agent: Agent, how: str) -> None:
     ds = knee_dx(rows=256, cols=256)
     body = encode_dataset(ds)
-    s = open_association(agent.scp.port)
-    try:
-        s.sendall(p_data(3, store_command(ds), True, True))
-        s.sendall(p_data(3, body[: len(body) // 2], False, False))
-        if how == "a-abort":
-            s.sendall(A_ABORT)
-    finally:
-        s.close()
-    time.sleep(0.5)
+    with structlog.testing.capture_logs() as logs:
+        s = open_association(agent.scp.port)
+        try:
+            s.sendall(p_data(3, store_command(ds), True, True))
+            s.sendall(p_data(3, body[: len(body) // 2], False, False))
+            if how == "a-abort":
+                s.sendall(A_ABORT)
+        finally:
+            s.close()
+        time.sleep(0.5)
     nothing_kept(agent)
     assert list((agent.spool.root / "tmp").iterdir()) == []
+    # the log event docs/operations.md names for the half-received file deleted at the association's end
+    assert [e["files"] for e in logs if e["event"] == "partial_instance_discarded"] == [1]
     still_serves(agent)
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 from conftest import agent_toml, free_port
 from pydicom.dataset import Dataset
 from sqlalchemy import select, update
@@ -248,10 +249,18 @@ def test_the_answers_to_a_report(db: Database) -> None:
     woken: list[bool] = []
     recorder = commitment.CommitmentRecorder(db, POLICY, on_outbox=lambda: woken.append(True))
     uid = row(db, item).sop_instance_uid
-    assert recorder.handle(_Event(3, _info("2.25.42", uid))) == (0x0115, None)  # not a result
-    assert recorder.handle(_Event(1, _info(None, uid))) == (0x0115, None)  # no Transaction UID
-    assert recorder.handle(_Event(1, _info("2.25.43", uid))) == (0x0000, None)  # unknown: nothing to do
+    with structlog.testing.capture_logs() as logs:
+        assert recorder.handle(_Event(3, _info("2.25.42", uid))) == (0x0115, None)  # not a result
+        assert recorder.handle(_Event(1, _info(None, uid))) == (0x0115, None)  # no Transaction UID
+        assert recorder.handle(_Event(1, _info("2.25.43", uid))) == (0x0000, None)  # unknown: nothing to do
     assert row(db, item).state == "SENT"
+    # the log events docs/operations.md names: two reports refused, then one of a transaction not ours
+    assert [(e["event"], e["log_level"], e["reporter"]) for e in logs] == [
+        ("commitment_report_refused", "warning", "PACS"),
+        ("commitment_report_refused", "warning", "PACS"),
+        ("commitment_report_unknown", "warning", "PACS"),
+    ]
+    assert logs[2]["transaction_uid"] == "2.25.43"
 
     class Broken:
         """A database that cannot be written."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import socket
 
+import structlog
+
 from agent.ingest.peers import PeerPolicy, normal_address
 
 
@@ -53,7 +55,11 @@ def test_a_name_that_stops_resolving_keeps_its_addresses_and_one_never_resolved_
     policy = PeerPolicy({"ORTHANC": {"orthanc"}, "GONE": {"no-such-host"}}, dns, ttl_s=0, retry_s=0)
     assert policy.allows("ORTHANC", "172.18.0.5")
     del dns.table["orthanc"]  # DNS down
-    assert policy.allows("ORTHANC", "172.18.0.5")
+    with structlog.testing.capture_logs() as logs:
+        assert policy.allows("ORTHANC", "172.18.0.5")
+    # the log event docs/operations.md names: the name, the error, the addresses kept
+    unresolved = [(e["host"], e["error"], e["kept"]) for e in logs if e["event"] == "peer_host_unresolved"]
+    assert unresolved == [("orthanc", "gaierror", 1)]
     assert not policy.allows("GONE", "172.18.0.5") and not policy.known("10.1.1.1")
 
 

@@ -168,22 +168,27 @@ def test_spool_retention_removes_a_file_spool_days_after_its_receipt_once_its_jo
     assert apply_spool_retention(db, spool, week) == 0  # marked removed: not counted again
 
 
-def test_the_retention_sweep_deletes_part_files_untouched_for_an_hour(db: Database, tmp_path: Path) -> None:
-    """ADR 0006: a transfer that breaks off leaves a ``.part`` file; the running sweep deletes it
-    once it is an hour old (a transfer still arriving writes to its file far more often)."""
+def test_the_spool_sweep_removes_part_files_untouched_for_an_hour(db: Database, tmp_path: Path) -> None:
+    """docs/operations.md, Retention, and ADR 0006: the spool sweep deletes a ``.part`` file untouched for an hour
+    (a transfer that broke off), never one still arriving, and logs ``spool_partials_removed``."""
     import os
+    import time
 
-    from agent.scheduler import apply_spool_retention
+    import structlog
+
+    from agent.scheduler import STALE_PART_S, apply_spool_retention
     from agent.spool import Spool
 
+    assert STALE_PART_S == 3600.0
     spool = Spool(tmp_path / "spool")
-    stale, fresh = spool.tmp_dir / "broken-off.part", spool.tmp_dir / "arriving.part"
-    for part in (stale, fresh):
-        part.write_bytes(b"half")
-    hour_ago = time.time() - 3700
-    os.utime(stale, (hour_ago, hour_ago))
-    apply_spool_retention(db, spool, 7 * 86400.0)
-    assert not stale.exists() and fresh.exists()
+    old, fresh = spool.tmp_dir / "old.dcm.part", spool.tmp_dir / "fresh.dcm.part"
+    old.write_bytes(b"broken-off transfer")
+    fresh.write_bytes(b"still arriving")
+    os.utime(old, (time.time() - 3700, time.time() - 3700))
+    with structlog.testing.capture_logs() as logs:
+        apply_spool_retention(db, spool, 7 * 86400.0)
+    assert not old.exists() and fresh.exists()
+    assert [(e["event"], e["removed"]) for e in logs] == [("spool_partials_removed", 1)]
 
 
 def test_spool_retention_keeps_a_dead_jobs_file_for_its_replay(db: Database, tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import pydicom
 import pytest
+import structlog
 from conftest import agent_settings, free_port
 from dicom_factory import PHI_ID, PHI_NAME, SECONDARY_CAPTURE, as_received, knee_dx, set_pixels
 from pydicom.uid import generate_uid
@@ -219,13 +220,17 @@ def test_a_stuck_screening_process_is_killed_and_the_batch_retried(tmp_path: Pat
         _queue(worker, 1)
         _occupy(worker, 120.0)  # a call that does not return: the batch waits behind it
         t0 = time.monotonic()
-        worker.run_once()
-        [pid] = worker.screening.pids()
-        assert worker.drain(30) == 0
+        with structlog.testing.capture_logs() as logs:
+            worker.run_once()
+            [pid] = worker.screening.pids()
+            assert worker.drain(30) == 0
         assert time.monotonic() - t0 < 20  # killed at 0.9 x lease_s, not after the 120 s
         [job] = store.list_jobs(worker.db)
         assert job.state == JobState.FAILED and "screening helper process died" in (job.reason or "")
         assert ended(pid, 5)
+        # the log event docs/operations.md names, at error level, once
+        stuck = [e for e in logs if e["event"] == "screening_stuck"]
+        assert [(e["log_level"], e["jobs"]) for e in stuck] == [("error", 1)] and stuck[0]["seconds"] >= 2
     finally:
         worker.stop(5)
 
