@@ -170,6 +170,9 @@ def _filtered(f: FlaggedFilter) -> Select[Any]:
 
 
 _MAX_OFFSET = 2**63 - 1  # a 64-bit signed integer: SQLite's INTEGER and PostgreSQL's BIGINT
+# the largest row id: the id columns are Integer, PostgreSQL's 32-bit INTEGER (SQLite's would hold
+# 64 bits); a larger id names no row, and PostgreSQL refuses to compare it (a DataError)
+MAX_ROW_ID = 2**31 - 1
 
 
 def _offset(page: int, per_page: int) -> int:

@@ -11,9 +11,9 @@ What a hostile client meets before any route runs (docs/security.md): ``_Securit
 (outermost: every answer, errors included, carries the security headers) and ``_RequestLimits``
 (bodies over ``web.max_form_bytes``, or ``web.max_login_bytes`` for a login, get 413 unread,
 whether announced by Content-Length or counted as they stream; multipart, in any of several
-Content-Type headers, gets 415; an integer
-in the path or query beyond SQLite's range gets 404 or 422). Every error is a page of
-``error.html``; client errors log no traceback.
+Content-Type headers, gets 415; an integer in the path beyond a row id's range gets 404, one in
+the query beyond SQLite's range 422). Every error is a page of ``error.html``; client errors log
+no traceback.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from starlette.requests import ClientDisconnect
 
 from agent.config import Settings
 from agent.db.engine import Database
-from agent.db.worklist import record_access
+from agent.db.worklist import MAX_ROW_ID, record_access
 from agent.domain import ServedModel
 from agent.logging import get_logger
 from agent.web.auth import (
@@ -209,10 +209,12 @@ class _RequestLimits:
                 return 400, "The request was not understood.", True
             if len(length.strip()) > 18 or int(length) > limit:
                 return 413, _TOO_LARGE, True
-        if any(_beyond_sqlite(part) for part in scope["path"].split("/")):
+        # every integer in a path is a row id: one past the id columns' range (PostgreSQL's
+        # INTEGER, the same on SQLite) names no row
+        if any(_beyond(part, MAX_ROW_ID) for part in scope["path"].split("/")):
             return 404, "There is no such page.", False
         query = scope.get("query_string", b"").decode("latin-1")
-        if any(_beyond_sqlite(value) for _, value in parse_qsl(query, keep_blank_values=True)):
+        if any(_beyond(value, SQLITE_MAX_INT) for _, value in parse_qsl(query, keep_blank_values=True)):
             return 422, "A number in the address is out of range.", False
         return None
 
@@ -229,12 +231,12 @@ class _RequestLimits:
 _TOO_LARGE = "The request is larger than this site accepts."
 
 
-def _beyond_sqlite(text: str) -> bool:
-    """Whether ``text`` is a decimal integer that SQLite cannot store."""
+def _beyond(text: str, limit: int) -> bool:
+    """Whether ``text`` is a decimal integer beyond ``limit`` either way."""
     text = text.strip()
     if not _INTEGER.fullmatch(text):
         return False
-    return len(text.lstrip("+-").lstrip("0")) > 19 or abs(int(text)) > SQLITE_MAX_INT
+    return len(text.lstrip("+-").lstrip("0")) > len(str(limit)) or abs(int(text)) > limit
 
 
 def create_app(

@@ -18,7 +18,7 @@ from agent.db import fls, worklist
 from agent.db.engine import Database
 from agent.db.registry import FOLLOW_UP_STATUSES
 from agent.db.users import SessionView
-from agent.db.worklist import AuditFilter, filter_date, record_access, shown_number
+from agent.db.worklist import MAX_ROW_ID, AuditFilter, filter_date, record_access, shown_number
 from agent.domain import OUTBOX_BACKLOG
 from agent.queue import cluster, outbox, screening, store, sweeps
 from agent.web import images
@@ -29,7 +29,7 @@ router = APIRouter()
 DEAD_PER_PAGE = 25  # at most; fewer where the form-field limit is lower (dead_letters_per_page)
 AUDIT_PER_PAGE = 50
 _DONE = ("replayed", "discarded", "gone")
-_ROW_ID = re.compile(r"[0-9]{1,18}")  # a row id SQLite can hold
+_ROW_ID = re.compile(r"[0-9]{1,10}")  # a row id, if not past MAX_ROW_ID
 
 
 def _page_number(request: Request) -> int:
@@ -167,7 +167,7 @@ async def replay_many(request: Request, sess: AdminSession) -> Response:
         field, values = "shown", str(form.get("shown") or "").split(",")
     else:
         field, values = "selected", [v for v in form.getlist("item") if isinstance(v, str)]
-    ids = [int(v) for v in values[:DEAD_PER_PAGE] if _ROW_ID.fullmatch(v.strip())]
+    ids = [int(v) for v in values[:DEAD_PER_PAGE] if _ROW_ID.fullmatch(v.strip()) and int(v) <= MAX_ROW_ID]
     return await run_in_threadpool(_replay_ids, request, sess, ids, field)  # writes: off the event loop
 
 
