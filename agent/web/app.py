@@ -47,6 +47,7 @@ from agent.web.auth import (
     LoginForms,
     LoginGate,
     NotLoggedIn,
+    NulInForm,
     WebContext,
     load_secret,
     safe_next,
@@ -319,6 +320,10 @@ def create_app(
         )
         message = "The form was not valid any more. Reload the page and try again."
         return error_page(request, 403, message, "Form expired")
+
+    @app.exception_handler(NulInForm)
+    async def _nul(request: Request, exc: NulInForm) -> Response:
+        return error_page(request, 400, exc.message)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:

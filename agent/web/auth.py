@@ -314,6 +314,17 @@ class CsrfFailed(Exception):
     pass
 
 
+class NulInForm(Exception):
+    """A form field holds a NUL character (%00): no text column takes it (PostgreSQL refuses it)."""
+
+    message = "A field of the form holds a NUL character (%00), which cannot be stored. Remove it and send again."
+
+
+def holds_nul(form: dict[str, str]) -> bool:
+    """Whether a value of ``form`` holds a NUL character."""
+    return any("\x00" in value for value in form.values())
+
+
 @dataclass(frozen=True)
 class WebContext:
     db: Database
@@ -359,11 +370,14 @@ async def read_form(request: Request) -> dict[str, str]:
 
 
 async def check_csrf(request: Request, sess: SessionView) -> dict[str, str]:
-    """The submitted form, once its CSRF token matches the session's; else CsrfFailed."""
+    """The submitted form, once its CSRF token matches the session's; else CsrfFailed. Then
+    NulInForm (400) if a field holds a NUL character."""
     form = await read_form(request)
     token = form.get("csrf_token")
     if not isinstance(token, str) or not hmac.compare_digest(token.encode(), sess.csrf_token.encode()):
         raise CsrfFailed()
+    if holds_nul(form):
+        raise NulInForm()
     return form
 
 

@@ -240,6 +240,8 @@ def _audit_filter(request: Request) -> AuditFilter:
     if kind is not None and kind not in EVENTS:
         raise _BadAuditFilter("event")
     actor = q.get("actor", "").strip()[:128] or None
+    if actor is not None and "\x00" in actor:  # no user name holds it; PostgreSQL cannot compare it
+        raise _BadAuditFilter("actor")
     try:
         date_from = filter_date(q["date_from"].strip()) if q.get("date_from", "").strip() else None
         date_to = filter_date(q["date_to"].strip()) if q.get("date_to", "").strip() else None

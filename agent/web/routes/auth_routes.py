@@ -36,6 +36,7 @@ LOGIN_FAILED = (
     "Wait a moment and try again."
 )
 LOGIN_BUSY = "The server is busy checking other logins. Try again in a moment."
+LOGIN_NUL = "A user name never holds a NUL character (%00). Type it again."
 
 
 def _login_page(request: Request, next_path: str | None, error: str | None = None, status_code: int = 200) -> Response:
@@ -72,6 +73,8 @@ async def login(request: Request) -> Response:
         return _login_page(request, next_path, "The login form expired. Please try again.", 403)
     if not username or not password or not username.strip():
         return _login_page(request, next_path, "Enter your user name and password.", 400)
+    if "\x00" in username:  # no user has such a name, and PostgreSQL cannot even look it up
+        return _login_page(request, next_path, LOGIN_NUL, 400)
     ctx = request.app.state.ctx
     gate: LoginGate = request.app.state.login_gate
     client = request.client.host if request.client else None
