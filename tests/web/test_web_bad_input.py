@@ -32,7 +32,7 @@ from fastapi.testclient import TestClient
 from web_seed import PASSWORDS, PATIENTS, Seeded, csrf_of, patient, rows_of, screened_agent
 
 from agent.db.engine import Database
-from agent.db.models import FlaggedPatient, OutboxItem, Result
+from agent.db.models import FindingAssessment, FlaggedPatient, FollowUpEvent, OutboxItem, Result
 from agent.queue import outbox
 from agent.web.app import create_app
 
@@ -338,14 +338,14 @@ for name, body in {
 }.items():
     probe(f"POST follow-up {name}", Probe("vera", "POST", FU, body))
 probe("POST follow-up json", Probe("vera", "POST", FU, '{"action": "closed"}', content_type="application/json"))
-# accepted steps whose free text is odd: these reach the database
+# steps the pathway allows, with odd free text: what is not refused reaches the database
 for name, (status, body) in {
     "note-nul": ("confirmed", "csrf_token={csrf}&action=dxa_ordered&note=seen%00twice"),
     "note-ff": ("dxa_ordered", "csrf_token={csrf}&action=closed&note=%ff%fe"),
     "note-long": ("confirmed", f"csrf_token={{csrf}}&action=closed&note={LONG}"),
     "dxa-done-edges": ("dxa_ordered", "csrf_token={csrf}&action=dxa_done&measured_t_score=-10&dxa_date=1900-01-01"),
 }.items():
-    probe(f"POST follow-up accepted {name}", Probe("vera", "POST", FU, body, status=status))
+    probe(f"POST follow-up allowed {name}", Probe("vera", "POST", FU, body, status=status))
 
 # --- POST a verdict on a flagged image, as a radiologist
 AS = "/results/{rid}/assessment"
@@ -406,15 +406,15 @@ for name, body in {
     probe(f"POST bulk-replay {name}", Probe("adam", "POST", "/dead-letters/bulk-replay", body))
 # odd free text that reaches the database, and a real replay among junk: last, they change rows
 probe(
-    "POST discard accepted reason-nul",
+    "POST discard allowed reason-nul",
     Probe("adam", "POST", "/dead-letters/{dead}/discard", "csrf_token={csrf}&reason=dup%00licate"),
 )
 probe(
-    "POST discard accepted reason-ff",
+    "POST discard allowed reason-ff",
     Probe("adam", "POST", "/dead-letters/{dead}/discard", "csrf_token={csrf}&reason=%ff%fe"),
 )
 probe(
-    "POST bulk-replay accepted among junk",
+    "POST bulk-replay allowed among junk",
     Probe("adam", "POST", "/dead-letters/bulk-replay", "csrf_token={csrf}&item=abc&item={dead}&item=%00"),
 )
 
@@ -601,3 +601,61 @@ def test_bad_input_gets_a_4xx_with_a_message_never_a_500_nor_phi(
         echoed = [m for m in markers if m in said]
         assert not echoed, f"{name}: {r.status_code} echoes PHI {echoed}"
         assert "Traceback" not in logged.err, f"{name}: a client error logged a traceback"
+
+
+def test_a_nul_in_free_text_is_a_400_that_says_so_and_records_nothing(world: World) -> None:
+    """PostgreSQL stores no NUL in text: a note, reason, user name or actor filter holding one was
+    a 500 there (DataError); it is refused on every engine alike."""
+    db = world.db
+    with db.transaction() as s:
+        s.query(FlaggedPatient).filter(FlaggedPatient.id == world.fid).update({"status": "confirmed"})
+        dead = [o.id for o in s.query(OutboxItem).filter(OutboxItem.state == "DEAD")]
+        if not dead:  # the probes before replayed or discarded them all
+            dead = [s.query(OutboxItem).order_by(OutboxItem.id).first().id]  # type: ignore[union-attr]
+            s.query(OutboxItem).filter(OutboxItem.id == dead[0]).update({"state": "DEAD"})
+    counts = (len(rows_of(db, FollowUpEvent)), len(rows_of(db, FindingAssessment)))
+    vera, rita, adam, audrey = (world.clients[u] for u in ("vera", "rita", "adam", "audrey"))
+    answers = {
+        "note": vera.post(
+            f"/patients/{world.fid}/follow-up",
+            data={"csrf_token": world.csrf["vera"], "action": "dxa_ordered", "note": "seen\x00twice"},
+        ),
+        "reason": rita.post(
+            f"/results/{world.ids['{rid}']}/assessment",
+            data={"csrf_token": world.csrf["rita"], "verdict": "disagree", "reason": "normal\x00bone"},
+        ),
+        "discard": adam.post(
+            f"/dead-letters/{dead[0]}/discard", data={"csrf_token": world.csrf["adam"], "reason": "dup\x00"}
+        ),
+    }
+    for what, r in answers.items():
+        assert r.status_code == 400 and "NUL character (%00)" in r.text, what
+    # the CSRF check comes first: a forged form with a NUL is refused as forged
+    assert vera.post(f"/patients/{world.fid}/follow-up", data={"note": "\x00"}).status_code == 403
+    anonymous = world.clients["anonymous"]
+    token = _login_token(anonymous)()
+    r = anonymous.post("/login", data={"login_token": token, "username": "ve\x00ra", "password": "some-password"})
+    assert r.status_code == 400 and "NUL character (%00)" in r.text
+    r = audrey.get("/audit", params={"actor": "ad\x00am"})
+    assert r.status_code == 400 and "Check the actor field." in r.text
+    assert (len(rows_of(db, FollowUpEvent)), len(rows_of(db, FindingAssessment))) == counts
+    assert next(o for o in rows_of(db, OutboxItem) if o.id == dead[0]).state == "DEAD"
+    assert patient(db, "WEBP-0001").status == "confirmed"
+
+
+@pytest.mark.parametrize("number", [2**31, -(2**31) - 1, 2**63 - 1])
+def test_a_row_id_past_the_id_columns_range_names_no_row_on_either_engine(world: World, number: int) -> None:
+    """The id columns are INTEGER: on PostgreSQL an id past 2^31 - 1 was a 500 (DataError)."""
+    vera, adam = world.clients["vera"], world.clients["adam"]
+    for path in (f"/patients/{number}", f"/patients/{number}/trend.png", f"/results/{number}/overlay.jpg"):
+        assert vera.get(path).status_code == 404, path
+    r = adam.post(f"/dead-letters/{number}/replay", data={"csrf_token": world.csrf["adam"]})
+    assert r.status_code == 404
+    before = [(o.id, o.state) for o in rows_of(world.db, OutboxItem)]
+    r = adam.post(
+        "/dead-letters/bulk-replay",
+        data={"csrf_token": world.csrf["adam"], "item": str(number)},
+        follow_redirects=False,
+    )
+    assert r.status_code == 400 and "Tick the dead letters" in r.text  # no row ticked
+    assert [(o.id, o.state) for o in rows_of(world.db, OutboxItem)] == before
