@@ -149,9 +149,10 @@ def screened_agent(data_dir: Path, weights: Path, **web: Any) -> Iterator[Seeded
         pacs.stop()
 
 
-def login(app: Any, user: str) -> TestClient:
-    """A test client logged in as ``user`` (one of PASSWORDS)."""
-    client = TestClient(app, base_url="http://testserver")
+def login(app: Any, user: str, raise_server_exceptions: bool = True) -> TestClient:
+    """A test client logged in as ``user`` (one of PASSWORDS); ``raise_server_exceptions=False``
+    answers a server error with its 500 instead of raising it in the test."""
+    client = TestClient(app, base_url="http://testserver", raise_server_exceptions=raise_server_exceptions)
     page = client.get("/login")
     token = re.search(r'name="login_token" value="([^"]+)"', page.text).group(1)  # type: ignore[union-attr]
     r = client.post(

@@ -29,7 +29,7 @@ import anyio
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from web_seed import PASSWORDS, PATIENTS, Seeded, csrf_of, patient, rows_of, screened_agent
+from web_seed import PASSWORDS, PATIENTS, Seeded, csrf_of, login, patient, rows_of, screened_agent
 
 from agent.db.engine import Database
 from agent.db.models import FindingAssessment, FlaggedPatient, FollowUpEvent, OutboxItem, Result
@@ -462,18 +462,6 @@ def _client(app: Any) -> TestClient:
     return TestClient(app, base_url="http://testserver", raise_server_exceptions=False)
 
 
-def _login(app: Any, user: str) -> TestClient:
-    client = _client(app)
-    token = re.search(r'name="login_token" value="([^"]+)"', client.get("/login").text).group(1)  # type: ignore[union-attr]
-    r = client.post(
-        "/login",
-        data={"login_token": token, "username": user, "password": PASSWORDS[user][1]},
-        follow_redirects=False,
-    )
-    assert r.status_code == 303, r.text
-    return client
-
-
 @pytest.fixture(scope="module")
 def world(seeded: Seeded) -> World:
     db = seeded.agent.db
@@ -485,7 +473,7 @@ def world(seeded: Seeded) -> World:
     assert len(dead) >= 3
     assert outbox.discard_dead(db, dead[0], "adam", "set up: a discarded row")
     biggest = max([r.id for r in rows_of(db, Result)] + [r.id for r in rows_of(db, FlaggedPatient)] + dead)
-    clients = {user: _login(app, user) for user in PASSWORDS}
+    clients = {user: login(app, user, raise_server_exceptions=False) for user in PASSWORDS}
     clients["anonymous"] = _client(app)
     csrf = {user: csrf_of(clients[user].get("/status").text) for user in PASSWORDS}
     ids = {
