@@ -103,6 +103,23 @@ def current_config() -> tuple[str, str, str] | None:
     return _config
 
 
+class _StderrHandler(logging.StreamHandler):
+    """A handler that writes to ``sys.stderr`` as it is when a record is written, not as it was when
+    logging was configured: a process that replaces the stream (a test runner's capture, a daemon
+    redirecting it) keeps its log instead of writing to a closed file ("--- Logging error ---")."""
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: Any) -> None:
+        pass
+
+
 def configure_logging(level: str = "info", fmt: str = "auto", salt: str = "strnet") -> None:
     """Configure structlog and route the standard library's loggers and Python's warnings through it."""
     global _salt, _config
@@ -133,7 +150,7 @@ def configure_logging(level: str = "info", fmt: str = "auto", salt: str = "strne
             renderer,
         ],
     )
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.setFormatter(formatter)
     root = logging.getLogger()
     root.handlers[:] = [handler]

@@ -123,6 +123,23 @@ def test_log_format_auto_is_json_off_a_terminal_and_text_on_one_and_site_salt_ch
         structlog.reset_defaults()
 
 
+def test_the_log_follows_stderr_when_it_is_replaced(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The handler writes to ``sys.stderr`` as it is now: configured while another stream was
+    stderr (a test's capture, since closed), the log neither goes to that closed stream nor prints
+    "--- Logging error ---" (the traceback that a later test's captured output then held)."""
+    import io
+
+    first, now = io.StringIO(), io.StringIO()
+    monkeypatch.setattr(sys, "stderr", first)
+    configure_logging("info", "json")
+    first.close()
+    monkeypatch.setattr(sys, "stderr", now)
+    get_logger("t").info("after_the_swap", n=1)
+    assert json.loads(now.getvalue().strip().splitlines()[-1])["event"] == "after_the_swap"
+    assert "Logging error" not in now.getvalue()
+    configure_logging("info", "console")  # as tests/conftest.py configures it
+
+
 def test_library_warnings_become_json_events_without_the_values_they_quote(capsys: pytest.CaptureFixture[str]) -> None:
     """pydicom warns with the offending value quoted (a PN is PHI, a study UID is logged hashed
     only); such a warning was a raw line on stderr in the middle of a JSON log."""
