@@ -230,7 +230,12 @@ class LocalOrthanc:
             cwd=self._dir,
             preexec_fn=_death_signal_setter() if self._kill_with_parent else None,
         )
-        self._client = httpx.Client(base_url=self.url, timeout=30.0, trust_env=False)
+        # Orthanc closes an idle kept-alive connection after its KeepAliveTimeout (1 s by default):
+        # a connection idle longer than that may be closing as a request goes out on it ("Server
+        # disconnected without sending a response", seen once in make test), so none is reused then
+        self._client = httpx.Client(
+            base_url=self.url, timeout=30.0, trust_env=False, limits=httpx.Limits(keepalive_expiry=0.5)
+        )
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:

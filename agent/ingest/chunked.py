@@ -31,6 +31,7 @@ import queue
 import secrets
 import threading
 import weakref
+from collections.abc import Callable
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -208,21 +209,27 @@ def association_of(thread: Any) -> Any:
 def discard(assoc: Any) -> int:
     """Delete the files of ``assoc``'s transfers that never reached the handler (the connection
     closed or aborted mid-instance: never acknowledged). Returns how many."""
-    with _lock:
-        broken = [f for f in _open_files.values() if f.owner is assoc and not f.handed_over]
-    return _delete(broken)
+    return _delete(_claim(lambda f: f.owner is assoc and not f.handed_over))
 
 
 def discard_orphans() -> int:
     """Delete the files of transfers whose association thread has ended without a handler (a
     pynetdicom state-machine error ends it without any close event). Returns how many."""
+    return _delete(
+        _claim(lambda f: not f.handed_over and f.owner is not None and hasattr(f.owner, "is_alive")
+               and not f.owner.is_alive())
+    )  # fmt: skip
+
+
+def _claim(broken: Callable[[SpoolingFile], bool]) -> list[SpoolingFile]:
+    """Take the transfers ``broken`` picks out of the registry in one step under the lock: the
+    abort and the connection's close are reported on two threads, and both look (each file is
+    deleted and counted once)."""
     with _lock:
-        orphans = [
-            f
-            for f in _open_files.values()
-            if not f.handed_over and f.owner is not None and hasattr(f.owner, "is_alive") and not f.owner.is_alive()
-        ]
-    return _delete(orphans)
+        files = [f for f in _open_files.values() if broken(f)]
+        for f in files:
+            _open_files.pop(f.name, None)
+    return files
 
 
 def _delete(files: list[SpoolingFile]) -> int:

@@ -85,3 +85,32 @@ def test_sync_after_a_discard_is_an_error_not_a_silent_success(tmp_path: Path) -
     f.close()  # the association ended before the handler asked for the fsync
     with pytest.raises(OSError):
         f.sync()
+
+
+def test_an_abort_and_a_close_reported_at_once_discard_the_file_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pynetdicom reports an A-ABORT and the connection's close on two threads, and both discard
+    the association's broken transfers: the file is deleted and counted once (make test saw the
+    log event say two files for one)."""
+    import time
+
+    assoc = object()
+    f = SpoolingFile(tmp_path, _head)
+    _feed(f, b"d" * 1000)
+    f.owner = assoc
+    real_close = SpoolingFile.close
+
+    def slow_close(self: SpoolingFile) -> None:  # both threads look before either has closed
+        time.sleep(0.2)
+        real_close(self)
+
+    monkeypatch.setattr(SpoolingFile, "close", slow_close)
+    counts: list[int] = []
+    threads = [threading.Thread(target=lambda: counts.append(chunked.discard(assoc))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(counts) == [0, 1]
+    assert not Path(f.name).exists()
